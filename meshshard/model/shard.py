@@ -1,0 +1,268 @@
+"""A shard: a contiguous range of units with only its own weights, run per session with a KV cache.
+
+Input is token ids when the shard starts at `embed`, else the previous shard's hidden state.
+Output is the next hidden state, or the last position's logits when the shard ends at `head`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meshshard.errors import MeshShardError
+from meshshard.model.kvcache import KVCache
+from meshshard.model.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Called after each unit with (unit index, seconds); used by profiling.
+UnitTimer = Callable[[int, float], None]
+
+
+class UnknownSession(KeyError):
+    pass
+
+
+class Shard:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        start: int,
+        end: int,
+        config: Any,
+        embed: nn.Module | None,
+        layers: list[nn.Module],
+        norm: nn.Module | None,
+        lm_head: nn.Module | None,
+        rotary: nn.Module | None,
+        dtype: torch.dtype,
+    ) -> None:
+        spec.check_range(start, end)
+        self.spec, self.start, self.end, self.config = spec, start, end, config
+        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        self.rotary = rotary
+        self.dtype = dtype
+        self._sessions: dict[Hashable, KVCache] = {}
+
+    @classmethod
+    def load(
+        cls, model_dir: Path, start: int, end: int, dtype: str | torch.dtype = "float32"
+    ) -> Shard:
+        """Build only the modules of units [start, end) and read only their weights."""
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        config = load_config(model_dir)
+        spec = ModelSpec.from_config(config, name=_model_name(model_dir))
+        spec.check_range(start, end)
+        skeleton = _skeleton(config)
+        first_layer, last_layer = max(start - 1, 0), min(end - 1, spec.num_layers)
+        embed = skeleton.model.embed_tokens if start == 0 else None
+        layers = list(skeleton.model.layers[first_layer:last_layer])
+        norm = skeleton.model.norm if end == spec.num_units else None
+        lm_head = skeleton.lm_head if end == spec.num_units else None
+        wanted: dict[str, tuple[nn.Module, str]] = {}
+        if embed is not None:
+            wanted["model.embed_tokens.weight"] = (embed, "weight")
+        for layer in layers:
+            idx = layer.self_attn.layer_idx
+            for name, _ in layer.named_parameters():
+                wanted[f"model.layers.{idx}.{name}"] = (layer, name)
+        if norm is not None and lm_head is not None:
+            wanted["model.norm.weight"] = (norm, "weight")
+            if not spec.tied_embeddings:
+                wanted["lm_head.weight"] = (lm_head, "weight")
+            elif embed is None:
+                wanted["model.embed_tokens.weight"] = (lm_head, "weight")
+        _load_weights(model_dir, wanted, torch_dtype)
+        if lm_head is not None and embed is not None and spec.tied_embeddings:
+            # One shard holds both ends of a tied model: share the matrix, as the model does.
+            lm_head.weight = embed.weight
+        rotary = None
+        if layers:
+            rotary = type(skeleton.model.rotary_emb)(config=config)
+        for module in (embed, *layers, norm, lm_head, rotary):
+            if module is not None:
+                module.eval()
+        return cls(spec, start, end, config, embed, layers, norm, lm_head, rotary, torch_dtype)
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.spec.num_units
+
+    @property
+    def sessions(self) -> list[Hashable]:
+        return list(self._sessions)
+
+    def weight_bytes(self) -> int:
+        return _param_bytes([self.embed, *self.layers, self.norm, self.lm_head])
+
+    def unit_weight_bytes(self, unit: int) -> int:
+        """Weight bytes unit `unit` needs on its own (the head of a tied model counts the embedding)."""
+        if unit == 0:
+            return _param_bytes([self.embed])
+        if unit == self.spec.num_units - 1:
+            return _param_bytes([self.norm, self.lm_head])
+        return _param_bytes([self.layers[unit - max(self.start, 1)]])
+
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes() for c in self._sessions.values())
+
+    def cache_length(self, session: Hashable) -> int:
+        return self._cache(session).length
+
+    def prefill(
+        self, session: Hashable, x: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Start (or continue, for chunked prefill) a session with several tokens."""
+        cache = self._sessions.setdefault(session, KVCache())
+        if positions is None:
+            positions = torch.arange(cache.length, cache.length + x.shape[0])
+        return self.forward(cache, x, positions)
+
+    def decode(self, session: Hashable, x: torch.Tensor, position: int) -> torch.Tensor:
+        """One new token for a session that was prefilled."""
+        return self.forward(self._cache(session), x, torch.tensor([position]))
+
+    def drop(self, session: Hashable) -> None:
+        self._sessions.pop(session, None)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        cache: KVCache,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        timer: UnitTimer | None = None,
+    ) -> torch.Tensor:
+        """x: [T] token ids (first shard) or [T, hidden]; positions: [T], contiguous from the cache."""
+        n = x.shape[0]
+        if positions.shape != (n,):
+            raise ValueError(f"positions shape {tuple(positions.shape)} != ({n},)")
+        if self.layers and not torch.equal(
+            positions, torch.arange(cache.length, cache.length + n)
+        ):
+            raise ValueError(
+                f"positions must continue the cache at {cache.length}, got {positions[:4].tolist()}…"
+            )
+        unit = self.start
+        clock = _Clock(timer)
+        if self.embed is not None:
+            h = self.embed(x.long().unsqueeze(0))
+            clock.lap(unit)
+            unit += 1
+        else:
+            h = x.to(self.dtype).unsqueeze(0)
+        if self.layers:
+            assert self.rotary is not None
+            pos = positions.unsqueeze(0)
+            embeddings = self.rotary(h, pos)
+            mask = _causal_mask(positions, cache.length + n)
+            for layer in self.layers:
+                h = layer(
+                    h, attention_mask=mask, position_ids=pos, position_embeddings=embeddings, cache=cache
+                )
+                clock.lap(unit)
+                unit += 1
+        if self.lm_head is not None and self.norm is not None:
+            logits = self.lm_head(self.norm(h[:, -1:]))[0, -1].float()
+            clock.lap(unit)
+            return logits
+        return h[0]
+
+    def _cache(self, session: Hashable) -> KVCache:
+        try:
+            return self._sessions[session]
+        except KeyError:
+            raise UnknownSession(session) from None
+
+
+def load_config(model_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def load_spec(model_dir: Path) -> ModelSpec:
+    return ModelSpec.from_config(load_config(model_dir), name=_model_name(model_dir))
+
+
+def _model_name(model_dir: Path) -> str:
+    from meshshard.model.source import NAME_FILE
+
+    try:
+        return str(json.loads((model_dir / NAME_FILE).read_text())["name"])
+    except (OSError, ValueError, KeyError):
+        return model_dir.name
+
+
+def _skeleton(config: Any) -> Any:
+    """The whole model on the meta device: module shapes without allocating any weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _load_weights(
+    model_dir: Path, wanted: dict[str, tuple[nn.Module, str]], dtype: torch.dtype
+) -> None:
+    from safetensors import safe_open
+
+    remaining = dict(wanted)
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in [k for k in f.keys() if k in remaining]:  # noqa: SIM118 (safe_open has no __iter__)
+                module, name = remaining.pop(key)
+                tensor = f.get_tensor(key).to(dtype)
+                _set_param(module, name, nn.Parameter(tensor, requires_grad=False))
+    if remaining:
+        raise MeshShardError(
+            f"weights missing in {model_dir}: {', '.join(sorted(remaining)[:3])}"
+            + (" …" if len(remaining) > 3 else "")
+        )
+
+
+def _param_bytes(modules: list[nn.Module | None]) -> int:
+    params = {id(p): p for m in modules if m is not None for p in m.parameters()}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def _set_param(module: nn.Module, dotted: str, value: nn.Parameter) -> None:
+    *path, leaf = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    setattr(module, leaf, value)
+
+
+def _causal_mask(positions: torch.Tensor, kv_length: int) -> torch.Tensor | None:
+    """Query at position p sees keys 0..p. A single decode token sees everything: no mask."""
+    if positions.shape[0] == 1 and int(positions[0]) == kv_length - 1:
+        return None
+    keys = torch.arange(kv_length)
+    return (keys[None, :] <= positions[:, None])[None, None]
+
+
+class _Clock:
+    def __init__(self, timer: UnitTimer | None) -> None:
+        self._timer = timer
+        self._last = time.perf_counter()
+
+    def lap(self, unit: int) -> None:
+        if self._timer is not None:
+            now = time.perf_counter()
+            self._timer(unit, now - self._last)
+            self._last = now
