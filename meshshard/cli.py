@@ -1,4 +1,7 @@
-"""The `meshshard` command. Heavy imports (torch, transformers) happen inside commands that need them."""
+"""The `meshshard` command.
+
+Heavy imports (torch, transformers) happen inside the commands that need them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -189,8 +191,10 @@ def profile_cmd(config: Config, context: int, repeats: int, as_json: bool) -> No
         f"{result.model} ({result.dtype}) on {result.device}, {result.threads} threads, "
         f"context {result.context}"
     )
-    header = f"{'unit':<6} {'decode ms':>10} {'prefill ms/tok':>15} {'weights MB':>11} {'KV B/tok':>9} {'out B/tok':>10}"
-    click.echo(header)
+    click.echo(
+        f"{'unit':<6} {'decode ms':>10} {'prefill ms/tok':>15} {'weights MB':>11} "
+        f"{'KV B/tok':>9} {'out B/tok':>10}"
+    )
     for u in result.units:
         click.echo(
             f"{u.name:<6} {u.decode_ms:>10.3f} {u.prefill_ms_per_token:>15.3f} "

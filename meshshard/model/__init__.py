@@ -1,1 +1,1 @@
-"""The model side: locate and convert weights, slice them into units and shards, run and profile them."""
+"""The model side: find and convert weights, cut them into units and shards, run and profile."""

@@ -22,13 +22,13 @@ class LocalChain:
             raise ValueError("a chain must start at the embed unit and end at the head")
         for a, b in itertools.pairwise(shards):
             if a.end != b.start:
-                raise ValueError(f"shards do not meet: [{a.start},{a.end}) then [{b.start},{b.end})")
+                raise ValueError(
+                    f"shards do not meet: [{a.start},{a.end}) then [{b.start},{b.end})"
+                )
         self.shards = list(shards)
 
     @classmethod
-    def load(
-        cls, model_dir: Path, cuts: Sequence[int] = (), dtype: str = "float32"
-    ) -> LocalChain:
+    def load(cls, model_dir: Path, cuts: Sequence[int] = (), dtype: str = "float32") -> LocalChain:
         """Load the model split at unit indices `cuts` (none: one shard with every unit)."""
         from meshshard.model.shard import load_spec
 

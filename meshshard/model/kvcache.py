@@ -48,7 +48,9 @@ class KVCache:
         return self._keys[layer_idx][:, :, :end], self._values[layer_idx][:, :, :end]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self._keys.values(), *self._values.values()))
+        return sum(
+            t.numel() * t.element_size() for t in (*self._keys.values(), *self._values.values())
+        )
 
     @staticmethod
     def _grow(

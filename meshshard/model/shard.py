@@ -109,7 +109,7 @@ class Shard:
         return _param_bytes([self.embed, *self.layers, self.norm, self.lm_head])
 
     def unit_weight_bytes(self, unit: int) -> int:
-        """Weight bytes unit `unit` needs on its own (the head of a tied model counts the embedding)."""
+        """Weight bytes of one unit alone (a tied head counts the embedding it reads)."""
         if unit == 0:
             return _param_bytes([self.embed])
         if unit == self.spec.num_units - 1:
@@ -146,15 +146,14 @@ class Shard:
         positions: torch.Tensor,
         timer: UnitTimer | None = None,
     ) -> torch.Tensor:
-        """x: [T] token ids (first shard) or [T, hidden]; positions: [T], contiguous from the cache."""
+        """x: [T] ids (first shard) or [T, hidden]; positions: [T], continuing the cache."""
         n = x.shape[0]
         if positions.shape != (n,):
             raise ValueError(f"positions shape {tuple(positions.shape)} != ({n},)")
-        if self.layers and not torch.equal(
-            positions, torch.arange(cache.length, cache.length + n)
-        ):
+        if self.layers and not torch.equal(positions, torch.arange(cache.length, cache.length + n)):
             raise ValueError(
-                f"positions must continue the cache at {cache.length}, got {positions[:4].tolist()}…"
+                f"positions must continue the cache at {cache.length}, "
+                f"got {positions[:4].tolist()}…"
             )
         unit = self.start
         clock = _Clock(timer)
@@ -171,7 +170,11 @@ class Shard:
             mask = _causal_mask(positions, cache.length + n)
             for layer in self.layers:
                 h = layer(
-                    h, attention_mask=mask, position_ids=pos, position_embeddings=embeddings, cache=cache
+                    h,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    position_embeddings=embeddings,
+                    cache=cache,
                 )
                 clock.lap(unit)
                 unit += 1

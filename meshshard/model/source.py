@@ -1,4 +1,4 @@
-"""Find a model's folder: the embedded SmolLM2 (converted once from its GGUF), a local folder, or a hub id.
+"""Find a model's folder: the embedded SmolLM2 (converted once from GGUF), a local one, a hub id.
 
 Every loader downstream reads a plain Hugging Face folder: config.json, *.safetensors, tokenizer.
 """

@@ -1,6 +1,6 @@
 """A model's shape as planning units: `embed`, one unit per decoder layer, `head`.
 
-A shard is a contiguous unit range [start, end). 
+A shard is a contiguous unit range [start, end).
 """
 
 from __future__ import annotations

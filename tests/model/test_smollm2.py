@@ -1,0 +1,168 @@
+"""The real embedded SmolLM2-135M: shards match the whole model; the CLI works as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshshard.config import default_cache_dir
+from meshshard.model.generate import LocalChain
+from meshshard.model.source import ensure_embedded
+from meshshard.model.text import TextCodec
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+]
+NEW = 32
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return ensure_embedded(default_cache_dir())
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> dict[str, tuple[list[int], list[int], torch.Tensor]]:
+    """Per prompt: prompt ids, 32 greedy ids from transformers' generate(), logits after each."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    codec = TextCodec.load(model_dir)
+    out = {}
+    for prompt in PROMPTS:
+        ids = codec.encode(prompt)
+        full = model.generate(
+            torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=None
+        )
+        with torch.no_grad():
+            logits = model(full).logits[0, len(ids) - 1 : -1]
+        out[prompt] = (ids, full[0, len(ids) :].tolist(), logits)
+    return out
+
+
+@pytest.mark.parametrize("cuts", [(16,), (11, 21), (1, 31)])
+def test_shards_match_unsplit_model(
+    model_dir: Path, reference: dict, cuts: tuple[int, ...]
+) -> None:
+    chain = LocalChain.load(model_dir, cuts)
+    assert len(chain.shards) == len(cuts) + 1
+    for prompt, (ids, want, want_logits) in reference.items():
+        logits = chain.step(prompt, torch.tensor(ids), 0)
+        got: list[int] = []
+        for step in range(NEW):
+            torch.testing.assert_close(logits, want_logits[step], atol=1e-4, rtol=0)
+            got.append(int(torch.argmax(logits)))
+            logits = chain.step(prompt, torch.tensor(got[-1:]), len(ids) + step)
+        chain.drop(prompt)
+        assert got == want, prompt
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshshard", "--log-level", "warning", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_generate_cli_knows_paris() -> None:
+    result = run_cli("generate", "The capital of France is", "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_generate_cli_split_gives_the_same_tokens() -> None:
+    args = ("generate", "Write a haiku about the sea.", "--chat", "--max-tokens", "24", "--json")
+    whole = json.loads(run_cli(*args).stdout)
+    split = json.loads(run_cli(*args, "--split", "3").stdout)
+    assert split["tokens"] == whole["tokens"] and len(whole["tokens"]) > 0
+    assert len(split["shards"]) == 3
+
+
+def test_model_info_describes_smollm2() -> None:
+    result = run_cli("model", "info", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["layers"], info["units"], info["hidden"]) == (30, 32, 576)
+    assert info["parameters"] == 134_515_008
+    assert Path(info["folder"]).is_relative_to(info["cache"])
+
+
+def test_profile_measures_every_unit() -> None:
+    result = run_cli("profile", "--json", "--context", "16", "--repeats", "3")
+    assert result.returncode == 0, result.stderr
+    profile = json.loads(result.stdout)
+    units = profile["units"]
+    assert [u["name"] for u in units][:2] == ["embed", "L0"] and units[-1]["name"] == "head"
+    assert len(units) == 32
+    layers = units[1:-1]
+    assert all(u["decode_ms"] > 0 and u["prefill_ms_per_token"] > 0 for u in layers)
+    assert all(u["kv_bytes_per_token"] == 2 * 3 * 64 * 4 for u in layers)
+    assert units[0]["kv_bytes_per_token"] == 0
+    # Tied model: the head carries the 49152 x 576 embedding matrix, as the embed unit does.
+    assert units[0]["weight_bytes"] == 49152 * 576 * 4
+    assert units[-1]["weight_bytes"] == 49152 * 576 * 4 + 576 * 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("generate", "hi", "--model", "/no/such/model"), "model not found"),
+        (("generate", "hi", "--max-tokens", "0"), "Invalid value"),
+        (("model", "info", "--model", "/"), "no config.json"),
+    ],
+)
+def test_bad_input_is_one_line_not_a_traceback(args: tuple[str, ...], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+_MEMORY_PROBE = """
+import os, sys
+import torch
+from meshshard.config import default_cache_dir
+from meshshard.model.shard import Shard, load_config, _skeleton
+from meshshard.model.source import ensure_embedded
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+path = ensure_embedded(default_cache_dir())
+_skeleton(load_config(path))  # import and build what every shard builds, before measuring
+before = rss()
+shard = Shard.load(path, int(sys.argv[1]), int(sys.argv[2]))
+modules = [shard.embed, *shard.layers, shard.norm, shard.lm_head]
+# Weights may be mapped from the file lazily: touch every one so resident memory counts it.
+sum(float(p.sum()) for m in modules if m is not None for p in m.parameters())
+print(rss() - before, shard.weight_bytes())
+"""
+
+
+def test_a_third_of_the_layers_allocates_clearly_less(model_dir: Path) -> None:
+    def peak(start: int, end: int) -> tuple[int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, str(start), str(end)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout.split()
+        return int(out[0]), int(out[1])
+
+    whole_rss, whole_weights = peak(0, 32)
+    third_rss, third_weights = peak(11, 21)
+    assert third_weights < whole_weights / 3
+    # Resident memory with every weight touched: the rest of the file was never read in.
+    assert third_rss < whole_rss / 2, (third_rss, whole_rss)

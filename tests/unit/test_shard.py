@@ -1,0 +1,126 @@
+"""Shards of a tiny random model, chained, equal the whole transformers model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshshard.model.generate import LocalChain, generate
+from meshshard.model.kvcache import KVCache
+from meshshard.model.shard import Shard, UnknownSession, load_spec
+
+PROMPT = [5, 17, 3, 42, 8, 60, 11]
+NEW = 16
+
+
+def reference(model_dir: Path, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens from transformers' generate(), and logits at every position after."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None)
+    tokens = out[0, len(prompt) :].tolist()
+    with torch.no_grad():
+        logits = model(out).logits[0]
+    return tokens, logits
+
+
+def chained(chain: LocalChain, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    session = "s"
+    seen: list[torch.Tensor] = []
+    logits = chain.step(session, torch.tensor(prompt), 0)
+    tokens: list[int] = []
+    for _ in range(n):
+        seen.append(logits)
+        token = int(torch.argmax(logits))
+        tokens.append(token)
+        logits = chain.step(session, torch.tensor([token]), len(prompt) + len(tokens) - 1)
+    chain.drop(session)
+    return tokens, seen
+
+
+@pytest.mark.parametrize("cuts", [(), (1,), (3,), (5,), (1, 5), (2, 4), (1, 2, 3, 4, 5)])
+def test_split_matches_whole_model(tiny_model: Path, cuts: tuple[int, ...]) -> None:
+    want_tokens, want_logits = reference(tiny_model, PROMPT, NEW)
+    tokens, logits = chained(LocalChain.load(tiny_model, cuts), PROMPT, NEW)
+    assert tokens == want_tokens
+    for step, got in enumerate(logits):
+        expected = want_logits[len(PROMPT) - 1 + step]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_generate_stops_on_stop_id_and_max_tokens(tiny_llama: Path) -> None:
+    chain = LocalChain.load(tiny_llama, (2,))
+    free = list(generate(chain, PROMPT, 10))
+    assert len(free) == 10
+    stopped = list(generate(chain, PROMPT, 10, stop_ids=frozenset([free[3]])))
+    assert stopped == free[: free.index(free[3])]
+    assert all(not s.sessions for s in chain.shards), "sessions must be dropped after generation"
+
+
+def test_chunked_prefill_equals_one_shot(tiny_llama: Path) -> None:
+    shard = Shard.load(tiny_llama, 0, load_spec(tiny_llama).num_units)
+    ids = torch.tensor(PROMPT)
+    whole = shard.prefill("a", ids)
+    shard.prefill("b", ids[:3])
+    shard.prefill("b", ids[3:5])
+    chunked = shard.prefill("b", ids[5:])
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    assert shard.cache_length("b") == len(PROMPT)
+
+
+def test_positions_must_continue_the_cache(tiny_llama: Path) -> None:
+    shard = Shard.load(tiny_llama, 0, 3)
+    shard.prefill("s", torch.tensor(PROMPT))
+    with pytest.raises(ValueError, match="continue the cache"):
+        shard.decode("s", torch.tensor([1]), len(PROMPT) + 1)
+    with pytest.raises(UnknownSession):
+        shard.decode("nobody", torch.tensor([1]), 0)
+
+
+def test_drop_frees_the_session_cache(tiny_llama: Path) -> None:
+    shard = Shard.load(tiny_llama, 1, 4)
+    hidden = torch.randn(5, 32)
+    shard.prefill("s", hidden)
+    assert shard.kv_bytes() > 0
+    shard.drop("s")
+    assert shard.kv_bytes() == 0 and shard.sessions == []
+
+
+def test_shard_holds_only_its_units(tiny_llama: Path) -> None:
+    spec = load_spec(tiny_llama)
+    whole = Shard.load(tiny_llama, 0, spec.num_units)
+    middle = Shard.load(tiny_llama, 2, 4)
+    assert middle.embed is None and middle.lm_head is None
+    assert [layer.self_attn.layer_idx for layer in middle.layers] == [1, 2]
+    layer_bytes = whole.unit_weight_bytes(2)
+    assert middle.weight_bytes() == 2 * layer_bytes
+    assert middle.weight_bytes() < whole.weight_bytes() / 2
+
+
+def test_tied_head_alone_reads_the_embedding(tiny_llama: Path) -> None:
+    spec = load_spec(tiny_llama)
+    whole = Shard.load(tiny_llama, 0, spec.num_units)
+    head = Shard.load(tiny_llama, spec.num_units - 1, spec.num_units)
+    assert whole.embed is not None and head.lm_head is not None
+    torch.testing.assert_close(head.lm_head.weight, whole.embed.weight)
+    assert head.unit_weight_bytes(spec.num_units - 1) == whole.unit_weight_bytes(spec.num_units - 1)
+
+
+def test_kv_cache_grows_past_its_first_allocation() -> None:
+    cache = KVCache()
+    chunks = [torch.randn(1, 2, n, 4) for n in (200, 100, 1)]
+    for chunk in chunks:
+        keys, values = cache.update(chunk, -chunk, 7)
+    torch.testing.assert_close(keys, torch.cat(chunks, dim=2))
+    torch.testing.assert_close(values, -torch.cat(chunks, dim=2))
+    assert cache.length == 301
+
+
+@pytest.mark.parametrize("bad", [(-1, 2), (0, 0), (3, 2), (0, 7)])
+def test_bad_unit_ranges_are_refused(tiny_llama: Path, bad: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="unit range"):
+        Shard.load(tiny_llama, *bad)
