@@ -11,12 +11,13 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from meshshard import __version__
-from meshshard.config import DEFAULT_MODEL, DTYPES, Config, default_cache_dir
+from meshshard.config import DEFAULT_MODEL, DTYPES, Config
 from meshshard.errors import MeshShardError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -203,9 +204,53 @@ def profile_cmd(config: Config, context: int, repeats: int, as_json: bool) -> No
     click.echo(f"{'total':<6} {result.decode_ms:>10.3f}")
 
 
-@cli.command("cache-dir", hidden=True)
-def cache_dir() -> None:
-    click.echo(default_cache_dir())
+@cli.command("plan")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--objective",
+    type=click.Choice(["latency", "throughput"]),
+    default="latency",
+    show_default=True,
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "exact", "approx"]),
+    default="auto",
+    show_default=True,
+    help="auto: exact unless the mesh is too large, then approximate with a stated bound.",
+)
+@click.option("--compare", is_flag=True, help="Both objectives and every baseline side by side.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan object of DESIGN.md.")
+def plan_cmd(file: Path, objective: str, mode: str, compare: bool, as_json: bool) -> None:
+    """Plan FILE (a JSON or TOML instance): which devices run which units."""
+    from meshshard.planner import load_instance, solve
+    from meshshard.planner.report import comparison, comparison_table, plan_table
+
+    inst = load_instance(file)
+    if compare:
+        if as_json:
+            rows = [
+                {"method": name, "note": note}
+                | (
+                    {}
+                    if cost is None
+                    else {
+                        "latency_ms": round(cost.latency_ms, 4),
+                        "bottleneck_ms": round(cost.bottleneck_ms, 4),
+                        "tokens_per_s": round(cost.tokens_per_s, 4),
+                    }
+                )
+                for name, cost, note in comparison(inst)
+            ]
+            click.echo(json.dumps(rows, indent=1))
+        else:
+            click.echo(comparison_table(inst))
+        return
+    plan = solve(inst, objective, mode)  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps(plan.to_json()))
+    else:
+        click.echo(plan_table(inst, plan))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,203 @@
+"""The planner's input (units, devices, links, a source) as in DESIGN.md, validated at the edge."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshshard.errors import MeshShardError
+
+
+class InstanceError(MeshShardError):
+    """A malformed or impossible planner instance."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    mem: float  # bytes of weights (and cache) the unit needs on its device
+    out_bytes: float  # size of the activation it sends on
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    mem: float  # usable bytes
+    ms: tuple[float, ...]  # compute time of each unit on this device
+
+
+@dataclass(frozen=True)
+class Link:
+    mbps: float
+    ms: float  # per-message latency
+
+    def hop_ms(self, nbytes: float) -> float:
+        return self.ms + nbytes * 8 / (self.mbps * 1000)
+
+
+@dataclass(frozen=True)
+class Instance:
+    units: tuple[Unit, ...]
+    devices: tuple[Device, ...]
+    default_link: Link
+    pairs: tuple[tuple[str, str, Link], ...]
+    source: str
+    return_bytes: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_instance(self)
+
+    @property
+    def n(self) -> int:
+        return len(self.units)
+
+    def device(self, name: str) -> Device:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise InstanceError(f"unknown device {name!r}")
+
+    def index(self, name: str) -> int:
+        return [d.name for d in self.devices].index(name)
+
+    def link(self, a: str, b: str) -> Link:
+        for x, y, link in self.pairs:
+            if {x, y} == {a, b}:
+                return link
+        return self.default_link
+
+    def hop_ms(self, a: str, b: str, nbytes: float) -> float:
+        """Time to move nbytes from a to b; nothing moves within one device."""
+        return 0.0 if a == b else self.link(a, b).hop_ms(nbytes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "units": [{"name": u.name, "mem": u.mem, "out_bytes": u.out_bytes} for u in self.units],
+            "devices": [{"name": d.name, "mem": d.mem, "ms": list(d.ms)} for d in self.devices],
+            "links": {
+                "default": {"mbps": self.default_link.mbps, "ms": self.default_link.ms},
+                "pairs": [{"a": a, "b": b, "mbps": k.mbps, "ms": k.ms} for a, b, k in self.pairs],
+            },
+            "source": self.source,
+            "return_bytes": self.return_bytes,
+        }
+
+
+def load_instance(path: str | Path) -> Instance:
+    """Read a JSON or TOML instance file; any problem is one InstanceError line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InstanceError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise InstanceError(
+            f"{path.name} is not valid {path.suffix.lstrip('.') or 'JSON'}: {e}"
+        ) from None
+    return parse_instance(data)
+
+
+def parse_instance(data: Any) -> Instance:
+    obj = _mapping(data, "instance")
+    units = tuple(_unit(u, i) for i, u in enumerate(_list(obj.get("units"), "units")))
+    devices = tuple(_device(d, i) for i, d in enumerate(_list(obj.get("devices"), "devices")))
+    links = _mapping(obj.get("links", {}), "links")
+    default = _link(links.get("default", {"mbps": 1000.0, "ms": 0.0}), "links.default")
+    pairs = []
+    for i, p in enumerate(_list(links.get("pairs", []), "links.pairs", allow_empty=True)):
+        pm = _mapping(p, f"links.pairs[{i}]")
+        pairs.append(
+            (
+                _str(pm.get("a"), f"links.pairs[{i}].a"),
+                _str(pm.get("b"), f"links.pairs[{i}].b"),
+                _link(pm, f"links.pairs[{i}]"),
+            )
+        )
+    source = _str(obj.get("source"), "source")
+    return_bytes = _number(obj.get("return_bytes", 4), "return_bytes")
+    return Instance(units, devices, default, tuple(pairs), source, return_bytes)
+
+
+def _check_instance(inst: Instance) -> None:
+    if not inst.units:
+        raise InstanceError("instance has no units")
+    if not inst.devices:
+        raise InstanceError("instance has no devices")
+    names = [d.name for d in inst.devices]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InstanceError(f"device {dup!r} is listed twice")
+    for d in inst.devices:
+        if len(d.ms) != len(inst.units):
+            raise InstanceError(
+                f"device {d.name!r} has {len(d.ms)} compute times for {len(inst.units)} units"
+            )
+    if inst.source not in names:
+        raise InstanceError(f"unknown source {inst.source!r} (devices: {', '.join(names[:5])})")
+    for a, b, _ in inst.pairs:
+        for end in (a, b):
+            if end not in names:
+                raise InstanceError(f"link names unknown device {end!r}")
+        if a == b:
+            raise InstanceError(f"link from {a!r} to itself")
+
+
+def _mapping(x: Any, what: str) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise InstanceError(f"{what} must be an object")
+    return x
+
+
+def _list(x: Any, what: str, allow_empty: bool = False) -> list[Any]:
+    if not isinstance(x, list) or (not x and not allow_empty):
+        raise InstanceError(f"{what} must be a non-empty list")
+    return x
+
+
+def _str(x: Any, what: str) -> str:
+    if not isinstance(x, str) or not x:
+        raise InstanceError(f"{what} must be a non-empty string")
+    return x
+
+
+def _number(x: Any, what: str, positive: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        raise InstanceError(f"{what} must be a finite number, got {x!r}")
+    if x < 0 or (positive and x == 0):
+        raise InstanceError(
+            f"{what} must be {'positive' if positive else 'non-negative'}, got {x!r}"
+        )
+    return float(x)
+
+
+def _unit(x: Any, i: int) -> Unit:
+    m = _mapping(x, f"units[{i}]")
+    return Unit(
+        name=_str(m.get("name", f"U{i}"), f"units[{i}].name"),
+        mem=_number(m.get("mem"), f"units[{i}].mem"),
+        out_bytes=_number(m.get("out_bytes", 0), f"units[{i}].out_bytes"),
+    )
+
+
+def _device(x: Any, i: int) -> Device:
+    m = _mapping(x, f"devices[{i}]")
+    name = _str(m.get("name"), f"devices[{i}].name")
+    ms = tuple(
+        _number(t, f"devices[{i}].ms[{j}]")
+        for j, t in enumerate(_list(m.get("ms"), f"devices[{i}].ms"))
+    )
+    return Device(name=name, mem=_number(m.get("mem"), f"devices[{i}].mem"), ms=ms)
+
+
+def _link(x: Any, what: str) -> Link:
+    m = _mapping(x, what)
+    return Link(
+        mbps=_number(m.get("mbps"), f"{what}.mbps", positive=True),
+        ms=_number(m.get("ms", 0), f"{what}.ms"),
+    )
