@@ -12,7 +12,7 @@ among plans that reach it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from meshshard.planner.cost import MEM_SLACK, Cost, Stage, evaluate
 from meshshard.planner.explain import left_out
-from meshshard.planner.groups import GroupModel, bucketed_groups, exact_groups
+from meshshard.planner.groups import GroupModel, bucketed_groups, exact_groups, work
 from meshshard.planner.instance import Instance, InstanceError
 
 Objective = Literal["latency", "throughput"]
@@ -28,8 +28,7 @@ Mode = Literal["auto", "exact", "approx"]
 OBJECTIVES: tuple[Objective, ...] = ("latency", "throughput")
 
 # Above this many (used, last, next) transitions, `auto` switches to approximate grouping.
-STATE_BUDGET = 400_000
-_RATIOS = (1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 2.0, 3.0, 5.0, 10.0, math.inf)
+STATE_BUDGET = 100_000
 
 
 @dataclass(frozen=True)
@@ -63,22 +62,29 @@ def solve(inst: Instance, objective: Objective = "latency", mode: Mode = "auto")
     if objective not in OBJECTIVES:
         raise InstanceError(f"unknown objective {objective!r} (latency or throughput)")
     model = exact_groups(inst)
-    if mode == "exact" or (mode == "auto" and _work(model) <= STATE_BUDGET):
-        return _solve_model(inst, model, objective, None)
-    for ratio in _RATIOS:
-        pessimistic, optimistic = bucketed_groups(inst, ratio)
-        if _work(pessimistic) <= STATE_BUDGET:
-            return _solve_model(inst, pessimistic, objective, optimistic)
-    raise AssertionError("one bucket per mesh always fits")  # pragma: no cover
+    if mode == "exact" or (mode == "auto" and work(model.counts) <= STATE_BUDGET):
+        return _solve_model(inst, model, objective)
+    return _approximate(inst, objective)
 
 
-def _work(model: GroupModel) -> int:
-    return model.states() * len(model.members) ** 2
+def _approximate(inst: Instance, objective: Objective) -> Plan:
+    """Plan on pessimistic groups (the plan is real and no worse than predicted) and bound the
+    optimum from below with optimistic ones: the ratio is the certified bound."""
+    pessimistic, optimistic = bucketed_groups(inst, STATE_BUDGET)
+    floor = Table(optimistic, objective, cap=None).best()
+    if floor is None:
+        raise InstanceError(_why_infeasible(inst))
+    try:
+        plan = _solve_model(inst, pessimistic, objective)
+    except InstanceError:
+        raise InstanceError(
+            "approximate mode found no plan (pessimistic grouping); try --mode exact"
+        ) from None
+    bound = plan.value() / floor[0] if floor[0] > 0 else math.inf
+    return replace(plan, exact=False, bound=max(bound, 1.0))
 
 
-def _solve_model(
-    inst: Instance, model: GroupModel, objective: Objective, optimistic: GroupModel | None
-) -> Plan:
+def _solve_model(inst: Instance, model: GroupModel, objective: Objective) -> Plan:
     first = table = Table(model, objective, cap=None)
     best = table.best()
     if best is None:
@@ -91,14 +97,8 @@ def _solve_model(
         assert best is not None
     stages = assign(model, table.stages(best))
     cost = evaluate(inst, stages)
-    exact, bound = True, 1.0
-    if optimistic is not None:
-        lower = Table(optimistic, objective, cap=None).best()
-        assert lower is not None, "an optimistic model admits every real plan"
-        value = cost.latency_ms if objective == "latency" else cost.bottleneck_ms
-        exact, bound = False, value / lower[0] if lower[0] > 0 else math.inf
     reasons = left_out(inst, model, first, stages, cost, objective)
-    return Plan(objective, tuple(stages), cost, exact, bound, reasons)
+    return Plan(objective, tuple(stages), cost, left_out=reasons)
 
 
 def assign(model: GroupModel, group_stages: list[tuple[int, int, int]]) -> list[Stage]:
@@ -154,28 +154,35 @@ class Table:
         self.pred_j[start, 0] = 0
         order = sorted(range(size), key=lambda u: (int(self.used[u].sum()), u))
         self.order = [u for u in order if self.used[u][0] == 1]
+        all_spans = np.stack(spans)  # [group, start, end]
+        strides = np.array(self.strides)
+        used = self.used.tolist()
         for u in self.order:
+            free = np.array([g for g in range(groups) if used[u][g] < counts[g]], dtype=np.int64)
+            if free.size == 0:
+                continue
+            targets = u + strides[free]
             for last in range(groups):
                 row = self.f[u, last, :n]
-                js = np.flatnonzero(np.isfinite(row))
+                js = np.flatnonzero(row < inf)
                 if js.size == 0:
                     continue
-                for g in range(groups):
-                    if self.used[u][g] >= counts[g]:
-                        continue
-                    hop = hops[last, g, js]
-                    if add:
-                        cand = (row[js] + hop)[:, None] + spans[g][js]
-                    else:
-                        cand = np.maximum(np.maximum(row[js], hop)[:, None], spans[g][js])
-                    arg = np.argmin(cand, axis=0)
-                    vals = cand[arg, np.arange(n + 1)]
-                    target = u + self.strides[g]
-                    better = vals < self.f[target, g]
-                    if better.any():
-                        self.f[target, g][better] = vals[better]
-                        self.pred_j[target, g][better] = js[arg[better]]
-                        self.pred_g[target, g][better] = last
+                hop = hops[last][free[:, None], js[None, :]]  # [free, start]
+                span = all_spans[free[:, None], js[None, :]]  # [free, start, end]
+                if add:
+                    cand = (row[js][None, :] + hop)[:, :, None] + span
+                else:
+                    cand = np.maximum(np.maximum(row[js][None, :], hop)[:, :, None], span)
+                arg = cand.argmin(axis=1)  # best start for each (group, end)
+                vals = np.take_along_axis(cand, arg[:, None, :], axis=1)[:, 0, :]
+                current = self.f[targets, free]
+                better = vals < current
+                if better.any():
+                    self.f[targets, free] = np.where(better, vals, current)
+                    self.pred_j[targets, free] = np.where(
+                        better, js[arg], self.pred_j[targets, free]
+                    )
+                    self.pred_g[targets, free] = np.where(better, last, self.pred_g[targets, free])
         final = self.f[:, :, n]
         self.total = final + self.ret[None, :] if add else np.maximum(final, self.ret[None, :])
 

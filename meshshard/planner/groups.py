@@ -37,9 +37,6 @@ class GroupModel:
     def counts(self) -> tuple[int, ...]:
         return tuple(len(m) for m in self.members)
 
-    def states(self) -> int:
-        return math.prod(c + 1 for c in self.counts[1:])
-
 
 def exact_groups(inst: Instance) -> GroupModel:
     source = inst.device(inst.source)
@@ -56,26 +53,66 @@ def exact_groups(inst: Instance) -> GroupModel:
     return _model(inst, [tuple(g) for g in groups], pessimistic=True)
 
 
-def bucketed_groups(inst: Instance, ratio: float) -> tuple[GroupModel, GroupModel]:
-    """(pessimistic, optimistic) models of devices bucketed within a factor `ratio` per feature."""
-    by_key: dict[tuple[int, ...], list[str]] = {}
-    step = math.log(ratio) if ratio > 1 else 0.0
+def bucketed_groups(inst: Instance, budget: int) -> tuple[GroupModel, GroupModel]:
+    """(pessimistic, optimistic) models of the finest grouping whose DP work fits `budget`.
+
+    Starts from exact groups merged into one, then keeps splitting the group whose members
+    differ most (on memory, compute, and link quality) at its median, while the work fits.
+    """
+    features = _features(inst)
+    groups: list[list[str]] = [[d.name for d in inst.devices if d.name != inst.source]]
+    groups = [g for g in groups if g]
+    while True:
+        spread, widest, axis = max(
+            ((_spread(features, g)[0], i, _spread(features, g)[1]) for i, g in enumerate(groups)),
+            default=(0.0, -1, 0),
+        )
+        if spread <= 1e-9:
+            break
+        members = sorted(groups[widest], key=lambda m: (features[m][axis], m))
+        half = len(members) // 2
+        trial = [*groups[:widest], members[:half], members[half:], *groups[widest + 1 :]]
+        if work([1, *(len(g) for g in trial)]) > budget:
+            break
+        groups = trial
+    named = [(inst.source,), *(tuple(sorted(g, key=inst.index)) for g in groups)]
+    return _model(inst, named, pessimistic=True), _model(inst, named, pessimistic=False)
+
+
+def work(counts: list[int] | tuple[int, ...]) -> int:
+    """DP transitions for groups of these sizes: (used vectors) x (last group) x (next group)."""
+    return math.prod(c + 1 for c in counts[1:]) * len(counts) ** 2
+
+
+def _features(inst: Instance) -> dict[str, tuple[float, ...]]:
+    """Log-scale traits that decide a device's worth in a plan."""
+    out = {}
     for d in inst.devices:
-        if d.name == inst.source:
-            continue
-        others = [o.name for o in inst.devices if o.name != d.name]
-        features = (
-            d.mem,
-            sum(d.ms) + 1e-9,
-            inst.link(d.name, inst.source).hop_ms(1e5) + 1e-9,
-            sum(inst.link(d.name, o).hop_ms(1e5) for o in others) / max(len(others), 1) + 1e-9,
+        others = [o.name for o in inst.devices if o.name != d.name] or [d.name]
+        hop = [inst.link(d.name, o).hop_ms(65536) for o in others]
+        out[d.name] = tuple(
+            math.log(max(x, 1e-12))
+            for x in (
+                d.mem,
+                sum(d.ms),
+                inst.hop_ms(d.name, inst.source, 65536) + 1e-9,
+                max(hop) + 1e-9,
+                min(hop) + 1e-9,
+            )
         )
-        key = tuple(
-            0 if step == 0 else math.floor(math.log(max(f, 1e-12)) / step) for f in features
-        )
-        by_key.setdefault(key, []).append(d.name)
-    groups = [(inst.source,)] + [tuple(v) for _, v in sorted(by_key.items())]
-    return _model(inst, groups, pessimistic=True), _model(inst, groups, pessimistic=False)
+    return out
+
+
+def _spread(features: dict[str, tuple[float, ...]], group: list[str]) -> tuple[float, int]:
+    """The widest trait of a group: (max - min of its log, which trait)."""
+    if len(group) < 2:
+        return 0.0, 0
+    axes = len(next(iter(features.values())))
+    spans = [
+        max(features[m][a] for m in group) - min(features[m][a] for m in group) for a in range(axes)
+    ]
+    axis = max(range(axes), key=lambda a: spans[a])
+    return spans[axis], axis
 
 
 def _identical(inst: Instance, group: list[str], name: str) -> bool:

@@ -50,25 +50,27 @@ class Instance:
 
     def __post_init__(self) -> None:
         _check_instance(self)
+        links = {frozenset((a, b)): link for a, b, link in self.pairs}
+        object.__setattr__(self, "_links", links)
+        object.__setattr__(self, "_devices", {d.name: d for d in self.devices})
 
     @property
     def n(self) -> int:
         return len(self.units)
 
     def device(self, name: str) -> Device:
-        for d in self.devices:
-            if d.name == name:
-                return d
-        raise InstanceError(f"unknown device {name!r}")
+        try:
+            device: Device = self.__dict__["_devices"][name]
+        except KeyError:
+            raise InstanceError(f"unknown device {name!r}") from None
+        return device
 
     def index(self, name: str) -> int:
         return [d.name for d in self.devices].index(name)
 
     def link(self, a: str, b: str) -> Link:
-        for x, y, link in self.pairs:
-            if {x, y} == {a, b}:
-                return link
-        return self.default_link
+        link: Link = self.__dict__["_links"].get(frozenset((a, b)), self.default_link)
+        return link
 
     def hop_ms(self, a: str, b: str, nbytes: float) -> float:
         """Time to move nbytes from a to b; nothing moves within one device."""
@@ -97,9 +99,8 @@ def load_instance(path: str | Path) -> Instance:
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise InstanceError(
-            f"{path.name} is not valid {path.suffix.lstrip('.') or 'JSON'}: {e}"
-        ) from None
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise InstanceError(f"{path.name} is not valid {kind}: {e}") from None
     return parse_instance(data)
 
 

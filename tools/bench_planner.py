@@ -1,0 +1,78 @@
+"""Planning time on the paper's testbed and on random meshes of all-different devices.
+
+    python tools/bench_planner.py [--repeats 3]
+
+Prints a table: instance, devices, units, objective, mode (exact or approximate with its
+certified bound), median planning time. Growth with mesh size is the point of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from meshshard.planner import Instance, load_instance, solve
+from meshshard.planner.instance import Device, Link, Unit
+
+PEERS = Path(__file__).resolve().parent.parent / "peers"
+
+
+def random_mesh(devices: int, units: int, seed: int) -> Instance:
+    """Devices of unequal speed and memory, each on its own uplink; a hop takes the slower one."""
+    rng = random.Random(seed)
+    unit_list = tuple(Unit(f"U{i}", 0.75e9, 65536) for i in range(units))
+    total = sum(u.mem for u in unit_list)
+    devs, uplinks = [], {}
+    for i in range(devices):
+        speed = rng.uniform(0.5, 8.0)
+        ms = tuple(round(speed * rng.uniform(0.95, 1.05), 4) for _ in range(units))
+        mem = rng.uniform(0.15, 0.6) * total
+        devs.append(Device(f"dev{i}", mem, ms))
+        uplinks[f"dev{i}"] = Link(rng.choice([10.0, 100.0, 300.0, 1000.0]), rng.uniform(0.5, 5))
+    pairs = tuple(
+        (a.name, b.name, min(uplinks[a.name], uplinks[b.name], key=lambda k: k.mbps))
+        for i, a in enumerate(devs)
+        for b in devs[i + 1 :]
+    )
+    return Instance(unit_list, tuple(devs), Link(1000, 1), pairs, "dev0")
+
+
+def timed(inst: Instance, objective: str, repeats: int) -> tuple[float, str]:
+    times, mode = [], ""
+    for _ in range(repeats):
+        start = time.perf_counter()
+        plan = solve(inst, objective)  # type: ignore[arg-type]
+        times.append(time.perf_counter() - start)
+        mode = "exact" if plan.exact else f"approx <= {plan.bound:.3f}x"
+    return statistics.median(times) * 1e3, mode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    for name in ("paper-llama2-7b", "paper-llama2-13b", "paper-llama2-70b"):
+        inst = load_instance(PEERS / f"{name}.json")
+        for objective in ("latency", "throughput"):
+            ms, mode = timed(inst, objective, args.repeats)
+            rows.append((name, len(inst.devices), inst.n, objective, mode, ms))
+    for count in (4, 8, 10, 12, 16, 32, 64):
+        inst = random_mesh(count, 34, seed=count)
+        for objective in ("latency", "throughput"):
+            ms, mode = timed(inst, objective, args.repeats)
+            rows.append((f"random-{count}", count, inst.n, objective, mode, ms))
+    line = "{:<18} {:>7} {:>5}  {:<10} {:<18} {:>9}"
+    print(line.format("instance", "devices", "units", "objective", "mode", "plan ms"))
+    for name, devices, units, objective, mode, ms in rows:
+        print(line.format(name, devices, units, objective, mode, f"{ms:.1f}"))
+
+
+if __name__ == "__main__":
+    main()
