@@ -66,7 +66,7 @@ def brute_force(inst: Instance, objective: str) -> tuple[float, float] | None:
     return best, min(tied)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(inst=instances(), objective=st.sampled_from(["latency", "throughput"]))
 def test_dp_equals_brute_force(inst: Instance, objective: str) -> None:
     want = brute_force(inst, objective)

@@ -124,3 +124,15 @@ def test_kv_cache_grows_past_its_first_allocation() -> None:
 def test_bad_unit_ranges_are_refused(tiny_llama: Path, bad: tuple[int, int]) -> None:
     with pytest.raises(ValueError, match="unit range"):
         Shard.load(tiny_llama, *bad)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_shards_run_and_stay_close(tiny_llama: Path, dtype: str) -> None:
+    full = LocalChain.load(tiny_llama, (3,))
+    half = LocalChain.load(tiny_llama, (3,), dtype=dtype)
+    assert half.shards[1].lm_head is not None
+    assert half.shards[1].lm_head.weight.dtype == getattr(torch, dtype)
+    want = full.step("s", torch.tensor(PROMPT), 0)
+    got = half.step("s", torch.tensor(PROMPT), 0)
+    assert got.dtype == torch.float32  # logits come back in float32 for sampling
+    assert torch.corrcoef(torch.stack([want, got]))[0, 1] > 0.99
