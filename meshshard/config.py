@@ -19,6 +19,44 @@ def default_cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class Timings:
+    """Every control-plane timeout, in seconds. LAN is the default; TEST shrinks time for tests."""
+
+    # How often each peer probes one other member, and how long it waits for the answer.
+    probe_interval: float = 0.25
+    probe_timeout: float = 0.2
+    # Members asked to probe a silent target on our behalf before we suspect it.
+    indirect_probes: int = 3
+    # A suspect not heard from in this long is declared dead. Longer than a 1 s stall plus
+    # the time a refutation takes to spread, so a busy peer is not declared dead.
+    suspicion_timeout: float = 1.6
+    # Full state exchange with one random member (repairs divergence, heals partitions).
+    pushpull_interval: float = 2.0
+    # Dead and left members are remembered this long, so stale gossip cannot revive them.
+    tombstone_ttl: float = 60.0
+    # Each update rides on this many times log2(n+1) messages.
+    retransmit_mult: int = 3
+    # Most updates piggybacked on one message.
+    max_piggyback: int = 16
+    # The coordinator waits this long after the last change before replanning.
+    replan_debounce: float = 0.5
+    # Link bandwidth and RTT to each member are remeasured this often.
+    link_interval: float = 30.0
+
+
+LAN_TIMINGS = Timings()
+TEST_TIMINGS = Timings(
+    probe_interval=0.05,
+    probe_timeout=0.05,
+    suspicion_timeout=0.5,
+    pushpull_interval=0.3,
+    tombstone_ttl=10.0,
+    replan_debounce=0.1,
+    link_interval=2.0,
+)
+
+
+@dataclass(frozen=True)
 class Config:
     # The embedded default, a local Hugging Face folder, or a hub id (where the hub is reachable).
     model: str = DEFAULT_MODEL

@@ -1,0 +1,1 @@
+"""The control plane: discovery, membership and gossip, election, and epoch-fenced plans."""

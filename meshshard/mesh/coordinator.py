@@ -1,0 +1,131 @@
+"""The coordinator's decisions, pure: when to replan, and the planner instance from gossip."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, PlanStage, Profile
+from meshshard.planner import InstanceError, Objective, solve
+from meshshard.planner.build import UnitCost, build_instance
+from meshshard.planner.instance import Instance, Link
+
+# Links not yet measured are assumed to be a modest LAN.
+UNMEASURED = Link(mbps=100.0, ms=1.0)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a plan depends on, rounded so that noise does not trigger replanning."""
+
+    members: tuple[NodeId, ...]
+    details: tuple[tuple[object, ...], ...]
+
+
+def signature(
+    members: Sequence[Member], profiles: Mapping[NodeId, Profile], model: str
+) -> Signature:
+    live = sorted(m.id for m in members if m.state.live and _usable(profiles.get(m.id), model))
+    details = []
+    for node in live:
+        p = profiles[node]
+        links = tuple(
+            (peer, _bucket(s.mbps), _bucket(s.rtt_ms))
+            for peer, s in sorted(p.links.items())
+            if peer in live
+        )
+        details.append((node, _bucket(p.mem), _bucket(sum(p.unit_ms)), p.measured, links))
+    return Signature(tuple(live), tuple(details))
+
+
+def describe_change(old: Signature | None, new: Signature) -> str:
+    if old is None:
+        return "first plan"
+    joined = sorted(set(new.members) - set(old.members))
+    gone = sorted(set(old.members) - set(new.members))
+    parts = [f"{n} joined" for n in joined] + [f"{n} gone" for n in gone]
+    return ", ".join(parts) if parts else "profiles or links changed"
+
+
+class Replanner:
+    """Debounces changes: replans once the inputs have been steady for `debounce` seconds."""
+
+    def __init__(self, debounce: float) -> None:
+        self._debounce = debounce
+        self._seen: Signature | None = None
+        self._seen_at = 0.0
+        self.planned: Signature | None = None
+
+    def due(self, sig: Signature, now: float, have_plan: bool) -> bool:
+        if sig != self._seen:
+            self._seen, self._seen_at = sig, now
+        if have_plan and sig == self.planned:
+            return False
+        return now - self._seen_at >= self._debounce
+
+    def done(self, sig: Signature) -> None:
+        self.planned = sig
+
+    def forget(self) -> None:
+        """We stopped coordinating: the next term plans afresh."""
+        self.planned = None
+
+
+def mesh_instance(
+    members: Sequence[Member],
+    profiles: Mapping[NodeId, Profile],
+    units: Sequence[UnitCost],
+    model: str,
+    source: NodeId,
+    context_tokens: int,
+) -> Instance:
+    live = [
+        m.id for m in members if m.state.live and _usable(profiles.get(m.id), model, len(units))
+    ]
+    if source not in live:
+        raise InstanceError(f"the source {source} has no usable profile yet")
+    pairs = []
+    for i, a in enumerate(live):
+        for b in live[i + 1 :]:
+            stats = [s for s in (profiles[a].links.get(b), profiles[b].links.get(a)) if s]
+            if stats:
+                mbps = sum(s.mbps for s in stats) / len(stats)
+                rtt = sum(s.rtt_ms for s in stats) / len(stats)
+                pairs.append((a, b, Link(mbps=max(mbps, 1e-3), ms=rtt / 2)))
+    return build_instance(
+        units,
+        [(n, profiles[n].mem, profiles[n].unit_ms) for n in live],
+        source=source,
+        context_tokens=context_tokens,
+        default_link=UNMEASURED,
+        pairs=pairs,
+    )
+
+
+def make_plan(
+    inst: Instance, objective: Objective, epoch: Epoch, model: str, reason: str
+) -> PlanRecord:
+    plan = solve(inst, objective)
+    return PlanRecord(
+        epoch=epoch,
+        model=model,
+        objective=objective,
+        stages=tuple(PlanStage(NodeId(s.device), s.start, s.end) for s in plan.stages),
+        latency_ms=plan.cost.latency_ms,
+        bottleneck_ms=plan.cost.bottleneck_ms,
+        reason=reason,
+    )
+
+
+def _usable(profile: Profile | None, model: str, units: int | None = None) -> bool:
+    return (
+        profile is not None
+        and profile.model == model
+        and (units is None or len(profile.unit_ms) == units)
+    )
+
+
+def _bucket(x: float) -> int:
+    """Log-scale bucket about 20% wide."""
+    return round(math.log(max(x, 1e-9)) / math.log(1.2))

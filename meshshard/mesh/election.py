@@ -1,0 +1,53 @@
+"""Who coordinates, and which plan stands: the bully rule and epoch fencing, both pure."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, State
+
+HISTORY = 32  # plans remembered for `meshshard status`
+
+
+def elect(members: Iterable[Member]) -> NodeId | None:
+    """The live member with the highest (priority, id); suspects still count, so a
+    passing suspicion does not move the coordinator."""
+    live = [m for m in members if m.state in (State.ALIVE, State.SUSPECT)]
+    if not live:
+        return None
+    return max(live, key=lambda m: (m.priority, m.id)).id
+
+
+class PlanBook:
+    """The plan this peer follows. Only a newer epoch replaces it; older ones are refused."""
+
+    def __init__(self) -> None:
+        self.current: PlanRecord | None = None
+        self.max_term = 0
+        self.history: deque[PlanRecord] = deque(maxlen=HISTORY)
+
+    @property
+    def epoch(self) -> Epoch | None:
+        return self.current.epoch if self.current else None
+
+    def observe(self, epoch: Epoch) -> None:
+        self.max_term = max(self.max_term, epoch.term)
+
+    def next_epoch(self, coordinator: NodeId) -> Epoch:
+        """A fresh epoch: its term beats every term seen, so it beats every epoch seen."""
+        self.max_term += 1
+        return Epoch(self.max_term, coordinator)
+
+    def offer(self, plan: PlanRecord) -> bool:
+        """Adopt `plan` if it is newer than ours; returns whether it was adopted."""
+        self.observe(plan.epoch)
+        if self.current is not None and plan.epoch <= self.current.epoch:
+            return False
+        self.current = plan
+        self.history.append(plan)
+        return True
+
+    def admits(self, epoch: Epoch) -> bool:
+        """Fencing for work stamped with `epoch`: nothing older than the plan we follow."""
+        return self.current is None or epoch >= self.current.epoch

@@ -1,0 +1,176 @@
+"""SWIM membership as a pure state machine: no sockets, no clock of its own.
+
+The driver feeds it what happened (a probe answered or not, gossip received, time passing)
+and asks it what to do next (whom to probe, whom to ask for help, what to piggyback).
+Precedence follows SWIM: an update wins when (incarnation, severity) is higher, so a peer
+refutes a suspicion about itself by raising its incarnation.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+from meshshard.config import Timings
+from meshshard.mesh.types import Member, NodeId, State
+
+_SEVERITY = {State.ALIVE: 0, State.SUSPECT: 1, State.DEAD: 2, State.LEFT: 2}
+
+
+@dataclass(frozen=True)
+class Change:
+    """A member's state changed in our view (for logs, events, and replanning)."""
+
+    member: Member
+    old: State | None  # None: newly learned
+
+    def __str__(self) -> str:
+        old = self.old.value if self.old else "unknown"
+        return (
+            f"{self.member.id} {old} -> {self.member.state.value} (inc {self.member.incarnation})"
+        )
+
+
+class Membership:
+    def __init__(self, me: Member, timings: Timings, now: float, rng: random.Random) -> None:
+        self._me_id = me.id
+        self._timings = timings
+        self._rng = rng
+        self._members: dict[NodeId, Member] = {me.id: me}
+        self._since: dict[NodeId, float] = {me.id: now}  # when the current state began
+        self._queue: dict[NodeId, int] = {}  # id -> transmissions left for its latest record
+        self._probe_order: list[NodeId] = []
+        self._enqueue(me.id)
+
+    @property
+    def me(self) -> Member:
+        return self._members[self._me_id]
+
+    def get(self, node: NodeId) -> Member | None:
+        return self._members.get(node)
+
+    def members(self) -> list[Member]:
+        """Everyone we know, tombstones included, sorted by id."""
+        return [self._members[k] for k in sorted(self._members)]
+
+    def live(self) -> list[Member]:
+        return [m for m in self.members() if m.state.live]
+
+    def others(self) -> list[Member]:
+        return [m for m in self.live() if m.id != self._me_id]
+
+    def apply(self, update: Member, now: float) -> Change | None:
+        """Merge one gossiped record; returns the change, if our view changed."""
+        if update.id == self._me_id:
+            return self._refute(update)
+        current = self._members.get(update.id)
+        if current is not None and not _wins(update, current):
+            return None
+        self._members[update.id] = update
+        if current is None or current.state != update.state:
+            self._since[update.id] = now
+        self._enqueue(update.id)
+        if current is not None and current.state == update.state:
+            return None  # same state, newer details (profile version, address)
+        return Change(update, current.state if current else None)
+
+    def apply_all(self, updates: list[Member], now: float) -> list[Change]:
+        return [c for u in updates if (c := self.apply(u, now)) is not None]
+
+    def update_me(
+        self,
+        *,
+        incarnation: int | None = None,
+        state: State | None = None,
+        profile_version: int | None = None,
+    ) -> Member:
+        """Change our own record and gossip it."""
+        me = self.me
+        me = replace(
+            me,
+            incarnation=me.incarnation if incarnation is None else incarnation,
+            state=me.state if state is None else state,
+            profile_version=me.profile_version if profile_version is None else profile_version,
+        )
+        self._members[me.id] = me
+        self._enqueue(me.id)
+        return me
+
+    def leave(self) -> Member:
+        """Announce a clean leave: our record as LEFT with a higher incarnation."""
+        return self.update_me(state=State.LEFT, incarnation=self.me.incarnation + 1)
+
+    def next_probe_target(self) -> Member | None:
+        """Round-robin over live members in a random order, reshuffled each round (SWIM)."""
+        live = {m.id for m in self.others()}
+        while self._probe_order:
+            node = self._probe_order.pop()
+            if node in live:
+                return self._members[node]
+        if not live:
+            return None
+        self._probe_order = sorted(live)
+        self._rng.shuffle(self._probe_order)
+        return self._members[self._probe_order.pop()]
+
+    def helpers(self, target: NodeId) -> list[Member]:
+        """Members to ask for an indirect probe of `target`."""
+        pool = [m for m in self.others() if m.id != target and m.state == State.ALIVE]
+        return self._rng.sample(pool, min(self._timings.indirect_probes, len(pool)))
+
+    def probe_failed(self, target: NodeId, now: float) -> Change | None:
+        """Neither we nor the helpers reached `target`: suspect it."""
+        member = self._members.get(target)
+        if member is None or member.state != State.ALIVE:
+            return None
+        return self.apply(replace(member, state=State.SUSPECT), now)
+
+    def tick(self, now: float) -> list[Change]:
+        """Time passes: suspects past their timeout die; old tombstones are forgotten."""
+        changes = []
+        for node, member in list(self._members.items()):
+            age = now - self._since[node]
+            if member.state == State.SUSPECT and age >= self._timings.suspicion_timeout:
+                change = self.apply(replace(member, state=State.DEAD), now)
+                if change:
+                    changes.append(change)
+            elif not member.state.live and age >= self._timings.tombstone_ttl:
+                del self._members[node]
+                del self._since[node]
+                self._queue.pop(node, None)
+        return changes
+
+    def piggyback(self) -> list[Member]:
+        """Updates for the next message: least-sent first, each sent a bounded number of times."""
+        chosen = sorted(self._queue, key=lambda n: (-self._queue[n], n))[
+            : self._timings.max_piggyback
+        ]
+        out = []
+        for node in chosen:
+            if node in self._members:
+                out.append(self._members[node])
+            self._queue[node] -= 1
+            if self._queue[node] <= 0:
+                del self._queue[node]
+        return out
+
+    def _refute(self, update: Member) -> Change | None:
+        me = self.me
+        if update.state != State.ALIVE and update.incarnation >= me.incarnation:
+            if me.state == State.LEFT:
+                return None  # we are leaving: let it stand
+            self.update_me(incarnation=update.incarnation + 1)
+        return None
+
+    def _enqueue(self, node: NodeId) -> None:
+        n = sum(1 for m in self._members.values() if m.state.live)
+        self._queue[node] = self._timings.retransmit_mult * max(1, math.ceil(math.log2(n + 1)))
+
+
+def _wins(update: Member, current: Member) -> bool:
+    new = (update.incarnation, _SEVERITY[update.state])
+    old = (current.incarnation, _SEVERITY[current.state])
+    if new != old:
+        return new > old
+    return update.profile_version > current.profile_version

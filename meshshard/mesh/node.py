@@ -1,0 +1,394 @@
+"""The control plane of one peer: the asyncio driver around the pure membership, election,
+plan book and replanner. It talks only through a Transport, so a test can run many nodes
+over an in-memory network that drops, delays and partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from meshshard.config import Timings
+from meshshard.mesh.coordinator import (
+    Replanner,
+    describe_change,
+    make_plan,
+    mesh_instance,
+    signature,
+)
+from meshshard.mesh.election import PlanBook, elect
+from meshshard.mesh.membership import Change, Membership
+from meshshard.mesh.types import LinkStat, Member, NodeId, PlanRecord, Profile, State
+from meshshard.planner import InstanceError, Objective
+from meshshard.planner.build import UnitCost
+from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
+
+logger = logging.getLogger(__name__)
+
+EVENTS = 200  # events kept for status and the dashboard
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class LoopClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class TransportError(Exception):
+    """The other side did not answer in time, or not sensibly."""
+
+
+class Transport(Protocol):
+    async def send(self, addr: str, msg: ControlMessage, timeout: float) -> ControlMessage: ...
+
+    async def measure(self, addr: str, timeout: float) -> LinkStat: ...
+
+
+class ControlNode:
+    def __init__(
+        self,
+        *,
+        me: Member,
+        profile: Profile,
+        units: Sequence[UnitCost],
+        timings: Timings,
+        transport: Transport,
+        clock: Clock | None = None,
+        objective: Objective = "latency",
+        context_tokens: int = 2048,
+        rng: random.Random | None = None,
+        on_plan: Callable[[PlanRecord], None] | None = None,
+    ) -> None:
+        self.clock = clock or LoopClock()
+        self.timings = timings
+        self.transport = transport
+        self.units = list(units)
+        self.model = profile.model
+        self.objective: Objective = objective
+        self.context_tokens = context_tokens
+        self.rng = rng or random.Random()
+        self.membership = Membership(me, timings, self.clock.now(), self.rng)
+        self.book = PlanBook()
+        self.replanner = Replanner(timings.replan_debounce)
+        self.profiles: dict[NodeId, Profile] = {me.id: profile}
+        self.events: deque[tuple[float, str]] = deque(maxlen=EVENTS)
+        self.plan_error = ""
+        self._on_plan = on_plan
+        self._joins: asyncio.Queue[str] = asyncio.Queue(maxsize=256)
+        self._seeds: set[str] = set()
+        self._stop = asyncio.Event()
+        self._leaving = False
+
+    @property
+    def id(self) -> NodeId:
+        return self.membership.me.id
+
+    @property
+    def coordinator(self) -> NodeId | None:
+        return elect(self.membership.members())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._event(f"started as {self.membership.me.addr}")
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self._probe_loop()),
+                tg.create_task(self._sync_loop()),
+                tg.create_task(self._coordinate_loop()),
+                tg.create_task(self._link_loop()),
+            ]
+            await self._stop.wait()
+            for task in tasks:
+                task.cancel()
+
+    async def stop(self, leave: bool = True) -> None:
+        """Say goodbye (a LEFT record pushed to everyone), then stop every loop."""
+        if leave and not self._leaving:
+            self._leaving = True
+            self.membership.leave()
+            self._event("leaving the mesh")
+            await self._push_all(self.timings.probe_timeout * 4)
+        self._stop.set()
+
+    def join(self, addr: str) -> None:
+        """An address from discovery or a seed: exchange state with it soon, and retry until
+        it is a known member (a lost first message must not leave a peer alone)."""
+        if addr != self.membership.me.addr:
+            self._seeds.add(addr)
+            with contextlib.suppress(asyncio.QueueFull):
+                self._joins.put_nowait(addr)
+
+    def set_profile(self, profile: Profile) -> None:
+        """Publish a new version of our own profile."""
+        old = self.profiles[self.id]
+        self.profiles[self.id] = replace(profile, id=self.id, version=old.version + 1)
+        self.membership.update_me(profile_version=old.version + 1)
+
+    # -- requests from other peers -----------------------------------------------------------
+
+    async def handle(self, msg: ControlMessage) -> ControlMessage:
+        match msg:
+            case Ping(sender=sender, updates=updates, plan=plan):
+                self._absorb(sender, updates, plan)
+                return Ack(
+                    self.membership.me, tuple(self.membership.piggyback()), self.book.current
+                )
+            case PingReq(sender=sender, target=target, target_addr=addr, updates=updates):
+                self._absorb(sender, updates, None)
+                ping = Ping(
+                    self.membership.me, tuple(self.membership.piggyback()), self.book.current
+                )
+                try:
+                    reply = await self.transport.send(addr, ping, self.timings.probe_timeout)
+                except TransportError:
+                    return Nack(self.membership.me, target)
+                if isinstance(reply, Ack):
+                    self._absorb(reply.sender, reply.updates, reply.plan)
+                    return reply
+                return Nack(self.membership.me, target)
+            case Sync():
+                self._absorb_sync(msg)
+                return self._sync_message()
+            case Ack() | Nack():
+                raise TransportError("an answer is not a request")
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        plan = self.book.current
+        shard = {s.device: [s.start, s.end] for s in plan.stages} if plan else {}
+        return {
+            "id": self.id,
+            "coordinator": self.coordinator,
+            "epoch": [plan.epoch.term, plan.epoch.coordinator] if plan else None,
+            "members": [
+                {
+                    "id": m.id,
+                    "addr": m.addr,
+                    "state": m.state.value,
+                    "incarnation": m.incarnation,
+                    "priority": m.priority,
+                    "mem": self.profiles[m.id].mem if m.id in self.profiles else None,
+                    "measured": self.profiles[m.id].measured if m.id in self.profiles else None,
+                    "shard": shard.get(m.id),
+                }
+                for m in self.membership.members()
+            ],
+            "plan": _plan_json(plan) if plan else None,
+            "plan_error": self.plan_error,
+            "history": [_plan_json(p) for p in self.book.history],
+            "events": [{"t": round(t, 3), "text": text} for t, text in self.events],
+        }
+
+    # -- loops -------------------------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        while True:
+            start = self.clock.now()
+            for change in self.membership.tick(start):
+                self._changed(change)
+            target = self.membership.next_probe_target()
+            if target is not None:
+                await self._probe(target)
+            await self.clock.sleep(max(0.0, start + self.timings.probe_interval - self.clock.now()))
+
+    async def _probe(self, target: Member) -> None:
+        ping = Ping(self.membership.me, tuple(self.membership.piggyback()), self.book.current)
+        try:
+            reply = await self.transport.send(target.addr, ping, self.timings.probe_timeout)
+            if isinstance(reply, Ack):
+                self._absorb(reply.sender, reply.updates, reply.plan)
+                return
+        except TransportError:
+            pass
+        helpers = self.membership.helpers(target.id)
+        if helpers:
+            asks = [self._ask(h, target) for h in helpers]
+            if any(await asyncio.gather(*asks)):
+                return
+        change = self.membership.probe_failed(target.id, self.clock.now())
+        if change:
+            self._changed(change)
+
+    async def _ask(self, helper: Member, target: Member) -> bool:
+        req = PingReq(
+            self.membership.me, target.id, target.addr, tuple(self.membership.piggyback())
+        )
+        try:
+            reply = await self.transport.send(helper.addr, req, 2 * self.timings.probe_timeout)
+        except TransportError:
+            return False
+        if isinstance(reply, Ack) and reply.sender.id == target.id:
+            self._absorb(reply.sender, reply.updates, reply.plan)
+            return True
+        return False
+
+    async def _sync_loop(self) -> None:
+        while True:
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                async with asyncio.timeout(self.timings.pushpull_interval):
+                    addr = await self._joins.get()
+            except TimeoutError:
+                known = {m.addr for m in self.membership.members()}
+                unknown = sorted(self._seeds - known)
+                others = self.membership.others()
+                if unknown:
+                    addr = self.rng.choice(unknown)
+                elif others:
+                    addr = self.rng.choice(others).addr
+                else:
+                    continue
+            await self._sync(addr, self.timings.probe_timeout * 4)
+
+    async def _sync(self, addr: str, timeout: float) -> None:
+        try:
+            reply = await self.transport.send(addr, self._sync_message(), timeout)
+        except TransportError:
+            return
+        if isinstance(reply, Sync):
+            self._absorb_sync(reply)
+
+    async def _push_all(self, timeout: float) -> None:
+        others = self.membership.others()
+        await asyncio.gather(*(self._sync(m.addr, timeout) for m in others))
+
+    async def _coordinate_loop(self) -> None:
+        period = max(self.timings.replan_debounce / 2, 0.02)
+        while True:
+            await self.clock.sleep(period)
+            if self._leaving:
+                continue
+            if self.coordinator != self.id:
+                self.replanner.forget()
+                continue
+            members = self.membership.members()
+            sig = signature(members, self.profiles, self.model)
+            current = self.book.current
+            live = {m.id for m in members if m.state.live}
+            mine = (
+                current is not None
+                and current.epoch.coordinator == self.id
+                and all(s.device in live for s in current.stages)
+            )
+            if not self.replanner.due(sig, self.clock.now(), mine):
+                continue
+            reason = describe_change(self.replanner.planned, sig) if mine else "new coordinator"
+            self.replanner.done(sig)
+            try:
+                inst = mesh_instance(
+                    members, self.profiles, self.units, self.model, self.id, self.context_tokens
+                )
+                epoch = self.book.next_epoch(self.id)
+                plan = make_plan(inst, self.objective, epoch, self.model, reason)
+            except InstanceError as e:
+                self.plan_error = str(e)
+                self._event(f"cannot plan: {e}")
+                continue
+            self.plan_error = ""
+            self._adopt(plan)
+            await self._push_all(self.timings.probe_timeout * 4)
+
+    async def _link_loop(self) -> None:
+        await self.clock.sleep(min(1.0, self.timings.link_interval))
+        while True:
+            me = self.profiles[self.id]
+            links = dict(me.links)
+            for member in self.membership.others():
+                try:
+                    links[member.id] = await self.transport.measure(member.addr, 2.0)
+                except TransportError:
+                    continue
+            live = {m.id for m in self.membership.live()}
+            links = {k: v for k, v in links.items() if k in live}
+            if _material(me.links, links):
+                self.set_profile(replace(me, links=links))
+            await self.clock.sleep(self.timings.link_interval)
+
+    # -- merging what we hear ----------------------------------------------------------------
+
+    def _absorb(self, sender: Member, updates: Sequence[Member], plan: PlanRecord | None) -> None:
+        now = self.clock.now()
+        for change in self.membership.apply_all([sender, *updates], now):
+            self._changed(change)
+        for member in (sender, *updates):
+            known = self.profiles.get(member.id)
+            if (
+                member.state.live
+                and member.id != self.id
+                and (known is None or known.version < member.profile_version)
+            ):
+                self.join(member.addr)  # fetch its newer profile by push/pull
+        if plan is not None:
+            self._adopt(plan)
+
+    def _absorb_sync(self, msg: Sync) -> None:
+        for profile in msg.profiles:
+            known = self.profiles.get(profile.id)
+            if profile.id != self.id and (known is None or known.version < profile.version):
+                self.profiles[profile.id] = profile
+        self._absorb(msg.sender, msg.members, msg.plan)
+
+    def _sync_message(self) -> Sync:
+        return Sync(
+            self.membership.me,
+            tuple(self.membership.members()),
+            tuple(self.profiles.values()),
+            self.book.current,
+        )
+
+    def _adopt(self, plan: PlanRecord) -> None:
+        if not self.book.offer(plan):
+            return
+        stages = " ".join(f"{s.device}[{s.start}:{s.end})" for s in plan.stages)
+        self._event(f"plan epoch {plan.epoch}: {stages} ({plan.reason})")
+        if self._on_plan is not None:
+            self._on_plan(plan)
+
+    def _changed(self, change: Change) -> None:
+        epoch = self.book.epoch
+        self._event(f"{change}, epoch {epoch if epoch else '-'}")
+        if change.member.state in (State.DEAD, State.LEFT):
+            self.profiles.pop(change.member.id, None)
+
+    def _event(self, text: str) -> None:
+        self.events.append((time.time(), text))
+        logger.info("[%s] %s", self.membership.me.id, text)
+
+
+def _plan_json(plan: PlanRecord) -> dict[str, Any]:
+    return {
+        "epoch": [plan.epoch.term, plan.epoch.coordinator],
+        "objective": plan.objective,
+        "stages": [{"device": s.device, "start": s.start, "end": s.end} for s in plan.stages],
+        "latency_ms": round(plan.latency_ms, 3),
+        "bottleneck_ms": round(plan.bottleneck_ms, 3),
+        "tokens_per_s": round(plan.tokens_per_s, 2),
+        "reason": plan.reason,
+    }
+
+
+def _material(old: dict[NodeId, LinkStat], new: dict[NodeId, LinkStat]) -> bool:
+    """Links changed enough to matter: a member added or gone, or a 30% change."""
+    if old.keys() != new.keys():
+        return True
+    return any(
+        abs(new[k].mbps - old[k].mbps) > 0.3 * old[k].mbps
+        or abs(new[k].rtt_ms - old[k].rtt_ms) > 0.3 * old[k].rtt_ms + 0.05
+        for k in new
+    )

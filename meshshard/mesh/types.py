@@ -1,0 +1,94 @@
+"""Typed, frozen records the control plane passes around and puts on the wire."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NewType
+
+NodeId = NewType("NodeId", str)
+
+
+class State(enum.Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+    @property
+    def live(self) -> bool:
+        """Still part of the mesh (a suspect may yet refute)."""
+        return self in (State.ALIVE, State.SUSPECT)
+
+
+@dataclass(frozen=True, order=True)
+class Epoch:
+    """A plan's epoch: (term, coordinator), compared in that order."""
+
+    term: int
+    coordinator: str
+
+    def __str__(self) -> str:
+        return f"{self.term}/{self.coordinator}"
+
+
+ZERO_EPOCH = Epoch(0, "")
+
+
+@dataclass(frozen=True)
+class Member:
+    """What every peer knows of one member; small enough to piggyback on every probe."""
+
+    id: NodeId
+    addr: str  # host:port of its peer endpoint
+    incarnation: int
+    state: State
+    priority: int = 0
+    profile_version: int = 0
+
+
+@dataclass(frozen=True)
+class LinkStat:
+    mbps: float
+    rtt_ms: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A member's capabilities; large, so it travels by push/pull, not on every probe."""
+
+    id: NodeId
+    version: int
+    model: str
+    mem: float  # bytes offered to the mesh
+    unit_ms: tuple[float, ...]  # decode time per unit, measured or estimated
+    measured: bool  # False while unit_ms is only an estimate
+    links: dict[NodeId, LinkStat] = field(default_factory=dict)  # measured to other members
+    load: float = 0.0  # sessions in flight
+
+
+@dataclass(frozen=True)
+class PlanStage:
+    device: NodeId
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """A published plan: which member runs which units, fenced by its epoch."""
+
+    epoch: Epoch
+    model: str
+    objective: str
+    stages: tuple[PlanStage, ...]
+    latency_ms: float
+    bottleneck_ms: float
+    reason: str = ""  # why this plan was made ("peer-c joined", "peer-b died")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 / self.bottleneck_ms if self.bottleneck_ms > 0 else 0.0
+
+    def stage_of(self, node: NodeId) -> PlanStage | None:
+        return next((s for s in self.stages if s.device == node), None)

@@ -1,0 +1,317 @@
+"""Bytes on the wire: CBOR maps decoded into typed messages at the edge, or refused.
+
+Control-plane messages (gossip) live here; every decoder validates types, ranges and sizes
+and raises WireError with a one-line reason. Nothing from the network is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from meshshard.mesh.types import (
+    Epoch,
+    LinkStat,
+    Member,
+    NodeId,
+    PlanRecord,
+    PlanStage,
+    Profile,
+    State,
+)
+
+PROTOCOL = 1
+MAX_CONTROL_BYTES = 1 << 20  # a control message larger than this is refused unread
+MAX_ITEMS = 4096  # members, profiles, stages, units or links in one message
+
+
+class WireError(ValueError):
+    """A message that does not decode into a valid typed message."""
+
+
+@dataclass(frozen=True)
+class Ping:
+    sender: Member
+    updates: tuple[Member, ...]
+    plan: PlanRecord | None
+
+
+@dataclass(frozen=True)
+class Ack:
+    sender: Member
+    updates: tuple[Member, ...]
+    plan: PlanRecord | None
+
+
+@dataclass(frozen=True)
+class PingReq:
+    sender: Member
+    target: NodeId
+    target_addr: str
+    updates: tuple[Member, ...]
+
+
+@dataclass(frozen=True)
+class Nack:
+    sender: Member
+    target: NodeId
+
+
+@dataclass(frozen=True)
+class Sync:
+    sender: Member
+    members: tuple[Member, ...]
+    profiles: tuple[Profile, ...]
+    plan: PlanRecord | None
+
+
+ControlMessage = Ping | Ack | PingReq | Nack | Sync
+
+
+def encode(msg: ControlMessage) -> bytes:
+    body: dict[str, Any] = {"v": PROTOCOL, "sender": _member_out(msg.sender)}
+    match msg:
+        case Ping(updates=updates, plan=plan):
+            body |= {
+                "k": "ping",
+                "updates": [_member_out(m) for m in updates],
+                "plan": _plan_out(plan),
+            }
+        case Ack(updates=updates, plan=plan):
+            body |= {
+                "k": "ack",
+                "updates": [_member_out(m) for m in updates],
+                "plan": _plan_out(plan),
+            }
+        case PingReq(target=target, target_addr=addr, updates=updates):
+            body |= {
+                "k": "ping-req",
+                "target": target,
+                "addr": addr,
+                "updates": [_member_out(m) for m in updates],
+            }
+        case Nack(target=target):
+            body |= {"k": "nack", "target": target}
+        case Sync(members=members, profiles=profiles, plan=plan):
+            body |= {
+                "k": "sync",
+                "members": [_member_out(m) for m in members],
+                "profiles": [_profile_out(p) for p in profiles],
+                "plan": _plan_out(plan),
+            }
+    return bytes(cbor2.dumps(body))
+
+
+def decode(data: bytes) -> ControlMessage:
+    if len(data) > MAX_CONTROL_BYTES:
+        raise WireError(f"control message of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        raw = cbor2.loads(data)
+    except Exception as e:  # cbor2 raises several types for garbage
+        raise WireError(f"not CBOR: {e}") from None
+    m = _map(raw, "message")
+    version = _int(m.get("v"), "v")
+    if version != PROTOCOL:
+        raise WireError(f"protocol version {version}, expected {PROTOCOL}")
+    sender = _member_in(m.get("sender"), "sender")
+    kind = m.get("k")
+    match kind:
+        case "ping":
+            return Ping(sender, _members(m.get("updates"), "updates"), _plan_in(m.get("plan")))
+        case "ack":
+            return Ack(sender, _members(m.get("updates"), "updates"), _plan_in(m.get("plan")))
+        case "ping-req":
+            return PingReq(
+                sender,
+                NodeId(_str(m.get("target"), "target")),
+                _addr(m.get("addr"), "addr"),
+                _members(m.get("updates"), "updates"),
+            )
+        case "nack":
+            return Nack(sender, NodeId(_str(m.get("target"), "target")))
+        case "sync":
+            profiles = tuple(
+                _profile_in(p, f"profiles[{i}]")
+                for i, p in enumerate(_list(m.get("profiles"), "profiles"))
+            )
+            return Sync(
+                sender, _members(m.get("members"), "members"), profiles, _plan_in(m.get("plan"))
+            )
+    raise WireError(f"unknown message kind {kind!r}")
+
+
+def _member_out(m: Member) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "addr": m.addr,
+        "inc": m.incarnation,
+        "state": m.state.value,
+        "prio": m.priority,
+        "pv": m.profile_version,
+    }
+
+
+def _member_in(raw: object, what: str) -> Member:
+    m = _map(raw, what)
+    state = _str(m.get("state"), f"{what}.state")
+    try:
+        parsed = State(state)
+    except ValueError:
+        raise WireError(f"{what}.state: unknown state {state!r}") from None
+    return Member(
+        id=NodeId(_str(m.get("id"), f"{what}.id")),
+        addr=_addr(m.get("addr"), f"{what}.addr"),
+        incarnation=_int(m.get("inc"), f"{what}.inc"),
+        state=parsed,
+        priority=_int(m.get("prio"), f"{what}.prio", low=-(2**31)),
+        profile_version=_int(m.get("pv"), f"{what}.pv"),
+    )
+
+
+def _members(raw: object, what: str) -> tuple[Member, ...]:
+    return tuple(_member_in(x, f"{what}[{i}]") for i, x in enumerate(_list(raw, what)))
+
+
+def _profile_out(p: Profile) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "ver": p.version,
+        "model": p.model,
+        "mem": p.mem,
+        "ms": list(p.unit_ms),
+        "measured": p.measured,
+        "links": {k: [s.mbps, s.rtt_ms] for k, s in p.links.items()},
+        "load": p.load,
+    }
+
+
+def _profile_in(raw: object, what: str) -> Profile:
+    m = _map(raw, what)
+    links = {}
+    for peer, stat in _map(m.get("links"), f"{what}.links").items():
+        pair = _list(stat, f"{what}.links")
+        if len(pair) != 2:
+            raise WireError(f"{what}.links[{peer!r}] must be [mbps, rtt_ms]")
+        links[NodeId(_str(peer, f"{what}.links key"))] = LinkStat(
+            _float(pair[0], f"{what}.links.mbps"), _float(pair[1], f"{what}.links.rtt")
+        )
+    measured = m.get("measured")
+    if not isinstance(measured, bool):
+        raise WireError(f"{what}.measured must be a boolean")
+    return Profile(
+        id=NodeId(_str(m.get("id"), f"{what}.id")),
+        version=_int(m.get("ver"), f"{what}.ver"),
+        model=_str(m.get("model"), f"{what}.model"),
+        mem=_float(m.get("mem"), f"{what}.mem"),
+        unit_ms=tuple(_float(x, f"{what}.ms") for x in _list(m.get("ms"), f"{what}.ms")),
+        measured=measured,
+        links=links,
+        load=_float(m.get("load"), f"{what}.load"),
+    )
+
+
+def _plan_out(p: PlanRecord | None) -> dict[str, Any] | None:
+    if p is None:
+        return None
+    return {
+        "epoch": [p.epoch.term, p.epoch.coordinator],
+        "model": p.model,
+        "objective": p.objective,
+        "stages": [[s.device, s.start, s.end] for s in p.stages],
+        "latency_ms": p.latency_ms,
+        "bottleneck_ms": p.bottleneck_ms,
+        "reason": p.reason,
+    }
+
+
+def _plan_in(raw: object) -> PlanRecord | None:
+    if raw is None:
+        return None
+    m = _map(raw, "plan")
+    stages = []
+    end = 0
+    for i, s in enumerate(_list(m.get("stages"), "plan.stages")):
+        triple = _list(s, f"plan.stages[{i}]")
+        if len(triple) != 3:
+            raise WireError(f"plan.stages[{i}] must be [device, start, end]")
+        stage = PlanStage(
+            NodeId(_str(triple[0], "plan.stages.device")),
+            _int(triple[1], "plan.stages.start"),
+            _int(triple[2], "plan.stages.end"),
+        )
+        if stage.start != end or stage.end <= stage.start:
+            raise WireError(f"plan.stages[{i}] does not continue the chain")
+        end = stage.end
+        stages.append(stage)
+    if not stages:
+        raise WireError("plan has no stages")
+    return PlanRecord(
+        epoch=_epoch(m.get("epoch")),
+        model=_str(m.get("model"), "plan.model"),
+        objective=_str(m.get("objective"), "plan.objective"),
+        stages=tuple(stages),
+        latency_ms=_float(m.get("latency_ms"), "plan.latency_ms"),
+        bottleneck_ms=_float(m.get("bottleneck_ms"), "plan.bottleneck_ms"),
+        reason=_str(m.get("reason"), "plan.reason", empty=True),
+    )
+
+
+def _epoch(raw: object) -> Epoch:
+    pair = _list(raw, "epoch")
+    if len(pair) != 2:
+        raise WireError("epoch must be [term, coordinator]")
+    return Epoch(_int(pair[0], "epoch.term"), _str(pair[1], "epoch.coordinator", empty=True))
+
+
+def epoch_out(epoch: Epoch) -> list[Any]:
+    return [epoch.term, epoch.coordinator]
+
+
+def epoch_in(raw: object) -> Epoch:
+    return _epoch(raw)
+
+
+def _map(raw: object, what: str) -> dict[Any, Any]:
+    if not isinstance(raw, dict):
+        raise WireError(f"{what} must be a map")
+    return raw
+
+
+def _list(raw: object, what: str) -> list[Any]:
+    if not isinstance(raw, list):
+        raise WireError(f"{what} must be a list")
+    if len(raw) > MAX_ITEMS:
+        raise WireError(f"{what} has {len(raw)} items, more than {MAX_ITEMS}")
+    return raw
+
+
+def _str(raw: object, what: str, empty: bool = False) -> str:
+    if not isinstance(raw, str) or (not raw and not empty) or len(raw) > 256:
+        raise WireError(f"{what} must be a non-empty string of at most 256 characters")
+    return raw
+
+
+def _int(raw: object, what: str, low: int = 0) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw < 2**63:
+        raise WireError(f"{what} must be an integer >= {low}")
+    return raw
+
+
+def _float(raw: object, what: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise WireError(f"{what} must be a number")
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise WireError(f"{what} must be finite and non-negative")
+    return value
+
+
+def _addr(raw: object, what: str) -> str:
+    addr = _str(raw, what)
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise WireError(f"{what} must be host:port, got {addr!r}")
+    return addr

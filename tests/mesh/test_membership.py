@@ -1,0 +1,157 @@
+"""The pure SWIM core, election rule and plan fencing, with a fake clock."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshshard.config import TEST_TIMINGS
+from meshshard.mesh.election import PlanBook, elect
+from meshshard.mesh.membership import Membership
+from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, PlanStage, State
+
+T = TEST_TIMINGS
+
+
+def member(name: str, inc: int = 1, state: State = State.ALIVE, prio: int = 0) -> Member:
+    return Member(NodeId(name), f"127.0.0.1:{7000 + ord(name[-1])}", inc, state, prio)
+
+
+def view(*others: Member) -> Membership:
+    m = Membership(member("me"), T, now=0.0, rng=random.Random(0))
+    for o in others:
+        m.apply(o, 0.0)
+    return m
+
+
+@pytest.mark.parametrize(
+    "current, update, wins",
+    [
+        ((1, State.ALIVE), (1, State.SUSPECT), True),
+        ((1, State.ALIVE), (0, State.SUSPECT), False),
+        ((1, State.SUSPECT), (1, State.ALIVE), False),  # refuting needs a higher incarnation
+        ((1, State.SUSPECT), (2, State.ALIVE), True),
+        ((1, State.SUSPECT), (1, State.SUSPECT), False),
+        ((1, State.ALIVE), (1, State.DEAD), True),
+        ((2, State.ALIVE), (1, State.DEAD), False),  # stale death notice
+        ((1, State.DEAD), (1, State.ALIVE), False),  # no resurrection at the same incarnation
+        ((1, State.DEAD), (2, State.ALIVE), True),  # a restart comes back with a higher one
+        ((1, State.LEFT), (1, State.ALIVE), False),
+        ((1, State.ALIVE), (2, State.LEFT), True),
+    ],
+)
+def test_swim_precedence(current: tuple[int, State], update: tuple[int, State], wins: bool) -> None:
+    m = view(member("a", *current))
+    m.apply(member("a", *update), 1.0)
+    got = m.get(NodeId("a"))
+    assert got is not None
+    assert (got.incarnation, got.state) == (update if wins else current)
+
+
+def test_a_suspicion_about_me_is_refuted_with_a_higher_incarnation() -> None:
+    m = view(member("a"))
+    m.piggyback()
+    m.apply(member("me", inc=1, state=State.SUSPECT), 1.0)
+    assert m.me.state == State.ALIVE and m.me.incarnation == 2
+    assert m.me in m.piggyback()  # the refutation is gossiped
+
+
+def test_suspect_dies_after_the_timeout_unless_refuted() -> None:
+    m = view(member("a"), member("b"))
+    m.probe_failed(NodeId("a"), now=1.0)
+    m.probe_failed(NodeId("b"), now=1.0)
+    assert m.tick(1.0 + T.suspicion_timeout / 2) == []
+    m.apply(member("b", inc=2), 1.1)  # b refutes
+    changes = m.tick(1.0 + T.suspicion_timeout)
+    assert [(c.member.id, c.member.state) for c in changes] == [("a", State.DEAD)]
+    assert m.get(NodeId("b")).state == State.ALIVE  # type: ignore[union-attr]
+
+
+def test_tombstones_are_forgotten_after_their_ttl() -> None:
+    m = view(member("a", state=State.DEAD))
+    m.tick(T.tombstone_ttl - 0.01)
+    assert m.get(NodeId("a")) is not None
+    m.tick(T.tombstone_ttl + 0.01)
+    assert m.get(NodeId("a")) is None
+
+
+def test_leave_is_announced_with_a_higher_incarnation() -> None:
+    m = view(member("a"))
+    left = m.leave()
+    assert left.state == State.LEFT and left.incarnation == 2
+    assert left in m.piggyback()
+
+
+def test_probe_rounds_visit_every_live_member() -> None:
+    m = view(*(member(f"p{i}") for i in range(5)), member("d", state=State.DEAD))
+    seen = [m.next_probe_target() for _ in range(10)]
+    assert sorted(x.id for x in seen if x) == sorted([f"p{i}" for i in range(5)] * 2)
+
+
+def test_piggyback_sends_each_update_a_bounded_number_of_times() -> None:
+    m = view(member("a"), member("b"))
+    sent = 0
+    for _ in range(100):
+        sent += sum(1 for u in m.piggyback() if u.id == "a")
+    assert 1 <= sent <= T.retransmit_mult * 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.integers(0, 4),
+            st.sampled_from(list(State)),
+        ),
+        max_size=30,
+    )
+)
+def test_the_view_converges_whatever_the_order(updates: list[tuple[str, int, State]]) -> None:
+    """Any two orders of the same updates end in the same view (merges commute)."""
+    records = [member(n, inc, s) for n, inc, s in updates]
+    a, b = view(), view()
+    for r in records:
+        a.apply(r, 0.0)
+    for r in reversed(records):
+        b.apply(r, 0.0)
+    assert [(x.id, x.incarnation, x.state in (State.DEAD, State.LEFT)) for x in a.members()] == [
+        (x.id, x.incarnation, x.state in (State.DEAD, State.LEFT)) for x in b.members()
+    ]
+
+
+def test_election_picks_highest_priority_then_id() -> None:
+    members = [member("a", prio=1), member("z"), member("y", prio=1), member("x", state=State.DEAD, prio=9)]
+    assert elect(members) == "y"
+    assert elect([member("a", state=State.SUSPECT), member("b", state=State.LEFT)]) == "a"
+    assert elect([]) is None
+
+
+def plan(term: int, coordinator: str = "c") -> PlanRecord:
+    return PlanRecord(Epoch(term, coordinator), "m", "latency", (PlanStage(NodeId("c"), 0, 4),), 1.0, 1.0)
+
+
+def test_plan_book_only_moves_forward() -> None:
+    book = PlanBook()
+    assert book.offer(plan(3))
+    assert not book.offer(plan(2))
+    assert not book.offer(plan(3))
+    assert book.offer(plan(3, "d"))  # same term, higher coordinator id
+    assert book.epoch == Epoch(3, "d")
+    assert not book.admits(Epoch(3, "c")) and book.admits(Epoch(3, "d")) and book.admits(Epoch(9, "a"))
+    assert book.next_epoch(NodeId("a")) == Epoch(4, "a")
+    book.observe(Epoch(10, "z"))
+    assert book.next_epoch(NodeId("a")) > Epoch(10, "z")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20), st.sampled_from("abcd")), max_size=40))
+def test_adopted_epochs_strictly_increase(offers: list[tuple[int, str]]) -> None:
+    book = PlanBook()
+    adopted = [plan(t, c).epoch for t, c in offers if book.offer(plan(t, c))]
+    assert adopted == sorted(set(adopted))
+    if offers:
+        assert book.epoch == max(Epoch(t, c) for t, c in offers)

@@ -1,0 +1,152 @@
+"""Many control nodes over an in-memory network with delays, drops and a partition."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from meshshard.mesh.node import ControlNode
+from meshshard.mesh.types import Epoch, NodeId, State
+from support.simnet import SimNet, make_node
+
+
+async def until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not check():
+        if loop.time() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return loop.time() - start
+
+
+def agreed(nodes: list[ControlNode]) -> bool:
+    """Everyone alive in everyone's view, one coordinator, and its plan, on live members only."""
+    ids = {n.id for n in nodes}
+    for n in nodes:
+        live = {m.id for m in n.membership.members() if m.state == State.ALIVE}
+        if live != ids:
+            return False
+    coordinators = {n.coordinator for n in nodes}
+    plans = {n.book.current for n in nodes}
+    if len(coordinators) != 1 or len(plans) != 1:
+        return False
+    (plan,) = plans
+    return (
+        plan is not None
+        and plan.epoch.coordinator in coordinators
+        and all(s.device in ids for s in plan.stages)
+    )
+
+
+async def start(net: SimNet, nodes: list[ControlNode]) -> asyncio.TaskGroup:
+    tg = asyncio.TaskGroup()
+    await tg.__aenter__()
+    for n in nodes:
+        tg.create_task(n.run())
+    for n in nodes[1:]:
+        n.join(nodes[0].membership.me.addr)  # one seed; gossip does the rest
+    return tg
+
+
+async def stop(tg: asyncio.TaskGroup, nodes: list[ControlNode]) -> None:
+    for n in nodes:
+        await n.stop(leave=False)
+    await tg.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("size, drop", [(5, 0.0), (12, 0.05), (20, 0.02)])
+async def test_peers_converge_on_one_coordinator_and_plan(size: int, drop: float) -> None:
+    net = SimNet(seed=size, drop=drop)
+    plans: dict[NodeId, list[Epoch]] = {}
+    nodes = [make_node(net, i, plans) for i in range(size)]
+    tg = await start(net, nodes)
+    try:
+        await until(lambda: agreed(nodes), 20, "agreement")
+        assert nodes[0].coordinator == max(n.id for n in nodes)
+        plan = nodes[0].book.current
+        assert plan is not None and plan.epoch.coordinator == nodes[0].coordinator
+        # 8 units of 100 bytes on devices of 500: the plan needs two devices.
+        assert len(plan.stages) >= 2
+    finally:
+        await stop(tg, nodes)
+    for history in plans.values():
+        assert history == sorted(set(history)), "a peer applied an older or repeated epoch"
+
+
+async def test_a_crashed_peer_is_declared_dead_and_the_plan_changes() -> None:
+    net = SimNet(seed=1)
+    plans: dict[NodeId, list[Epoch]] = {}
+    nodes = [make_node(net, i, plans) for i in range(6)]
+    tg = await start(net, nodes)
+    try:
+        await until(lambda: agreed(nodes), 20, "agreement")
+        before = nodes[0].book.epoch
+        victim = nodes[-1]  # the coordinator, highest id
+        net.down.add(victim.membership.me.addr)
+        rest = nodes[:-1]
+
+        def noticed() -> bool:
+            return all(
+                n.membership.get(victim.id) is not None
+                and n.membership.get(victim.id).state == State.DEAD  # type: ignore[union-attr]
+                for n in rest
+            )
+
+        took = await until(noticed, 10, "death of the crashed coordinator")
+        assert took < 3.0
+        await until(lambda: agreed(rest), 10, "agreement without it")
+        after = rest[0].book.epoch
+        assert after is not None and before is not None and after > before
+        assert after.coordinator == max(n.id for n in rest)
+        assert all(victim.id not in {s.device for s in n.book.current.stages} for n in rest)  # type: ignore[union-attr]
+    finally:
+        await stop(tg, nodes)
+
+
+async def test_a_partition_heals_into_one_newer_epoch() -> None:
+    net = SimNet(seed=7, drop=0.02)
+    plans: dict[NodeId, list[Epoch]] = {}
+    nodes = [make_node(net, i, plans) for i in range(8)]
+    tg = await start(net, nodes)
+    try:
+        await until(lambda: agreed(nodes), 20, "agreement")
+        first = nodes[0].book.epoch
+        left, right = nodes[:4], nodes[4:]
+        net.groups = [{n.membership.me.addr for n in left}, {n.membership.me.addr for n in right}]
+        await until(lambda: agreed(left) and agreed(right), 15, "each side to agree alone")
+        sides = (left[0].book.epoch, right[0].book.epoch)
+        assert left[0].coordinator != right[0].coordinator
+        assert all(e is not None and first is not None and e > first for e in sides)
+        assert sides[0] != sides[1], "two sides of a partition must never share an epoch"
+        net.groups = None
+        await until(lambda: agreed(nodes), 20, "agreement after healing")
+        healed = nodes[0].book.epoch
+        assert healed is not None and all(healed >= e for e in sides if e is not None)
+    finally:
+        await stop(tg, nodes)
+    for history in plans.values():
+        assert history == sorted(set(history)), "a peer applied an older or repeated epoch"
+
+
+async def test_a_clean_leave_is_known_at_once() -> None:
+    net = SimNet(seed=3)
+    plans: dict[NodeId, list[Epoch]] = {}
+    nodes = [make_node(net, i, plans) for i in range(4)]
+    tg = await start(net, nodes)
+    try:
+        await until(lambda: agreed(nodes), 20, "agreement")
+        leaver = nodes[1]
+        await leaver.stop(leave=True)
+        net.down.add(leaver.membership.me.addr)
+        rest = [n for n in nodes if n is not leaver]
+        took = await until(
+            lambda: all(n.membership.get(leaver.id).state == State.LEFT for n in rest),  # type: ignore[union-attr]
+            5,
+            "the leave to be known",
+        )
+        assert took < 0.5  # pushed directly, no suspicion timeout
+    finally:
+        await stop(tg, [n for n in nodes if n is not nodes[1]])
