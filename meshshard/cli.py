@@ -184,7 +184,7 @@ def profile_cmd(config: Config, context: int, repeats: int, as_json: bool) -> No
     from meshshard.model.source import resolve_model
 
     chain = LocalChain.load(resolve_model(config.model, config.cache_dir), (), config.dtype)
-    result = profile(chain, context=context, repeats=repeats)
+    result = profile(chain.shards, context=context, repeats=repeats)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
@@ -202,6 +202,133 @@ def profile_cmd(config: Config, context: int, repeats: int, as_json: bool) -> No
             f"{u.weight_bytes / 1e6:>11.2f} {u.kv_bytes_per_token:>9} {u.out_bytes_per_token:>10}"
         )
     click.echo(f"{'total':<6} {result.decode_ms:>10.3f}")
+
+
+def _bytes_option(value: str | None) -> float | None:
+    from meshshard.config import parse_bytes
+
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@cli.command()
+@model_options
+@click.option(
+    "--port",
+    default=7117,
+    show_default=True,
+    envvar="MESHSHARD_PORT",
+    type=click.IntRange(1, 65535),
+)
+@click.option(
+    "--interface",
+    default=None,
+    envvar="MESHSHARD_INTERFACE",
+    help="Address to bind and announce on (mDNS stays on it). Default: all interfaces.",
+)
+@click.option("--name", default=None, envvar="MESHSHARD_NAME", help="Peer id (default host-port).")
+@click.option("--priority", default=0, show_default=True, envvar="MESHSHARD_PRIORITY", type=int)
+@click.option(
+    "--peer",
+    "peers",
+    multiple=True,
+    envvar="MESHSHARD_PEERS",
+    help="Static seed host:port (repeatable), where multicast is blocked.",
+)
+@click.option(
+    "--memory",
+    default=None,
+    envvar="MESHSHARD_MEMORY",
+    help="Memory offered to the mesh, e.g. 2GB (default: 80% of available).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["latency", "throughput"]),
+    default="latency",
+    show_default=True,
+    envvar="MESHSHARD_OBJECTIVE",
+)
+@click.option("--no-mdns", is_flag=True, envvar="MESHSHARD_NO_MDNS", help="Use only --peer seeds.")
+@click.option(
+    "--timings",
+    type=click.Choice(["lan", "test"]),
+    default="lan",
+    show_default=True,
+    envvar="MESHSHARD_TIMINGS",
+    help="Control-plane timeouts: LAN defaults, or shrunk for tests.",
+)
+def up(
+    config: Config,
+    port: int,
+    interface: str | None,
+    name: str | None,
+    priority: int,
+    peers: tuple[str, ...],
+    memory: str | None,
+    objective: str,
+    no_mdns: bool,
+    timings: str,
+) -> None:
+    """Run a peer in the foreground until Ctrl-C (which leaves the mesh in order)."""
+    import asyncio
+    import dataclasses
+    import signal
+
+    from meshshard.config import LAN_TIMINGS, TEST_TIMINGS
+    from meshshard.daemon import Daemon
+
+    config = dataclasses.replace(
+        config,
+        port=port,
+        interface=interface,
+        name=name,
+        priority=priority,
+        peers=tuple(p for seed in peers for p in seed.split(",") if p),
+        memory=_bytes_option(memory),
+        objective=objective,
+        mdns=not no_mdns,
+        timings=TEST_TIMINGS if timings == "test" else LAN_TIMINGS,
+    )
+    daemon = Daemon(config)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, daemon.request_stop)
+        await daemon.run()
+
+    asyncio.run(main())
+
+
+@cli.command()
+@click.option(
+    "--peer",
+    default="http://127.0.0.1:7117",
+    show_default=True,
+    envvar="MESHSHARD_PEER_URL",
+    help="Any peer's URL.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status object.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+def status(peer: str, as_json: bool, watch: bool) -> None:
+    """Members, coordinator, epoch and plan, as one peer sees them."""
+    from meshshard.status import fetch_status, render_status
+
+    while True:
+        data = fetch_status(peer)
+        if as_json:
+            click.echo(json.dumps(data, indent=1))
+        else:
+            if watch:
+                click.clear()
+            click.echo(render_status(data))
+        if not watch:
+            return
+        time.sleep(1)
 
 
 @cli.command("plan")

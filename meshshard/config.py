@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,5 +64,50 @@ class Config:
     model: str = DEFAULT_MODEL
     # Weights and activations; float32 keeps sharded output exactly equal to the whole model.
     dtype: str = "float32"
-    # Converted models live here; safe to delete, it is rebuilt on the next load.
+    # Converted models and device profiles live here; safe to delete, rebuilt when needed.
     cache_dir: Path = field(default_factory=default_cache_dir)
+    # This peer's id in the mesh; default host-port, unique per daemon on a machine.
+    name: str | None = None
+    # Peer endpoints (gossip, activations, status) listen here.
+    port: int = 7117
+    # Address to bind and announce on; mDNS is sent on this interface only. None: all.
+    interface: str | None = None
+    # Static seeds (host:port), for networks where multicast is blocked.
+    peers: tuple[str, ...] = ()
+    # A higher priority makes a peer the coordinator (ties: the higher id).
+    priority: int = 0
+    # Bytes this peer offers for weights and caches; None: 80% of available memory.
+    memory: float | None = None
+    # What the coordinator's planner minimises: "latency" or "throughput".
+    objective: str = "latency"
+    # Tokens of KV cache planned per unit, so a plan leaves room for a long answer.
+    context_tokens: int = 2048
+    # Announce and browse with mDNS; off leaves only --peer seeds.
+    mdns: bool = True
+    # Control-plane timeouts: LAN_TIMINGS, or TEST_TIMINGS to make tests fast.
+    timings: Timings = LAN_TIMINGS
+
+    def node_id(self) -> str:
+        return self.name or f"{socket.gethostname()}-{self.port}"
+
+    def offered_memory(self) -> float:
+        if self.memory is not None:
+            return self.memory
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 * 0.8
+        except OSError:
+            pass
+        return 1e9
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> float:
+    """'256MB', '1.5GiB', '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (try 256MB or 2GiB)")
+    return float(match.group(1)) * _UNITS[match.group(2).lower()]

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, PlanStage, Profile
+from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, PlanStage, Profile
 from meshshard.planner import InstanceError, Objective, solve
 from meshshard.planner.build import UnitCost, build_instance
 from meshshard.planner.instance import Instance, Link
@@ -31,7 +31,7 @@ def signature(
     for node in live:
         p = profiles[node]
         links = tuple(
-            (peer, _bucket(s.mbps), _bucket(s.rtt_ms))
+            (peer, _bucket(_typical_hop_ms(s)))
             for peer, s in sorted(p.links.items())
             if peer in live
         )
@@ -104,11 +104,12 @@ def mesh_instance(
 
 
 def make_plan(
-    inst: Instance, objective: Objective, epoch: Epoch, model: str, reason: str
+    inst: Instance, objective: Objective, coordinator: NodeId, model: str, reason: str
 ) -> PlanRecord:
+    """The best plan for the instance, with a placeholder epoch the caller replaces."""
     plan = solve(inst, objective)
     return PlanRecord(
-        epoch=epoch,
+        epoch=Epoch(0, coordinator),
         model=model,
         objective=objective,
         stages=tuple(PlanStage(NodeId(s.device), s.start, s.end) for s in plan.stages),
@@ -124,6 +125,11 @@ def _usable(profile: Profile | None, model: str, units: int | None = None) -> bo
         and profile.model == model
         and (units is None or len(profile.unit_ms) == units)
     )
+
+
+def _typical_hop_ms(stat: LinkStat) -> float:
+    """A hop of a small activation, floored so sub-millisecond noise is one bucket."""
+    return 0.5 + stat.rtt_ms / 2 + 16384 * 8 / (stat.mbps * 1000)
 
 
 def _bucket(x: float) -> int:

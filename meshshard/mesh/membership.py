@@ -45,7 +45,7 @@ class Membership:
 
     @property
     def me(self) -> Member:
-        return self._members[self._me_id]
+        return self._members[self._me_id]  # never forgotten: tick() skips us
 
     def get(self, node: NodeId) -> Member | None:
         return self._members.get(node)
@@ -130,6 +130,8 @@ class Membership:
         """Time passes: suspects past their timeout die; old tombstones are forgotten."""
         changes = []
         for node, member in list(self._members.items()):
+            if node == self._me_id:
+                continue
             age = now - self._since[node]
             if member.state == State.SUSPECT and age >= self._timings.suspicion_timeout:
                 change = self.apply(replace(member, state=State.DEAD), now)

@@ -294,13 +294,15 @@ class ControlNode:
                 inst = mesh_instance(
                     members, self.profiles, self.units, self.model, self.id, self.context_tokens
                 )
-                epoch = self.book.next_epoch(self.id)
-                plan = make_plan(inst, self.objective, epoch, self.model, reason)
+                plan = make_plan(inst, self.objective, self.id, self.model, reason)
             except InstanceError as e:
                 self.plan_error = str(e)
                 self._event(f"cannot plan: {e}")
                 continue
             self.plan_error = ""
+            if mine and current is not None and _same(current, plan):
+                continue  # nothing for the chain to do, and the prediction still holds
+            plan = replace(plan, epoch=self.book.next_epoch(self.id))
             self._adopt(plan)
             await self._push_all(self.timings.probe_timeout * 4)
 
@@ -381,6 +383,11 @@ def _plan_json(plan: PlanRecord) -> dict[str, Any]:
         "tokens_per_s": round(plan.tokens_per_s, 2),
         "reason": plan.reason,
     }
+
+
+def _same(a: PlanRecord, b: PlanRecord) -> bool:
+    """Same assignment and a prediction within 10%: not worth a new epoch."""
+    return a.stages == b.stages and abs(a.latency_ms - b.latency_ms) <= 0.1 * a.latency_ms
 
 
 def _material(old: dict[NodeId, LinkStat], new: dict[NodeId, LinkStat]) -> bool:

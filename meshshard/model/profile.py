@@ -2,19 +2,28 @@
 
 Decode time is measured per unit while decoding after a real context, median of several
 runs; prefill time per token from one longer prefill. Bytes come from the loaded modules.
+The quick profile loads only embed, one decoder layer and the head (decoder layers share a
+shape, so they share a time): a device that cannot hold the model can still profile itself.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import platform
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from meshshard.model.generate import LocalChain
 from meshshard.model.kvcache import KVCache
+from meshshard.model.shard import Shard
+from meshshard.model.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,41 +54,97 @@ class DeviceProfile:
         out["decode_ms"] = round(self.decode_ms, 4)
         return out
 
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> DeviceProfile:
+        units = [UnitProfile(**u) for u in data["units"]]  # type: ignore[attr-defined]
+        fields = {k: data[k] for k in ("model", "dtype", "device", "threads", "context")}
+        return cls(units=units, **fields)  # type: ignore[arg-type]
 
-def profile(chain: LocalChain, context: int = 64, repeats: int = 15) -> DeviceProfile:
-    """Profile every unit of a one-shard chain (the whole model on this device)."""
-    (shard,) = chain.shards
-    spec = shard.spec
-    dtype_bytes = torch.tensor([], dtype=shard.dtype).element_size()
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, spec.vocab_size, (context,), generator=generator)
 
+def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> DeviceProfile:
+    """Profile the units of `shards`; decoder layers not loaded take the measured layers' median."""
+    spec = shards[0].spec
+    dtype_bytes = torch.tensor([], dtype=shards[0].dtype).element_size()
+    prompt = torch.randint(
+        0, spec.vocab_size, (context,), generator=torch.Generator().manual_seed(0)
+    )
     prefill: dict[int, list[float]] = defaultdict(list)
     decode: dict[int, list[float]] = defaultdict(list)
-    shard.forward(KVCache(), prompt[:8], torch.arange(8))  # warm-up: first calls allocate
-    cache = KVCache()
-    shard.forward(cache, prompt, torch.arange(context), lambda u, s: prefill[u].append(s))
-    token = prompt[-1:]
-    for step in range(repeats):
-        position = torch.tensor([context + step])
-        shard.forward(cache, token, position, lambda u, s: decode[u].append(s))
-
-    units = [
-        UnitProfile(
-            name=spec.unit_name(u),
-            decode_ms=round(statistics.median(decode[u]) * 1e3, 4),
-            prefill_ms_per_token=round(prefill[u][0] * 1e3 / context, 4),
-            weight_bytes=shard.unit_weight_bytes(u),
-            kv_bytes_per_token=spec.kv_bytes_per_token(u, dtype_bytes),
-            out_bytes_per_token=spec.out_bytes_per_token(u, dtype_bytes),
-        )
-        for u in range(spec.num_units)
-    ]
+    weights: dict[int, int] = {}
+    for shard in shards:
+        x = prompt if shard.is_first else torch.randn(context, spec.hidden_size).to(shard.dtype)
+        shard.forward(KVCache(), x[:8], torch.arange(8))  # warm-up: first calls allocate
+        cache = KVCache()
+        shard.forward(cache, x, torch.arange(context), lambda u, s: prefill[u].append(s))
+        for step in range(repeats):
+            position = torch.tensor([context + step])
+            shard.forward(cache, x[-1:], position, lambda u, s: decode[u].append(s))
+        for unit in range(shard.start, shard.end):
+            weights[unit] = shard.unit_weight_bytes(unit)
     return DeviceProfile(
         model=spec.name,
-        dtype=str(shard.dtype).removeprefix("torch."),
+        dtype=str(shards[0].dtype).removeprefix("torch."),
         device=platform.node(),
         threads=torch.get_num_threads(),
         context=context,
-        units=units,
+        units=_fill(spec, prefill, decode, weights, context, dtype_bytes),
     )
+
+
+def quick_profile(
+    model_dir: Path, dtype: str, context: int = 64, repeats: int = 15
+) -> DeviceProfile:
+    """Profile embed, the first decoder layer and the head; the other layers are the same shape."""
+    from meshshard.model.costs import read_spec
+
+    n = read_spec(model_dir).num_units
+    shards = [Shard.load(model_dir, 0, 2, dtype), Shard.load(model_dir, n - 1, n, dtype)]
+    return profile(shards, context, repeats)
+
+
+def cached_quick_profile(model_dir: Path, dtype: str, cache_dir: Path) -> DeviceProfile:
+    """The quick profile of this device, measured once and kept in the cache folder."""
+    from meshshard.model.source import locked, model_name
+
+    path = cache_dir / "profiles" / f"{model_name(model_dir)}-{dtype}-{platform.node()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Peers sharing a machine profile one at a time: concurrent runs would measure contention.
+    with locked(path.with_suffix(".lock")):
+        try:
+            return DeviceProfile.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        result = quick_profile(model_dir, dtype)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.to_json()))
+        tmp.replace(path)
+    logger.info("profiled this device: %.1f ms per token for the whole model", result.decode_ms)
+    return result
+
+
+def _fill(
+    spec: ModelSpec,
+    prefill: dict[int, list[float]],
+    decode: dict[int, list[float]],
+    weights: dict[int, int],
+    context: int,
+    dtype_bytes: int,
+) -> list[UnitProfile]:
+    layers = [u for u in decode if spec.layer_of(u) is not None]
+    typical = layers[0] if layers else None
+    out = []
+    for u in range(spec.num_units):
+        src = u if u in decode else typical
+        if src is None:
+            raise ValueError(f"unit {spec.unit_name(u)} was not profiled")
+        out.append(
+            UnitProfile(
+                name=spec.unit_name(u),
+                decode_ms=round(statistics.median(decode[src]) * 1e3, 4),
+                prefill_ms_per_token=round(prefill[src][0] * 1e3 / context, 4),
+                weight_bytes=weights.get(u, weights[src]),
+                kv_bytes_per_token=spec.kv_bytes_per_token(u, dtype_bytes),
+                out_bytes_per_token=spec.out_bytes_per_token(u, dtype_bytes),
+            )
+        )
+    return out

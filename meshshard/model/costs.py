@@ -1,0 +1,81 @@
+"""What each unit costs, read from config.json and safetensors headers: no torch, no weights.
+
+The control plane needs this at start-up, before (and without) loading any shard.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+from meshshard.model.source import model_name
+from meshshard.model.spec import ModelSpec
+from meshshard.planner.build import UnitCost
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Until a device is profiled, assume it streams weights at this rate (decode is memory-bound).
+ESTIMATE_BYTES_PER_S = 10e9
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def read_spec(model_dir: Path) -> ModelSpec:
+    raw = json.loads((model_dir / "config.json").read_text())
+    heads = raw["num_attention_heads"]
+    config = SimpleNamespace(
+        model_type=raw["model_type"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        hidden_size=raw["hidden_size"],
+        vocab_size=raw["vocab_size"],
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        intermediate_size=raw["intermediate_size"],
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        _name_or_path="",
+    )
+    return ModelSpec.from_config(config, name=model_name(model_dir))
+
+
+def unit_costs(model_dir: Path, dtype: str) -> list[UnitCost]:
+    """Weight, KV and activation bytes of every unit, in chain order."""
+    from safetensors import safe_open
+
+    spec = read_spec(model_dir)
+    size = DTYPE_BYTES[dtype]
+    weights = [0] * spec.num_units
+    head = spec.num_units - 1
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                numel = 1
+                for dim in f.get_slice(key).get_shape():
+                    numel *= dim
+                for unit in _units_of(key, spec):
+                    weights[unit] += numel * size
+    if spec.tied_embeddings:
+        weights[head] += weights[0]
+    return [
+        UnitCost(
+            spec.unit_name(u),
+            weights[u],
+            spec.kv_bytes_per_token(u, size),
+            spec.out_bytes_per_token(u, size),
+        )
+        for u in range(spec.num_units)
+    ]
+
+
+def estimated_ms(costs: list[UnitCost]) -> tuple[float, ...]:
+    return tuple(round(c.weight_bytes / ESTIMATE_BYTES_PER_S * 1e3 + 0.01, 4) for c in costs)
+
+
+def _units_of(key: str, spec: ModelSpec) -> list[int]:
+    if match := _LAYER.match(key):
+        return [int(match.group(1)) + 1]
+    if key.startswith("model.embed_tokens."):
+        return [0]
+    if key.startswith(("model.norm.", "lm_head.")):
+        return [spec.num_units - 1]
+    return []

@@ -1,0 +1,131 @@
+"""Real `meshshard up` processes for tests: start, wait, query, kill, and always clean up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Peer:
+    def __init__(
+        self,
+        name: str,
+        port: int,
+        logs: Path,
+        *extra: str,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+        timings: str = "test",
+    ) -> None:
+        self.name, self.port, self.host, self.netns = name, port, host, netns
+        self.log = logs / f"{name}.log"
+        self.args = [
+            sys.executable,
+            "-m",
+            "meshshard",
+            "up",
+            "--name",
+            name,
+            "--port",
+            str(port),
+            "--interface",
+            host,
+            "--timings",
+            timings,
+            *extra,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Peer:
+        cmd = (["ip", "netns", "exec", self.netns] if self.netns else []) + self.args
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
+        return self
+
+    def status(self, timeout: float = 3.0) -> dict[str, Any] | None:
+        if self.netns:
+            out = subprocess.run(
+                ["ip", "netns", "exec", self.netns, sys.executable, "-m", "meshshard", "status"]
+                + ["--peer", self.url, "--json"],
+                capture_output=True,
+                timeout=timeout + 10,
+                cwd=ROOT,
+            )
+            return json.loads(out.stdout) if out.returncode == 0 else None
+        try:
+            with urllib.request.urlopen(self.url + "/status", timeout=timeout) as resp:
+                data: dict[str, Any] = json.loads(resp.read())
+                return data
+        except OSError:
+            return None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM, as Ctrl-C would; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_for(check: Any, timeout: float, what: str, interval: float = 0.1) -> float:
+    start = time.monotonic()
+    while True:
+        if check():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def agreement(peers: list[Peer]) -> dict[str, Any] | None:
+    """The common view if every peer sees the same live members, coordinator and plan."""
+    views = [p.status() for p in peers]
+    if any(v is None for v in views):
+        return None
+    names = {p.name for p in peers}
+    first = views[0]
+    assert first is not None
+    for v in views:
+        assert v is not None
+        alive = {m["id"] for m in v["members"] if m["state"] == "alive"}
+        if alive != names or v["coordinator"] != first["coordinator"]:
+            return None
+        if v["plan"] is None or v["plan"] != first["plan"]:
+            return None
+        if v["plan"]["epoch"][1] != v["coordinator"]:
+            return None
+    return first
