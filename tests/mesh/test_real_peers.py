@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from support.procs import Peer, agreement, wait_for
 
 pytestmark = pytest.mark.slow

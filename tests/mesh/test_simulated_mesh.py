@@ -6,10 +6,10 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+from support.simnet import SimNet, make_node
 
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.types import Epoch, NodeId, State
-from support.simnet import SimNet, make_node
 
 
 async def until(check: Callable[[], bool], timeout: float, what: str) -> float:
