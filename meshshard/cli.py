@@ -254,6 +254,13 @@ def _bytes_option(value: str | None) -> float | None:
 )
 @click.option("--no-mdns", is_flag=True, envvar="MESHSHARD_NO_MDNS", help="Use only --peer seeds.")
 @click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(1, 256),
+    envvar="MESHSHARD_THREADS",
+    help="Compute threads (default: torch's). Use 1 when several peers share one machine.",
+)
+@click.option(
     "--timings",
     type=click.Choice(["lan", "test"]),
     default="lan",
@@ -271,12 +278,19 @@ def up(
     memory: str | None,
     objective: str,
     no_mdns: bool,
+    threads: int | None,
     timings: str,
 ) -> None:
     """Run a peer in the foreground until Ctrl-C (which leaves the mesh in order)."""
     import asyncio
     import dataclasses
+    import os
     import signal
+
+    # Set before torch loads OpenMP: an idle peer must not spin on cores others are using.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
     from meshshard.config import LAN_TIMINGS, TEST_TIMINGS
     from meshshard.daemon import Daemon
@@ -329,6 +343,66 @@ def status(peer: str, as_json: bool, watch: bool) -> None:
         if not watch:
             return
         time.sleep(1)
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 2))
+@click.option("--seed", default=None, type=click.IntRange(0), help="Reproducible sampling.")
+@click.option("--system", default=None, help="System message.")
+@click.option(
+    "--peer",
+    default="http://127.0.0.1:7117",
+    show_default=True,
+    envvar="MESHSHARD_PEER_URL",
+    help="Any peer's URL.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the answer with timing and epoch.")
+def ask(
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    system: str | None,
+    peer: str,
+    as_json: bool,
+) -> None:
+    """Ask the mesh; the answer streams as it is generated."""
+    from meshshard.ask import ask as run
+
+    def show(piece: str) -> None:
+        if not as_json:
+            click.echo(piece, nl=False)
+
+    result = run(
+        peer,
+        prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        system=system,
+        on_text=show,
+    )
+    click.echo(json.dumps(result) if as_json else "")
+
+
+@cli.command()
+@click.argument("question", default="What is the capital of France? Answer in one sentence.")
+@click.option("--peers", default=3, show_default=True, type=click.IntRange(2, 8))
+@click.option("--port", default=7700, show_default=True, type=click.IntRange(1024, 65000))
+@click.option(
+    "--memory",
+    default="300MB",
+    show_default=True,
+    help="Memory each peer offers: too little for the whole model, so it must be split.",
+)
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
+def demo(question: str, peers: int, port: int, memory: str, max_tokens: int) -> None:
+    """Bring up a local mesh on loopback, ask it a question, and shut it down."""
+    from meshshard.demo import run_demo
+
+    run_demo(question, peers, port, memory, max_tokens)
 
 
 @cli.command("plan")

@@ -14,6 +14,9 @@ import aiohttp
 from aiohttp import web
 
 from meshshard import __version__
+from meshshard.api.openai import OpenAIApi
+from meshshard.chain.service import ChainService
+from meshshard.chain.worker import run_model
 from meshshard.config import Config
 from meshshard.errors import MeshShardError
 from meshshard.mesh.discovery import Discovery
@@ -27,12 +30,15 @@ logger = logging.getLogger(__name__)
 
 # Gossip and status bodies are small; activation frames have their own limit.
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
+# On shutdown, answers in flight from this peer get this long to finish.
+DRAIN_SECONDS = 10.0
 
 
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.node: ControlNode | None = None
+        self.service: ChainService | None = None
         self._stop = asyncio.Event()
         self._started = time.time()
 
@@ -64,7 +70,12 @@ class Daemon:
                 context_tokens=config.context_tokens,
             )
             self.node = node
-            runner = await self._serve(node, config.interface or "0.0.0.0")
+            service = ChainService(node, model_dir, config.dtype, session, spec.hidden_size)
+            node.on_plan = service.on_plan
+            self.service = service
+            codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            api = OpenAIApi(service, codec, spec.name)
+            runner = await self._serve(node, service, api, config.interface or "0.0.0.0")
             discovery = None
             try:
                 if config.mdns:
@@ -77,11 +88,17 @@ class Daemon:
                 logger.info("peer %s up on %s:%d (model %s)", node_id, host, config.port, spec.name)
                 async with asyncio.TaskGroup() as tg:
                     running = tg.create_task(node.run())
-                    tasks = [tg.create_task(self._profile(node, model_dir))]
+                    tasks = [
+                        tg.create_task(self._profile(node, model_dir)),
+                        tg.create_task(service.run()),
+                        tg.create_task(_load_codec(model_dir, codec)),
+                    ]
                     if discovery is not None:
                         tasks.append(tg.create_task(discovery.run()))
                     await self._stop.wait()
-                    logger.info("shutting down: leaving the mesh")
+                    logger.info("shutting down: no new requests, finishing answers in flight")
+                    await service.drain(DRAIN_SECONDS)
+                    logger.info("leaving the mesh")
                     await node.stop(leave=True)
                     for task in tasks:
                         task.cancel()
@@ -92,10 +109,15 @@ class Daemon:
                 await runner.cleanup()
         logger.info("peer %s stopped", node_id)
 
-    async def _serve(self, node: ControlNode, bind: str) -> web.AppRunner:
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    async def _serve(
+        self, node: ControlNode, service: ChainService, api: OpenAIApi, bind: str
+    ) -> web.AppRunner:
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[api.tokenizer_ready])
         app.add_routes(control_routes(node))
-        app.add_routes([web.get("/status", self._handle_status)])
+        app.add_routes(api.routes())
+        app.add_routes(
+            [web.get("/status", self._handle_status), web.get("/chain/ws", service.handle_ws)]
+        )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, bind, self.config.port)
@@ -115,7 +137,7 @@ class Daemon:
         from meshshard.model.profile import cached_quick_profile
 
         try:
-            result = await asyncio.to_thread(
+            result = await run_model(
                 cached_quick_profile, model_dir, self.config.dtype, self.config.cache_dir
             )
         except Exception as e:  # a failed profile leaves the estimate in place
@@ -142,7 +164,30 @@ class Daemon:
             "model": self.node.model,
             "uptime_s": round(time.time() - self._started, 1),
         }
+        stage = self.service.stage if self.service else None
+        status["stage"] = (
+            {
+                "units": [stage.shard.start, stage.shard.end],
+                "epoch": [stage.epoch.term, stage.epoch.coordinator],
+                "sessions": len(stage.shard.sessions),
+                "steps": stage.steps,
+                "batches": stage.batches,
+                "weight_bytes": stage.shard.weight_bytes(),
+                "kv_bytes": stage.shard.kv_bytes(),
+            }
+            if stage
+            else None
+        )
         return web.json_response(status)
+
+
+async def _load_codec(model_dir: Any, codec: asyncio.Future[Any]) -> None:
+    from meshshard.model.text import TextCodec
+
+    try:
+        codec.set_result(await run_model(TextCodec.load, model_dir))
+    except Exception as e:
+        codec.set_exception(e)
 
 
 def _join(node: ControlNode) -> Any:

@@ -151,6 +151,7 @@ def _member_out(m: Member) -> dict[str, Any]:
         "state": m.state.value,
         "prio": m.priority,
         "pv": m.profile_version,
+        "ready": [m.ready.term, m.ready.coordinator],
     }
 
 
@@ -168,6 +169,7 @@ def _member_in(raw: object, what: str) -> Member:
         state=parsed,
         priority=_int(m.get("prio"), f"{what}.prio", low=-(2**31)),
         profile_version=_int(m.get("pv"), f"{what}.pv"),
+        ready=_epoch(m.get("ready")),
     )
 
 
@@ -266,14 +268,6 @@ def _epoch(raw: object) -> Epoch:
     return Epoch(_int(pair[0], "epoch.term"), _str(pair[1], "epoch.coordinator", empty=True))
 
 
-def epoch_out(epoch: Epoch) -> list[Any]:
-    return [epoch.term, epoch.coordinator]
-
-
-def epoch_in(raw: object) -> Epoch:
-    return _epoch(raw)
-
-
 def _map(raw: object, what: str) -> dict[Any, Any]:
     if not isinstance(raw, dict):
         raise WireError(f"{what} must be a map")
@@ -315,3 +309,175 @@ def _addr(raw: object, what: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise WireError(f"{what} must be host:port, got {addr!r}")
     return addr
+
+
+# -- data plane ------------------------------------------------------------------------------
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # one activation frame; checked before it is read
+MAX_TOKENS_PER_FRAME = 8192
+TENSOR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
+ERROR_CODES = ("stale-epoch", "not-ready", "unknown-session", "bad-frame", "internal")
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A tensor as raw little-endian bytes, its dtype and shape (never pickled)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class StepFrame:
+    """Tokens (ids, or the previous stage's hidden states) at positions start.. of a session."""
+
+    epoch: Epoch
+    session: str
+    step: int  # which generated token this computes
+    start: int  # position of the first token in the frame
+    tensor: TensorData
+    origin: str  # host:port that receives the sampled token
+    sample: bool  # False for all but the last chunk of a chunked prefill
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class TokenFrame:
+    epoch: Epoch
+    session: str
+    step: int
+    token: int
+
+
+@dataclass(frozen=True)
+class ErrorFrame:
+    epoch: Epoch
+    session: str
+    step: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class DropFrame:
+    """The session is over: free its caches."""
+
+    epoch: Epoch
+    session: str
+
+
+DataFrame = StepFrame | TokenFrame | ErrorFrame | DropFrame
+
+
+def encode_frame(frame: DataFrame) -> bytes:
+    body: dict[str, Any] = {
+        "v": PROTOCOL,
+        "epoch": [frame.epoch.term, frame.epoch.coordinator],
+        "session": frame.session,
+    }
+    match frame:
+        case StepFrame():
+            t = frame.tensor
+            body |= {
+                "k": "step",
+                "step": frame.step,
+                "start": frame.start,
+                "tensor": {"dtype": t.dtype, "shape": list(t.shape), "data": t.data},
+                "origin": frame.origin,
+                "sample": frame.sample,
+                "sampling": [frame.sampling.temperature, frame.sampling.top_p, frame.sampling.seed],
+            }
+        case TokenFrame():
+            body |= {"k": "token", "step": frame.step, "token": frame.token}
+        case ErrorFrame():
+            body |= {"k": "error", "step": frame.step, "code": frame.code, "msg": frame.message}
+        case DropFrame():
+            body |= {"k": "drop"}
+    return bytes(cbor2.dumps(body))
+
+
+def decode_frame(data: bytes, hidden_size: int | None = None) -> DataFrame:
+    """Decode and validate one data-plane frame; `hidden_size` pins activation shapes."""
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        raw = cbor2.loads(data)
+    except Exception as e:  # cbor2 raises several types for garbage
+        raise WireError(f"not CBOR: {e}") from None
+    m = _map(raw, "frame")
+    if _int(m.get("v"), "v") != PROTOCOL:
+        raise WireError(f"protocol version {m.get('v')}, expected {PROTOCOL}")
+    epoch = _epoch(m.get("epoch"))
+    session = _str(m.get("session"), "session")
+    kind = m.get("k")
+    match kind:
+        case "step":
+            return StepFrame(
+                epoch=epoch,
+                session=session,
+                step=_int(m.get("step"), "step"),
+                start=_int(m.get("start"), "start"),
+                tensor=_tensor(m.get("tensor"), hidden_size),
+                origin=_addr(m.get("origin"), "origin"),
+                sample=_bool(m.get("sample"), "sample"),
+                sampling=_sampling(m.get("sampling")),
+            )
+        case "token":
+            return TokenFrame(
+                epoch, session, _int(m.get("step"), "step"), _int(m.get("token"), "token")
+            )
+        case "error":
+            code = _str(m.get("code"), "code")
+            if code not in ERROR_CODES:
+                raise WireError(f"unknown error code {code!r}")
+            message = m.get("msg")
+            if not isinstance(message, str) or len(message) > 4096:
+                raise WireError("msg must be a string of at most 4096 characters")
+            return ErrorFrame(epoch, session, _int(m.get("step"), "step"), code, message)
+        case "drop":
+            return DropFrame(epoch, session)
+    raise WireError(f"unknown frame kind {kind!r}")
+
+
+def _tensor(raw: object, hidden_size: int | None) -> TensorData:
+    m = _map(raw, "tensor")
+    dtype = _str(m.get("dtype"), "tensor.dtype")
+    if dtype not in TENSOR_DTYPES:
+        raise WireError(f"tensor.dtype {dtype!r} is not one of {', '.join(TENSOR_DTYPES)}")
+    shape = tuple(_int(d, "tensor.shape") for d in _list(m.get("shape"), "tensor.shape"))
+    ids = dtype == "int64"
+    if len(shape) != (1 if ids else 2) or not 0 < shape[0] <= MAX_TOKENS_PER_FRAME:
+        raise WireError(f"tensor.shape {list(shape)} is not [tokens] ids or [tokens, hidden]")
+    if not ids and hidden_size is not None and shape[1] != hidden_size:
+        raise WireError(f"tensor.shape {list(shape)}: hidden size must be {hidden_size}")
+    data = m.get("data")
+    if not isinstance(data, bytes):
+        raise WireError("tensor.data must be bytes")
+    expected = TENSOR_DTYPES[dtype] * math.prod(shape)
+    if len(data) != expected:
+        raise WireError(f"tensor.data has {len(data)} bytes, dtype x shape needs {expected}")
+    return TensorData(dtype, shape, data)
+
+
+def _sampling(raw: object) -> Sampling:
+    triple = _list(raw, "sampling")
+    if len(triple) != 3:
+        raise WireError("sampling must be [temperature, top_p, seed]")
+    temperature, top_p = _float(triple[0], "temperature"), _float(triple[1], "top_p")
+    if not 0 < top_p <= 1 or temperature > 100:
+        raise WireError("top_p must be in (0, 1] and temperature at most 100")
+    return Sampling(temperature, top_p, _int(triple[2], "seed"))
+
+
+def _bool(raw: object, what: str) -> bool:
+    if not isinstance(raw, bool):
+        raise WireError(f"{what} must be a boolean")
+    return raw

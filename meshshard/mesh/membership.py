@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, replace
 
 from meshshard.config import Timings
-from meshshard.mesh.types import Member, NodeId, State
+from meshshard.mesh.types import Epoch, Member, NodeId, State
 
 _SEVERITY = {State.ALIVE: 0, State.SUSPECT: 1, State.DEAD: 2, State.LEFT: 2}
 
@@ -84,6 +84,7 @@ class Membership:
         incarnation: int | None = None,
         state: State | None = None,
         profile_version: int | None = None,
+        ready: Epoch | None = None,
     ) -> Member:
         """Change our own record and gossip it."""
         me = self.me
@@ -92,6 +93,7 @@ class Membership:
             incarnation=me.incarnation if incarnation is None else incarnation,
             state=me.state if state is None else state,
             profile_version=me.profile_version if profile_version is None else profile_version,
+            ready=me.ready if ready is None else ready,
         )
         self._members[me.id] = me
         self._enqueue(me.id)
@@ -175,4 +177,5 @@ def _wins(update: Member, current: Member) -> bool:
     old = (current.incarnation, _SEVERITY[current.state])
     if new != old:
         return new > old
-    return update.profile_version > current.profile_version
+    # Same incarnation and state: newer details (a member only moves these forward).
+    return (update.profile_version, update.ready) > (current.profile_version, current.ready)

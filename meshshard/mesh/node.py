@@ -24,14 +24,16 @@ from meshshard.mesh.coordinator import (
 )
 from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.membership import Change, Membership
-from meshshard.mesh.types import LinkStat, Member, NodeId, PlanRecord, Profile, State
-from meshshard.planner import InstanceError, Objective
+from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State
+from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
 from meshshard.planner.build import UnitCost
 from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
 
 logger = logging.getLogger(__name__)
 
 EVENTS = 200  # events kept for status and the dashboard
+# A valid plan is replaced only by one predicted better by this fraction.
+REPLAN_GAIN = 0.10
 
 
 class Clock(Protocol):
@@ -87,7 +89,7 @@ class ControlNode:
         self.profiles: dict[NodeId, Profile] = {me.id: profile}
         self.events: deque[tuple[float, str]] = deque(maxlen=EVENTS)
         self.plan_error = ""
-        self._on_plan = on_plan
+        self.on_plan = on_plan
         self._joins: asyncio.Queue[str] = asyncio.Queue(maxsize=256)
         self._seeds: set[str] = set()
         self._stop = asyncio.Event()
@@ -132,6 +134,22 @@ class ControlNode:
             self._seeds.add(addr)
             with contextlib.suppress(asyncio.QueueFull):
                 self._joins.put_nowait(addr)
+
+    def set_ready(self, epoch: Epoch) -> None:
+        """Tell the mesh our shard for `epoch` is loaded (rides on the next probes)."""
+        self.membership.update_me(ready=epoch)
+
+    def addr_of(self, node: NodeId) -> str | None:
+        member = self.membership.get(node)
+        return member.addr if member is not None and member.state.live else None
+
+    def chain_ready(self, plan: PlanRecord) -> bool:
+        """Every stage of `plan` is on a live member that serves its epoch."""
+        for stage in plan.stages:
+            member = self.membership.get(stage.device)
+            if member is None or not member.state.live or member.ready != plan.epoch:
+                return False
+        return True
 
     def set_profile(self, profile: Profile) -> None:
         """Publish a new version of our own profile."""
@@ -186,10 +204,12 @@ class ControlNode:
                     "mem": self.profiles[m.id].mem if m.id in self.profiles else None,
                     "measured": self.profiles[m.id].measured if m.id in self.profiles else None,
                     "shard": shard.get(m.id),
+                    "ready": bool(plan and m.ready == plan.epoch),
                 }
                 for m in self.membership.members()
             ],
             "plan": _plan_json(plan) if plan else None,
+            "chain_ready": bool(plan and self.chain_ready(plan)),
             "plan_error": self.plan_error,
             "history": [_plan_json(p) for p in self.book.history],
             "events": [{"t": round(t, 3), "text": text} for t, text in self.events],
@@ -300,8 +320,8 @@ class ControlNode:
                 self._event(f"cannot plan: {e}")
                 continue
             self.plan_error = ""
-            if mine and current is not None and _same(current, plan):
-                continue  # nothing for the chain to do, and the prediction still holds
+            if mine and current is not None and not _worth_it(inst, current, plan):
+                continue  # the plan in force is still valid and nearly as good: no churn
             plan = replace(plan, epoch=self.book.next_epoch(self.id))
             self._adopt(plan)
             await self._push_all(self.timings.probe_timeout * 4)
@@ -359,8 +379,8 @@ class ControlNode:
             return
         stages = " ".join(f"{s.device}[{s.start}:{s.end})" for s in plan.stages)
         self._event(f"plan epoch {plan.epoch}: {stages} ({plan.reason})")
-        if self._on_plan is not None:
-            self._on_plan(plan)
+        if self.on_plan is not None:
+            self.on_plan(plan)
 
     def _changed(self, change: Change) -> None:
         epoch = self.book.epoch
@@ -385,9 +405,18 @@ def _plan_json(plan: PlanRecord) -> dict[str, Any]:
     }
 
 
-def _same(a: PlanRecord, b: PlanRecord) -> bool:
-    """Same assignment and a prediction within 10%: not worth a new epoch."""
-    return a.stages == b.stages and abs(a.latency_ms - b.latency_ms) <= 0.1 * a.latency_ms
+def _worth_it(inst: Instance, current: PlanRecord, new: PlanRecord) -> bool:
+    """Replace a still-valid plan only if the new one is better by more than REPLAN_GAIN
+    under today's numbers: moving shards costs a reload and in-flight sessions."""
+    try:
+        cost = evaluate(inst, [Stage(s.device, s.start, s.end) for s in current.stages])
+    except InstanceError:
+        return True  # the plan in force no longer fits (memory changed, member unusable)
+    if current.objective == "throughput":
+        old, value = cost.bottleneck_ms, new.bottleneck_ms
+    else:
+        old, value = cost.latency_ms, new.latency_ms
+    return value < old * (1 - REPLAN_GAIN)
 
 
 def _material(old: dict[NodeId, LinkStat], new: dict[NodeId, LinkStat]) -> bool:

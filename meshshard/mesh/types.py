@@ -45,6 +45,8 @@ class Member:
     state: State
     priority: int = 0
     profile_version: int = 0
+    # The plan epoch whose shard this member has loaded and serves (data plane readiness).
+    ready: Epoch = ZERO_EPOCH
 
 
 @dataclass(frozen=True)

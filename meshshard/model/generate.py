@@ -65,7 +65,7 @@ def generate(
         logits = chain.step(session, torch.tensor(list(prompt_ids)), 0)
         position = len(prompt_ids)
         for i in range(max_tokens):
-            token = sample(logits)
+            token = sample(logits, i)
             if token in stop_ids:
                 return
             yield token

@@ -22,16 +22,14 @@ class SamplingParams:
 
 
 class Sampler:
-    """Stateful per session: the same seed gives the same tokens wherever it runs."""
+    """Stateless per step: token k depends only on the logits, the seed and k, so a session
+    samples the same tokens wherever (and on whichever stage) each step runs."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self._generator = torch.Generator()
-        self._generator.manual_seed(
-            params.seed if params.seed is not None else secrets.randbits(63)
-        )
+        self.seed = params.seed if params.seed is not None else secrets.randbits(62)
 
-    def __call__(self, logits: torch.Tensor) -> int:
+    def __call__(self, logits: torch.Tensor, step: int = 0) -> int:
         if self.params.temperature == 0:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / self.params.temperature, dim=-1)
@@ -40,4 +38,5 @@ class Sampler:
             # Keep the smallest prefix whose mass reaches top_p (always at least one token).
             keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.params.top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=self._generator))
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**63)
+        return int(torch.multinomial(probs, 1, generator=generator))

@@ -184,6 +184,36 @@ class Shard:
             return logits
         return h[0]
 
+    @torch.inference_mode()
+    def decode_batch(self, sessions: list[Hashable], x: torch.Tensor) -> torch.Tensor:
+        """One new token for each of several prefilled sessions, in one forward pass.
+
+        x: [B] ids or [B, hidden]; each session continues at its own cache length.
+        Returns [B, hidden], or [B, vocab] logits from the head.
+        """
+        caches = [self._cache(s) for s in sessions]
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a batch holds each session once")
+        h = self.embed(x.long()[:, None]) if self.embed is not None else x.to(self.dtype)[:, None]
+        if self.layers:
+            assert self.rotary is not None
+            lengths = torch.tensor([c.length for c in caches]) + 1
+            pos = (lengths - 1)[:, None]
+            embeddings = self.rotary(h, pos)
+            batch = _BatchCache(caches, int(lengths.max()))
+            mask = (torch.arange(batch.width)[None, :] < lengths[:, None])[:, None, None, :]
+            for layer in self.layers:
+                h = layer(
+                    h,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    position_embeddings=embeddings,
+                    cache=batch,
+                )
+        if self.lm_head is not None and self.norm is not None:
+            return self.lm_head(self.norm(h))[:, -1].float()
+        return h[:, 0]
+
     def _cache(self, session: Hashable) -> KVCache:
         try:
             return self._sessions[session]
@@ -248,6 +278,26 @@ def _causal_mask(positions: torch.Tensor, kv_length: int) -> torch.Tensor | None
         return None
     keys = torch.arange(kv_length)
     return (keys[None, :] <= positions[:, None])[None, None]
+
+
+class _BatchCache:
+    """Several sessions' caches seen as one batch: each row writes its own cache, and reads
+    come back right-padded to the longest (the attention mask hides the padding)."""
+
+    def __init__(self, caches: list[KVCache], width: int) -> None:
+        self.caches, self.width = caches, width
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (len(self.caches), key.shape[1], self.width, key.shape[3])
+        keys = key.new_zeros(shape)
+        values = value.new_zeros(shape)
+        for b, cache in enumerate(self.caches):
+            k, v = cache.update(key[b : b + 1], value[b : b + 1], layer_idx)
+            keys[b, :, : k.shape[2]] = k[0]
+            values[b, :, : v.shape[2]] = v[0]
+        return keys, values
 
 
 class _Clock:

@@ -46,20 +46,25 @@ class TextCodec:
 
 
 class TextStream:
-    """Turns a growing token list into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a growing token list into text pieces, holding back incomplete UTF-8 sequences.
+
+    Decodes only a short window of recent tokens (with a few before it for context, as
+    tokenizers join pieces differently at a boundary), so each token costs the same."""
 
     def __init__(self, codec: TextCodec) -> None:
         self._codec = codec
         self._ids: list[int] = []
-        self._sent = 0
+        self._prefix = 0  # window start: decoded for context, already sent
+        self._read = 0  # tokens whose text has been sent
 
     def push(self, token: int) -> str:
         self._ids.append(token)
-        text = self._codec.decode(self._ids)
-        if text.endswith("\ufffd"):
+        before = self._codec.decode(self._ids[self._prefix : self._read])
+        text = self._codec.decode(self._ids[self._prefix :])
+        if text.endswith("\ufffd") or len(text) <= len(before):
             return ""
-        piece, self._sent = text[self._sent :], len(text)
-        return piece
+        self._prefix, self._read = max(self._read - 4, 0), len(self._ids)
+        return text[len(before) :]
 
     @property
     def text(self) -> str:

@@ -136,3 +136,19 @@ def test_half_precision_shards_run_and_stay_close(tiny_llama: Path, dtype: str) 
     got = half.step("s", torch.tensor(PROMPT), 0)
     assert got.dtype == torch.float32  # logits come back in float32 for sampling
     assert torch.corrcoef(torch.stack([want, got]))[0, 1] > 0.99
+
+
+def test_batched_decode_equals_one_session_at_a_time(tiny_model: Path) -> None:
+    n = load_spec(tiny_model).num_units
+    first, last = Shard.load(tiny_model, 0, 3), Shard.load(tiny_model, 3, n)
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]]
+    for i, p in enumerate(prompts):
+        last.prefill(i, first.prefill(i, torch.tensor(p)))
+    tokens = torch.tensor([4, 40, 77])
+    batched = last.decode_batch([0, 1, 2], first.decode_batch([0, 1, 2], tokens))
+    for i, p in enumerate(prompts):
+        alone = LocalChain([Shard.load(tiny_model, 0, 3), Shard.load(tiny_model, 3, n)])
+        alone.step("s", torch.tensor(p), 0)
+        want = alone.step("s", tokens[i : i + 1], len(p))
+        torch.testing.assert_close(batched[i], want, atol=1e-4, rtol=0)
+    assert [last.cache_length(i) for i in range(3)] == [len(p) + 1 for p in prompts]

@@ -31,15 +31,15 @@ def test_seeded_sampling_is_reproducible_and_varies() -> None:
     logits = torch.zeros(50)
     params = SamplingParams(temperature=1.0, seed=7)
     a, b = Sampler(params), Sampler(params)
-    first = [a(logits) for _ in range(20)]
-    assert first == [b(logits) for _ in range(20)]
+    first = [a(logits, step) for step in range(20)]
+    assert first == [b(logits, step) for step in range(20)]
     assert len(set(first)) > 5
 
 
 def test_top_p_keeps_only_the_head_of_the_distribution() -> None:
     logits = torch.tensor([5.0, 4.0, -5.0, -5.0, -5.0])
     sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=1))
-    assert {sampler(logits) for _ in range(50)} == {0}
+    assert {sampler(logits, step) for step in range(50)} == {0}
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)])

@@ -1,0 +1,1 @@
+"""What users and programs talk to: the OpenAI-compatible HTTP API."""

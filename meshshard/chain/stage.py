@@ -1,0 +1,147 @@
+"""One stage of the chain: runs its shard over incoming steps, in order, batching decode steps
+of different sessions into one forward pass, and passes results on.
+
+Forward passes run in a worker thread so the peer's event loop (gossip, sockets) stays
+responsive. Drops go through the same queue as steps, so a cache is never freed under a
+running forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import torch
+
+from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.chain.worker import run_model
+from meshshard.mesh.types import Epoch
+from meshshard.model.sampling import Sampler, SamplingParams
+from meshshard.model.shard import Shard, UnknownSession
+from meshshard.wire import DataFrame, DropFrame, ErrorFrame, StepFrame, TokenFrame, WireError
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[str, DataFrame], Awaitable[None]]
+MAX_BATCH = 16
+MAX_QUEUE = 64  # steps waiting here before senders are made to wait
+
+
+class StageWorker:
+    def __init__(self, shard: Shard, epoch: Epoch, next_addr: str | None, send: Send) -> None:
+        self.shard = shard
+        self.epoch = epoch
+        self.next_addr = next_addr  # None: this is the last stage, it samples
+        self._send = send
+        self._queue: deque[StepFrame | DropFrame] = deque()
+        self._has_work = asyncio.Event()
+        self._has_room = asyncio.Event()
+        self._has_room.set()
+        self.steps = 0
+        self.batches = 0
+
+    async def refuse_queued(self, message: str) -> None:
+        """This stage is being replaced: tell the origin of every waiting step."""
+        while self._queue:
+            frame = self._queue.popleft()
+            if isinstance(frame, StepFrame):
+                await self._error(frame, "stale-epoch", message)
+        self._has_room.set()
+
+    async def put(self, frame: StepFrame | DropFrame) -> None:
+        while len(self._queue) >= MAX_QUEUE:
+            self._has_room.clear()
+            await self._has_room.wait()
+        self._queue.append(frame)
+        self._has_work.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._has_work.wait()
+            while self._queue:
+                head = self._queue[0]
+                if isinstance(head, DropFrame):
+                    self._queue.popleft()
+                    self.shard.drop(head.session)
+                    continue
+                batch = self._take_batch()
+                if len(self._queue) < MAX_QUEUE:
+                    self._has_room.set()
+                await self._run_batch(batch)
+            self._has_work.clear()
+
+    def _take_batch(self) -> list[StepFrame]:
+        """The next frame, plus following single-token steps of other prefilled sessions."""
+        first = self._queue.popleft()
+        assert isinstance(first, StepFrame)
+        batch = [first]
+        if not self._decodable(first):
+            return batch
+        seen = {first.session}
+        while self._queue and len(batch) < MAX_BATCH:
+            nxt = self._queue[0]
+            if not isinstance(nxt, StepFrame) or nxt.session in seen or not self._decodable(nxt):
+                break
+            self._queue.popleft()
+            batch.append(nxt)
+            seen.add(nxt.session)
+        return batch
+
+    def _decodable(self, frame: StepFrame) -> bool:
+        return (
+            frame.tensor.shape[0] == 1
+            and frame.session in self.shard.sessions
+            and (not self.shard.layers or self.shard.cache_length(frame.session) == frame.start)
+        )
+
+    async def _run_batch(self, batch: list[StepFrame]) -> None:
+        try:
+            outputs = await run_model(self._compute, batch)
+        except (ValueError, WireError, UnknownSession) as e:
+            code = "unknown-session" if isinstance(e, UnknownSession) else "bad-frame"
+            for frame in batch:
+                await self._error(frame, code, str(e))
+            return
+        self.steps += len(batch)
+        self.batches += 1
+        for frame, out in zip(batch, outputs, strict=True):
+            await self._emit(frame, out)
+
+    def _compute(self, batch: list[StepFrame]) -> list[torch.Tensor]:
+        if len(batch) > 1:
+            xs = torch.cat([from_wire(f.tensor) for f in batch])
+            out = self.shard.decode_batch([f.session for f in batch], xs)
+            # Rows as a single step would give them: [1, hidden], or [vocab] logits.
+            return list(out) if self.shard.is_last else list(out[:, None])
+        (frame,) = batch
+        if frame.start > 0 and frame.session not in self.shard.sessions:
+            raise UnknownSession(frame.session)
+        x = from_wire(frame.tensor)
+        positions = torch.arange(frame.start, frame.start + x.shape[0])
+        return [self.shard.prefill(frame.session, x, positions)]
+
+    async def _emit(self, frame: StepFrame, out: torch.Tensor) -> None:
+        try:
+            if self.next_addr is not None:
+                await self._send(self.next_addr, replace(frame, tensor=to_wire(out)))
+            elif frame.sample:
+                s = frame.sampling
+                params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+                token = Sampler(params)(out, frame.step)
+                await self._send(
+                    frame.origin, TokenFrame(frame.epoch, frame.session, frame.step, token)
+                )
+        except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
+            logger.warning("stage could not pass on %s step %d: %s", frame.session, frame.step, e)
+            await self._error(frame, "internal", f"next hop failed: {e}")
+
+    async def _error(self, frame: StepFrame, code: str, message: str) -> None:
+        try:
+            await self._send(
+                frame.origin, ErrorFrame(frame.epoch, frame.session, frame.step, code, message)
+            )
+        except Exception as e:
+            logger.warning("could not report %s to %s: %s", code, frame.origin, e)

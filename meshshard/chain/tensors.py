@@ -1,0 +1,31 @@
+"""Torch tensors to and from wire TensorData, by raw bytes (no pickle, no torch.load)."""
+
+from __future__ import annotations
+
+import torch
+
+from meshshard.wire import TensorData, WireError
+
+_TORCH = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+}
+_NAMES = {v: k for k, v in _TORCH.items()}
+
+
+def to_wire(t: torch.Tensor) -> TensorData:
+    t = t.detach().contiguous()
+    if t.dtype not in _NAMES:
+        raise ValueError(f"cannot send a {t.dtype} tensor")
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return TensorData(_NAMES[t.dtype], tuple(t.shape), data)
+
+
+def from_wire(data: TensorData) -> torch.Tensor:
+    """The tensor; hidden states must be finite (a NaN would poison every later token)."""
+    t = torch.frombuffer(bytearray(data.data), dtype=_TORCH[data.dtype]).reshape(data.shape)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise WireError("tensor holds NaN or infinity")
+    return t

@@ -1,0 +1,112 @@
+"""`meshshard demo`: a local mesh of real peers on loopback, one question, a clean shutdown.
+
+Each peer offers too little memory to hold the model alone, so the plan must split it.
+mDNS is bound to 127.0.0.1: nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meshshard.ask import ask
+from meshshard.errors import MeshShardError
+from meshshard.status import fetch_status
+
+READY_TIMEOUT = 180.0
+
+
+def run_demo(question: str, peers: int, base_port: int, memory: str, max_tokens: int) -> None:
+    logs = Path(tempfile.mkdtemp(prefix="meshshard-demo-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    urls = [f"http://127.0.0.1:{base_port + i}" for i in range(peers)]
+    _check_ports_free(urls)
+    click.echo(
+        f"starting {peers} peers on 127.0.0.1:{base_port}..{base_port + peers - 1} (logs in {logs})"
+    )
+    try:
+        for i in range(peers):
+            cmd = [
+                sys.executable, "-m", "meshshard", "up",
+                "--interface", "127.0.0.1", "--port", str(base_port + i),
+                "--name", f"demo-{chr(ord('a') + i)}", "--memory", memory, "--threads", "1",
+            ]  # fmt: skip
+            log = open(logs / f"demo-{i}.log", "wb")  # noqa: SIM115 (closed with the process)
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        status = _wait_ready(urls, procs, logs)
+        plan = status["plan"]
+        chain = " -> ".join(
+            f"{s['device']} (units {s['start']}..{s['end'] - 1})" for s in plan["stages"]
+        )
+        click.echo(f"chain ready, epoch {plan['epoch'][0]}/{plan['epoch'][1]}: {chain}")
+        click.echo(f"\nQ: {question}\nA: ", nl=False)
+        result = ask(
+            urls[0],
+            question,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            seed=None,
+            system=None,
+            on_text=lambda piece: click.echo(piece, nl=False),
+        )
+        click.echo("\n")
+        click.echo(
+            f"{result['completion_tokens']} tokens, first after {result['ttft_s']:.2f} s, "
+            f"{result['tokens_per_s']:.1f} tokens/s "
+            f"(the planner predicted {1000 / plan['latency_ms']:.1f} tokens/s for one answer, "
+            f"{plan['latency_ms']:.1f} ms/token)"
+        )
+    finally:
+        click.echo("stopping the peers")
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _check_ports_free(urls: list[str]) -> None:
+    for url in urls:
+        try:
+            urllib.request.urlopen(url + "/status", timeout=0.5)
+        except OSError:
+            continue
+        raise MeshShardError(f"something already answers at {url}; pick another --port")
+
+
+def _wait_ready(
+    urls: list[str], procs: list[subprocess.Popen[bytes]], logs: Path
+) -> dict[str, Any]:
+    deadline = time.monotonic() + READY_TIMEOUT
+    with click.progressbar(length=3, label="waiting for the chain", show_eta=False) as bar:
+        phase = 0
+        while time.monotonic() < deadline:
+            for p in procs:
+                if p.poll() is not None:
+                    raise MeshShardError(f"a peer exited with code {p.returncode}; see {logs}")
+            try:
+                status = fetch_status(urls[0], timeout=2)
+            except MeshShardError:
+                time.sleep(0.3)
+                continue
+            alive = sum(m["state"] == "alive" for m in status["members"])
+            reached = 1 + (alive == len(urls)) + bool(status.get("plan"))
+            if reached > phase:
+                bar.update(reached - phase)
+                phase = reached
+            if status.get("chain_ready"):
+                bar.update(3 - phase)
+                return status
+            time.sleep(0.2)
+    raise MeshShardError(f"the chain was not ready within {READY_TIMEOUT:.0f} s; see {logs}")

@@ -1,0 +1,147 @@
+"""Data-plane speed: single process vs 2- and 3-peer meshes on loopback, and concurrency.
+
+    python tools/bench_chain.py [--tokens 64] [--repeats 3]
+
+All on this machine, in one run: single-process tokens/s (`meshshard generate`'s loop);
+for meshes of 2 and 3 real `meshshard up` peers (each offering too little memory to hold the
+model, so the chain has 2 or 3 stages): one session's tokens/s and time to first token, and
+aggregate tokens/s with 1, 4 and 8 concurrent sessions; bytes sent per token per hop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.procs import Peer, wait_for  # noqa: E402
+
+PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
+
+
+def single_process(tokens: int, repeats: int) -> tuple[float, float]:
+    from meshshard.config import Config
+    from meshshard.model.generate import LocalChain, generate
+    from meshshard.model.source import resolve_model
+    from meshshard.model.text import TextCodec
+
+    config = Config()
+    model_dir = resolve_model(config.model, config.cache_dir)
+    chain = LocalChain.load(model_dir)
+    codec = TextCodec.load(model_dir)
+    ids = codec.encode(PROMPT, chat=True)
+    rates, ttfts = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        first = 0.0
+        n = 0
+        for _ in generate(chain, ids, tokens):
+            n += 1
+            if n == 1:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        ttfts.append(first - start)
+        rates.append((n - 1) / (end - first))
+    return statistics.median(rates), statistics.median(ttfts)
+
+
+def ask(url: str, tokens: int) -> dict:
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": tokens,
+        "temperature": 0,
+    }
+    req = urllib.request.Request(
+        url + "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.loads(resp.read())
+
+
+def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, float]:
+    memory = {2: "450MB", 3: "300MB"}[peers]
+    base = 7600 + 10 * peers
+    procs = [
+        Peer(f"bench-{i}", base + i, logs, "--memory", memory, "--threads", "1").start()
+        for i in range(peers)
+    ]
+    try:
+        url = procs[0].url
+
+        def ready() -> bool:
+            s = procs[0].status()
+            return bool(s and s.get("chain_ready") and len(s["plan"]["stages"]) == peers)
+
+        wait_for(ready, 180, f"a {peers}-stage chain", 0.2)
+        time.sleep(2)  # let start-up replans settle
+        ask(url, 4)  # warm-up
+        one = [ask(url, tokens)["meshshard"] for _ in range(repeats)]
+        out = {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in one),
+            "ttft_s": statistics.median(r["ttft_s"] for r in one),
+        }
+        for sessions in (1, 4, 8):
+            results: list[dict] = []
+
+            def one(into: list[dict] = results) -> None:
+                into.append(ask(url, tokens))
+
+            threads = [threading.Thread(target=one) for _ in range(sessions)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            took = time.perf_counter() - start
+            total = sum(r["usage"]["completion_tokens"] for r in results)
+            out[f"aggregate_{sessions}"] = total / took
+        status = procs[0].status()
+        hidden = 576 * 4
+        out["bytes_per_token_hop"] = hidden
+        out["stages"] = len(status["plan"]["stages"]) if status else 0
+        return out
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    local_rate, local_ttft = single_process(args.tokens, args.repeats)
+    with tempfile.TemporaryDirectory() as logs:
+        two = mesh(2, args.tokens, args.repeats, Path(logs))
+        three = mesh(3, args.tokens, args.repeats, Path(logs))
+    print(f"SmolLM2-135M float32, {args.tokens} new tokens, greedy; median of {args.repeats}")
+    print(
+        f"{'setup':<16} {'tok/s 1 session':>16} {'ratio':>6} {'TTFT s':>7} {'agg 1':>7} {'agg 4':>7} {'agg 8':>7} {'8 vs 1':>7}"
+    )
+    print(f"{'single process':<16} {local_rate:>16.1f} {1.0:>6.2f} {local_ttft:>7.3f}")
+    for name, r in (("2-peer mesh", two), ("3-peer mesh", three)):
+        print(
+            f"{name:<16} {r['tokens_per_s']:>16.1f} {r['tokens_per_s'] / local_rate:>6.2f} "
+            f"{r['ttft_s']:>7.3f} {r['aggregate_1']:>7.1f} {r['aggregate_4']:>7.1f} "
+            f"{r['aggregate_8']:>7.1f} {r['aggregate_8'] / r['aggregate_1']:>7.2f}"
+        )
+    print(
+        f"activation bytes per token per hop: {two['bytes_per_token_hop']} (float32, hidden 576); "
+        "token back to the origin: 4 bytes + framing"
+    )
+
+
+if __name__ == "__main__":
+    main()
