@@ -127,9 +127,8 @@ def main() -> None:
         two = mesh(2, args.tokens, args.repeats, Path(logs))
         three = mesh(3, args.tokens, args.repeats, Path(logs))
     print(f"SmolLM2-135M float32, {args.tokens} new tokens, greedy; median of {args.repeats}")
-    print(
-        f"{'setup':<16} {'tok/s 1 session':>16} {'ratio':>6} {'TTFT s':>7} {'agg 1':>7} {'agg 4':>7} {'agg 8':>7} {'8 vs 1':>7}"
-    )
+    head = ("setup", "tok/s 1 session", "ratio", "TTFT s", "agg 1", "agg 4", "agg 8", "8 vs 1")
+    print("{:<16} {:>16} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7}".format(*head))
     print(f"{'single process':<16} {local_rate:>16.1f} {1.0:>6.2f} {local_ttft:>7.3f}")
     for name, r in (("2-peer mesh", two), ("3-peer mesh", three)):
         print(
