@@ -1,0 +1,169 @@
+"""Data-plane frames: round trips, and refusal of everything malformed (with fuzzing)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import cbor2
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshshard.api.stops import StopMatcher
+from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.mesh.types import Epoch
+from meshshard.wire import (
+    MAX_FRAME_BYTES,
+    DropFrame,
+    ErrorFrame,
+    Sampling,
+    StepFrame,
+    TensorData,
+    TokenFrame,
+    WireError,
+    decode,
+    decode_frame,
+    encode_frame,
+)
+
+E = Epoch(3, "peer-c")
+S = Sampling(0.7, 0.9, 42)
+
+
+def step(tensor: TensorData) -> StepFrame:
+    return StepFrame(E, "s1", 2, 10, tensor, "127.0.0.1:7000", True, S)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_hidden_states_round_trip_bit_exact(dtype: torch.dtype) -> None:
+    hidden = torch.randn(3, 16).to(dtype)
+    frame = decode_frame(encode_frame(step(to_wire(hidden))), hidden_size=16)
+    assert isinstance(frame, StepFrame)
+    assert torch.equal(from_wire(frame.tensor), hidden)
+    assert frame.sampling == S and frame.epoch == E
+
+
+def test_other_frames_round_trip() -> None:
+    for frame in (
+        TokenFrame(E, "s", 4, 49151),
+        ErrorFrame(E, "s", 4, "stale-epoch", "old"),
+        DropFrame(E, "s"),
+        step(to_wire(torch.tensor([1, 2, 3]))),
+    ):
+        assert decode_frame(encode_frame(frame)) == frame
+
+
+def raw_step(**changes: object) -> bytes:
+    body = {
+        "v": 1,
+        "k": "step",
+        "epoch": [3, "c"],
+        "session": "s",
+        "step": 0,
+        "start": 0,
+        "tensor": {"dtype": "float32", "shape": [1, 4], "data": bytes(16)},
+        "origin": "127.0.0.1:7000",
+        "sample": True,
+        "sampling": [0.0, 1.0, 1],
+    }
+    body.update(changes)
+    return cbor2.dumps(body)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\xff\x00garbage", "not CBOR"),
+        (cbor2.dumps([1, 2]), "must be a map"),
+        (raw_step(k="launch"), "unknown frame kind"),
+        (raw_step(v=9), "protocol version"),
+        (raw_step(epoch=[-1, "c"]), "epoch.term"),
+        (raw_step(tensor={"dtype": "float64", "shape": [1, 4], "data": bytes(32)}), "dtype"),
+        (raw_step(tensor={"dtype": "float32", "shape": [1, 4], "data": bytes(15)}), "needs 16"),
+        (raw_step(tensor={"dtype": "float32", "shape": [10**9, 4], "data": b""}), "shape"),
+        (raw_step(tensor={"dtype": "float32", "shape": [1, 5], "data": bytes(20)}), "hidden size"),
+        (raw_step(origin="nowhere"), "host:port"),
+        (raw_step(sampling=[0.0, 0.0, 1]), "top_p"),
+        (raw_step(sampling=[float("nan"), 1.0, 1]), "finite"),
+        (raw_step(step="two"), "integer"),
+        (raw_step(sample=1), "boolean"),
+        (b"\x00" * (MAX_FRAME_BYTES + 1), "exceeds"),
+    ],
+)
+def test_malformed_frames_are_refused_with_a_reason(data: bytes, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        decode_frame(data, hidden_size=4)
+
+
+def test_non_finite_activations_are_refused() -> None:
+    bad = torch.tensor([[1.0, float("nan")]])
+    with pytest.raises(WireError, match="NaN"):
+        from_wire(to_wire(bad))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_never_crash_the_decoders(data: bytes) -> None:
+    for decoder in (decode_frame, decode):
+        with contextlib.suppress(WireError):
+            decoder(data)
+
+
+json_like = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=6)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "v",
+                "k",
+                "epoch",
+                "session",
+                "step",
+                "start",
+                "tensor",
+                "origin",
+                "sample",
+                "sampling",
+                "token",
+                "code",
+                "msg",
+            ]
+        ),
+        json_like,
+    )
+)
+def test_random_structures_never_crash_the_frame_decoder(body: dict) -> None:
+    with contextlib.suppress(WireError):
+        decode_frame(cbor2.dumps(body))
+
+
+@pytest.mark.parametrize(
+    "pieces, stops, want, stopped",
+    [
+        (["Hello", " wor", "ld"], ["STOP"], "Hello world", False),
+        (["Hello ST", "OP more"], ["STOP"], "Hello ", True),
+        (["ab", "c"], ["bcd"], "abc", False),
+        (["x\n\n", "y"], ["\n\n"], "x", True),
+    ],
+)
+def test_stop_strings_hold_back_only_what_could_match(
+    pieces: list[str], stops: list[str], want: str, stopped: bool
+) -> None:
+    matcher = StopMatcher(stops)
+    out = "".join(matcher.feed(p) for p in pieces) + matcher.flush()
+    assert (out, matcher.stopped) == (want, stopped)

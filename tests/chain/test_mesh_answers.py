@@ -1,0 +1,251 @@
+"""A real 3-peer mesh on loopback answers exactly as the single-process reference does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+import torch
+from aiohttp import web
+from support.procs import Peer, wait_for
+
+from meshshard.chain.tensors import to_wire
+from meshshard.config import default_cache_dir
+from meshshard.mesh.types import Epoch
+from meshshard.model.generate import LocalChain, generate
+from meshshard.model.source import ensure_embedded
+from meshshard.model.text import TextCodec
+from meshshard.wire import ErrorFrame, Sampling, StepFrame, decode_frame, encode_frame
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colours.",
+    "Explain what a CPU does in one sentence.",
+]
+NEW = 32
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Peer]]:
+    logs = tmp_path_factory.mktemp("mesh")
+    peers = [
+        Peer(f"peer-{c}", 7500 + i, logs, "--memory", "300MB", "--threads", "1").start()
+        for i, c in enumerate("abc")
+    ]
+    try:
+
+        def ready() -> bool:
+            s = peers[0].status()
+            return bool(s and s["chain_ready"] and len(s["plan"]["stages"]) == 3)
+
+        wait_for(ready, 180, "a 3-stage chain", 0.2)
+        yield peers
+        for p in peers:  # ordered shutdown: a clean exit, no traceback
+            assert p.stop() == 0
+            assert "Traceback" not in p.tail(400)
+    finally:
+        for p in peers:
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, str]:
+    model_dir = ensure_embedded(default_cache_dir())
+    chain = LocalChain.load(model_dir)
+    codec = TextCodec.load(model_dir)
+    out = {}
+    for prompt in PROMPTS:
+        ids = codec.encode(prompt, chat=True)
+        out[prompt] = codec.decode(list(generate(chain, ids, NEW, stop_ids=codec.stop_ids)))
+    return out
+
+
+def chat(peer: Peer, prompt: str, **extra: Any) -> dict[str, Any]:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": NEW, "temperature": 0}
+    req = urllib.request.Request(
+        peer.url + "/v1/chat/completions",
+        json.dumps(body | extra).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+        return data
+
+
+def test_the_plan_splits_the_model_over_three_peers(mesh: list[Peer]) -> None:
+    status = mesh[0].status()
+    assert status is not None
+    stages = status["plan"]["stages"]
+    assert stages[0]["device"] == status["coordinator"]
+    assert stages[0]["start"] == 0 and stages[-1]["end"] == 32
+    for p in mesh:  # each peer holds only its own units
+        s = p.status()
+        assert s is not None and s["stage"] is not None
+        assert s["stage"]["weight_bytes"] < 300e6
+
+
+def test_greedy_answers_equal_the_single_process_reference(
+    mesh: list[Peer], reference: dict[str, str]
+) -> None:
+    for i, prompt in enumerate(PROMPTS):
+        answer = chat(mesh[i % 3], prompt)  # any peer can be the origin
+        assert answer["choices"][0]["message"]["content"] == reference[prompt], prompt
+        assert answer["meshshard"]["epoch"] == mesh[0].status()["plan"]["epoch"]  # type: ignore[index]
+
+
+def test_eight_concurrent_sessions_get_their_own_answers(
+    mesh: list[Peer], reference: dict[str, str]
+) -> None:
+    results: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        results[i] = chat(mesh[i % 3], prompt)["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 8
+    for i, text in results.items():
+        assert text == reference[PROMPTS[i % len(PROMPTS)]], i
+    stage = mesh[1].status()["stage"]  # type: ignore[index]
+    assert stage["batches"] < stage["steps"], "concurrent decode steps were never batched"
+    assert stage["sessions"] == 0, "finished sessions must free their caches"
+
+
+def test_ask_cli_from_every_peer(mesh: list[Peer], reference: dict[str, str]) -> None:
+    prompt = PROMPTS[0]
+    for p in mesh:
+        out = subprocess.run(
+            [sys.executable, "-m", "meshshard", "ask", prompt, "--max-tokens", str(NEW)]
+            + ["--peer", p.url, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["answer"] == reference[prompt]
+        assert result["ttft_s"] > 0 and result["tokens_per_s"] > 0 and result["epoch"]
+
+
+def test_openai_client_streams(mesh: list[Peer], reference: dict[str, str]) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=mesh[2].url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        max_tokens=NEW,
+        temperature=0,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len([p for p in pieces if p]) > 3, "the answer should arrive in pieces"
+    assert "".join(pieces) == reference[PROMPTS[1]]
+    done = client.completions.create(
+        model="SmolLM2-135M-Instruct",
+        prompt="The capital of France is",
+        max_tokens=8,
+        temperature=0,
+    )
+    assert "Paris" in done.choices[0].text
+
+
+def test_seeded_sampling_is_reproducible(mesh: list[Peer]) -> None:
+    a = chat(mesh[0], PROMPTS[1], temperature=1.0, seed=7)["choices"][0]["message"]["content"]
+    b = chat(mesh[1], PROMPTS[1], temperature=1.0, seed=7)["choices"][0]["message"]["content"]
+    c = chat(mesh[1], PROMPTS[1], temperature=1.0, seed=8)["choices"][0]["message"]["content"]
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+    ],
+)
+def test_bad_api_requests_get_a_400(mesh: list[Peer], body: dict[str, Any], message: str) -> None:
+    req = urllib.request.Request(
+        mesh[0].url + "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400
+    assert message in json.loads(err.value.read())["error"]["message"]
+
+
+def test_stale_epoch_and_unknown_session_frames_are_refused(mesh: list[Peer]) -> None:
+    status = mesh[0].status()
+    assert status is not None
+    plan = status["plan"]
+    first = next(p for p in mesh if p.name == plan["stages"][0]["device"])
+    current = Epoch(plan["epoch"][0], plan["epoch"][1])
+    errors = asyncio.run(_send_and_collect(first, current))
+    assert [(e.session, e.code) for e in errors] == [
+        ("stale", "stale-epoch"),
+        ("ghost", "unknown-session"),
+    ]
+    assert "serves epoch" in errors[0].message
+
+
+async def _send_and_collect(stage: Peer, current: Epoch) -> list[ErrorFrame]:
+    """Play an origin: send two bad frames to the first stage, collect the error frames."""
+    got: list[ErrorFrame] = []
+    done = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            frame = decode_frame(msg.data)
+            if isinstance(frame, ErrorFrame):
+                got.append(frame)
+                if len(got) == 2:
+                    done.set()
+        return ws
+
+    app = web.Application()
+    app.add_routes([web.get("/chain/ws", handle)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 7599)
+    await site.start()
+    ids = to_wire(torch.tensor([1, 2, 3]))
+    sampling = Sampling(0.0, 1.0, 1)
+    old = Epoch(current.term - 1, current.coordinator)
+    try:
+        async with aiohttp.ClientSession() as http, http.ws_connect(stage.url + "/chain/ws") as ws:
+            await ws.send_bytes(
+                encode_frame(StepFrame(old, "stale", 0, 0, ids, "127.0.0.1:7599", True, sampling))
+            )
+            await asyncio.sleep(0.3)
+            await ws.send_bytes(
+                encode_frame(
+                    StepFrame(current, "ghost", 5, 40, ids, "127.0.0.1:7599", True, sampling)
+                )
+            )
+            async with asyncio.timeout(30):
+                await done.wait()
+    finally:
+        await runner.cleanup()
+    return got
