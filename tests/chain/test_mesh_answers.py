@@ -249,3 +249,16 @@ async def _send_and_collect(stage: Peer, current: Epoch) -> list[ErrorFrame]:
     finally:
         await runner.cleanup()
     return got
+
+
+def test_demo_brings_up_a_mesh_answers_and_shuts_down() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshshard", "--log-level", "warning", "demo", "--port", "7560"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Paris" in out.stdout
+    assert "chain ready" in out.stdout and "tokens/s" in out.stdout
+    assert "Traceback" not in out.stderr
