@@ -9,7 +9,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +41,17 @@ logger = logging.getLogger(__name__)
 PREFILL_CHUNK = 256  # prompt tokens per frame, so a long prompt does not hold a stage long
 STEP_TIMEOUT = 120.0  # seconds to wait for one token before giving up on a session
 READY_TIMEOUT = 120.0
+MAX_REPLAYS = 8  # chain breaks one session survives
+PLAN_POLL = 0.05  # how often a waiting session checks whether its plan still stands
+SAME_PLAN_GRACE = 3.0  # after a break, wait this long for a newer plan before retrying
 
 
 class ChainError(Exception):
     """A session could not complete: no chain, a stage refused it, or a peer vanished."""
+
+
+class _Broken(Exception):
+    """The plan a session runs on can no longer serve it; replay on the next one."""
 
 
 @dataclass
@@ -81,6 +88,7 @@ class ChainService:
         self._tg: asyncio.TaskGroup | None = None
         self.accepting = True
         self.tokens_out = 0
+        self.replays = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -211,11 +219,18 @@ class ChainService:
 
     # -- sessions (this peer as origin) ------------------------------------------------------
 
-    async def ready_plan(self, timeout: float = READY_TIMEOUT) -> PlanRecord:
-        end = time.monotonic() + timeout
+    async def ready_plan(
+        self, timeout: float = READY_TIMEOUT, newer_than: PlanRecord | None = None
+    ) -> PlanRecord:
+        """The plan in force once its chain is ready. After a break (`newer_than`), prefer a
+        newer plan; the same one is retried only if it stays ready for a while."""
+        start = time.monotonic()
+        end = start + timeout
         while True:
             plan = self.control.book.current
-            if plan is not None and self.control.chain_ready(plan):
+            retry_same = newer_than is None or time.monotonic() - start > SAME_PLAN_GRACE
+            usable = plan is not None and (plan != newer_than or retry_same)
+            if plan is not None and usable and self.control.chain_ready(plan):
                 return plan
             if time.monotonic() > end:
                 why = self.control.plan_error or "the chain is not ready"
@@ -230,64 +245,114 @@ class ChainService:
         stop_ids: frozenset[int] = frozenset(),
         usage: Usage | None = None,
     ) -> AsyncIterator[int]:
-        """Stream new token ids for a prompt through the mesh."""
+        """Stream new token ids for a prompt through the mesh.
+
+        If the chain breaks (a stage dies, or a new plan moves units), the session waits for
+        the next usable chain and replays its token history there (the origin always keeps it),
+        then carries on: the caller sees one uninterrupted stream, and with greedy or seeded
+        sampling the same tokens as if nothing had happened.
+        """
         if not self.accepting:
             raise ChainError("this peer is shutting down")
         if not prompt_ids:
             raise ChainError("empty prompt")
         usage = usage or Usage()
         started = time.monotonic()
-        plan = await self.ready_plan()
         temperature, top_p, seed = sampling
         params = Sampling(temperature, top_p, seed if seed is not None else secrets.randbits(62))
-        session = f"{self.control.id}/{next(self._ids)}"
+        base = f"{self.control.id}/{next(self._ids)}"
+        history = list(prompt_ids)
+        produced = 0
+        usage.prompt_tokens = len(prompt_ids)
+        broken: PlanRecord | None = None
+        try:
+            for attempt in range(MAX_REPLAYS + 1):
+                plan = await self.ready_plan(newer_than=broken)
+                usage.epoch = (plan.epoch.term, plan.epoch.coordinator)
+                session = f"{base}/{attempt}"
+                if attempt:
+                    self.replays += 1
+                    logger.info(
+                        "[%s] session %s: replaying %d tokens on epoch %s",
+                        self.control.id, base, len(history), plan.epoch,
+                    )  # fmt: skip
+                try:
+                    attempt_tokens = self._attempt(plan, session, history, produced, params)
+                    async with contextlib.aclosing(attempt_tokens) as tokens:
+                        async for token in tokens:
+                            if produced == 0:
+                                usage.ttft_s = time.monotonic() - started
+                            if token in stop_ids:
+                                return
+                            produced += 1
+                            usage.completion_tokens = produced
+                            self.tokens_out += 1
+                            history.append(token)
+                            yield token
+                            if produced == max_tokens:
+                                return
+                except _Broken as e:
+                    logger.info("[%s] session %s interrupted: %s", self.control.id, base, e)
+                    broken = plan
+            raise ChainError(f"the chain broke {MAX_REPLAYS + 1} times; giving up")
+        finally:
+            usage.elapsed_s = time.monotonic() - started
+
+    async def _attempt(
+        self, plan: PlanRecord, session: str, history: list[int], step: int, params: Sampling
+    ) -> AsyncGenerator[int, None]:
+        """Run one session on one plan: prefill `history`, then decode until the caller stops.
+        Raises _Broken when this plan can no longer serve it."""
         queue: asyncio.Queue[TokenFrame | ErrorFrame] = asyncio.Queue()
         self._sessions[session] = queue
-        first = self.control.addr_of(plan.stages[0].device)
         me = self.control.membership.me.addr
-        usage.prompt_tokens, usage.epoch = (
-            len(prompt_ids),
-            (plan.epoch.term, plan.epoch.coordinator),
-        )
-        ids = torch.tensor(list(prompt_ids), dtype=torch.int64)
         try:
+            first = self.control.addr_of(plan.stages[0].device)
             if first is None:
-                raise ChainError("the first stage is gone")
+                raise _Broken("the first stage is gone")
+            ids = torch.tensor(history, dtype=torch.int64)
             for start in range(0, len(ids), PREFILL_CHUNK):
                 chunk = ids[start : start + PREFILL_CHUNK]
                 last = start + PREFILL_CHUNK >= len(ids)
-                frame = StepFrame(plan.epoch, session, 0, start, to_wire(chunk), me, last, params)
+                frame = StepFrame(
+                    plan.epoch, session, step, start, to_wire(chunk), me, last, params
+                )
                 await self._send(first, frame)
-            position = len(ids)
-            for step in range(max_tokens):
-                token = await self._next_token(queue, step)
-                if step == 0:
-                    usage.ttft_s = time.monotonic() - started
-                if token in stop_ids:
-                    return
-                usage.completion_tokens += 1
-                self.tokens_out += 1
+            while True:
+                token = await self._next_token(queue, step, plan)
                 yield token
-                if step + 1 == max_tokens:
-                    return
+                step += 1
                 tensor = to_wire(torch.tensor([token], dtype=torch.int64))
-                frame = StepFrame(plan.epoch, session, step + 1, position, tensor, me, True, params)
+                position = len(history)  # the caller appended `token` before resuming us
+                frame = StepFrame(plan.epoch, session, step, position - 1, tensor, me, True, params)
                 await self._send(first, frame)
-                position += 1
         finally:
-            usage.elapsed_s = time.monotonic() - started
             del self._sessions[session]
-            await self._drop(plan, session)
+            # Freeing caches must not hold up a replay (a dead stage may take a while to fail).
+            assert self._tg is not None
+            self._tg.create_task(self._drop(plan, session))
 
-    async def _next_token(self, queue: asyncio.Queue[TokenFrame | ErrorFrame], step: int) -> int:
+    async def _next_token(
+        self, queue: asyncio.Queue[TokenFrame | ErrorFrame], step: int, plan: PlanRecord
+    ) -> int:
+        waited = 0.0
         while True:
             try:
-                async with asyncio.timeout(STEP_TIMEOUT):
+                async with asyncio.timeout(PLAN_POLL):
                     frame = await queue.get()
             except TimeoutError:
-                raise ChainError(f"no token {step} within {STEP_TIMEOUT:.0f} s") from None
+                waited += PLAN_POLL
+                if self.control.book.current != plan:
+                    raise _Broken(f"the plan moved on to epoch {self.control.book.epoch}") from None
+                if any(self.control.addr_of(s.device) is None for s in plan.stages):
+                    raise _Broken("a stage left the mesh") from None
+                if waited > STEP_TIMEOUT:
+                    raise ChainError(f"no token {step} within {STEP_TIMEOUT:.0f} s") from None
+                continue
             if isinstance(frame, ErrorFrame):
-                raise ChainError(f"{frame.code}: {frame.message}")
+                if frame.code in ("bad-frame",):
+                    raise ChainError(f"{frame.code}: {frame.message}")
+                raise _Broken(f"{frame.code}: {frame.message}")
             if frame.step == step:
                 return frame.token
 
@@ -296,7 +361,7 @@ class ChainService:
         try:
             await self._links.send(addr, frame)
         except LinkError as e:
-            raise ChainError(str(e)) from None
+            raise _Broken(str(e)) from None
 
     async def _drop(self, plan: PlanRecord, session: str) -> None:
         for stage in plan.stages:

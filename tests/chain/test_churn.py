@@ -1,0 +1,109 @@
+"""Answers survive a stage dying mid-generation: the origin replays its history on the new plan."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.procs import Peer, wait_for
+
+from meshshard.config import default_cache_dir
+from meshshard.model.generate import LocalChain, generate
+from meshshard.model.source import ensure_embedded
+from meshshard.model.text import TextCodec
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
+NEW = 64
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    model_dir = ensure_embedded(default_cache_dir())
+    codec = TextCodec.load(model_dir)
+    ids = codec.encode(PROMPT, chat=True)
+    tokens = list(generate(LocalChain.load(model_dir), ids, NEW, stop_ids=codec.stop_ids))
+    return codec.decode(tokens)
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[list[Peer]]:
+    # 300 MB each: a chain needs three of the four peers, so one can die and be replaced.
+    started = [
+        Peer(f"peer-{c}", 7800 + i, tmp_path, "--memory", "300MB", "--threads", "1").start()
+        for i, c in enumerate("abcd")
+    ]
+    try:
+
+        def ready() -> bool:
+            s = started[0].status()
+            return bool(s and s["chain_ready"] and len(s["plan"]["stages"]) == 3)
+
+        wait_for(ready, 180, "a 3-stage chain", 0.2)
+        yield started
+    finally:
+        for p in started:
+            p.kill()
+
+
+def stream(origin: Peer, seen: list[str], done: threading.Event, out: dict[str, object]) -> None:
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": NEW,
+        "temperature": 0,
+        "stream": True,
+    }
+    req = urllib.request.Request(
+        origin.url + "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    out["error"] = event["error"]["message"]
+                    break
+                piece = event["choices"][0].get("delta", {}).get("content")
+                if piece:
+                    seen.append(piece)
+                if "meshshard" in event:
+                    out["epoch"] = event["meshshard"]["epoch"]
+    finally:
+        done.set()
+
+
+@pytest.mark.parametrize("victim_index", [1, 2], ids=["middle stage", "last stage"])
+def test_answer_survives_a_stage_killed_mid_generation(
+    peers: list[Peer], reference: str, victim_index: int
+) -> None:
+    status = peers[0].status()
+    assert status is not None
+    plan = status["plan"]
+    by_name = {p.name: p for p in peers}
+    origin = by_name[plan["stages"][0]["device"]]  # the coordinator: it stays up
+    victim = by_name[plan["stages"][victim_index]["device"]]
+    seen: list[str] = []
+    done = threading.Event()
+    out: dict[str, object] = {}
+    thread = threading.Thread(target=stream, args=(origin, seen, done, out))
+    thread.start()
+    wait_for(lambda: len(seen) >= 10 or done.is_set(), 120, "ten tokens", 0.01)
+    assert not done.is_set(), "the answer finished before the kill"
+    victim.kill()
+    thread.join(300)
+    assert "error" not in out, out
+    assert "".join(seen) == reference
+    assert out["epoch"] != plan["epoch"], "the answer should have finished on a new plan"
+    after = origin.status()
+    assert after is not None
+    assert victim.name not in {s["device"] for s in after["plan"]["stages"]}
