@@ -57,12 +57,14 @@ class Replanner:
         self._seen_at = 0.0
         self.planned: Signature | None = None
 
-    def due(self, sig: Signature, now: float, have_plan: bool) -> bool:
+    def due(self, sig: Signature, now: float, have_plan: bool, urgent: bool = False) -> bool:
+        """`urgent`: the plan in force lost a member, so every moment without one is lost
+        work (the membership layer has already debounced the death)."""
         if sig != self._seen:
             self._seen, self._seen_at = sig, now
         if have_plan and sig == self.planned:
             return False
-        return now - self._seen_at >= self._debounce
+        return urgent or now - self._seen_at >= self._debounce
 
     def done(self, sig: Signature) -> None:
         self.planned = sig

@@ -306,7 +306,8 @@ class ControlNode:
                 and current.epoch.coordinator == self.id
                 and all(s.device in live for s in current.stages)
             )
-            if not self.replanner.due(sig, self.clock.now(), mine):
+            broken = current is not None and any(s.device not in live for s in current.stages)
+            if not self.replanner.due(sig, self.clock.now(), mine, urgent=broken):
                 continue
             reason = describe_change(self.replanner.planned, sig) if mine else "new coordinator"
             self.replanner.done(sig)

@@ -171,3 +171,18 @@ def test_our_own_record_is_never_forgotten() -> None:
     m.leave()
     m.tick(T.tombstone_ttl * 10)
     assert m.me.state == State.LEFT
+
+
+def test_replanner_debounces_changes_but_not_a_broken_plan() -> None:
+    from meshshard.mesh.coordinator import Replanner, Signature
+
+    r = Replanner(debounce=0.5)
+    a, b = Signature((NodeId("x"),), ()), Signature((NodeId("x"), NodeId("y")), ())
+    assert r.due(a, 0.0, have_plan=False) is False
+    assert r.due(a, 0.6, have_plan=False) is True
+    r.done(a)
+    assert r.due(a, 5.0, have_plan=True) is False
+    assert r.due(b, 5.1, have_plan=True) is False  # a join waits for the debounce
+    assert r.due(b, 5.7, have_plan=True) is True
+    r.done(b)
+    assert r.due(a, 6.0, have_plan=True, urgent=True) is True  # a stage died: no wait
