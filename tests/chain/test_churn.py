@@ -82,7 +82,9 @@ def stream(origin: Peer, seen: list[str], done: threading.Event, out: dict[str, 
         done.set()
 
 
-@pytest.mark.parametrize("victim_index", [1, 2], ids=["middle stage", "last stage"])
+@pytest.mark.parametrize(
+    "victim_index", [1, 2, 0], ids=["middle stage", "last stage", "coordinator and first stage"]
+)
 def test_answer_survives_a_stage_killed_mid_generation(
     peers: list[Peer], reference: str, victim_index: int
 ) -> None:
@@ -90,8 +92,9 @@ def test_answer_survives_a_stage_killed_mid_generation(
     assert status is not None
     plan = status["plan"]
     by_name = {p.name: p for p in peers}
-    origin = by_name[plan["stages"][0]["device"]]  # the coordinator: it stays up
     victim = by_name[plan["stages"][victim_index]["device"]]
+    # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies.
+    origin = by_name[plan["stages"][0 if victim_index else -1]["device"]]
     seen: list[str] = []
     done = threading.Event()
     out: dict[str, object] = {}
@@ -107,3 +110,7 @@ def test_answer_survives_a_stage_killed_mid_generation(
     after = origin.status()
     assert after is not None
     assert victim.name not in {s["device"] for s in after["plan"]["stages"]}
+    assert after["plan"]["epoch"][0] > plan["epoch"][0]
+    if victim_index == 0:  # a new coordinator, elected from the survivors
+        assert after["coordinator"] != victim.name
+        assert after["plan"]["epoch"][1] == after["coordinator"]
