@@ -164,6 +164,12 @@ class Daemon:
             "model": self.node.model,
             "uptime_s": round(time.time() - self._started, 1),
         }
+        if self.service is not None:
+            status["origin"] = {
+                "sessions": self.service.open_sessions,
+                "tokens_out": self.service.tokens_out,
+                "replays": self.service.replays,
+            }
         stage = self.service.stage if self.service else None
         status["stage"] = (
             {

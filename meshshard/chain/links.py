@@ -46,11 +46,6 @@ class Links:
                 self._sockets.pop(addr, None)
                 raise LinkError(f"{addr}: {e}") from None
 
-    def forget(self, addr: str) -> None:
-        ws = self._sockets.pop(addr, None)
-        if ws is not None:
-            self._tg.create_task(ws.close())
-
     async def close(self) -> None:
         for ws in list(self._sockets.values()):
             await ws.close()

@@ -111,6 +111,10 @@ class ChainService:
                 await self._stop_stage()
                 await self._links.close()
 
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
     def on_plan(self, plan: PlanRecord) -> None:
         self._plans.put_nowait(plan)
 

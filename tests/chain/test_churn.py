@@ -111,6 +111,7 @@ def test_answer_survives_a_stage_killed_mid_generation(
     assert after is not None
     assert victim.name not in {s["device"] for s in after["plan"]["stages"]}
     assert after["plan"]["epoch"][0] > plan["epoch"][0]
+    assert after["origin"]["replays"] >= 1 and after["origin"]["sessions"] == 0
     if victim_index == 0:  # a new coordinator, elected from the survivors
         assert after["coordinator"] != victim.name
         assert after["plan"]["epoch"][1] == after["coordinator"]
