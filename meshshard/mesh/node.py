@@ -94,6 +94,7 @@ class ControlNode:
         self._seeds: set[str] = set()
         self._stop = asyncio.Event()
         self._leaving = False
+        self._guessed = False  # the plan in force was made on estimated profiles
 
     @property
     def id(self) -> NodeId:
@@ -321,8 +322,12 @@ class ControlNode:
                 self._event(f"cannot plan: {e}")
                 continue
             self.plan_error = ""
-            if mine and current is not None and not _worth_it(inst, current, plan):
+            measured = all(p.measured for n, p in self.profiles.items() if n in live)
+            # A plan made on estimated profiles is redone once they are measured, gain or not.
+            settled = not (self._guessed and measured)
+            if mine and current is not None and settled and not _worth_it(inst, current, plan):
                 continue  # the plan in force is still valid and nearly as good: no churn
+            self._guessed = not measured
             plan = replace(plan, epoch=self.book.next_epoch(self.id))
             self._adopt(plan)
             await self._push_all(self.timings.probe_timeout * 4)

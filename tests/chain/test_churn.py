@@ -22,13 +22,17 @@ PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 NEW = 64
 
 
-@pytest.fixture(scope="module")
-def reference() -> str:
+def answer(tokens: int) -> str:
     model_dir = ensure_embedded(default_cache_dir())
     codec = TextCodec.load(model_dir)
     ids = codec.encode(PROMPT, chat=True)
-    tokens = list(generate(LocalChain.load(model_dir), ids, NEW, stop_ids=codec.stop_ids))
-    return codec.decode(tokens)
+    out = list(generate(LocalChain.load(model_dir), ids, tokens, stop_ids=codec.stop_ids))
+    return codec.decode(out)
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    return answer(NEW)
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ def peers(tmp_path: Path) -> Iterator[list[Peer]]:
 
         def ready() -> bool:
             s = started[0].status()
-            return bool(s and s["chain_ready"] and len(s["plan"]["stages"]) == 3)
+            return bool(s and s["chain_ready"] and len(s["plan"]["stages"]) >= 3)
 
         wait_for(ready, 180, "a 3-stage chain", 0.2)
         yield started
@@ -51,10 +55,12 @@ def peers(tmp_path: Path) -> Iterator[list[Peer]]:
             p.kill()
 
 
-def stream(origin: Peer, seen: list[str], done: threading.Event, out: dict[str, object]) -> None:
+def stream(
+    origin: Peer, seen: list[str], done: threading.Event, out: dict[str, object], tokens: int = NEW
+) -> None:
     body = {
         "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": NEW,
+        "max_tokens": tokens,
         "temperature": 0,
         "stream": True,
     }
@@ -83,7 +89,7 @@ def stream(origin: Peer, seen: list[str], done: threading.Event, out: dict[str, 
 
 
 @pytest.mark.parametrize(
-    "victim_index", [1, 2, 0], ids=["middle stage", "last stage", "coordinator and first stage"]
+    "victim_index", [1, -1, 0], ids=["middle stage", "last stage", "coordinator and first stage"]
 )
 def test_answer_survives_a_stage_killed_mid_generation(
     peers: list[Peer], reference: str, victim_index: int
@@ -95,6 +101,7 @@ def test_answer_survives_a_stage_killed_mid_generation(
     victim = by_name[plan["stages"][victim_index]["device"]]
     # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies.
     origin = by_name[plan["stages"][0 if victim_index else -1]["device"]]
+    assert origin is not victim
     seen: list[str] = []
     done = threading.Event()
     out: dict[str, object] = {}
@@ -115,3 +122,32 @@ def test_answer_survives_a_stage_killed_mid_generation(
     if victim_index == 0:  # a new coordinator, elected from the survivors
         assert after["coordinator"] != victim.name
         assert after["plan"]["epoch"][1] == after["coordinator"]
+
+
+def test_answer_survives_a_higher_priority_peer_joining(peers: list[Peer], tmp_path: Path) -> None:
+    """A new device with a higher priority joins mid-answer: it becomes the coordinator, the
+    plan changes under a new epoch, and the answer carries on unchanged. The answer is long
+    (256 tokens, about 12 s) so that the newcomer starts and joins while it runs."""
+    reference = answer(256)
+    status = peers[0].status()
+    assert status is not None
+    plan = status["plan"]
+    origin = next(p for p in peers if p.name == plan["stages"][-1]["device"])
+    seen: list[str] = []
+    done = threading.Event()
+    out: dict[str, object] = {}
+    thread = threading.Thread(target=stream, args=(origin, seen, done, out, 256))
+    thread.start()
+    wait_for(lambda: len(seen) >= 10 or done.is_set(), 120, "ten tokens", 0.01)
+    assert not done.is_set(), "the answer finished before the join"
+    newcomer = Peer(
+        "peer-z", 7810, tmp_path, "--memory", "2GB", "--threads", "1", "--priority", "5"
+    ).start()
+    peers.append(newcomer)  # the fixture kills it at the end
+    thread.join(300)
+    assert "error" not in out, out
+    assert "".join(seen) == reference
+    assert out["epoch"] != plan["epoch"], "the join should have changed the plan mid-answer"
+    after = origin.status()
+    assert after is not None and after["coordinator"] == "peer-z"
+    assert after["plan"]["epoch"][1] == "peer-z" and after["origin"]["replays"] >= 1
