@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from support.netns import Bridge, can_make_namespaces
-from support.procs import Peer, agreement, wait_for
+from support.procs import Peer, wait_for_agreement
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,9 +37,8 @@ def test_peers_in_namespaces_discover_each_other(bridge: Bridge, tmp_path: Path)
         for i, host in enumerate(bridge.hosts)
     ]
     try:
-        wait_for(lambda: agreement(peers) is not None, 90, "agreement across namespaces", 0.5)
-        view = agreement(peers)
-        assert view is not None and view["coordinator"] == "host-2"
+        view = wait_for_agreement(peers, 120, 0.5)
+        assert view["coordinator"] == "host-2"
         addrs = {m["addr"] for m in view["members"]}
         assert addrs == {f"{bridge.address(i)}:7117" for i in range(3)}
     except AssertionError:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.procs import Peer, agreement, wait_for
+from support.procs import Peer, agreement, wait_for, wait_for_agreement
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +37,9 @@ def launch(
 def test_three_peers_find_each_other_by_mdns_and_agree(peers: list[Peer], tmp_path: Path) -> None:
     launch(peers, tmp_path, ["peer-a", "peer-b", "peer-c"], 7310)
     try:
-        wait_for(lambda: agreement(peers) is not None, 60, "agreement")
+        view = wait_for_agreement(peers, 60)
     except AssertionError:
         raise AssertionError("\n\n".join(p.tail() for p in peers)) from None
-    view = agreement(peers)
-    assert view is not None
     assert view["coordinator"] == "peer-c"  # highest id, equal priority
     assert view["plan"]["stages"][0]["device"] == "peer-c"  # the coordinator is the source
     assert len(view["plan"]["stages"]) >= 2  # nobody holds the model alone
@@ -52,16 +50,13 @@ def test_three_peers_find_each_other_by_mdns_and_agree(peers: list[Peer], tmp_pa
 def test_priority_picks_the_coordinator(peers: list[Peer], tmp_path: Path) -> None:
     launch(peers, tmp_path, ["peer-a"], 7320, "--priority", "5")
     launch(peers, tmp_path, ["peer-b", "peer-c"], 7321)
-    wait_for(lambda: agreement(peers) is not None, 60, "agreement")
-    view = agreement(peers)
-    assert view is not None and view["coordinator"] == "peer-a"
+    view = wait_for_agreement(peers, 60)
+    assert view["coordinator"] == "peer-a"
 
 
 def test_crash_is_detected_replanned_and_rejoined(peers: list[Peer], tmp_path: Path) -> None:
     launch(peers, tmp_path, ["peer-a", "peer-b", "peer-c"], 7330)
-    wait_for(lambda: agreement(peers) is not None, 60, "agreement")
-    view = agreement(peers)
-    assert view is not None
+    view = wait_for_agreement(peers, 60)
     used = [s["device"] for s in view["plan"]["stages"]]
     victim = next(p for p in peers if p.name in used and p.name != view["coordinator"])
     rest = [p for p in peers if p is not victim]

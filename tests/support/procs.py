@@ -129,3 +129,17 @@ def agreement(peers: list[Peer]) -> dict[str, Any] | None:
         if v["plan"]["epoch"][1] != v["coordinator"]:
             return None
     return first
+
+
+def wait_for_agreement(peers: list[Peer], timeout: float, interval: float = 0.1) -> dict[str, Any]:
+    """Wait until the peers agree; returns the agreed view (not a later, possibly flapping one)."""
+    seen: list[dict[str, Any]] = []
+
+    def agreed() -> bool:
+        view = agreement(peers)
+        if view is not None:
+            seen.append(view)
+        return view is not None
+
+    wait_for(agreed, timeout, "agreement", interval)
+    return seen[-1]
