@@ -55,6 +55,15 @@ def cli(log_level: str) -> None:
     )
 
 
+peer_url_option = click.option(
+    "--peer",
+    default="http://127.0.0.1:7117",
+    show_default=True,
+    envvar="MESHSHARD_PEER_URL",
+    help="Any peer's URL.",
+)
+
+
 def model_options(f: F) -> F:
     @click.option(
         "--model",
@@ -319,13 +328,7 @@ def up(
 
 
 @cli.command()
-@click.option(
-    "--peer",
-    default="http://127.0.0.1:7117",
-    show_default=True,
-    envvar="MESHSHARD_PEER_URL",
-    help="Any peer's URL.",
-)
+@peer_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status object.")
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 def status(peer: str, as_json: bool, watch: bool) -> None:
@@ -351,13 +354,7 @@ def status(peer: str, as_json: bool, watch: bool) -> None:
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 2))
 @click.option("--seed", default=None, type=click.IntRange(0), help="Reproducible sampling.")
 @click.option("--system", default=None, help="System message.")
-@click.option(
-    "--peer",
-    default="http://127.0.0.1:7117",
-    show_default=True,
-    envvar="MESHSHARD_PEER_URL",
-    help="Any peer's URL.",
-)
+@peer_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print the answer with timing and epoch.")
 def ask(
     prompt: str,

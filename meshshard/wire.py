@@ -106,16 +106,7 @@ def encode(msg: ControlMessage) -> bytes:
 
 
 def decode(data: bytes) -> ControlMessage:
-    if len(data) > MAX_CONTROL_BYTES:
-        raise WireError(f"control message of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
-    try:
-        raw = cbor2.loads(data)
-    except Exception as e:  # cbor2 raises several types for garbage
-        raise WireError(f"not CBOR: {e}") from None
-    m = _map(raw, "message")
-    version = _int(m.get("v"), "v")
-    if version != PROTOCOL:
-        raise WireError(f"protocol version {version}, expected {PROTOCOL}")
+    m = _load(data, MAX_CONTROL_BYTES, "message")
     sender = _member_in(m.get("sender"), "sender")
     kind = m.get("k")
     match kind:
@@ -268,6 +259,21 @@ def _epoch(raw: object) -> Epoch:
     return Epoch(_int(pair[0], "epoch.term"), _str(pair[1], "epoch.coordinator", empty=True))
 
 
+def _load(data: bytes, limit: int, what: str) -> dict[Any, Any]:
+    """A CBOR map of our protocol version, within `limit` bytes, or WireError."""
+    if len(data) > limit:
+        raise WireError(f"{what} of {len(data)} bytes exceeds {limit}")
+    try:
+        raw = cbor2.loads(data)
+    except Exception as e:  # cbor2 raises several types for garbage
+        raise WireError(f"not CBOR: {e}") from None
+    m = _map(raw, what)
+    version = _int(m.get("v"), "v")
+    if version != PROTOCOL:
+        raise WireError(f"protocol version {version}, expected {PROTOCOL}")
+    return m
+
+
 def _map(raw: object, what: str) -> dict[Any, Any]:
     if not isinstance(raw, dict):
         raise WireError(f"{what} must be a map")
@@ -406,15 +412,7 @@ def encode_frame(frame: DataFrame) -> bytes:
 
 def decode_frame(data: bytes, hidden_size: int | None = None) -> DataFrame:
     """Decode and validate one data-plane frame; `hidden_size` pins activation shapes."""
-    if len(data) > MAX_FRAME_BYTES:
-        raise WireError(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
-    try:
-        raw = cbor2.loads(data)
-    except Exception as e:  # cbor2 raises several types for garbage
-        raise WireError(f"not CBOR: {e}") from None
-    m = _map(raw, "frame")
-    if _int(m.get("v"), "v") != PROTOCOL:
-        raise WireError(f"protocol version {m.get('v')}, expected {PROTOCOL}")
+    m = _load(data, MAX_FRAME_BYTES, "frame")
     epoch = _epoch(m.get("epoch"))
     session = _str(m.get("session"), "session")
     kind = m.get("k")

@@ -168,16 +168,9 @@ class Shard:
             pos = positions.unsqueeze(0)
             embeddings = self.rotary(h, pos)
             mask = _causal_mask(positions, cache.length + n)
-            for layer in self.layers:
-                h = layer(
-                    h,
-                    attention_mask=mask,
-                    position_ids=pos,
-                    position_embeddings=embeddings,
-                    cache=cache,
-                )
-                clock.lap(unit)
-                unit += 1
+            first = unit
+            h = self._run_layers(h, mask, pos, embeddings, cache, lambda i: clock.lap(first + i))
+            unit += len(self.layers)
         if self.lm_head is not None and self.norm is not None:
             logits = self.lm_head(self.norm(h[:, -1:]))[0, -1].float()
             clock.lap(unit)
@@ -202,17 +195,32 @@ class Shard:
             embeddings = self.rotary(h, pos)
             batch = _BatchCache(caches, int(lengths.max()))
             mask = (torch.arange(batch.width)[None, :] < lengths[:, None])[:, None, None, :]
-            for layer in self.layers:
-                h = layer(
-                    h,
-                    attention_mask=mask,
-                    position_ids=pos,
-                    position_embeddings=embeddings,
-                    cache=batch,
-                )
+            h = self._run_layers(h, mask, pos, embeddings, batch)
         if self.lm_head is not None and self.norm is not None:
             return self.lm_head(self.norm(h))[:, -1].float()
         return h[:, 0]
+
+    def _run_layers(
+        self,
+        h: torch.Tensor,
+        mask: torch.Tensor | None,
+        pos: torch.Tensor,
+        embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: Any,
+        after_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder layers; `after_layer(i)` is called after layer i (for timing)."""
+        for i, layer in enumerate(self.layers):
+            h = layer(
+                h,
+                attention_mask=mask,
+                position_ids=pos,
+                position_embeddings=embeddings,
+                cache=cache,
+            )
+            if after_layer is not None:
+                after_layer(i)
+        return h
 
     def _cache(self, session: Hashable) -> KVCache:
         try:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.procs import Peer, wait_for
+from support.procs import Peer, wait_for, wait_for_chain
 
 from meshshard.config import default_cache_dir
 from meshshard.model.generate import LocalChain, generate
@@ -43,12 +43,7 @@ def peers(tmp_path: Path) -> Iterator[list[Peer]]:
         for i, c in enumerate("abcd")
     ]
     try:
-
-        def ready() -> bool:
-            s = started[0].status()
-            return bool(s and s["chain_ready"] and len(s["plan"]["stages"]) >= 3)
-
-        wait_for(ready, 180, "a 3-stage chain", 0.2)
+        wait_for_chain(started[0], 3)
         yield started
     finally:
         for p in started:

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import torch
 from aiohttp import web
-from support.procs import Peer, wait_for
+from support.procs import Peer, wait_for, wait_for_chain
 
 from meshshard.chain.tensors import to_wire
 from meshshard.config import default_cache_dir
@@ -44,12 +44,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Peer]]:
         for i, c in enumerate("abc")
     ]
     try:
-
-        def ready() -> bool:
-            s = peers[0].status()
-            return bool(s and s["chain_ready"] and len(s["plan"]["stages"]) == 3)
-
-        wait_for(ready, 180, "a 3-stage chain", 0.2)
+        wait_for_chain(peers[0], 3)
         yield peers
         for p in peers:  # ordered shutdown: a clean exit, no traceback
             assert p.stop() == 0

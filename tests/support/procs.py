@@ -131,6 +131,16 @@ def agreement(peers: list[Peer]) -> dict[str, Any] | None:
     return first
 
 
+def wait_for_chain(peer: Peer, min_stages: int, timeout: float = 180) -> None:
+    """Wait until `peer` sees a ready chain of at least `min_stages` stages."""
+
+    def ready() -> bool:
+        s = peer.status()
+        return bool(s and s.get("chain_ready") and len(s["plan"]["stages"]) >= min_stages)
+
+    wait_for(ready, timeout, f"a chain of {min_stages}+ stages", 0.2)
+
+
 def wait_for_agreement(peers: list[Peer], timeout: float, interval: float = 0.1) -> dict[str, Any]:
     """Wait until the peers agree; returns the agreed view (not a later, possibly flapping one)."""
     seen: list[dict[str, Any]] = []
