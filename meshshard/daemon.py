@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 # On shutdown, answers in flight from this peer get this long to finish.
 DRAIN_SECONDS = 10.0
+# ... and the mesh this long to plan without us and take our sessions' caches.
+HAND_OVER_SECONDS = 20.0
 
 
 class Daemon:
@@ -70,7 +72,7 @@ class Daemon:
                 context_tokens=config.context_tokens,
             )
             self.node = node
-            service = ChainService(node, model_dir, config.dtype, session, spec.hidden_size)
+            service = ChainService(node, model_dir, config.dtype, session, spec)
             node.on_plan = service.on_plan
             self.service = service
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -96,8 +98,11 @@ class Daemon:
                     if discovery is not None:
                         tasks.append(tg.create_task(discovery.run()))
                     await self._stop.wait()
-                    logger.info("shutting down: no new requests, finishing answers in flight")
+                    logger.info("shutting down: no new requests, moving our units to others")
+                    await node.drain()
                     await service.drain(DRAIN_SECONDS)
+                    if not await service.hand_over(HAND_OVER_SECONDS):
+                        logger.warning("leaving without handing over: no plan without this peer")
                     logger.info("leaving the mesh")
                     await node.stop(leave=True)
                     for task in tasks:
@@ -169,6 +174,13 @@ class Daemon:
                 "sessions": self.service.open_sessions,
                 "tokens_out": self.service.tokens_out,
                 "replays": self.service.replays,
+                "handoffs": self.service.handoffs,
+            }
+            status["kv"] = {
+                "layers_sent": self.service.kv_layers_sent,
+                "layers_received": self.service.kv_layers_received,
+                "left_behind": len(self.service.left_behind),
+                "left_behind_bytes": self.service.left_behind.nbytes(),
             }
         stage = self.service.stage if self.service else None
         status["stage"] = (

@@ -143,6 +143,7 @@ def _member_out(m: Member) -> dict[str, Any]:
         "prio": m.priority,
         "pv": m.profile_version,
         "ready": [m.ready.term, m.ready.coordinator],
+        "drain": m.draining,
     }
 
 
@@ -161,6 +162,7 @@ def _member_in(raw: object, what: str) -> Member:
         priority=_int(m.get("prio"), f"{what}.prio", low=-(2**31)),
         profile_version=_int(m.get("pv"), f"{what}.pv"),
         ready=_epoch(m.get("ready")),
+        draining=_bool(m.get("drain"), f"{what}.drain"),
     )
 
 
@@ -322,7 +324,16 @@ def _addr(raw: object, what: str) -> str:
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # one activation frame; checked before it is read
 MAX_TOKENS_PER_FRAME = 8192
 TENSOR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
-ERROR_CODES = ("stale-epoch", "not-ready", "unknown-session", "bad-frame", "internal")
+ERROR_CODES = (
+    "stale-epoch",
+    "not-ready",
+    "unknown-session",
+    "cache-miss",  # a stage holds fewer positions than the frame continues from: see `have`
+    "no-handoff",  # a KV handoff could not be made; the origin replays instead
+    "bad-frame",
+    "internal",
+)
+MAX_KV_DIM = 4096  # heads or head size in a handed-off KV cache
 
 
 @dataclass(frozen=True)
@@ -353,6 +364,7 @@ class StepFrame:
     origin: str  # host:port that receives the sampled token
     sample: bool  # False for all but the last chunk of a chunked prefill
     sampling: Sampling
+    attempt: int = 0  # the origin's try for this session; answers to older tries are ignored
 
 
 @dataclass(frozen=True)
@@ -361,6 +373,7 @@ class TokenFrame:
     session: str
     step: int
     token: int
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -370,6 +383,8 @@ class ErrorFrame:
     step: int
     code: str
     message: str
+    attempt: int = 0
+    have: int = 0  # for "cache-miss": the positions the refusing stage does hold
 
 
 @dataclass(frozen=True)
@@ -380,7 +395,47 @@ class DropFrame:
     session: str
 
 
-DataFrame = StepFrame | TokenFrame | ErrorFrame | DropFrame
+@dataclass(frozen=True)
+class HandoffRequest:
+    """From a session's origin to a peer that held units [start, end) of the session: send
+    the first `length` positions of their KV cache to `to`, which serves them in `epoch`."""
+
+    epoch: Epoch
+    session: str
+    attempt: int
+    start: int
+    end: int
+    length: int
+    to: str
+    origin: str
+
+
+@dataclass(frozen=True)
+class KVFrame:
+    """One layer's cached keys and values of a session, [1, kv_heads, length, head_dim] each.
+    The receiver tells the origin once the `final` one is in place."""
+
+    epoch: Epoch
+    session: str
+    attempt: int
+    layer: int
+    keys: TensorData
+    values: TensorData
+    origin: str
+    final: bool
+
+
+@dataclass(frozen=True)
+class HandoffDone:
+    """To the origin: the handed-off layers are in place on the new owner."""
+
+    epoch: Epoch
+    session: str
+    attempt: int
+    layers: int
+
+
+DataFrame = StepFrame | TokenFrame | ErrorFrame | DropFrame | HandoffRequest | KVFrame | HandoffDone
 
 
 def encode_frame(frame: DataFrame) -> bytes:
@@ -391,22 +446,55 @@ def encode_frame(frame: DataFrame) -> bytes:
     }
     match frame:
         case StepFrame():
-            t = frame.tensor
             body |= {
                 "k": "step",
+                "attempt": frame.attempt,
                 "step": frame.step,
                 "start": frame.start,
-                "tensor": {"dtype": t.dtype, "shape": list(t.shape), "data": t.data},
+                "tensor": _tensor_out(frame.tensor),
                 "origin": frame.origin,
                 "sample": frame.sample,
                 "sampling": [frame.sampling.temperature, frame.sampling.top_p, frame.sampling.seed],
             }
         case TokenFrame():
-            body |= {"k": "token", "step": frame.step, "token": frame.token}
+            body |= {
+                "k": "token",
+                "attempt": frame.attempt,
+                "step": frame.step,
+                "token": frame.token,
+            }
         case ErrorFrame():
-            body |= {"k": "error", "step": frame.step, "code": frame.code, "msg": frame.message}
+            body |= {
+                "k": "error",
+                "attempt": frame.attempt,
+                "step": frame.step,
+                "code": frame.code,
+                "msg": frame.message,
+                "have": frame.have,
+            }
         case DropFrame():
             body |= {"k": "drop"}
+        case HandoffRequest():
+            body |= {
+                "k": "handoff",
+                "attempt": frame.attempt,
+                "units": [frame.start, frame.end],
+                "length": frame.length,
+                "to": frame.to,
+                "origin": frame.origin,
+            }
+        case KVFrame():
+            body |= {
+                "k": "kv",
+                "attempt": frame.attempt,
+                "layer": frame.layer,
+                "keys": _tensor_out(frame.keys),
+                "values": _tensor_out(frame.values),
+                "origin": frame.origin,
+                "final": frame.final,
+            }
+        case HandoffDone():
+            body |= {"k": "handoff-done", "attempt": frame.attempt, "layers": frame.layers}
     return bytes(cbor2.dumps(body))
 
 
@@ -416,6 +504,9 @@ def decode_frame(data: bytes, hidden_size: int | None = None) -> DataFrame:
     epoch = _epoch(m.get("epoch"))
     session = _str(m.get("session"), "session")
     kind = m.get("k")
+    if kind == "drop":
+        return DropFrame(epoch, session)
+    attempt = _int(m.get("attempt"), "attempt")
     match kind:
         case "step":
             return StepFrame(
@@ -427,11 +518,11 @@ def decode_frame(data: bytes, hidden_size: int | None = None) -> DataFrame:
                 origin=_addr(m.get("origin"), "origin"),
                 sample=_bool(m.get("sample"), "sample"),
                 sampling=_sampling(m.get("sampling")),
+                attempt=attempt,
             )
         case "token":
-            return TokenFrame(
-                epoch, session, _int(m.get("step"), "step"), _int(m.get("token"), "token")
-            )
+            step, token = _int(m.get("step"), "step"), _int(m.get("token"), "token")
+            return TokenFrame(epoch, session, step, token, attempt)
         case "error":
             code = _str(m.get("code"), "code")
             if code not in ERROR_CODES:
@@ -439,29 +530,82 @@ def decode_frame(data: bytes, hidden_size: int | None = None) -> DataFrame:
             message = m.get("msg")
             if not isinstance(message, str) or len(message) > 4096:
                 raise WireError("msg must be a string of at most 4096 characters")
-            return ErrorFrame(epoch, session, _int(m.get("step"), "step"), code, message)
-        case "drop":
-            return DropFrame(epoch, session)
+            step, have = _int(m.get("step"), "step"), _int(m.get("have"), "have")
+            return ErrorFrame(epoch, session, step, code, message, attempt, have)
+        case "handoff":
+            units = _list(m.get("units"), "units")
+            if len(units) != 2:
+                raise WireError("units must be [start, end]")
+            start, end = _int(units[0], "units.start"), _int(units[1], "units.end")
+            if start >= end:
+                raise WireError(f"units [{start}, {end}) is empty")
+            return HandoffRequest(
+                epoch,
+                session,
+                attempt,
+                start,
+                end,
+                _int(m.get("length"), "length"),
+                _addr(m.get("to"), "to"),
+                _addr(m.get("origin"), "origin"),
+            )
+        case "kv":
+            keys, values = _kv(m.get("keys"), "keys"), _kv(m.get("values"), "values")
+            if keys.shape != values.shape or keys.dtype != values.dtype:
+                raise WireError("keys and values must have the same dtype and shape")
+            return KVFrame(
+                epoch,
+                session,
+                attempt,
+                _int(m.get("layer"), "layer"),
+                keys,
+                values,
+                _addr(m.get("origin"), "origin"),
+                _bool(m.get("final"), "final"),
+            )
+        case "handoff-done":
+            return HandoffDone(epoch, session, attempt, _int(m.get("layers"), "layers"))
     raise WireError(f"unknown frame kind {kind!r}")
 
 
+def _tensor_out(t: TensorData) -> dict[str, Any]:
+    return {"dtype": t.dtype, "shape": list(t.shape), "data": t.data}
+
+
 def _tensor(raw: object, hidden_size: int | None) -> TensorData:
-    m = _map(raw, "tensor")
-    dtype = _str(m.get("dtype"), "tensor.dtype")
+    t = _tensor_in(raw, "tensor")
+    ids = t.dtype == "int64"
+    if len(t.shape) != (1 if ids else 2) or not 0 < t.shape[0] <= MAX_TOKENS_PER_FRAME:
+        raise WireError(f"tensor.shape {list(t.shape)} is not [tokens] ids or [tokens, hidden]")
+    if not ids and hidden_size is not None and t.shape[1] != hidden_size:
+        raise WireError(f"tensor.shape {list(t.shape)}: hidden size must be {hidden_size}")
+    return t
+
+
+def _kv(raw: object, what: str) -> TensorData:
+    t = _tensor_in(raw, what)
+    if t.dtype == "int64" or len(t.shape) != 4 or t.shape[0] != 1:
+        raise WireError(f"{what} must be a float [1, heads, length, head_dim] tensor")
+    if not 0 < t.shape[1] <= MAX_KV_DIM or not 0 < t.shape[3] <= MAX_KV_DIM:
+        raise WireError(f"{what}.shape {list(t.shape)}: heads and head size exceed {MAX_KV_DIM}")
+    return t
+
+
+def _tensor_in(raw: object, what: str) -> TensorData:
+    m = _map(raw, what)
+    dtype = _str(m.get("dtype"), f"{what}.dtype")
     if dtype not in TENSOR_DTYPES:
-        raise WireError(f"tensor.dtype {dtype!r} is not one of {', '.join(TENSOR_DTYPES)}")
-    shape = tuple(_int(d, "tensor.shape") for d in _list(m.get("shape"), "tensor.shape"))
-    ids = dtype == "int64"
-    if len(shape) != (1 if ids else 2) or not 0 < shape[0] <= MAX_TOKENS_PER_FRAME:
-        raise WireError(f"tensor.shape {list(shape)} is not [tokens] ids or [tokens, hidden]")
-    if not ids and hidden_size is not None and shape[1] != hidden_size:
-        raise WireError(f"tensor.shape {list(shape)}: hidden size must be {hidden_size}")
+        raise WireError(f"{what}.dtype {dtype!r} is not one of {', '.join(TENSOR_DTYPES)}")
+    dims = _list(m.get("shape"), f"{what}.shape")
+    if len(dims) > 4:
+        raise WireError(f"{what}.shape has {len(dims)} dimensions, more than 4")
+    shape = tuple(_int(d, f"{what}.shape") for d in dims)
     data = m.get("data")
     if not isinstance(data, bytes):
-        raise WireError("tensor.data must be bytes")
+        raise WireError(f"{what}.data must be bytes")
     expected = TENSOR_DTYPES[dtype] * math.prod(shape)
     if len(data) != expected:
-        raise WireError(f"tensor.data has {len(data)} bytes, dtype x shape needs {expected}")
+        raise WireError(f"{what}.data has {len(data)} bytes, dtype x shape needs {expected}")
     return TensorData(dtype, shape, data)
 
 

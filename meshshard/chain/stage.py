@@ -1,9 +1,9 @@
 """One stage of the chain: runs its shard over incoming steps, in order, batching decode steps
 of different sessions into one forward pass, and passes results on.
 
-Forward passes run in a worker thread so the peer's event loop (gossip, sockets) stays
-responsive. Drops go through the same queue as steps, so a cache is never freed under a
-running forward pass.
+Forward passes run in the model thread so the peer's event loop (gossip, sockets) stays
+responsive; whatever else touches a cache (drops, handoffs) runs there too, so never under a
+forward pass.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from meshshard.chain.worker import run_model
 from meshshard.mesh.types import Epoch
 from meshshard.model.sampling import Sampler, SamplingParams
 from meshshard.model.shard import Shard, UnknownSession
-from meshshard.wire import DataFrame, DropFrame, ErrorFrame, StepFrame, TokenFrame, WireError
+from meshshard.wire import DataFrame, ErrorFrame, StepFrame, TokenFrame, WireError
 
 logger = logging.getLogger(__name__)
 
@@ -30,60 +30,78 @@ MAX_BATCH = 16
 MAX_QUEUE = 64  # steps waiting here before senders are made to wait
 
 
+class CacheMiss(Exception):
+    """A step continues from a position this stage's cache does not reach."""
+
+    def __init__(self, have: int) -> None:
+        super().__init__(f"this stage holds {have} positions of the session")
+        self.have = have
+
+
 class StageWorker:
     def __init__(self, shard: Shard, epoch: Epoch, next_addr: str | None, send: Send) -> None:
         self.shard = shard
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
         self._send = send
-        self._queue: deque[StepFrame | DropFrame] = deque()
+        self._queue: deque[StepFrame] = deque()
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
         self.steps = 0
         self.batches = 0
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
         while self._queue:
-            frame = self._queue.popleft()
-            if isinstance(frame, StepFrame):
-                await self._error(frame, "stale-epoch", message)
+            await self._error(self._queue.popleft(), "stale-epoch", message)
         self._has_room.set()
 
-    async def put(self, frame: StepFrame | DropFrame) -> None:
-        while len(self._queue) >= MAX_QUEUE:
+    async def put(self, frame: StepFrame) -> None:
+        while len(self._queue) >= MAX_QUEUE and not self._closing:
             self._has_room.clear()
             await self._has_room.wait()
+        if self._closing:
+            await self._error(frame, "stale-epoch", "this stage moved to a new plan")
+            return
         self._queue.append(frame)
         self._has_work.set()
 
     async def run(self) -> None:
-        while True:
+        while not self._closing:
             await self._has_work.wait()
-            while self._queue:
-                head = self._queue[0]
-                if isinstance(head, DropFrame):
-                    self._queue.popleft()
-                    self.shard.drop(head.session)
-                    continue
-                batch = self._take_batch()
-                if len(self._queue) < MAX_QUEUE:
-                    self._has_room.set()
-                await self._run_batch(batch)
+            self._idle.clear()
+            try:
+                while self._queue and not self._closing:
+                    batch = self._take_batch()
+                    if len(self._queue) < MAX_QUEUE:
+                        self._has_room.set()
+                    await self._run_batch(batch)
+            finally:
+                self._idle.set()
             self._has_work.clear()
+
+    async def close(self, message: str) -> None:
+        """Finish the batch in hand (a cache is never moved under a forward pass), then
+        refuse what is still queued."""
+        self._closing = True
+        self._has_work.set()
+        await self._idle.wait()
+        await self.refuse_queued(message)
 
     def _take_batch(self) -> list[StepFrame]:
         """The next frame, plus following single-token steps of other prefilled sessions."""
         first = self._queue.popleft()
-        assert isinstance(first, StepFrame)
         batch = [first]
         if not self._decodable(first):
             return batch
         seen = {first.session}
         while self._queue and len(batch) < MAX_BATCH:
             nxt = self._queue[0]
-            if not isinstance(nxt, StepFrame) or nxt.session in seen or not self._decodable(nxt):
+            if nxt.session in seen or not self._decodable(nxt):
                 break
             self._queue.popleft()
             batch.append(nxt)
@@ -100,10 +118,22 @@ class StageWorker:
     async def _run_batch(self, batch: list[StepFrame]) -> None:
         try:
             outputs = await run_model(self._compute, batch)
+        except CacheMiss as e:
+            session = batch[0].session
+            if session in self.shard.sessions:
+                await self._error(batch[0], "cache-miss", str(e), e.have)
+            else:
+                await self._error(batch[0], "unknown-session", f"unknown session {session!r}")
+            return
         except (ValueError, WireError, UnknownSession) as e:
             code = "unknown-session" if isinstance(e, UnknownSession) else "bad-frame"
             for frame in batch:
                 await self._error(frame, code, str(e))
+            return
+        except Exception as e:  # a bug must cost these steps, not the peer
+            logger.exception("stage failed on %d steps", len(batch))
+            for frame in batch:
+                await self._error(frame, "internal", f"stage failed: {e}")
             return
         self.steps += len(batch)
         self.batches += 1
@@ -117,8 +147,14 @@ class StageWorker:
             # Rows as a single step would give them: [1, hidden], or [vocab] logits.
             return list(out) if self.shard.is_last else list(out[:, None])
         (frame,) = batch
-        if frame.start > 0 and frame.session not in self.shard.sessions:
-            raise UnknownSession(frame.session)
+        if self.shard.layers:
+            # A resumed session continues from what the origin believes is cached: shorter
+            # here means the origin must go back; longer means recompute (same values).
+            have = self.shard.cache_length(frame.session)
+            if have < frame.start:
+                raise CacheMiss(have)
+            if frame.session in self.shard.sessions:  # some layers may hold more than others
+                self.shard.truncate(frame.session, frame.start)
         x = from_wire(frame.tensor)
         positions = torch.arange(frame.start, frame.start + x.shape[0])
         return [self.shard.prefill(frame.session, x, positions)]
@@ -132,16 +168,18 @@ class StageWorker:
                 params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
                 token = Sampler(params)(out, frame.step)
                 await self._send(
-                    frame.origin, TokenFrame(frame.epoch, frame.session, frame.step, token)
+                    frame.origin,
+                    TokenFrame(frame.epoch, frame.session, frame.step, token, frame.attempt),
                 )
         except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
             logger.warning("stage could not pass on %s step %d: %s", frame.session, frame.step, e)
             await self._error(frame, "internal", f"next hop failed: {e}")
 
-    async def _error(self, frame: StepFrame, code: str, message: str) -> None:
+    async def _error(self, frame: StepFrame, code: str, message: str, have: int = 0) -> None:
+        error = ErrorFrame(
+            frame.epoch, frame.session, frame.step, code, message, frame.attempt, have
+        )
         try:
-            await self._send(
-                frame.origin, ErrorFrame(frame.epoch, frame.session, frame.step, code, message)
-            )
+            await self._send(frame.origin, error)
         except Exception as e:
             logger.warning("could not report %s to %s: %s", code, frame.origin, e)

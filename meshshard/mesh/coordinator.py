@@ -26,7 +26,7 @@ class Signature:
 def signature(
     members: Sequence[Member], profiles: Mapping[NodeId, Profile], model: str
 ) -> Signature:
-    live = sorted(m.id for m in members if m.state.live and _usable(profiles.get(m.id), model))
+    live = sorted(m.id for m in members if m.serving and _usable(profiles.get(m.id), model))
     details = []
     for node in live:
         p = profiles[node]
@@ -82,9 +82,7 @@ def mesh_instance(
     source: NodeId,
     context_tokens: int,
 ) -> Instance:
-    live = [
-        m.id for m in members if m.state.live and _usable(profiles.get(m.id), model, len(units))
-    ]
+    live = [m.id for m in members if m.serving and _usable(profiles.get(m.id), model, len(units))]
     if source not in live:
         raise InstanceError(f"the source {source} has no usable profile yet")
     pairs = []

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, State
+from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord
 
 HISTORY = 32  # plans remembered for `meshshard status`
 
 
 def elect(members: Iterable[Member]) -> NodeId | None:
-    """The live member with the highest (priority, id); suspects still count, so a
-    passing suspicion does not move the coordinator."""
-    live = [m for m in members if m.state in (State.ALIVE, State.SUSPECT)]
+    """The serving member with the highest (priority, id); suspects still count, so a
+    passing suspicion does not move the coordinator, and a draining member does not."""
+    live = [m for m in members if m.serving]
     if not live:
         return None
     return max(live, key=lambda m: (m.priority, m.id)).id

@@ -85,6 +85,7 @@ class Membership:
         state: State | None = None,
         profile_version: int | None = None,
         ready: Epoch | None = None,
+        draining: bool | None = None,
     ) -> Member:
         """Change our own record and gossip it."""
         me = self.me
@@ -94,10 +95,15 @@ class Membership:
             state=me.state if state is None else state,
             profile_version=me.profile_version if profile_version is None else profile_version,
             ready=me.ready if ready is None else ready,
+            draining=me.draining if draining is None else draining,
         )
         self._members[me.id] = me
         self._enqueue(me.id)
         return me
+
+    def drain(self) -> Member:
+        """Announce that we are about to leave: plans move off us while we still serve."""
+        return self.update_me(draining=True, incarnation=self.me.incarnation + 1)
 
     def leave(self) -> Member:
         """Announce a clean leave: our record as LEFT with a higher incarnation."""
@@ -178,4 +184,5 @@ def _wins(update: Member, current: Member) -> bool:
     if new != old:
         return new > old
     # Same incarnation and state: newer details (a member only moves these forward).
-    return (update.profile_version, update.ready) > (current.profile_version, current.ready)
+    new_details = (update.profile_version, update.ready, update.draining)
+    return new_details > (current.profile_version, current.ready, current.draining)

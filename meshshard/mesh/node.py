@@ -128,6 +128,30 @@ class ControlNode:
             await self._push_all(self.timings.probe_timeout * 4)
         self._stop.set()
 
+    async def drain(self) -> None:
+        """Announce a graceful leave to come: the mesh plans without us while we still
+        serve, so our units (and their KV caches) can move before we go."""
+        if not self.membership.me.draining:
+            self.membership.drain()
+            self._event("draining: plans move off this peer")
+            await self._push_all(self.timings.probe_timeout * 4)
+
+    def plan_possible(self) -> bool:
+        """Whether the serving members (as we know them) can run the model without the
+        draining ones: a leaving peer need not wait for a plan that cannot exist."""
+        members = self.membership.members()
+        source = elect(members)
+        if source is None:
+            return False
+        try:
+            inst = mesh_instance(
+                members, self.profiles, self.units, self.model, source, self.context_tokens
+            )
+            make_plan(inst, self.objective, source, self.model, "")
+        except InstanceError:
+            return False
+        return True
+
     def join(self, addr: str) -> None:
         """An address from discovery or a seed: exchange state with it soon, and retry until
         it is a known member (a lost first message must not leave a peer alone)."""
@@ -200,6 +224,7 @@ class ControlNode:
                     "id": m.id,
                     "addr": m.addr,
                     "state": m.state.value,
+                    "draining": m.draining,
                     "incarnation": m.incarnation,
                     "priority": m.priority,
                     "mem": self.profiles[m.id].mem if m.id in self.profiles else None,
@@ -301,7 +326,8 @@ class ControlNode:
             members = self.membership.members()
             sig = signature(members, self.profiles, self.model)
             current = self.book.current
-            live = {m.id for m in members if m.state.live}
+            # A draining member still serves, but a plan that uses it is on borrowed time.
+            live = {m.id for m in members if m.serving}
             mine = (
                 current is not None
                 and current.epoch.coordinator == self.id
@@ -310,7 +336,8 @@ class ControlNode:
             broken = current is not None and any(s.device not in live for s in current.stages)
             if not self.replanner.due(sig, self.clock.now(), mine, urgent=broken):
                 continue
-            reason = describe_change(self.replanner.planned, sig) if mine else "new coordinator"
+            ours = current is not None and current.epoch.coordinator == self.id
+            reason = describe_change(self.replanner.planned, sig) if ours else "new coordinator"
             self.replanner.done(sig)
             try:
                 inst = mesh_instance(
@@ -318,8 +345,9 @@ class ControlNode:
                 )
                 plan = make_plan(inst, self.objective, self.id, self.model, reason)
             except InstanceError as e:
+                if str(e) != self.plan_error:
+                    self._event(f"cannot plan: {e}")
                 self.plan_error = str(e)
-                self._event(f"cannot plan: {e}")
                 continue
             self.plan_error = ""
             measured = all(p.measured for n, p in self.profiles.items() if n in live)

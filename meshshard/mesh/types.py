@@ -47,6 +47,13 @@ class Member:
     profile_version: int = 0
     # The plan epoch whose shard this member has loaded and serves (data plane readiness).
     ready: Epoch = ZERO_EPOCH
+    # Leaving gracefully: still serving, but no longer elected or given units in new plans.
+    draining: bool = False
+
+    @property
+    def serving(self) -> bool:
+        """Live and not leaving: a candidate for coordinator and for plans."""
+        return self.state.live and not self.draining
 
 
 @dataclass(frozen=True)

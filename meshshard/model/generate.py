@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ class LocalChain:
         bounds = [0, *cuts, n]
         return cls([Shard.load(model_dir, a, b, dtype) for a, b in itertools.pairwise(bounds)])
 
-    def step(self, session: Hashable, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def step(self, session: str, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run tokens `ids` at positions start.. through every shard; returns next-token logits."""
         positions = torch.arange(start, start + ids.shape[0])
         x = ids
@@ -44,7 +44,7 @@ class LocalChain:
             x = shard.prefill(session, x, positions)
         return x
 
-    def drop(self, session: Hashable) -> None:
+    def drop(self, session: str) -> None:
         for shard in self.shards:
             shard.drop(session)
 
@@ -59,7 +59,7 @@ def generate(
     """Yield new token ids until a stop id (not yielded) or max_tokens."""
     if not prompt_ids:
         raise ValueError("empty prompt")
-    session = ("local", next(_session_ids))
+    session = f"local/{next(_session_ids)}"
     sample = Sampler(params or SamplingParams())
     try:
         logits = chain.step(session, torch.tensor(list(prompt_ids)), 0)

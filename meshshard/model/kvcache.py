@@ -1,11 +1,12 @@
 """Per-session KV cache for the layers of one shard, addressed by position.
 
 Layers write in order, so each layer's cache holds positions 0..length-1 contiguously; that
-makes it a plain pair of tensors per layer, easy to ship in a handoff.
+makes it a plain pair of tensors per layer, easy to truncate, and to ship in a handoff.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -14,17 +15,21 @@ _GROW = 256  # tokens added per reallocation (then doubling), so decode rarely c
 
 
 class KVCache:
-    """Duck-types the part of transformers' Cache that attention layers call: update()."""
+    """Duck-types the part of transformers' Cache that attention layers call: update().
 
-    def __init__(self) -> None:
+    `layers` are the (global) decoder layers this cache is for; its length is the shortest
+    of them, a layer it has nothing for counting as empty."""
+
+    def __init__(self, layers: Iterable[int]) -> None:
+        self.layers = tuple(layers)
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
         self._lengths: dict[int, int] = {}
 
     @property
     def length(self) -> int:
-        """Tokens cached (the same in every layer between forward passes)."""
-        return max(self._lengths.values(), default=0)
+        """Positions cached in every layer (the same in all of them between forward passes)."""
+        return min((self._lengths.get(i, 0) for i in self.layers), default=0)
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: Any
@@ -42,10 +47,35 @@ class KVCache:
         self._lengths[layer_idx] = end
         return keys[:, :, :end], values[:, :, :end]
 
-    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached keys and values of one layer, [1, kv_heads, length, head_dim] each."""
-        end = self._lengths[layer_idx]
+    def layer(self, layer_idx: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys and values of one layer, [1, kv_heads, length, head_dim] each,
+        for at most `length` positions."""
+        end = self._lengths[layer_idx] if length is None else min(length, self._lengths[layer_idx])
         return self._keys[layer_idx][:, :, :end], self._values[layer_idx][:, :, :end]
+
+    def has(self, layer_idx: int) -> bool:
+        return self._lengths.get(layer_idx, 0) > 0
+
+    def put(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace one layer's cache (a handoff arriving)."""
+        self._keys[layer_idx], self._values[layer_idx] = keys.clone(), values.clone()
+        self._lengths[layer_idx] = keys.shape[2]
+
+    def truncate(self, length: int) -> None:
+        """Forget positions from `length` on: they are about to be recomputed."""
+        for layer_idx, n in self._lengths.items():
+            self._lengths[layer_idx] = min(n, length)
+
+    def split(self, keep: Iterable[int]) -> KVCache:
+        """Move the layers in `keep` to a new cache for them; this one keeps the rest."""
+        kept = KVCache(keep)
+        for layer_idx in kept.layers:
+            if layer_idx in self._lengths:
+                kept._keys[layer_idx] = self._keys.pop(layer_idx)
+                kept._values[layer_idx] = self._values.pop(layer_idx)
+                kept._lengths[layer_idx] = self._lengths.pop(layer_idx)
+        self.layers = tuple(i for i in self.layers if i not in kept.layers)
+        return kept
 
     def nbytes(self) -> int:
         return sum(

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
 
@@ -73,8 +72,8 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
     weights: dict[int, int] = {}
     for shard in shards:
         x = prompt if shard.is_first else torch.randn(context, spec.hidden_size).to(shard.dtype)
-        shard.forward(KVCache(), x[:8], torch.arange(8))  # warm-up: first calls allocate
-        cache = KVCache()
+        shard.forward(shard.new_cache(), x[:8], torch.arange(8))  # warm-up: first calls allocate
+        cache = shard.new_cache()
         shard.forward(cache, x, torch.arange(context), lambda u, s: prefill[u].append(s))
         for step in range(repeats):
             position = torch.tensor([context + step])

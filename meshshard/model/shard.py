@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ class Shard:
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.rotary = rotary
         self.dtype = dtype
-        self._sessions: dict[Hashable, KVCache] = {}
+        self.layer_ids = tuple(_layer_index(layer) for layer in layers)
+        self._sessions: dict[str, KVCache] = {}
 
     @classmethod
     def load(
@@ -102,7 +103,7 @@ class Shard:
         return self.end == self.spec.num_units
 
     @property
-    def sessions(self) -> list[Hashable]:
+    def sessions(self) -> list[str]:
         return list(self._sessions)
 
     def weight_bytes(self) -> int:
@@ -119,23 +120,68 @@ class Shard:
     def kv_bytes(self) -> int:
         return sum(c.nbytes() for c in self._sessions.values())
 
-    def cache_length(self, session: Hashable) -> int:
-        return self._cache(session).length
+    def new_cache(self) -> KVCache:
+        return KVCache(self.layer_ids)
+
+    def cache_length(self, session: str) -> int:
+        """Positions of `session` cached in every layer of this shard (0 for a stranger)."""
+        cache = self._sessions.get(session)
+        return cache.length if cache is not None else 0
+
+    def truncate(self, session: str, length: int) -> None:
+        self._cache(session).truncate(length)
+
+    def export(
+        self, session: str, layer: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Copies of one layer's first `length` cached positions, or None if it has none."""
+        cache = self._sessions.get(session)
+        if cache is None or not cache.has(layer):
+            return None
+        keys, values = cache.layer(layer, length)
+        return keys.clone(), values.clone()
+
+    def install(self, session: str, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take one layer's cache for a session from its previous owner."""
+        if layer not in self.layer_ids:
+            raise ValueError(f"layer {layer} is not in this shard")
+        want = (1, self.spec.num_kv_heads, keys.shape[2], self.spec.head_dim)
+        if tuple(keys.shape) != want or keys.dtype != self.dtype:
+            raise ValueError(f"KV of shape {list(keys.shape)} {keys.dtype}, expected {list(want)}")
+        self._sessions.setdefault(session, self.new_cache()).put(layer, keys, values)
+
+    def take_caches(self) -> dict[str, KVCache]:
+        """Every session's cache, leaving this shard with none (it is being replaced)."""
+        caches, self._sessions = self._sessions, {}
+        return caches
+
+    def adopt(self, caches: dict[str, KVCache]) -> dict[str, KVCache]:
+        """Keep the layers of `caches` that this shard runs; return what is left of the rest."""
+        rest = {}
+        for session, cache in caches.items():
+            kept = cache.split(self.layer_ids)
+            for layer in (i for i in kept.layers if kept.has(i)):
+                here = self._sessions.setdefault(session, self.new_cache())
+                if not here.has(layer):  # a handoff that arrived first is newer
+                    here.put(layer, *kept.layer(layer))
+            if any(cache.has(i) for i in cache.layers):
+                rest[session] = cache
+        return rest
 
     def prefill(
-        self, session: Hashable, x: torch.Tensor, positions: torch.Tensor | None = None
+        self, session: str, x: torch.Tensor, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Start (or continue, for chunked prefill) a session with several tokens."""
-        cache = self._sessions.setdefault(session, KVCache())
+        cache = self._sessions.setdefault(session, self.new_cache())
         if positions is None:
             positions = torch.arange(cache.length, cache.length + x.shape[0])
         return self.forward(cache, x, positions)
 
-    def decode(self, session: Hashable, x: torch.Tensor, position: int) -> torch.Tensor:
+    def decode(self, session: str, x: torch.Tensor, position: int) -> torch.Tensor:
         """One new token for a session that was prefilled."""
         return self.forward(self._cache(session), x, torch.tensor([position]))
 
-    def drop(self, session: Hashable) -> None:
+    def drop(self, session: str) -> None:
         self._sessions.pop(session, None)
 
     @torch.inference_mode()
@@ -178,7 +224,7 @@ class Shard:
         return h[0]
 
     @torch.inference_mode()
-    def decode_batch(self, sessions: list[Hashable], x: torch.Tensor) -> torch.Tensor:
+    def decode_batch(self, sessions: list[str], x: torch.Tensor) -> torch.Tensor:
         """One new token for each of several prefilled sessions, in one forward pass.
 
         x: [B] ids or [B, hidden]; each session continues at its own cache length.
@@ -222,7 +268,7 @@ class Shard:
                 after_layer(i)
         return h
 
-    def _cache(self, session: Hashable) -> KVCache:
+    def _cache(self, session: str) -> KVCache:
         try:
             return self._sessions[session]
         except KeyError:
@@ -266,6 +312,12 @@ def _load_weights(
             f"weights missing in {model_dir}: {', '.join(sorted(remaining)[:3])}"
             + (" …" if len(remaining) > 3 else "")
         )
+
+
+def _layer_index(layer: nn.Module) -> int:
+    """The decoder layer's index in the whole model: the KV cache is addressed by it."""
+    attention: Any = layer.self_attn
+    return int(attention.layer_idx)
 
 
 def _param_bytes(modules: list[nn.Module | None]) -> int:

@@ -17,6 +17,9 @@ from meshshard.wire import (
     MAX_FRAME_BYTES,
     DropFrame,
     ErrorFrame,
+    HandoffDone,
+    HandoffRequest,
+    KVFrame,
     Sampling,
     StepFrame,
     TensorData,
@@ -45,13 +48,56 @@ def test_hidden_states_round_trip_bit_exact(dtype: torch.dtype) -> None:
 
 
 def test_other_frames_round_trip() -> None:
+    kv = to_wire(torch.randn(1, 3, 7, 64))
     for frame in (
-        TokenFrame(E, "s", 4, 49151),
-        ErrorFrame(E, "s", 4, "stale-epoch", "old"),
+        TokenFrame(E, "s", 4, 49151, attempt=2),
+        ErrorFrame(E, "s", 4, "stale-epoch", "old", attempt=1),
+        ErrorFrame(E, "s", 4, "cache-miss", "short", attempt=1, have=17),
         DropFrame(E, "s"),
         step(to_wire(torch.tensor([1, 2, 3]))),
+        HandoffRequest(E, "s", 3, 5, 12, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
+        KVFrame(E, "s", 3, 9, kv, kv, "127.0.0.1:7000", final=True),
+        HandoffDone(E, "s", 3, 7),
     ):
         assert decode_frame(encode_frame(frame)) == frame
+
+
+def raw_kv(**changes: object) -> bytes:
+    kv = {"dtype": "float32", "shape": [1, 3, 2, 4], "data": bytes(96)}
+    body = {
+        "v": 1,
+        "k": "kv",
+        "epoch": [3, "c"],
+        "session": "s",
+        "attempt": 0,
+        "layer": 4,
+        "keys": kv,
+        "values": kv,
+        "origin": "127.0.0.1:7000",
+        "final": True,
+    }
+    body.update(changes)
+    return cbor2.dumps(body)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (raw_kv(keys={"dtype": "float32", "shape": [1, 3, 2], "data": bytes(24)}), "float \\["),
+        (raw_kv(keys={"dtype": "int64", "shape": [1, 3, 2, 2], "data": bytes(96)}), "float"),
+        (raw_kv(keys={"dtype": "float32", "shape": [1, 3, 4, 2], "data": bytes(96)}), "same"),
+        (raw_kv(keys={"dtype": "float32", "shape": [1, 0, 2, 4], "data": b""}), "heads"),
+        (raw_kv(keys={"dtype": "float32", "shape": [1] * 9, "data": bytes(4)}), "dimensions"),
+        (raw_kv(values={"dtype": "float32", "shape": [1, 3, 2, 4], "data": bytes(95)}), "needs"),
+        (raw_kv(final="yes"), "boolean"),
+        (raw_kv(k="handoff", units=[4, 4], length=3, to="a:1"), "empty"),
+        (raw_kv(k="handoff", units=[1, 4], length=3, to="nowhere"), "host:port"),
+        (raw_kv(attempt=-1), "attempt"),
+    ],
+)
+def test_malformed_handoff_frames_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        decode_frame(data)
 
 
 def raw_step(**changes: object) -> bytes:
@@ -60,6 +106,7 @@ def raw_step(**changes: object) -> bytes:
         "k": "step",
         "epoch": [3, "c"],
         "session": "s",
+        "attempt": 0,
         "step": 0,
         "start": 0,
         "tensor": {"dtype": "float32", "shape": [1, 4], "data": bytes(16)},
@@ -142,6 +189,16 @@ json_like = st.recursive(
                 "token",
                 "code",
                 "msg",
+                "attempt",
+                "have",
+                "units",
+                "length",
+                "to",
+                "layer",
+                "keys",
+                "values",
+                "final",
+                "layers",
             ]
         ),
         json_like,

@@ -111,7 +111,7 @@ def test_tied_head_alone_reads_the_embedding(tiny_llama: Path) -> None:
 
 
 def test_kv_cache_grows_past_its_first_allocation() -> None:
-    cache = KVCache()
+    cache = KVCache([7])
     chunks = [torch.randn(1, 2, n, 4) for n in (200, 100, 1)]
     for chunk in chunks:
         keys, values = cache.update(chunk, -chunk, 7)
