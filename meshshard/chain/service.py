@@ -57,6 +57,7 @@ READY_TIMEOUT = 120.0
 MAX_REPLAYS = 8  # chain breaks one session survives
 PLAN_POLL = 0.05  # how often a waiting session checks whether its plan still stands
 SAME_PLAN_GRACE = 3.0  # after a break, wait this long for a newer plan before retrying
+NOT_READY_RETRY = 0.2  # ... but a stage that is not ready yet only needs a moment
 HANDOFF_TIMEOUT = 10.0  # seconds the origin waits for KV handoffs before replaying instead
 SWEEP_SECONDS = 2.0  # how often a stage frees caches of sessions whose origin is gone
 SESSION_IDLE = 600.0  # a session with no step for this long is freed (its origin lost track)
@@ -67,7 +68,12 @@ class ChainError(Exception):
 
 
 class _Broken(Exception):
-    """The plan a session runs on can no longer serve it; resume on the next one."""
+    """The plan a session runs on can no longer serve it; resume on the next one, or on the
+    same one after `grace` seconds if no newer one comes."""
+
+    def __init__(self, message: str, grace: float = SAME_PLAN_GRACE) -> None:
+        super().__init__(message)
+        self.grace = grace
 
 
 class _Short(Exception):
@@ -293,6 +299,9 @@ class ChainService:
                 pending = self._pending
                 if pending is not None and pending.plan.epoch == frame.epoch:
                     await self._switch_to(pending.plan)  # the origin saw the new chain ready
+                elif self._switch.locked():
+                    async with self._switch:  # a switch under way: serve from its outcome
+                        pass
                 stage = self.stage
                 if stage is None or stage.epoch != frame.epoch:
                     current = self.control.book.epoch
@@ -466,7 +475,10 @@ class ChainService:
     # -- sessions (this peer as origin) ------------------------------------------------------
 
     async def ready_plan(
-        self, timeout: float = READY_TIMEOUT, newer_than: PlanRecord | None = None
+        self,
+        timeout: float = READY_TIMEOUT,
+        newer_than: PlanRecord | None = None,
+        grace: float = SAME_PLAN_GRACE,
     ) -> PlanRecord:
         """The plan in force once its chain is ready. After a break (`newer_than`), prefer a
         newer plan; the same one is retried only if it stays ready for a while."""
@@ -474,7 +486,7 @@ class ChainService:
         end = start + timeout
         while True:
             plan = self.control.book.current
-            retry_same = newer_than is None or time.monotonic() - start > SAME_PLAN_GRACE
+            retry_same = newer_than is None or time.monotonic() - start > grace
             usable = plan is not None and (plan != newer_than or retry_same)
             if plan is not None and usable and self.control.chain_ready(plan):
                 return plan
@@ -514,10 +526,11 @@ class ChainService:
         produced = 0
         usage.prompt_tokens = len(prompt_ids)
         broken: PlanRecord | None = None
+        grace = SAME_PLAN_GRACE
         used: list[PlanRecord] = []
         try:
             for attempt in range(MAX_REPLAYS + 1):
-                plan = await self.ready_plan(newer_than=broken)
+                plan = await self.ready_plan(newer_than=broken, grace=grace)
                 usage.epoch = (plan.epoch.term, plan.epoch.coordinator)
                 # Every stage of the last plan holds all but the newest token (not yet fed).
                 cached = len(history) - 1 if produced else 0
@@ -549,7 +562,7 @@ class ChainService:
                                 return
                 except _Broken as e:
                     logger.info("[%s] session %s interrupted: %s", self.control.id, session, e)
-                    broken = plan
+                    broken, grace = plan, e.grace
             raise ChainError(f"the chain broke {MAX_REPLAYS + 1} times; giving up")
         finally:
             usage.elapsed_s = time.monotonic() - started
@@ -641,7 +654,9 @@ class ChainService:
                         continue  # a later chunk of a feed already sent again
                     if frame.code == "bad-frame":
                         raise ChainError(f"{frame.code}: {frame.message}")
-                    raise _Broken(f"{frame.code}: {frame.message}")
+                    # A stage still switching to this plan will serve it in a moment.
+                    grace = NOT_READY_RETRY if frame.code == "not-ready" else SAME_PLAN_GRACE
+                    raise _Broken(f"{frame.code}: {frame.message}", grace)
 
     async def _move_caches(
         self,
