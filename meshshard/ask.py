@@ -21,6 +21,7 @@ def ask(
     seed: int | None,
     system: str | None,
     on_text: Callable[[str], None],
+    token: str | None = None,
     timeout: float = 300.0,
 ) -> dict[str, Any]:
     """Stream the answer through `on_text`; returns the answer with timing and epoch."""
@@ -41,7 +42,8 @@ def ask(
     request = urllib.request.Request(
         url + "/v1/chat/completions",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json"}
+        | ({"Authorization": f"Bearer {token}"} if token else {}),
     )
     started = time.monotonic()
     answer, finish = "", None

@@ -57,10 +57,16 @@ def cli(log_level: str) -> None:
 
 peer_url_option = click.option(
     "--peer",
-    default="http://127.0.0.1:7117",
+    default="http://127.0.0.1:8117",
     show_default=True,
     envvar="MESHSHARD_PEER_URL",
-    help="Any peer's URL.",
+    help="Any peer's API URL.",
+)
+api_token_option = click.option(
+    "--api-token",
+    default=None,
+    envvar="MESHSHARD_API_TOKEN",
+    help="Bearer token, for a peer whose API requires one.",
 )
 
 
@@ -213,6 +219,15 @@ def profile_cmd(config: Config, context: int, repeats: int, as_json: bool) -> No
     click.echo(f"{'total':<6} {result.decode_ms:>10.3f}")
 
 
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
 def _bytes_option(value: str | None) -> float | None:
     from meshshard.config import parse_bytes
 
@@ -270,6 +285,49 @@ def _bytes_option(value: str | None) -> float | None:
     help="Compute threads (default: torch's). Use 1 when several peers share one machine.",
 )
 @click.option(
+    "--secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="MESHSHARD_SECRET_FILE",
+    help="The mesh key file (from `meshshard keygen`), the same on every device.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="MESHSHARD_INSECURE",
+    help="Run without a mesh key: anyone on the network can join and read. Not for real use.",
+)
+@click.option(
+    "--mesh",
+    "mesh_name",
+    default="meshshard",
+    show_default=True,
+    envvar="MESHSHARD_MESH",
+    help="Mesh name, bound into every sealed message.",
+)
+@click.option(
+    "--api-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    envvar="MESHSHARD_API_PORT",
+    help="Port of the user API (OpenAI endpoints, status). Default: --port + 1000.",
+)
+@click.option(
+    "--api-bind",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="MESHSHARD_API_BIND",
+    help="Address of the user API; other than loopback only with --api-token.",
+)
+@api_token_option
+@click.option(
+    "--max-frame",
+    default="64MB",
+    show_default=True,
+    envvar="MESHSHARD_MAX_FRAME",
+    help="Largest data-plane frame accepted (checked before it is read).",
+)
+@click.option(
     "--timings",
     type=click.Choice(["lan", "test"]),
     default="lan",
@@ -288,9 +346,16 @@ def up(
     objective: str,
     no_mdns: bool,
     threads: int | None,
+    secret_file: Path | None,
+    insecure: bool,
+    mesh_name: str,
+    api_port: int | None,
+    api_bind: str,
+    api_token: str | None,
+    max_frame: str,
     timings: str,
 ) -> None:
-    """Run a peer in the foreground until Ctrl-C (which leaves the mesh in order)."""
+    """Run a peer in the foreground until Ctrl-C (which hands its work over and leaves)."""
     import asyncio
     import dataclasses
     import os
@@ -301,8 +366,21 @@ def up(
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
-    from meshshard.config import LAN_TIMINGS, TEST_TIMINGS
+    from meshshard.config import API_PORT_OFFSET, LAN_TIMINGS, TEST_TIMINGS
     from meshshard.daemon import Daemon
+
+    if secret_file is not None and insecure:
+        raise MeshShardError("--secret-file and --insecure exclude each other")
+    if secret_file is None and not insecure:
+        raise MeshShardError(
+            "no mesh key: create one with `meshshard keygen FILE`, copy it to every device and "
+            "pass --secret-file FILE (or run with --insecure)"
+        )
+    if api_token is None and not _loopback(api_bind):
+        raise MeshShardError(f"an API on {api_bind} (not loopback) needs --api-token")
+    if api_port is None and port + API_PORT_OFFSET > 65535:
+        raise MeshShardError(f"--port {port} leaves no default API port: give --api-port")
+    frame_limit = _bytes_option(max_frame)
 
     config = dataclasses.replace(
         config,
@@ -314,6 +392,13 @@ def up(
         memory=_bytes_option(memory),
         objective=objective,
         mdns=not no_mdns,
+        secret_file=secret_file,
+        insecure=insecure,
+        mesh=mesh_name,
+        api_port=api_port,
+        api_bind=api_bind,
+        api_token=api_token,
+        max_frame_bytes=int(frame_limit or 0) or 64 * 1024 * 1024,
         timings=TEST_TIMINGS if timings == "test" else LAN_TIMINGS,
     )
     daemon = Daemon(config)
@@ -329,14 +414,15 @@ def up(
 
 @cli.command()
 @peer_url_option
+@api_token_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status object.")
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
-def status(peer: str, as_json: bool, watch: bool) -> None:
+def status(peer: str, api_token: str | None, as_json: bool, watch: bool) -> None:
     """Members, coordinator, epoch and plan, as one peer sees them."""
     from meshshard.status import fetch_status, render_status
 
     while True:
-        data = fetch_status(peer)
+        data = fetch_status(peer, api_token)
         if as_json:
             click.echo(json.dumps(data, indent=1))
         else:
@@ -355,6 +441,7 @@ def status(peer: str, as_json: bool, watch: bool) -> None:
 @click.option("--seed", default=None, type=click.IntRange(0), help="Reproducible sampling.")
 @click.option("--system", default=None, help="System message.")
 @peer_url_option
+@api_token_option
 @click.option("--json", "as_json", is_flag=True, help="Print the answer with timing and epoch.")
 def ask(
     prompt: str,
@@ -363,6 +450,7 @@ def ask(
     seed: int | None,
     system: str | None,
     peer: str,
+    api_token: str | None,
     as_json: bool,
 ) -> None:
     """Ask the mesh; the answer streams as it is generated."""
@@ -380,8 +468,26 @@ def ask(
         seed=seed,
         system=system,
         on_text=show,
+        token=api_token,
     )
     click.echo(json.dumps(result) if as_json else "")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(path: Path) -> None:
+    """Write a new random mesh key to PATH (readable by you only). Copy the same file to
+    every device of the mesh and start each with `meshshard up --secret-file PATH`."""
+    from meshshard.security import key_id, new_key, write_key_file
+
+    key = new_key()
+    try:
+        write_key_file(path, key)
+    except FileExistsError:
+        raise MeshShardError(f"{path} exists; a mesh key is never overwritten") from None
+    except OSError as e:
+        raise MeshShardError(f"cannot write {path}: {e.strerror}") from None
+    click.echo(f"wrote mesh key {key_id(key).hex()} to {path}")
 
 
 @cli.command()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+API_PORT_OFFSET = 1000  # the user API's port, above the peer port (7117 -> 8117)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -69,8 +70,22 @@ class Config:
     cache_dir: Path = field(default_factory=default_cache_dir)
     # This peer's id in the mesh; default host-port, unique per daemon on a machine.
     name: str | None = None
-    # Peer endpoints (gossip, activations, status) listen here.
+    # Peer endpoints (gossip, activations; sealed with the mesh key) listen here.
     port: int = 7117
+    # The user API (OpenAI endpoints, status) listens here; None: port + API_PORT_OFFSET.
+    api_port: int | None = None
+    # ... on this address: loopback unless an API token guards it.
+    api_bind: str = "127.0.0.1"
+    # Bearer token every API request must carry; None: no token (then loopback only).
+    api_token: str | None = None
+    # The mesh key file (a keyring: the first key seals, all open); None only with insecure.
+    secret_file: Path | None = None
+    # Run with no mesh key: anyone on the network can join, inject and read. Explicit only.
+    insecure: bool = False
+    # The mesh's name, bound into every sealed message: two meshes never cross-talk.
+    mesh: str = "meshshard"
+    # Largest data-plane frame accepted; checked before the frame is read.
+    max_frame_bytes: int = 64 * 1024 * 1024
     # Address to bind and announce on; mDNS is sent on this interface only. None: all.
     interface: str | None = None
     # Static seeds (host:port), for networks where multicast is blocked.
@@ -87,6 +102,10 @@ class Config:
     mdns: bool = True
     # Control-plane timeouts: LAN_TIMINGS, or TEST_TIMINGS to make tests fast.
     timings: Timings = LAN_TIMINGS
+
+    @property
+    def api_port_or_default(self) -> int:
+        return self.api_port if self.api_port is not None else self.port + API_PORT_OFFSET
 
     def node_id(self) -> str:
         return self.name or f"{socket.gethostname()}-{self.port}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import logging
 import socket
 import time
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from meshshard import __version__
 from meshshard.api.openai import OpenAIApi
+from meshshard.chain.links import FrameCodec
 from meshshard.chain.service import ChainService
 from meshshard.chain.worker import run_model
 from meshshard.config import Config
@@ -25,6 +27,7 @@ from meshshard.mesh.node import ControlNode
 from meshshard.mesh.types import Member, NodeId, Profile, State
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
 from meshshard.model.source import resolve_model
+from meshshard.security import Keyring, Sealer
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class Daemon:
         self.config = config
         self.node: ControlNode | None = None
         self.service: ChainService | None = None
+        self.sealer: Sealer | None = None
         self._stop = asyncio.Event()
         self._started = time.time()
 
@@ -49,6 +53,7 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
+        sealer = _sealer(config)  # a bad key file fails before anything slow starts
         model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
         spec = read_spec(model_dir)
         units = unit_costs(model_dir, config.dtype)
@@ -67,27 +72,53 @@ class Daemon:
                 profile=profile,
                 units=units,
                 timings=config.timings,
-                transport=HttpTransport(session),
+                transport=HttpTransport(session, sealer),
                 objective=config.objective,  # type: ignore[arg-type]
                 context_tokens=config.context_tokens,
             )
             self.node = node
-            service = ChainService(node, model_dir, config.dtype, session, spec)
+            frames = FrameCodec(sealer, spec.hidden_size, config.max_frame_bytes)
+            service = ChainService(node, model_dir, config.dtype, session, spec, frames)
             node.on_plan = service.on_plan
             self.service = service
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             api = OpenAIApi(service, codec, spec.name)
-            runner = await self._serve(node, service, api, config.interface or "0.0.0.0")
+            self.sealer = sealer
+            peer_app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+            peer_app.add_routes(control_routes(node, sealer))
+            peer_app.add_routes([web.get("/chain/ws", service.handle_ws)])
+            user_app = web.Application(
+                client_max_size=MAX_REQUEST_BYTES,
+                middlewares=[_bearer(config.api_token), api.tokenizer_ready],
+            )
+            user_app.add_routes(api.routes())
+            user_app.add_routes([web.get("/status", self._handle_status)])
+            runners = [
+                await _serve(peer_app, config.interface or "0.0.0.0", config.port, "peer"),
+            ]
             discovery = None
             try:
+                runners.append(
+                    await _serve(user_app, config.api_bind, config.api_port_or_default, "API")
+                )
                 if config.mdns:
                     discovery = Discovery(
-                        node_id, host, config.port, config.interface, "", _join(node)
+                        node_id,
+                        host,
+                        config.port,
+                        config.interface,
+                        sealer.fingerprint,
+                        sealer.accepts_fingerprint,
+                        _join(node),
                     )
                     await discovery.start()
                 for seed in config.peers:
                     node.join(seed)
-                logger.info("peer %s up on %s:%d (model %s)", node_id, host, config.port, spec.name)
+                logger.info(
+                    "peer %s up on %s:%d, API on http://%s:%d (model %s)",
+                    node_id, host, config.port, config.api_bind, config.api_port_or_default,
+                    spec.name,
+                )  # fmt: skip
                 async with asyncio.TaskGroup() as tg:
                     running = tg.create_task(node.run())
                     tasks = [
@@ -111,31 +142,9 @@ class Daemon:
             finally:
                 if discovery is not None:
                     await discovery.stop()
-                await runner.cleanup()
+                for runner in runners:
+                    await runner.cleanup()
         logger.info("peer %s stopped", node_id)
-
-    async def _serve(
-        self, node: ControlNode, service: ChainService, api: OpenAIApi, bind: str
-    ) -> web.AppRunner:
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[api.tokenizer_ready])
-        app.add_routes(control_routes(node))
-        app.add_routes(api.routes())
-        app.add_routes(
-            [web.get("/status", self._handle_status), web.get("/chain/ws", service.handle_ws)]
-        )
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, bind, self.config.port)
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            if e.errno == errno.EADDRINUSE:
-                raise MeshShardError(f"port {self.config.port} is in use on {bind}") from None
-            raise MeshShardError(
-                f"cannot listen on {bind}:{self.config.port}: {e.strerror}"
-            ) from None
-        return runner
 
     async def _profile(self, node: ControlNode, model_dir: Any) -> None:
         """Measure this device in a thread (torch is imported there), then publish it."""
@@ -169,7 +178,12 @@ class Daemon:
             "model": self.node.model,
             "uptime_s": round(time.time() - self._started, 1),
         }
-        if self.service is not None:
+        if self.service is not None and self.sealer is not None:
+            status["security"] = {
+                "mesh_key": self.sealer.fingerprint or None,
+                "refused_messages": self.sealer.refused,
+                "refused_frames": self.service.refusals.count,
+            }
             status["origin"] = {
                 "sessions": self.service.open_sessions,
                 "tokens_out": self.service.tokens_out,
@@ -197,6 +211,54 @@ class Daemon:
             else None
         )
         return web.json_response(status)
+
+
+async def _serve(app: web.Application, bind: str, port: int, what: str) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, bind, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        if e.errno == errno.EADDRINUSE:
+            raise MeshShardError(f"port {port} ({what}) is in use on {bind}") from None
+        raise MeshShardError(f"cannot listen on {bind}:{port} ({what}): {e.strerror}") from None
+    return runner
+
+
+def _sealer(config: Config) -> Sealer:
+    if config.insecure:
+        logger.warning(
+            "running WITHOUT a mesh key (--insecure): any host on the network can join this "
+            "mesh, send it frames and read its activations"
+        )
+        return Sealer(None, config.mesh)
+    if config.secret_file is None:
+        raise MeshShardError(
+            "no mesh key: create one with `meshshard keygen FILE`, copy it to every device and "
+            "pass --secret-file FILE (or run with --insecure)"
+        )
+    keyring = Keyring.load(config.secret_file)
+    logger.info("mesh %r, key %s", config.mesh, keyring.fingerprint)
+    return Sealer(keyring, config.mesh)
+
+
+def _bearer(token: str | None) -> Any:
+    """API middleware: with a token, every request must carry it as a bearer token."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return web.json_response(
+                    {"error": {"message": "a valid API token is required", "type": "auth"}},
+                    status=401,
+                )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
 
 
 async def _load_codec(model_dir: Any, codec: asyncio.Future[Any]) -> None:

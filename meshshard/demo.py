@@ -7,18 +7,20 @@ mDNS is bound to 127.0.0.1: nothing leaves the machine.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import click
 
 from meshshard.ask import ask
+from meshshard.config import API_PORT_OFFSET
 from meshshard.errors import MeshShardError
+from meshshard.security import new_key, write_key_file
 from meshshard.status import fetch_status
 
 READY_TIMEOUT = 180.0
@@ -27,8 +29,11 @@ READY_TIMEOUT = 180.0
 def run_demo(question: str, peers: int, base_port: int, memory: str, max_tokens: int) -> None:
     logs = Path(tempfile.mkdtemp(prefix="meshshard-demo-"))
     procs: list[subprocess.Popen[bytes]] = []
-    urls = [f"http://127.0.0.1:{base_port + i}" for i in range(peers)]
-    _check_ports_free(urls)
+    ports = [base_port + i for i in range(peers)]
+    urls = [f"http://127.0.0.1:{p + API_PORT_OFFSET}" for p in ports]
+    _check_ports_free([*ports, *(p + API_PORT_OFFSET for p in ports)])
+    key = logs / "mesh.key"  # a fresh mesh key, shared by the demo's peers only
+    write_key_file(key, new_key())
     click.echo(
         f"starting {peers} peers on 127.0.0.1:{base_port}..{base_port + peers - 1} (logs in {logs})"
     )
@@ -38,6 +43,7 @@ def run_demo(question: str, peers: int, base_port: int, memory: str, max_tokens:
                 sys.executable, "-m", "meshshard", "up",
                 "--interface", "127.0.0.1", "--port", str(base_port + i),
                 "--name", f"demo-{chr(ord('a') + i)}", "--memory", memory, "--threads", "1",
+                "--secret-file", str(key),
             ]  # fmt: skip
             log = open(logs / f"demo-{i}.log", "wb")  # noqa: SIM115 (closed with the process)
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
@@ -76,13 +82,13 @@ def run_demo(question: str, peers: int, base_port: int, memory: str, max_tokens:
                 p.kill()
 
 
-def _check_ports_free(urls: list[str]) -> None:
-    for url in urls:
-        try:
-            urllib.request.urlopen(url + "/status", timeout=0.5)
-        except OSError:
-            continue
-        raise MeshShardError(f"something already answers at {url}; pick another --port")
+def _check_ports_free(ports: list[int]) -> None:
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                raise MeshShardError(f"port {port} is in use; pick another --port") from None
 
 
 def _wait_ready(

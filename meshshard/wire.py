@@ -498,9 +498,11 @@ def encode_frame(frame: DataFrame) -> bytes:
     return bytes(cbor2.dumps(body))
 
 
-def decode_frame(data: bytes, hidden_size: int | None = None) -> DataFrame:
+def decode_frame(
+    data: bytes, hidden_size: int | None = None, limit: int = MAX_FRAME_BYTES
+) -> DataFrame:
     """Decode and validate one data-plane frame; `hidden_size` pins activation shapes."""
-    m = _load(data, MAX_FRAME_BYTES, "frame")
+    m = _load(data, limit, "frame")
     epoch = _epoch(m.get("epoch"))
     session = _str(m.get("session"), "session")
     kind = m.get("k")

@@ -1,4 +1,5 @@
-"""Persistent WebSockets to other peers' /chain/ws, one per address, reused by every session.
+"""Persistent WebSockets to other peers' /chain/ws, one per address, reused by every session,
+and the codec every data-plane message goes through (sealed with the mesh key, then CBOR).
 
 Both ends of a socket may send frames; whatever arrives is handed to one dispatcher, so a
 stage's error comes back the same way a token does.
@@ -9,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import aiohttp
 
+from meshshard.security import DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import MAX_FRAME_BYTES, DataFrame, WireError, decode_frame, encode_frame
 
 logger = logging.getLogger(__name__)
@@ -24,11 +27,53 @@ class LinkError(Exception):
     pass
 
 
+@dataclass
+class FrameCodec:
+    """Frames to sealed bytes and back; anything else is refused with WireError or AuthError."""
+
+    sealer: Sealer
+    hidden_size: int | None = None
+    max_frame_bytes: int = MAX_FRAME_BYTES
+
+    @property
+    def max_message(self) -> int:
+        """The largest WebSocket message to read at all (checked before reading it)."""
+        return self.max_frame_bytes + OVERHEAD
+
+    def encode(self, frame: DataFrame) -> bytes:
+        return self.sealer.seal(DATA, encode_frame(frame))
+
+    def decode(self, data: bytes) -> DataFrame:
+        if len(data) > self.max_message:
+            raise WireError(f"frame of {len(data)} bytes exceeds {self.max_frame_bytes}")
+        plain = self.sealer.open(DATA, data)
+        return decode_frame(plain, self.hidden_size, self.max_frame_bytes)
+
+
+class Refusals:
+    """Counts refused messages and logs the first few, then one in a thousand."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def note(self, source: object, error: Exception) -> None:
+        self.count += 1
+        if self.count <= 3 or self.count % 1000 == 0:
+            logger.warning("refused a frame from %s (%d so far): %s", source, self.count, error)
+
+
 class Links:
     def __init__(
-        self, session: aiohttp.ClientSession, dispatch: Dispatch, tg: asyncio.TaskGroup
+        self,
+        session: aiohttp.ClientSession,
+        dispatch: Dispatch,
+        tg: asyncio.TaskGroup,
+        codec: FrameCodec,
+        refusals: Refusals,
     ) -> None:
         self._session = session
+        self._codec = codec
+        self._refusals = refusals
         self._dispatch = dispatch
         self._tg = tg
         self._sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
@@ -41,7 +86,7 @@ class Links:
         async with lock:
             ws = await self._socket(addr)
             try:
-                await ws.send_bytes(encode_frame(frame))
+                await ws.send_bytes(self._codec.encode(frame))
             except (ConnectionError, aiohttp.ClientError, RuntimeError) as e:
                 self._sockets.pop(addr, None)
                 raise LinkError(f"{addr}: {e}") from None
@@ -58,7 +103,7 @@ class Links:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 ws = await self._session.ws_connect(
-                    f"http://{addr}/chain/ws", max_msg_size=MAX_FRAME_BYTES, heartbeat=10
+                    f"http://{addr}/chain/ws", max_msg_size=self._codec.max_message, heartbeat=10
                 )
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise LinkError(f"cannot reach {addr}: {e or type(e).__name__}") from None
@@ -71,9 +116,9 @@ class Links:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 continue
             try:
-                frame = decode_frame(msg.data)
-            except WireError as e:
-                logger.warning("bad frame from %s: %s", addr, e)
+                frame = self._codec.decode(msg.data)
+            except (WireError, AuthError) as e:
+                self._refusals.note(addr, e)
                 continue
             await self._dispatch(frame)
         if self._sockets.get(addr) is ws:

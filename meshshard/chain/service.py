@@ -25,7 +25,7 @@ import torch
 from aiohttp import web
 
 from meshshard.chain.handoff import LeftBehind, moves
-from meshshard.chain.links import LinkError, Links
+from meshshard.chain.links import FrameCodec, LinkError, Links, Refusals
 from meshshard.chain.stage import StageWorker
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import run_model
@@ -34,8 +34,8 @@ from meshshard.mesh.types import PlanRecord
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
+from meshshard.security import AuthError
 from meshshard.wire import (
-    MAX_FRAME_BYTES,
     DataFrame,
     DropFrame,
     ErrorFrame,
@@ -46,7 +46,6 @@ from meshshard.wire import (
     StepFrame,
     TokenFrame,
     WireError,
-    decode_frame,
 )
 
 logger = logging.getLogger(__name__)
@@ -112,8 +111,11 @@ class ChainService:
         dtype: str,
         session: aiohttp.ClientSession,
         spec: ModelSpec,
+        codec: FrameCodec,
     ) -> None:
         self.control = control
+        self.codec = codec
+        self.refusals = Refusals()
         self.model_dir = model_dir
         self.dtype = dtype
         self.spec = spec
@@ -145,7 +147,7 @@ class ChainService:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            self._links = Links(self._http, self.handle_frame, tg)
+            self._links = Links(self._http, self.handle_frame, tg, self.codec, self.refusals)
             sweeper = tg.create_task(self._sweep_loop())
             try:
                 while True:
@@ -324,7 +326,7 @@ class ChainService:
                     queue.put_nowait(frame)
 
     async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=10)
+        ws = web.WebSocketResponse(max_msg_size=self.codec.max_message, heartbeat=10)
         await ws.prepare(request)
         self._inbound.add(ws)
         try:
@@ -334,16 +336,13 @@ class ChainService:
         return ws
 
     async def _read_frames(self, ws: web.WebSocketResponse, remote: str | None) -> None:
-        bad = 0
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 continue
             try:
-                frame = decode_frame(msg.data, self.spec.hidden_size)
-            except WireError as e:
-                bad += 1
-                if bad <= 3 or bad % 1000 == 0:
-                    logger.warning("refused a frame from %s (%d so far): %s", remote, bad, e)
+                frame = self.codec.decode(msg.data)
+            except (WireError, AuthError) as e:
+                self.refusals.note(remote, e)
                 continue
             await self.handle_frame(frame)
 

@@ -30,11 +30,13 @@ class Discovery:
         port: int,
         interface: str | None,
         fingerprint: str,
+        accepts: Callable[[str], bool],
         on_peer: Callable[[str, str], None],
     ) -> None:
         self.node_id, self.host, self.port = node_id, host, port
         self.interface = interface
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint  # of our mesh key: peers with another key ignore us
+        self._accepts = accepts
         self._on_peer = on_peer
         self._names: asyncio.Queue[str] = asyncio.Queue(maxsize=1024)
         self._zc: AsyncZeroconf | None = None
@@ -96,7 +98,7 @@ class Discovery:
         }
         if props.get("id") in (None, self.node_id) or props.get("v") != str(PROTOCOL):
             return
-        if props.get("fp", "") != self.fingerprint:
+        if not self._accepts(props.get("fp", "")):
             logger.debug("ignoring %s: another mesh key", props.get("id"))
             return
         addresses = info.parsed_addresses(IPVersion.V4Only)

@@ -1,12 +1,15 @@
 """The control plane over HTTP: a client Transport and the server routes beside it.
 
-Every control message is one CBOR body POSTed to /mesh/control; the answer is another.
-Link measurement uses /mesh/echo (round trip) and /mesh/bulk (a timed transfer).
+Every control message is one sealed CBOR body POSTed to /mesh/control; the answer is another.
+Link measurement POSTs sealed requests to /mesh/echo (round trip) and /mesh/bulk (a timed
+transfer). A request that does not open with the mesh key is refused with 403, unread further.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import struct
 import time
 
 import aiohttp
@@ -14,28 +17,36 @@ from aiohttp import web
 
 from meshshard.mesh.node import ControlNode, TransportError
 from meshshard.mesh.types import LinkStat
+from meshshard.security import CONTROL, CONTROL_REPLY, OVERHEAD, PROBE, AuthError, Sealer
 from meshshard.wire import MAX_CONTROL_BYTES, ControlMessage, WireError, decode, encode
+
+logger = logging.getLogger(__name__)
 
 CBOR = "application/cbor"
 BULK_BYTES = 256 * 1024  # one timed transfer to estimate a link's bandwidth
 MAX_BULK = 8 * 1024 * 1024
 
 
+MAX_BODY = MAX_CONTROL_BYTES + OVERHEAD
+
+
 class HttpTransport:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, sealer: Sealer) -> None:
         self._session = session
+        self._sealer = sealer
 
     async def send(self, addr: str, msg: ControlMessage, timeout: float) -> ControlMessage:
+        body = self._sealer.seal(CONTROL, encode(msg))
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.post(
-                    f"http://{addr}/mesh/control", data=encode(msg), headers={"Content-Type": CBOR}
+                    f"http://{addr}/mesh/control", data=body, headers={"Content-Type": CBOR}
                 ) as resp:
-                    body = await resp.content.read(MAX_CONTROL_BYTES + 1)
+                    answer = await resp.content.read(MAX_BODY + 1)
                     if resp.status != 200:
-                        raise TransportError(f"{addr}: HTTP {resp.status}: {body[:200]!r}")
-                    return decode(body)
-        except (TimeoutError, aiohttp.ClientError, OSError, WireError) as e:
+                        raise TransportError(f"{addr}: HTTP {resp.status}: {answer[:200]!r}")
+                    return decode(self._sealer.open(CONTROL_REPLY, answer))
+        except (TimeoutError, aiohttp.ClientError, OSError, WireError, AuthError) as e:
             raise TransportError(f"{addr}: {e or type(e).__name__}") from None
 
     async def measure(self, addr: str, timeout: float) -> LinkStat:
@@ -44,13 +55,15 @@ class HttpTransport:
                 rtts = []
                 for _ in range(3):
                     start = time.perf_counter()
-                    async with self._session.get(f"http://{addr}/mesh/echo") as resp:
+                    async with self._session.post(
+                        f"http://{addr}/mesh/echo", data=self._probe(0)
+                    ) as resp:
                         await resp.read()
                     rtts.append(time.perf_counter() - start)
                 rtt = min(rtts)
                 start = time.perf_counter()
-                async with self._session.get(
-                    f"http://{addr}/mesh/bulk", params={"bytes": str(BULK_BYTES)}
+                async with self._session.post(
+                    f"http://{addr}/mesh/bulk", data=self._probe(BULK_BYTES)
                 ) as resp:
                     size = len(await resp.read())
                 took = max(time.perf_counter() - start - rtt, 1e-6)
@@ -58,33 +71,53 @@ class HttpTransport:
             raise TransportError(f"{addr}: {e or type(e).__name__}") from None
         return LinkStat(mbps=round(size * 8 / took / 1e6, 3), rtt_ms=round(rtt * 1e3, 4))
 
+    def _probe(self, size: int) -> bytes:
+        return self._sealer.seal(PROBE, struct.pack(">Q", size))
 
-def control_routes(node: ControlNode) -> list[web.RouteDef]:
-    async def handle_control(request: web.Request) -> web.Response:
-        if request.content_length is not None and request.content_length > MAX_CONTROL_BYTES:
+
+def control_routes(node: ControlNode, sealer: Sealer) -> list[web.RouteDef]:
+    refused = 0
+
+    async def opened(request: web.Request, purpose: bytes) -> bytes:
+        """The request's payload, or a 4xx: too large (unread), or not sealed for this mesh."""
+        nonlocal refused
+        if request.content_length is not None and request.content_length > MAX_BODY:
             raise web.HTTPRequestEntityTooLarge(
-                max_size=MAX_CONTROL_BYTES, actual_size=request.content_length
+                max_size=MAX_BODY, actual_size=request.content_length
             )
-        body = await request.content.read(MAX_CONTROL_BYTES + 1)
+        body = await request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
         try:
-            msg = decode(body)
-            reply = await node.handle(msg)
+            return sealer.open(purpose, body)
+        except AuthError as e:
+            refused += 1
+            if refused <= 3 or refused % 1000 == 0:
+                logger.warning("refused a control request from %s (%d so far): %s",
+                               request.remote, refused, e)  # fmt: skip
+            raise web.HTTPForbidden(text=f"refused: {e}") from None
+
+    async def handle_control(request: web.Request) -> web.Response:
+        payload = await opened(request, CONTROL)
+        try:
+            reply = await node.handle(decode(payload))
         except (WireError, TransportError) as e:
             return web.Response(status=400, text=f"bad control message: {e}")
-        return web.Response(body=encode(reply), content_type=CBOR)
+        return web.Response(body=sealer.seal(CONTROL_REPLY, encode(reply)), content_type=CBOR)
 
     async def handle_echo(request: web.Request) -> web.Response:
+        await opened(request, PROBE)
         return web.Response(body=b"ok")
 
     async def handle_bulk(request: web.Request) -> web.Response:
-        try:
-            size = min(int(request.query.get("bytes", BULK_BYTES)), MAX_BULK)
-        except ValueError:
-            raise web.HTTPBadRequest(text="bytes must be an integer") from None
-        return web.Response(body=bytes(max(size, 0)))
+        payload = await opened(request, PROBE)
+        if len(payload) != 8:
+            raise web.HTTPBadRequest(text="a bulk probe names its size in 8 bytes")
+        size = min(struct.unpack(">Q", payload)[0], MAX_BULK)
+        return web.Response(body=bytes(size))
 
     return [
         web.post("/mesh/control", handle_control),
-        web.get("/mesh/echo", handle_echo),
-        web.get("/mesh/bulk", handle_bulk),
+        web.post("/mesh/echo", handle_echo),
+        web.post("/mesh/bulk", handle_bulk),
     ]

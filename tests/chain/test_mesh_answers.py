@@ -15,15 +15,17 @@ import aiohttp
 import pytest
 import torch
 from aiohttp import web
-from support.procs import Peer, wait_for, wait_for_chain
+from support.procs import Peer, mesh_key, wait_for, wait_for_chain
 
+from meshshard.chain.links import FrameCodec
 from meshshard.chain.tensors import to_wire
 from meshshard.config import default_cache_dir
 from meshshard.mesh.types import Epoch
 from meshshard.model.generate import LocalChain, generate
 from meshshard.model.source import ensure_embedded
 from meshshard.model.text import TextCodec
-from meshshard.wire import ErrorFrame, Sampling, StepFrame, decode_frame, encode_frame
+from meshshard.security import Keyring, Sealer
+from meshshard.wire import ErrorFrame, Sampling, StepFrame
 
 pytestmark = pytest.mark.slow
 
@@ -211,12 +213,13 @@ async def _send_and_collect(stage: Peer, current: Epoch) -> list[ErrorFrame]:
     """Play an origin: send two bad frames to the first stage, collect the error frames."""
     got: list[ErrorFrame] = []
     done = asyncio.Event()
+    codec = FrameCodec(Sealer(Keyring.load(mesh_key(stage.log.parent)), "meshshard"))
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         async for msg in ws:
-            frame = decode_frame(msg.data)
+            frame = codec.decode(msg.data)
             if isinstance(frame, ErrorFrame):
                 got.append(frame)
                 if len(got) == 2:
@@ -233,13 +236,14 @@ async def _send_and_collect(stage: Peer, current: Epoch) -> list[ErrorFrame]:
     sampling = Sampling(0.0, 1.0, 1)
     old = Epoch(current.term - 1, current.coordinator)
     try:
-        async with aiohttp.ClientSession() as http, http.ws_connect(stage.url + "/chain/ws") as ws:
+        url = f"http://{stage.addr}/chain/ws"
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
             await ws.send_bytes(
-                encode_frame(StepFrame(old, "stale", 0, 0, ids, "127.0.0.1:7599", True, sampling))
+                codec.encode(StepFrame(old, "stale", 0, 0, ids, "127.0.0.1:7599", True, sampling))
             )
             await asyncio.sleep(0.3)
             await ws.send_bytes(
-                encode_frame(
+                codec.encode(
                     StepFrame(current, "ghost", 5, 40, ids, "127.0.0.1:7599", True, sampling)
                 )
             )

@@ -140,13 +140,13 @@ def test_port_in_use_is_a_one_line_error(peers: list[Peer], tmp_path: Path) -> N
     wait_for(lambda: a.status() is not None, 60, "peer-a to answer")
     clash = subprocess.run(
         [sys.executable, "-m", "meshshard", "up", "--name", "peer-x", "--port", "7360"]
-        + ["--interface", "127.0.0.1", "--no-mdns"],
+        + ["--interface", "127.0.0.1", "--no-mdns", "--insecure"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert clash.returncode == 2
-    assert "port 7360 is in use" in clash.stderr
+    assert "port 7360 (peer) is in use" in clash.stderr
     assert "Traceback" not in clash.stderr
 
 

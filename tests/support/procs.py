@@ -12,7 +12,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from meshshard.config import API_PORT_OFFSET
+from meshshard.security import new_key, write_key_file
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def mesh_key(folder: Path) -> Path:
+    """The mesh key shared by the peers a test starts with logs in `folder`."""
+    path = folder / "mesh.key"
+    if not path.exists():
+        write_key_file(path, new_key())
+    return path
 
 
 class Peer:
@@ -28,6 +39,8 @@ class Peer:
     ) -> None:
         self.name, self.port, self.host, self.netns = name, port, host, netns
         self.log = logs / f"{name}.log"
+        if "--secret-file" not in extra and "--insecure" not in extra:
+            extra = (*extra, "--secret-file", str(mesh_key(logs)))
         self.args = [
             sys.executable,
             "-m",
@@ -47,7 +60,13 @@ class Peer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """The user API (on loopback, inside the peer's namespace if it has one)."""
+        return f"http://127.0.0.1:{self.port + API_PORT_OFFSET}"
+
+    @property
+    def addr(self) -> str:
+        """The peer endpoints (gossip, /chain/ws)."""
+        return f"{self.host}:{self.port}"
 
     def start(self) -> Peer:
         cmd = (["ip", "netns", "exec", self.netns] if self.netns else []) + self.args
