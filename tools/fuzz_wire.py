@@ -170,10 +170,10 @@ def main() -> int:
     valid = dict.fromkeys(tried, 0)  # inputs that decoded into a message (reached the core)
     crashes: dict[str, list[str]] = {k: [] for k in tried}
 
-    def attempt(target: str, run: Callable[[], object]) -> None:
+    def attempt(target: str, run: Callable[[bytes], object], data: bytes) -> None:
         tried[target] += 1
         try:
-            run()
+            run(data)
             valid[target] += 1
         except EXPECTED:
             pass
@@ -188,10 +188,9 @@ def main() -> int:
     while time.monotonic() < end:
         frame = mutate(rng, rng.choice(frames))
         wrapped = insider.seal(DATA, frame) if rng.random() < 0.5 else mutate(rng, frame)
-        attempt("open+frame", lambda: decode_frame(receiver.open(DATA, wrapped), HIDDEN))
-        attempt("frame", lambda: decode_frame(frame, HIDDEN))
-        message = mutate(rng, rng.choice(control))
-        attempt("gossip", lambda: gossip(message))
+        attempt("open+frame", lambda d: decode_frame(receiver.open(DATA, d), HIDDEN), wrapped)
+        attempt("frame", lambda d: decode_frame(d, HIDDEN), frame)
+        attempt("gossip", gossip, mutate(rng, rng.choice(control)))
     loop.close()
     print(f"fuzzed for {args.seconds:.0f} s, seed {args.seed}")
     print(f"{'target':<12} {'inputs':>10} {'decoded':>10} {'crashes':>8}")

@@ -23,7 +23,7 @@ PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 NEW = 64
 
 
-def answer(tokens: int) -> str:
+def reference_answer(tokens: int) -> str:
     model_dir = ensure_embedded(default_cache_dir())
     codec = TextCodec.load(model_dir)
     ids = codec.encode(PROMPT, chat=True)
@@ -33,7 +33,7 @@ def answer(tokens: int) -> str:
 
 @pytest.fixture(scope="module")
 def reference() -> str:
-    return answer(NEW)
+    return reference_answer(NEW)
 
 
 @pytest.fixture
@@ -64,6 +64,27 @@ def stream(
         streamed(origin, body, seen, out)
     finally:
         done.set()
+
+
+class Answer:
+    """A greedy answer streaming from `origin` in a thread."""
+
+    def __init__(self, origin: Peer, tokens: int = NEW) -> None:
+        self.seen: list[str] = []
+        self.out: dict[str, object] = {}
+        self.done = threading.Event()
+        args = (origin, self.seen, self.done, self.out, tokens)
+        self.thread = threading.Thread(target=stream, args=args, daemon=True)
+        self.thread.start()
+
+    def wait_for_tokens(self, n: int, before: str) -> None:
+        wait_for(lambda: len(self.seen) >= n or self.done.is_set(), 120, f"{n} tokens", 0.01)
+        assert not self.done.is_set(), f"the answer finished before {before}"
+
+    def finish(self) -> str:
+        self.thread.join(300)
+        assert "error" not in self.out, self.out
+        return "".join(self.seen)
 
 
 def streamed(origin: Peer, body: dict[str, Any], seen: list[str], out: dict[str, object]) -> None:
@@ -106,18 +127,11 @@ def test_answer_survives_a_stage_killed_mid_generation(
     # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies.
     origin = by_name[plan["stages"][0 if victim_index else -1]["device"]]
     assert origin is not victim
-    seen: list[str] = []
-    done = threading.Event()
-    out: dict[str, object] = {}
-    thread = threading.Thread(target=stream, args=(origin, seen, done, out))
-    thread.start()
-    wait_for(lambda: len(seen) >= 10 or done.is_set(), 120, "ten tokens", 0.01)
-    assert not done.is_set(), "the answer finished before the kill"
+    answer = Answer(origin)
+    answer.wait_for_tokens(10, "the kill")
     victim.kill()
-    thread.join(300)
-    assert "error" not in out, out
-    assert "".join(seen) == reference
-    assert out["epoch"] != plan["epoch"], "the answer should have finished on a new plan"
+    assert answer.finish() == reference
+    assert answer.out["epoch"] != plan["epoch"], "the answer should have finished on a new plan"
     after = origin.status()
     assert after is not None
     assert victim.name not in {s["device"] for s in after["plan"]["stages"]}
@@ -132,26 +146,19 @@ def test_answer_survives_a_higher_priority_peer_joining(peers: list[Peer], tmp_p
     """A new device with a higher priority joins mid-answer: it becomes the coordinator, the
     plan changes under a new epoch, and the answer carries on unchanged. The answer is long
     (256 tokens, about 12 s) so that the newcomer starts and joins while it runs."""
-    reference = answer(256)
+    reference = reference_answer(256)
     status = peers[0].status()
     assert status is not None
     plan = status["plan"]
     origin = next(p for p in peers if p.name == plan["stages"][-1]["device"])
-    seen: list[str] = []
-    done = threading.Event()
-    out: dict[str, object] = {}
-    thread = threading.Thread(target=stream, args=(origin, seen, done, out, 256))
-    thread.start()
-    wait_for(lambda: len(seen) >= 10 or done.is_set(), 120, "ten tokens", 0.01)
-    assert not done.is_set(), "the answer finished before the join"
+    answer = Answer(origin, 256)
+    answer.wait_for_tokens(10, "the join")
     newcomer = Peer(
         "peer-z", 7810, tmp_path, "--memory", "2GB", "--threads", "1", "--priority", "5"
     ).start()
     peers.append(newcomer)  # the fixture kills it at the end
-    thread.join(300)
-    assert "error" not in out, out
-    assert "".join(seen) == reference
-    assert out["epoch"] != plan["epoch"], "the join should have changed the plan mid-answer"
+    assert answer.finish() == reference
+    assert answer.out["epoch"] != plan["epoch"], "the join should have changed the plan mid-answer"
     after = origin.status()
     assert after is not None and after["coordinator"] == "peer-z"
     assert after["plan"]["epoch"][1] == "peer-z"
@@ -168,17 +175,10 @@ def test_graceful_leave_hands_over_without_replaying(peers: list[Peer], referenc
     by_name = {p.name: p for p in peers}
     leaver = by_name[plan["stages"][1]["device"]]
     origin = by_name[plan["stages"][0]["device"]]
-    seen: list[str] = []
-    done = threading.Event()
-    out: dict[str, object] = {}
-    thread = threading.Thread(target=stream, args=(origin, seen, done, out))
-    thread.start()
-    wait_for(lambda: len(seen) >= 10 or done.is_set(), 120, "ten tokens", 0.01)
-    assert not done.is_set(), "the answer finished before the leave"
+    answer = Answer(origin)
+    answer.wait_for_tokens(10, "the leave")
     assert leaver.stop(timeout=30) == 0
-    thread.join(300)
-    assert "error" not in out, out
-    assert "".join(seen) == reference
+    assert answer.finish() == reference
     assert "leaving without handing over" not in leaver.tail(200)
     after = origin.status()
     assert after is not None
@@ -268,12 +268,7 @@ def test_sessions_of_a_dead_origin_are_freed(peers: list[Peer]) -> None:
     assert status is not None
     in_chain = {s["device"] for s in status["plan"]["stages"]}
     origin = next(p for p in peers if p.name not in in_chain)
-    seen: list[str] = []
-    thread = threading.Thread(
-        target=stream, args=(origin, seen, threading.Event(), {}, 512), daemon=True
-    )
-    thread.start()
-    wait_for(lambda: len(seen) >= 5, 120, "an answer under way", 0.01)
+    Answer(origin, 512).wait_for_tokens(5, "its origin was killed")
     stages = [p for p in peers if p.name in in_chain]
     assert any(s["stage"]["sessions"] for s in (p.status() for p in stages) if s)
     origin.kill()
