@@ -20,9 +20,10 @@ from meshshard.chain.links import FrameCodec
 from meshshard.chain.service import ChainService
 from meshshard.chain.worker import run_model
 from meshshard.config import Config
+from meshshard.delays import Delays
 from meshshard.errors import MeshShardError
 from meshshard.mesh.discovery import Discovery
-from meshshard.mesh.http import HttpTransport, control_routes
+from meshshard.mesh.http import HttpTransport, control_routes, delay_answers
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.types import Member, NodeId, Profile, State
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
@@ -54,6 +55,9 @@ class Daemon:
     async def run(self) -> None:
         config = self.config
         sealer = _sealer(config)  # a bad key file fails before anything slow starts
+        delays = Delays.from_env()
+        if delays.own_ms or delays.hosts_ms:
+            logger.warning("test-only link delays in force: %s", delays)
         model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
         spec = read_spec(model_dir)
         units = unit_costs(model_dir, config.dtype)
@@ -72,19 +76,21 @@ class Daemon:
                 profile=profile,
                 units=units,
                 timings=config.timings,
-                transport=HttpTransport(session, sealer),
+                transport=HttpTransport(session, sealer, delays),
                 objective=config.objective,  # type: ignore[arg-type]
                 context_tokens=config.context_tokens,
             )
             self.node = node
             frames = FrameCodec(sealer, spec.hidden_size, config.max_frame_bytes)
-            service = ChainService(node, model_dir, config.dtype, session, spec, frames)
+            service = ChainService(node, model_dir, config.dtype, session, spec, frames, delays)
             node.on_plan = service.on_plan
             self.service = service
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             api = OpenAIApi(service, codec, spec.name)
             self.sealer = sealer
-            peer_app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+            peer_app = web.Application(
+                client_max_size=MAX_REQUEST_BYTES, middlewares=[delay_answers(delays)]
+            )
             peer_app.add_routes(control_routes(node, sealer))
             peer_app.add_routes([web.get("/chain/ws", service.handle_ws)])
             user_app = web.Application(

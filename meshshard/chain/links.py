@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 
+from meshshard.delays import NONE, Delays
 from meshshard.security import DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import MAX_FRAME_BYTES, DataFrame, WireError, decode_frame, encode_frame
 
@@ -70,8 +72,10 @@ class Links:
         tg: asyncio.TaskGroup,
         codec: FrameCodec,
         refusals: Refusals,
+        delays: Delays = NONE,
     ) -> None:
         self._session = session
+        self._delays = delays
         self._codec = codec
         self._refusals = refusals
         self._dispatch = dispatch
@@ -82,9 +86,12 @@ class Links:
     async def send(self, addr: str, frame: DataFrame) -> None:
         """Send one frame to `addr` in order with earlier frames to it; waits while the
         socket's buffers are full (backpressure)."""
+        due = time.monotonic() + self._delays.to(addr)
         lock = self._locks.setdefault(addr, asyncio.Lock())
         async with lock:
             ws = await self._socket(addr)
+            if (wait := due - time.monotonic()) > 0:  # a testbed's link delay
+                await asyncio.sleep(wait)
             try:
                 await ws.send_bytes(self._codec.encode(frame))
             except (ConnectionError, aiohttp.ClientError, RuntimeError) as e:

@@ -29,6 +29,7 @@ from meshshard.chain.links import FrameCodec, LinkError, Links, Refusals
 from meshshard.chain.stage import StageWorker
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import run_model
+from meshshard.delays import NONE, Delays
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.types import PlanRecord
 from meshshard.model.kvcache import KVCache
@@ -112,9 +113,11 @@ class ChainService:
         session: aiohttp.ClientSession,
         spec: ModelSpec,
         codec: FrameCodec,
+        delays: Delays = NONE,
     ) -> None:
         self.control = control
         self.codec = codec
+        self.delays = delays
         self.refusals = Refusals()
         self.model_dir = model_dir
         self.dtype = dtype
@@ -147,7 +150,9 @@ class ChainService:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            self._links = Links(self._http, self.handle_frame, tg, self.codec, self.refusals)
+            self._links = Links(
+                self._http, self.handle_frame, tg, self.codec, self.refusals, self.delays
+            )
             sweeper = tg.create_task(self._sweep_loop())
             try:
                 while True:

@@ -11,10 +11,12 @@ import asyncio
 import logging
 import struct
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from meshshard.delays import NONE, Delays
 from meshshard.mesh.node import ControlNode, TransportError
 from meshshard.mesh.types import LinkStat
 from meshshard.security import CONTROL, CONTROL_REPLY, OVERHEAD, PROBE, AuthError, Sealer
@@ -31,14 +33,18 @@ MAX_BODY = MAX_CONTROL_BYTES + OVERHEAD
 
 
 class HttpTransport:
-    def __init__(self, session: aiohttp.ClientSession, sealer: Sealer) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, sealer: Sealer, delays: Delays = NONE
+    ) -> None:
         self._session = session
         self._sealer = sealer
+        self._delays = delays
 
     async def send(self, addr: str, msg: ControlMessage, timeout: float) -> ControlMessage:
         body = self._sealer.seal(CONTROL, encode(msg))
         try:
             async with asyncio.timeout(timeout):
+                await self._delay(addr)
                 async with self._session.post(
                     f"http://{addr}/mesh/control", data=body, headers={"Content-Type": CBOR}
                 ) as resp:
@@ -55,6 +61,7 @@ class HttpTransport:
                 rtts = []
                 for _ in range(3):
                     start = time.perf_counter()
+                    await self._delay(addr)
                     async with self._session.post(
                         f"http://{addr}/mesh/echo", data=self._probe(0)
                     ) as resp:
@@ -62,6 +69,7 @@ class HttpTransport:
                     rtts.append(time.perf_counter() - start)
                 rtt = min(rtts)
                 start = time.perf_counter()
+                await self._delay(addr)
                 async with self._session.post(
                     f"http://{addr}/mesh/bulk", data=self._probe(BULK_BYTES)
                 ) as resp:
@@ -71,8 +79,25 @@ class HttpTransport:
             raise TransportError(f"{addr}: {e or type(e).__name__}") from None
         return LinkStat(mbps=round(size * 8 / took / 1e6, 3), rtt_ms=round(rtt * 1e3, 4))
 
+    async def _delay(self, addr: str) -> None:
+        if wait := self._delays.to(addr):
+            await asyncio.sleep(wait)
+
     def _probe(self, size: int) -> bytes:
         return self._sealer.seal(PROBE, struct.pack(">Q", size))
+
+
+def delay_answers(delays: Delays) -> Any:
+    """Middleware: answers wait a testbed's link delay back to the asker, as requests do."""
+
+    @web.middleware
+    async def delay(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if wait := delays.to(request.remote):
+            await asyncio.sleep(wait)
+        return response
+
+    return delay
 
 
 def control_routes(node: ControlNode, sealer: Sealer) -> list[web.RouteDef]:

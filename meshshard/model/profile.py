@@ -105,7 +105,8 @@ def cached_quick_profile(model_dir: Path, dtype: str, cache_dir: Path) -> Device
     """The quick profile of this device, measured once and kept in the cache folder."""
     from meshshard.model.source import locked, model_name
 
-    path = cache_dir / "profiles" / f"{model_name(model_dir)}-{dtype}-{platform.node()}.json"
+    name = f"{model_name(model_dir)}-{dtype}-{platform.node()}-{compute_budget()}.json"
+    path = cache_dir / "profiles" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     # Peers sharing a machine profile one at a time: concurrent runs would measure contention.
     with locked(path.with_suffix(".lock")):
@@ -119,6 +120,21 @@ def cached_quick_profile(model_dir: Path, dtype: str, cache_dir: Path) -> Device
         tmp.replace(path)
     logger.info("profiled this device: %.1f ms per token for the whole model", result.decode_ms)
     return result
+
+
+def compute_budget() -> str:
+    """What this process may compute with: torch's threads and any cgroup CPU quota. A
+    profile holds only for the same budget (a peer limited to a quarter core is slower)."""
+    budget = f"t{torch.get_num_threads()}"
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        group = next(p.split(":", 2)[2] for p in lines if "cpu" in p.split(":")[1].split(","))
+        base = Path("/sys/fs/cgroup/cpu") / group.lstrip("/")
+        quota = int((base / "cpu.cfs_quota_us").read_text())
+        period = int((base / "cpu.cfs_period_us").read_text())
+    except (OSError, StopIteration, ValueError, IndexError):
+        return budget
+    return f"{budget}-cpu{quota / period:.2f}" if quota > 0 else budget
 
 
 def _fill(
