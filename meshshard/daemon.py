@@ -24,10 +24,11 @@ from meshshard.delays import Delays
 from meshshard.errors import MeshShardError
 from meshshard.mesh.discovery import Discovery
 from meshshard.mesh.http import HttpTransport, control_routes, delay_answers
-from meshshard.mesh.node import ControlNode
+from meshshard.mesh.node import ControlNode, PlanRefused
 from meshshard.mesh.types import Member, NodeId, Profile, State
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
 from meshshard.model.source import resolve_model
+from meshshard.planner.baselines import BASELINES
 from meshshard.security import Keyring, Sealer
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ class Daemon:
                 middlewares=[_bearer(config.api_token), api.tokenizer_ready],
             )
             user_app.add_routes(api.routes())
-            user_app.add_routes([web.get("/status", self._handle_status)])
+            user_app.add_routes(
+                [web.get("/status", self._handle_status), web.post("/plan", self._handle_plan)]
+            )
             runners = [
                 await _serve(peer_app, config.interface or "0.0.0.0", config.port, "peer"),
             ]
@@ -174,6 +177,24 @@ class Daemon:
                 measured=True,
                 links=old.links,
             )
+        )
+
+    async def _handle_plan(self, request: web.Request) -> web.Response:
+        """Operator: `{"use": "planner" | "solo" | "even" | ...}` puts that plan in force."""
+        assert self.node is not None
+        try:
+            body = await request.json()
+            method = body["use"]
+            if method not in ("planner", *BASELINES):
+                raise ValueError(f"use must be planner or one of {', '.join(BASELINES)}")
+        except (ValueError, KeyError, TypeError) as e:
+            return web.json_response({"error": {"message": f"bad request: {e}"}}, status=400)
+        try:
+            plan = await self.node.apply(method)
+        except PlanRefused as e:
+            return web.json_response({"error": {"message": str(e)}}, status=409)
+        return web.json_response(
+            self.node.status()["plan"] | {"epoch": [plan.epoch.term, plan.epoch.coordinator]}
         )
 
     async def _handle_status(self, request: web.Request) -> web.Response:

@@ -1,6 +1,7 @@
 """The planner against measurement, on the namespace testbeds (`tools/testbed.py`). Needs root.
 
     python tools/experiments.py prediction    # 1: predicted vs measured, each testbed, objective
+    python tools/experiments.py compare       # 2: ours vs the baselines, measured, each testbed
     python tools/experiments.py sweep         # 3: edge-cloud, the cloud link at 1..100 Mbit/s
     python tools/experiments.py concurrency   # 4: lan-3, 1/4/8/16 sessions at once
 
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,58 @@ def print_rows(rows: list[dict[str, Any]], header: bool) -> None:
               f"{r['measured_tps'] / r['predicted_tps']:>6.2f}  {r['plan']}")  # fmt: skip
 
 
+METHODS = ("planner", "solo", "even", "memory-weighted", "edgeshard-greedy")
+
+
+def apply(method: str) -> dict[str, Any]:
+    """Run inside the coordinator's namespace: put `method`'s plan in force."""
+    req = urllib.request.Request(
+        api_url() + "/plan",
+        json.dumps({"use": method}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as e:
+        return {"error": json.loads(e.read())["error"]["message"]}
+
+
+def compare(testbeds: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    print(f"{'testbed':<11} {'method':<17} {'pred ms':>8} {'meas ms':>8} {'meas t/s':>8}  plan")
+    for name in testbeds:
+        tb = Testbed.load(ROOT / "peers" / f"{name}.toml")
+        try:
+            bring_up(tb, "latency")
+            for method in METHODS:
+                out = subprocess.run(
+                    ["ip", "netns", "exec", tb.namespace(0), sys.executable, __file__, "_apply",
+                     method],
+                    capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+                plan = json.loads(out.stdout)
+                if "error" in plan:
+                    rows.append({"testbed": name, "method": method, "error": plan["error"]})
+                    print(f"{name:<11} {method:<17} {'-':>8} {'-':>8} {'-':>8}  {plan['error']}")
+                    continue
+                status = wait_ready(tb)
+                assert status["plan"]["epoch"] == plan["epoch"], (status["plan"], plan)
+                one = measure(tb, 1)
+                many = measure(tb, 2 * len(plan["stages"]), repeats=1)
+                rows.append({
+                    "testbed": name, "method": method, "plan": describe(plan),
+                    "predicted_ms": plan["latency_ms"], "measured_ms": one["per_token_ms"],
+                    "measured_tps": many["tokens_per_s"],
+                })  # fmt: skip
+                r = rows[-1]
+                print(f"{name:<11} {method:<17} {r['predicted_ms']:>8.1f} {r['measured_ms']:>8.1f} "
+                      f"{r['measured_tps']:>8.1f}  {r['plan']}")  # fmt: skip
+        finally:
+            down(tb)
+    return rows
+
+
 def sweep(rates: list[float]) -> list[dict[str, Any]]:
     base = Testbed.load(ROOT / "peers" / "edge-cloud.toml")
     rows = []
@@ -186,11 +240,21 @@ def plot(kind: str, rows: list[dict[str, Any]]) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     if kind == "prediction":
         labels = [f"{r['testbed']}\n{r['objective']}" for r in rows]
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["predicted_ms"] for r in rows], 0.4, label="predicted")
-        ax.bar([x + 0.2 for x in xs], [r["measured_ms"] for r in rows], 0.4, label="measured")
-        ax.set_xticks(list(xs), labels, fontsize=8)
+        at = range(len(rows))
+        ax.bar([x - 0.2 for x in at], [r["predicted_ms"] for r in rows], 0.4, label="predicted")
+        ax.bar([x + 0.2 for x in at], [r["measured_ms"] for r in rows], 0.4, label="measured")
+        ax.set_xticks(list(at), labels, fontsize=8)
         ax.set_ylabel("ms per token (one answer)")
+    elif kind == "compare":
+        ok = [r for r in rows if "error" not in r]
+        beds = sorted({r["testbed"] for r in ok}, key=[r["testbed"] for r in ok].index)
+        width = 0.8 / len(METHODS)
+        for k, method in enumerate(METHODS):
+            xs = [beds.index(r["testbed"]) + k * width for r in ok if r["method"] == method]
+            ys = [r["measured_ms"] for r in ok if r["method"] == method]
+            ax.bar(xs, ys, width, label=method)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(beds))], beds)
+        ax.set_ylabel("measured ms per token (one answer)")
     elif kind == "sweep":
         ms = [r["mbps"] for r in rows]
         ax.plot(ms, [r["predicted_ms"] for r in rows], "o--", label="predicted")
@@ -218,12 +282,17 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "_client":
         print(json.dumps(client(int(sys.argv[2]), int(sys.argv[3]))))
         return
+    if len(sys.argv) == 3 and sys.argv[1] == "_apply":
+        print(json.dumps(apply(sys.argv[2])))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=("prediction", "sweep", "concurrency"))
+    parser.add_argument("experiment", choices=("prediction", "compare", "sweep", "concurrency"))
     parser.add_argument("--testbeds", default="lan-3,home-wifi,edge-cloud")
     args = parser.parse_args()
     if args.experiment == "prediction":
         rows = prediction(args.testbeds.split(","))
+    elif args.experiment == "compare":
+        rows = compare(args.testbeds.split(","))
     elif args.experiment == "sweep":
         rows = sweep([1, 5, 10, 50, 100])
     else:

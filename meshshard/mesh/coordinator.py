@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, PlanStage, Profile
-from meshshard.planner import InstanceError, Objective, solve
+from meshshard.planner import Cost, InstanceError, Objective, Stage, solve
 from meshshard.planner.build import UnitCost, build_instance
 from meshshard.planner.instance import Instance, Link
 
@@ -108,13 +108,25 @@ def make_plan(
 ) -> PlanRecord:
     """The best plan for the instance, with a placeholder epoch the caller replaces."""
     plan = solve(inst, objective)
+    return plan_record(plan.stages, plan.cost, objective, coordinator, model, reason)
+
+
+def plan_record(
+    stages: Sequence[Stage],
+    cost: Cost,
+    objective: Objective,
+    coordinator: NodeId,
+    model: str,
+    reason: str,
+) -> PlanRecord:
+    """A planner's stages as a plan to publish, with a placeholder epoch."""
     return PlanRecord(
         epoch=Epoch(0, coordinator),
         model=model,
         objective=objective,
-        stages=tuple(PlanStage(NodeId(s.device), s.start, s.end) for s in plan.stages),
-        latency_ms=plan.cost.latency_ms,
-        bottleneck_ms=plan.cost.bottleneck_ms,
+        stages=tuple(PlanStage(NodeId(s.device), s.start, s.end) for s in stages),
+        latency_ms=cost.latency_ms,
+        bottleneck_ms=cost.bottleneck_ms,
         reason=reason,
     )
 

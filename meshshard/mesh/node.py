@@ -20,12 +20,14 @@ from meshshard.mesh.coordinator import (
     describe_change,
     make_plan,
     mesh_instance,
+    plan_record,
     signature,
 )
 from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.membership import Change, Membership
 from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
+from meshshard.planner.baselines import baseline
 from meshshard.planner.build import UnitCost
 from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
 
@@ -58,6 +60,10 @@ class Transport(Protocol):
     async def send(self, addr: str, msg: ControlMessage, timeout: float) -> ControlMessage: ...
 
     async def measure(self, addr: str, timeout: float) -> LinkStat: ...
+
+
+class PlanRefused(Exception):
+    """An operator's plan that cannot be applied, with the reason."""
 
 
 class ControlNode:
@@ -95,6 +101,7 @@ class ControlNode:
         self._stop = asyncio.Event()
         self._leaving = False
         self._guessed = False  # the plan in force was made on estimated profiles
+        self._pinned: tuple[NodeId, ...] | None = None  # members an operator's plan was made for
 
     @property
     def id(self) -> NodeId:
@@ -135,6 +142,34 @@ class ControlNode:
             self.membership.drain()
             self._event("draining: plans move off this peer")
             await self._push_all(self.timings.probe_timeout * 4)
+
+    async def apply(self, method: str) -> PlanRecord:
+        """Operator: put `method`'s plan in force now ("planner", or a baseline such as
+        "even"), made on the live members, and keep it until they change. Coordinator only;
+        PlanRefused when the plan cannot run."""
+        if self.coordinator != self.id:
+            raise PlanRefused(f"only the coordinator ({self.coordinator}) applies plans")
+        members = self.membership.members()
+        sig = signature(members, self.profiles, self.model)
+        try:
+            inst = mesh_instance(
+                members, self.profiles, self.units, self.model, self.id, self.context_tokens
+            )
+            if method == "planner":
+                plan = make_plan(inst, self.objective, self.id, self.model, "")
+            else:
+                stages, cost = baseline(inst, method)
+                plan = plan_record(stages, cost, self.objective, self.id, self.model, "")
+        except InstanceError as e:
+            raise PlanRefused(f"{method}: {e}") from None
+        if len({s.device for s in plan.stages}) != len(plan.stages):
+            raise PlanRefused(f"{method}: its plan visits a device twice, which a chain cannot")
+        plan = replace(plan, epoch=self.book.next_epoch(self.id), reason=f"operator: {method}")
+        self._pinned = sig.members
+        self.replanner.done(sig)
+        self._adopt(plan)
+        await self._push_all(self.timings.probe_timeout * 4)
+        return plan
 
     def plan_possible(self) -> bool:
         """Whether the serving members (as we know them) can run the model without the
@@ -322,9 +357,14 @@ class ControlNode:
                 continue
             if self.coordinator != self.id:
                 self.replanner.forget()
+                self._pinned = None
                 continue
             members = self.membership.members()
             sig = signature(members, self.profiles, self.model)
+            if self._pinned is not None:
+                if sig.members == self._pinned:
+                    continue  # an operator's plan stands until the members change
+                self._pinned = None
             current = self.book.current
             # A draining member still serves, but a plan that uses it is on borrowed time.
             live = {m.id for m in members if m.serving}
