@@ -328,6 +328,13 @@ def _bytes_option(value: str | None) -> float | None:
     help="Largest data-plane frame accepted (checked before it is read).",
 )
 @click.option(
+    "--profile-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    envvar="MESHSHARD_PROFILE_DIR",
+    help="Where to keep this device's profile (default: in the cache folder).",
+)
+@click.option(
     "--timings",
     type=click.Choice(["lan", "test"]),
     default="lan",
@@ -353,6 +360,7 @@ def up(
     api_bind: str,
     api_token: str | None,
     max_frame: str,
+    profile_dir: Path | None,
     timings: str,
 ) -> None:
     """Run a peer in the foreground until Ctrl-C (which hands its work over and leaves)."""
@@ -399,6 +407,7 @@ def up(
         api_bind=api_bind,
         api_token=api_token,
         max_frame_bytes=int(frame_limit or 0) or 64 * 1024 * 1024,
+        profile_dir=profile_dir,
         timings=TEST_TIMINGS if timings == "test" else LAN_TIMINGS,
     )
     daemon = Daemon(config)

@@ -100,8 +100,16 @@ class Config:
     context_tokens: int = 2048
     # Announce and browse with mDNS; off leaves only --peer seeds.
     mdns: bool = True
+    # Where this device's measured profile is kept; None: cache_dir/profiles. A peer whose
+    # compute is limited in ways the profile key cannot see (a cgroup quota inside a network
+    # namespace) gets a folder of its own.
+    profile_dir: Path | None = None
     # Control-plane timeouts: LAN_TIMINGS, or TEST_TIMINGS to make tests fast.
     timings: Timings = LAN_TIMINGS
+
+    @property
+    def profile_folder(self) -> Path:
+        return self.profile_dir or self.cache_dir / "profiles"
 
     @property
     def api_port_or_default(self) -> int:

@@ -161,7 +161,7 @@ class Daemon:
 
         try:
             result = await run_model(
-                cached_quick_profile, model_dir, self.config.dtype, self.config.cache_dir
+                cached_quick_profile, model_dir, self.config.dtype, self.config.profile_folder
             )
         except Exception as e:  # a failed profile leaves the estimate in place
             logger.warning("profiling failed, keeping estimates: %s", e)

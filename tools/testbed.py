@@ -179,14 +179,16 @@ def start_peer(
     delays = ",".join([f"self={host.delay_ms}"] + [f"{a}={ms}" for a, ms in others.items()])
     env = os.environ | {"MESHSHARD_TEST_DELAYS": delays}
     group = f"{tb.tag}h{i}"
+    # Join the cgroups first: inside the namespace /sys is that namespace's, without them.
     cmd = [
-        "ip", "netns", "exec", tb.namespace(i), "sh", "-c",
+        "sh", "-c",
         f"echo $$ > {CGROUP}/cpu/{group}/cgroup.procs && "
         f"echo $$ > {CGROUP}/memory/{group}/cgroup.procs && exec \"$@\"",
-        "sh", sys.executable, "-m", "meshshard", "up",
+        "sh", "ip", "netns", "exec", tb.namespace(i), sys.executable, "-m", "meshshard", "up",
         "--name", host.name, "--interface", tb.address(i), "--port", str(PORT),
         "--memory", host.offer, "--priority", str(host.priority), "--threads", "1",
         "--secret-file", str(key), "--objective", objective,
+        "--profile-dir", str(state / f"profiles-{host.name}-cpu{host.cpu}"),
         *(["--model", tb.model] if tb.model else []), *extra,
     ]  # fmt: skip
     log = open(state / f"{host.name}.log", "ab")  # noqa: SIM115 (the peer keeps it)
@@ -238,7 +240,11 @@ def status(tb: Testbed, i: int = 0) -> dict[str, Any] | None:
 def wait_ready(tb: Testbed, timeout: float = 300) -> dict[str, Any]:
     """The coordinator's status once its chain is ready and every host is a member."""
     end = time.monotonic() + timeout
+    state = STATE / tb.name / "state.json"
+    pids = json.loads(state.read_text())["pids"] if state.exists() else []
     while time.monotonic() < end:
+        if pids and not any(Path(f"/proc/{pid}").exists() for pid in pids):
+            raise SystemExit(f"error: every {tb.name} peer exited (logs in {STATE / tb.name})")
         for i in range(len(tb.hosts)):
             s = status(tb, i)
             alive = sum(m["state"] == "alive" for m in s["members"]) if s else 0

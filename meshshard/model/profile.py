@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import statistics
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
 
@@ -60,6 +62,9 @@ class DeviceProfile:
         return cls(units=units, **fields)  # type: ignore[arg-type]
 
 
+SUSTAIN_SECONDS = 0.6
+
+
 def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> DeviceProfile:
     """Profile the units of `shards`; decoder layers not loaded take the measured layers' median."""
     spec = shards[0].spec
@@ -78,6 +83,7 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
         for step in range(repeats):
             position = torch.tensor([context + step])
             shard.forward(cache, x[-1:], position, lambda u, s: decode[u].append(s))
+        _sustain(shard, cache, x[-1:], context + repeats, decode)
         for unit in range(shard.start, shard.end):
             weights[unit] = shard.unit_weight_bytes(unit)
     return DeviceProfile(
@@ -101,12 +107,12 @@ def quick_profile(
     return profile(shards, context, repeats)
 
 
-def cached_quick_profile(model_dir: Path, dtype: str, cache_dir: Path) -> DeviceProfile:
-    """The quick profile of this device, measured once and kept in the cache folder."""
+def cached_quick_profile(model_dir: Path, dtype: str, folder: Path) -> DeviceProfile:
+    """The quick profile of this device, measured once and kept in `folder`."""
     from meshshard.model.source import locked, model_name
 
     name = f"{model_name(model_dir)}-{dtype}-{platform.node()}-{compute_budget()}.json"
-    path = cache_dir / "profiles" / name
+    path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
     # Peers sharing a machine profile one at a time: concurrent runs would measure contention.
     with locked(path.with_suffix(".lock")):
@@ -120,6 +126,22 @@ def cached_quick_profile(model_dir: Path, dtype: str, cache_dir: Path) -> Device
         tmp.replace(path)
     logger.info("profiled this device: %.1f ms per token for the whole model", result.decode_ms)
     return result
+
+
+def _sustain(
+    shard: Shard, cache: KVCache, x: torch.Tensor, position: int, decode: dict[int, list[float]]
+) -> None:
+    """Scale the shard's unit times to its sustained speed. Medians of short bursts miss
+    what a CPU quota (a cgroup, a slower share of a machine) takes back over time: steps run
+    back to back for SUSTAIN_SECONDS show it."""
+    steps, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < SUSTAIN_SECONDS and steps < 2000:
+        shard.forward(cache, x, torch.tensor([position + steps]))
+        steps += 1
+    burst = sum(statistics.median(decode[u]) for u in range(shard.start, shard.end))
+    scale = (elapsed / steps) / burst if burst > 0 else 1.0
+    for u in range(shard.start, shard.end):
+        decode[u] = [t * scale for t in decode[u]]
 
 
 def compute_budget() -> str:
