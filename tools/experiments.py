@@ -103,6 +103,12 @@ def bring_up(tb: Testbed, objective: str) -> dict[str, Any]:
     return status
 
 
+def predicted(status: dict[str, Any]) -> dict[str, float]:
+    """The coordinator's prediction for the plan in force under the links as now measured
+    (a plan's own record keeps the numbers it was made on)."""
+    return dict(status.get("predicted_now") or status["plan"])
+
+
 def describe(plan: dict[str, Any]) -> str:
     return " ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in plan["stages"])
 
@@ -113,7 +119,8 @@ def prediction(testbeds: list[str]) -> list[dict[str, Any]]:
         tb = Testbed.load(ROOT / "peers" / f"{name}.toml")
         for objective in ("latency", "throughput"):
             try:
-                plan = bring_up(tb, objective)["plan"]
+                status = bring_up(tb, objective)
+                plan, now = status["plan"], predicted(status)
                 stages = len(plan["stages"])
                 one = measure(tb, 1)
                 many = measure(tb, 2 * stages)
@@ -121,8 +128,8 @@ def prediction(testbeds: list[str]) -> list[dict[str, Any]]:
                 down(tb)
             rows.append({
                 "testbed": name, "objective": objective, "plan": describe(plan),
-                "predicted_ms": plan["latency_ms"], "measured_ms": one["per_token_ms"],
-                "predicted_tps": plan["tokens_per_s"], "measured_tps": many["tokens_per_s"],
+                "predicted_ms": now["latency_ms"], "measured_ms": one["per_token_ms"],
+                "predicted_tps": now["tokens_per_s"], "measured_tps": many["tokens_per_s"],
                 "sessions": 2 * stages,
             })  # fmt: skip
             print_rows(rows[-1:], header=len(rows) == 1)
@@ -177,11 +184,12 @@ def compare(testbeds: list[str]) -> list[dict[str, Any]]:
                     continue
                 status = wait_ready(tb)
                 assert status["plan"]["epoch"] == plan["epoch"], (status["plan"], plan)
+                now = predicted(status)
                 one = measure(tb, 1)
                 many = measure(tb, 2 * len(plan["stages"]), repeats=1)
                 rows.append({
                     "testbed": name, "method": method, "plan": describe(plan),
-                    "predicted_ms": plan["latency_ms"], "measured_ms": one["per_token_ms"],
+                    "predicted_ms": now["latency_ms"], "measured_ms": one["per_token_ms"],
                     "measured_tps": many["tokens_per_s"],
                 })  # fmt: skip
                 r = rows[-1]
@@ -199,14 +207,15 @@ def sweep(rates: list[float]) -> list[dict[str, Any]]:
     for mbps in rates:
         tb = base.with_rate("cloud", mbps)
         try:
-            plan = bring_up(tb, "latency")["plan"]
+            status = bring_up(tb, "latency")
+            plan, now = status["plan"], predicted(status)
             one = measure(tb, 1)
         finally:
             down(tb)
         cloud = any(s["device"] == "cloud" for s in plan["stages"])
         rows.append({
             "mbps": mbps, "uses_cloud": cloud, "plan": describe(plan),
-            "predicted_ms": plan["latency_ms"], "measured_ms": one["per_token_ms"],
+            "predicted_ms": now["latency_ms"], "measured_ms": one["per_token_ms"],
         })  # fmt: skip
         r = rows[-1]
         print(f"{mbps:>12g} {cloud!s:>10} {r['predicted_ms']:>8.1f} {r['measured_ms']:>8.1f}  "

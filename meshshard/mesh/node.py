@@ -171,6 +171,29 @@ class ControlNode:
         await self._push_all(self.timings.probe_timeout * 4)
         return plan
 
+    def _predicted_now(self, plan: PlanRecord | None) -> dict[str, float] | None:
+        """The plan in force under today's profiles and measured links (its record keeps the
+        numbers it was made on): what the coordinator expects now."""
+        if plan is None or self.coordinator != self.id:
+            return None
+        try:
+            inst = mesh_instance(
+                self.membership.members(),
+                self.profiles,
+                self.units,
+                self.model,
+                self.id,
+                self.context_tokens,
+            )
+            cost = evaluate(inst, [Stage(s.device, s.start, s.end) for s in plan.stages])
+        except InstanceError:
+            return None
+        return {
+            "latency_ms": round(cost.latency_ms, 3),
+            "bottleneck_ms": round(cost.bottleneck_ms, 3),
+            "tokens_per_s": round(1000 / cost.bottleneck_ms, 2) if cost.bottleneck_ms else 0.0,
+        }
+
     def plan_possible(self) -> bool:
         """Whether the serving members (as we know them) can run the model without the
         draining ones: a leaving peer need not wait for a plan that cannot exist."""
@@ -270,6 +293,7 @@ class ControlNode:
                 for m in self.membership.members()
             ],
             "plan": _plan_json(plan) if plan else None,
+            "predicted_now": self._predicted_now(plan),
             "chain_ready": bool(plan and self.chain_ready(plan)),
             "plan_error": self.plan_error,
             "history": [_plan_json(p) for p in self.book.history],

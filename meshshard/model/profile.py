@@ -114,8 +114,9 @@ def cached_quick_profile(model_dir: Path, dtype: str, folder: Path) -> DevicePro
     name = f"{model_name(model_dir)}-{dtype}-{platform.node()}-{compute_budget()}.json"
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Peers sharing a machine profile one at a time: concurrent runs would measure contention.
-    with locked(path.with_suffix(".lock")):
+    # Peers sharing a machine profile one at a time (whatever their folders): concurrent runs
+    # would measure each other.
+    with locked(model_dir.parent / "profiling.lock"):
         try:
             return DeviceProfile.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError):

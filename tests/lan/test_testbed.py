@@ -18,21 +18,21 @@ pytestmark = [
 ]
 
 
-def testbed(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_testbed(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*TOOL, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_lan_3_comes_up_answers_and_goes_down() -> None:
     toml = str(ROOT / "peers" / "lan-3.toml")
     try:
-        up = testbed("up", toml)
+        up = run_testbed("up", toml)
         assert up.returncode == 0, up.stdout + up.stderr
         assert "lan-3 up (3 hosts" in up.stdout
-        answer = testbed("ask", toml, "What is the capital of France? Answer in one sentence.")
+        answer = run_testbed("ask", toml, "What is the capital of France? Answer in one sentence.")
         assert answer.returncode == 0, answer.stderr
         assert "Paris" in answer.stdout
     finally:
-        down = testbed("down", toml)
+        down = run_testbed("down", toml)
     assert down.returncode == 0 and down.stdout.strip() == "down", down.stdout + down.stderr
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "mstb" not in ns
