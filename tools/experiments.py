@@ -303,7 +303,7 @@ def main() -> None:
     elif args.experiment == "compare":
         rows = compare(args.testbeds.split(","))
     elif args.experiment == "sweep":
-        rows = sweep([1, 5, 10, 50, 100])
+        rows = sweep([0.25, 0.5, 1, 5, 10, 50, 100])
     else:
         rows = concurrency([1, 4, 8, 16])
     OUT.mkdir(parents=True, exist_ok=True)

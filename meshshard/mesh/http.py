@@ -25,7 +25,8 @@ from meshshard.wire import MAX_CONTROL_BYTES, ControlMessage, WireError, decode,
 logger = logging.getLogger(__name__)
 
 CBOR = "application/cbor"
-BULK_BYTES = 256 * 1024  # one timed transfer to estimate a link's bandwidth
+BULK_BYTES = 256 * 1024  # one timed transfer to estimate a fast link's bandwidth
+SMALL_BULK_BYTES = 16 * 1024  # ... and a first, small one, enough for a slow link
 MAX_BULK = 8 * 1024 * 1024
 
 
@@ -68,16 +69,23 @@ class HttpTransport:
                         await resp.read()
                     rtts.append(time.perf_counter() - start)
                 rtt = min(rtts)
-                start = time.perf_counter()
-                await self._delay(addr)
-                async with self._session.post(
-                    f"http://{addr}/mesh/bulk", data=self._probe(BULK_BYTES)
-                ) as resp:
-                    size = len(await resp.read())
-                took = max(time.perf_counter() - start - rtt, 1e-6)
+                # A small transfer first: a slow link would take seconds to move a big one.
+                for size in (SMALL_BULK_BYTES, BULK_BYTES):
+                    took = await self._bulk(addr, size, rtt)
+                    if took > 0.05:
+                        break
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise TransportError(f"{addr}: {e or type(e).__name__}") from None
         return LinkStat(mbps=round(size * 8 / took / 1e6, 3), rtt_ms=round(rtt * 1e3, 4))
+
+    async def _bulk(self, addr: str, size: int, rtt: float) -> float:
+        """Seconds to move `size` bytes from `addr`, less one round trip."""
+        start = time.perf_counter()
+        await self._delay(addr)
+        async with self._session.post(f"http://{addr}/mesh/bulk", data=self._probe(size)) as r:
+            if len(await r.read()) != size:
+                raise TransportError(f"{addr}: short bulk transfer")
+        return max(time.perf_counter() - start - rtt, 1e-6)
 
     async def _delay(self, addr: str) -> None:
         if wait := self._delays.to(addr):

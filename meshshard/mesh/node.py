@@ -62,6 +62,9 @@ class Transport(Protocol):
     async def measure(self, addr: str, timeout: float) -> LinkStat: ...
 
 
+MEASURE_TIMEOUT = 5.0  # seconds for one link measurement (a 10 Mbit/s link takes ~0.3)
+
+
 class PlanRefused(Exception):
     """An operator's plan that cannot be applied, with the reason."""
 
@@ -431,7 +434,7 @@ class ControlNode:
             links = dict(me.links)
             for member in self.membership.others():
                 try:
-                    links[member.id] = await self.transport.measure(member.addr, 2.0)
+                    links[member.id] = await self.transport.measure(member.addr, MEASURE_TIMEOUT)
                 except TransportError:
                     continue
             live = {m.id for m in self.membership.live()}
