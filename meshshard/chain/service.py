@@ -369,7 +369,8 @@ class ChainService:
             for unit in range(req.start, min(req.end, self.spec.num_units))
             if (layer := self.spec.layer_of(unit)) is not None
         ]
-        exported = await run_model(self._export, req.session, layers, req.length)
+        async with self._switch:  # mid-switch, caches are between the shard and left-behind
+            exported = await run_model(self._export, req.session, layers, req.length)
         refusal = ErrorFrame(req.epoch, req.session, 0, "no-handoff", "", req.attempt)
         if not exported:
             message = f"{self.control.id} holds no cache of units {req.start}..{req.end - 1}"
@@ -656,6 +657,8 @@ class ChainService:
                         if frame.have < start:
                             raise _Short(frame.have)
                         continue  # a later chunk of a feed already sent again
+                    if frame.code == "no-handoff":
+                        continue  # late news of the handoff phase: a gap shows as a cache miss
                     if frame.code == "bad-frame":
                         raise ChainError(f"{frame.code}: {frame.message}")
                     # A stage still switching to this plan will serve it in a moment.

@@ -101,6 +101,10 @@ def load_instance(path: str | Path) -> Instance:
     except (ValueError, tomllib.TOMLDecodeError) as e:
         kind = "TOML" if path.suffix == ".toml" else "JSON"
         raise InstanceError(f"{path.name} is not valid {kind}: {e}") from None
+    if isinstance(data, dict) and "hosts" in data and "units" not in data:
+        raise InstanceError(
+            f"{path.name} is a testbed (run it with tools/testbed.py), not an instance"
+        )
     return parse_instance(data)
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 PEERS = sorted((Path(__file__).resolve().parents[2] / "peers").glob("*.*"))
-INSTANCES = [p for p in PEERS if p.suffix in (".json", ".toml") and not p.name.startswith("lan")]
+# Testbeds for tools/testbed.py (hosts, not devices) live beside the planner instances.
+TESTBEDS = [p for p in PEERS if p.suffix == ".toml" and "[[hosts]]" in p.read_text()]
+INSTANCES = [p for p in PEERS if p.suffix in (".json", ".toml") and p not in TESTBEDS]
 
 
 def meshshard(*args: str) -> subprocess.CompletedProcess[str]:
@@ -120,3 +122,9 @@ def test_approximate_mode_says_so_with_its_bound() -> None:
     assert not plan.exact and plan.bound >= 1.0
     assert plan.to_json()["approximate"]["bound"] == round(plan.bound, 4)
     assert evaluate(inst, plan.stages).latency_ms == pytest.approx(plan.cost.latency_ms)
+
+
+@pytest.mark.parametrize("path", TESTBEDS, ids=lambda p: p.name)
+def test_a_testbed_is_not_taken_for_an_instance(path: Path) -> None:
+    out = meshshard("plan", str(path))
+    assert out.returncode == 2 and "is a testbed" in out.stderr
