@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp import web
 
 from meshshard.delays import NONE, Delays
 from meshshard.security import DATA, OVERHEAD, AuthError, Sealer
@@ -119,14 +120,25 @@ class Links:
         return ws
 
     async def _read(self, addr: str, ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for msg in ws:
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                continue
-            try:
-                frame = self._codec.decode(msg.data)
-            except (WireError, AuthError) as e:
-                self._refusals.note(addr, e)
-                continue
-            await self._dispatch(frame)
+        await read_frames(ws, self._codec, self._refusals, addr, self._dispatch)
         if self._sockets.get(addr) is ws:
             del self._sockets[addr]
+
+
+async def read_frames(
+    ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+    codec: FrameCodec,
+    refusals: Refusals,
+    source: str | None,
+    dispatch: Dispatch,
+) -> None:
+    """Hand every frame that arrives on `ws` to `dispatch` until it closes; refuse the rest."""
+    async for msg in ws:
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            continue
+        try:
+            frame = codec.decode(msg.data)
+        except (WireError, AuthError) as e:
+            refusals.note(source, e)
+            continue
+        await dispatch(frame)

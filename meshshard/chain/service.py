@@ -25,7 +25,7 @@ import torch
 from aiohttp import web
 
 from meshshard.chain.handoff import LeftBehind, moves
-from meshshard.chain.links import FrameCodec, LinkError, Links, Refusals
+from meshshard.chain.links import FrameCodec, LinkError, Links, Refusals, read_frames
 from meshshard.chain.stage import StageWorker
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import run_model
@@ -35,7 +35,6 @@ from meshshard.mesh.types import PlanRecord
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
-from meshshard.security import AuthError
 from meshshard.wire import (
     DataFrame,
     DropFrame,
@@ -335,21 +334,10 @@ class ChainService:
         await ws.prepare(request)
         self._inbound.add(ws)
         try:
-            await self._read_frames(ws, request.remote)
+            await read_frames(ws, self.codec, self.refusals, request.remote, self.handle_frame)
         finally:
             self._inbound.discard(ws)
         return ws
-
-    async def _read_frames(self, ws: web.WebSocketResponse, remote: str | None) -> None:
-        async for msg in ws:
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                continue
-            try:
-                frame = self.codec.decode(msg.data)
-            except (WireError, AuthError) as e:
-                self.refusals.note(remote, e)
-                continue
-            await self.handle_frame(frame)
 
     async def _reply_error(self, frame: StepFrame, code: str, message: str) -> None:
         error = ErrorFrame(frame.epoch, frame.session, frame.step, code, message, frame.attempt)
