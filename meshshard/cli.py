@@ -377,13 +377,6 @@ def up(
     from meshshard.config import API_PORT_OFFSET, LAN_TIMINGS, TEST_TIMINGS
     from meshshard.daemon import Daemon
 
-    if secret_file is not None and insecure:
-        raise MeshShardError("--secret-file and --insecure exclude each other")
-    if secret_file is None and not insecure:
-        raise MeshShardError(
-            "no mesh key: create one with `meshshard keygen FILE`, copy it to every device and "
-            "pass --secret-file FILE (or run with --insecure)"
-        )
     if api_token is None and not _loopback(api_bind):
         raise MeshShardError(f"an API on {api_bind} (not loopback) needs --api-token")
     if api_port is None and port + API_PORT_OFFSET > 65535:

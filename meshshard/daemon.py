@@ -254,6 +254,8 @@ async def _serve(app: web.Application, bind: str, port: int, what: str) -> web.A
 
 
 def _sealer(config: Config) -> Sealer:
+    if config.insecure and config.secret_file is not None:
+        raise MeshShardError("--secret-file and --insecure exclude each other")
     if config.insecure:
         logger.warning(
             "running WITHOUT a mesh key (--insecure): any host on the network can join this "
