@@ -129,7 +129,10 @@ class Shard:
         return cache.length if cache is not None else 0
 
     def truncate(self, session: str, length: int) -> None:
-        self._cache(session).truncate(length)
+        """Forget the session's positions from `length` on (nothing to do for a stranger)."""
+        cache = self._sessions.get(session)
+        if cache is not None:
+            cache.truncate(length)
 
     def export(
         self, session: str, layer: int, length: int
