@@ -31,6 +31,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.netns import Bridge  # noqa: E402
 
 from meshshard.config import API_PORT_OFFSET, parse_bytes  # noqa: E402
 from meshshard.security import new_key, write_key_file  # noqa: E402
@@ -107,23 +110,10 @@ def up(tb: Testbed, objective: str | None = None, extra: tuple[str, ...] = ()) -
         write_key_file(key, new_key())
     pids = []
     try:
-        ip("netns", "add", tb.bridge)
-        ip("-n", tb.bridge, "link", "set", "lo", "up")
-        ip("-n", tb.bridge, "link", "add", "br0", "type", "bridge")
-        ip("-n", tb.bridge, "link", "set", "br0", "up")
+        net = Bridge(len(tb.hosts), tb.tag, tb.subnet).up()
         for i, host in enumerate(tb.hosts):
-            ns, port = tb.namespace(i), f"v{i}"
-            ip("netns", "add", ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-            ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
-               "netns", tb.bridge)  # fmt: skip
-            ip("-n", ns, "addr", "add", f"{tb.address(i)}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
-            ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
-            ip("-n", tb.bridge, "link", "set", port, "master", "br0")
-            ip("-n", tb.bridge, "link", "set", port, "up")
-            shape(ns, "eth0", host.mbps)  # host -> bridge
-            shape(tb.bridge, port, host.mbps)  # bridge -> host
+            shape(net.hosts[i], "eth0", host.mbps)  # host -> bridge
+            shape(net.bridge, net.port(i), host.mbps)  # bridge -> host
             make_cgroup(tb, i, host)
         for i, host in enumerate(tb.hosts):
             pids.append(start_peer(tb, i, host, state, key, objective or tb.objective, extra))
@@ -262,10 +252,6 @@ def namespaces(tag: str) -> list[str]:
 
 def run(*cmd: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True).stdout
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 def kill_group(pid: int) -> None:

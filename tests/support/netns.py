@@ -19,11 +19,19 @@ def can_make_namespaces() -> str | None:
 
 
 class Bridge:
-    def __init__(self, hosts: int) -> None:
-        self.tag = f"ms{random.randrange(16**5):05x}"
+    """Hosts `{tag}h{i}` at `{subnet}.{i+1}`, each joined by a veth pair (`eth0` in the host,
+    `p{i}` at the bridge) to a bridge in namespace `{tag}br`. Random tag and subnet unless
+    given (the testbed names its own)."""
+
+    def __init__(self, hosts: int, tag: str | None = None, subnet: str | None = None) -> None:
+        self.tag = tag or f"ms{random.randrange(16**5):05x}"
         self.bridge = f"{self.tag}br"
         self.hosts = [f"{self.tag}h{i}" for i in range(hosts)]
-        self.subnet = f"10.231.{random.randrange(256)}"
+        self.subnet = subnet or f"10.231.{random.randrange(256)}"
+
+    def port(self, i: int) -> str:
+        """Host i's end of its link at the bridge."""
+        return f"p{i}"
 
     def address(self, i: int) -> str:
         return f"{self.subnet}.{i + 1}"
@@ -35,7 +43,7 @@ class Bridge:
             self._ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
             self._ip("-n", self.bridge, "link", "set", "br0", "up")
             for i, host in enumerate(self.hosts):
-                port = f"p{i}"
+                port = self.port(i)
                 self._ip("netns", "add", host)
                 self._ip("-n", host, "link", "set", "lo", "up")
                 self._ip(
