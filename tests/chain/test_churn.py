@@ -11,11 +11,7 @@ from typing import Any
 
 import pytest
 from support.procs import Peer, wait_for, wait_for_chain
-
-from meshshard.config import default_cache_dir
-from meshshard.model.generate import LocalChain, generate
-from meshshard.model.source import ensure_embedded
-from meshshard.model.text import TextCodec
+from support.reference import greedy_answer
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +19,9 @@ PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 NEW = 64
 
 
-def reference_answer(tokens: int) -> str:
-    model_dir = ensure_embedded(default_cache_dir())
-    codec = TextCodec.load(model_dir)
-    ids = codec.encode(PROMPT, chat=True)
-    out = list(generate(LocalChain.load(model_dir), ids, tokens, stop_ids=codec.stop_ids))
-    return codec.decode(out)
-
-
 @pytest.fixture(scope="module")
 def reference() -> str:
-    return reference_answer(NEW)
+    return greedy_answer(PROMPT, NEW)
 
 
 @pytest.fixture
@@ -146,7 +134,7 @@ def test_answer_survives_a_higher_priority_peer_joining(peers: list[Peer], tmp_p
     """A new device with a higher priority joins mid-answer: it becomes the coordinator, the
     plan changes under a new epoch, and the answer carries on unchanged. The answer is long
     (256 tokens, about 12 s) so that the newcomer starts and joins while it runs."""
-    reference = reference_answer(256)
+    reference = greedy_answer(PROMPT, 256)
     status = peers[0].status()
     assert status is not None
     plan = status["plan"]
@@ -199,15 +187,7 @@ def test_twenty_sessions_survive_a_kill_and_a_join(peers: list[Peer], tmp_path: 
     over as coordinator and first stage): every answer is right, and once they are done no
     peer holds a cache for any of them."""
     tokens = 48
-    model_dir = ensure_embedded(default_cache_dir())
-    codec = TextCodec.load(model_dir)
-    chain = LocalChain.load(model_dir)
-    want = {
-        p: codec.decode(
-            list(generate(chain, codec.encode(p, chat=True), tokens, stop_ids=codec.stop_ids))
-        )
-        for p in PROMPTS
-    }
+    want = {p: greedy_answer(p, tokens) for p in PROMPTS}
     status = peers[0].status()
     assert status is not None
     plan = status["plan"]

@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 from support.netns import Bridge, can_make_namespaces
 from support.procs import ROOT, Peer, wait_for, wait_for_chain
-
-from meshshard.config import default_cache_dir
-from meshshard.model.generate import LocalChain, generate
-from meshshard.model.source import ensure_embedded
-from meshshard.model.text import TextCodec
+from support.reference import greedy_answer
 
 pytestmark = [
     pytest.mark.slow,
@@ -56,12 +52,7 @@ def hosts(tmp_path: Path) -> Iterator[list[Peer]]:
 
 def test_answer_survives_a_stage_killed_on_the_namespace_testbed(hosts: list[Peer]) -> None:
     peers = hosts
-    model_dir = ensure_embedded(default_cache_dir())
-    codec = TextCodec.load(model_dir)
-    ids = codec.encode(PROMPT, chat=True)
-    want = codec.decode(
-        list(generate(LocalChain.load(model_dir), ids, NEW, stop_ids=codec.stop_ids))
-    )
+    want = greedy_answer(PROMPT, NEW)
     try:
         wait_for_chain(peers[0], 2, timeout=240)
     except AssertionError:

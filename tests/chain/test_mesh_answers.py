@@ -16,14 +16,11 @@ import pytest
 import torch
 from aiohttp import web
 from support.procs import Peer, mesh_key, wait_for, wait_for_chain
+from support.reference import greedy_answer
 
 from meshshard.chain.links import FrameCodec
 from meshshard.chain.tensors import to_wire
-from meshshard.config import default_cache_dir
 from meshshard.mesh.types import Epoch
-from meshshard.model.generate import LocalChain, generate
-from meshshard.model.source import ensure_embedded
-from meshshard.model.text import TextCodec
 from meshshard.security import Keyring, Sealer
 from meshshard.wire import ErrorFrame, Sampling, StepFrame
 
@@ -58,14 +55,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Peer]]:
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, str]:
-    model_dir = ensure_embedded(default_cache_dir())
-    chain = LocalChain.load(model_dir)
-    codec = TextCodec.load(model_dir)
-    out = {}
-    for prompt in PROMPTS:
-        ids = codec.encode(prompt, chat=True)
-        out[prompt] = codec.decode(list(generate(chain, ids, NEW, stop_ids=codec.stop_ids)))
-    return out
+    return {prompt: greedy_answer(prompt, NEW) for prompt in PROMPTS}
 
 
 def chat(peer: Peer, prompt: str, **extra: Any) -> dict[str, Any]:

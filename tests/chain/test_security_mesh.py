@@ -20,14 +20,11 @@ import pytest
 import torch
 from aiohttp import web
 from support.procs import Peer, mesh_key, wait_for, wait_for_chain
+from support.reference import greedy_answer
 
 from meshshard.chain.links import FrameCodec
 from meshshard.chain.tensors import to_wire
-from meshshard.config import default_cache_dir
 from meshshard.mesh.types import Epoch, Member, NodeId, State
-from meshshard.model.generate import LocalChain, generate
-from meshshard.model.source import ensure_embedded
-from meshshard.model.text import TextCodec
 from meshshard.security import CONTROL, Keyring, Sealer, new_key, write_key_file
 from meshshard.wire import Ping, Sampling, StepFrame, TokenFrame, encode
 
@@ -61,11 +58,7 @@ def mesh(logs: Path) -> Iterator[list[Peer]]:
 
 @pytest.fixture(scope="module")
 def reference() -> str:
-    model_dir = ensure_embedded(default_cache_dir())
-    codec = TextCodec.load(model_dir)
-    ids = codec.encode(PROMPT, chat=True)
-    chain = LocalChain.load(model_dir)
-    return codec.decode(list(generate(chain, ids, NEW, stop_ids=codec.stop_ids)))
+    return greedy_answer(PROMPT, NEW)
 
 
 def chat(peer: Peer, token: str | None = None) -> str:
