@@ -2,14 +2,17 @@
 
 Decode time is measured per unit while decoding after a real context, median of several
 runs; prefill time per token from one longer prefill. Bytes come from the loaded modules.
-The quick profile loads only embed, one decoder layer and the head (decoder layers share a
-shape, so they share a time): a device that cannot hold the model can still profile itself.
+The quick profile loads embed, enough decoder layers to outgrow the CPU's caches, and the
+head; decoder layers share a shape, so the others take their time. One layer alone would stay
+in cache and run up to twice as fast as a chain of layers that streams its weights from memory
+(decode is memory-bound). A device that cannot hold the model can still profile itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import statistics
 import time
@@ -62,7 +65,12 @@ class DeviceProfile:
         return cls(units=units, **fields)  # type: ignore[arg-type]
 
 
+# Bumped when the way of measuring changes, so profiles kept from before are measured again.
+VERSION = 2
 SUSTAIN_SECONDS = 0.6
+# The quick profile runs at least this many bytes of distinct decoder layers: more than the
+# last-level cache of any device we target, so no layer finds its weights still cached.
+CACHE_FLUSH_BYTES = 256 * 2**20
 
 
 def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> DeviceProfile:
@@ -99,19 +107,27 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
 def quick_profile(
     model_dir: Path, dtype: str, context: int = 64, repeats: int = 15
 ) -> DeviceProfile:
-    """Profile embed, the first decoder layer and the head; the other layers are the same shape."""
-    from meshshard.model.costs import read_spec
+    """Profile embed, the first layers (CACHE_FLUSH_BYTES of them) and the head; the other
+    layers are the same shape."""
+    from meshshard.model.costs import unit_costs
 
-    n = read_spec(model_dir).num_units
-    shards = [Shard.load(model_dir, 0, 2, dtype), Shard.load(model_dir, n - 1, n, dtype)]
+    costs = unit_costs(model_dir, dtype)
+    n = len(costs)
+    layers = layers_to_profile(costs[1].weight_bytes, n - 2)
+    shards = [Shard.load(model_dir, 0, 1 + layers, dtype), Shard.load(model_dir, n - 1, n, dtype)]
     return profile(shards, context, repeats)
+
+
+def layers_to_profile(layer_bytes: int, num_layers: int) -> int:
+    """How many decoder layers hold CACHE_FLUSH_BYTES (all of them if fewer)."""
+    return min(num_layers, max(1, math.ceil(CACHE_FLUSH_BYTES / max(layer_bytes, 1))))
 
 
 def cached_quick_profile(model_dir: Path, dtype: str, folder: Path) -> DeviceProfile:
     """The quick profile of this device, measured once and kept in `folder`."""
     from meshshard.model.source import locked, model_name
 
-    name = f"{model_name(model_dir)}-{dtype}-{platform.node()}-{compute_budget()}.json"
+    name = f"{model_name(model_dir)}-{dtype}-{platform.node()}-{compute_budget()}-v{VERSION}.json"
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
     # Peers sharing a machine profile one at a time (whatever their folders): concurrent runs
@@ -169,18 +185,23 @@ def _fill(
     dtype_bytes: int,
 ) -> list[UnitProfile]:
     layers = [u for u in decode if spec.layer_of(u) is not None]
-    typical = layers[0] if layers else None
     out = []
     for u in range(spec.num_units):
-        src = u if u in decode else typical
-        if src is None:
+        if u in decode:
+            step, prompt, size = decode[u], prefill[u][0], weights[u]
+        elif layers and spec.layer_of(u) is not None:
+            # A layer not loaded runs like the measured ones: their pooled times stand in.
+            step = [t for v in layers for t in decode[v]]
+            prompt = statistics.median(prefill[v][0] for v in layers)
+            size = weights[layers[0]]
+        else:
             raise ValueError(f"unit {spec.unit_name(u)} was not profiled")
         out.append(
             UnitProfile(
                 name=spec.unit_name(u),
-                decode_ms=round(statistics.median(decode[src]) * 1e3, 4),
-                prefill_ms_per_token=round(prefill[src][0] * 1e3 / context, 4),
-                weight_bytes=weights.get(u, weights[src]),
+                decode_ms=round(statistics.median(step) * 1e3, 4),
+                prefill_ms_per_token=round(prompt * 1e3 / context, 4),
+                weight_bytes=size,
                 kv_bytes_per_token=spec.kv_bytes_per_token(u, dtype_bytes),
                 out_bytes_per_token=spec.out_bytes_per_token(u, dtype_bytes),
             )

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from meshshard.config import default_cache_dir
+from meshshard.model.costs import unit_costs
 from meshshard.model.generate import LocalChain
+from meshshard.model.profile import CACHE_FLUSH_BYTES, layers_to_profile, quick_profile
 from meshshard.model.source import ensure_embedded
 from meshshard.model.text import TextCodec
 
@@ -112,6 +114,24 @@ def test_profile_measures_every_unit() -> None:
     # Tied model: the head carries the 49152 x 576 embedding matrix, as the embed unit does.
     assert units[0]["weight_bytes"] == 49152 * 576 * 4
     assert units[-1]["weight_bytes"] == 49152 * 576 * 4 + 576 * 4
+
+
+def test_quick_profile_runs_layers_that_outgrow_the_cache(model_dir: Path) -> None:
+    layer_bytes = unit_costs(model_dir, "float32")[1].weight_bytes
+    loaded = layers_to_profile(layer_bytes, 30)
+    assert loaded * layer_bytes >= CACHE_FLUSH_BYTES > (loaded - 1) * layer_bytes
+    units = quick_profile(model_dir, "float32", context=8, repeats=2).units
+    assert len(units) == 32 and all(u.decode_ms > 0 for u in units)
+    # Layers not loaded take the pooled median of the loaded ones: all the same.
+    assert len({u.decode_ms for u in units[1 + loaded : -1]}) == 1
+    assert {u.weight_bytes for u in units[1:-1]} == {layer_bytes}
+
+
+def test_layers_to_profile() -> None:
+    assert layers_to_profile(CACHE_FLUSH_BYTES // 4, 30) == 4
+    assert layers_to_profile(CACHE_FLUSH_BYTES // 4 - 1, 30) == 5
+    assert layers_to_profile(CACHE_FLUSH_BYTES * 3, 80) == 1
+    assert layers_to_profile(1, 30) == 30
 
 
 @pytest.mark.parametrize(
