@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import click
 from meshshard import __version__
 from meshshard.config import DEFAULT_MODEL, DTYPES, Config
 from meshshard.errors import MeshShardError
+from meshshard.logs import setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,11 +48,17 @@ def main() -> None:
     envvar="MESHSHARD_LOG_LEVEL",
     show_default=True,
 )
-def cli(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="MESHSHARD_LOG_FORMAT",
+    show_default=True,
+    help="json: one object per line, with node and epoch on state changes.",
+)
+def cli(log_level: str, log_format: str) -> None:
     """Run one LLM across several devices as a chain of layer shards."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(log_level, log_format)
 
 
 peer_url_option = click.option(

@@ -9,6 +9,7 @@ import hmac
 import logging
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -16,19 +17,21 @@ from aiohttp import web
 
 from meshshard import __version__
 from meshshard.api.openai import OpenAIApi
+from meshshard.api.operator import OperatorApi
 from meshshard.chain.links import FrameCodec
 from meshshard.chain.service import ChainService
 from meshshard.chain.worker import run_model
 from meshshard.config import Config
 from meshshard.delays import Delays
 from meshshard.errors import MeshShardError
+from meshshard.events import EventLog
 from meshshard.mesh.discovery import Discovery
 from meshshard.mesh.http import HttpTransport, control_routes, delay_answers
-from meshshard.mesh.node import ControlNode, PlanRefused
+from meshshard.mesh.node import ControlNode
 from meshshard.mesh.types import Member, NodeId, Profile, State
+from meshshard.metrics import Metrics
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
 from meshshard.model.source import resolve_model
-from meshshard.planner.baselines import BASELINES
 from meshshard.security import Keyring, Sealer
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ MAX_REQUEST_BYTES = 2 * 1024 * 1024
 DRAIN_SECONDS = 10.0
 # ... and the mesh this long to plan without us and take our sessions' caches.
 HAND_OVER_SECONDS = 20.0
+LOAD_PERIOD = 2.0  # seconds between looks at our stage's load for the profile
 
 
 class Daemon:
@@ -72,8 +76,10 @@ class Daemon:
             node_id, f"{host}:{config.port}", int(time.time() * 1000), State.ALIVE, config.priority
         )
         async with aiohttp.ClientSession() as session:
+            events = EventLog(node_id)
             node = ControlNode(
                 me=me,
+                events=events,
                 profile=profile,
                 units=units,
                 timings=config.timings,
@@ -88,6 +94,7 @@ class Daemon:
             self.service = service
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             api = OpenAIApi(service, codec, spec.name)
+            operator = OperatorApi(node, events, Metrics(node, service), self.status)
             self.sealer = sealer
             peer_app = web.Application(
                 client_max_size=MAX_REQUEST_BYTES, middlewares=[delay_answers(delays)]
@@ -99,9 +106,7 @@ class Daemon:
                 middlewares=[_bearer(config.api_token), api.tokenizer_ready],
             )
             user_app.add_routes(api.routes())
-            user_app.add_routes(
-                [web.get("/status", self._handle_status), web.post("/plan", self._handle_plan)]
-            )
+            user_app.add_routes(operator.routes())
             runners = [
                 await _serve(peer_app, config.interface or "0.0.0.0", config.port, "peer"),
             ]
@@ -134,10 +139,12 @@ class Daemon:
                         tg.create_task(self._profile(node, model_dir)),
                         tg.create_task(service.run()),
                         tg.create_task(_load_codec(model_dir, codec)),
+                        tg.create_task(_publish_load(node, service)),
                     ]
                     if discovery is not None:
                         tasks.append(tg.create_task(discovery.run()))
                     await self._stop.wait()
+                    operator.close()
                     logger.info("shutting down: no new requests, moving our units to others")
                     await node.drain()
                     await service.drain(DRAIN_SECONDS)
@@ -179,25 +186,8 @@ class Daemon:
             )
         )
 
-    async def _handle_plan(self, request: web.Request) -> web.Response:
-        """Operator: `{"use": "planner" | "solo" | "even" | ...}` puts that plan in force."""
-        assert self.node is not None
-        try:
-            body = await request.json()
-            method = body["use"]
-            if method not in ("planner", *BASELINES):
-                raise ValueError(f"use must be planner or one of {', '.join(BASELINES)}")
-        except (ValueError, KeyError, TypeError) as e:
-            return web.json_response({"error": {"message": f"bad request: {e}"}}, status=400)
-        try:
-            plan = await self.node.apply(method)
-        except PlanRefused as e:
-            return web.json_response({"error": {"message": str(e)}}, status=409)
-        return web.json_response(
-            self.node.status()["plan"] | {"epoch": [plan.epoch.term, plan.epoch.coordinator]}
-        )
-
-    async def _handle_status(self, request: web.Request) -> web.Response:
+    def status(self) -> dict[str, Any]:
+        """The status object of `GET /status`, the dashboard and `meshshard status`."""
         assert self.node is not None
         status = self.node.status()
         status |= {
@@ -233,11 +223,17 @@ class Daemon:
                 "batches": stage.batches,
                 "weight_bytes": stage.shard.weight_bytes(),
                 "kv_bytes": stage.shard.kv_bytes(),
+                "step_ms": round(stage.step_ms, 3),
             }
             if stage
             else None
         )
-        return web.json_response(status)
+        if self.service is not None:
+            status["measured"] = {
+                "latency_ms": round(self.service.meter.latency_ms, 3),
+                "tokens_per_s": round(self.service.meter.tokens_per_s(), 2),
+            }
+        return status
 
 
 async def _serve(app: web.Application, bind: str, port: int, what: str) -> web.AppRunner:
@@ -277,8 +273,12 @@ def _bearer(token: str | None) -> Any:
 
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if token is not None:
+        # The dashboard page holds no data; its live feed cannot send headers (EventSource),
+        # so the feed may carry the token as ?token=.
+        if token is not None and request.path != "/":
             given = request.headers.get("Authorization", "")
+            if request.path == "/events" and "token" in request.query:
+                given = f"Bearer {request.query['token']}"
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return web.json_response(
                     {"error": {"message": "a valid API token is required", "type": "auth"}},
@@ -297,6 +297,24 @@ async def _load_codec(model_dir: Any, codec: asyncio.Future[Any]) -> None:
         codec.set_result(await run_model(TextCodec.load, model_dir))
     except Exception as e:
         codec.set_exception(e)
+
+
+async def _publish_load(node: ControlNode, service: ChainService) -> None:
+    """Put what our stage is doing into our profile, for other peers' dashboards; only
+    changes worth showing, so gossip stays quiet."""
+    while True:
+        await asyncio.sleep(LOAD_PERIOD)
+        me = node.profiles[node.id]
+        stage = service.stage
+        load = float(len(stage.shard.sessions)) if stage else 0.0
+        step = stage.step_ms if stage else 0.0
+        used = float(stage.shard.weight_bytes() + stage.shard.kv_bytes()) if stage else 0.0
+        if (
+            load != me.load
+            or abs(step - me.step_ms) > 0.2 * max(me.step_ms, 1.0)
+            or abs(used - me.used) > 0.1 * max(me.used, 1e6)
+        ):
+            node.set_profile(replace(me, load=load, step_ms=step, used=used))
 
 
 def _join(node: ControlNode) -> Any:

@@ -180,6 +180,8 @@ def _profile_out(p: Profile) -> dict[str, Any]:
         "measured": p.measured,
         "links": {k: [s.mbps, s.rtt_ms] for k, s in p.links.items()},
         "load": p.load,
+        "step": p.step_ms,
+        "used": p.used,
     }
 
 
@@ -205,6 +207,8 @@ def _profile_in(raw: object, what: str) -> Profile:
         measured=measured,
         links=links,
         load=_float(m.get("load"), f"{what}.load"),
+        step_ms=_float(m.get("step", 0.0), f"{what}.step"),
+        used=_float(m.get("used", 0.0), f"{what}.used"),
     )
 
 
@@ -219,6 +223,7 @@ def _plan_out(p: PlanRecord | None) -> dict[str, Any] | None:
         "latency_ms": p.latency_ms,
         "bottleneck_ms": p.bottleneck_ms,
         "reason": p.reason,
+        "left_out": [[node, why] for node, why in p.left_out],
     }
 
 
@@ -251,7 +256,17 @@ def _plan_in(raw: object) -> PlanRecord | None:
         latency_ms=_float(m.get("latency_ms"), "plan.latency_ms"),
         bottleneck_ms=_float(m.get("bottleneck_ms"), "plan.bottleneck_ms"),
         reason=_str(m.get("reason"), "plan.reason", empty=True),
+        left_out=tuple(
+            _left_out(x, i) for i, x in enumerate(_list(m.get("left_out", []), "plan.left_out"))
+        ),
     )
+
+
+def _left_out(raw: object, i: int) -> tuple[NodeId, str]:
+    pair = _list(raw, f"plan.left_out[{i}]")
+    if len(pair) != 2:
+        raise WireError(f"plan.left_out[{i}] must be [node, reason]")
+    return NodeId(_str(pair[0], "plan.left_out.node")), _str(pair[1], "plan.left_out.reason")
 
 
 def _epoch(raw: object) -> Epoch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class FrameCodec:
     sealer: Sealer
     hidden_size: int | None = None
     max_frame_bytes: int = MAX_FRAME_BYTES
+    received_bytes: int = 0
 
     @property
     def max_message(self) -> int:
@@ -49,6 +51,7 @@ class FrameCodec:
     def decode(self, data: bytes) -> DataFrame:
         if len(data) > self.max_message:
             raise WireError(f"frame of {len(data)} bytes exceeds {self.max_frame_bytes}")
+        self.received_bytes += len(data)
         plain = self.sealer.open(DATA, data)
         return decode_frame(plain, self.hidden_size, self.max_frame_bytes)
 
@@ -83,6 +86,7 @@ class Links:
         self._tg = tg
         self._sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.sent_bytes: Counter[str] = Counter()  # per next hop
 
     async def send(self, addr: str, frame: DataFrame) -> None:
         """Send one frame to `addr` in order with earlier frames to it; waits while the
@@ -93,8 +97,10 @@ class Links:
             ws = await self._socket(addr)
             if (wait := due - time.monotonic()) > 0:  # a testbed's link delay
                 await asyncio.sleep(wait)
+            data = self._codec.encode(frame)
             try:
-                await ws.send_bytes(self._codec.encode(frame))
+                await ws.send_bytes(data)
+                self.sent_bytes[addr] += len(data)
             except (ConnectionError, aiohttp.ClientError, RuntimeError) as e:
                 self._sockets.pop(addr, None)
                 raise LinkError(f"{addr}: {e}") from None

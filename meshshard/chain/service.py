@@ -26,7 +26,8 @@ from aiohttp import web
 
 from meshshard.chain.handoff import LeftBehind, moves
 from meshshard.chain.links import FrameCodec, LinkError, Links, Refusals, read_frames
-from meshshard.chain.stage import StageWorker
+from meshshard.chain.meter import TokenMeter
+from meshshard.chain.stage import Observe, StageWorker
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import run_model
 from meshshard.delays import NONE, Delays
@@ -143,6 +144,10 @@ class ChainService:
         self.handoffs = 0  # KV handoffs completed for sessions of this origin
         self.kv_layers_sent = 0
         self.kv_layers_received = 0
+        self.sessions_started = 0
+        self._steps_before = 0
+        self.meter = TokenMeter()
+        self.on_step: Observe | None = None  # every stage batch: (steps, seconds)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -226,14 +231,10 @@ class ChainService:
         if shard is None:
             started = time.monotonic()
             shard = await run_model(Shard.load, self.model_dir, mine.start, mine.end, self.dtype)
-            logger.info(
-                "[%s] loaded units %d..%d (%.0f MB) in %.1f s for epoch %s",
-                me,
-                mine.start,
-                mine.end - 1,
-                shard.weight_bytes() / 1e6,
-                time.monotonic() - started,
-                plan.epoch,
+            self.control.events.add(
+                "shard",
+                f"loaded units {mine.start}..{mine.end - 1} ({shard.weight_bytes() / 1e6:.0f} MB)"
+                f" in {time.monotonic() - started:.1f} s for epoch {plan.epoch}",
             )
         self._pending = _Prepared(plan, shard, next_addr)
         if self.control.book.current == plan:
@@ -262,6 +263,7 @@ class ChainService:
             if old is not None and task is not None:
                 await old.close(f"this stage moved to epoch {plan.epoch}")
                 await task
+                self._steps_before += old.steps
             caches: dict[str, KVCache] = {}
             if old is not None and old.shard is not pending.shard:
                 caches = await run_model(old.shard.take_caches)
@@ -278,17 +280,24 @@ class ChainService:
             else:
                 assert self._tg is not None and self._links is not None
                 self.stage = StageWorker(
-                    pending.shard, plan.epoch, pending.next_addr, self._links.send
+                    pending.shard, plan.epoch, pending.next_addr, self._links.send, self.on_step
                 )
                 self._stage_task = self._tg.create_task(self.stage.run())
             shard = pending.shard
-            logger.info(
-                "[%s] now serving epoch %s: %s; %d sessions' caches left behind for handoff",
-                self.control.id,
-                plan.epoch,
-                f"units {shard.start}..{shard.end - 1}" if shard else "no units",
-                len(caches),
+            units = f"units {shard.start}..{shard.end - 1}" if shard else "no units"
+            self.control.events.add(
+                "shard",
+                f"now serving epoch {plan.epoch}: {units}; "
+                f"{len(caches)} sessions' caches left behind for handoff",
             )
+
+    @property
+    def stage_steps(self) -> int:
+        """Steps run by this peer's stages, the one serving now and those before it."""
+        return self._steps_before + (self.stage.steps if self.stage else 0)
+
+    def sent_bytes(self) -> dict[str, int]:
+        return dict(self._links.sent_bytes) if self._links else {}
 
     async def _stop_stage(self) -> None:
         if self.stage is not None and self._stage_task is not None:
@@ -462,7 +471,7 @@ class ChainService:
                 gone = origin and origin not in live
                 if gone or now - last > SESSION_IDLE:
                     why = "its origin left the mesh" if gone else "it went quiet"
-                    logger.info("[%s] freed session %s: %s", self.control.id, session, why)
+                    self.control.events.add("session", f"freed session {session}: {why}")
                     await self._forget(session)
 
     # -- sessions (this peer as origin) ------------------------------------------------------
@@ -515,6 +524,7 @@ class ChainService:
         session = f"{self.control.id}/{next(self._ids)}"
         queue: asyncio.Queue[DataFrame] = asyncio.Queue()
         self._sessions[session] = queue
+        self.sessions_started += 1
         history = list(prompt_ids)
         produced = 0
         usage.prompt_tokens = len(prompt_ids)
@@ -528,10 +538,10 @@ class ChainService:
                 # Every stage of the last plan holds all but the newest token (not yet fed).
                 cached = len(history) - 1 if produced else 0
                 if used and used[-1] != plan:
-                    logger.info(
-                        "[%s] session %s moves to epoch %s at %d tokens",
-                        self.control.id, session, plan.epoch, len(history),
-                    )  # fmt: skip
+                    self.control.events.add(
+                        "session",
+                        f"session {session} moves to epoch {plan.epoch} at {len(history)} tokens",
+                    )
                     if cached:
                         await self._move_caches(used[-1], plan, session, attempt, cached, queue)
                 if plan not in used:
@@ -549,17 +559,19 @@ class ChainService:
                             produced += 1
                             usage.completion_tokens = produced
                             self.tokens_out += 1
+                            self.meter.token(session)
                             history.append(token)
                             yield token
                             if produced == max_tokens:
                                 return
                 except _Broken as e:
-                    logger.info("[%s] session %s interrupted: %s", self.control.id, session, e)
+                    self.control.events.add("session", f"session {session} interrupted: {e}")
                     broken, grace = plan, e.grace
             raise ChainError(f"the chain broke {MAX_REPLAYS + 1} times; giving up")
         finally:
             usage.elapsed_s = time.monotonic() - started
             del self._sessions[session]
+            self.meter.end(session)
             # Freeing caches must not hold up the caller (a dead stage may take a while to fail).
             assert self._tg is not None
             self._tg.create_task(self._drop(used, session))
@@ -597,10 +609,11 @@ class ChainService:
             try:
                 token = await self._next_token(queue, plan, attempt, step, start)
             except _Short as short:
-                logger.info(
-                    "[%s] session %s: a stage holds %d of %d positions; feeding again",
-                    self.control.id, session, short.have, start,
-                )  # fmt: skip
+                self.control.events.add(
+                    "replay",
+                    f"session {session}: a stage holds {short.have} of {start} positions; "
+                    "feeding again",
+                )
                 self.replays += 1
                 start = short.have
                 continue
@@ -690,15 +703,20 @@ class ChainService:
             except TimeoutError:
                 alive = all(self.control.addr_of(n) is not None for n in sources)
                 if not alive or time.monotonic() - started > HANDOFF_TIMEOUT:
-                    logger.warning("[%s] session %s: handoff incomplete", self.control.id, session)
+                    self.control.events.add("handoff", f"session {session}: handoff incomplete")
                     return
                 continue
             match frame:
                 case HandoffDone(attempt=a) if a == attempt:
                     waiting -= 1
                     self.handoffs += 1
+                    self.control.events.add(
+                        "handoff",
+                        f"session {session}: KV cache of {length} positions handed over "
+                        f"for epoch {new.epoch}",
+                    )
                 case ErrorFrame(attempt=a, code="no-handoff") if a == attempt:
-                    logger.info("[%s] session %s: %s", self.control.id, session, frame.message)
+                    self.control.events.add("handoff", f"session {session}: {frame.message}")
                     waiting -= 1
 
     async def _links_send(self, addr: str, frame: DataFrame) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -26,8 +27,11 @@ from meshshard.wire import DataFrame, ErrorFrame, StepFrame, TokenFrame, WireErr
 logger = logging.getLogger(__name__)
 
 Send = Callable[[str, DataFrame], Awaitable[None]]
+# (steps in a batch, seconds its forward pass took, whether all were single-token decodes)
+Observe = Callable[[int, float, bool], None]
 MAX_BATCH = 16
 MAX_QUEUE = 64  # steps waiting here before senders are made to wait
+STEP_WEIGHT = 0.2  # of the newest batch in the step time average
 
 
 class CacheMiss(Exception):
@@ -39,7 +43,14 @@ class CacheMiss(Exception):
 
 
 class StageWorker:
-    def __init__(self, shard: Shard, epoch: Epoch, next_addr: str | None, send: Send) -> None:
+    def __init__(
+        self,
+        shard: Shard,
+        epoch: Epoch,
+        next_addr: str | None,
+        send: Send,
+        observe: Observe | None = None,
+    ) -> None:
         self.shard = shard
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
@@ -50,6 +61,8 @@ class StageWorker:
         self._has_room.set()
         self.steps = 0
         self.batches = 0
+        self.step_ms = 0.0  # moving average of one decode batch's forward pass
+        self._observe = observe
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -116,6 +129,7 @@ class StageWorker:
         )
 
     async def _run_batch(self, batch: list[StepFrame]) -> None:
+        started = time.perf_counter()
         try:
             outputs = await run_model(self._compute, batch)
         except CacheMiss as e:
@@ -135,8 +149,17 @@ class StageWorker:
             for frame in batch:
                 await self._error(frame, "internal", f"stage failed: {e}")
             return
+        seconds = time.perf_counter() - started
         self.steps += len(batch)
         self.batches += 1
+        decode = all(f.tensor.shape[0] == 1 for f in batch)
+        if decode:  # prefills take longer per step: they would hide the decode time
+            ms = seconds * 1000
+            self.step_ms = (
+                ms if not self.step_ms else self.step_ms + STEP_WEIGHT * (ms - self.step_ms)
+            )
+        if self._observe is not None:
+            self._observe(len(batch), seconds, decode)
         for frame, out in zip(batch, outputs, strict=True):
             await self._emit(frame, out)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, PlanStage, Profile
 from meshshard.planner import Cost, InstanceError, Objective, Stage, solve
@@ -108,7 +108,9 @@ def make_plan(
 ) -> PlanRecord:
     """The best plan for the instance, with a placeholder epoch the caller replaces."""
     plan = solve(inst, objective)
-    return plan_record(plan.stages, plan.cost, objective, coordinator, model, reason)
+    record = plan_record(plan.stages, plan.cost, objective, coordinator, model, reason)
+    why = tuple((NodeId(node), text) for node, text in sorted(plan.left_out.items()))
+    return replace(record, left_out=why)
 
 
 def plan_record(

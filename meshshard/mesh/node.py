@@ -9,12 +9,12 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
 from meshshard.config import Timings
+from meshshard.events import EventLog
 from meshshard.mesh.coordinator import (
     Replanner,
     describe_change,
@@ -33,7 +33,6 @@ from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
 
 logger = logging.getLogger(__name__)
 
-EVENTS = 200  # events kept for status and the dashboard
 # A valid plan is replaced only by one predicted better by this fraction.
 REPLAN_GAIN = 0.10
 
@@ -83,6 +82,7 @@ class ControlNode:
         context_tokens: int = 2048,
         rng: random.Random | None = None,
         on_plan: Callable[[PlanRecord], None] | None = None,
+        events: EventLog | None = None,
     ) -> None:
         self.clock = clock or LoopClock()
         self.timings = timings
@@ -96,7 +96,7 @@ class ControlNode:
         self.book = PlanBook()
         self.replanner = Replanner(timings.replan_debounce)
         self.profiles: dict[NodeId, Profile] = {me.id: profile}
-        self.events: deque[tuple[float, str]] = deque(maxlen=EVENTS)
+        self.events = events or EventLog(me.id)
         self.plan_error = ""
         self.on_plan = on_plan
         self._joins: asyncio.Queue[str] = asyncio.Queue(maxsize=256)
@@ -105,6 +105,7 @@ class ControlNode:
         self._leaving = False
         self._guessed = False  # the plan in force was made on estimated profiles
         self._pinned: tuple[NodeId, ...] | None = None  # members an operator's plan was made for
+        self.excluded: frozenset[str] = frozenset()  # members an operator keeps out of plans
 
     @property
     def id(self) -> NodeId:
@@ -117,7 +118,7 @@ class ControlNode:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._event(f"started as {self.membership.me.addr}")
+        self.events.add("peer", f"started as {self.membership.me.addr}")
         async with asyncio.TaskGroup() as tg:
             tasks = [
                 tg.create_task(self._probe_loop()),
@@ -134,7 +135,7 @@ class ControlNode:
         if leave and not self._leaving:
             self._leaving = True
             self.membership.leave()
-            self._event("leaving the mesh")
+            self.events.add("peer", "leaving the mesh")
             await self._push_all(self.timings.probe_timeout * 4)
         self._stop.set()
 
@@ -143,41 +144,72 @@ class ControlNode:
         serve, so our units (and their KV caches) can move before we go."""
         if not self.membership.me.draining:
             self.membership.drain()
-            self._event("draining: plans move off this peer")
+            self.events.add("peer", "draining: plans move off this peer")
             await self._push_all(self.timings.probe_timeout * 4)
 
-    async def apply(self, method: str) -> PlanRecord:
-        """Operator: put `method`'s plan in force now ("planner", or a baseline such as
-        "even"), made on the live members, and keep it until they change. Coordinator only;
-        PlanRefused when the plan cannot run."""
-        if self.coordinator != self.id:
-            raise PlanRefused(f"only the coordinator ({self.coordinator}) applies plans")
-        members = self.membership.members()
-        sig = signature(members, self.profiles, self.model)
+    def preview(
+        self,
+        method: str = "planner",
+        objective: Objective | None = None,
+        exclude: Sequence[str] = (),
+    ) -> PlanRecord:
+        """The plan `method` would make now on the serving members less `exclude`, without
+        applying it (any peer can preview; the source is the coordinator). PlanRefused when
+        there is none."""
+        source = self.coordinator
+        if source is None:
+            raise PlanRefused("no coordinator yet")
+        if source in exclude:
+            raise PlanRefused(f"{source} is where requests start (the coordinator): it stays in")
+        members = [m for m in self.membership.members() if m.id not in exclude]
+        objective = objective or self.objective
         try:
             inst = mesh_instance(
-                members, self.profiles, self.units, self.model, self.id, self.context_tokens
+                members, self.profiles, self.units, self.model, source, self.context_tokens
             )
             if method == "planner":
-                plan = make_plan(inst, self.objective, self.id, self.model, "")
+                plan = make_plan(inst, objective, source, self.model, "")
             else:
                 stages, cost = baseline(inst, method)
-                plan = plan_record(stages, cost, self.objective, self.id, self.model, "")
+                plan = plan_record(stages, cost, objective, source, self.model, "")
         except InstanceError as e:
             raise PlanRefused(f"{method}: {e}") from None
         if len({s.device for s in plan.stages}) != len(plan.stages):
             raise PlanRefused(f"{method}: its plan visits a device twice, which a chain cannot")
-        plan = replace(plan, epoch=self.book.next_epoch(self.id), reason=f"operator: {method}")
-        self._pinned = sig.members
+        return plan
+
+    async def apply(
+        self, method: str, objective: Objective | None = None, exclude: Sequence[str] = ()
+    ) -> PlanRecord:
+        """Operator: put `method`'s plan in force now ("planner", or a baseline such as
+        "even"), made on the live members less `exclude`. A baseline's plan stands until the
+        members change; the planner's objective and exclusions stand from now on. Coordinator
+        only; PlanRefused when the plan cannot run."""
+        if self.coordinator != self.id:
+            raise PlanRefused(f"only the coordinator ({self.coordinator}) applies plans")
+        plan = self.preview(method, objective, exclude)
+        if method == "planner":
+            self.objective = objective or self.objective
+            self.excluded = frozenset(exclude)
+        sig = signature(self._plannable(), self.profiles, self.model)
+        what = method if method != "planner" else f"planner ({self.objective})"
+        if exclude:
+            what += f" without {', '.join(sorted(exclude))}"
+        plan = replace(plan, epoch=self.book.next_epoch(self.id), reason=f"operator: {what}")
+        self._pinned = sig.members if method != "planner" else None
         self.replanner.done(sig)
         self._adopt(plan)
         await self._push_all(self.timings.probe_timeout * 4)
         return plan
 
-    def _predicted_now(self, plan: PlanRecord | None) -> dict[str, float] | None:
+    def _plannable(self) -> list[Member]:
+        """Members the coordinator may plan with: all but those an operator excluded."""
+        return [m for m in self.membership.members() if m.id not in self.excluded]
+
+    def _predicted_now(self, plan: PlanRecord | None) -> dict[str, Any] | None:
         """The plan in force under today's profiles and measured links (its record keeps the
-        numbers it was made on): what the coordinator expects now."""
-        if plan is None or self.coordinator != self.id:
+        numbers it was made on), stage by stage."""
+        if plan is None:
             return None
         try:
             inst = mesh_instance(
@@ -185,7 +217,7 @@ class ControlNode:
                 self.profiles,
                 self.units,
                 self.model,
-                self.id,
+                plan.stages[0].device,
                 self.context_tokens,
             )
             cost = evaluate(inst, [Stage(s.device, s.start, s.end) for s in plan.stages])
@@ -195,6 +227,9 @@ class ControlNode:
             "latency_ms": round(cost.latency_ms, 3),
             "bottleneck_ms": round(cost.bottleneck_ms, 3),
             "tokens_per_s": round(1000 / cost.bottleneck_ms, 2) if cost.bottleneck_ms else 0.0,
+            "compute_ms": [round(x, 3) for x in cost.compute_ms],
+            "hop_ms": [round(x, 3) for x in cost.hop_ms],
+            "return_ms": round(cost.return_ms, 3),
         }
 
     def plan_possible(self) -> bool:
@@ -292,15 +327,22 @@ class ControlNode:
                     "measured": self.profiles[m.id].measured if m.id in self.profiles else None,
                     "shard": shard.get(m.id),
                     "ready": bool(plan and m.ready == plan.epoch),
+                    **_load(self.profiles.get(m.id)),
                 }
                 for m in self.membership.members()
             ],
-            "plan": _plan_json(plan) if plan else None,
+            "links": [
+                {"a": a, "b": b, "mbps": round(stat.mbps, 2), "rtt_ms": round(stat.rtt_ms, 3)}
+                for a, p in sorted(self.profiles.items())
+                for b, stat in sorted(p.links.items())
+            ],
+            "plan": plan_json(plan) if plan else None,
             "predicted_now": self._predicted_now(plan),
             "chain_ready": bool(plan and self.chain_ready(plan)),
             "plan_error": self.plan_error,
-            "history": [_plan_json(p) for p in self.book.history],
-            "events": [{"t": round(t, 3), "text": text} for t, text in self.events],
+            "excluded": sorted(self.excluded),
+            "history": [plan_json(p) for p in self.book.history],
+            "events": [e.to_json() for e in self.events.since(0)],
         }
 
     # -- loops -------------------------------------------------------------------------------
@@ -386,7 +428,7 @@ class ControlNode:
                 self.replanner.forget()
                 self._pinned = None
                 continue
-            members = self.membership.members()
+            members = self._plannable()
             sig = signature(members, self.profiles, self.model)
             if self._pinned is not None:
                 if sig.members == self._pinned:
@@ -405,6 +447,10 @@ class ControlNode:
                 continue
             ours = current is not None and current.epoch.coordinator == self.id
             reason = describe_change(self.replanner.planned, sig) if ours else "new coordinator"
+            if broken and current is not None:
+                # Say which stages were lost, whatever the last planned inputs were.
+                lost = [s.device for s in current.stages if s.device not in live]
+                reason = ", ".join(f"{device} gone" for device in lost)
             self.replanner.done(sig)
             try:
                 inst = mesh_instance(
@@ -413,7 +459,7 @@ class ControlNode:
                 plan = make_plan(inst, self.objective, self.id, self.model, reason)
             except InstanceError as e:
                 if str(e) != self.plan_error:
-                    self._event(f"cannot plan: {e}")
+                    self.events.add("plan-error", f"cannot plan: {e}")
                 self.plan_error = str(e)
                 continue
             self.plan_error = ""
@@ -479,22 +525,24 @@ class ControlNode:
         if not self.book.offer(plan):
             return
         stages = " ".join(f"{s.device}[{s.start}:{s.end})" for s in plan.stages)
-        self._event(f"plan epoch {plan.epoch}: {stages} ({plan.reason})")
+        self.events.epoch = (plan.epoch.term, str(plan.epoch.coordinator))
+        self.events.add("plan", f"plan epoch {plan.epoch}: {stages} ({plan.reason})")
         if self.on_plan is not None:
             self.on_plan(plan)
 
     def _changed(self, change: Change) -> None:
-        epoch = self.book.epoch
-        self._event(f"{change}, epoch {epoch if epoch else '-'}")
+        self.events.add("member", str(change), change.member.state.value)
         if change.member.state in (State.DEAD, State.LEFT):
             self.profiles.pop(change.member.id, None)
 
-    def _event(self, text: str) -> None:
-        self.events.append((time.time(), text))
-        logger.info("[%s] %s", self.membership.me.id, text)
+
+def _load(profile: Profile | None) -> dict[str, Any]:
+    if profile is None:
+        return {"sessions": None, "step_ms": None, "used": None}
+    return {"sessions": profile.load, "step_ms": round(profile.step_ms, 3), "used": profile.used}
 
 
-def _plan_json(plan: PlanRecord) -> dict[str, Any]:
+def plan_json(plan: PlanRecord) -> dict[str, Any]:
     return {
         "epoch": [plan.epoch.term, plan.epoch.coordinator],
         "objective": plan.objective,
@@ -503,6 +551,7 @@ def _plan_json(plan: PlanRecord) -> dict[str, Any]:
         "bottleneck_ms": round(plan.bottleneck_ms, 3),
         "tokens_per_s": round(plan.tokens_per_s, 2),
         "reason": plan.reason,
+        "left_out": dict(plan.left_out),
     }
 
 

@@ -73,7 +73,10 @@ class Profile:
     unit_ms: tuple[float, ...]  # decode time per unit, measured or estimated
     measured: bool  # False while unit_ms is only an estimate
     links: dict[NodeId, LinkStat] = field(default_factory=dict)  # measured to other members
-    load: float = 0.0  # sessions in flight
+    # What its stage is doing now (for operators; the planner does not read these).
+    load: float = 0.0  # sessions its stage holds
+    step_ms: float = 0.0  # recent mean time of its stage's forward steps
+    used: float = 0.0  # bytes of weights and KV caches held
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class PlanRecord:
     latency_ms: float
     bottleneck_ms: float
     reason: str = ""  # why this plan was made ("peer-c joined", "peer-b died")
+    # Why each member not in the plan was left out, in words an operator can act on.
+    left_out: tuple[tuple[NodeId, str], ...] = ()
 
     @property
     def tokens_per_s(self) -> float:

@@ -1,0 +1,96 @@
+"""GET /metrics: this peer in Prometheus format.
+
+Stage step times are observed as they happen (a histogram); everything else is read from the
+peer's own counters at scrape time, so there is one source of truth for status and metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from meshshard.events import Event
+
+if TYPE_CHECKING:
+    from meshshard.chain.service import ChainService
+    from meshshard.mesh.node import ControlNode
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self, node: ControlNode, service: ChainService) -> None:
+        self.registry = CollectorRegistry()
+        self.step_seconds = Histogram(
+            "meshshard_stage_step_seconds",
+            "Forward pass time of one batch of this peer's stage",
+            ["phase"],
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.replans = 0
+        self.membership: dict[str, int] = {}
+        self.registry.register(_Counters(self, node, service))
+        node.events.listen(self._event)
+        service.on_step = self._step
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def _step(self, steps: int, seconds: float, decode: bool) -> None:
+        self.step_seconds.labels("decode" if decode else "prefill").observe(seconds)
+
+    def _event(self, event: Event) -> None:
+        if event.kind == "plan":
+            self.replans += 1
+        elif event.kind == "member" and event.tag:
+            self.membership[event.tag] = self.membership.get(event.tag, 0) + 1
+
+
+C, G = CounterMetricFamily, GaugeMetricFamily
+
+
+class _Counters(Collector):
+    def __init__(self, metrics: Metrics, node: ControlNode, service: ChainService) -> None:
+        self._metrics, self._node, self._service = metrics, node, service
+
+    def collect(self) -> Iterator[Metric]:
+        service, node, metrics = self._service, self._node, self._metrics
+        stage, plan = service.stage, node.book.current
+        plain: list[tuple[Callable[..., Metric], str, str, float]] = [
+            (C, "tokens_generated", "Tokens streamed to users of this peer", service.tokens_out),
+            (C, "sessions", "Answers started at this peer", service.sessions_started),
+            (G, "sessions_open", "Answers in progress at this peer", service.open_sessions),
+            (G, "stage_sessions", "Sessions whose cache this peer's stage holds",
+             len(stage.shard.sessions) if stage else 0),
+            (C, "stage_steps", "Steps this peer's stages ran", service.stage_steps),
+            (C, "hop_bytes_received", "Data-plane bytes received", service.codec.received_bytes),
+            (C, "replans", "Plans this peer adopted", metrics.replans),
+            (G, "members_alive", "Members this peer sees alive", len(node.membership.live())),
+            (C, "kv_handoffs", "KV handoffs completed for answers of this peer", service.handoffs),
+            (C, "replays", "Feeds that rebuilt a lost cache", service.replays),
+            (G, "plan_epoch", "Term of the plan in force", plan.epoch.term if plan else 0),
+            (G, "predicted_latency_seconds", "The plan's predicted time per token",
+             plan.latency_ms / 1000 if plan else 0),
+            (G, "measured_latency_seconds", "Measured time per token of this peer's answers",
+             service.meter.latency_ms / 1000),
+        ]  # fmt: skip
+        for kind, name, doc, value in plain:
+            yield kind(f"meshshard_{name}", doc, value=value)
+        hop = C("meshshard_hop_bytes_sent", "Data-plane bytes sent, by next hop", labels=["peer"])
+        for addr, n in sorted(service.sent_bytes().items()):
+            hop.add_metric([addr], n)
+        yield hop
+        changes = C(
+            "meshshard_membership_changes",
+            "Member state changes seen, by new state",
+            labels=["state"],
+        )
+        for state, n in sorted(metrics.membership.items()):
+            changes.add_metric([state], n)
+        yield changes
