@@ -32,6 +32,7 @@ from meshshard.mesh.types import Member, NodeId, Profile, State
 from meshshard.metrics import Metrics
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
 from meshshard.model.source import resolve_model
+from meshshard.progress import progress
 from meshshard.security import Keyring, Sealer
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class Daemon:
                         tg.create_task(service.run()),
                         tg.create_task(_load_codec(model_dir, codec)),
                         tg.create_task(_publish_load(node, service)),
+                        tg.create_task(_chain_ready(node)),
                     ]
                     if discovery is not None:
                         tasks.append(tg.create_task(discovery.run()))
@@ -297,6 +299,13 @@ async def _load_codec(model_dir: Any, codec: asyncio.Future[Any]) -> None:
         codec.set_result(await run_model(TextCodec.load, model_dir))
     except Exception as e:
         codec.set_exception(e)
+
+
+async def _chain_ready(node: ControlNode) -> None:
+    """Show the wait for the first ready chain (the mesh forming, shards loading)."""
+    with progress("waiting for the chain to be ready"):
+        while (plan := node.book.current) is None or not node.chain_ready(plan):
+            await asyncio.sleep(0.2)
 
 
 async def _publish_load(node: ControlNode, service: ChainService) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -43,18 +44,22 @@ def render_status(data: dict[str, Any]) -> str:
         + f"  epoch {f'{epoch[0]}/{epoch[1]}' if epoch else '-'}",
         "",
     ]
-    rows = [("member", "state", "address", "memory", "shard", "profile", "inc")]
+    rows = [
+        ("member", "state", "address", "offers", "units", "step", "uses", "sessions", "profile")
+    ]
     for m in data.get("members", []):
         shard = m.get("shard")
         rows.append(
             (
-                str(m["id"]),
-                str(m["state"]),
+                str(m["id"]) + (" *" if m["id"] == data.get("coordinator") else ""),
+                str(m["state"]) + (" (draining)" if m.get("draining") else ""),
                 str(m["addr"]),
-                f"{m['mem'] / 1e6:.0f} MB" if m.get("mem") is not None else "-",
-                f"units {shard[0]}..{shard[1] - 1}" if shard else "-",
+                _mb(m.get("mem")),
+                f"{shard[0]}..{shard[1] - 1}" if shard else "-",
+                f"{m['step_ms']:.1f} ms" if m.get("step_ms") else "-",
+                _mb(m.get("used")),
+                f"{m['sessions']:.0f}" if m.get("sessions") is not None else "-",
                 {True: "measured", False: "estimate", None: "-"}[m.get("measured")],
-                str(m["incarnation"]),
             )
         )
     lines.append(_table(rows, state_col=1))
@@ -64,25 +69,53 @@ def render_status(data: dict[str, Any]) -> str:
         lines.append(click.style(f"cannot replan: {data['plan_error']}", fg="red"))
     if plan:
         chain = " -> ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in plan["stages"])
-        lines.append(f"plan ({plan['objective']}): {chain}")
+        lines.append(f"plan ({plan['objective']}): {chain}  [{plan.get('reason', '')}]")
+        now = data.get("predicted_now") or plan
         lines.append(
-            f"predicted {plan['latency_ms']:.1f} ms/token, {plan['tokens_per_s']:.1f} tokens/s"
-            f" (bottleneck {plan['bottleneck_ms']:.1f} ms)"
+            f"predicted {now['latency_ms']:.1f} ms/token, {now['tokens_per_s']:.1f} tokens/s"
+            f" (bottleneck {now['bottleneck_ms']:.1f} ms)"
         )
+        measured = data.get("measured") or {}
+        if measured.get("latency_ms"):
+            lines.append(
+                f"measured here {measured['latency_ms']:.1f} ms/token, "
+                f"{measured['tokens_per_s']:.1f} tokens/s"
+            )
+        for node, why in (plan.get("left_out") or {}).items():
+            lines.append(click.style(f"left out {node}: {why}", fg="yellow"))
+        for node in data.get("excluded") or []:
+            lines.append(click.style(f"left out {node}: excluded by the operator", fg="yellow"))
     else:
         lines.append("no plan yet" + (f": {data['plan_error']}" if data.get("plan_error") else ""))
-    history = data.get("history") or []
-    if history:
+    links = data.get("links") or []
+    if links:
         lines.append("")
-        lines.append("epochs:")
-        for p in history[-8:]:
-            lines.append(f"  {p['epoch'][0]}/{p['epoch'][1]}  {p['reason']}")
+        link_rows = [("link", "rate", "rtt")] + [
+            (f"{k['a']} -> {k['b']}", _rate(k["mbps"]), f"{k['rtt_ms']:.2f} ms") for k in links
+        ]
+        lines.append(_table(link_rows, state_col=-1))
+    events = data.get("events") or []
+    if events:
+        lines.append("")
+        lines.append("recent events:")
+        for e in events[-8:]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(e["t"]))
+            lines.append(f"  {stamp}  {e.get('kind', ''):<8} {e['text']}")
     return "\n".join(lines)
+
+
+def _mb(x: float | None) -> str:
+    return f"{x / 1e6:.0f} MB" if x else "-"
+
+
+def _rate(mbps: float) -> str:
+    return f"{mbps / 1000:.1f} Gbit/s" if mbps >= 1000 else f"{mbps:.0f} Mbit/s"
 
 
 def _table(rows: Sequence[Sequence[str]], state_col: int) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     colours = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "blue"}
+    colours |= {f"{k} (draining)": v for k, v in colours.items()}
     out = []
     for n, row in enumerate(rows):
         cells = []

@@ -26,6 +26,7 @@ import torch
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
+from meshshard.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +84,22 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
     prefill: dict[int, list[float]] = defaultdict(list)
     decode: dict[int, list[float]] = defaultdict(list)
     weights: dict[int, int] = {}
-    for shard in shards:
-        x = prompt if shard.is_first else torch.randn(context, spec.hidden_size).to(shard.dtype)
-        shard.forward(shard.new_cache(), x[:8], torch.arange(8))  # warm-up: first calls allocate
-        cache = shard.new_cache()
-        shard.forward(cache, x, torch.arange(context), lambda u, s: prefill[u].append(s))
-        for step in range(repeats):
-            position = torch.tensor([context + step])
-            shard.forward(cache, x[-1:], position, lambda u, s: decode[u].append(s))
-        _sustain(shard, cache, x[-1:], context + repeats, decode)
-        for unit in range(shard.start, shard.end):
-            weights[unit] = shard.unit_weight_bytes(unit)
+    with progress("profiling this device", len(shards) * (repeats + 2)) as advance:
+        for shard in shards:
+            hidden = torch.randn(context, spec.hidden_size).to(shard.dtype)
+            x = prompt if shard.is_first else hidden
+            shard.forward(shard.new_cache(), x[:8], torch.arange(8))  # warm-up: calls allocate
+            cache = shard.new_cache()
+            shard.forward(cache, x, torch.arange(context), lambda u, s: prefill[u].append(s))
+            advance(1)
+            for step in range(repeats):
+                position = torch.tensor([context + step])
+                shard.forward(cache, x[-1:], position, lambda u, s: decode[u].append(s))
+                advance(1)
+            _sustain(shard, cache, x[-1:], context + repeats, decode)
+            advance(1)
+            for unit in range(shard.start, shard.end):
+                weights[unit] = shard.unit_weight_bytes(unit)
     return DeviceProfile(
         model=spec.name,
         dtype=str(shards[0].dtype).removeprefix("torch."),

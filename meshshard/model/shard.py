@@ -19,6 +19,7 @@ from meshshard.errors import MeshShardError
 from meshshard.model.kvcache import KVCache
 from meshshard.model.source import model_name
 from meshshard.model.spec import ModelSpec
+from meshshard.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class Shard:
                 wanted["lm_head.weight"] = (lm_head, "weight")
             elif embed is None:
                 wanted["model.embed_tokens.weight"] = (lm_head, "weight")
-        _load_weights(model_dir, wanted, torch_dtype)
+        with progress(f"loading units {start}..{end - 1}", len(wanted)) as advance:
+            _load_weights(model_dir, wanted, torch_dtype, advance)
         if lm_head is not None and embed is not None and spec.tied_embeddings:
             # One shard holds both ends of a tied model: share the matrix, as the model does.
             lm_head.weight = embed.weight
@@ -299,7 +301,10 @@ def _skeleton(config: Any) -> Any:
 
 
 def _load_weights(
-    model_dir: Path, wanted: dict[str, tuple[nn.Module, str]], dtype: torch.dtype
+    model_dir: Path,
+    wanted: dict[str, tuple[nn.Module, str]],
+    dtype: torch.dtype,
+    advance: Callable[[int], None],
 ) -> None:
     from safetensors import safe_open
 
@@ -310,6 +315,7 @@ def _load_weights(
                 module, name = remaining.pop(key)
                 tensor = f.get_tensor(key).to(dtype)
                 _set_param(module, name, nn.Parameter(tensor, requires_grad=False))
+                advance(1)
     if remaining:
         raise MeshShardError(
             f"weights missing in {model_dir}: {', '.join(sorted(remaining)[:3])}"

@@ -12,12 +12,13 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from meshshard.config import DEFAULT_MODEL
 from meshshard.errors import MeshShardError
+from meshshard.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +105,10 @@ def ensure_embedded(cache_dir: Path) -> Path:
     with locked(target.parent / f".{target.name}.lock"):
         if (target / "config.json").is_file():
             return target
-        logger.info("converting the embedded model to %s (once, about 25 s)", target)
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         try:
-            _convert_gguf(gguf, tmp)
+            with progress("converting the embedded model (once, about 25 s)", 3) as step:
+                _convert_gguf(gguf, tmp, step)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -115,17 +116,19 @@ def ensure_embedded(cache_dir: Path) -> Path:
     return target
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, step: Callable[[int], None]) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     logger.info("step 1/3: tokenizer and chat template from %s", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    step(1)
     logger.info("step 2/3: de-quantizing weights")
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
+    step(1)
     logger.info("step 3/3: writing safetensors")
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain config, save tensors directly.
     config_dict = model.config.to_dict()
@@ -139,6 +142,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     (out / NAME_FILE).write_text(json.dumps({"name": EMBEDDED_NAME, "source": gguf.name}))
+    step(1)
 
 
 def _from_hub(repo_id: str) -> Path:

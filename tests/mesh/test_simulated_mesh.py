@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from support.simnet import SimNet, make_node
 
-from meshshard.mesh.node import ControlNode
+from meshshard.mesh.node import ControlNode, PlanRefused
 from meshshard.mesh.types import Epoch, NodeId, State
 
 
@@ -150,3 +150,43 @@ async def test_a_clean_leave_is_known_at_once() -> None:
         assert took < 0.5  # pushed directly, no suspicion timeout
     finally:
         await stop(tg, [n for n in nodes if n is not nodes[1]])
+
+
+async def test_an_operator_excludes_a_member_and_the_exclusion_holds() -> None:
+    net = SimNet(seed=5)
+    plans: dict[NodeId, list[Epoch]] = {}
+    nodes = [make_node(net, i, plans) for i in range(4)]
+    tg = await start(net, nodes)
+    try:
+        await until(lambda: agreed(nodes), 20, "agreement")
+        coordinator = next(n for n in nodes if n.id == n.coordinator)
+        plan = coordinator.book.current
+        assert plan is not None
+        victim = next(s.device for s in plan.stages if s.device != coordinator.id)
+        before = coordinator.book.epoch
+
+        preview = nodes[0].preview("planner", "throughput", [victim])
+        assert victim not in {s.device for s in preview.stages}
+        assert coordinator.book.epoch == before, "a preview applied something"
+        with pytest.raises(PlanRefused, match="only the coordinator"):
+            await next(n for n in nodes if n is not coordinator).apply("planner")
+        with pytest.raises(PlanRefused, match="stays in"):
+            nodes[0].preview("planner", None, [coordinator.id])
+
+        applied = await coordinator.apply("planner", "throughput", [victim])
+        assert applied.objective == "throughput" and "without" in applied.reason
+        await until(lambda: all(n.book.current == applied for n in nodes), 10, "the new plan")
+        # A member leaving makes the coordinator plan again: still without the excluded one.
+        other = next(n for n in nodes if n.id not in (coordinator.id, victim))
+        net.down.add(other.membership.me.addr)
+        rest = [n for n in nodes if n is not other]
+        await until(
+            lambda: all(other.id not in {s.device for s in n.book.current.stages} for n in rest),  # type: ignore[union-attr]
+            10,
+            "a plan without the dead member",
+        )
+        current = coordinator.book.current
+        assert current is not None and victim not in {s.device for s in current.stages}
+        assert current.objective == "throughput"
+    finally:
+        await stop(tg, nodes)

@@ -1,0 +1,169 @@
+"""The operator's pieces without I/O: event log, token meter, log lines, plan requests, the
+wire form of what dashboards read, and the terminal status table."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import cbor2
+import pytest
+
+from meshshard.api.operator import _plan_request
+from meshshard.chain.meter import TokenMeter
+from meshshard.events import KEPT, EventLog
+from meshshard.logs import JsonFormatter
+from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, PlanStage, Profile, State
+from meshshard.status import render_status
+from meshshard.wire import Sync, WireError, decode, encode
+
+
+def test_event_log_numbers_stamps_and_tells_listeners() -> None:
+    log = EventLog("peer-a", wall=lambda: 100.0)
+    heard = []
+    log.listen(heard.append)
+    log.add("member", "peer-b unknown -> alive", "alive")
+    log.epoch = (3, "peer-a")
+    e = log.add("plan", "plan epoch 3/peer-a")
+    assert [x.seq for x in heard] == [1, 2] and e.epoch == (3, "peer-a")
+    assert heard[0].epoch is None and heard[0].tag == "alive"
+    assert [x.text for x in log.since(1)] == ["plan epoch 3/peer-a"]
+    for i in range(KEPT + 5):
+        log.add("peer", f"event {i}")
+    assert len(log.since(0)) == KEPT and log.last_seq == KEPT + 7
+
+
+async def test_event_log_wakes_a_waiting_feed() -> None:
+    import asyncio
+
+    log = EventLog("peer-a")
+    waiter = asyncio.create_task(log.wait(log.last_seq, timeout=5))
+    await asyncio.sleep(0.01)
+    log.add("peer", "something")
+    await asyncio.wait_for(waiter, 1)
+    await log.wait(0, timeout=5)  # already newer: returns at once
+
+
+def test_token_meter_measures_gaps_within_sessions() -> None:
+    now = [0.0]
+    meter = TokenMeter(clock=lambda: now[0])
+    for t in (0.0, 0.05, 0.10, 0.15):
+        now[0] = t
+        meter.token("s1")
+    assert meter.latency_ms == pytest.approx(50.0)
+    now[0] = 5.0
+    meter.token("s2")  # a new session's first token is not a gap
+    assert meter.latency_ms == pytest.approx(50.0)
+    assert meter.tokens_per_s() == pytest.approx(5 / 5.0)
+    now[0] = 30.0
+    assert meter.tokens_per_s() == 0.0
+
+
+def test_json_log_lines_carry_node_and_epoch() -> None:
+    record = logging.LogRecord("meshshard.events", logging.INFO, "", 0, "[%s] %s", ("a", "b"), None)
+    record.node, record.epoch, record.kind = "peer-a", "3/peer-a", "plan"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "[a] b" and line["node"] == "peer-a" and line["epoch"] == "3/peer-a"
+    assert line["level"] == "info" and line["kind"] == "plan"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ([], "JSON object"),
+        ({"use": "magic"}, "use must be"),
+        ({"objective": "speed"}, "objective must be"),
+        ({"exclude": "peer-b"}, "exclude must be"),
+        ({"exclude": [1]}, "exclude must be"),
+    ],
+)
+def test_bad_plan_requests_say_why(body: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _plan_request(body)
+
+
+def test_plan_request_defaults() -> None:
+    assert _plan_request({}) == ("planner", None, ())
+    assert _plan_request({"use": "even", "objective": "throughput", "exclude": ["b"]}) == (
+        "even",
+        "throughput",
+        ("b",),
+    )
+
+
+def _sync(plan: PlanRecord, profile: Profile) -> Sync:
+    me = Member(NodeId("a"), "10.0.0.1:7000", 1, State.ALIVE)
+    return Sync(me, (me,), (profile,), plan)
+
+
+PLAN = PlanRecord(
+    Epoch(2, "a"),
+    "m",
+    "latency",
+    (PlanStage(NodeId("a"), 0, 4),),
+    10.0,
+    10.0,
+    "b gone",
+    left_out=((NodeId("c"), "its 10 Mbit/s link costs more than its compute saves"),),
+)
+PROFILE = Profile(NodeId("a"), 3, "m", 1e9, (1.0,) * 4, True, load=2.0, step_ms=12.5, used=3e8)
+
+
+def test_left_out_reasons_and_load_cross_the_wire() -> None:
+    back = decode(encode(_sync(PLAN, PROFILE)))
+    assert isinstance(back, Sync)
+    assert back.plan == PLAN and back.profiles == (PROFILE,)
+
+
+def test_a_malformed_left_out_is_refused() -> None:
+    raw = cbor2.loads(encode(_sync(PLAN, PROFILE)))
+    raw["plan"]["left_out"] = [["c"]]
+    with pytest.raises(WireError, match="left_out"):
+        decode(cbor2.dumps(raw))
+
+
+def test_status_table_shows_stages_reasons_and_events() -> None:
+    status = {
+        "id": "a",
+        "model": "m",
+        "coordinator": "a",
+        "epoch": [2, "a"],
+        "members": [
+            {
+                "id": "a",
+                "state": "alive",
+                "addr": "10.0.0.1:7000",
+                "mem": 4e8,
+                "shard": [0, 4],
+                "measured": True,
+                "incarnation": 1,
+                "step_ms": 12.5,
+                "used": 3e8,
+                "sessions": 2.0,
+            },
+            {
+                "id": "c",
+                "state": "alive",
+                "addr": "10.0.0.3:7000",
+                "mem": 4e8,
+                "shard": None,
+                "measured": True,
+                "incarnation": 1,
+                "draining": True,
+            },
+        ],
+        "plan": {
+            **PLAN.__dict__,
+            "stages": [{"device": "a", "start": 0, "end": 4}],
+            "tokens_per_s": 100.0,
+            "left_out": dict(PLAN.left_out),
+        },
+        "measured": {"latency_ms": 11.0, "tokens_per_s": 80.0},
+        "links": [{"a": "a", "b": "c", "mbps": 10.0, "rtt_ms": 2.0}],
+        "events": [{"t": 0.0, "kind": "member", "text": "b alive -> dead"}],
+    }
+    text = render_status(status)
+    needles = ["12.5 ms", "300 MB", "draining", "left out c: its 10 Mbit/s link", "[b gone]",
+               "measured here 11.0 ms/token", "10 Mbit/s", "b alive -> dead"]  # fmt: skip
+    for needle in needles:
+        assert needle in text, needle
