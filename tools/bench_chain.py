@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import plots  # noqa: E402
 from support.procs import Peer, wait_for  # noqa: E402
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
@@ -140,6 +141,10 @@ def main() -> None:
         f"activation bytes per token per hop: {two['bytes_per_token_hop']} (float32, hidden 576); "
         "token back to the origin: 4 bytes + framing"
     )
+    groups = {"single process": {"1 session": local_rate}}
+    for name, r in (("2-peer mesh", two), ("3-peer mesh", three)):
+        groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
+    plots.bars("chain", "SmolLM2-135M on loopback: aggregate tokens/s", "tokens/s", groups)
 
 
 if __name__ == "__main__":

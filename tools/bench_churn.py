@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import plots  # noqa: E402
 from support.procs import Peer, wait_for  # noqa: E402
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
@@ -115,6 +116,7 @@ def main() -> None:
     rows.append(("normal gap between tokens (s)", [r[1] for r in runs[False] + runs[True]]))
     for name, xs in rows:
         print(f"{name:<44} {min(xs):>6.2f} {statistics.median(xs):>7.2f} {max(xs):>6.2f}")
+    plots.spreads("churn", "A stage leaves mid-answer (min, median, max)", "seconds", rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import plots  # noqa: E402
 from support.procs import Peer, wait_for, wait_for_agreement  # noqa: E402
 
 
@@ -72,6 +73,11 @@ def main() -> None:
         ("kill -9 until every survivor marks it dead (s)", detected),
     ):
         print(f"{name:<44} {min(xs):>6.2f} {statistics.median(xs):>7.2f} {max(xs):>6.2f}")
+    rows = [
+        ("agreement after the last start", formed),
+        ("kill -9 until all mark it dead", detected),
+    ]
+    plots.spreads("mesh", f"3 peers on loopback, {args.timings} timings", "seconds", rows)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import plots
+
 from meshshard.planner import Instance, load_instance, solve
 from meshshard.planner.instance import Device, Link, Unit
 
@@ -72,6 +74,10 @@ def main() -> None:
     print(line.format("instance", "devices", "units", "objective", "mode", "plan ms"))
     for name, devices, units, objective, mode, ms in rows:
         print(line.format(name, devices, units, objective, mode, f"{ms:.1f}"))
+    groups: dict[str, dict[str, float]] = {}
+    for name, _, _, objective, _, ms in rows:
+        groups.setdefault(name, {})[objective] = ms
+    plots.bars("planner", "Time to plan (exact DP or certified approximation)", "ms", groups)
 
 
 if __name__ == "__main__":
