@@ -509,11 +509,12 @@ def keygen(path: Path) -> None:
     help="Memory each peer offers: too little for the whole model, so it must be split.",
 )
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
-def demo(question: str, peers: int, port: int, memory: str, max_tokens: int) -> None:
+@click.option("--keep", is_flag=True, help="Keep the mesh up after the answer (for the dashboard).")
+def demo(question: str, peers: int, port: int, memory: str, max_tokens: int, keep: bool) -> None:
     """Bring up a local mesh on loopback, ask it a question, and shut it down."""
     from meshshard.demo import run_demo
 
-    run_demo(question, peers, port, memory, max_tokens)
+    run_demo(question, peers, port, memory, max_tokens, keep)
 
 
 @cli.command("plan")

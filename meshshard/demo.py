@@ -6,6 +6,7 @@ mDNS is bound to 127.0.0.1: nothing leaves the machine.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -26,7 +27,9 @@ from meshshard.status import fetch_status
 READY_TIMEOUT = 180.0
 
 
-def run_demo(question: str, peers: int, base_port: int, memory: str, max_tokens: int) -> None:
+def run_demo(
+    question: str, peers: int, base_port: int, memory: str, max_tokens: int, keep: bool = False
+) -> None:
     logs = Path(tempfile.mkdtemp(prefix="meshshard-demo-"))
     procs: list[subprocess.Popen[bytes]] = []
     ports = [base_port + i for i in range(peers)]
@@ -53,6 +56,7 @@ def run_demo(question: str, peers: int, base_port: int, memory: str, max_tokens:
             f"{s['device']} (units {s['start']}..{s['end'] - 1})" for s in plan["stages"]
         )
         click.echo(f"chain ready, epoch {plan['epoch'][0]}/{plan['epoch'][1]}: {chain}")
+        click.echo(f"dashboard: {urls[0]}/")
         click.echo(f"\nQ: {question}\nA: ", nl=False)
         result = ask(
             urls[0],
@@ -70,6 +74,11 @@ def run_demo(question: str, peers: int, base_port: int, memory: str, max_tokens:
             f"(the planner predicted {1000 / plan['latency_ms']:.1f} tokens/s for one answer, "
             f"{plan['latency_ms']:.1f} ms/token)"
         )
+        if keep:
+            click.echo(f"the mesh stays up: dashboard at {urls[0]}/ ; Ctrl-C stops it")
+            with contextlib.suppress(KeyboardInterrupt):
+                while all(p.poll() is None for p in procs):
+                    time.sleep(0.5)
     finally:
         click.echo("stopping the peers")
         for p in procs:

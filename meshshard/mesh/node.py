@@ -476,8 +476,7 @@ class ControlNode:
     async def _link_loop(self) -> None:
         await self.clock.sleep(min(1.0, self.timings.link_interval))
         while True:
-            me = self.profiles[self.id]
-            links = dict(me.links)
+            links = dict(self.profiles[self.id].links)
             for member in self.membership.others():
                 try:
                     links[member.id] = await self.transport.measure(member.addr, MEASURE_TIMEOUT)
@@ -485,6 +484,8 @@ class ControlNode:
                     continue
             live = {m.id for m in self.membership.live()}
             links = {k: v for k, v in links.items() if k in live}
+            # Read our profile after measuring: profiling may have finished meanwhile.
+            me = self.profiles[self.id]
             if _material(me.links, links):
                 self.set_profile(replace(me, links=links))
             await self.clock.sleep(self.timings.link_interval)

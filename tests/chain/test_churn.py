@@ -174,10 +174,11 @@ def test_graceful_leave_hands_over_without_replaying(peers: list[Peer], referenc
     assert after["origin"]["handoffs"] >= 1 and after["origin"]["replays"] == 0
 
 
+# Answers without near-ties (greedy_answer checks): batching must not be able to flip a token.
 PROMPTS = [
     "Name three colours of the rainbow.",
     "What is the capital of Italy?",
-    "Write one sentence about the sea.",
+    "Name the planets of the solar system.",
     "Count from one to five.",
 ]
 

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
-    "List three primary colours.",
-    "Explain what a CPU does in one sentence.",
+    "Name three colours of the rainbow.",
+    "Count from one to five.",
 ]
 NEW = 32
 
