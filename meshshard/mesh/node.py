@@ -202,6 +202,19 @@ class ControlNode:
         await self._push_all(self.timings.probe_timeout * 4)
         return plan
 
+    def _unwell(self, plan: PlanRecord, serving: set[NodeId]) -> str:
+        """The plan's stages that are gone or suspected, in words ("peer-b gone")."""
+        out = []
+        for stage in plan.stages:
+            member = self.membership.get(stage.device)
+            if member is not None and member.draining and member.state.live:
+                out.append(f"{stage.device} leaving")
+            elif stage.device not in serving:
+                out.append(f"{stage.device} gone")
+            elif member is not None and member.state == State.SUSPECT:
+                out.append(f"{stage.device} suspect")
+        return ", ".join(out)
+
     def _plannable(self) -> list[Member]:
         """Members the coordinator may plan with: all but those an operator excluded."""
         return [m for m in self.membership.members() if m.id not in self.excluded]
@@ -447,10 +460,8 @@ class ControlNode:
                 continue
             ours = current is not None and current.epoch.coordinator == self.id
             reason = describe_change(self.replanner.planned, sig) if ours else "new coordinator"
-            if broken and current is not None:
-                # Say which stages were lost, whatever the last planned inputs were.
-                lost = [s.device for s in current.stages if s.device not in live]
-                reason = ", ".join(f"{device} gone" for device in lost)
+            if current is not None and (unwell := self._unwell(current, live)):
+                reason = unwell  # what an operator wants to know, whatever else changed
             self.replanner.done(sig)
             try:
                 inst = mesh_instance(
