@@ -147,7 +147,7 @@ class ChainService:
         self.sessions_started = 0
         self._steps_before = 0
         self.meter = TokenMeter()
-        self.on_step: Observe | None = None  # every stage batch: (steps, seconds)
+        self.on_step: Observe | None = None  # told of every batch our stages run
 
     # -- lifecycle ---------------------------------------------------------------------------
 
