@@ -4,6 +4,7 @@ an answer. Screenshots go to artifacts/ for people to look at."""
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -30,8 +31,9 @@ ARTIFACTS = ROOT / "artifacts"
 
 
 @pytest.fixture
-def peers(tmp_path: Path) -> Iterator[list[Peer]]:
+def peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Peer]]:
     # 400 MB each: a chain needs two of the three, so one can die and the mesh replans.
+    monkeypatch.setenv("MESHSHARD_LOG_FORMAT", "json")  # and the logs are for machines
     started = [
         Peer(f"peer-{c}", 7900 + i, tmp_path, "--memory", "400MB", "--threads", "1").start()
         for i, c in enumerate("abc")
@@ -108,3 +110,10 @@ def test_dashboard_follows_the_mesh(peers: list[Peer], page: Page) -> None:
     assert re.search(r"^meshshard_tokens_generated_total [1-9]", metrics, re.M), metrics
     assert re.search(r'^meshshard_membership_changes_total\{state="dead"\} [1-9]', metrics, re.M)
     assert re.search(r'^meshshard_stage_step_seconds_count\{phase="decode"\} [1-9]', metrics, re.M)
+
+    # One JSON object per log line; state changes name the node and the plan epoch.
+    lines = [json.loads(line) for line in coordinator.log.read_text().splitlines()]
+    changes = [x for x in lines if "node" in x]
+    assert any(x["kind"] == "plan" and x["epoch"] != "-" for x in changes)
+    assert any(f"{victim.name} " in x["msg"] and "dead" in x["msg"] for x in changes)
+    assert all(x["node"] == coordinator.name for x in changes)
