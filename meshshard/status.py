@@ -81,10 +81,8 @@ def render_status(data: dict[str, Any]) -> str:
                 f"measured here {measured['latency_ms']:.1f} ms/token, "
                 f"{measured['tokens_per_s']:.1f} tokens/s"
             )
-        for node, why in (plan.get("left_out") or {}).items():
+        for node, why in (data.get("idle") or {}).items():
             lines.append(click.style(f"left out {node}: {why}", fg="yellow"))
-        for node in data.get("excluded") or []:
-            lines.append(click.style(f"left out {node}: excluded by the operator", fg="yellow"))
     else:
         lines.append("no plan yet" + (f": {data['plan_error']}" if data.get("plan_error") else ""))
     links = data.get("links") or []

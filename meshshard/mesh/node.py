@@ -215,6 +215,30 @@ class ControlNode:
                 out.append(f"{stage.device} suspect")
         return ", ".join(out)
 
+    def _idle_reasons(self, plan: PlanRecord | None) -> dict[str, str]:
+        """Why each member outside the plan in force is outside it."""
+        if plan is None:
+            return {}
+        planner = dict(plan.left_out)
+        out: dict[str, str] = {}
+        for m in self.membership.members():
+            if plan.stage_of(m.id) is not None or m.state in (State.DEAD, State.LEFT):
+                continue
+            profile = self.profiles.get(m.id)
+            if m.id in planner:
+                out[m.id] = planner[m.id]
+            elif m.id in self.excluded:
+                out[m.id] = "excluded by the operator"
+            elif m.draining:
+                out[m.id] = "leaving the mesh"
+            elif profile is None or profile.model != self.model:
+                out[m.id] = "its profile for this model has not arrived yet"
+            elif m.state == State.SUSPECT:
+                out[m.id] = "suspected of having failed"
+            else:
+                out[m.id] = "joined after this plan was made"
+        return out
+
     def _plannable(self) -> list[Member]:
         """Members the coordinator may plan with: all but those an operator excluded."""
         return [m for m in self.membership.members() if m.id not in self.excluded]
@@ -354,6 +378,7 @@ class ControlNode:
             "chain_ready": bool(plan and self.chain_ready(plan)),
             "plan_error": self.plan_error,
             "excluded": sorted(self.excluded),
+            "idle": self._idle_reasons(plan),
             "history": [plan_json(p) for p in self.book.history],
             "events": [e.to_json() for e in self.events.since(0)],
         }

@@ -68,6 +68,8 @@ def test_dashboard_follows_the_mesh(peers: list[Peer], page: Page) -> None:
     for i, device in enumerate(stages):
         expect(page.locator("#chain .stage").nth(i)).to_contain_text(device)
     expect(page.locator("#coordinator")).to_have_text(coordinator.name)
+    for idle in {p.name for p in peers} - set(stages):  # and why the others are not in it
+        expect(page.locator(f"#leftout li[data-left-out='{idle}']")).to_contain_text(idle)
     ARTIFACTS.mkdir(exist_ok=True)
 
     # The chat box streams an answer through the mesh, piece by piece.

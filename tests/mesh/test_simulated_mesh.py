@@ -188,5 +188,6 @@ async def test_an_operator_excludes_a_member_and_the_exclusion_holds() -> None:
         current = coordinator.book.current
         assert current is not None and victim not in {s.device for s in current.stages}
         assert current.objective == "throughput"
+        assert coordinator.status()["idle"][victim] == "excluded by the operator"
     finally:
         await stop(tg, nodes)

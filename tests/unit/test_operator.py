@@ -158,6 +158,7 @@ def test_status_table_shows_stages_reasons_and_events() -> None:
             "tokens_per_s": 100.0,
             "left_out": dict(PLAN.left_out),
         },
+        "idle": dict(PLAN.left_out),
         "measured": {"latency_ms": 11.0, "tokens_per_s": 80.0},
         "links": [{"a": "a", "b": "c", "mbps": 10.0, "rtt_ms": 2.0}],
         "events": [{"t": 0.0, "kind": "member", "text": "b alive -> dead"}],
