@@ -67,7 +67,7 @@ class DeviceProfile:
 
 
 # Bumped when the way of measuring changes, so profiles kept from before are measured again.
-VERSION = 2
+VERSION = 3
 SUSTAIN_SECONDS = 0.6
 # The quick profile runs at least this many bytes of distinct decoder layers: more than the
 # last-level cache of any device we target, so no layer finds its weights still cached.
@@ -193,19 +193,21 @@ def _fill(
     layers = [u for u in decode if spec.layer_of(u) is not None]
     out = []
     for u in range(spec.num_units):
-        if u in decode:
-            step, prompt, size = decode[u], prefill[u][0], weights[u]
-        elif layers and spec.layer_of(u) is not None:
-            # A layer not loaded runs like the measured ones: their pooled times stand in.
-            step = [t for v in layers for t in decode[v]]
-            prompt = statistics.median(prefill[v][0] for v in layers)
-            size = weights[layers[0]]
+        if layers and spec.layer_of(u) is not None:
+            # Decoder layers share a shape, so every one takes the loaded layers' mean time:
+            # under a CPU quota a single layer's median swings with where the quota's pauses
+            # fall, while their sum (scaled to the sustained speed) holds.
+            step = statistics.fmean(statistics.median(decode[v]) for v in layers)
+            prompt = statistics.fmean(prefill[v][0] for v in layers)
+            size = weights.get(u, weights[layers[0]])
+        elif u in decode:
+            step, prompt, size = statistics.median(decode[u]), prefill[u][0], weights[u]
         else:
             raise ValueError(f"unit {spec.unit_name(u)} was not profiled")
         out.append(
             UnitProfile(
                 name=spec.unit_name(u),
-                decode_ms=round(statistics.median(step) * 1e3, 4),
+                decode_ms=round(step * 1e3, 4),
                 prefill_ms_per_token=round(prompt * 1e3 / context, 4),
                 weight_bytes=size,
                 kv_bytes_per_token=spec.kv_bytes_per_token(u, dtype_bytes),
