@@ -56,7 +56,8 @@ def run_demo(
             f"{s['device']} (units {s['start']}..{s['end'] - 1})" for s in plan["stages"]
         )
         click.echo(f"chain ready, epoch {plan['epoch'][0]}/{plan['epoch'][1]}: {chain}")
-        click.echo(f"dashboard: {urls[0]}/")
+        if not keep:
+            click.echo(f"dashboard: {urls[0]}/ while it runs (--keep leaves the mesh up after)")
         click.echo(f"\nQ: {question}\nA: ", nl=False)
         result = ask(
             urls[0],
