@@ -95,6 +95,9 @@ def run_demo(
 def _check_ports_free(ports: list[int]) -> None:
     for port in ports:
         with socket.socket() as s:
+            # As the peers' servers bind: connections of a demo that just ended (TIME_WAIT)
+            # must not make a free port look taken.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
