@@ -77,9 +77,10 @@ def render_status(data: dict[str, Any]) -> str:
         )
         measured = data.get("measured") or {}
         if measured.get("latency_ms"):
+            rate = measured.get("tokens_per_s") or 0
             lines.append(
-                f"measured here {measured['latency_ms']:.1f} ms/token, "
-                f"{measured['tokens_per_s']:.1f} tokens/s"
+                f"measured here {measured['latency_ms']:.1f} ms/token"
+                + (f", {rate:.1f} tokens/s over the last 10 s" if rate else "")
             )
         for node, why in (data.get("idle") or {}).items():
             lines.append(click.style(f"left out {node}: {why}", fg="yellow"))
