@@ -120,7 +120,8 @@ class Shard:
         return _param_bytes([self.layers[unit - max(self.start, 1)]])
 
     def kv_bytes(self) -> int:
-        return sum(c.nbytes() for c in self._sessions.values())
+        # A snapshot: status reads this from the event loop while the model thread runs.
+        return sum(c.nbytes() for c in list(self._sessions.values()))
 
     def new_cache(self) -> KVCache:
         return KVCache(self.layer_ids)
@@ -238,6 +239,10 @@ class Shard:
         caches = [self._cache(s) for s in sessions]
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a batch holds each session once")
+        for cache in caches:
+            # A layer may hold positions past the others (kept across a plan change while the
+            # rest were fed again): they are stale, and a batch continues at the common length.
+            cache.truncate(cache.length)
         h = self.embed(x.long()[:, None]) if self.embed is not None else x.to(self.dtype)[:, None]
         if self.layers:
             assert self.rotary is not None

@@ -152,3 +152,24 @@ def test_batched_decode_equals_one_session_at_a_time(tiny_model: Path) -> None:
         want = alone.step("s", tokens[i : i + 1], len(p))
         torch.testing.assert_close(batched[i], want, atol=1e-4, rtol=0)
     assert [last.cache_length(i) for i in range(3)] == [len(p) + 1 for p in prompts]
+
+
+def test_a_batch_drops_positions_one_layer_holds_past_the_others(tiny_llama: Path) -> None:
+    """After a plan change a kept layer may hold a position the others lost; batched with a
+    longer session, that stale position must not stand in for the new token's."""
+    n = load_spec(tiny_llama).num_units
+    clean, stale = Shard.load(tiny_llama, 0, n), Shard.load(tiny_llama, 0, n)
+    long_prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]
+    for shard in (clean, stale):
+        shard.prefill("a", torch.tensor(PROMPT))
+        shard.prefill("b", torch.tensor(long_prompt))
+    # One layer of "a" holds an extra position from a feed that was lost downstream.
+    extra = Shard.load(tiny_llama, 0, n)
+    extra.prefill("a", torch.tensor([*PROMPT, 50]))
+    keys, values = extra.export("a", 1, len(PROMPT) + 1)  # type: ignore[misc]
+    stale.install("a", 1, keys, values)
+    assert stale.cache_length("a") == len(PROMPT)
+    tokens = torch.tensor([4, 40])
+    want = clean.decode_batch(["a", "b"], tokens)
+    got = stale.decode_batch(["a", "b"], tokens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
