@@ -70,9 +70,6 @@ class EventLog:
     def since(self, seq: int) -> list[Event]:
         return [e for e in self._events if e.seq > seq]
 
-    def texts(self) -> list[str]:
-        return [e.text for e in self._events]
-
     @property
     def last_seq(self) -> int:
         return self._seq

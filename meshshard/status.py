@@ -92,7 +92,7 @@ def render_status(data: dict[str, Any]) -> str:
         link_rows = [("link", "rate", "rtt")] + [
             (f"{k['a']} -> {k['b']}", _rate(k["mbps"]), f"{k['rtt_ms']:.2f} ms") for k in links
         ]
-        lines.append(_table(link_rows, state_col=-1))
+        lines.append(_table(link_rows))
     events = data.get("events") or []
     if events:
         lines.append("")
@@ -111,7 +111,8 @@ def _rate(mbps: float) -> str:
     return f"{mbps / 1000:.1f} Gbit/s" if mbps >= 1000 else f"{mbps:.0f} Mbit/s"
 
 
-def _table(rows: Sequence[Sequence[str]], state_col: int) -> str:
+def _table(rows: Sequence[Sequence[str]], state_col: int | None = None) -> str:
+    """Aligned columns, bold headers; `state_col` coloured by member state."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     colours = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "blue"}
     colours |= {f"{k} (draining)": v for k, v in colours.items()}

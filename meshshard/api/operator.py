@@ -69,15 +69,14 @@ class OperatorApi:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        seen = -1
         try:
             while not self._closing.is_set():
                 seen = self._events.last_seq
                 body = json.dumps(self._status(), separators=(",", ":"))
                 await response.write(f"event: status\ndata: {body}\n\n".encode())
                 await self._events.wait(seen, FEED_PERIOD)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the page went away
         return response
 
     async def handle_preview(self, request: web.Request) -> web.Response:
