@@ -19,6 +19,7 @@ from meshshard import __version__
 from meshshard.api.openai import OpenAIApi
 from meshshard.api.operator import OperatorApi
 from meshshard.chain.links import FrameCodec
+from meshshard.chain.meter import StepCostMeter
 from meshshard.chain.service import ChainService
 from meshshard.chain.worker import run_model
 from meshshard.config import Config
@@ -184,6 +185,7 @@ class Daemon:
                 old.mem,
                 tuple(u.decode_ms for u in result.units),
                 measured=True,
+                batch_ms=tuple(zip(*(u.batch_ms for u in result.units), strict=True)),
                 links=old.links,
             )
         )
@@ -309,8 +311,9 @@ async def _chain_ready(node: ControlNode) -> None:
 
 
 async def _publish_load(node: ControlNode, service: ChainService) -> None:
-    """Put what our stage is doing into our profile, for other peers' dashboards; only
-    changes worth showing, so gossip stays quiet."""
+    """Put what our stage is doing into our profile, for other peers' dashboards and the
+    coordinator's throughput model; only changes worth showing, so gossip stays quiet."""
+    costs = StepCostMeter()
     while True:
         await asyncio.sleep(LOAD_PERIOD)
         me = node.profiles[node.id]
@@ -318,12 +321,23 @@ async def _publish_load(node: ControlNode, service: ChainService) -> None:
         load = float(len(stage.shard.sessions)) if stage else 0.0
         step = stage.step_ms if stage else 0.0
         used = float(stage.shard.weight_bytes() + stage.shard.kv_bytes()) if stage else 0.0
+        if stage is not None:
+            costs.observe(
+                stage,
+                time.monotonic(),
+                time.process_time(),
+                stage.forward_cpu_s,
+                stage.forward_s,
+                stage.steps,
+            )
+        overhead = round(costs.overhead_ms, 3)
         if (
             load != me.load
             or abs(step - me.step_ms) > 0.2 * max(me.step_ms, 1.0)
             or abs(used - me.used) > 0.1 * max(me.used, 1e6)
+            or abs(overhead - me.overhead_ms) > 0.2 * max(me.overhead_ms, 0.1)
         ):
-            node.set_profile(replace(me, load=load, step_ms=step, used=used))
+            node.set_profile(replace(me, load=load, step_ms=step, used=used, overhead_ms=overhead))
 
 
 def _join(node: ControlNode) -> Any:

@@ -2,8 +2,9 @@
 
 `MESHSHARD_TEST_DELAYS="self=5,10.232.7.2=0.5,..."` gives this peer's one-way delay to the
 bridge and every other host's, in milliseconds. A message then waits the sender's delay plus
-the receiver's before it is sent, in order and without holding up the messages behind it, so
-a link behaves like one with that latency. Unset (real use), nothing waits.
+the receiver's before it is sent, in order and without holding up the messages behind it or
+its sender, so a link behaves like one with that latency. A host not in the table (this peer
+itself) is reached without a link, so without delay. Unset (real use), nothing waits.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class Delays:
         if not self.own_ms and not self.hosts_ms:
             return 0.0
         host = (addr or "").rsplit(":", 1)[0]
-        return (self.own_ms + self.hosts_ms.get(host, 0.0)) / 1000
+        if host not in self.hosts_ms:
+            return 0.0
+        return (self.own_ms + self.hosts_ms[host]) / 1000
 
 
 NONE = Delays()

@@ -177,11 +177,13 @@ def _profile_out(p: Profile) -> dict[str, Any]:
         "model": p.model,
         "mem": p.mem,
         "ms": list(p.unit_ms),
+        "bms": [list(units) for units in p.batch_ms],
         "measured": p.measured,
         "links": {k: [s.mbps, s.rtt_ms] for k, s in p.links.items()},
         "load": p.load,
         "step": p.step_ms,
         "used": p.used,
+        "ovh": p.overhead_ms,
     }
 
 
@@ -205,10 +207,15 @@ def _profile_in(raw: object, what: str) -> Profile:
         mem=_float(m.get("mem"), f"{what}.mem"),
         unit_ms=tuple(_float(x, f"{what}.ms") for x in _list(m.get("ms"), f"{what}.ms")),
         measured=measured,
+        batch_ms=tuple(
+            tuple(_float(x, f"{what}.bms") for x in _list(units, f"{what}.bms"))
+            for units in _list(m.get("bms", []), f"{what}.bms")
+        ),
         links=links,
         load=_float(m.get("load"), f"{what}.load"),
         step_ms=_float(m.get("step", 0.0), f"{what}.step"),
         used=_float(m.get("used", 0.0), f"{what}.used"),
+        overhead_ms=_float(m.get("ovh", 0.0), f"{what}.ovh"),
     )
 
 

@@ -32,12 +32,12 @@ from testbed import Testbed, api_url, down, up, wait_ready  # noqa: E402
 
 OUT = ROOT / "docs" / "experiments"
 PROMPT = "Write a short story about a lighthouse keeper."
-TOKENS = 48
+TOKENS = 64
 
 
 def client(sessions: int, tokens: int) -> dict[str, Any]:
     """Run inside a host's namespace: `sessions` answers at once; their timings."""
-    results: list[dict[str, float]] = []
+    results: list[dict[str, Any]] = []
 
     def one(i: int) -> None:
         body = {
@@ -60,18 +60,25 @@ def client(sessions: int, tokens: int) -> dict[str, Any]:
         n = len(arrivals)
         per_token = (arrivals[-1] - arrivals[0]) / (n - 1) if n > 1 else float("nan")
         results.append({"tokens": n, "ttft_s": arrivals[0] - start, "per_token_s": per_token,
-                        "start": start, "end": arrivals[-1] if arrivals else start})  # fmt: skip
+                        "start": start, "arrivals": arrivals})  # fmt: skip
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    span = max(r["arrivals"][-1] for r in results) - min(r["start"] for r in results)
+    # Steady state: from when the last answer started decoding until the first one ended,
+    # every session is decoding (the planner predicts this rate; prefills and the ramp are
+    # outside it).
+    t0 = max(r["arrivals"][0] for r in results)
+    t1 = min(r["arrivals"][-1] for r in results)
+    steady = sum(t0 < t <= t1 for r in results for t in r["arrivals"])
     return {
         "sessions": sessions,
         "per_token_ms": statistics.median(r["per_token_s"] for r in results) * 1000,
-        "tokens_per_s": sum(r["tokens"] for r in results) / span,
+        "tokens_per_s": steady / (t1 - t0) if t1 > t0 else float("nan"),
+        "overall_tokens_per_s": sum(r["tokens"] for r in results) / span,
     }
 
 
@@ -91,16 +98,44 @@ def measure(tb: Testbed, sessions: int, repeats: int = 3) -> dict[str, Any]:
         "sessions": sessions,
         "per_token_ms": statistics.median(r["per_token_ms"] for r in runs),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+        "overall_tokens_per_s": statistics.median(r["overall_tokens_per_s"] for r in runs),
     }
 
 
 def bring_up(tb: Testbed, objective: str) -> dict[str, Any]:
+    """Up, settled and warmed up by one answer: peers measure what a step costs them beyond
+    its forward pass while they serve, and gossip it every couple of seconds."""
     up(tb, objective)
-    status = wait_ready(tb)
-    time.sleep(5)  # let links be measured and any replan settle
-    status = wait_ready(tb)
-    measure(tb, 1, repeats=1)  # warm-up
-    return status
+    settled(tb)
+    measure(tb, 1, repeats=1)
+    time.sleep(5)
+    return wait_ready(tb)
+
+
+def settled(tb: Testbed, quiet: float = 20, timeout: float = 600) -> dict[str, Any]:
+    """The coordinator's status once every member is profiled and the plan has stayed the
+    same for `quiet` seconds: measuring across a replan would measure two plans at once.
+    (Peers on one machine profile one at a time, and links are probed more often at first.)"""
+    end = time.monotonic() + timeout
+    epoch, since = None, time.monotonic()
+    while time.monotonic() < end:
+        status = wait_ready(tb)
+        if not all(m["measured"] for m in status["members"]):
+            epoch = None
+        elif status["plan"]["epoch"] != epoch:
+            epoch, since = status["plan"]["epoch"], time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return status
+        time.sleep(1)
+    raise SystemExit(f"error: the {tb.name} plan did not settle within {timeout:.0f} s")
+
+
+def same_plan(tb: Testbed, status: dict[str, Any]) -> None:
+    """Fail loudly if the plan changed while it was being measured."""
+    now = wait_ready(tb)["plan"]
+    if now["epoch"] != status["plan"]["epoch"]:
+        raise SystemExit(f"error: {tb.name} replanned during the measurement: "
+                         f"{describe(status['plan'])} -> {describe(now)}")  # fmt: skip
 
 
 def predicted(status: dict[str, Any]) -> dict[str, float]:
@@ -121,16 +156,19 @@ def prediction(testbeds: list[str]) -> list[dict[str, Any]]:
             try:
                 status = bring_up(tb, objective)
                 plan, now = status["plan"], predicted(status)
-                stages = len(plan["stages"])
+                sessions = 2 * len(plan["stages"])
                 one = measure(tb, 1)
-                many = measure(tb, 2 * stages)
+                many = measure(tb, sessions)
+                same_plan(tb, status)
             finally:
                 down(tb)
             rows.append({
                 "testbed": name, "objective": objective, "plan": describe(plan),
                 "predicted_ms": now["latency_ms"], "measured_ms": one["per_token_ms"],
-                "predicted_tps": now["tokens_per_s"], "measured_tps": many["tokens_per_s"],
-                "sessions": 2 * stages,
+                "predicted_tps": now["tokens_per_s_at"][str(sessions)],
+                "measured_tps": many["tokens_per_s"], "sessions": sessions,
+                "bottleneck_tps": now["tokens_per_s"], "links": status.get("links"),
+                "overhead_ms": {m["id"]: m.get("overhead_ms") for m in status["members"]},
             })  # fmt: skip
             print_rows(rows[-1:], header=len(rows) == 1)
     return rows
@@ -210,6 +248,7 @@ def sweep(rates: list[float]) -> list[dict[str, Any]]:
             status = bring_up(tb, "latency")
             plan, now = status["plan"], predicted(status)
             one = measure(tb, 1)
+            same_plan(tb, status)
         finally:
             down(tb)
         cloud = any(s["device"] == "cloud" for s in plan["stages"])
@@ -227,14 +266,19 @@ def concurrency(levels: list[int]) -> list[dict[str, Any]]:
     tb = Testbed.load(ROOT / "peers" / "lan-3.toml")
     rows = []
     try:
-        plan = bring_up(tb, "latency")["plan"]
+        status = bring_up(tb, "latency")
+        plan, now = status["plan"], predicted(status)
         print(f"lan-3, plan {describe(plan)}")
-        print(f"{'sessions':>8} {'tokens/s':>9} {'vs one':>7} {'ms/token':>9}")
+        print(f"{'sessions':>8} {'pred t/s':>9} {'tokens/s':>9} {'ratio':>6} {'vs one':>7} "
+              f"{'ms/token':>9}")  # fmt: skip
         for n in levels:
-            m = measure(tb, n)
+            m = measure(tb, n) | {"predicted_tps": now["tokens_per_s_at"][str(n)]}
             rows.append(m)
             ratio = m["tokens_per_s"] / rows[0]["tokens_per_s"]
-            print(f"{n:>8} {m['tokens_per_s']:>9.1f} {ratio:>7.2f} {m['per_token_ms']:>9.1f}")
+            print(f"{n:>8} {m['predicted_tps']:>9.1f} {m['tokens_per_s']:>9.1f} "
+                  f"{m['tokens_per_s'] / m['predicted_tps']:>6.2f} {ratio:>7.2f} "
+                  f"{m['per_token_ms']:>9.1f}")  # fmt: skip
+        same_plan(tb, status)
     finally:
         down(tb)
     return rows
@@ -246,14 +290,21 @@ def plot(kind: str, rows: list[dict[str, Any]]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    if kind == "prediction":
+        fig, (ax, twin) = plt.subplots(1, 2, figsize=(11, 4))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if kind == "prediction":
         labels = [f"{r['testbed']}\n{r['objective']}" for r in rows]
         at = range(len(rows))
-        ax.bar([x - 0.2 for x in at], [r["predicted_ms"] for r in rows], 0.4, label="predicted")
-        ax.bar([x + 0.2 for x in at], [r["measured_ms"] for r in rows], 0.4, label="measured")
-        ax.set_xticks(list(at), labels, fontsize=8)
-        ax.set_ylabel("ms per token (one answer)")
+        for axis, key, unit in ((ax, "ms", "ms per token (one answer)"),
+                                (twin, "tps", "tokens/s (2 x stages answers)")):  # fmt: skip
+            axis.bar([x - 0.2 for x in at], [r[f"predicted_{key}"] for r in rows], 0.4,
+                     label="predicted")  # fmt: skip
+            axis.bar([x + 0.2 for x in at], [r[f"measured_{key}"] for r in rows], 0.4,
+                     label="measured")  # fmt: skip
+            axis.set_xticks(list(at), labels, fontsize=7)
+            axis.set_ylabel(unit)
     elif kind == "compare":
         ok = [r for r in rows if "error" not in r]
         beds = sorted({r["testbed"] for r in ok}, key=[r["testbed"] for r in ok].index)
@@ -275,11 +326,13 @@ def plot(kind: str, rows: list[dict[str, Any]]) -> Path:
         ax.set_xlabel("cloud link, Mbit/s")
         ax.set_ylabel("ms per token")
     else:
-        ax.plot([r["sessions"] for r in rows], [r["tokens_per_s"] for r in rows], "o-")
+        n = [r["sessions"] for r in rows]
+        ax.plot(n, [r["predicted_tps"] for r in rows], "o--", label="predicted")
+        ax.plot(n, [r["tokens_per_s"] for r in rows], "o-", label="measured")
         ax.set_xlabel("concurrent sessions")
         ax.set_ylabel("aggregate tokens/s")
-    ax.legend() if kind != "concurrency" else None
-    ax.set_title(f"{kind} (tools/experiments.py {kind})")
+    ax.legend()
+    fig.suptitle(f"{kind} (tools/experiments.py {kind})")
     fig.tight_layout()
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{kind}.png"

@@ -42,7 +42,12 @@ PREFIX = "mstb"  # namespaces, veths and cgroups of testbeds all start with this
 STATE = Path("/run/meshshard-testbed")
 CGROUP = Path("/sys/fs/cgroup")
 PORT = 7117
-CFS_PERIOD_US = 10_000  # short periods: a quarter core runs 2.5 ms in every 10, not 25 in 100
+# Short quota periods, so a slow host is slow steadily: a group idle for a while starts with its
+# period's quota in hand and runs that much at full speed (14 layers under half a core: 30.8 ms
+# back to back but 21.5 ms after 30 ms of rest at 10 ms periods; 29.4 and 29.6 ms at 4 ms).
+# Shorter still costs: a whole core in 1 ms periods ran 50% slower than unlimited.
+CFS_PERIOD_US = 4_000
+MIN_QUOTA_US = 1_000  # the kernel's least quota; smaller shares get longer periods
 RUNTIME_MB = 700  # what a peer process needs beside the shard it is offered for
 
 
@@ -192,8 +197,9 @@ def make_cgroup(tb: Testbed, i: int, host: Host) -> None:
     group = f"{tb.tag}h{i}"
     cpu = CGROUP / "cpu" / group
     cpu.mkdir(exist_ok=True)
-    (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-    (cpu / "cpu.cfs_quota_us").write_text(str(int(host.cpu * CFS_PERIOD_US)))
+    period = max(CFS_PERIOD_US, round(MIN_QUOTA_US / host.cpu))
+    (cpu / "cpu.cfs_period_us").write_text(str(period))
+    (cpu / "cpu.cfs_quota_us").write_text(str(round(host.cpu * period)))
     memory = CGROUP / "memory" / group
     memory.mkdir(exist_ok=True)
     limit = parse_bytes(host.memory) if host.memory else parse_bytes(host.offer) + RUNTIME_MB * 1e6

@@ -40,3 +40,51 @@ class TokenMeter:
         if len(self._recent) < 2:
             return 0.0
         return len(self._recent) / max(now - self._recent[0], 1.0)
+
+
+class StepCostMeter:
+    """What a step costs this peer beyond its forward pass (receiving and sending frames,
+    sealing, sampling, an origin's streaming), from CPU time while it serves: the process's
+    CPU less the model thread's and less what the peer spends anyway (gossip, probes: its
+    rate while no steps run), per step, in wall ms at the speed this peer's forward passes run
+    (a quarter-core peer spends four times the CPU time in wall time)."""
+
+    MIN_STEPS = 20  # in a window, so what the background does within it averages out
+    WEIGHT = 0.3  # of the newest window in the averages
+
+    def __init__(self) -> None:
+        self.overhead_ms = 0.0
+        self.background = 0.0  # CPU seconds per second while no steps run
+        self._stage: object = None
+        self._last = (0.0, 0.0, 0.0, 0.0, 0)
+
+    def observe(
+        self,
+        stage: object,
+        now: float,
+        process_s: float,
+        forward_cpu_s: float,
+        forward_s: float,
+        steps: int,
+    ) -> None:
+        """`now` and the process's CPU time, and the stage's counters, at a look."""
+        current = (now, process_s, forward_cpu_s, forward_s, steps)
+        if stage is not self._stage:  # a new stage counts from zero
+            self._stage, self._last = stage, current
+            return
+        deltas = (a - b for a, b in zip(current, self._last, strict=True))
+        elapsed, process, forward_cpu, forward, n = deltas
+        if n == 0 and elapsed > 0:
+            self._last = current
+            self.background = _average(self.background, process / elapsed, self.WEIGHT)
+            return
+        if n < self.MIN_STEPS or forward_cpu <= 0:
+            return
+        self._last = current
+        slowdown = max(1.0, forward / forward_cpu)
+        spent = max(0.0, process - forward_cpu - self.background * elapsed)
+        self.overhead_ms = _average(self.overhead_ms, spent / n * slowdown * 1000, self.WEIGHT)
+
+
+def _average(old: float, new: float, weight: float) -> float:
+    return old + (new - old) * weight if old else new

@@ -22,6 +22,7 @@ from meshshard.chain.worker import run_model
 from meshshard.mesh.types import Epoch
 from meshshard.model.sampling import Sampler, SamplingParams
 from meshshard.model.shard import Shard, UnknownSession
+from meshshard.planner.flow import MAX_BATCH
 from meshshard.wire import DataFrame, ErrorFrame, StepFrame, TokenFrame, WireError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 Send = Callable[[str, DataFrame], Awaitable[None]]
 # (steps in a batch, seconds its forward pass took, whether all were single-token decodes)
 Observe = Callable[[int, float, bool], None]
-MAX_BATCH = 16
 MAX_QUEUE = 64  # steps waiting here before senders are made to wait
 STEP_WEIGHT = 0.2  # of the newest batch in the step time average
 
@@ -62,6 +62,8 @@ class StageWorker:
         self.steps = 0
         self.batches = 0
         self.step_ms = 0.0  # moving average of one decode batch's forward pass
+        self.forward_s = 0.0  # wall time of all forward passes
+        self.forward_cpu_s = 0.0  # ... and the model thread's CPU time in them
         self._observe = observe
         self._closing = False
         self._idle = asyncio.Event()
@@ -150,6 +152,7 @@ class StageWorker:
                 await self._error(frame, "internal", f"stage failed: {e}")
             return
         seconds = time.perf_counter() - started
+        self.forward_s += seconds
         self.steps += len(batch)
         self.batches += 1
         decode = all(f.tensor.shape[0] == 1 for f in batch)
@@ -164,6 +167,13 @@ class StageWorker:
             await self._emit(frame, out)
 
     def _compute(self, batch: list[StepFrame]) -> list[torch.Tensor]:
+        cpu = time.thread_time()
+        try:
+            return self._forward(batch)
+        finally:
+            self.forward_cpu_s += time.thread_time() - cpu
+
+    def _forward(self, batch: list[StepFrame]) -> list[torch.Tensor]:
         if len(batch) > 1:
             xs = torch.cat([from_wire(f.tensor) for f in batch])
             out = self.shard.decode_batch([f.session for f in batch], xs)

@@ -5,6 +5,7 @@ over an in-memory network that drops, delays and partitions."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -29,12 +30,16 @@ from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Pr
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
 from meshshard.planner.baselines import baseline
 from meshshard.planner.build import UnitCost
+from meshshard.planner.flow import flow_stages, tokens_per_s
 from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
 
 logger = logging.getLogger(__name__)
 
 # A valid plan is replaced only by one predicted better by this fraction.
 REPLAN_GAIN = 0.10
+LINK_SAMPLES = 5  # probes per link that its estimate is the best of
+# Answers in flight that status predicts tokens/s for.
+FLOW_SESSIONS = (1, 2, 4, 6, 8, 16)
 
 
 class Clock(Protocol):
@@ -257,9 +262,16 @@ class ControlNode:
                 plan.stages[0].device,
                 self.context_tokens,
             )
-            cost = evaluate(inst, [Stage(s.device, s.start, s.end) for s in plan.stages])
+            stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
+            cost = evaluate(inst, stages)
         except InstanceError:
             return None
+        flow, back = flow_stages(
+            inst,
+            stages,
+            {n: p.batch_ms for n, p in self.profiles.items()},
+            {n: p.overhead_ms for n, p in self.profiles.items()},
+        )
         return {
             "latency_ms": round(cost.latency_ms, 3),
             "bottleneck_ms": round(cost.bottleneck_ms, 3),
@@ -267,6 +279,10 @@ class ControlNode:
             "compute_ms": [round(x, 3) for x in cost.compute_ms],
             "hop_ms": [round(x, 3) for x in cost.hop_ms],
             "return_ms": round(cost.return_ms, 3),
+            # What that many answers at once would reach, batched as our stages batch them.
+            "tokens_per_s_at": {
+                str(n): round(tokens_per_s(flow, back, n), 2) for n in FLOW_SESSIONS
+            },
         }
 
     def plan_possible(self) -> bool:
@@ -510,21 +526,35 @@ class ControlNode:
             await self._push_all(self.timings.probe_timeout * 4)
 
     async def _link_loop(self) -> None:
-        await self.clock.sleep(min(1.0, self.timings.link_interval))
+        """Measure the link to every member, soon after start and then every link_interval.
+        A probe answered late because either end was busy (loading, profiling, serving)
+        says nothing about the link, so each link keeps its best recent round trip and rate:
+        the least RTT and the most Mbit/s of its last LINK_SAMPLES probes."""
+        samples: dict[NodeId, collections.deque[LinkStat]] = {}
+        wait = min(1.0, self.timings.link_interval)
         while True:
-            links = dict(self.profiles[self.id].links)
+            await self.clock.sleep(wait)
+            wait = min(wait * 2, self.timings.link_interval)
             for member in self.membership.others():
                 try:
-                    links[member.id] = await self.transport.measure(member.addr, MEASURE_TIMEOUT)
+                    stat = await self.transport.measure(member.addr, MEASURE_TIMEOUT)
                 except TransportError:
                     continue
+                recent = samples.setdefault(member.id, collections.deque(maxlen=LINK_SAMPLES))
+                recent.append(stat)
             live = {m.id for m in self.membership.live()}
-            links = {k: v for k, v in links.items() if k in live}
+            for gone in samples.keys() - live:
+                del samples[gone]
+            links = {
+                peer: LinkStat(
+                    mbps=max(s.mbps for s in recent), rtt_ms=min(s.rtt_ms for s in recent)
+                )
+                for peer, recent in samples.items()
+            }
             # Read our profile after measuring: profiling may have finished meanwhile.
             me = self.profiles[self.id]
             if _material(me.links, links):
                 self.set_profile(replace(me, links=links))
-            await self.clock.sleep(self.timings.link_interval)
 
     # -- merging what we hear ----------------------------------------------------------------
 
@@ -575,8 +605,13 @@ class ControlNode:
 
 def _load(profile: Profile | None) -> dict[str, Any]:
     if profile is None:
-        return {"sessions": None, "step_ms": None, "used": None}
-    return {"sessions": profile.load, "step_ms": round(profile.step_ms, 3), "used": profile.used}
+        return {"sessions": None, "step_ms": None, "used": None, "overhead_ms": None}
+    return {
+        "sessions": profile.load,
+        "step_ms": round(profile.step_ms, 3),
+        "used": profile.used,
+        "overhead_ms": round(profile.overhead_ms, 3),
+    }
 
 
 def plan_json(plan: PlanRecord) -> dict[str, Any]:

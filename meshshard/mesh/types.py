@@ -72,11 +72,15 @@ class Profile:
     mem: float  # bytes offered to the mesh
     unit_ms: tuple[float, ...]  # decode time per unit, measured or estimated
     measured: bool  # False while unit_ms is only an estimate
+    # One step of several sessions at once: per size in planner.flow.BATCHES, per unit;
+    # empty while only estimated.
+    batch_ms: tuple[tuple[float, ...], ...] = ()
     links: dict[NodeId, LinkStat] = field(default_factory=dict)  # measured to other members
-    # What its stage is doing now (for operators; the planner does not read these).
+    # What its stage is doing now (for operators; the DP does not read these).
     load: float = 0.0  # sessions its stage holds
     step_ms: float = 0.0  # recent mean time of its stage's forward steps
     used: float = 0.0  # bytes of weights and KV caches held
+    overhead_ms: float = 0.0  # a step's cost beyond the forward pass, as measured serving
 
 
 @dataclass(frozen=True)

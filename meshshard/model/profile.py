@@ -1,7 +1,9 @@
 """Per-unit profile of this device: what the planner needs to know about it.
 
 Decode time is measured per unit while decoding after a real context, median of several
-runs; prefill time per token from one longer prefill. Bytes come from the loaded modules.
+runs, for one session and for batches of several sessions at once (BATCHES: math libraries
+pick their kernels by batch size, so the cost of a batch is not a line); prefill time per
+token from one longer prefill. Bytes come from the loaded modules.
 The quick profile loads embed, enough decoder layers to outgrow the CPU's caches, and the
 head; decoder layers share a shape, so the others take their time. One layer alone would stay
 in cache and run up to twice as fast as a chain of layers that streams its weights from memory
@@ -17,7 +19,7 @@ import platform
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
+from meshshard.planner.flow import BATCHES
 from meshshard.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 class UnitProfile:
     name: str
     decode_ms: float
+    batch_ms: list[float]  # one step of BATCHES[k] sessions at once
     prefill_ms_per_token: float
     weight_bytes: int
     kv_bytes_per_token: int
@@ -62,13 +66,17 @@ class DeviceProfile:
     @classmethod
     def from_json(cls, data: dict[str, object]) -> DeviceProfile:
         units = [UnitProfile(**u) for u in data["units"]]  # type: ignore[attr-defined]
+        if any(not isinstance(u.batch_ms, list) or len(u.batch_ms) != len(BATCHES) for u in units):
+            raise ValueError("a profile's batch_ms must hold one time per size in BATCHES")
         fields = {k: data[k] for k in ("model", "dtype", "device", "threads", "context")}
         return cls(units=units, **fields)  # type: ignore[arg-type]
 
 
 # Bumped when the way of measuring changes, so profiles kept from before are measured again.
-VERSION = 3
+VERSION = 6
 SUSTAIN_SECONDS = 0.6
+BATCH_REPEATS = 3
+BATCH_CONTEXT = 16  # positions of each batched session: weights, not attention, dominate
 # The quick profile runs at least this many bytes of distinct decoder layers: more than the
 # last-level cache of any device we target, so no layer finds its weights still cached.
 CACHE_FLUSH_BYTES = 256 * 2**20
@@ -83,8 +91,10 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
     )
     prefill: dict[int, list[float]] = defaultdict(list)
     decode: dict[int, list[float]] = defaultdict(list)
+    batch: dict[tuple[int, int], list[float]] = defaultdict(list)  # (unit, size): seconds
     weights: dict[int, int] = {}
-    with progress("profiling this device", len(shards) * (repeats + 2)) as advance:
+    steps = repeats + len(BATCHES) * BATCH_REPEATS + 3
+    with progress("profiling this device", len(shards) * steps) as advance:
         for shard in shards:
             hidden = torch.randn(context, spec.hidden_size).to(shard.dtype)
             x = prompt if shard.is_first else hidden
@@ -96,8 +106,13 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
                 position = torch.tensor([context + step])
                 shard.forward(cache, x[-1:], position, lambda u, s: decode[u].append(s))
                 advance(1)
-            _sustain(shard, cache, x[-1:], context + repeats, decode)
+            sustained = _sustain(shard, cache, x[-1:], context + repeats, decode)
             advance(1)
+            # A batch's steps last long enough to show the sustained speed themselves: each
+            # unit takes its share of the shard's batch time in its single-step proportion.
+            for size, seconds in _batched(shard, x, advance).items():
+                for u in range(shard.start, shard.end):
+                    batch[u, size] = [t * seconds / sustained for t in decode[u]]
             for unit in range(shard.start, shard.end):
                 weights[unit] = shard.unit_weight_bytes(unit)
     return DeviceProfile(
@@ -106,7 +121,7 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
         device=platform.node(),
         threads=torch.get_num_threads(),
         context=context,
-        units=_fill(spec, prefill, decode, weights, context, dtype_bytes),
+        units=_fill(spec, prefill, decode, batch, weights, context, dtype_bytes),
     )
 
 
@@ -151,12 +166,33 @@ def cached_quick_profile(model_dir: Path, dtype: str, folder: Path) -> DevicePro
     return result
 
 
+def _batched(shard: Shard, x: torch.Tensor, advance: Callable[[int], None]) -> dict[int, float]:
+    """Median seconds of the shard's decode steps of BATCHES sessions at once, by size."""
+    out = {}
+    sessions = [f"profile-{i}" for i in range(max(BATCHES))]
+    for session in sessions:
+        shard.prefill(session, x[:BATCH_CONTEXT], torch.arange(BATCH_CONTEXT))
+    advance(1)
+    for size in BATCHES:
+        inputs = torch.cat([x[-1:]] * size)
+        times = []
+        for _ in range(BATCH_REPEATS):
+            start = time.perf_counter()
+            shard.decode_batch(sessions[:size], inputs)
+            times.append(time.perf_counter() - start)
+            advance(1)
+        out[size] = statistics.median(times)
+    for session in sessions:
+        shard.drop(session)
+    return out
+
+
 def _sustain(
     shard: Shard, cache: KVCache, x: torch.Tensor, position: int, decode: dict[int, list[float]]
-) -> None:
-    """Scale the shard's unit times to its sustained speed. Medians of short bursts miss
-    what a CPU quota (a cgroup, a slower share of a machine) takes back over time: steps run
-    back to back for SUSTAIN_SECONDS show it."""
+) -> float:
+    """Scale the shard's unit times to its sustained speed; returns the sustained seconds of
+    one step. Medians of short bursts miss what a CPU quota (a cgroup, a slower share of a
+    machine) takes back over time: steps run back to back for SUSTAIN_SECONDS show it."""
     steps, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < SUSTAIN_SECONDS and steps < 2000:
         shard.forward(cache, x, torch.tensor([position + steps]))
@@ -165,6 +201,7 @@ def _sustain(
     scale = (elapsed / steps) / burst if burst > 0 else 1.0
     for u in range(shard.start, shard.end):
         decode[u] = [t * scale for t in decode[u]]
+    return elapsed / steps
 
 
 def compute_budget() -> str:
@@ -186,6 +223,7 @@ def _fill(
     spec: ModelSpec,
     prefill: dict[int, list[float]],
     decode: dict[int, list[float]],
+    batch: dict[tuple[int, int], list[float]],
     weights: dict[int, int],
     context: int,
     dtype_bytes: int,
@@ -198,16 +236,23 @@ def _fill(
             # under a CPU quota a single layer's median swings with where the quota's pauses
             # fall, while their sum (scaled to the sustained speed) holds.
             step = statistics.fmean(statistics.median(decode[v]) for v in layers)
+            several = [
+                statistics.fmean(statistics.median(batch[v, size]) for v in layers)
+                for size in BATCHES
+            ]
             prompt = statistics.fmean(prefill[v][0] for v in layers)
             size = weights.get(u, weights[layers[0]])
         elif u in decode:
-            step, prompt, size = statistics.median(decode[u]), prefill[u][0], weights[u]
+            step = statistics.median(decode[u])
+            several = [statistics.median(batch[u, size]) for size in BATCHES]
+            prompt, size = prefill[u][0], weights[u]
         else:
             raise ValueError(f"unit {spec.unit_name(u)} was not profiled")
         out.append(
             UnitProfile(
                 name=spec.unit_name(u),
                 decode_ms=round(step * 1e3, 4),
+                batch_ms=[round(t * 1e3, 4) for t in several],
                 prefill_ms_per_token=round(prompt * 1e3 / context, 4),
                 weight_bytes=size,
                 kv_bytes_per_token=spec.kv_bytes_per_token(u, dtype_bytes),

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import time
 
+import aiohttp
+import pytest
+from aiohttp import web
+
+from meshshard.chain.links import FrameCodec, Links, Refusals
 from meshshard.delays import ENV, Delays
+from meshshard.mesh.types import Epoch
+from meshshard.security import Keyring, Sealer, new_key
+from meshshard.wire import DataFrame, DropFrame
 
 
 def test_a_message_waits_both_ends_delay(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -12,9 +21,53 @@ def test_a_message_waits_both_ends_delay(monkeypatch: pytest.MonkeyPatch) -> Non
     d = Delays.from_env()
     assert d.to("10.0.0.2:7117") == pytest.approx(0.025)
     assert d.to("10.0.0.3") == pytest.approx(0.0055)
-    assert d.to("10.0.0.9:1") == pytest.approx(0.005)  # a host not listed: our end only
+    # A host not listed is this peer itself (or a client on it): no link, no delay.
+    assert d.to("10.0.0.9:1") == 0.0
+    assert d.to("127.0.0.1:8117") == 0.0
 
 
 def test_unset_means_no_delay(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV, raising=False)
     assert Delays.from_env().to("10.0.0.2:7117") == 0.0
+
+
+async def test_a_delayed_link_holds_frames_not_their_sender() -> None:
+    """On a link with latency the sender is free once a frame is on its way: a stage must
+    not wait out the delay before its next batch. Frames still arrive late and in order."""
+    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"))
+    arrived: list[tuple[str, float]] = []
+
+    async def accept(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            frame = codec.decode(msg.data)
+            assert isinstance(frame, DropFrame)
+            arrived.append((frame.session, time.monotonic()))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/chain/ws", accept)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
+            links = Links(http, _ignore, tg, codec, Refusals(), Delays(5, {"127.0.0.1": 95}))
+            sent = time.monotonic()
+            for i in range(3):
+                await links.send(f"127.0.0.1:{port}", DropFrame(Epoch(1, "a"), f"s{i}"))
+            assert time.monotonic() - sent < 0.05
+            while len(arrived) < 3 and time.monotonic() - sent < 5:
+                await asyncio.sleep(0.01)
+            await links.close()
+    finally:
+        await runner.cleanup()
+    assert [s for s, _ in arrived] == ["s0", "s1", "s2"]
+    assert all(t - sent >= 0.1 for _, t in arrived)
+
+
+async def _ignore(frame: DataFrame) -> None:
+    pass

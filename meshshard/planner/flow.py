@@ -1,0 +1,151 @@
+"""Tokens per second of a plan with N answers in flight: the chain's scheduler played out.
+
+The paper's throughput, 1 / the slowest stage or hop, is the rate of an endless stream of
+micro-batches through stages of fixed speed. Our stages batch whichever sessions wait for them
+into one forward pass, so what N answers reach depends on how each stage's step grows with its
+batch (a decoder layer gains from batching, the vocabulary-wide head hardly does) and on how
+sessions bunch up on the way round. Pure and deterministic: events on a simulated clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from meshshard.planner.cost import Stage
+from meshshard.planner.instance import Instance
+
+MAX_BATCH = 16  # sessions a stage takes into one forward pass
+BATCHES = (2, 3, 4, 8, MAX_BATCH)  # batch sizes a profile times
+TOKENS = 64
+
+# Events at one instant: frames land and batches finish before an idle stage starts, so what
+# arrives together is batched together.
+_ARRIVE, _DONE, _START = (0, "arrive"), (0, "done"), (1, "start")
+
+
+@dataclass(frozen=True)
+class FlowStage:
+    one_ms: float  # forward pass of one session's step
+    batch_ms: tuple[float, ...]  # ... of BATCHES[k] sessions' steps at once
+    hop_ms: float  # link delay into this stage (none into the first)
+    frame_ms: float  # one frame's time on that link (bytes / rate)
+    overhead_ms: float = 0.0  # per session in a batch, beyond the forward pass, under load
+
+    def busy_ms(self, sessions: int) -> float:
+        """A batch's time when the stage is busy: its per-session work (frames in and out,
+        sampling, an origin's streaming) competes with the forward pass for the same CPU."""
+        return self.step_ms(sessions) + sessions * self.overhead_ms
+
+    def step_ms(self, sessions: int) -> float:
+        """Measured sizes as they are, sizes between them on the line joining them."""
+        sizes, times = (1, *BATCHES), (self.one_ms, *self.batch_ms)
+        for k in range(1, len(sizes)):
+            if sessions <= sizes[k]:
+                a, b = sizes[k - 1], sizes[k]
+                return times[k - 1] + (sessions - a) * (times[k] - times[k - 1]) / (b - a)
+        return times[-1] * sessions / sizes[-1]
+
+
+def flow_stages(
+    inst: Instance,
+    stages: Sequence[Stage],
+    batch_ms: Mapping[str, Sequence[Sequence[float]]],
+    overhead_ms: Mapping[str, float],
+) -> tuple[tuple[FlowStage, ...], float]:
+    """The plan's stages as the model needs them, and the return hop of a token. batch_ms:
+    per device, per size in BATCHES, per unit; a device without them is taken to gain
+    nothing from batching. overhead_ms: per device, a step's cost beyond its forward pass."""
+    out = []
+    for i, s in enumerate(stages):
+        one = sum(inst.device(s.device).ms[s.start : s.end])
+        sizes = batch_ms.get(s.device) or ()
+        if len(sizes) == len(BATCHES) and all(len(units) == inst.n for units in sizes):
+            several = tuple(max(sum(units[s.start : s.end]), one) for units in sizes)
+        else:
+            several = tuple(size * one for size in BATCHES)
+        hop = frame = 0.0
+        if i and s.device != stages[i - 1].device:
+            link = inst.link(stages[i - 1].device, s.device)
+            hop, frame = link.ms, inst.units[s.start - 1].out_bytes * 8 / (link.mbps * 1000)
+        out.append(FlowStage(one, several, hop, frame, overhead_ms.get(s.device, 0.0)))
+    return tuple(out), inst.hop_ms(stages[-1].device, inst.source, inst.return_bytes)
+
+
+@functools.lru_cache(maxsize=256)
+def tokens_per_s(
+    stages: tuple[FlowStage, ...], return_ms: float, sessions: int, tokens: int = TOKENS
+) -> float:
+    """Aggregate decode rate of `sessions` answers of `tokens` each, started evenly spread over
+    one round of the chain, over the span when every one of them is decoding. One answer
+    alone goes round at the stages' forward times: a stage that rests between steps does its
+    per-step work in time its CPU quota would otherwise leave unused."""
+    if sessions < 1 or not stages:
+        raise ValueError("a flow needs at least one session and one stage")
+    round_ms = sum(s.one_ms + s.hop_ms + s.frame_ms for s in stages) + return_ms
+    if sessions == 1:
+        return 1000.0 / round_ms if round_ms > 0 else float("inf")
+    sim = _Chain(stages, return_ms, sessions, tokens)
+    for k in range(sessions):
+        sim.push(k * round_ms / sessions, _ARRIVE, 0, k)
+    times = sim.run()
+    start, end = max(t[0] for t in times), min(t[-1] for t in times)
+    produced = sum(start < t <= end for each in times for t in each)
+    return produced * 1000.0 / (end - start) if end > start else float("inf")
+
+
+class _Chain:
+    def __init__(
+        self, stages: Sequence[FlowStage], return_ms: float, sessions: int, tokens: int
+    ) -> None:
+        self.stages, self.return_ms, self.tokens = stages, return_ms, tokens
+        self.queues: list[deque[int]] = [deque() for _ in stages]
+        self.busy = [False] * len(stages)
+        self.link_free = [0.0] * len(stages)
+        self.times: list[list[float]] = [[] for _ in range(sessions)]
+        self.events: list[tuple[float, int, int, str, int, tuple[int, ...]]] = []
+        self._seq = itertools.count()
+
+    def push(self, at: float, event: tuple[int, str], stage: int, *sessions: int) -> None:
+        order, kind = event
+        heapq.heappush(self.events, (at, order, next(self._seq), kind, stage, sessions))
+
+    def run(self) -> list[list[float]]:
+        """Each session's token times."""
+        while self.events:
+            now, _, _, kind, i, sessions = heapq.heappop(self.events)
+            if kind == "arrive":
+                self.queues[i].extend(sessions)
+                self.push(now, _START, i)
+            elif kind == "start":
+                self._start(now, i)
+            else:
+                self._done(now, i, sessions)
+        return self.times
+
+    def _start(self, now: float, i: int) -> None:
+        if self.busy[i] or not self.queues[i]:
+            return
+        batch = [self.queues[i].popleft() for _ in range(min(MAX_BATCH, len(self.queues[i])))]
+        self.busy[i] = True
+        self.push(now + self.stages[i].busy_ms(len(batch)), _DONE, i, *batch)
+
+    def _done(self, now: float, i: int, batch: tuple[int, ...]) -> None:
+        self.busy[i] = False
+        if i + 1 < len(self.stages):
+            nxt = self.stages[i + 1]
+            for session in batch:  # frames leave one after another on the link
+                leave = max(now, self.link_free[i + 1])
+                self.link_free[i + 1] = leave + nxt.frame_ms
+                self.push(leave + nxt.frame_ms + nxt.hop_ms, _ARRIVE, i + 1, session)
+        else:
+            back = now + self.return_ms
+            for session in batch:
+                self.times[session].append(back)
+                if len(self.times[session]) < self.tokens:
+                    self.push(back, _ARRIVE, 0, session)
+        self.push(now, _START, i)

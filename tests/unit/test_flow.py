@@ -1,0 +1,90 @@
+"""The model of N answers in flight through a chain that batches at each stage."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshshard.planner import Stage
+from meshshard.planner.flow import BATCHES, FlowStage, flow_stages, tokens_per_s
+from meshshard.planner.instance import parse_instance
+
+
+def linear(one: float, hop: float = 0.0) -> FlowStage:
+    """A stage that gains nothing from batching: n sessions cost n steps."""
+    return FlowStage(one, tuple(n * one for n in BATCHES), hop, 0.0)
+
+
+def test_one_answer_goes_round_the_chain_once_per_token() -> None:
+    stages = (linear(20.0), linear(30.0, hop=5.0))
+    assert tokens_per_s(stages, 5.0, 1) == pytest.approx(1000 / 60)
+
+
+def test_without_batching_gains_answers_are_held_to_the_papers_bottleneck_rate() -> None:
+    stages = (linear(20.0), linear(30.0, hop=5.0), linear(10.0, hop=5.0))
+    rates = [tokens_per_s(stages, 5.0, n) for n in range(1, 17)]
+    assert rates[1] == pytest.approx(2 * rates[0])  # the chain is far from full
+    assert max(rates) == pytest.approx(1000 / 30, rel=0.01)  # the slowest stage, always busy
+    assert all(r <= n * rates[0] * 1.001 for n, r in enumerate(rates, 1))
+
+
+def test_sessions_batched_where_it_gains_nothing_travel_as_one_train() -> None:
+    """A stage takes every session waiting for it: with no gain from batching, once sessions
+    bunch up they stay bunched, and stages take turns instead of overlapping."""
+    stages = (linear(20.0), linear(30.0, hop=5.0), linear(10.0, hop=5.0))
+    assert tokens_per_s(stages, 5.0, 16) < 0.8 * 1000 / 30
+
+
+def test_a_stage_that_batches_well_carries_more_than_one_step_at_a_time() -> None:
+    cheap = FlowStage(30.0, (33.0, 35.0, 36.0, 42.0, 54.0), 5.0, 0.0)  # 4 sessions: 1.2 steps
+    stages = (linear(5.0), cheap)
+    assert tokens_per_s(stages, 5.0, 16) > 2 * 1000 / 30
+
+
+def test_frames_share_their_link() -> None:
+    slow = FlowStage(1.0, BATCHES, 1.0, frame_ms=20.0)  # 20 ms on the wire per frame
+    assert tokens_per_s((linear(1.0), slow), 1.0, 8) == pytest.approx(1000 / 20, rel=0.02)
+
+
+def test_a_batch_costs_what_was_measured_for_its_size_and_between_sizes_lies_on_a_line() -> None:
+    # Measured as math libraries behave: 2 and 3 rows cost as much as separate steps, 4 rows
+    # take a faster kernel.
+    stage = FlowStage(10.0, (20.0, 30.0, 14.0, 20.0, 32.0), 0.0, 0.0)
+    assert [stage.step_ms(n) for n in (1, 2, 3, 4)] == [10.0, 20.0, 30.0, 14.0]
+    assert stage.step_ms(6) == pytest.approx(17.0)
+    assert stage.step_ms(32) == pytest.approx(64.0)  # past the largest size: in proportion
+
+
+def test_flow_stages_read_the_plan_its_links_and_the_batched_profile() -> None:
+    inst = parse_instance(
+        {
+            "units": [{"name": f"u{i}", "mem": 1, "out_bytes": 1000} for i in range(4)],
+            "devices": [
+                {"name": "a", "mem": 10, "ms": [1, 2, 3, 4]},
+                {"name": "b", "mem": 10, "ms": [2, 4, 6, 8]},
+            ],
+            "links": {"default": {"mbps": 8, "ms": 3}},
+            "source": "a",
+            "return_bytes": 4,
+        }
+    )
+    per_size = [[1.0, 1.0, 7.0 + n, 9.0] for n in BATCHES]
+    stages, back = flow_stages(
+        inst, [Stage("a", 0, 2), Stage("b", 2, 4)], {"b": per_size}, {"a": 0.5}
+    )
+    # No batched timings: no gain from batching.
+    assert stages[0] == FlowStage(3.0, linear(3.0).batch_ms, 0.0, 0.0, overhead_ms=0.5)
+    # 1000 bytes at 8 Mbit/s: 1 ms on the wire.
+    assert stages[1] == FlowStage(14.0, tuple(16.0 + n for n in BATCHES), 3.0, 1.0)
+    assert back == pytest.approx(3.004)
+
+
+def test_per_session_work_slows_a_busy_stage_but_not_a_lone_answer() -> None:
+    plain = (linear(10.0), linear(30.0, hop=1.0))
+    busy = (linear(10.0), FlowStage(30.0, linear(30.0).batch_ms, 1.0, 0.0, overhead_ms=3.0))
+    assert tokens_per_s(busy, 1.0, 1) == tokens_per_s(plain, 1.0, 1)
+    assert tokens_per_s(busy, 1.0, 8) == pytest.approx(1000 / 33, rel=0.02)
+
+
+def test_a_flow_needs_sessions() -> None:
+    with pytest.raises(ValueError):
+        tokens_per_s((linear(1.0),), 0.0, 0)
