@@ -7,8 +7,8 @@
 
 Each prints a table and writes a PNG and a JSON of its results next to the docs
 (docs/experiments/). Per-token latency is measured as (answer time - time to first token) /
-(tokens - 1) of greedy 48-token answers, the median of three; throughput as the aggregate
-tokens/s of concurrent answers.
+(tokens - 1) of greedy 64-token answers, the median of three; throughput as the aggregate
+tokens/s of concurrent answers while all of them decode.
 """
 
 from __future__ import annotations

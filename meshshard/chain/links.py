@@ -94,8 +94,9 @@ class Links:
         lock = self._locks.setdefault(addr, asyncio.Lock())
         if delay := self._delays.to(addr):
             # A testbed's link delay holds the frame, not the sender: on a real link with
-            # that latency the sender is free as soon as the bytes are in the socket. Tasks
-            # take the lock in the order they were made, so frames keep their order.
+            # that latency the sender is free as soon as the bytes are in the socket (and a
+            # frame lost on the way is for the origin to notice). Tasks take the lock in the
+            # order they were made, so frames keep their order.
             due = time.monotonic() + delay
             self._tg.create_task(self._send_later(addr, lock, due, frame))
             return

@@ -30,7 +30,7 @@ from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Pr
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
 from meshshard.planner.baselines import baseline
 from meshshard.planner.build import UnitCost
-from meshshard.planner.flow import flow_stages, tokens_per_s
+from meshshard.planner.flow import flow_stages, latency_ms, tokens_per_s
 from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
 
 logger = logging.getLogger(__name__)
@@ -249,8 +249,8 @@ class ControlNode:
         return [m for m in self.membership.members() if m.id not in self.excluded]
 
     def _predicted_now(self, plan: PlanRecord | None) -> dict[str, Any] | None:
-        """The plan in force under today's profiles and measured links (its record keeps the
-        numbers it was made on), stage by stage."""
+        """The plan in force under today's profiles, measured links and per-step costs (its
+        record keeps the numbers it was made on), stage by stage."""
         if plan is None:
             return None
         try:
@@ -273,10 +273,11 @@ class ControlNode:
             {n: p.overhead_ms for n, p in self.profiles.items()},
         )
         return {
-            "latency_ms": round(cost.latency_ms, 3),
+            "latency_ms": round(latency_ms(flow, back), 3),
             "bottleneck_ms": round(cost.bottleneck_ms, 3),
             "tokens_per_s": round(1000 / cost.bottleneck_ms, 2) if cost.bottleneck_ms else 0.0,
             "compute_ms": [round(x, 3) for x in cost.compute_ms],
+            "overhead_ms": [round(s.overhead_ms, 3) for s in flow],
             "hop_ms": [round(x, 3) for x in cost.hop_ms],
             "return_ms": round(cost.return_ms, 3),
             # What that many answers at once would reach, batched as our stages batch them.

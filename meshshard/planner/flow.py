@@ -2,9 +2,11 @@
 
 The paper's throughput, 1 / the slowest stage or hop, is the rate of an endless stream of
 micro-batches through stages of fixed speed. Our stages batch whichever sessions wait for them
-into one forward pass, so what N answers reach depends on how each stage's step grows with its
-batch (a decoder layer gains from batching, the vocabulary-wide head hardly does) and on how
-sessions bunch up on the way round. Pure and deterministic: events on a simulated clock.
+into one forward pass, so what N answers reach depends on what each stage's batch costs at its
+size (measured: math libraries pick kernels by size, so two rows can cost as much as two
+steps and four rows less), on the per-session work a busy stage does beside its forward
+passes, and on how sessions bunch up and spread on the way round. Pure and deterministic:
+events on a simulated clock.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from meshshard.planner.instance import Instance
 
 MAX_BATCH = 16  # sessions a stage takes into one forward pass
 BATCHES = (2, 3, 4, 8, MAX_BATCH)  # batch sizes a profile times
-TOKENS = 64
+TOKENS = 64  # per answer, as the experiments ask for
 
 # Events at one instant: frames land and batches finish before an idle stage starts, so what
 # arrives together is batched together.
@@ -34,11 +36,11 @@ class FlowStage:
     batch_ms: tuple[float, ...]  # ... of BATCHES[k] sessions' steps at once
     hop_ms: float  # link delay into this stage (none into the first)
     frame_ms: float  # one frame's time on that link (bytes / rate)
-    overhead_ms: float = 0.0  # per session in a batch, beyond the forward pass, under load
+    overhead_ms: float = 0.0  # per session in a batch, beyond the forward pass
 
     def busy_ms(self, sessions: int) -> float:
-        """A batch's time when the stage is busy: its per-session work (frames in and out,
-        sampling, an origin's streaming) competes with the forward pass for the same CPU."""
+        """A batch's time: the forward pass and each session's other work (frames in and
+        out, sampling, an origin's streaming), which takes the same CPU."""
         return self.step_ms(sessions) + sessions * self.overhead_ms
 
     def step_ms(self, sessions: int) -> float:
@@ -76,17 +78,21 @@ def flow_stages(
     return tuple(out), inst.hop_ms(stages[-1].device, inst.source, inst.return_bytes)
 
 
+def latency_ms(stages: Sequence[FlowStage], return_ms: float) -> float:
+    """One answer's time per token: every stage's forward pass and per-step work, every hop,
+    and the token's way back."""
+    return sum(s.busy_ms(1) + s.hop_ms + s.frame_ms for s in stages) + return_ms
+
+
 @functools.lru_cache(maxsize=256)
 def tokens_per_s(
     stages: tuple[FlowStage, ...], return_ms: float, sessions: int, tokens: int = TOKENS
 ) -> float:
     """Aggregate decode rate of `sessions` answers of `tokens` each, started evenly spread over
-    one round of the chain, over the span when every one of them is decoding. One answer
-    alone goes round at the stages' forward times: a stage that rests between steps does its
-    per-step work in time its CPU quota would otherwise leave unused."""
+    one round of the chain, over the span when every one of them is decoding."""
     if sessions < 1 or not stages:
         raise ValueError("a flow needs at least one session and one stage")
-    round_ms = sum(s.one_ms + s.hop_ms + s.frame_ms for s in stages) + return_ms
+    round_ms = latency_ms(stages, return_ms)
     if sessions == 1:
         return 1000.0 / round_ms if round_ms > 0 else float("inf")
     sim = _Chain(stages, return_ms, sessions, tokens)

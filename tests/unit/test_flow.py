@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshshard.planner import Stage
-from meshshard.planner.flow import BATCHES, FlowStage, flow_stages, tokens_per_s
+from meshshard.planner.flow import BATCHES, FlowStage, flow_stages, latency_ms, tokens_per_s
 from meshshard.planner.instance import parse_instance
 
 
@@ -78,10 +78,10 @@ def test_flow_stages_read_the_plan_its_links_and_the_batched_profile() -> None:
     assert back == pytest.approx(3.004)
 
 
-def test_per_session_work_slows_a_busy_stage_but_not_a_lone_answer() -> None:
-    plain = (linear(10.0), linear(30.0, hop=1.0))
+def test_per_session_work_is_on_the_way_of_every_step() -> None:
     busy = (linear(10.0), FlowStage(30.0, linear(30.0).batch_ms, 1.0, 0.0, overhead_ms=3.0))
-    assert tokens_per_s(busy, 1.0, 1) == tokens_per_s(plain, 1.0, 1)
+    assert latency_ms(busy, 1.0) == pytest.approx(10 + 33 + 1 + 1)
+    assert tokens_per_s(busy, 1.0, 1) == pytest.approx(1000 / 45)
     assert tokens_per_s(busy, 1.0, 8) == pytest.approx(1000 / 33, rel=0.02)
 
 
