@@ -45,18 +45,25 @@ class TokenMeter:
 class StepCostMeter:
     """What a step costs this peer beyond its forward pass (receiving and sending frames,
     sealing, sampling, an origin's streaming), from CPU time while it serves: the process's
-    CPU less the model thread's and less what the peer spends anyway (gossip, probes: its
-    rate while no steps run), per step, in wall ms at the speed this peer's forward passes run
-    (a quarter-core peer spends four times the CPU time in wall time)."""
+    CPU less the model thread's and less what the peer spends anyway (gossip: the least rate
+    of its last idle windows, as one that caught a link probe's bulk transfer says more about
+    probes than about gossip), per step, in wall ms at the speed this peer's forward passes
+    run (a quarter-core peer spends four times the CPU time in wall time)."""
 
     MIN_STEPS = 20  # in a window, so what the background does within it averages out
-    WEIGHT = 0.3  # of the newest window in the averages
+    WEIGHT = 0.3  # of the newest window in the average
+    IDLE_WINDOWS = 5
 
     def __init__(self) -> None:
         self.overhead_ms = 0.0
-        self.background = 0.0  # CPU seconds per second while no steps run
+        self._idle: deque[float] = deque(maxlen=self.IDLE_WINDOWS)  # CPU s/s, no steps run
         self._stage: object = None
         self._last = (0.0, 0.0, 0.0, 0.0, 0)
+
+    @property
+    def background(self) -> float:
+        """CPU seconds a second the peer spends while no steps run."""
+        return min(self._idle, default=0.0)
 
     def observe(
         self,
@@ -76,7 +83,7 @@ class StepCostMeter:
         elapsed, process, forward_cpu, forward, n = deltas
         if n == 0 and elapsed > 0:
             self._last = current
-            self.background = _average(self.background, process / elapsed, self.WEIGHT)
+            self._idle.append(process / elapsed)
             return
         if n < self.MIN_STEPS or forward_cpu <= 0:
             return

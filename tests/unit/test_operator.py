@@ -61,16 +61,18 @@ def test_token_meter_measures_gaps_within_sessions() -> None:
 
 def test_step_cost_meter_counts_cpu_beyond_forward_passes_at_the_peers_speed() -> None:
     meter, stage = StepCostMeter(), object()
-    meter.observe(stage, 0.0, 10.0, 4.0, 16.0, 100)  # the first look is a baseline
-    meter.observe(stage, 2.0, 10.1, 4.0, 16.0, 100)  # idle: 0.05 s of CPU a second anyway
-    assert meter.background == pytest.approx(0.05) and meter.overhead_ms == 0.0
-    meter.observe(stage, 3.0, 10.5, 4.2, 16.8, 110)  # too few steps to say
+    meter.observe(stage, 0.0, 9.5, 4.0, 16.0, 100)  # the first look is a baseline
+    meter.observe(stage, 1.0, 9.9, 4.0, 16.0, 100)  # idle, but a link probe's transfer ran
+    meter.observe(stage, 2.0, 10.0, 4.0, 16.0, 100)  # idle: gossip, 0.1 s of CPU a second
+    meter.observe(stage, 3.0, 10.1, 4.0, 16.0, 100)  # ... and 0.1
+    assert meter.background == pytest.approx(0.1) and meter.overhead_ms == 0.0
+    meter.observe(stage, 4.0, 10.5, 4.2, 16.8, 110)  # too few steps to say
     assert meter.overhead_ms == 0.0
-    # 40 steps in 4 s: 1.4 s of CPU, 1.0 s of it in forward passes that took 4 s of wall time
+    # 40 steps in 2 s: 1.4 s of CPU, 1.0 s of it in forward passes that took 4 s of wall time
     # (a quarter core) and 0.2 s the background's: 5 ms of CPU a step, 20 ms at that speed.
-    meter.observe(stage, 6.0, 11.5, 5.0, 20.0, 140)
+    meter.observe(stage, 5.0, 11.5, 5.0, 20.0, 140)
     assert meter.overhead_ms == pytest.approx(20.0)
-    meter.observe(object(), 7.0, 50.0, 0.0, 0.0, 0)  # a new stage: a new baseline
+    meter.observe(object(), 6.0, 50.0, 0.0, 0.0, 0)  # a new stage: a new baseline
     assert meter.overhead_ms == pytest.approx(20.0)
 
 
