@@ -170,8 +170,9 @@ def _batched(shard: Shard, x: torch.Tensor, advance: Callable[[int], None]) -> d
     """Median seconds of the shard's decode steps of BATCHES sessions at once, by size."""
     out = {}
     sessions = [f"profile-{i}" for i in range(max(BATCHES))]
+    context = min(BATCH_CONTEXT, x.shape[0])
     for session in sessions:
-        shard.prefill(session, x[:BATCH_CONTEXT], torch.arange(BATCH_CONTEXT))
+        shard.prefill(session, x[:context], torch.arange(context))
     advance(1)
     for size in BATCHES:
         inputs = torch.cat([x[-1:]] * size)

@@ -16,6 +16,7 @@ from meshshard.model.generate import LocalChain
 from meshshard.model.profile import CACHE_FLUSH_BYTES, layers_to_profile, quick_profile
 from meshshard.model.source import ensure_embedded
 from meshshard.model.text import TextCodec
+from meshshard.planner.flow import BATCHES
 
 pytestmark = pytest.mark.slow
 
@@ -125,6 +126,9 @@ def test_quick_profile_runs_layers_that_outgrow_the_cache(model_dir: Path) -> No
     # Every layer takes the loaded layers' mean time: they share a shape.
     assert len({u.decode_ms for u in units[1:-1]}) == 1
     assert {u.weight_bytes for u in units[1:-1]} == {layer_bytes}
+    # Batched steps are timed at every size, and a batch never costs less than one step.
+    assert all(len(u.batch_ms) == len(BATCHES) for u in units)
+    assert all(min(u.batch_ms) >= u.decode_ms for u in units[1:])
 
 
 def test_layers_to_profile() -> None:
