@@ -27,7 +27,7 @@ TOKENS = 64  # per answer, as the experiments ask for
 
 # Events at one instant: frames land and batches finish before an idle stage starts, so what
 # arrives together is batched together.
-_ARRIVE, _DONE, _START = (0, "arrive"), (0, "done"), (1, "start")
+_ORDER = {"arrive": 0, "done": 0, "start": 1}
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def tokens_per_s(
         return 1000.0 / round_ms if round_ms > 0 else float("inf")
     sim = _Chain(stages, return_ms, sessions, tokens)
     for k in range(sessions):
-        sim.push(k * round_ms / sessions, _ARRIVE, 0, k)
+        sim.push(k * round_ms / sessions, "arrive", 0, k)
     times = sim.run()
     start, end = max(t[0] for t in times), min(t[-1] for t in times)
     produced = sum(start < t <= end for each in times for t in each)
@@ -116,9 +116,8 @@ class _Chain:
         self.events: list[tuple[float, int, int, str, int, tuple[int, ...]]] = []
         self._seq = itertools.count()
 
-    def push(self, at: float, event: tuple[int, str], stage: int, *sessions: int) -> None:
-        order, kind = event
-        heapq.heappush(self.events, (at, order, next(self._seq), kind, stage, sessions))
+    def push(self, at: float, kind: str, stage: int, *sessions: int) -> None:
+        heapq.heappush(self.events, (at, _ORDER[kind], next(self._seq), kind, stage, sessions))
 
     def run(self) -> list[list[float]]:
         """Each session's token times."""
@@ -126,7 +125,7 @@ class _Chain:
             now, _, _, kind, i, sessions = heapq.heappop(self.events)
             if kind == "arrive":
                 self.queues[i].extend(sessions)
-                self.push(now, _START, i)
+                self.push(now, "start", i)
             elif kind == "start":
                 self._start(now, i)
             else:
@@ -138,7 +137,7 @@ class _Chain:
             return
         batch = [self.queues[i].popleft() for _ in range(min(MAX_BATCH, len(self.queues[i])))]
         self.busy[i] = True
-        self.push(now + self.stages[i].busy_ms(len(batch)), _DONE, i, *batch)
+        self.push(now + self.stages[i].busy_ms(len(batch)), "done", i, *batch)
 
     def _done(self, now: float, i: int, batch: tuple[int, ...]) -> None:
         self.busy[i] = False
@@ -147,11 +146,11 @@ class _Chain:
             for session in batch:  # frames leave one after another on the link
                 leave = max(now, self.link_free[i + 1])
                 self.link_free[i + 1] = leave + nxt.frame_ms
-                self.push(leave + nxt.frame_ms + nxt.hop_ms, _ARRIVE, i + 1, session)
+                self.push(leave + nxt.frame_ms + nxt.hop_ms, "arrive", i + 1, session)
         else:
             back = now + self.return_ms
             for session in batch:
                 self.times[session].append(back)
                 if len(self.times[session]) < self.tokens:
-                    self.push(back, _ARRIVE, 0, session)
-        self.push(now, _START, i)
+                    self.push(back, "arrive", 0, session)
+        self.push(now, "start", i)
