@@ -234,6 +234,21 @@ def _loopback(address: str) -> bool:
         return address == "localhost"
 
 
+def _address_option(flag: str, value: str) -> str:
+    """host:port with the host resolved to an IPv4 address: a message for a peer is sealed
+    for the address it is sent to, which the peer knows only by number."""
+    import socket
+
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MeshShardError(f"{flag} {value}: expected host:port")
+    try:
+        ip = socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+    except OSError:
+        raise MeshShardError(f"{flag} {value}: cannot resolve {host}") from None
+    return f"{ip}:{int(port)}"
+
+
 def _bytes_option(value: str | None) -> float | None:
     from meshshard.config import parse_bytes
 
@@ -259,6 +274,13 @@ def _bytes_option(value: str | None) -> float | None:
     default=None,
     envvar="MESHSHARD_INTERFACE",
     help="Address to bind and announce on (mDNS stays on it). Default: all interfaces.",
+)
+@click.option(
+    "--announce",
+    default=None,
+    envvar="MESHSHARD_ANNOUNCE",
+    help="host:port other peers reach this one at, if not the interface and port "
+    "(a port forward, a relay).",
 )
 @click.option("--name", default=None, envvar="MESHSHARD_NAME", help="Peer id (default host-port).")
 @click.option("--priority", default=0, show_default=True, envvar="MESHSHARD_PRIORITY", type=int)
@@ -327,6 +349,13 @@ def _bytes_option(value: str | None) -> float | None:
 )
 @api_token_option
 @click.option(
+    "--api-allow-host",
+    "api_allow_hosts",
+    multiple=True,
+    envvar="MESHSHARD_API_ALLOW_HOSTS",
+    help="A host name the API answers to besides loopback and its own address (repeatable).",
+)
+@click.option(
     "--max-frame",
     default="64MB",
     show_default=True,
@@ -352,6 +381,7 @@ def up(
     config: Config,
     port: int,
     interface: str | None,
+    announce: str | None,
     name: str | None,
     priority: int,
     peers: tuple[str, ...],
@@ -365,6 +395,7 @@ def up(
     api_port: int | None,
     api_bind: str,
     api_token: str | None,
+    api_allow_hosts: tuple[str, ...],
     max_frame: str,
     profile_dir: Path | None,
     timings: str,
@@ -393,9 +424,10 @@ def up(
         config,
         port=port,
         interface=interface,
+        announce=_address_option("--announce", announce) if announce else None,
         name=name,
         priority=priority,
-        peers=tuple(p for seed in peers for p in seed.split(",") if p),
+        peers=tuple(_address_option("--peer", p) for seed in peers for p in seed.split(",") if p),
         memory=_bytes_option(memory),
         objective=objective,
         mdns=not no_mdns,
@@ -405,6 +437,7 @@ def up(
         api_port=api_port,
         api_bind=api_bind,
         api_token=api_token,
+        api_allow_hosts=tuple(h for hosts in api_allow_hosts for h in hosts.split(",") if h),
         max_frame_bytes=int(frame_limit or 0) or 64 * 1024 * 1024,
         profile_dir=profile_dir,
         timings=TEST_TIMINGS if timings == "test" else LAN_TIMINGS,

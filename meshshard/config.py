@@ -45,6 +45,11 @@ class Timings:
     replan_debounce: float = 0.5
     # Link bandwidth and RTT to each member are remeasured this often.
     link_interval: float = 30.0
+    # An HTTP connection that has not sent a whole request's headers in this long, or sits
+    # idle this long between requests, is closed (our clients drop idle ones at half that).
+    header_timeout: float = 10.0
+    # ... and a request or answer body must arrive whole within this long.
+    body_timeout: float = 30.0
 
 
 LAN_TIMINGS = Timings()
@@ -57,6 +62,8 @@ TEST_TIMINGS = Timings(
     tombstone_ttl=10.0,
     replan_debounce=0.1,
     link_interval=2.0,
+    header_timeout=3.0,
+    body_timeout=5.0,
 )
 
 
@@ -78,6 +85,11 @@ class Config:
     api_bind: str = "127.0.0.1"
     # Bearer token every API request must carry; None: no token (then loopback only).
     api_token: str | None = None
+    # Host names the API answers to besides loopback and its own address (DNS rebinding).
+    api_allow_hosts: tuple[str, ...] = ()
+    # Open connections each listener accepts from one address, and in all.
+    connections_per_host: int = 32
+    connections: int = 256
     # The mesh key file (a keyring: the first key seals, all open); None only with insecure.
     secret_file: Path | None = None
     # Run with no mesh key: anyone on the network can join, inject and read. Explicit only.
@@ -88,6 +100,9 @@ class Config:
     max_frame_bytes: int = 64 * 1024 * 1024
     # Address to bind and announce on; mDNS is sent on this interface only. None: all.
     interface: str | None = None
+    # host:port other peers reach this one at, where that is not interface:port (a port
+    # forward, a relay); None: interface:port.
+    announce: str | None = None
     # Static seeds (host:port), for networks where multicast is blocked.
     peers: tuple[str, ...] = ()
     # A higher priority makes a peer the coordinator (ties: the higher id).

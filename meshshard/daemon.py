@@ -4,11 +4,11 @@ discovery and profiling, with an ordered shutdown."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from meshshard import __version__
+from meshshard.api.guard import BrowserGuard
 from meshshard.api.openai import OpenAIApi
 from meshshard.api.operator import OperatorApi
 from meshshard.chain.links import FrameCodec
@@ -24,11 +25,14 @@ from meshshard.chain.service import ChainService
 from meshshard.chain.worker import run_model
 from meshshard.config import Config
 from meshshard.delays import Delays
+from meshshard.edge.serve import ConnectionGate, serve
 from meshshard.errors import MeshShardError
 from meshshard.events import EventLog
 from meshshard.mesh.discovery import Discovery
 from meshshard.mesh.http import HttpTransport, control_routes, delay_answers
 from meshshard.mesh.node import ControlNode
+from meshshard.mesh.rounds import rounds
+from meshshard.mesh.sanity import incarnation_at
 from meshshard.mesh.types import Member, NodeId, Profile, State
 from meshshard.metrics import Metrics
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
@@ -53,6 +57,7 @@ class Daemon:
         self.node: ControlNode | None = None
         self.service: ChainService | None = None
         self.sealer: Sealer | None = None
+        self.gates: dict[str, ConnectionGate] = {}
         self._stop = asyncio.Event()
         self._started = time.time()
 
@@ -69,15 +74,16 @@ class Daemon:
         spec = read_spec(model_dir)
         units = unit_costs(model_dir, config.dtype)
         node_id = NodeId(config.node_id())
-        host = config.interface or _default_host()
+        addr = config.announce or f"{config.interface or _default_host()}:{config.port}"
         profile = Profile(
             node_id, 1, spec.name, config.offered_memory(), estimated_ms(units), measured=False
         )
         # A restarted peer must outrank its own old records: a time-based incarnation does.
-        me = Member(
-            node_id, f"{host}:{config.port}", int(time.time() * 1000), State.ALIVE, config.priority
-        )
-        async with aiohttp.ClientSession() as session:
+        me = Member(node_id, addr, incarnation_at(time.time()), State.ALIVE, config.priority)
+        # Our idle connections close before the other side's header timeout closes them
+        # under a request we are about to send.
+        connector = aiohttp.TCPConnector(keepalive_timeout=config.timings.header_timeout / 2)
+        async with aiohttp.ClientSession(connector=connector) as session:
             events = EventLog(node_id)
             node = ControlNode(
                 me=me,
@@ -95,33 +101,49 @@ class Daemon:
             node.on_plan = service.on_plan
             self.service = service
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            api = OpenAIApi(service, codec, spec.name)
-            operator = OperatorApi(node, events, Metrics(node, service), self.status)
+            body_timeout = config.timings.body_timeout
+            api = OpenAIApi(service, codec, spec.name, body_timeout)
+            self.gates = {
+                "peer": ConnectionGate(config.connections_per_host, config.connections),
+                "api": ConnectionGate(config.connections_per_host, config.connections),
+            }
+            metrics = Metrics(node, service, self.gates)
+            operator = OperatorApi(node, events, metrics, self.status, body_timeout)
             self.sealer = sealer
             peer_app = web.Application(
                 client_max_size=MAX_REQUEST_BYTES, middlewares=[delay_answers(delays)]
             )
-            peer_app.add_routes(control_routes(node, sealer))
+            peer_app.add_routes(control_routes(node, sealer, config.timings))
             peer_app.add_routes([web.get("/chain/ws", service.handle_ws)])
+            guard = BrowserGuard.for_api(config.api_bind, config.api_allow_hosts)
             user_app = web.Application(
                 client_max_size=MAX_REQUEST_BYTES,
-                middlewares=[_bearer(config.api_token), api.tokenizer_ready],
+                middlewares=[guard.middleware, _bearer(config.api_token), api.tokenizer_ready],
             )
+            user_app.on_response_prepare.append(guard.on_prepare)
             user_app.add_routes(api.routes())
             user_app.add_routes(operator.routes())
+            header_timeout = config.timings.header_timeout
             runners = [
-                await _serve(peer_app, config.interface or "0.0.0.0", config.port, "peer"),
-            ]
+                await serve(
+                    peer_app, config.interface or "0.0.0.0", config.port, "peer",
+                    self.gates["peer"], header_timeout,
+                ),
+            ]  # fmt: skip
             discovery = None
             try:
                 runners.append(
-                    await _serve(user_app, config.api_bind, config.api_port_or_default, "API")
-                )
+                    await serve(
+                        user_app, config.api_bind, config.api_port_or_default, "API",
+                        self.gates["api"], header_timeout,
+                    )
+                )  # fmt: skip
                 if config.mdns:
+                    host, _, port = addr.rpartition(":")
                     discovery = Discovery(
                         node_id,
                         host,
-                        config.port,
+                        int(port),
                         config.interface,
                         sealer.fingerprint,
                         sealer.accepts_fingerprint,
@@ -131,9 +153,8 @@ class Daemon:
                 for seed in config.peers:
                     node.join(seed)
                 logger.info(
-                    "peer %s up on %s:%d, API on http://%s:%d (model %s)",
-                    node_id, host, config.port, config.api_bind, config.api_port_or_default,
-                    spec.name,
+                    "peer %s up on %s, API on http://%s:%d (model %s)",
+                    node_id, addr, config.api_bind, config.api_port_or_default, spec.name,
                 )  # fmt: skip
                 async with asyncio.TaskGroup() as tg:
                     running = tg.create_task(node.run())
@@ -141,11 +162,24 @@ class Daemon:
                         tg.create_task(self._profile(node, model_dir)),
                         tg.create_task(service.run()),
                         tg.create_task(_load_codec(model_dir, codec)),
-                        tg.create_task(_publish_load(node, service)),
+                        tg.create_task(
+                            rounds(
+                                "load",
+                                _load_publisher(node, service),
+                                node.loop_errors,
+                                asyncio.sleep,
+                            )
+                        ),
                         tg.create_task(_chain_ready(node)),
                     ]
                     if discovery is not None:
-                        tasks.append(tg.create_task(discovery.run()))
+                        tasks.append(
+                            tg.create_task(
+                                rounds(
+                                    "mdns", discovery.resolve_one, node.loop_errors, asyncio.sleep
+                                )
+                            )
+                        )
                     await self._stop.wait()
                     operator.close()
                     logger.info("shutting down: no new requests, moving our units to others")
@@ -204,6 +238,10 @@ class Daemon:
                 "mesh_key": self.sealer.fingerprint or None,
                 "refused_messages": self.sealer.refused,
                 "refused_frames": self.service.refusals.count,
+                "refused_gossip": dict(self.node.refused),
+                "loop_errors": dict(self.node.loop_errors),
+                "refused_connections": {k: g.refused for k, g in self.gates.items()},
+                "open_connections": {k: g.open for k, g in self.gates.items()},
             }
             status["origin"] = {
                 "sessions": self.service.open_sessions,
@@ -238,19 +276,6 @@ class Daemon:
                 "tokens_per_s": round(self.service.meter.tokens_per_s(), 2),
             }
         return status
-
-
-async def _serve(app: web.Application, bind: str, port: int, what: str) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, bind, port).start()
-    except OSError as e:
-        await runner.cleanup()
-        if e.errno == errno.EADDRINUSE:
-            raise MeshShardError(f"port {port} ({what}) is in use on {bind}") from None
-        raise MeshShardError(f"cannot listen on {bind}:{port} ({what}): {e.strerror}") from None
-    return runner
 
 
 def _sealer(config: Config) -> Sealer:
@@ -310,11 +335,12 @@ async def _chain_ready(node: ControlNode) -> None:
             await asyncio.sleep(0.2)
 
 
-async def _publish_load(node: ControlNode, service: ChainService) -> None:
+def _load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Awaitable[None]]:
     """Put what our stage is doing into our profile, for other peers' dashboards and the
     coordinator's throughput model; only changes worth showing, so gossip stays quiet."""
     costs = StepCostMeter()
-    while True:
+
+    async def publish() -> None:
         await asyncio.sleep(LOAD_PERIOD)
         me = node.profiles[node.id]
         stage = service.stage
@@ -338,6 +364,8 @@ async def _publish_load(node: ControlNode, service: ChainService) -> None:
             or abs(overhead - me.overhead_ms) > 0.2 * max(me.overhead_ms, 0.1)
         ):
             node.set_profile(replace(me, load=load, step_ms=step, used=used, overhead_ms=overhead))
+
+    return publish
 
 
 def _join(node: ControlNode) -> Any:

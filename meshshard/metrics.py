@@ -6,7 +6,7 @@ peer's own counters at scrape time, so there is one source of truth for status a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -17,6 +17,7 @@ from meshshard.events import Event
 
 if TYPE_CHECKING:
     from meshshard.chain.service import ChainService
+    from meshshard.edge.serve import ConnectionGate
     from meshshard.mesh.node import ControlNode
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -24,7 +25,12 @@ STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class Metrics:
-    def __init__(self, node: ControlNode, service: ChainService) -> None:
+    def __init__(
+        self,
+        node: ControlNode,
+        service: ChainService,
+        gates: Mapping[str, ConnectionGate] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.step_seconds = Histogram(
             "meshshard_stage_step_seconds",
@@ -35,7 +41,7 @@ class Metrics:
         )
         self.replans = 0
         self.membership: dict[str, int] = {}
-        self.registry.register(_Counters(self, node, service))
+        self.registry.register(_Counters(self, node, service, gates or {}))
         node.events.listen(self._event)
         service.on_step = self._step
 
@@ -56,8 +62,15 @@ C, G = CounterMetricFamily, GaugeMetricFamily
 
 
 class _Counters(Collector):
-    def __init__(self, metrics: Metrics, node: ControlNode, service: ChainService) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        node: ControlNode,
+        service: ChainService,
+        gates: Mapping[str, ConnectionGate],
+    ) -> None:
         self._metrics, self._node, self._service = metrics, node, service
+        self._gates = gates
 
     def collect(self) -> Iterator[Metric]:
         service, node, metrics = self._service, self._node, self._metrics
@@ -94,3 +107,31 @@ class _Counters(Collector):
         for state, n in sorted(metrics.membership.items()):
             changes.add_metric([state], n)
         yield changes
+        refused = C(
+            "meshshard_refused_connections",
+            "Connections closed unread: over the caps per address or in all, by listener",
+            labels=["listener"],
+        )
+        opened = G("meshshard_open_connections", "Open connections", labels=["listener"])
+        for name, gate in sorted(self._gates.items()):
+            refused.add_metric([name], gate.refused)
+            opened.add_metric([name], gate.open)
+        yield refused
+        yield opened
+        failed = C(
+            "meshshard_loop_errors",
+            "Rounds of a peer's loops that raised and were survived, by loop",
+            labels=["loop"],
+        )
+        for loop, n in sorted(node.loop_errors.items()):
+            failed.add_metric([loop], n)
+        yield failed
+        gossip = C(
+            "meshshard_refused_gossip",
+            "Gossip well-formed but not believed (a future incarnation or term, a plan that "
+            "does not fit, another member's profile), by kind",
+            labels=["kind"],
+        )
+        for what, n in sorted(node.refused.items()):
+            gossip.add_metric([what], n)
+        yield gossip

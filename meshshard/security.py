@@ -1,12 +1,18 @@
 """The mesh key: a keyring on disk, and sealed envelopes for every peer-to-peer message.
 
-An envelope is `MS 1 | key id (8) | nonce (12) | AES-256-GCM(timestamp ms (8) | payload)`.
-The mesh name, the message's purpose and the header are the associated data, so a message
-sealed for one mesh or one purpose (a gossip request, its answer, a data frame) opens nowhere
-else. A nonce is the sender's random 4-byte tag for this run plus a counter, so it never
-repeats under a key; the receiver keeps a sliding window per sender tag and refuses anything it
-has seen, and anything older than FRESH_SECONDS (which bounds a replay to a receiver that
-restarted since).
+An envelope is `MS 2 | key id (8) | salt (16) | counter (8) | AES-256-GCM(timestamp ms (8) |
+payload)`. Each process run seals under its own subkey, HKDF(mesh key, salt), with a fresh
+128-bit random salt sent in the clear, and counts its messages: a (subkey, nonce) pair never
+repeats, however often peers restart under one long-lived key (a short random prefix per run
+would, after tens of thousands of restarts, by the birthday bound).
+
+The associated data binds the mesh name, the message's purpose (a gossip request, its answer,
+a data record, ...), the header, and what the message is for: the address of the peer it was
+sent to, the request an answer answers, or the connection a data record travels on. A message
+sealed for one mesh, purpose, recipient, request or connection opens nowhere else. The receiver
+keeps a sliding window per sender salt and refuses anything it has seen, and anything stamped
+further than FRESH_SECONDS from its clock (which bounds a replay to a receiver that restarted
+since).
 
 The first key of a keyring seals; every key opens. Rotating a mesh's key without downtime:
 add the new key as a second line on every peer, then make it the first line everywhere, then
@@ -25,24 +31,28 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from meshshard.errors import MeshShardError
 
-MAGIC = b"MS\x01"
+MAGIC = b"MS\x02"
 KEY_BYTES = 32
 KEY_ID_BYTES = 8
-NONCE_BYTES = 12
+SALT_BYTES = 16  # names one sender's run; its subkey is derived from it
+COUNTER_BYTES = 8
 TAG_BYTES = 16  # the GCM authentication tag
-HEADER_BYTES = len(MAGIC) + KEY_ID_BYTES + NONCE_BYTES
+HEADER_BYTES = len(MAGIC) + KEY_ID_BYTES + SALT_BYTES + COUNTER_BYTES
 OVERHEAD = HEADER_BYTES + 8 + TAG_BYTES  # what sealing adds to a payload
 FRESH_SECONDS = 120.0  # a message stamped further from our clock than this is refused
 WINDOW = 1024  # out-of-order messages accepted behind the newest from one sender
-MAX_SENDERS = 4096  # sender tags remembered (least recently heard forgotten first)
+MAX_SENDERS = 4096  # sender runs remembered (least recently heard forgotten first)
 
-CONTROL = b"control"  # a gossip request
-CONTROL_REPLY = b"control-reply"
-DATA = b"data"  # a data-plane frame
-PROBE = b"probe"  # a link measurement request
+CONTROL = b"control"  # a gossip request, bound to its recipient's address
+CONTROL_REPLY = b"control-reply"  # bound to the request it answers
+DATA = b"data"  # a data-plane record, bound to its connection and direction
+PROBE = b"probe"  # a link measurement request, bound to its recipient's address
+PROBE_REPLY = b"probe-reply"  # bound to the request it answers
+CHANNEL = b"channel"  # opens a data-plane WebSocket, bound to its recipient's address
 
 
 class AuthError(Exception):
@@ -111,34 +121,34 @@ def key_id(key: bytes) -> bytes:
 
 
 class ReplayWindow:
-    """Which (sender tag, counter) pairs were seen: the newest per sender and a bitmap of the
+    """Which (sender, counter) pairs were seen: the newest per sender and a bitmap of the
     WINDOW before it. Pure: no clock, no I/O."""
 
     def __init__(self, senders: int = MAX_SENDERS) -> None:
         self._senders = senders
-        self._seen: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # tag -> (top, bits)
+        self._seen: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # -> (top, bits)
 
-    def admit(self, tag: bytes, counter: int) -> bool:
+    def admit(self, sender: bytes, counter: int) -> bool:
         """True (and remembered) if this pair is new and not too far behind its sender."""
-        entry = self._seen.get(tag)
+        entry = self._seen.get(sender)
         if entry is None:
-            self._remember(tag, counter, 1)
+            self._remember(sender, counter, 1)
             return True
         top, bits = entry
         if counter > top:
             shift = counter - top
             bits = ((bits << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
-            self._remember(tag, counter, bits)
+            self._remember(sender, counter, bits)
             return True
         behind = top - counter
         if behind >= WINDOW or bits >> behind & 1:
             return False
-        self._remember(tag, top, bits | 1 << behind)
+        self._remember(sender, top, bits | 1 << behind)
         return True
 
-    def _remember(self, tag: bytes, top: int, bits: int) -> None:
-        self._seen[tag] = (top, bits)
-        self._seen.move_to_end(tag)
+    def _remember(self, sender: bytes, top: int, bits: int) -> None:
+        self._seen[sender] = (top, bits)
+        self._seen.move_to_end(sender)
         while len(self._seen) > self._senders:
             self._seen.popitem(last=False)
 
@@ -151,9 +161,11 @@ class Sealer:
     keyring: Keyring | None
     mesh: str
     clock: Callable[[], float] = time.time
-    _tag: bytes = field(default_factory=lambda: secrets.token_bytes(4))
+    _salt: bytes = field(default_factory=lambda: secrets.token_bytes(SALT_BYTES))
     _counter: int = 0
     _window: ReplayWindow = field(default_factory=ReplayWindow)
+    # Subkeys of senders heard from, (key id, salt) -> cipher; only for messages that opened.
+    _ciphers: OrderedDict[bytes, Any] = field(default_factory=OrderedDict)
     refused: int = 0
 
     @property
@@ -167,51 +179,100 @@ class Sealer:
     def accepts_fingerprint(self, fp: str) -> bool:
         return fp in self.keyring.fingerprints if self.keyring else fp == ""
 
-    def seal(self, purpose: bytes, payload: bytes) -> bytes:
+    def seal(self, purpose: bytes, payload: bytes, bind: bytes = b"") -> bytes:
+        """`payload` sealed for `purpose` and for what `bind` names (a recipient, a request,
+        a connection), which the receiver must name alike to open it."""
         if self.keyring is None:
             return payload
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
         key = self.keyring.keys[0]
         self._counter += 1
-        nonce = self._tag + struct.pack(">Q", self._counter)
-        header = MAGIC + key_id(key) + nonce
+        kid = key_id(key)
+        header = MAGIC + kid + self._salt + struct.pack(">Q", self._counter)
         stamp = struct.pack(">Q", int(self.clock() * 1000))
-        sealed = AESGCM(key).encrypt(nonce, stamp + payload, self._aad(purpose, header))
+        cipher = self._cipher(kid + self._salt, key)
+        sealed = cipher.encrypt(
+            _nonce(self._counter), stamp + payload, self._aad(purpose, header, bind)
+        )
         return header + sealed
 
-    def open(self, purpose: bytes, data: bytes) -> bytes:
-        """The payload, or AuthError (counted in `refused`)."""
+    @staticmethod
+    def header(sealed: bytes) -> bytes:
+        """What an answer to `sealed` is bound to: its header (unique per message)."""
+        return sealed[:HEADER_BYTES] if sealed.startswith(MAGIC) else b""
+
+    def open(self, purpose: bytes, data: bytes, binds: Sequence[bytes] = (b"",)) -> bytes:
+        """The payload of a message sealed for `purpose` and one of `binds`, or AuthError
+        (counted in `refused`)."""
         if self.keyring is None:
             return data
         try:
-            return self._open(purpose, data, self.keyring.keys)
+            return self._open(purpose, data, self.keyring.keys, binds)
         except AuthError:
             self.refused += 1
             raise
 
-    def _open(self, purpose: bytes, data: bytes, keys: Sequence[bytes]) -> bytes:
+    def _open(
+        self, purpose: bytes, data: bytes, keys: Sequence[bytes], binds: Sequence[bytes]
+    ) -> bytes:
         from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         if len(data) < OVERHEAD or not data.startswith(MAGIC):
             raise AuthError("not a sealed message (is the sender running without a mesh key?)")
         header = data[:HEADER_BYTES]
         kid = header[len(MAGIC) : len(MAGIC) + KEY_ID_BYTES]
+        salt = header[len(MAGIC) + KEY_ID_BYTES : -COUNTER_BYTES]
+        counter = struct.unpack(">Q", header[-COUNTER_BYTES:])[0]
         key = next((k for k in keys if key_id(k) == kid), None)
         if key is None:
             raise AuthError(f"sealed with key {kid.hex()}, which this mesh does not hold")
-        nonce = header[-NONCE_BYTES:]
-        try:
-            plain = AESGCM(key).decrypt(nonce, data[HEADER_BYTES:], self._aad(purpose, header))
-        except InvalidTag:
-            raise AuthError("authentication failed (tampered, or sealed for another use)") from None
+        cipher = self._ciphers.get(kid + salt) or _derive(key, salt)
+        plain = None
+        for bind in dict.fromkeys(binds):  # in order, without repeats
+            try:
+                aad = self._aad(purpose, header, bind)
+                plain = cipher.decrypt(_nonce(counter), data[HEADER_BYTES:], aad)
+                break
+            except InvalidTag:
+                continue
+        if plain is None:
+            raise AuthError(
+                "authentication failed (tampered, or sealed for another use or recipient)"
+            )
         stamp = struct.unpack(">Q", plain[:8])[0] / 1000
         if abs(self.clock() - stamp) > FRESH_SECONDS:
             raise AuthError(f"stale: stamped {self.clock() - stamp:.0f} s from our clock")
-        if not self._window.admit(nonce[:4], struct.unpack(">Q", nonce[4:])[0]):
+        if not self._window.admit(salt, counter):
             raise AuthError("replayed")
+        self._remember(kid + salt, cipher)
         return plain[8:]
 
-    def _aad(self, purpose: bytes, header: bytes) -> bytes:
-        return b"meshshard/1\x00" + self.mesh.encode() + b"\x00" + purpose + b"\x00" + header
+    def _cipher(self, name: bytes, key: bytes) -> Any:
+        cipher = self._ciphers.get(name)
+        if cipher is None:
+            cipher = _derive(key, name[KEY_ID_BYTES:])
+            self._remember(name, cipher)
+        return cipher
+
+    def _remember(self, name: bytes, cipher: Any) -> None:
+        self._ciphers[name] = cipher
+        self._ciphers.move_to_end(name)
+        while len(self._ciphers) > MAX_SENDERS:
+            self._ciphers.popitem(last=False)
+
+    def _aad(self, purpose: bytes, header: bytes, bind: bytes) -> bytes:
+        parts = (self.mesh.encode(), purpose, header, bind)
+        return b"meshshard/2" + b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def _nonce(counter: int) -> bytes:
+    return bytes(4) + struct.pack(">Q", counter)
+
+
+def _derive(key: bytes, salt: bytes) -> Any:
+    """The AES-GCM cipher of one sender's run: its subkey is HKDF-SHA256(key, salt)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    hkdf = HKDF(hashes.SHA256(), KEY_BYTES, salt, b"meshshard/2 run key")
+    return AESGCM(hkdf.derive(key))

@@ -23,9 +23,20 @@ from meshshard.mesh.types import (
     State,
 )
 
-PROTOCOL = 1
+PROTOCOL = 2
 MAX_CONTROL_BYTES = 1 << 20  # a control message larger than this is refused unread
 MAX_ITEMS = 4096  # members, profiles, stages, units or links in one message
+# Every number has a range, far inside what the codec carries (2**63), so a peer that takes
+# the largest value it accepts can still count past it: a forged incarnation or term at the
+# edge of the range cannot lock a member out or freeze planning.
+MAX_INCARNATION = 2**53  # milliseconds since 1970 at a member's start, plus its refutations
+MAX_TERM = 2**40  # seconds since 2025, plus replans
+MAX_VERSION = 2**53  # profile versions
+MAX_COUNT = 2**31  # steps, positions, tokens, attempts, layers, units
+MAX_MEMORY = 1e15  # bytes
+MAX_MS = 1e7  # any time in milliseconds
+MAX_MBPS = 1e6  # a link's rate
+MAX_LOAD = 1e6  # sessions
 
 
 class WireError(ValueError):
@@ -157,10 +168,10 @@ def _member_in(raw: object, what: str) -> Member:
     return Member(
         id=NodeId(_str(m.get("id"), f"{what}.id")),
         addr=_addr(m.get("addr"), f"{what}.addr"),
-        incarnation=_int(m.get("inc"), f"{what}.inc"),
+        incarnation=_int(m.get("inc"), f"{what}.inc", high=MAX_INCARNATION),
         state=parsed,
-        priority=_int(m.get("prio"), f"{what}.prio", low=-(2**31)),
-        profile_version=_int(m.get("pv"), f"{what}.pv"),
+        priority=_int(m.get("prio"), f"{what}.prio", low=-(2**31), high=2**31),
+        profile_version=_int(m.get("pv"), f"{what}.pv", high=MAX_VERSION),
         ready=_epoch(m.get("ready")),
         draining=_bool(m.get("drain"), f"{what}.drain"),
     )
@@ -195,27 +206,28 @@ def _profile_in(raw: object, what: str) -> Profile:
         if len(pair) != 2:
             raise WireError(f"{what}.links[{peer!r}] must be [mbps, rtt_ms]")
         links[NodeId(_str(peer, f"{what}.links key"))] = LinkStat(
-            _float(pair[0], f"{what}.links.mbps"), _float(pair[1], f"{what}.links.rtt")
+            _float(pair[0], f"{what}.links.mbps", MAX_MBPS, positive=True),
+            _float(pair[1], f"{what}.links.rtt", MAX_MS),
         )
     measured = m.get("measured")
     if not isinstance(measured, bool):
         raise WireError(f"{what}.measured must be a boolean")
     return Profile(
         id=NodeId(_str(m.get("id"), f"{what}.id")),
-        version=_int(m.get("ver"), f"{what}.ver"),
+        version=_int(m.get("ver"), f"{what}.ver", high=MAX_VERSION),
         model=_str(m.get("model"), f"{what}.model"),
-        mem=_float(m.get("mem"), f"{what}.mem"),
-        unit_ms=tuple(_float(x, f"{what}.ms") for x in _list(m.get("ms"), f"{what}.ms")),
+        mem=_float(m.get("mem"), f"{what}.mem", MAX_MEMORY),
+        unit_ms=tuple(_float(x, f"{what}.ms", MAX_MS) for x in _list(m.get("ms"), f"{what}.ms")),
         measured=measured,
         batch_ms=tuple(
-            tuple(_float(x, f"{what}.bms") for x in _list(units, f"{what}.bms"))
+            tuple(_float(x, f"{what}.bms", MAX_MS) for x in _list(units, f"{what}.bms"))
             for units in _list(m.get("bms", []), f"{what}.bms")
         ),
         links=links,
-        load=_float(m.get("load"), f"{what}.load"),
-        step_ms=_float(m.get("step", 0.0), f"{what}.step"),
-        used=_float(m.get("used", 0.0), f"{what}.used"),
-        overhead_ms=_float(m.get("ovh", 0.0), f"{what}.ovh"),
+        load=_float(m.get("load"), f"{what}.load", MAX_LOAD),
+        step_ms=_float(m.get("step", 0.0), f"{what}.step", MAX_MS),
+        used=_float(m.get("used", 0.0), f"{what}.used", MAX_MEMORY),
+        overhead_ms=_float(m.get("ovh", 0.0), f"{what}.ovh", MAX_MS),
     )
 
 
@@ -246,8 +258,8 @@ def _plan_in(raw: object) -> PlanRecord | None:
             raise WireError(f"plan.stages[{i}] must be [device, start, end]")
         stage = PlanStage(
             NodeId(_str(triple[0], "plan.stages.device")),
-            _int(triple[1], "plan.stages.start"),
-            _int(triple[2], "plan.stages.end"),
+            _int(triple[1], "plan.stages.start", high=MAX_COUNT),
+            _int(triple[2], "plan.stages.end", high=MAX_COUNT),
         )
         if stage.start != end or stage.end <= stage.start:
             raise WireError(f"plan.stages[{i}] does not continue the chain")
@@ -260,8 +272,8 @@ def _plan_in(raw: object) -> PlanRecord | None:
         model=_str(m.get("model"), "plan.model"),
         objective=_str(m.get("objective"), "plan.objective"),
         stages=tuple(stages),
-        latency_ms=_float(m.get("latency_ms"), "plan.latency_ms"),
-        bottleneck_ms=_float(m.get("bottleneck_ms"), "plan.bottleneck_ms"),
+        latency_ms=_float(m.get("latency_ms"), "plan.latency_ms", MAX_MS),
+        bottleneck_ms=_float(m.get("bottleneck_ms"), "plan.bottleneck_ms", MAX_MS),
         reason=_str(m.get("reason"), "plan.reason", empty=True),
         left_out=tuple(
             _left_out(x, i) for i, x in enumerate(_list(m.get("left_out", []), "plan.left_out"))
@@ -280,7 +292,8 @@ def _epoch(raw: object) -> Epoch:
     pair = _list(raw, "epoch")
     if len(pair) != 2:
         raise WireError("epoch must be [term, coordinator]")
-    return Epoch(_int(pair[0], "epoch.term"), _str(pair[1], "epoch.coordinator", empty=True))
+    term = _int(pair[0], "epoch.term", high=MAX_TERM)
+    return Epoch(term, _str(pair[1], "epoch.coordinator", empty=True))
 
 
 def _load(data: bytes, limit: int, what: str) -> dict[Any, Any]:
@@ -301,6 +314,8 @@ def _load(data: bytes, limit: int, what: str) -> dict[Any, Any]:
 def _map(raw: object, what: str) -> dict[Any, Any]:
     if not isinstance(raw, dict):
         raise WireError(f"{what} must be a map")
+    if len(raw) > MAX_ITEMS:
+        raise WireError(f"{what} has {len(raw)} entries, more than {MAX_ITEMS}")
     return raw
 
 
@@ -318,18 +333,21 @@ def _str(raw: object, what: str, empty: bool = False) -> str:
     return raw
 
 
-def _int(raw: object, what: str, low: int = 0) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw < 2**63:
-        raise WireError(f"{what} must be an integer >= {low}")
+def _int(raw: object, what: str, low: int = 0, high: int = MAX_COUNT) -> int:
+    """An integer in [low, high)."""
+    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw < high:
+        raise WireError(f"{what} must be an integer in [{low}, {high})")
     return raw
 
 
-def _float(raw: object, what: str) -> float:
+def _float(raw: object, what: str, high: float, positive: bool = False) -> float:
+    """A number in [0, high], or (0, high] when `positive` (a rate divides)."""
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise WireError(f"{what} must be a number")
     value = float(raw)
-    if not math.isfinite(value) or value < 0:
-        raise WireError(f"{what} must be finite and non-negative")
+    if not math.isfinite(value) or value < 0 or value > high or (positive and value == 0):
+        low = "(0" if positive else "[0"
+        raise WireError(f"{what} must be a finite number in {low}, {high:g}]")
     return value
 
 
@@ -356,6 +374,8 @@ ERROR_CODES = (
     "internal",
 )
 MAX_KV_DIM = 4096  # heads or head size in a handed-off KV cache
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**63
 
 
 @dataclass(frozen=True)
@@ -637,10 +657,9 @@ def _sampling(raw: object) -> Sampling:
     triple = _list(raw, "sampling")
     if len(triple) != 3:
         raise WireError("sampling must be [temperature, top_p, seed]")
-    temperature, top_p = _float(triple[0], "temperature"), _float(triple[1], "top_p")
-    if not 0 < top_p <= 1 or temperature > 100:
-        raise WireError("top_p must be in (0, 1] and temperature at most 100")
-    return Sampling(temperature, top_p, _int(triple[2], "seed"))
+    temperature = _float(triple[0], "temperature", MAX_TEMPERATURE)
+    top_p = _float(triple[1], "top_p", 1.0, positive=True)
+    return Sampling(temperature, top_p, _int(triple[2], "seed", high=MAX_SEED))
 
 
 def _bool(raw: object, what: str) -> bool:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from meshshard.api.stops import StopMatcher
 from meshshard.chain.service import ChainError, ChainService, Usage
+from meshshard.edge.bodies import request_body
 from meshshard.model.text import TextCodec
 
 MAX_BODY = 1024 * 1024
@@ -42,8 +43,15 @@ class Request:
 
 
 class OpenAIApi:
-    def __init__(self, service: ChainService, codec: asyncio.Future[TextCodec], model: str) -> None:
+    def __init__(
+        self,
+        service: ChainService,
+        codec: asyncio.Future[TextCodec],
+        model: str,
+        body_timeout: float,
+    ) -> None:
         self.service, self._codec, self.model = service, codec, model
+        self._body_timeout = body_timeout
 
     @property
     def codec(self) -> TextCodec:
@@ -77,7 +85,7 @@ class OpenAIApi:
 
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await _json(request)
+            body = await _json(request, self._body_timeout)
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise BadRequest("messages must be a non-empty list")
@@ -98,7 +106,7 @@ class OpenAIApi:
 
     async def handle_completion(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await _json(request)
+            body = await _json(request, self._body_timeout)
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
                 prompt = prompt[0]
@@ -193,11 +201,11 @@ class OpenAIApi:
         yield stops.flush(), "length" if count >= req.max_tokens else "stop"
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise BadRequest(f"body larger than {MAX_BODY} bytes")
+async def _json(request: web.Request, timeout: float) -> dict[str, Any]:
+    """The whole body as a JSON object (BadRequest), or the HTTP error for a body too large,
+    cut short or too slow."""
     try:
-        body = json.loads(await request.content.read(MAX_BODY + 1))
+        body = json.loads(await request_body(request, MAX_BODY, timeout))
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("body must be JSON") from None
     if not isinstance(body, dict):

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from meshshard.edge.bodies import request_body
 from meshshard.events import EventLog
 from meshshard.mesh.node import ControlNode, PlanRefused, plan_json
 from meshshard.metrics import CONTENT_TYPE, Metrics
@@ -27,6 +28,7 @@ from meshshard.planner.dp import OBJECTIVES
 
 # The feed sends a fresh status at least this often, events or not (measured numbers move).
 FEED_PERIOD = 1.0
+MAX_BODY = 64 * 1024  # a plan request names a method, an objective and some members
 
 
 class OperatorApi:
@@ -36,8 +38,10 @@ class OperatorApi:
         events: EventLog,
         metrics: Metrics,
         status: Callable[[], dict[str, Any]],
+        body_timeout: float,
     ) -> None:
         self._node, self._events, self._metrics, self._status = node, events, metrics, status
+        self._body_timeout = body_timeout
         self._closing = asyncio.Event()
 
     def routes(self) -> list[web.RouteDef]:
@@ -86,8 +90,9 @@ class OperatorApi:
         return await self._plan(request, apply=True)
 
     async def _plan(self, request: web.Request, apply: bool) -> web.Response:
+        body = await request_body(request, MAX_BODY, self._body_timeout)
         try:
-            method, objective, exclude = _plan_request(await request.json())
+            method, objective, exclude = _plan_request(json.loads(body))
         except (ValueError, TypeError) as e:
             return _error(f"bad request: {e}", 400)
         try:

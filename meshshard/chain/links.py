@@ -1,5 +1,12 @@
 """Persistent WebSockets to other peers' /chain/ws, one per address, reused by every session,
-and the codec every data-plane message goes through (sealed with the mesh key, then CBOR).
+and the sealing every data-plane message goes through.
+
+A socket opens only for a peer of the mesh: the upgrade request carries a connection token
+sealed for the address it is sent to, and without one it is refused (401, 403) before the
+socket exists. Frames then travel as sealed records of at most RECORD_BYTES, bound to that
+connection and direction, so no one without the key makes a peer buffer more than one record,
+and a record cannot be replayed on another socket. Compression is off (a small compressed
+message can inflate a thousandfold before any check).
 
 Both ends of a socket may send frames; whatever arrives is handed to one dispatcher, so a
 stage's error comes back the same way a token does.
@@ -8,23 +15,32 @@ stage's error comes back the same way a token does.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
+import secrets
+import struct
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
 from meshshard.delays import NONE, Delays
-from meshshard.security import DATA, OVERHEAD, AuthError, Sealer
+from meshshard.security import CHANNEL, DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import MAX_FRAME_BYTES, DataFrame, WireError, decode_frame, encode_frame
 
 logger = logging.getLogger(__name__)
 
 Dispatch = Callable[[DataFrame], Awaitable[None]]
 CONNECT_TIMEOUT = 5.0
+RECORD_BYTES = 1 << 20  # the most of a frame one sealed record carries
+CHANNEL_HEADER = "X-MeshShard-Channel"
+TOKEN_BYTES = 16
+_MORE, _LAST = b"\x00", b"\x01"
+_NUMBER = 8  # bytes of a record's frame number
 
 
 class LinkError(Exception):
@@ -33,7 +49,7 @@ class LinkError(Exception):
 
 @dataclass
 class FrameCodec:
-    """Frames to sealed bytes and back; anything else is refused with WireError or AuthError."""
+    """Frames to plain bytes and back, and the limits of a data-plane socket."""
 
     sealer: Sealer
     hidden_size: int | None = None
@@ -41,19 +57,102 @@ class FrameCodec:
     received_bytes: int = 0
 
     @property
+    def record_bytes(self) -> int:
+        return min(RECORD_BYTES, self.max_frame_bytes)
+
+    @property
     def max_message(self) -> int:
         """The largest WebSocket message to read at all (checked before reading it)."""
-        return self.max_frame_bytes + OVERHEAD
+        return self.record_bytes + 1 + _NUMBER + OVERHEAD
 
-    def encode(self, frame: DataFrame) -> bytes:
-        return self.sealer.seal(DATA, encode_frame(frame))
+    def channel(self, token: bytes, outbound: bool) -> Channel:
+        return Channel(self, token, outbound)
 
-    def decode(self, data: bytes) -> DataFrame:
-        if len(data) > self.max_message:
-            raise WireError(f"frame of {len(data)} bytes exceeds {self.max_frame_bytes}")
-        self.received_bytes += len(data)
-        plain = self.sealer.open(DATA, data)
+    def decode(self, plain: bytes) -> DataFrame:
         return decode_frame(plain, self.hidden_size, self.max_frame_bytes)
+
+
+@dataclass
+class Channel:
+    """One socket's sealing: a frame goes out as records bound to this connection and our
+    direction, each `more or last (1) | frame number (8) | piece`; records coming in are opened
+    and joined into frames. A record that does not open is refused alone (it cannot belong to
+    any frame); a frame past the size limit is refused as soon as it is, and its later records
+    are skipped."""
+
+    codec: FrameCodec
+    token: bytes
+    outbound: bool
+    _sent: int = 0
+    _frame: int = -1  # the number of the frame arriving
+    _parts: list[bytes] = field(default_factory=list)
+    _size: int = 0
+    _skipping: bool = False
+
+    def seal(self, frame: DataFrame) -> list[bytes]:
+        plain = encode_frame(frame)
+        if len(plain) > self.codec.max_frame_bytes:
+            raise WireError(f"frame of {len(plain)} bytes exceeds {self.codec.max_frame_bytes}")
+        step = self.codec.record_bytes
+        bind = self._bind(self.outbound)
+        number = struct.pack(">Q", self._sent)
+        self._sent += 1
+        pieces = [plain[i : i + step] for i in range(0, len(plain), step)] or [b""]
+        return [
+            self.codec.sealer.seal(
+                DATA, (_LAST if i == len(pieces) - 1 else _MORE) + number + piece, bind
+            )
+            for i, piece in enumerate(pieces)
+        ]
+
+    def open(self, data: bytes) -> DataFrame | None:
+        """The frame this record completes; None while more records are to come, or for a
+        record of a refused frame; WireError or AuthError for a record or frame to refuse."""
+        if len(data) > self.codec.max_message:
+            raise WireError(f"record of {len(data)} bytes exceeds {self.codec.max_message}")
+        self.codec.received_bytes += len(data)
+        plain = self.codec.sealer.open(DATA, data, (self._bind(not self.outbound),))
+        if len(plain) < 1 + _NUMBER or plain[:1] not in (_MORE, _LAST):
+            raise WireError("a record starts with its more/last flag and frame number")
+        last, number = plain[:1] == _LAST, struct.unpack(">Q", plain[1 : 1 + _NUMBER])[0]
+        if number != self._frame:  # a new frame; the sender abandoned any before it
+            self._frame, self._parts, self._size, self._skipping = number, [], 0, False
+        if self._skipping:
+            return None
+        self._size += len(plain) - 1 - _NUMBER
+        if self._size > self.codec.max_frame_bytes:
+            self._parts, self._skipping = [], True
+            raise WireError(f"frame exceeds {self.codec.max_frame_bytes} bytes")
+        self._parts.append(plain[1 + _NUMBER :])
+        if not last:
+            return None
+        whole, self._parts = b"".join(self._parts), []
+        return self.codec.decode(whole)
+
+    def _bind(self, outbound: bool) -> bytes:
+        return self.token + (b">" if outbound else b"<")
+
+
+def open_request(sealer: Sealer, addr: str) -> tuple[bytes, dict[str, str]]:
+    """A new connection token, and the upgrade header that carries it sealed for `addr`."""
+    token = secrets.token_bytes(TOKEN_BYTES)
+    sealed = sealer.seal(CHANNEL, token, addr.encode())
+    return token, {CHANNEL_HEADER: base64.b64encode(sealed).decode()}
+
+
+def accept_token(request: web.Request, sealer: Sealer, names: Sequence[bytes]) -> bytes:
+    """The connection token of an upgrade request sealed for one of `names`; 401 without
+    one and 403 for one that does not open, before any socket exists."""
+    raw = request.headers.get(CHANNEL_HEADER)
+    if raw is None:
+        raise web.HTTPUnauthorized(text=f"a data-plane socket needs a sealed {CHANNEL_HEADER}")
+    try:
+        token = sealer.open(CHANNEL, base64.b64decode(raw, validate=True), names)
+    except (binascii.Error, AuthError) as e:
+        raise web.HTTPForbidden(text=f"refused: {e}") from None
+    if len(token) != TOKEN_BYTES:
+        raise web.HTTPForbidden(text="refused: a connection token is 16 bytes")
+    return token
 
 
 class Refusals:
@@ -84,7 +183,7 @@ class Links:
         self._refusals = refusals
         self._dispatch = dispatch
         self._tg = tg
-        self._sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
+        self._sockets: dict[str, tuple[aiohttp.ClientWebSocketResponse, Channel]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.sent_bytes: Counter[str] = Counter()  # per next hop
 
@@ -114,44 +213,54 @@ class Links:
                 logger.warning("delayed frame to %s lost: %s", addr, e)
 
     async def _write(self, addr: str, frame: DataFrame) -> None:
-        ws = await self._socket(addr)
-        data = self._codec.encode(frame)
+        ws, channel = await self._socket(addr)
         try:
-            await ws.send_bytes(data)
-            self.sent_bytes[addr] += len(data)
+            records = channel.seal(frame)
+        except WireError as e:
+            raise LinkError(f"{addr}: {e}") from None
+        try:
+            for record in records:
+                await ws.send_bytes(record)
+                self.sent_bytes[addr] += len(record)
         except (ConnectionError, aiohttp.ClientError, RuntimeError) as e:
             self._sockets.pop(addr, None)
             raise LinkError(f"{addr}: {e}") from None
 
     async def close(self) -> None:
-        for ws in list(self._sockets.values()):
+        for ws, _ in list(self._sockets.values()):
             await ws.close()
         self._sockets.clear()
 
-    async def _socket(self, addr: str) -> aiohttp.ClientWebSocketResponse:
-        ws = self._sockets.get(addr)
-        if ws is not None and not ws.closed:
-            return ws
+    async def _socket(self, addr: str) -> tuple[aiohttp.ClientWebSocketResponse, Channel]:
+        known = self._sockets.get(addr)
+        if known is not None and not known[0].closed:
+            return known
+        token, headers = open_request(self._codec.sealer, addr)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 ws = await self._session.ws_connect(
-                    f"http://{addr}/chain/ws", max_msg_size=self._codec.max_message, heartbeat=10
+                    f"http://{addr}/chain/ws",
+                    headers=headers,
+                    max_msg_size=self._codec.max_message,
+                    heartbeat=10,
+                    compress=0,
                 )
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise LinkError(f"cannot reach {addr}: {e or type(e).__name__}") from None
-        self._sockets[addr] = ws
-        self._tg.create_task(self._read(addr, ws))
-        return ws
+        channel = self._codec.channel(token, outbound=True)
+        self._sockets[addr] = (ws, channel)
+        self._tg.create_task(self._read(addr, ws, channel))
+        return ws, channel
 
-    async def _read(self, addr: str, ws: aiohttp.ClientWebSocketResponse) -> None:
-        await read_frames(ws, self._codec, self._refusals, addr, self._dispatch)
-        if self._sockets.get(addr) is ws:
+    async def _read(self, addr: str, ws: aiohttp.ClientWebSocketResponse, channel: Channel) -> None:
+        await read_frames(ws, channel, self._refusals, addr, self._dispatch)
+        if (known := self._sockets.get(addr)) is not None and known[0] is ws:
             del self._sockets[addr]
 
 
 async def read_frames(
     ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
-    codec: FrameCodec,
+    channel: Channel,
     refusals: Refusals,
     source: str | None,
     dispatch: Dispatch,
@@ -161,8 +270,9 @@ async def read_frames(
         if msg.type != aiohttp.WSMsgType.BINARY:
             continue
         try:
-            frame = codec.decode(msg.data)
+            frame = channel.open(msg.data)
         except (WireError, AuthError) as e:
             refusals.note(source, e)
             continue
-        await dispatch(frame)
+        if frame is not None:
+            await dispatch(frame)

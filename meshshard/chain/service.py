@@ -25,12 +25,20 @@ import torch
 from aiohttp import web
 
 from meshshard.chain.handoff import LeftBehind, moves
-from meshshard.chain.links import FrameCodec, LinkError, Links, Refusals, read_frames
+from meshshard.chain.links import (
+    FrameCodec,
+    LinkError,
+    Links,
+    Refusals,
+    accept_token,
+    read_frames,
+)
 from meshshard.chain.meter import TokenMeter
 from meshshard.chain.stage import Observe, StageWorker
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import run_model
 from meshshard.delays import NONE, Delays
+from meshshard.edge.serve import names_of
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.types import PlanRecord
 from meshshard.model.kvcache import KVCache
@@ -339,11 +347,16 @@ class ChainService:
                     queue.put_nowait(frame)
 
     async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.codec.max_message, heartbeat=10)
+        names = names_of(request, self.control.membership.me.addr)
+        token = accept_token(request, self.codec.sealer, names)
+        ws = web.WebSocketResponse(
+            max_msg_size=self.codec.max_message, heartbeat=10, compress=False
+        )
         await ws.prepare(request)
         self._inbound.add(ws)
+        channel = self.codec.channel(token, outbound=False)
         try:
-            await read_frames(ws, self.codec, self.refusals, request.remote, self.handle_frame)
+            await read_frames(ws, channel, self.refusals, request.remote, self.handle_frame)
         finally:
             self._inbound.discard(ws)
         return ws

@@ -64,15 +64,14 @@ class Discovery:
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE, handlers=[self._changed])
         logger.info("announcing %s on %s:%d", self.node_id, self.host, self.port)
 
-    async def run(self) -> None:
-        """Resolve names the browser reports, one at a time."""
-        while True:
-            name = await self._names.get()
-            if self._zc is None:
-                continue
-            info = await self._zc.async_get_service_info(SERVICE, name, LOOKUP_MS)
-            if info is not None:
-                self._found(info)
+    async def resolve_one(self) -> None:
+        """Resolve the next name the browser reports (run it in a loop)."""
+        name = await self._names.get()
+        if self._zc is None:
+            return
+        info = await self._zc.async_get_service_info(SERVICE, name, LOOKUP_MS)
+        if info is not None:
+            self._found(info)
 
     async def stop(self) -> None:
         """Cancel browsing, then say goodbye (unregister) and close the sockets."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from meshshard.mesh.sanity import term_at
 from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord
 
 HISTORY = 32  # plans remembered for `meshshard status`
@@ -34,9 +35,10 @@ class PlanBook:
     def observe(self, epoch: Epoch) -> None:
         self.max_term = max(self.max_term, epoch.term)
 
-    def next_epoch(self, coordinator: NodeId) -> Epoch:
-        """A fresh epoch: its term beats every term seen, so it beats every epoch seen."""
-        self.max_term += 1
+    def next_epoch(self, coordinator: NodeId, wall: float) -> Epoch:
+        """A fresh epoch: its term beats every term seen, so it beats every epoch seen, and
+        is at least the clock's (so no term accepted as plausible stays out of reach)."""
+        self.max_term = max(self.max_term + 1, term_at(wall))
         return Epoch(self.max_term, coordinator)
 
     def offer(self, plan: PlanRecord) -> bool:

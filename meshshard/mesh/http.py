@@ -1,8 +1,10 @@
 """The control plane over HTTP: a client Transport and the server routes beside it.
 
-Every control message is one sealed CBOR body POSTed to /mesh/control; the answer is another.
-Link measurement POSTs sealed requests to /mesh/echo (round trip) and /mesh/bulk (a timed
-transfer). A request that does not open with the mesh key is refused with 403, unread further.
+Every control message is one sealed CBOR body POSTed to /mesh/control, sealed for the address
+it is sent to; the answer is another, sealed for that request. Link measurement POSTs sealed
+requests to /mesh/echo (round trip) and /mesh/bulk (a timed transfer), answered alike. A body is
+read whole (it may arrive in many segments) within a size and a time limit; one that does not
+open with the mesh key, for this peer, is refused with 403.
 """
 
 from __future__ import annotations
@@ -16,15 +18,29 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from meshshard.config import Timings
 from meshshard.delays import NONE, Delays
+from meshshard.edge.bodies import BodyError, request_body, response_body
+from meshshard.edge.serve import names_of
 from meshshard.mesh.node import ControlNode, TransportError
 from meshshard.mesh.types import LinkStat
-from meshshard.security import CONTROL, CONTROL_REPLY, OVERHEAD, PROBE, AuthError, Sealer
+from meshshard.security import (
+    CONTROL,
+    CONTROL_REPLY,
+    OVERHEAD,
+    PROBE,
+    PROBE_REPLY,
+    AuthError,
+    Sealer,
+)
 from meshshard.wire import MAX_CONTROL_BYTES, ControlMessage, WireError, decode, encode
 
 logger = logging.getLogger(__name__)
 
 CBOR = "application/cbor"
+# A client's own bound on reading an answer; the caller's timeout is usually shorter.
+BODY_SECONDS = 30.0
+_REPLIES = {CONTROL: CONTROL_REPLY, PROBE: PROBE_REPLY}
 BULK_BYTES = 256 * 1024  # one timed transfer to estimate a fast link's bandwidth
 SMALL_BULK_BYTES = 16 * 1024  # ... and a first, small one, enough for a slow link
 MAX_BULK = 8 * 1024 * 1024
@@ -42,18 +58,11 @@ class HttpTransport:
         self._delays = delays
 
     async def send(self, addr: str, msg: ControlMessage, timeout: float) -> ControlMessage:
-        body = self._sealer.seal(CONTROL, encode(msg))
         try:
             async with asyncio.timeout(timeout):
-                await self._delay(addr)
-                async with self._session.post(
-                    f"http://{addr}/mesh/control", data=body, headers={"Content-Type": CBOR}
-                ) as resp:
-                    answer = await resp.content.read(MAX_BODY + 1)
-                    if resp.status != 200:
-                        raise TransportError(f"{addr}: HTTP {resp.status}: {answer[:200]!r}")
-                    return decode(self._sealer.open(CONTROL_REPLY, answer))
-        except (TimeoutError, aiohttp.ClientError, OSError, WireError, AuthError) as e:
+                answer = await self._ask(addr, "control", CONTROL, encode(msg), MAX_BODY)
+                return decode(answer)
+        except (TimeoutError, aiohttp.ClientError, OSError, WireError) as e:
             raise TransportError(f"{addr}: {e or type(e).__name__}") from None
 
     async def measure(self, addr: str, timeout: float) -> LinkStat:
@@ -62,11 +71,7 @@ class HttpTransport:
                 rtts = []
                 for _ in range(3):
                     start = time.perf_counter()
-                    await self._delay(addr)
-                    async with self._session.post(
-                        f"http://{addr}/mesh/echo", data=self._probe(0)
-                    ) as resp:
-                        await resp.read()
+                    await self._ask(addr, "echo", PROBE, struct.pack(">Q", 0), OVERHEAD)
                     rtts.append(time.perf_counter() - start)
                 rtt = min(rtts)
                 # A small transfer first: a slow link would take seconds to move a big one.
@@ -81,18 +86,32 @@ class HttpTransport:
     async def _bulk(self, addr: str, size: int, rtt: float) -> float:
         """Seconds to move `size` bytes from `addr`, less one round trip."""
         start = time.perf_counter()
-        await self._delay(addr)
-        async with self._session.post(f"http://{addr}/mesh/bulk", data=self._probe(size)) as r:
-            if len(await r.read()) != size:
-                raise TransportError(f"{addr}: short bulk transfer")
+        got = await self._ask(addr, "bulk", PROBE, struct.pack(">Q", size), size + OVERHEAD)
+        if len(got) != size:
+            raise TransportError(f"{addr}: short bulk transfer")
         return max(time.perf_counter() - start - rtt, 1e-6)
 
-    async def _delay(self, addr: str) -> None:
+    async def _ask(
+        self, addr: str, route: str, purpose: bytes, payload: bytes, limit: int
+    ) -> bytes:
+        """POST `payload` sealed for `addr` to /mesh/`route`; the whole answer, opened as an
+        answer to this very request (TransportError otherwise)."""
+        body = self._sealer.seal(purpose, payload, addr.encode())
         if wait := self._delays.to(addr):
             await asyncio.sleep(wait)
-
-    def _probe(self, size: int) -> bytes:
-        return self._sealer.seal(PROBE, struct.pack(">Q", size))
+        async with self._session.post(
+            f"http://{addr}/mesh/{route}", data=body, headers={"Content-Type": CBOR}
+        ) as resp:
+            try:
+                answer = await response_body(resp, limit, BODY_SECONDS)
+            except BodyError as e:
+                raise TransportError(f"{addr}: {e}") from None
+            if resp.status != 200:
+                raise TransportError(f"{addr}: HTTP {resp.status}: {answer[:200]!r}")
+        try:
+            return self._sealer.open(_REPLIES[purpose], answer, (Sealer.header(body),))
+        except AuthError as e:
+            raise TransportError(f"{addr}: answer refused: {e}") from None
 
 
 def delay_answers(delays: Delays) -> Any:
@@ -108,21 +127,17 @@ def delay_answers(delays: Delays) -> Any:
     return delay
 
 
-def control_routes(node: ControlNode, sealer: Sealer) -> list[web.RouteDef]:
+def control_routes(node: ControlNode, sealer: Sealer, timings: Timings) -> list[web.RouteDef]:
     refused = 0
 
-    async def opened(request: web.Request, purpose: bytes) -> bytes:
-        """The request's payload, or a 4xx: too large (unread), or not sealed for this mesh."""
+    async def opened(request: web.Request, purpose: bytes, limit: int) -> tuple[bytes, bytes]:
+        """The request's payload and what its answer is bound to, or a 4xx: too large, cut
+        short or too slow, or not sealed for this mesh and this peer."""
         nonlocal refused
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=MAX_BODY, actual_size=request.content_length
-            )
-        body = await request.content.read(MAX_BODY + 1)
-        if len(body) > MAX_BODY:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
+        body = await request_body(request, limit, timings.body_timeout)
         try:
-            return sealer.open(purpose, body)
+            names = names_of(request, node.membership.me.addr)
+            return sealer.open(purpose, body, names), Sealer.header(body)
         except AuthError as e:
             refused += 1
             if refused <= 3 or refused % 1000 == 0:
@@ -131,23 +146,24 @@ def control_routes(node: ControlNode, sealer: Sealer) -> list[web.RouteDef]:
             raise web.HTTPForbidden(text=f"refused: {e}") from None
 
     async def handle_control(request: web.Request) -> web.Response:
-        payload = await opened(request, CONTROL)
+        payload, bind = await opened(request, CONTROL, MAX_BODY)
         try:
             reply = await node.handle(decode(payload))
         except (WireError, TransportError) as e:
             return web.Response(status=400, text=f"bad control message: {e}")
-        return web.Response(body=sealer.seal(CONTROL_REPLY, encode(reply)), content_type=CBOR)
+        body = sealer.seal(CONTROL_REPLY, encode(reply), bind)
+        return web.Response(body=body, content_type=CBOR)
 
     async def handle_echo(request: web.Request) -> web.Response:
-        await opened(request, PROBE)
-        return web.Response(body=b"ok")
+        _, bind = await opened(request, PROBE, OVERHEAD + 8)
+        return web.Response(body=sealer.seal(PROBE_REPLY, b"", bind))
 
     async def handle_bulk(request: web.Request) -> web.Response:
-        payload = await opened(request, PROBE)
+        payload, bind = await opened(request, PROBE, OVERHEAD + 8)
         if len(payload) != 8:
             raise web.HTTPBadRequest(text="a bulk probe names its size in 8 bytes")
         size = min(struct.unpack(">Q", payload)[0], MAX_BULK)
-        return web.Response(body=bytes(size))
+        return web.Response(body=sealer.seal(PROBE_REPLY, bytes(size), bind))
 
     return [
         web.post("/mesh/control", handle_control),

@@ -166,10 +166,13 @@ class Membership:
         return out
 
     def _refute(self, update: Member) -> Change | None:
+        """A record of us that others could take over ours (a suspicion, or anything forged:
+        other details, a higher incarnation) is outbid with a higher incarnation."""
         me = self.me
-        if update.state != State.ALIVE and update.incarnation >= me.incarnation:
-            if me.state == State.LEFT:
-                return None  # we are leaving: let it stand
+        if update.incarnation < me.incarnation or me.state == State.LEFT:
+            return None  # old news; or we are leaving: let it stand
+        forged = (update.addr, update.priority) != (me.addr, me.priority)
+        if update.state != State.ALIVE or forged or _wins(update, me):
             self.update_me(incarnation=update.incarnation + 1)
         return None
 

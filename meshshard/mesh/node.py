@@ -10,6 +10,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
@@ -26,6 +27,8 @@ from meshshard.mesh.coordinator import (
 )
 from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.membership import Change, Membership
+from meshshard.mesh.rounds import rounds
+from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
 from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
 from meshshard.planner.baselines import baseline
@@ -45,12 +48,19 @@ FLOW_SESSIONS = (1, 2, 4, 6, 8, 16)
 class Clock(Protocol):
     def now(self) -> float: ...
 
+    def wall(self) -> float:
+        """Seconds since 1970, for what must compare across peers (terms, incarnations)."""
+        ...
+
     async def sleep(self, seconds: float) -> None: ...
 
 
 class LoopClock:
     def now(self) -> float:
         return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -111,6 +121,10 @@ class ControlNode:
         self._guessed = False  # the plan in force was made on estimated profiles
         self._pinned: tuple[NodeId, ...] | None = None  # members an operator's plan was made for
         self.excluded: frozenset[str] = frozenset()  # members an operator keeps out of plans
+        self.refused: Counter[str] = Counter()  # gossip not believed, by kind
+        self.loop_errors: Counter[str] = Counter()  # rounds of our loops that failed
+        self._link_samples: dict[NodeId, collections.deque[LinkStat]] = {}
+        self._link_wait = min(1.0, timings.link_interval)
 
     @property
     def id(self) -> NodeId:
@@ -124,12 +138,16 @@ class ControlNode:
 
     async def run(self) -> None:
         self.events.add("peer", f"started as {self.membership.me.addr}")
+        loops = {
+            "probe": self._probe_round,
+            "sync": self._sync_round,
+            "coordinate": self._coordinate_round,
+            "links": self._link_round,
+        }
         async with asyncio.TaskGroup() as tg:
             tasks = [
-                tg.create_task(self._probe_loop()),
-                tg.create_task(self._sync_loop()),
-                tg.create_task(self._coordinate_loop()),
-                tg.create_task(self._link_loop()),
+                tg.create_task(rounds(name, body, self.loop_errors, self.clock.sleep))
+                for name, body in loops.items()
             ]
             await self._stop.wait()
             for task in tasks:
@@ -200,7 +218,8 @@ class ControlNode:
         what = method if method != "planner" else f"planner ({self.objective})"
         if exclude:
             what += f" without {', '.join(sorted(exclude))}"
-        plan = replace(plan, epoch=self.book.next_epoch(self.id), reason=f"operator: {what}")
+        epoch = self.book.next_epoch(self.id, self.clock.wall())
+        plan = replace(plan, epoch=epoch, reason=f"operator: {what}")
         self._pinned = sig.members if method != "planner" else None
         self.replanner.done(sig)
         self._adopt(plan)
@@ -402,15 +421,14 @@ class ControlNode:
 
     # -- loops -------------------------------------------------------------------------------
 
-    async def _probe_loop(self) -> None:
-        while True:
-            start = self.clock.now()
-            for change in self.membership.tick(start):
-                self._changed(change)
-            target = self.membership.next_probe_target()
-            if target is not None:
-                await self._probe(target)
-            await self.clock.sleep(max(0.0, start + self.timings.probe_interval - self.clock.now()))
+    async def _probe_round(self) -> None:
+        start = self.clock.now()
+        for change in self.membership.tick(start):
+            self._changed(change)
+        target = self.membership.next_probe_target()
+        if target is not None:
+            await self._probe(target)
+        await self.clock.sleep(max(0.0, start + self.timings.probe_interval - self.clock.now()))
 
     async def _probe(self, target: Member) -> None:
         ping = Ping(self.membership.me, tuple(self.membership.piggyback()), self.book.current)
@@ -443,23 +461,22 @@ class ControlNode:
             return True
         return False
 
-    async def _sync_loop(self) -> None:
-        while True:
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
-                async with asyncio.timeout(self.timings.pushpull_interval):
-                    addr = await self._joins.get()
-            except TimeoutError:
-                known = {m.addr for m in self.membership.members()}
-                unknown = sorted(self._seeds - known)
-                others = self.membership.others()
-                if unknown:
-                    addr = self.rng.choice(unknown)
-                elif others:
-                    addr = self.rng.choice(others).addr
-                else:
-                    continue
-            await self._sync(addr, self.timings.probe_timeout * 4)
+    async def _sync_round(self) -> None:
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(self.timings.pushpull_interval):
+                addr = await self._joins.get()
+        except TimeoutError:
+            known = {m.addr for m in self.membership.members()}
+            unknown = sorted(self._seeds - known)
+            others = self.membership.others()
+            if unknown:
+                addr = self.rng.choice(unknown)
+            elif others:
+                addr = self.rng.choice(others).addr
+            else:
+                return
+        await self._sync(addr, self.timings.probe_timeout * 4)
 
     async def _sync(self, addr: str, timeout: float) -> None:
         try:
@@ -473,97 +490,97 @@ class ControlNode:
         others = self.membership.others()
         await asyncio.gather(*(self._sync(m.addr, timeout) for m in others))
 
-    async def _coordinate_loop(self) -> None:
-        period = max(self.timings.replan_debounce / 2, 0.02)
-        while True:
-            await self.clock.sleep(period)
-            if self._leaving:
-                continue
-            if self.coordinator != self.id:
-                self.replanner.forget()
-                self._pinned = None
-                continue
-            members = self._plannable()
-            sig = signature(members, self.profiles, self.model)
-            if self._pinned is not None:
-                if sig.members == self._pinned:
-                    continue  # an operator's plan stands until the members change
-                self._pinned = None
-            current = self.book.current
-            # A draining member still serves, but a plan that uses it is on borrowed time.
-            live = {m.id for m in members if m.serving}
-            mine = (
-                current is not None
-                and current.epoch.coordinator == self.id
-                and all(s.device in live for s in current.stages)
+    async def _coordinate_round(self) -> None:
+        await self.clock.sleep(max(self.timings.replan_debounce / 2, 0.02))
+        if self._leaving:
+            return
+        if self.coordinator != self.id:
+            self.replanner.forget()
+            self._pinned = None
+            return
+        members = self._plannable()
+        sig = signature(members, self.profiles, self.model)
+        if self._pinned is not None:
+            if sig.members == self._pinned:
+                return  # an operator's plan stands until the members change
+            self._pinned = None
+        current = self.book.current
+        # A draining member still serves, but a plan that uses it is on borrowed time.
+        live = {m.id for m in members if m.serving}
+        mine = (
+            current is not None
+            and current.epoch.coordinator == self.id
+            and all(s.device in live for s in current.stages)
+        )
+        broken = current is not None and any(s.device not in live for s in current.stages)
+        if not self.replanner.due(sig, self.clock.now(), mine, urgent=broken):
+            return
+        ours = current is not None and current.epoch.coordinator == self.id
+        reason = describe_change(self.replanner.planned, sig) if ours else "new coordinator"
+        if current is not None and (unwell := self._unwell(current, live)):
+            reason = unwell  # what an operator wants to know, whatever else changed
+        self.replanner.done(sig)
+        try:
+            inst = mesh_instance(
+                members, self.profiles, self.units, self.model, self.id, self.context_tokens
             )
-            broken = current is not None and any(s.device not in live for s in current.stages)
-            if not self.replanner.due(sig, self.clock.now(), mine, urgent=broken):
-                continue
-            ours = current is not None and current.epoch.coordinator == self.id
-            reason = describe_change(self.replanner.planned, sig) if ours else "new coordinator"
-            if current is not None and (unwell := self._unwell(current, live)):
-                reason = unwell  # what an operator wants to know, whatever else changed
-            self.replanner.done(sig)
-            try:
-                inst = mesh_instance(
-                    members, self.profiles, self.units, self.model, self.id, self.context_tokens
-                )
-                plan = make_plan(inst, self.objective, self.id, self.model, reason)
-            except InstanceError as e:
-                if str(e) != self.plan_error:
-                    self.events.add("plan-error", f"cannot plan: {e}")
-                self.plan_error = str(e)
-                continue
-            self.plan_error = ""
-            measured = all(p.measured for n, p in self.profiles.items() if n in live)
-            # A plan made on estimated profiles is redone once they are measured, gain or not.
-            settled = not (self._guessed and measured)
-            if mine and current is not None and settled and not _worth_it(inst, current, plan):
-                continue  # the plan in force is still valid and nearly as good: no churn
-            self._guessed = not measured
-            plan = replace(plan, epoch=self.book.next_epoch(self.id))
-            self._adopt(plan)
-            await self._push_all(self.timings.probe_timeout * 4)
+            plan = make_plan(inst, self.objective, self.id, self.model, reason)
+        except InstanceError as e:
+            if str(e) != self.plan_error:
+                self.events.add("plan-error", f"cannot plan: {e}")
+            self.plan_error = str(e)
+            return
+        self.plan_error = ""
+        measured = all(p.measured for n, p in self.profiles.items() if n in live)
+        # A plan made on estimated profiles is redone once they are measured, gain or not.
+        settled = not (self._guessed and measured)
+        if mine and current is not None and settled and not _worth_it(inst, current, plan):
+            return  # the plan in force is still valid and nearly as good: no churn
+        self._guessed = not measured
+        plan = replace(plan, epoch=self.book.next_epoch(self.id, self.clock.wall()))
+        self._adopt(plan)
+        await self._push_all(self.timings.probe_timeout * 4)
 
-    async def _link_loop(self) -> None:
+    async def _link_round(self) -> None:
         """Measure the link to every member, soon after start and then every link_interval.
         A probe answered late because either end was busy (loading, profiling, serving)
         says nothing about the link, so each link keeps its best recent round trip and rate:
         the least RTT and the most Mbit/s of its last LINK_SAMPLES probes."""
-        samples: dict[NodeId, collections.deque[LinkStat]] = {}
-        wait = min(1.0, self.timings.link_interval)
-        while True:
-            await self.clock.sleep(wait)
-            wait = min(wait * 2, self.timings.link_interval)
-            for member in self.membership.others():
-                try:
-                    stat = await self.transport.measure(member.addr, MEASURE_TIMEOUT)
-                except TransportError:
-                    continue
-                recent = samples.setdefault(member.id, collections.deque(maxlen=LINK_SAMPLES))
-                recent.append(stat)
-            live = {m.id for m in self.membership.live()}
-            for gone in samples.keys() - live:
-                del samples[gone]
-            links = {
-                peer: LinkStat(
-                    mbps=max(s.mbps for s in recent), rtt_ms=min(s.rtt_ms for s in recent)
-                )
-                for peer, recent in samples.items()
-            }
-            # Read our profile after measuring: profiling may have finished meanwhile.
-            me = self.profiles[self.id]
-            if _material(me.links, links):
-                self.set_profile(replace(me, links=links))
+        samples = self._link_samples
+        await self.clock.sleep(self._link_wait)
+        self._link_wait = min(self._link_wait * 2, self.timings.link_interval)
+        for member in self.membership.others():
+            try:
+                stat = await self.transport.measure(member.addr, MEASURE_TIMEOUT)
+            except TransportError:
+                continue
+            recent = samples.setdefault(member.id, collections.deque(maxlen=LINK_SAMPLES))
+            recent.append(stat)
+        live = {m.id for m in self.membership.live()}
+        for gone in samples.keys() - live:
+            del samples[gone]
+        links = {
+            peer: LinkStat(mbps=max(s.mbps for s in recent), rtt_ms=min(s.rtt_ms for s in recent))
+            for peer, recent in samples.items()
+        }
+        # Read our profile after measuring: profiling may have finished meanwhile.
+        me = self.profiles[self.id]
+        if _material(me.links, links):
+            self.set_profile(replace(me, links=links))
 
     # -- merging what we hear ----------------------------------------------------------------
 
     def _absorb(self, sender: Member, updates: Sequence[Member], plan: PlanRecord | None) -> None:
-        now = self.clock.now()
-        for change in self.membership.apply_all([sender, *updates], now):
-            self._changed(change)
+        now, wall = self.clock.now(), self.clock.wall()
+        believed = []
         for member in (sender, *updates):
+            if problem := member_problem(member, wall):
+                self._refuse("member", problem)
+            else:
+                believed.append(member)
+        for change in self.membership.apply_all(believed, now):
+            self._changed(change)
+        for member in believed:
             known = self.profiles.get(member.id)
             if (
                 member.state.live
@@ -576,20 +593,40 @@ class ControlNode:
 
     def _absorb_sync(self, msg: Sync) -> None:
         for profile in msg.profiles:
+            problem = profile_problem(profile, msg.sender.id, self.model, len(self.units))
+            if problem:
+                self._refuse("profile", problem)
+                continue
             known = self.profiles.get(profile.id)
             if profile.id != self.id and (known is None or known.version < profile.version):
                 self.profiles[profile.id] = profile
         self._absorb(msg.sender, msg.members, msg.plan)
 
     def _sync_message(self) -> Sync:
+        """Our view of the members, our own profile (each member's comes only from it), and
+        the plan we follow."""
         return Sync(
             self.membership.me,
             tuple(self.membership.members()),
-            tuple(self.profiles.values()),
+            (self.profiles[self.id],),
             self.book.current,
         )
 
+    def _refuse(self, kind: str, problem: str) -> None:
+        self.refused[kind] += 1
+        if self.refused[kind] <= 3 or self.refused[kind] % 1000 == 0:
+            logger.warning("[%s] refused gossip (%d so far): %s", self.id, self.refused[kind],
+                           problem)  # fmt: skip
+
     def _adopt(self, plan: PlanRecord) -> None:
+        if self.book.current is not None and plan.epoch <= self.book.current.epoch:
+            return  # what we follow already (the common case: cheap)
+        problem = plan_problem(
+            plan, self.model, len(self.units), self.membership.get, self.clock.wall()
+        )
+        if problem:
+            self._refuse("plan", problem)
+            return
         if not self.book.offer(plan):
             return
         stages = " ".join(f"{s.device}[{s.start}:{s.end})" for s in plan.stages)

@@ -15,6 +15,7 @@ from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.mesh.types import Epoch
 from meshshard.wire import (
     MAX_FRAME_BYTES,
+    PROTOCOL,
     DropFrame,
     ErrorFrame,
     HandoffDone,
@@ -65,7 +66,7 @@ def test_other_frames_round_trip() -> None:
 def raw_kv(**changes: object) -> bytes:
     kv = {"dtype": "float32", "shape": [1, 3, 2, 4], "data": bytes(96)}
     body = {
-        "v": 1,
+        "v": PROTOCOL,
         "k": "kv",
         "epoch": [3, "c"],
         "session": "s",
@@ -102,7 +103,7 @@ def test_malformed_handoff_frames_are_refused(data: bytes, message: str) -> None
 
 def raw_step(**changes: object) -> bytes:
     body = {
-        "v": 1,
+        "v": PROTOCOL,
         "k": "step",
         "epoch": [3, "c"],
         "session": "s",
@@ -141,6 +142,44 @@ def raw_step(**changes: object) -> bytes:
 def test_malformed_frames_are_refused_with_a_reason(data: bytes, message: str) -> None:
     with pytest.raises(WireError, match=message):
         decode_frame(data, hidden_size=4)
+
+
+def raw_sync(member: dict | None = None, profile: dict | None = None, plan: object = None) -> bytes:
+    """A well-formed gossip sync with some fields changed, as a key holder could send."""
+    me = {"id": "x", "addr": "127.0.0.1:7000", "inc": 1, "state": "alive", "prio": 0, "pv": 1}
+    me |= {"ready": [0, ""], "drain": False} | (member or {})
+    prof = {"id": "x", "ver": 1, "model": "m", "mem": 1e9, "ms": [1.0], "measured": True}
+    prof |= {"links": {}, "load": 0.0} | (profile or {})
+    body = {"v": PROTOCOL, "k": "sync", "sender": me, "members": [me], "profiles": [prof]}
+    return cbor2.dumps(body | {"plan": plan})
+
+
+PLAN = {"epoch": [3, "x"], "model": "m", "objective": "latency", "stages": [["x", 0, 1]]}
+PLAN |= {"latency_ms": 1.0, "bottleneck_ms": 1.0, "reason": ""}
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        # A rate of 0 would divide by zero in the coordinator; ranges stop every such value.
+        (raw_sync(profile={"links": {"y": [0.0, 1.0]}}), r"mbps must be a finite number in \(0"),
+        (raw_sync(profile={"links": {"y": [1e9, 1.0]}}), "mbps"),
+        (raw_sync(profile={"mem": 1e300}), "mem"),
+        (raw_sync(profile={"ms": [1e12]}), "ms"),
+        (raw_sync(profile={"ver": 2**63 - 1}), "ver"),
+        # Incarnations and terms stay far from the codec's limit, so one more always fits.
+        (raw_sync(member={"inc": 2**63 - 1}), "inc"),
+        (raw_sync(member={"prio": 2**40}), "prio"),
+        (raw_sync(member={"ready": [2**63 - 1, "x"]}), "epoch.term"),
+        (raw_sync(plan=PLAN | {"epoch": [2**63 - 1, "x"]}), "epoch.term"),
+        (raw_sync(plan=PLAN | {"stages": [["x", 0, 2**40]]}), "plan.stages.end"),
+        (raw_sync(plan=PLAN | {"latency_ms": float("inf")}), "latency_ms"),
+    ],
+)
+def test_gossip_fields_out_of_range_are_refused(data: bytes, message: str) -> None:
+    decode(raw_sync())  # the unchanged message is fine
+    with pytest.raises(WireError, match=message):
+        decode(data)
 
 
 def test_non_finite_activations_are_refused() -> None:

@@ -11,10 +11,9 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 import torch
-from aiohttp import web
+from support.dataplane import channel_to, origin_at
 from support.procs import Peer, mesh_key, wait_for, wait_for_chain
 from support.reference import greedy_answer
 
@@ -22,7 +21,7 @@ from meshshard.chain.links import FrameCodec
 from meshshard.chain.tensors import to_wire
 from meshshard.mesh.types import Epoch
 from meshshard.security import Keyring, Sealer
-from meshshard.wire import ErrorFrame, Sampling, StepFrame
+from meshshard.wire import DataFrame, ErrorFrame, Sampling, StepFrame
 
 pytestmark = pytest.mark.slow
 
@@ -205,42 +204,23 @@ async def _send_and_collect(stage: Peer, current: Epoch) -> list[ErrorFrame]:
     done = asyncio.Event()
     codec = FrameCodec(Sealer(Keyring.load(mesh_key(stage.log.parent)), "meshshard"))
 
-    async def handle(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for msg in ws:
-            frame = codec.decode(msg.data)
-            if isinstance(frame, ErrorFrame):
-                got.append(frame)
-                if len(got) == 2:
-                    done.set()
-        return ws
+    def take(frame: DataFrame) -> None:
+        if isinstance(frame, ErrorFrame):
+            got.append(frame)
+            if len(got) == 2:
+                done.set()
 
-    app = web.Application()
-    app.add_routes([web.get("/chain/ws", handle)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 7599)
-    await site.start()
     ids = to_wire(torch.tensor([1, 2, 3]))
     sampling = Sampling(0.0, 1.0, 1)
     old = Epoch(current.term - 1, current.coordinator)
-    try:
-        url = f"http://{stage.addr}/chain/ws"
-        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
-            await ws.send_bytes(
-                codec.encode(StepFrame(old, "stale", 0, 0, ids, "127.0.0.1:7599", True, sampling))
-            )
-            await asyncio.sleep(0.3)
-            await ws.send_bytes(
-                codec.encode(
-                    StepFrame(current, "ghost", 5, 40, ids, "127.0.0.1:7599", True, sampling)
-                )
-            )
-            async with asyncio.timeout(30):
-                await done.wait()
-    finally:
-        await runner.cleanup()
+    async with origin_at(7599, codec, take) as me, channel_to(stage.addr, codec) as (ws, out):
+        for record in out.seal(StepFrame(old, "stale", 0, 0, ids, me, True, sampling)):
+            await ws.send_bytes(record)
+        await asyncio.sleep(0.3)
+        for record in out.seal(StepFrame(current, "ghost", 5, 40, ids, me, True, sampling)):
+            await ws.send_bytes(record)
+        async with asyncio.timeout(30):
+            await done.wait()
     return got
 
 

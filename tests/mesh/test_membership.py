@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from meshshard.config import TEST_TIMINGS
 from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.membership import Membership
+from meshshard.mesh.sanity import FUTURE_SECONDS, future_term, term_at
 from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, PlanStage, State
 
 T = TEST_TIMINGS
@@ -57,6 +58,31 @@ def test_a_suspicion_about_me_is_refuted_with_a_higher_incarnation() -> None:
     m.apply(member("me", inc=1, state=State.SUSPECT), 1.0)
     assert m.me.state == State.ALIVE and m.me.incarnation == 2
     assert m.me in m.piggyback()  # the refutation is gossiped
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        member("me", inc=5),  # alive, but a higher incarnation: would be believed
+        member("me", inc=1, prio=9),  # alive, same incarnation, another priority
+        Member(NodeId("me"), "10.6.6.6:1", 1, State.ALIVE),  # another address
+        Member(NodeId("me"), "127.0.0.1:7101", 1, State.ALIVE, draining=True),  # newer details
+    ],
+)
+def test_any_record_of_me_others_could_believe_over_mine_is_refuted(forged: Member) -> None:
+    m = view()
+    before = m.me
+    m.apply(forged, 1.0)
+    assert m.me.incarnation == forged.incarnation + 1
+    assert (m.me.addr, m.me.priority, m.me.draining) == (before.addr, 0, False)
+
+
+def test_my_own_record_gossiped_back_is_not_refuted() -> None:
+    m = view()
+    m.update_me(profile_version=3)
+    m.apply(member("me", inc=1), 1.0)  # our record before the profile changed: older details
+    m.apply(m.me, 1.0)
+    assert m.me.incarnation == 1
 
 
 def test_suspect_dies_after_the_timeout_unless_refuted() -> None:
@@ -151,9 +177,22 @@ def test_plan_book_only_moves_forward() -> None:
     assert (
         not book.admits(Epoch(3, "c")) and book.admits(Epoch(3, "d")) and book.admits(Epoch(9, "a"))
     )
-    assert book.next_epoch(NodeId("a")) == Epoch(4, "a")
+    assert book.next_epoch(NodeId("a"), wall=0.0) == Epoch(4, "a")
     book.observe(Epoch(10, "z"))
-    assert book.next_epoch(NodeId("a")) > Epoch(10, "z")
+    assert book.next_epoch(NodeId("a"), wall=0.0) > Epoch(10, "z")
+
+
+def test_a_new_term_is_at_least_the_clocks() -> None:
+    """Terms count seconds, so the largest term a peer accepts (an hour ahead of its clock)
+    is outbid by any coordinator soon after: a forged one cannot freeze planning."""
+    book, wall = PlanBook(), 1_800_000_000.0
+    assert book.next_epoch(NodeId("a"), wall).term == term_at(wall)
+    assert book.next_epoch(NodeId("a"), wall).term == term_at(wall) + 1  # a second in a second
+    forged = term_at(wall + FUTURE_SECONDS)
+    assert not future_term(forged, wall) and future_term(forged + 1, wall)
+    book.observe(Epoch(forged, "zz"))
+    mine = book.next_epoch(NodeId("a"), wall)
+    assert mine > Epoch(forged, "zz") and not future_term(mine.term, wall + 1)
 
 
 @settings(max_examples=300, deadline=None)

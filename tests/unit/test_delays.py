@@ -7,7 +7,7 @@ import time
 
 import aiohttp
 import pytest
-from aiohttp import web
+from support.dataplane import origin_at
 
 from meshshard.chain.links import FrameCodec, Links, Refusals
 from meshshard.delays import ENV, Delays
@@ -37,34 +37,23 @@ async def test_a_delayed_link_holds_frames_not_their_sender() -> None:
     codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"))
     arrived: list[tuple[str, float]] = []
 
-    async def accept(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for msg in ws:
-            frame = codec.decode(msg.data)
-            assert isinstance(frame, DropFrame)
-            arrived.append((frame.session, time.monotonic()))
-        return ws
+    def take(frame: DataFrame) -> None:
+        assert isinstance(frame, DropFrame)
+        arrived.append((frame.session, time.monotonic()))
 
-    app = web.Application()
-    app.router.add_get("/chain/ws", accept)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
-            links = Links(http, _ignore, tg, codec, Refusals(), Delays(5, {"127.0.0.1": 95}))
-            sent = time.monotonic()
-            for i in range(3):
-                await links.send(f"127.0.0.1:{port}", DropFrame(Epoch(1, "a"), f"s{i}"))
-            assert time.monotonic() - sent < 0.05
-            while len(arrived) < 3 and time.monotonic() - sent < 5:
-                await asyncio.sleep(0.01)
-            await links.close()
-    finally:
-        await runner.cleanup()
+    async with (
+        origin_at(7597, codec, take) as addr,
+        aiohttp.ClientSession() as http,
+        asyncio.TaskGroup() as tg,
+    ):
+        links = Links(http, _ignore, tg, codec, Refusals(), Delays(5, {"127.0.0.1": 95}))
+        sent = time.monotonic()
+        for i in range(3):
+            await links.send(addr, DropFrame(Epoch(1, "a"), f"s{i}"))
+        assert time.monotonic() - sent < 0.05
+        while len(arrived) < 3 and time.monotonic() - sent < 5:
+            await asyncio.sleep(0.01)
+        await links.close()
     assert [s for s, _ in arrived] == ["s0", "s1", "s2"]
     assert all(t - sent >= 0.1 for _, t in arrived)
 

@@ -14,6 +14,8 @@ from meshshard.security import (
     CONTROL,
     CONTROL_REPLY,
     DATA,
+    KEY_ID_BYTES,
+    MAGIC,
     WINDOW,
     AuthError,
     Keyring,
@@ -53,6 +55,37 @@ def test_a_sealed_message_opens_once_for_its_purpose() -> None:
     with pytest.raises(AuthError, match="authentication failed"):
         b.open(CONTROL, a.seal(CONTROL_REPLY, b"x"))
     assert b.refused == 2
+
+
+def test_a_message_opens_only_for_what_it_was_sealed_for() -> None:
+    """Sealed for one recipient, request or connection, a message opens for no other."""
+    a, b, _ = pair((K1,), (K1,))
+    request = a.seal(CONTROL, b"ping", b"10.0.0.2:7117")
+    with pytest.raises(AuthError, match="recipient"):
+        b.open(CONTROL, request, (b"10.0.0.3:7117",))
+    # A receiver may go by several names: the one it announces and the one it was reached at.
+    assert b.open(CONTROL, request, (b"10.0.0.9:1", b"10.0.0.2:7117")) == b"ping"
+    reply = b.seal(CONTROL_REPLY, b"ack", Sealer.header(request))
+    other = a.seal(CONTROL, b"ping", b"10.0.0.2:7117")
+    with pytest.raises(AuthError):
+        a.open(CONTROL_REPLY, reply, (Sealer.header(other),))  # an answer to another request
+    assert a.open(CONTROL_REPLY, reply, (Sealer.header(request),)) == b"ack"
+
+
+def test_every_run_seals_under_its_own_subkey() -> None:
+    """Two runs under one key share no salt, so their counters may meet without a nonce
+    ever repeating under one key; the receiver tells their windows apart."""
+    clock = Clock()
+    runs = [Sealer(Keyring((K1,)), "m", clock) for _ in range(50)]
+    firsts = [run.seal(DATA, b"x") for run in runs]
+    assert len({Sealer.header(f) for f in firsts}) == 50  # same counter 1, different salts
+    receiver = Sealer(Keyring((K1,)), "m", clock)
+    assert all(receiver.open(DATA, f) == b"x" for f in firsts)
+    # The same bytes under a subkey derived for another salt do not open.
+    forged = bytearray(firsts[0])
+    forged[len(MAGIC) + KEY_ID_BYTES] ^= 1  # one bit of the salt
+    with pytest.raises(AuthError, match="authentication failed"):
+        receiver.open(DATA, bytes(forged))
 
 
 def test_other_keys_meshes_and_tampering_are_refused() -> None:
