@@ -74,6 +74,8 @@ def ask(
             message = json.loads(e.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = str(e)
+        if e.code == 429:
+            message += f" (ask again in {e.headers.get('Retry-After', 'a few')} s)"
         raise MeshShardError(f"{peer}: {message}") from None
     except (urllib.error.URLError, OSError) as e:
         raise MeshShardError(f"no peer answers at {peer}: {getattr(e, 'reason', e)}") from None

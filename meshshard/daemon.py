@@ -102,7 +102,7 @@ class Daemon:
             self.service = service
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             body_timeout = config.timings.body_timeout
-            api = OpenAIApi(service, codec, spec.name, body_timeout)
+            api = OpenAIApi(service, codec, spec.name, body_timeout, config.context_tokens)
             self.gates = {
                 "peer": ConnectionGate(config.connections_per_host, config.connections),
                 "api": ConnectionGate(config.connections_per_host, config.connections),
@@ -151,7 +151,7 @@ class Daemon:
                     )
                     await discovery.start()
                 for seed in config.peers:
-                    node.join(seed)
+                    node.join(seed, configured=True)
                 logger.info(
                     "peer %s up on %s, API on http://%s:%d (model %s)",
                     node_id, addr, config.api_bind, config.api_port_or_default, spec.name,
@@ -248,6 +248,12 @@ class Daemon:
                 "tokens_out": self.service.tokens_out,
                 "replays": self.service.replays,
                 "handoffs": self.service.handoffs,
+            }
+            status["admission"] = {
+                "kv_tokens": self.service.budget.tokens,
+                "kv_reserved": self.service.budget.reserved,
+                "sessions": self.service.budget.sessions,
+                "refused": self.service.busy,
             }
             status["kv"] = {
                 "layers_sent": self.service.kv_layers_sent,

@@ -35,7 +35,7 @@ MAX_VERSION = 2**53  # profile versions
 MAX_COUNT = 2**31  # steps, positions, tokens, attempts, layers, units
 MAX_MEMORY = 1e15  # bytes
 MAX_MS = 1e7  # any time in milliseconds
-MAX_MBPS = 1e6  # a link's rate
+MIN_MBPS, MAX_MBPS = 1e-3, 1e6  # a link's rate (a smaller one turns hop times infinite)
 MAX_LOAD = 1e6  # sessions
 
 
@@ -206,7 +206,7 @@ def _profile_in(raw: object, what: str) -> Profile:
         if len(pair) != 2:
             raise WireError(f"{what}.links[{peer!r}] must be [mbps, rtt_ms]")
         links[NodeId(_str(peer, f"{what}.links key"))] = LinkStat(
-            _float(pair[0], f"{what}.links.mbps", MAX_MBPS, positive=True),
+            _float(pair[0], f"{what}.links.mbps", MAX_MBPS, low=MIN_MBPS),
             _float(pair[1], f"{what}.links.rtt", MAX_MS),
         )
     measured = m.get("measured")
@@ -340,14 +340,14 @@ def _int(raw: object, what: str, low: int = 0, high: int = MAX_COUNT) -> int:
     return raw
 
 
-def _float(raw: object, what: str, high: float, positive: bool = False) -> float:
-    """A number in [0, high], or (0, high] when `positive` (a rate divides)."""
+def _float(raw: object, what: str, high: float, low: float = 0.0, positive: bool = False) -> float:
+    """A number in [low, high], or (0, high] when `positive`."""
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise WireError(f"{what} must be a number")
     value = float(raw)
-    if not math.isfinite(value) or value < 0 or value > high or (positive and value == 0):
-        low = "(0" if positive else "[0"
-        raise WireError(f"{what} must be a finite number in {low}, {high:g}]")
+    if not math.isfinite(value) or not low <= value <= high or (positive and value == 0):
+        bounds = f"(0, {high:g}]" if positive else f"[{low:g}, {high:g}]"
+        raise WireError(f"{what} must be a finite number in {bounds}")
     return value
 
 
@@ -365,6 +365,7 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024  # one activation frame; checked before it is
 MAX_TOKENS_PER_FRAME = 8192
 TENSOR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
 ERROR_CODES = (
+    "busy",  # a new session the stage's memory cannot hold now: retry later
     "stale-epoch",
     "not-ready",
     "unknown-session",
@@ -407,6 +408,7 @@ class StepFrame:
     sample: bool  # False for all but the last chunk of a chunked prefill
     sampling: Sampling
     attempt: int = 0  # the origin's try for this session; answers to older tries are ignored
+    reserve: int = 0  # positions the session may reach (prompt and most tokens): admission
 
 
 @dataclass(frozen=True)
@@ -497,6 +499,7 @@ def encode_frame(frame: DataFrame) -> bytes:
                 "origin": frame.origin,
                 "sample": frame.sample,
                 "sampling": [frame.sampling.temperature, frame.sampling.top_p, frame.sampling.seed],
+                "reserve": frame.reserve,
             }
         case TokenFrame():
             body |= {
@@ -563,6 +566,7 @@ def decode_frame(
                 sample=_bool(m.get("sample"), "sample"),
                 sampling=_sampling(m.get("sampling")),
                 attempt=attempt,
+                reserve=_int(m.get("reserve", 0), "reserve"),
             )
         case "token":
             step, token = _int(m.get("step"), "step"), _int(m.get("token"), "token")

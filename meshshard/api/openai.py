@@ -18,13 +18,16 @@ from typing import Any
 from aiohttp import web
 
 from meshshard.api.stops import StopMatcher
-from meshshard.chain.service import ChainError, ChainService, Usage
+from meshshard.chain.service import ChainBusy, ChainError, ChainService, Usage
 from meshshard.edge.bodies import request_body
 from meshshard.model.text import TextCodec
+from meshshard.wire import MAX_SEED
 
 MAX_BODY = 1024 * 1024
 MAX_TOKENS = 4096
 DEFAULT_MAX_TOKENS = 256
+MAX_MESSAGES = 1024
+MAX_STOP_CHARS = 256
 
 
 class BadRequest(Exception):
@@ -49,9 +52,11 @@ class OpenAIApi:
         codec: asyncio.Future[TextCodec],
         model: str,
         body_timeout: float,
+        context: int,
     ) -> None:
         self.service, self._codec, self.model = service, codec, model
         self._body_timeout = body_timeout
+        self._context = context  # tokens of prompt and answer a session may hold
 
     @property
     def codec(self) -> TextCodec:
@@ -87,8 +92,8 @@ class OpenAIApi:
         try:
             body = await _json(request, self._body_timeout)
             messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise BadRequest("messages must be a non-empty list")
+            if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES:
+                raise BadRequest(f"messages must be a list of 1 to {MAX_MESSAGES} messages")
             clean = []
             for m in messages:
                 if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -99,7 +104,7 @@ class OpenAIApi:
                 if not isinstance(content, str):
                     raise BadRequest("message content must be a string")
                 clean.append({"role": m["role"], "content": content})
-            req = _parse(body, self.codec.encode_chat(clean))
+            req = _parse(body, self.codec.encode_chat(clean), self._context)
         except BadRequest as e:
             return _error(400, str(e))
         return await self._respond(request, req, chat=True)
@@ -112,7 +117,7 @@ class OpenAIApi:
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 raise BadRequest("prompt must be a non-empty string")
-            req = _parse(body, self.codec.encode(prompt))
+            req = _parse(body, self.codec.encode(prompt), self._context)
         except BadRequest as e:
             return _error(400, str(e))
         return await self._respond(request, req, chat=False)
@@ -123,8 +128,16 @@ class OpenAIApi:
         kind = "chat.completion" if chat else "text_completion"
         usage = Usage()
         pieces = self._text(req, usage)
+        try:
+            # The first piece decides the status: a chain with no room refuses before any.
+            first = await anext(pieces)
+        except ChainBusy as e:
+            retry = {"Retry-After": str(e.retry_after)}
+            return _error(429, f"the mesh is busy: {e}", "mesh_busy", retry)
+        except ChainError as e:
+            return _error(503, str(e), "mesh_unavailable")
         if not req.stream:
-            text, finish = "", "length"
+            text, finish = first[0], first[1] or "length"
             try:
                 async for piece, reason in pieces:
                     text += piece
@@ -164,7 +177,7 @@ class OpenAIApi:
             )
         finish = "length"
         try:
-            async for piece, reason in pieces:
+            async for piece, reason in _chain(first, pieces):
                 finish = reason or finish
                 if piece:
                     delta = {"delta": {"content": piece}} if chat else {"text": piece}
@@ -213,33 +226,55 @@ async def _json(request: web.Request, timeout: float) -> dict[str, Any]:
     return body
 
 
-def _parse(body: dict[str, Any], prompt_ids: list[int]) -> Request:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", DEFAULT_MAX_TOKENS))
-    if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
-    if (
-        isinstance(max_tokens, bool)
-        or not isinstance(max_tokens, int)
-        or not 0 < max_tokens <= MAX_TOKENS
-    ):
+async def _chain(
+    first: tuple[str, str | None], rest: AsyncIterator[tuple[str, str | None]]
+) -> AsyncIterator[tuple[str, str | None]]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _parse(body: dict[str, Any], prompt_ids: list[int], context: int) -> Request:
+    """The request's fields within what the mesh carries (the wire's ranges, the context a
+    session may hold), or BadRequest saying which is not."""
+    if not prompt_ids:
+        raise BadRequest("the prompt is empty")
+    if len(prompt_ids) >= context:
+        raise BadRequest(
+            f"the prompt has {len(prompt_ids)} tokens; this mesh holds {context} per answer"
+        )
+    given = body.get("max_completion_tokens", body.get("max_tokens"))
+    room = min(MAX_TOKENS, context - len(prompt_ids))
+    max_tokens = min(DEFAULT_MAX_TOKENS, room) if given is None else given
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise BadRequest(f"max_tokens must be an integer in 1..{MAX_TOKENS}")
+    if max_tokens > room:
+        raise BadRequest(
+            f"max_tokens {max_tokens} is more than the {room} this prompt of "
+            f"{len(prompt_ids)} tokens leaves (at most {MAX_TOKENS}; {context} in all)"
+        )
     temperature = _number(body.get("temperature", 1.0), "temperature", 0, 2)
     top_p = _number(body.get("top_p", 1.0), "top_p", 0, 1)
     if top_p == 0:
         raise BadRequest("top_p must be above 0")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise BadRequest("seed must be a non-negative integer")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED
+    ):
+        raise BadRequest(f"seed must be an integer in 0..{MAX_SEED - 1}")
     stops = body.get("stop") or []
     if isinstance(stops, str):
         stops = [stops]
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
-        raise BadRequest("stop must be a string or a list of at most 4 strings")
+    if (
+        not isinstance(stops, list)
+        or len(stops) > 4
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
+    ):
+        raise BadRequest(f"stop must be a string or a list of at most 4 strings of 1 to "
+                         f"{MAX_STOP_CHARS} characters")  # fmt: skip
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be a boolean")
-    if not prompt_ids:
-        raise BadRequest("the prompt is empty")
     return Request(prompt_ids, max_tokens, temperature, top_p, seed, stops, stream)
 
 
@@ -272,5 +307,12 @@ def _extra(u: Usage) -> dict[str, Any]:
     }
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind}}, status=status)
+def _error(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": kind}}, status=status, headers=headers
+    )

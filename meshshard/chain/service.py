@@ -24,6 +24,7 @@ import aiohttp
 import torch
 from aiohttp import web
 
+from meshshard.chain.admission import KVBudget
 from meshshard.chain.handoff import LeftBehind, moves
 from meshshard.chain.links import (
     FrameCodec,
@@ -41,6 +42,7 @@ from meshshard.delays import NONE, Delays
 from meshshard.edge.serve import names_of
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.types import PlanRecord
+from meshshard.model.costs import DTYPE_BYTES
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
@@ -69,10 +71,17 @@ NOT_READY_RETRY = 0.2  # ... but a stage that is not ready yet only needs a mome
 HANDOFF_TIMEOUT = 10.0  # seconds the origin waits for KV handoffs before replaying instead
 SWEEP_SECONDS = 2.0  # how often a stage frees caches of sessions whose origin is gone
 SESSION_IDLE = 600.0  # a session with no step for this long is freed (its origin lost track)
+BUSY_RETRY_SECONDS = 2  # what a refused caller is told to wait (sessions take seconds)
 
 
 class ChainError(Exception):
     """A session could not complete: no chain, a stage refused it, or a peer vanished."""
+
+
+class ChainBusy(ChainError):
+    """A stage cannot hold another session's KV cache now; worth asking again later."""
+
+    retry_after = BUSY_RETRY_SECONDS
 
 
 class _Broken(Exception):
@@ -131,6 +140,8 @@ class ChainService:
         self.dtype = dtype
         self.spec = spec
         self.stage: StageWorker | None = None
+        self.budget = KVBudget(None)  # the serving stage's KV memory, reserved by sessions
+        self.busy = 0  # new sessions this peer's stage refused for want of memory
         self._http = session
         self._plans: asyncio.Queue[PlanRecord] = asyncio.Queue()
         self._pending: _Prepared | None = None
@@ -283,6 +294,7 @@ class ChainService:
             self._handed.clear()
             caches = {s: c for s, c in caches.items() if c.layers}
             self._left.add(caches)
+            self.budget = self._budget(pending.shard).carry(self.budget)
             if pending.shard is None:
                 self.stage, self._stage_task = None, None
             else:
@@ -298,6 +310,16 @@ class ChainService:
                 f"now serving epoch {plan.epoch}: {units}; "
                 f"{len(caches)} sessions' caches left behind for handoff",
             )
+
+    def _budget(self, shard: Shard | None) -> KVBudget:
+        if shard is None:
+            return KVBudget(None)
+        size = DTYPE_BYTES[self.dtype]
+        per_token = sum(
+            self.spec.kv_bytes_per_token(u, size) for u in range(shard.start, shard.end)
+        )
+        memory = self.control.profiles[self.control.id].mem
+        return KVBudget.of_stage(memory, shard.weight_bytes(), per_token)
 
     @property
     def stage_steps(self) -> int:
@@ -331,6 +353,17 @@ class ChainService:
                     stale = current is not None and frame.epoch < current
                     code = "stale-epoch" if stale else "not-ready"
                     await self._reply_error(frame, code, f"this peer serves epoch {current}")
+                    return
+                positions = max(frame.reserve, frame.start + frame.tensor.shape[0])
+                new = frame.start == 0 and frame.attempt == 0 and frame.step == 0
+                if not self.budget.admit(frame.session, positions, new):
+                    self.busy += 1
+                    budget = f"{self.budget.reserved} of {self.budget.tokens}"
+                    await self._reply_error(
+                        frame,
+                        "busy",
+                        f"{self.control.id} has KV cache reserved for {budget} tokens",
+                    )
                     return
                 self._seen[frame.session] = (frame.origin, time.monotonic())
                 await stage.put(frame)
@@ -459,6 +492,7 @@ class ChainService:
 
     async def _forget(self, session: str) -> None:
         self._seen.pop(session, None)
+        self.budget.release(session)
         self._left.drop(session)
         shards = {id(s): s for s in self._shards()}
         for shard in shards.values():
@@ -535,6 +569,7 @@ class ChainService:
         temperature, top_p, seed = sampling
         params = Sampling(temperature, top_p, seed if seed is not None else secrets.randbits(62))
         session = f"{self.control.id}/{next(self._ids)}"
+        reserve = len(prompt_ids) + max_tokens
         queue: asyncio.Queue[DataFrame] = asyncio.Queue()
         self._sessions[session] = queue
         self.sessions_started += 1
@@ -561,7 +596,7 @@ class ChainService:
                     used.append(plan)
                 try:
                     run = self._attempt(
-                        plan, session, attempt, queue, history, produced, cached, params
+                        plan, session, attempt, queue, history, produced, cached, params, reserve
                     )
                     async with contextlib.aclosing(run) as tokens:
                         async for token in tokens:
@@ -599,6 +634,7 @@ class ChainService:
         step: int,
         start: int,
         params: Sampling,
+        reserve: int,
     ) -> AsyncGenerator[int, None]:
         """Run a session on one plan from position `start` (what its stages are believed to
         hold), decoding until the caller stops. Raises _Broken when the plan can no longer
@@ -616,7 +652,7 @@ class ChainService:
                 last = offset + PREFILL_CHUNK >= len(ids)
                 frame = StepFrame(
                     plan.epoch, session, step, start + offset, to_wire(chunk), me, last,
-                    params, attempt,
+                    params, attempt, reserve,
                 )  # fmt: skip
                 await self._send(first, frame)
             try:
@@ -675,6 +711,8 @@ class ChainService:
                         continue  # late news of the handoff phase: a gap shows as a cache miss
                     if frame.code == "bad-frame":
                         raise ChainError(f"{frame.code}: {frame.message}")
+                    if frame.code == "busy":
+                        raise ChainBusy(frame.message)
                     # A stage still switching to this plan will serve it in a moment.
                     grace = NOT_READY_RETRY if frame.code == "not-ready" else SAME_PLAN_GRACE
                     raise _Broken(f"{frame.code}: {frame.message}", grace)

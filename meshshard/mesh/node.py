@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -29,6 +30,7 @@ from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.membership import Change, Membership
 from meshshard.mesh.rounds import rounds
 from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
+from meshshard.mesh.seeds import Seeds
 from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
 from meshshard.planner.baselines import baseline
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 # A valid plan is replaced only by one predicted better by this fraction.
 REPLAN_GAIN = 0.10
 LINK_SAMPLES = 5  # probes per link that its estimate is the best of
+DEAD_GOSSIP = 0.25  # the share of push/pulls sent to a member we think dead
 # Answers in flight that status predicts tokens/s for.
 FLOW_SESSIONS = (1, 2, 4, 6, 8, 16)
 
@@ -114,8 +117,10 @@ class ControlNode:
         self.events = events or EventLog(me.id)
         self.plan_error = ""
         self.on_plan = on_plan
-        self._joins: asyncio.Queue[str] = asyncio.Queue(maxsize=256)
-        self._seeds: set[str] = set()
+        self._fetch: asyncio.Queue[str] = asyncio.Queue(maxsize=256)  # members' new profiles
+        self._fetching: set[str] = set()  # ... queued, each once
+        self._seeds = Seeds()
+        self._seeds_changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._leaving = False
         self._guessed = False  # the plan in force was made on estimated profiles
@@ -141,6 +146,7 @@ class ControlNode:
         loops = {
             "probe": self._probe_round,
             "sync": self._sync_round,
+            "introduce": self._introduce_round,
             "coordinate": self._coordinate_round,
             "links": self._link_round,
         }
@@ -321,13 +327,14 @@ class ControlNode:
             return False
         return True
 
-    def join(self, addr: str) -> None:
-        """An address from discovery or a seed: exchange state with it soon, and retry until
-        it is a known member (a lost first message must not leave a peer alone)."""
-        if addr != self.membership.me.addr:
-            self._seeds.add(addr)
-            with contextlib.suppress(asyncio.QueueFull):
-                self._joins.put_nowait(addr)
+    def join(self, addr: str, configured: bool = False) -> None:
+        """An address from discovery, or a seed given by hand (`configured`): exchange state
+        with it at once, and retry a while until it answers (a lost first message must not
+        leave a peer alone); see Seeds for how long."""
+        members = {m.addr for m in self.membership.live()}
+        known = addr == self.membership.me.addr or addr in members
+        if not known and self._seeds.add(addr, self.clock.now(), configured):
+            self._seeds_changed.set()
 
     def set_ready(self, epoch: Epoch) -> None:
         """Tell the mesh our shard for `epoch` is loaded (rides on the next probes)."""
@@ -462,29 +469,51 @@ class ControlNode:
         return False
 
     async def _sync_round(self) -> None:
+        """Push/pull with a member whose newer profile we lack, else with a random one, now
+        and then with one we think dead (memberlist's gossip to the dead: so the two sides of
+        a healed partition learn that each other are alive)."""
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             async with asyncio.timeout(self.timings.pushpull_interval):
-                addr = await self._joins.get()
+                addr = await self._fetch.get()
+                self._fetching.discard(addr)
         except TimeoutError:
-            known = {m.addr for m in self.membership.members()}
-            unknown = sorted(self._seeds - known)
             others = self.membership.others()
-            if unknown:
-                addr = self.rng.choice(unknown)
-            elif others:
-                addr = self.rng.choice(others).addr
-            else:
+            dead = [m for m in self.membership.members() if m.state == State.DEAD]
+            if dead and (not others or self.rng.random() < DEAD_GOSSIP):
+                others = dead
+            if not others:
                 return
+            addr = self.rng.choice(others).addr
         await self._sync(addr, self.timings.probe_timeout * 4)
 
-    async def _sync(self, addr: str, timeout: float) -> None:
+    async def _introduce_round(self) -> None:
+        """Try the next address that is due (seeds, discovery), beside member gossip."""
+        now = self.clock.now()
+        members = {m.addr for m in self.membership.live()}
+        addr = self._seeds.due(now, members)
+        if addr is None:
+            due = self._seeds.next_try(members)
+            wait = self.timings.pushpull_interval if due is None else max(due - now, 0.01)
+            self._seeds_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait, self.timings.pushpull_interval)):
+                    await self._seeds_changed.wait()
+            return
+        if await self._sync(addr, self.timings.probe_timeout * 4):
+            self._seeds.answered(addr, self.clock.now())
+        else:
+            self._seeds.failed(addr, self.clock.now())
+
+    async def _sync(self, addr: str, timeout: float) -> bool:
+        """Exchange state with `addr`; whether it answered."""
         try:
             reply = await self.transport.send(addr, self._sync_message(), timeout)
         except TransportError:
-            return
+            return False
         if isinstance(reply, Sync):
             self._absorb_sync(reply)
+        return True
 
     async def _push_all(self, timeout: float) -> None:
         others = self.membership.others()
@@ -586,8 +615,11 @@ class ControlNode:
                 member.state.live
                 and member.id != self.id
                 and (known is None or known.version < member.profile_version)
+                and member.addr not in self._fetching
             ):
-                self.join(member.addr)  # fetch its newer profile by push/pull
+                with contextlib.suppress(asyncio.QueueFull):  # fetch it by push/pull
+                    self._fetch.put_nowait(member.addr)
+                    self._fetching.add(member.addr)
         if plan is not None:
             self._adopt(plan)
 
@@ -612,6 +644,17 @@ class ControlNode:
             self.book.current,
         )
 
+    @functools.cached_property
+    def _unit_mem(self) -> list[float]:
+        """What each unit needs of a device, as plans count it (weights, planned KV)."""
+        return [
+            float(u.weight_bytes + u.kv_bytes_per_token * self.context_tokens) for u in self.units
+        ]
+
+    def _offered(self, node: NodeId) -> float | None:
+        profile = self.profiles.get(node)
+        return profile.mem if profile is not None and profile.model == self.model else None
+
     def _refuse(self, kind: str, problem: str) -> None:
         self.refused[kind] += 1
         if self.refused[kind] <= 3 or self.refused[kind] % 1000 == 0:
@@ -622,7 +665,7 @@ class ControlNode:
         if self.book.current is not None and plan.epoch <= self.book.current.epoch:
             return  # what we follow already (the common case: cheap)
         problem = plan_problem(
-            plan, self.model, len(self.units), self.membership.get, self.clock.wall()
+            plan, self.model, self._unit_mem, self.membership.get, self._offered, self.clock.wall()
         )
         if problem:
             self._refuse("plan", problem)

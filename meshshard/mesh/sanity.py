@@ -4,17 +4,20 @@ Any key holder can send any well-formed message, so one message must not be able
 mesh. Incarnations and terms are anchored to the wall clock (an incarnation is a member's start
 time in milliseconds, a term counts seconds): one far in the future is refused, so a forged
 maximum cannot leave a member unable to refute it, or a coordinator unable to outbid it; the
-largest one accepted is soon overtaken by the clock. A plan must fit this model and this
-mesh before a peer follows it, and a profile comes only from the member it describes.
+largest one accepted is soon overtaken by the clock. A plan must fit this model, this mesh
+and its devices' memory before a peer follows it, and a profile comes only from the member
+it describes. (A key holder can still put any plan that passes in force: it is one the
+planner could have made, and the mesh answers correctly under it.)
 
 Peers' clocks must agree within FUTURE_SECONDS; sealed messages already need 120 s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from meshshard.mesh.types import Member, NodeId, PlanRecord, Profile
+from meshshard.planner.cost import fits
 from meshshard.planner.flow import BATCHES
 
 TERM_ORIGIN = 1_735_689_600  # 2025-01-01 UTC: terms count seconds from here
@@ -51,11 +54,14 @@ def member_problem(member: Member, wall: float) -> str | None:
 def plan_problem(
     plan: PlanRecord,
     model: str,
-    units: int,
+    unit_mem: Sequence[float],
     member: Callable[[NodeId], Member | None],
+    offered: Callable[[NodeId], float | None],
     wall: float,
 ) -> str | None:
-    """Why a plan is refused (its epoch, model, units or devices), or None to follow it."""
+    """Why a plan is refused (its epoch, model, units, devices, or a stage more than its
+    device offers, where we know the offer), or None to follow it."""
+    units = len(unit_mem)
     if future_term(plan.epoch.term, wall):
         return f"plan epoch {plan.epoch} is ahead of every clock"
     if plan.model != model:
@@ -67,10 +73,16 @@ def plan_problem(
     devices = [s.device for s in plan.stages]
     if len(set(devices)) != len(devices):
         return f"plan epoch {plan.epoch} gives a device two stages"
-    for device in devices:
-        known = member(device)
+    for stage in plan.stages:
+        known = member(stage.device)
         if known is None or not known.state.live:
-            return f"plan epoch {plan.epoch} gives units to {device}, not a live member here"
+            return f"plan epoch {plan.epoch} gives units to {stage.device}, not a live member here"
+        need, has = sum(unit_mem[stage.start : stage.end]), offered(stage.device)
+        if has is not None and not fits(need, has):
+            return (
+                f"plan epoch {plan.epoch} needs {need:.3g} bytes of {stage.device}, "
+                f"which offers {has:.3g}"
+            )
     return None
 
 

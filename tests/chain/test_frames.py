@@ -162,7 +162,11 @@ PLAN |= {"latency_ms": 1.0, "bottleneck_ms": 1.0, "reason": ""}
     "data, message",
     [
         # A rate of 0 would divide by zero in the coordinator; ranges stop every such value.
-        (raw_sync(profile={"links": {"y": [0.0, 1.0]}}), r"mbps must be a finite number in \(0"),
+        (
+            raw_sync(profile={"links": {"y": [0.0, 1.0]}}),
+            r"mbps must be a finite number in \[0.001",
+        ),
+        (raw_sync(profile={"links": {"y": [1e-300, 1.0]}}), "mbps"),  # hop times of infinity
         (raw_sync(profile={"links": {"y": [1e9, 1.0]}}), "mbps"),
         (raw_sync(profile={"mem": 1e300}), "mem"),
         (raw_sync(profile={"ms": [1e12]}), "ms"),

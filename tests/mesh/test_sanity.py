@@ -47,12 +47,15 @@ def plan(*stages: tuple[str, int, int], term: int = 5, model: str = "m") -> Plan
         (plan(("a", 0, 2), ("a", 2, 4)), "two stages"),
         (plan(("a", 0, 2), ("ghost", 2, 4)), "ghost, not a live member"),
         (plan(("a", 0, 2), ("dead", 2, 4)), "dead, not a live member"),
+        (plan(("b", 0, 4)), "needs 4e+08 bytes of b, which offers 3e+08"),
+        (plan(("b", 0, 3), ("a", 3, 4)), None),  # 300 MB of b, and a's offer is unknown
     ],
 )
-def test_a_plan_is_followed_only_if_it_fits_this_model_and_mesh(
+def test_a_plan_is_followed_only_if_it_fits_this_model_mesh_and_memory(
     record: PlanRecord, problem: str | None
 ) -> None:
-    got = plan_problem(record, "m", UNITS, MEMBERS.get, WALL)
+    offers = {NodeId("b"): 3e8}
+    got = plan_problem(record, "m", [1e8] * UNITS, MEMBERS.get, offers.get, WALL)
     assert (got is None) if problem is None else (got is not None and problem in got)
 
 

@@ -1,0 +1,81 @@
+"""Addresses to introduce ourselves to that are not members yet, pure: seeds given by hand
+(`--peer`) and addresses discovery found.
+
+Each address is tried at once, then after waits that double; a found one that fails TRIES
+times in a row is forgotten, and a seed given by hand is kept (it may start later than us)
+but tried at most every MAX_WAIT seconds. An address that answered is kept too, and tried
+again every MAX_WAIT seconds while it is not a live member: after a partition, that is how
+the two sides find each other again. At most LIMIT found addresses are kept, so a LAN host
+announcing thousands of bogus records costs a bounded number of tries, and those tries run
+beside gossip with members, never in its way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from dataclasses import dataclass
+
+FIRST_WAIT = 1.0  # seconds after the first failed try
+MAX_WAIT = 30.0
+TRIES = 3  # failed tries in a row before a found address is forgotten
+LIMIT = 64  # found addresses kept at once
+
+
+@dataclass
+class _Seed:
+    configured: bool
+    failures: int = 0
+    next_try: float = 0.0
+
+
+class Seeds:
+    def __init__(self) -> None:
+        self._seeds: dict[str, _Seed] = {}
+
+    def __len__(self) -> int:
+        return len(self._seeds)
+
+    def __contains__(self, addr: object) -> bool:
+        return addr in self._seeds
+
+    def add(self, addr: str, now: float, configured: bool = False) -> bool:
+        """Remember `addr` (to try at once if it is new); False when it was known, or when
+        LIMIT found addresses are already waiting."""
+        seed = self._seeds.get(addr)
+        if seed is not None:
+            seed.configured |= configured
+            return False
+        found = sum(1 for s in self._seeds.values() if not s.configured)
+        if not configured and found >= LIMIT:
+            return False
+        self._seeds[addr] = _Seed(configured, next_try=now)
+        return True
+
+    def due(self, now: float, members: Container[str]) -> str | None:
+        """The address to try now (the longest waiting), skipping members' addresses."""
+        ready = [
+            (s.next_try, a)
+            for a, s in self._seeds.items()
+            if s.next_try <= now and a not in members
+        ]
+        return min(ready)[1] if ready else None
+
+    def next_try(self, members: Container[str]) -> float | None:
+        times = [s.next_try for a, s in self._seeds.items() if a not in members]
+        return min(times) if times else None
+
+    def answered(self, addr: str, now: float) -> None:
+        """It answered (it is a member now): looked at again only if it stops being one."""
+        seed = self._seeds.get(addr)
+        if seed is not None:
+            seed.failures, seed.next_try = 0, now + MAX_WAIT
+
+    def failed(self, addr: str, now: float) -> None:
+        seed = self._seeds.get(addr)
+        if seed is None:
+            return
+        seed.failures += 1
+        if not seed.configured and seed.failures >= TRIES:
+            del self._seeds[addr]
+            return
+        seed.next_try = now + min(FIRST_WAIT * 2 ** (seed.failures - 1), MAX_WAIT)
