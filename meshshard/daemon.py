@@ -133,9 +133,10 @@ class Daemon:
             discovery = None
             try:
                 runners.append(
+                    # A caller that hangs up has its request cancelled (its answer stops).
                     await serve(
                         user_app, config.api_bind, config.api_port_or_default, "API",
-                        self.gates["api"], header_timeout,
+                        self.gates["api"], header_timeout, handler_cancellation=True,
                     )
                 )  # fmt: skip
                 if config.mdns:

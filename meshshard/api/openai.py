@@ -7,11 +7,12 @@ events. A final `meshshard` field carries the plan epoch and timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,90 +128,99 @@ class OpenAIApi:
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         usage = Usage()
-        pieces = self._text(req, usage)
-        try:
-            # The first piece decides the status: a chain with no room refuses before any.
-            first = await anext(pieces)
-        except ChainBusy as e:
-            retry = {"Retry-After": str(e.retry_after)}
-            return _error(429, f"the mesh is busy: {e}", "mesh_busy", retry)
-        except ChainError as e:
-            return _error(503, str(e), "mesh_unavailable")
-        if not req.stream:
-            text, finish = first[0], first[1] or "length"
+        # Closed on every way out, a client hanging up included: its session ends at once.
+        async with contextlib.aclosing(self._text(req, usage)) as pieces:
             try:
-                async for piece, reason in pieces:
-                    text += piece
-                    finish = reason or finish
+                # The first piece decides the status: a chain with no room refuses before any.
+                first = await anext(pieces)
+            except ChainBusy as e:
+                retry = {"Retry-After": str(e.retry_after)}
+                return _error(429, f"the mesh is busy: {e}", "mesh_busy", retry)
             except ChainError as e:
                 return _error(503, str(e), "mesh_unavailable")
-            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            if not req.stream:
+                text, finish = first[0], first[1] or "length"
+                try:
+                    async for piece, reason in pieces:
+                        text += piece
+                        finish = reason or finish
+                except ChainError as e:
+                    return _error(503, str(e), "mesh_unavailable")
+                choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                return web.json_response(
+                    {
+                        "id": rid,
+                        "object": kind,
+                        "created": created,
+                        "model": self.model,
+                        "choices": [choice],
+                        "usage": _usage(usage),
+                        "meshshard": _extra(usage),
+                    }
+                )
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await resp.prepare(request)
+            chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+            async def event(choice: dict[str, Any], **extra: Any) -> None:
+                data = {"id": rid, "object": chunk_kind, "created": created, "model": self.model}
+                data |= {"choices": [choice], **extra}
+                await resp.write(f"data: {json.dumps(data)}\n\n".encode())
+
             if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            return web.json_response(
-                {
-                    "id": rid,
-                    "object": kind,
-                    "created": created,
-                    "model": self.model,
-                    "choices": [choice],
-                    "usage": _usage(usage),
-                    "meshshard": _extra(usage),
-                }
-            )
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await resp.prepare(request)
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-
-        async def event(choice: dict[str, Any], **extra: Any) -> None:
-            data = {"id": rid, "object": chunk_kind, "created": created, "model": self.model}
-            data |= {"choices": [choice], **extra}
-            await resp.write(f"data: {json.dumps(data)}\n\n".encode())
-
-        if chat:
+                await event(
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                )
+            finish = "length"
+            try:
+                async for piece, reason in _chain(first, pieces):
+                    finish = reason or finish
+                    if piece:
+                        delta = {"delta": {"content": piece}} if chat else {"text": piece}
+                        await event({"index": 0, **delta, "finish_reason": None})
+            except ChainError as e:
+                error = {"error": {"message": str(e), "type": "mesh_unavailable"}}
+                await resp.write(f"data: {json.dumps(error)}\n\n".encode())
+                await resp.write(b"data: [DONE]\n\n")
+                return resp
+            last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
             await event(
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                {"index": 0, **last, "finish_reason": finish},
+                usage=_usage(usage),
+                meshshard=_extra(usage),
             )
-        finish = "length"
-        try:
-            async for piece, reason in _chain(first, pieces):
-                finish = reason or finish
-                if piece:
-                    delta = {"delta": {"content": piece}} if chat else {"text": piece}
-                    await event({"index": 0, **delta, "finish_reason": None})
-        except ChainError as e:
-            error = {"error": {"message": str(e), "type": "mesh_unavailable"}}
-            await resp.write(f"data: {json.dumps(error)}\n\n".encode())
             await resp.write(b"data: [DONE]\n\n")
             return resp
-        last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
-        await event(
-            {"index": 0, **last, "finish_reason": finish},
-            usage=_usage(usage),
-            meshshard=_extra(usage),
-        )
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
 
-    async def _text(self, req: Request, usage: Usage) -> AsyncIterator[tuple[str, str | None]]:
+    async def _text(
+        self, req: Request, usage: Usage
+    ) -> AsyncGenerator[tuple[str, str | None], None]:
         """(text piece, finish reason or None); stop strings are applied here."""
         stream = self.codec.stream()
         stops = StopMatcher(req.stops)
         sampling = (req.temperature, req.top_p, req.seed)
         count = 0
-        async for token in self.service.generate(
+        tokens = self.service.generate(
             req.prompt_ids, req.max_tokens, sampling, self.codec.stop_ids, usage
-        ):
-            count += 1
-            piece = stops.feed(stream.push(token))
-            if stops.stopped:
-                yield piece, "stop"
-                return
-            yield piece, None
+        )
+        async with contextlib.aclosing(tokens):
+            async for token in tokens:
+                count += 1
+                piece = stops.feed(stream.push(token))
+                if stops.stopped:
+                    yield piece, "stop"
+                    return
+                yield piece, None
         yield stops.flush(), "length" if count >= req.max_tokens else "stop"
 
 

@@ -16,7 +16,8 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,6 +72,7 @@ NOT_READY_RETRY = 0.2  # ... but a stage that is not ready yet only needs a mome
 HANDOFF_TIMEOUT = 10.0  # seconds the origin waits for KV handoffs before replaying instead
 SWEEP_SECONDS = 2.0  # how often a stage frees caches of sessions whose origin is gone
 SESSION_IDLE = 600.0  # a session with no step for this long is freed (its origin lost track)
+ENDED_REMEMBERED = 4096  # dropped sessions a stage remembers, to ignore their late frames
 BUSY_RETRY_SECONDS = 2  # what a refused caller is told to wait (sessions take seconds)
 
 
@@ -152,7 +154,9 @@ class ChainService:
         self._kv_in: dict[tuple[str, int], int] = {}  # (session, attempt) -> layers received
         self._handed: dict[str, set[int]] = {}  # layers handed off before we switched plans
         self._sessions: dict[str, asyncio.Queue[DataFrame]] = {}
-        self._ids = itertools.count()
+        # Session ids never repeat, across restarts too: a stage remembers ended ones.
+        self._ids = (f"{control.id}/{secrets.token_hex(3)}.{n}" for n in itertools.count())
+        self._ended: OrderedDict[str, None] = OrderedDict()  # sessions dropped here
         self._links: Links | None = None
         self._stage_task: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -340,6 +344,8 @@ class ChainService:
 
     async def handle_frame(self, frame: DataFrame) -> None:
         match frame:
+            case StepFrame() | KVFrame() if frame.session in self._ended:
+                return  # late news of an answer its origin ended: nothing to hold for it
             case StepFrame():
                 pending = self._pending
                 if pending is not None and pending.plan.epoch == frame.epoch:
@@ -493,6 +499,9 @@ class ChainService:
     async def _forget(self, session: str) -> None:
         self._seen.pop(session, None)
         self.budget.release(session)
+        self._ended[session] = None
+        while len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
         self._left.drop(session)
         shards = {id(s): s for s in self._shards()}
         for shard in shards.values():
@@ -551,7 +560,7 @@ class ChainService:
         sampling: tuple[float, float, int | None] = (0.0, 1.0, None),
         stop_ids: frozenset[int] = frozenset(),
         usage: Usage | None = None,
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         """Stream new token ids for a prompt through the mesh.
 
         When the plan changes under a session, it moves to the new chain: caches of units that
@@ -568,7 +577,7 @@ class ChainService:
         started = time.monotonic()
         temperature, top_p, seed = sampling
         params = Sampling(temperature, top_p, seed if seed is not None else secrets.randbits(62))
-        session = f"{self.control.id}/{next(self._ids)}"
+        session = next(self._ids)
         reserve = len(prompt_ids) + max_tokens
         queue: asyncio.Queue[DataFrame] = asyncio.Queue()
         self._sessions[session] = queue

@@ -420,6 +420,10 @@ class ControlNode:
             "predicted_now": self._predicted_now(plan),
             "chain_ready": bool(plan and self.chain_ready(plan)),
             "plan_error": self.plan_error,
+            "introductions": {
+                "pending": self._seeds.waiting({m.addr for m in self.membership.live()}),
+                "tried": self._seeds.tries,
+            },
             "excluded": sorted(self.excluded),
             "idle": self._idle_reasons(plan),
             "history": [plan_json(p) for p in self.book.history],

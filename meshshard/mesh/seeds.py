@@ -2,7 +2,8 @@
 (`--peer`) and addresses discovery found.
 
 Each address is tried at once, then after waits that double; a found one that fails TRIES
-times in a row is forgotten, and a seed given by hand is kept (it may start later than us)
+times in a row is forgotten (and not tried again for GIVEN_UP_SECONDS, however often
+discovery reports it), and a seed given by hand is kept (it may start later than us)
 but tried at most every MAX_WAIT seconds. An address that answered is kept too, and tried
 again every MAX_WAIT seconds while it is not a live member: after a partition, that is how
 the two sides find each other again. At most LIMIT found addresses are kept, so a LAN host
@@ -12,6 +13,7 @@ beside gossip with members, never in its way.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Container
 from dataclasses import dataclass
 
@@ -19,6 +21,8 @@ FIRST_WAIT = 1.0  # seconds after the first failed try
 MAX_WAIT = 30.0
 TRIES = 3  # failed tries in a row before a found address is forgotten
 LIMIT = 64  # found addresses kept at once
+GIVEN_UP_SECONDS = 600.0  # a forgotten address found again in this time is not tried again
+GIVEN_UP_LIMIT = 4096
 
 
 @dataclass
@@ -26,11 +30,18 @@ class _Seed:
     configured: bool
     failures: int = 0
     next_try: float = 0.0
+    answered: bool = False
 
 
 class Seeds:
     def __init__(self) -> None:
         self._seeds: dict[str, _Seed] = {}
+        self._given_up: OrderedDict[str, float] = OrderedDict()  # address -> when
+        self.tries = 0  # introductions attempted, answered or not
+
+    def waiting(self, members: Container[str]) -> int:
+        """Addresses still to be tried: not answered yet, and not members meanwhile."""
+        return sum(1 for a, s in self._seeds.items() if not s.answered and a not in members)
 
     def __len__(self) -> int:
         return len(self._seeds)
@@ -45,6 +56,9 @@ class Seeds:
         if seed is not None:
             seed.configured |= configured
             return False
+        given_up = self._given_up.get(addr)
+        if not configured and given_up is not None and now - given_up < GIVEN_UP_SECONDS:
+            return False
         found = sum(1 for s in self._seeds.values() if not s.configured)
         if not configured and found >= LIMIT:
             return False
@@ -58,7 +72,10 @@ class Seeds:
             for a, s in self._seeds.items()
             if s.next_try <= now and a not in members
         ]
-        return min(ready)[1] if ready else None
+        if not ready:
+            return None
+        self.tries += 1
+        return min(ready)[1]
 
     def next_try(self, members: Container[str]) -> float | None:
         times = [s.next_try for a, s in self._seeds.items() if a not in members]
@@ -68,7 +85,7 @@ class Seeds:
         """It answered (it is a member now): looked at again only if it stops being one."""
         seed = self._seeds.get(addr)
         if seed is not None:
-            seed.failures, seed.next_try = 0, now + MAX_WAIT
+            seed.failures, seed.next_try, seed.answered = 0, now + MAX_WAIT, True
 
     def failed(self, addr: str, now: float) -> None:
         seed = self._seeds.get(addr)
@@ -77,5 +94,9 @@ class Seeds:
         seed.failures += 1
         if not seed.configured and seed.failures >= TRIES:
             del self._seeds[addr]
+            self._given_up[addr] = now
+            self._given_up.move_to_end(addr)
+            while len(self._given_up) > GIVEN_UP_LIMIT:
+                self._given_up.popitem(last=False)
             return
         seed.next_try = now + min(FIRST_WAIT * 2 ** (seed.failures - 1), MAX_WAIT)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
-from support.procs import ROOT, Peer, wait_for, wait_for_agreement
+from support.procs import ROOT, Peer, settled
 
 pytestmark = pytest.mark.slow
 
@@ -55,23 +53,6 @@ def page() -> Iterator[Page]:
             yield browser.new_page(viewport={"width": 1400, "height": 1100})
         finally:
             browser.close()
-
-
-def settled(peers: list[Peer]) -> dict[str, Any]:
-    """The agreed view once every link is measured and the plan has stood for a while (the
-    first measurements may move units, legitimately)."""
-    seen: list[tuple[Any, float]] = []
-
-    def still() -> bool:
-        view = wait_for_agreement(peers, 180)
-        epoch = view["plan"]["epoch"]
-        if len(view["links"]) < 6 or not seen or seen[-1][0] != epoch:
-            seen.append((epoch, time.monotonic()))
-            return False
-        return time.monotonic() - seen[-1][1] > 3
-
-    wait_for(still, 120, "a settled plan", 0.5)
-    return wait_for_agreement(peers, 30)
 
 
 def test_dashboard_follows_the_mesh(peers: list[Peer], page: Page) -> None:

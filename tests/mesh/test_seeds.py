@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshshard.mesh.seeds import LIMIT, MAX_WAIT, TRIES, Seeds
+from meshshard.mesh.seeds import GIVEN_UP_SECONDS, LIMIT, MAX_WAIT, TRIES, Seeds
 
 
 def test_a_found_address_that_never_answers_is_forgotten_after_its_tries() -> None:
@@ -13,8 +13,11 @@ def test_a_found_address_that_never_answers_is_forgotten_after_its_tries() -> No
         if (addr := seeds.due(now, set())) is not None:
             tried.append(now)
             seeds.failed(addr, now)
-    assert len(tried) == TRIES and "10.0.0.9:7117" not in seeds
+    assert len(tried) == TRIES == seeds.tries and "10.0.0.9:7117" not in seeds
     assert tried[1] - tried[0] < tried[2] - tried[1]  # waits double
+    # Found again (a spoofed record is re-announced): not tried again for a while.
+    assert not seeds.add("10.0.0.9:7117", now) and seeds.due(now, set()) is None
+    assert seeds.add("10.0.0.9:7117", now + GIVEN_UP_SECONDS)
 
 
 def test_a_seed_given_by_hand_is_kept_but_tried_at_most_every_max_wait() -> None:

@@ -172,3 +172,21 @@ def wait_for_agreement(peers: list[Peer], timeout: float, interval: float = 0.1)
 
     wait_for(agreed, timeout, "agreement", interval)
     return seen[-1]
+
+
+def settled(peers: list[Peer]) -> dict[str, Any]:
+    """The agreed view once every link is measured and the plan has stood for a while (the
+    first measurements may move units, legitimately)."""
+    links = len(peers) * (len(peers) - 1)
+    seen: list[tuple[Any, float]] = []
+
+    def still() -> bool:
+        view = wait_for_agreement(peers, 180)
+        epoch = view["plan"]["epoch"]
+        if len(view["links"]) < links or not seen or seen[-1][0] != epoch:
+            seen.append((epoch, time.monotonic()))
+            return False
+        return time.monotonic() - seen[-1][1] > 3
+
+    wait_for(still, 120, "a settled plan", 0.5)
+    return wait_for_agreement(peers, 30)
