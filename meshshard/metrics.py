@@ -59,6 +59,7 @@ class Metrics:
 
 
 C, G = CounterMetricFamily, GaugeMetricFamily
+_Family = type[CounterMetricFamily | GaugeMetricFamily]
 
 
 class _Counters(Collector):
@@ -99,43 +100,25 @@ class _Counters(Collector):
         ]  # fmt: skip
         for kind, name, doc, value in plain:
             yield kind(f"meshshard_{name}", doc, value=value)
-        hop = C("meshshard_hop_bytes_sent", "Data-plane bytes sent, by next hop", labels=["peer"])
-        for addr, n in sorted(service.sent_bytes().items()):
-            hop.add_metric([addr], n)
-        yield hop
-        changes = C(
-            "meshshard_membership_changes",
-            "Member state changes seen, by new state",
-            labels=["state"],
-        )
-        for state, n in sorted(metrics.membership.items()):
-            changes.add_metric([state], n)
-        yield changes
-        refused = C(
-            "meshshard_refused_connections",
-            "Connections closed unread: over the caps per address or in all, by listener",
-            labels=["listener"],
-        )
-        opened = G("meshshard_open_connections", "Open connections", labels=["listener"])
-        for name, gate in sorted(self._gates.items()):
-            refused.add_metric([name], gate.refused)
-            opened.add_metric([name], gate.open)
-        yield refused
-        yield opened
-        failed = C(
-            "meshshard_loop_errors",
-            "Rounds of a peer's loops that raised and were survived, by loop",
-            labels=["loop"],
-        )
-        for loop, n in sorted(node.loop_errors.items()):
-            failed.add_metric([loop], n)
-        yield failed
-        gossip = C(
-            "meshshard_refused_gossip",
-            "Gossip well-formed but not believed (a future incarnation or term, a plan that "
-            "does not fit, another member's profile), by kind",
-            labels=["kind"],
-        )
-        for what, n in sorted(node.refused.items()):
-            gossip.add_metric([what], n)
-        yield gossip
+        gates = sorted(self._gates.items())
+        labelled: list[tuple[_Family, str, str, str, Mapping[str, float]]] = [
+            (C, "hop_bytes_sent", "Data-plane bytes sent, by next hop", "peer",
+             service.sent_bytes()),
+            (C, "membership_changes", "Member state changes seen, by new state", "state",
+             metrics.membership),
+            (C, "refused_connections",
+             "Connections closed unread: over the caps per address or in all, by listener",
+             "listener", {name: gate.refused for name, gate in gates}),
+            (G, "open_connections", "Open connections, by listener", "listener",
+             {name: gate.open for name, gate in gates}),
+            (C, "loop_errors", "Rounds of a peer's loops that raised and were survived",
+             "loop", node.loop_errors),
+            (C, "refused_gossip", "Gossip well-formed but not believed (a future incarnation "
+             "or term, a plan that does not fit, another member's profile), by kind", "kind",
+             node.refused),
+        ]  # fmt: skip
+        for kind, name, doc, label, values in labelled:
+            family = kind(f"meshshard_{name}", doc, labels=[label])
+            for key, value in sorted(values.items()):
+                family.add_metric([key], value)
+            yield family

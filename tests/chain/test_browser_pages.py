@@ -11,26 +11,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
-from support.procs import Peer, wait_for_chain
+from playwright.sync_api import Page, expect
+from support.browser import browser_page
+from support.procs import Peer, chain_of
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
 PORT = 7970
 EVIL_PORT = 7975  # another origin on the same machine: any site the user visits
-# Chromium's own background traffic is refused by this closed network: keep it quiet. The
-# rebinding name resolves to loopback, as an attacker's DNS would answer.
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--host-resolver-rules=MAP rebind.test 127.0.0.1",
-]
+# The rebinding name resolves to loopback, as an attacker's DNS would answer.
+REBIND = "--host-resolver-rules=MAP rebind.test 127.0.0.1"
 ATTACK = """async (api) => {
   const out = {};
   const json = JSON.stringify({use: "even"});
@@ -49,12 +39,8 @@ ATTACK = """async (api) => {
 
 @pytest.fixture
 def peer(tmp_path: Path) -> Iterator[Peer]:
-    one = Peer("solo", PORT, tmp_path, "--memory", "2GB", "--threads", "1").start()
-    try:
-        wait_for_chain(one, 1)
-        yield one
-    finally:
-        one.kill()
+    with chain_of([Peer("solo", PORT, tmp_path, "--memory", "2GB", "--threads", "1")], 1) as one:
+        yield one[0]
 
 
 @pytest.fixture
@@ -82,12 +68,8 @@ def evil_site() -> Iterator[str]:
 
 @pytest.fixture
 def page() -> Iterator[Page]:
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            yield browser.new_page()
-        finally:
-            browser.close()
+    with browser_page(REBIND) as page:
+        yield page
 
 
 def test_only_the_apis_own_pages_drive_it(peer: Peer, evil_site: str, page: Page) -> None:

@@ -11,22 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
+from support.browser import browser_page
 from support.procs import ROOT, Peer, settled
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-# Chromium's own background traffic is refused by this closed network: keep it quiet.
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = ROOT / "artifacts"
 
 
@@ -47,12 +37,8 @@ def peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Peer
 
 @pytest.fixture
 def page() -> Iterator[Page]:
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            yield browser.new_page(viewport={"width": 1400, "height": 1100})
-        finally:
-            browser.close()
+    with browser_page(width=1400, height=1100) as page:
+        yield page
 
 
 def test_dashboard_follows_the_mesh(peers: list[Peer], page: Page) -> None:

@@ -23,6 +23,7 @@ import cbor2
 import pytest
 from support.procs import (
     Peer,
+    chain_of,
     mesh_key,
     settled,
     wait_for,
@@ -65,18 +66,12 @@ def mesh(logs: Path, relays: list[Relay]) -> Iterator[list[Peer]]:
     # Each peer announces its relay's address, so every message to it (gossip found by mDNS,
     # probes, pushes of several KB, activations, tokens) arrives in pieces.
     peers = [
-        Peer(
-            f"peer-{c}", BASE + i, logs, "--memory", "300MB", "--threads", "1",
-            "--announce", relays[i].addr,
-        ).start()
+        Peer(f"peer-{c}", BASE + i, logs, "--memory", "300MB", "--threads", "1",
+             "--announce", relays[i].addr)
         for i, c in enumerate("abc")
     ]  # fmt: skip
-    try:
-        wait_for_chain(peers[0], 3)
+    with chain_of(peers, 3):
         yield peers
-    finally:
-        for p in peers:
-            p.kill()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import torch
 from support.dataplane import channel_to, origin_at
-from support.procs import Peer, mesh_key, wait_for, wait_for_chain
+from support.procs import Peer, chain_of, mesh_key, wait_for
 from support.reference import greedy_answer
 
 from meshshard.chain.links import CHANNEL_HEADER, Channel, FrameCodec, open_request
@@ -44,17 +44,12 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def mesh(logs: Path) -> Iterator[list[Peer]]:
     peers = [
-        Peer(
-            f"peer-{c}", 7400 + i, logs, "--memory", "300MB", "--threads", "1", "--max-frame", "1MB"
-        ).start()
+        Peer(f"peer-{c}", 7400 + i, logs, "--memory", "300MB", "--threads", "1",
+             "--max-frame", "1MB")
         for i, c in enumerate("abc")
-    ]
-    try:
-        wait_for_chain(peers[0], 3)
+    ]  # fmt: skip
+    with chain_of(peers, 3):
         yield peers
-    finally:
-        for p in peers:
-            p.kill()
 
 
 @pytest.fixture(scope="module")

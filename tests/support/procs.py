@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,20 @@ def agreement(peers: list[Peer]) -> dict[str, Any] | None:
         if v["plan"]["epoch"][1] != v["coordinator"]:
             return None
     return first
+
+
+@contextmanager
+def chain_of(peers: list[Peer], stages: int) -> Iterator[list[Peer]]:
+    """The peers started, once the first sees a ready chain of `stages` or more; every one
+    killed on the way out, whatever happened."""
+    try:
+        for p in peers:
+            p.start()
+        wait_for_chain(peers[0], stages)
+        yield peers
+    finally:
+        for p in peers:
+            p.kill()
 
 
 def wait_for_chain(peer: Peer, min_stages: int, timeout: float = 180) -> None:
