@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import random
 import sys
 import time
@@ -159,6 +160,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    logging.disable(logging.WARNING)  # a refusal a second is the point, not news
     rng = random.Random(args.seed)
     frames, control = seeds()
     keyring = Keyring((bytes(range(32)),))

@@ -37,9 +37,11 @@ class PlanBook:
 
     def next_epoch(self, coordinator: NodeId, wall: float) -> Epoch:
         """A fresh epoch: its term beats every term seen, so it beats every epoch seen, and
-        is at least the clock's (so no term accepted as plausible stays out of reach)."""
-        self.max_term = max(self.max_term + 1, term_at(wall))
-        return Epoch(self.max_term, coordinator)
+        is at least the clock's (so no term accepted as plausible stays out of reach). The
+        term is taken only when its plan is adopted: a plan refused (one term past what
+        peers believe, after a forged term at their limit) is not outbid by the next, which
+        would run ahead of the clock for ever."""
+        return Epoch(max(self.max_term + 1, term_at(wall)), coordinator)
 
     def offer(self, plan: PlanRecord) -> bool:
         """Adopt `plan` if it is newer than ours; returns whether it was adopted."""

@@ -378,7 +378,8 @@ class ControlNode:
                     return Nack(self.membership.me, target)
                 if isinstance(reply, Ack):
                     self._absorb(reply.sender, reply.updates, reply.plan)
-                    return reply
+                    if reply.sender.id == target:
+                        return reply
                 return Nack(self.membership.me, target)
             case Sync():
                 self._absorb_sync(msg)
@@ -447,7 +448,10 @@ class ControlNode:
             reply = await self.transport.send(target.addr, ping, self.timings.probe_timeout)
             if isinstance(reply, Ack):
                 self._absorb(reply.sender, reply.updates, reply.plan)
-                return
+                # Only the target itself vouches for itself: a member whose address answers
+                # in another's name (a forged record) is probed as one that does not answer.
+                if reply.sender.id == target.id:
+                    return
         except TransportError:
             pass
         helpers = self.membership.helpers(target.id)

@@ -186,13 +186,16 @@ def test_a_new_term_is_at_least_the_clocks() -> None:
     """Terms count seconds, so the largest term a peer accepts (an hour ahead of its clock)
     is outbid by any coordinator soon after: a forged one cannot freeze planning."""
     book, wall = PlanBook(), 1_800_000_000.0
-    assert book.next_epoch(NodeId("a"), wall).term == term_at(wall)
+    first = book.next_epoch(NodeId("a"), wall)
+    assert first.term == term_at(wall) and book.offer(plan(first.term, "a"))
     assert book.next_epoch(NodeId("a"), wall).term == term_at(wall) + 1  # a second in a second
     forged = term_at(wall + FUTURE_SECONDS)
     assert not future_term(forged, wall) and future_term(forged + 1, wall)
-    book.observe(Epoch(forged, "zz"))
+    assert book.offer(plan(forged, "zz"))
     mine = book.next_epoch(NodeId("a"), wall)
-    assert mine > Epoch(forged, "zz") and not future_term(mine.term, wall + 1)
+    assert mine > Epoch(forged, "zz") and future_term(mine.term, wall)  # refused for now...
+    assert book.next_epoch(NodeId("a"), wall) == mine  # ...and not outbid while refused
+    assert not future_term(mine.term, wall + 1)  # a second later, believed
 
 
 @settings(max_examples=300, deadline=None)

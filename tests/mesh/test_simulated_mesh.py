@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from support.simnet import SimNet, make_node
 
 from meshshard.mesh.node import ControlNode, PlanRefused
-from meshshard.mesh.types import Epoch, NodeId, State
+from meshshard.mesh.sanity import FUTURE_SECONDS, term_at
+from meshshard.mesh.types import Epoch, Member, NodeId, State
+from meshshard.wire import Ping
 
 
 async def until(check: Callable[[], bool], timeout: float, what: str) -> float:
@@ -189,5 +193,51 @@ async def test_an_operator_excludes_a_member_and_the_exclusion_holds() -> None:
         assert current is not None and victim not in {s.device for s in current.stages}
         assert current.objective == "throughput"
         assert coordinator.status()["idle"][victim] == "excluded by the operator"
+    finally:
+        await stop(tg, nodes)
+
+
+async def test_a_forged_member_at_a_real_members_address_is_declared_dead() -> None:
+    """A key holder gossips a member that does not exist, at the address of one that does:
+    that address answers in its own name, which does not vouch for the ghost."""
+    net = SimNet(seed=11)
+    plans: dict[NodeId, list[Epoch]] = {}
+    nodes = [make_node(net, i, plans) for i in range(4)]
+    tg = await start(net, nodes)
+    try:
+        await until(lambda: agreed(nodes), 20, "agreement")
+        real = nodes[1].membership.me
+        ghost = Member(NodeId("ghost"), real.addr, real.incarnation, State.ALIVE)
+        await nodes[0].handle(Ping(nodes[2].membership.me, (ghost,), None))
+        assert nodes[0].membership.get(NodeId("ghost")) is not None
+
+        def buried() -> bool:
+            return all(
+                (g := n.membership.get(NodeId("ghost"))) is None or not g.state.live for n in nodes
+            )
+
+        await until(buried, 15, "the ghost to be declared dead everywhere")
+        await until(lambda: agreed(nodes), 20, "agreement without it")
+    finally:
+        await stop(tg, nodes)
+
+
+async def test_a_forged_plan_at_the_edge_of_belief_is_outbid_by_the_coordinator() -> None:
+    """A key holder puts the plan in force again under the largest term peers believe and
+    another coordinator's name: every peer follows it, and the real coordinator's next plan,
+    one term further, is believed a second later (not outbid by itself for ever)."""
+    net = SimNet(seed=12)
+    plans: dict[NodeId, list[Epoch]] = {}
+    nodes = [make_node(net, i, plans) for i in range(4)]
+    tg = await start(net, nodes)
+    try:
+        await until(lambda: agreed(nodes), 20, "agreement")
+        current = nodes[0].book.current
+        assert current is not None
+        forged = replace(current, epoch=Epoch(term_at(time.time() + FUTURE_SECONDS), "n00"))
+        await nodes[0].handle(Ping(nodes[1].membership.me, (), forged))
+        await until(lambda: all(n.book.current == forged for n in nodes), 10, "the forgery")
+        await until(lambda: agreed(nodes), 10, "the coordinator's own plan again")
+        assert all(n.book.epoch is not None and n.book.epoch > forged.epoch for n in nodes)
     finally:
         await stop(tg, nodes)
