@@ -502,10 +502,13 @@ class ChainService:
         self._ended[session] = None
         while len(self._ended) > ENDED_REMEMBERED:
             self._ended.popitem(last=False)
-        self._left.drop(session)
-        shards = {id(s): s for s in self._shards()}
-        for shard in shards.values():
-            await run_model(shard.drop, session)
+        # Mid-switch a cache is in neither shard nor left-behind list (it is being adopted):
+        # a drop then would miss it, and the new shard would keep it until SESSION_IDLE.
+        async with self._switch:
+            self._left.drop(session)
+            shards = {id(s): s for s in self._shards()}
+            for shard in shards.values():
+                await run_model(shard.drop, session)
 
     def _shards(self) -> list[Shard]:
         pending = self._pending.shard if self._pending is not None else None
