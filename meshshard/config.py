@@ -23,7 +23,8 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Timings:
-    """Every control-plane timeout, in seconds. LAN is the default; TEST shrinks time for tests."""
+    """Every timeout and interval of a peer, in seconds: LAN is the default; TEST shrinks time
+    for tests."""
 
     # How often each peer probes one other member, and how long it waits for the answer.
     probe_interval: float = 0.25
@@ -51,6 +52,34 @@ class Timings:
     # ... and a request or answer body must arrive whole within this long.
     body_timeout: float = 30.0
 
+    # -- the data plane --
+    # An origin waits this long for a token before it gives up on an answer ...
+    step_timeout: float = 120.0
+    # ... and this long for a ready chain when an answer starts.
+    ready_timeout: float = 120.0
+    # After a break, an answer waits this long for a newer plan before trying the same again;
+    same_plan_grace: float = 3.0
+    # ... a stage merely not ready yet needs only this long.
+    not_ready_retry: float = 0.2
+    # An origin waits this long for KV handoffs before it replays the answer instead.
+    handoff_timeout: float = 10.0
+    # Stages look this often for caches nobody will ask for again ...
+    sweep_interval: float = 2.0
+    # ... such as a session with no step for this long (its origin lost track of it),
+    session_idle: float = 600.0
+    # ... or a cache left behind by a plan change that no new owner asked for in this long.
+    left_behind_keep: float = 60.0
+    # Opening a data-plane socket gives up after this.
+    connect_timeout: float = 5.0
+    # A caller refused for want of memory is told to ask again after this (Retry-After).
+    busy_retry: float = 2.0
+    # Stopping: answers in flight from this peer get this long to finish, ...
+    drain_timeout: float = 10.0
+    # ... then the mesh this long to plan without us and take our sessions' caches.
+    hand_over_timeout: float = 20.0
+    # A peer puts its stage's load into its profile this often.
+    load_period: float = 2.0
+
 
 LAN_TIMINGS = Timings()
 TEST_TIMINGS = Timings(
@@ -64,6 +93,15 @@ TEST_TIMINGS = Timings(
     link_interval=2.0,
     header_timeout=3.0,
     body_timeout=5.0,
+    step_timeout=60.0,
+    ready_timeout=60.0,
+    same_plan_grace=2.0,
+    not_ready_retry=0.1,
+    handoff_timeout=5.0,
+    sweep_interval=0.5,
+    session_idle=60.0,
+    left_behind_keep=10.0,
+    load_period=1.0,
 )
 
 

@@ -19,7 +19,7 @@ from meshshard import __version__
 from meshshard.api.guard import BrowserGuard
 from meshshard.api.openai import OpenAIApi
 from meshshard.api.operator import OperatorApi
-from meshshard.chain.links import FrameCodec
+from meshshard.chain.links import Dispatch, FrameCodec, Links, Refusals
 from meshshard.chain.meter import StepCostMeter
 from meshshard.chain.service import ChainService
 from meshshard.chain.worker import run_model
@@ -33,22 +33,18 @@ from meshshard.mesh.http import HttpTransport, control_routes, delay_answers
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.rounds import rounds
 from meshshard.mesh.sanity import incarnation_at
-from meshshard.mesh.types import Member, NodeId, Profile, State
+from meshshard.mesh.seam import NodeSeam
 from meshshard.metrics import Metrics
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
 from meshshard.model.source import resolve_model
 from meshshard.progress import progress
 from meshshard.security import Keyring, Sealer
+from meshshard.types import Member, NodeId, Profile, State
 
 logger = logging.getLogger(__name__)
 
 # Gossip and status bodies are small; activation frames have their own limit.
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
-# On shutdown, answers in flight from this peer get this long to finish.
-DRAIN_SECONDS = 10.0
-# ... and the mesh this long to plan without us and take our sessions' caches.
-HAND_OVER_SECONDS = 20.0
-LOAD_PERIOD = 2.0  # seconds between looks at our stage's load for the profile
 
 
 class Daemon:
@@ -97,12 +93,21 @@ class Daemon:
             )
             self.node = node
             frames = FrameCodec(sealer, spec.hidden_size, config.max_frame_bytes)
-            service = ChainService(node, model_dir, config.dtype, session, spec, frames, delays)
-            node.on_plan = service.on_plan
+            timings = config.timings
+
+            def connect(dispatch: Dispatch, tg: asyncio.TaskGroup, refusals: Refusals) -> Links:
+                return Links(
+                    session, dispatch, tg, frames, refusals, timings.connect_timeout, delays
+                )
+
+            service = ChainService(
+                NodeSeam(node), model_dir, config.dtype, spec, frames, connect, events,
+                profile.mem, node.clock, timings,
+            )  # fmt: skip
             self.service = service
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             body_timeout = config.timings.body_timeout
-            api = OpenAIApi(service, codec, spec.name, body_timeout, config.context_tokens)
+            api = OpenAIApi(service.origin, codec, spec.name, body_timeout, config.context_tokens)
             self.gates = {
                 "peer": ConnectionGate(config.connections_per_host, config.connections),
                 "api": ConnectionGate(config.connections_per_host, config.connections),
@@ -185,8 +190,8 @@ class Daemon:
                     operator.close()
                     logger.info("shutting down: no new requests, moving our units to others")
                     await node.drain()
-                    await service.drain(DRAIN_SECONDS)
-                    if not await service.hand_over(HAND_OVER_SECONDS):
+                    await service.origin.drain(timings.drain_timeout)
+                    if not await service.hand_over(timings.hand_over_timeout):
                         logger.warning("leaving without handing over: no plan without this peer")
                     logger.info("leaving the mesh")
                     await node.stop(leave=True)
@@ -240,29 +245,29 @@ class Daemon:
                 "refused_messages": self.sealer.refused,
                 "refused_frames": self.service.refusals.count,
                 "refused_gossip": dict(self.node.refused),
-                "loop_errors": dict(self.node.loop_errors),
+                "loop_errors": dict(self.node.loop_errors + self.service.loop_errors),
                 "refused_connections": {k: g.refused for k, g in self.gates.items()},
                 "open_connections": {k: g.open for k, g in self.gates.items()},
             }
             status["origin"] = {
-                "sessions": self.service.open_sessions,
-                "tokens_out": self.service.tokens_out,
-                "replays": self.service.replays,
-                "handoffs": self.service.handoffs,
+                "sessions": self.service.origin.open_sessions,
+                "tokens_out": self.service.stats.tokens_out,
+                "replays": self.service.stats.replays,
+                "handoffs": self.service.stats.handoffs,
             }
             status["admission"] = {
-                "kv_tokens": self.service.budget.tokens,
-                "kv_reserved": self.service.budget.reserved,
-                "sessions": self.service.budget.sessions,
-                "refused": self.service.busy,
+                "kv_tokens": self.service.follower.budget.tokens,
+                "kv_reserved": self.service.follower.budget.reserved,
+                "sessions": self.service.follower.budget.sessions,
+                "refused": self.service.stats.busy,
             }
             status["kv"] = {
-                "layers_sent": self.service.kv_layers_sent,
-                "layers_received": self.service.kv_layers_received,
-                "left_behind": len(self.service.left_behind),
-                "left_behind_bytes": self.service.left_behind.nbytes(),
+                "layers_sent": self.service.stats.kv_layers_sent,
+                "layers_received": self.service.stats.kv_layers_received,
+                "left_behind": len(self.service.follower.left_behind),
+                "left_behind_bytes": self.service.follower.left_behind.nbytes(),
             }
-        stage = self.service.stage if self.service else None
+        stage = self.service.follower.stage if self.service else None
         status["stage"] = (
             {
                 "units": [stage.shard.start, stage.shard.end],
@@ -279,8 +284,8 @@ class Daemon:
         )
         if self.service is not None:
             status["measured"] = {
-                "latency_ms": round(self.service.meter.latency_ms, 3),
-                "tokens_per_s": round(self.service.meter.tokens_per_s(), 2),
+                "latency_ms": round(self.service.origin.meter.latency_ms, 3),
+                "tokens_per_s": round(self.service.origin.meter.tokens_per_s(), 2),
             }
         return status
 
@@ -348,9 +353,9 @@ def _load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Aw
     costs = StepCostMeter()
 
     async def publish() -> None:
-        await asyncio.sleep(LOAD_PERIOD)
+        await asyncio.sleep(node.timings.load_period)
         me = node.profiles[node.id]
-        stage = service.stage
+        stage = service.follower.stage
         load = float(len(stage.shard.sessions)) if stage else 0.0
         step = stage.step_ms if stage else 0.0
         used = float(stage.shard.weight_bytes() + stage.shard.kv_bytes()) if stage else 0.0

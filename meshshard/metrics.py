@@ -43,7 +43,7 @@ class Metrics:
         self.membership: dict[str, int] = {}
         self.registry.register(_Counters(self, node, service, gates or {}))
         node.events.listen(self._event)
-        service.on_step = self._step
+        service.observe(self._step)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -75,28 +75,29 @@ class _Counters(Collector):
 
     def collect(self) -> Iterator[Metric]:
         service, node, metrics = self._service, self._node, self._metrics
-        stage, plan = service.stage, node.book.current
+        stage, plan = service.follower.stage, node.book.current
+        stats = service.stats
         plain: list[tuple[Callable[..., Metric], str, str, float]] = [
-            (C, "tokens_generated", "Tokens streamed to users of this peer", service.tokens_out),
-            (C, "sessions", "Answers started at this peer", service.sessions_started),
-            (G, "sessions_open", "Answers in progress at this peer", service.open_sessions),
+            (C, "tokens_generated", "Tokens streamed to users of this peer", stats.tokens_out),
+            (C, "sessions", "Answers started at this peer", stats.sessions_started),
+            (G, "sessions_open", "Answers in progress at this peer", service.origin.open_sessions),
             (C, "sessions_refused", "New sessions this peer's stage had no KV memory for",
-             service.busy),
+             stats.busy),
             (G, "kv_reserved_tokens", "KV cache positions sessions reserved on this stage",
-             service.budget.reserved),
+             service.follower.budget.reserved),
             (G, "stage_sessions", "Sessions whose cache this peer's stage holds",
              len(stage.shard.sessions) if stage else 0),
-            (C, "stage_steps", "Steps this peer's stages ran", service.stage_steps),
+            (C, "stage_steps", "Steps this peer's stages ran", service.follower.steps),
             (C, "hop_bytes_received", "Data-plane bytes received", service.codec.received_bytes),
             (C, "replans", "Plans this peer adopted", metrics.replans),
             (G, "members_alive", "Members this peer sees alive", len(node.membership.live())),
-            (C, "kv_handoffs", "KV handoffs completed for answers of this peer", service.handoffs),
-            (C, "replays", "Feeds that rebuilt a lost cache", service.replays),
+            (C, "kv_handoffs", "KV handoffs completed for answers of this peer", stats.handoffs),
+            (C, "replays", "Feeds that rebuilt a lost cache", stats.replays),
             (G, "plan_epoch", "Term of the plan in force", plan.epoch.term if plan else 0),
             (G, "predicted_latency_seconds", "The plan's predicted time per token",
              plan.latency_ms / 1000 if plan else 0),
             (G, "measured_latency_seconds", "Measured time per token of this peer's answers",
-             service.meter.latency_ms / 1000),
+             service.origin.meter.latency_ms / 1000),
         ]  # fmt: skip
         for kind, name, doc, value in plain:
             yield kind(f"meshshard_{name}", doc, value=value)
@@ -112,7 +113,7 @@ class _Counters(Collector):
             (G, "open_connections", "Open connections, by listener", "listener",
              {name: gate.open for name, gate in gates}),
             (C, "loop_errors", "Rounds of a peer's loops that raised and were survived",
-             "loop", node.loop_errors),
+             "loop", node.loop_errors + service.loop_errors),
             (C, "refused_gossip", "Gossip well-formed but not believed (a future incarnation "
              "or term, a plan that does not fit, another member's profile), by kind", "kind",
              node.refused),

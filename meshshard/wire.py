@@ -6,13 +6,14 @@ and raises WireError with a one-line reason. Nothing from the network is unpickl
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 
-from meshshard.mesh.types import (
+from meshshard.types import (
     Epoch,
     LinkStat,
     Member,
@@ -364,16 +365,21 @@ def _addr(raw: object, what: str) -> str:
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # one activation frame; checked before it is read
 MAX_TOKENS_PER_FRAME = 8192
 TENSOR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
-ERROR_CODES = (
-    "busy",  # a new session the stage's memory cannot hold now: retry later
-    "stale-epoch",
-    "not-ready",
-    "unknown-session",
-    "cache-miss",  # a stage holds fewer positions than the frame continues from: see `have`
-    "no-handoff",  # a KV handoff could not be made; the origin replays instead
-    "bad-frame",
-    "internal",
-)
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a stage refused a frame; the origin's recovery (chain/recovery.py) acts on it."""
+
+    BUSY = "busy"  # a new session the stage's memory cannot hold now: retry later
+    STALE_EPOCH = "stale-epoch"  # the frame's epoch is older than the plan this peer follows
+    NOT_READY = "not-ready"  # ... newer than the stage it serves: it is still loading
+    UNKNOWN_SESSION = "unknown-session"
+    CACHE_MISS = "cache-miss"  # a stage holds fewer positions than the frame continues from
+    NO_HANDOFF = "no-handoff"  # a KV handoff could not be made; the origin replays instead
+    BAD_FRAME = "bad-frame"
+    INTERNAL = "internal"
+
+
 MAX_KV_DIM = 4096  # heads or head size in a handed-off KV cache
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**63
@@ -425,7 +431,7 @@ class ErrorFrame:
     epoch: Epoch
     session: str
     step: int
-    code: str
+    code: ErrorCode
     message: str
     attempt: int = 0
     have: int = 0  # for "cache-miss": the positions the refusing stage does hold
@@ -513,7 +519,7 @@ def encode_frame(frame: DataFrame) -> bytes:
                 "k": "error",
                 "attempt": frame.attempt,
                 "step": frame.step,
-                "code": frame.code,
+                "code": frame.code.value,
                 "msg": frame.message,
                 "have": frame.have,
             }
@@ -572,9 +578,10 @@ def decode_frame(
             step, token = _int(m.get("step"), "step"), _int(m.get("token"), "token")
             return TokenFrame(epoch, session, step, token, attempt)
         case "error":
-            code = _str(m.get("code"), "code")
-            if code not in ERROR_CODES:
-                raise WireError(f"unknown error code {code!r}")
+            try:
+                code = ErrorCode(_str(m.get("code"), "code"))
+            except ValueError:
+                raise WireError(f"unknown error code {m.get('code')!r}") from None
             message = m.get("msg")
             if not isinstance(message, str) or len(message) > 4096:
                 raise WireError("msg must be a string of at most 4096 characters")

@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from meshshard.config import TEST_TIMINGS  # noqa: E402
 from meshshard.mesh.node import ControlNode, TransportError  # noqa: E402
-from meshshard.mesh.types import (  # noqa: E402
+from meshshard.planner.build import UnitCost  # noqa: E402
+from meshshard.security import DATA, AuthError, Keyring, Sealer  # noqa: E402
+from meshshard.types import (  # noqa: E402
     Epoch,
     LinkStat,
     Member,
@@ -44,11 +46,10 @@ from meshshard.mesh.types import (  # noqa: E402
     Profile,
     State,
 )
-from meshshard.planner.build import UnitCost  # noqa: E402
-from meshshard.security import DATA, AuthError, Keyring, Sealer  # noqa: E402
 from meshshard.wire import (  # noqa: E402
     ControlMessage,
     DropFrame,
+    ErrorCode,
     ErrorFrame,
     HandoffRequest,
     KVFrame,
@@ -80,7 +81,7 @@ def seeds() -> tuple[list[bytes], list[bytes]]:
         StepFrame(e, "a/1", 4, 10, hidden, "127.0.0.1:7000", True, sampling, 2),
         StepFrame(e, "a/1", 0, 0, ids, "127.0.0.1:7000", False, sampling),
         TokenFrame(e, "a/1", 4, 100, 1),
-        ErrorFrame(e, "a/1", 4, "cache-miss", "short", 1, 7),
+        ErrorFrame(e, "a/1", 4, ErrorCode.CACHE_MISS, "short", 1, 7),
         DropFrame(e, "a/1"),
         HandoffRequest(e, "a/1", 1, 3, 9, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
         KVFrame(e, "a/1", 1, 5, kv, kv, "127.0.0.1:7000", True),

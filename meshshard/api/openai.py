@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from meshshard.api.stops import StopMatcher
-from meshshard.chain.service import ChainBusy, ChainError, ChainService, Usage
+from meshshard.chain.origin import ChainBusy, ChainError, Origin, Usage
 from meshshard.edge.bodies import request_body
 from meshshard.model.text import TextCodec
 from meshshard.wire import MAX_SEED
@@ -49,13 +49,13 @@ class Request:
 class OpenAIApi:
     def __init__(
         self,
-        service: ChainService,
+        origin: Origin,
         codec: asyncio.Future[TextCodec],
         model: str,
         body_timeout: float,
         context: int,
     ) -> None:
-        self.service, self._codec, self.model = service, codec, model
+        self.origin, self._codec, self.model = origin, codec, model
         self._body_timeout = body_timeout
         self._context = context  # tokens of prompt and answer a session may hold
 
@@ -134,7 +134,7 @@ class OpenAIApi:
                 # The first piece decides the status: a chain with no room refuses before any.
                 first = await anext(pieces)
             except ChainBusy as e:
-                retry = {"Retry-After": str(e.retry_after)}
+                retry = {"Retry-After": str(math.ceil(e.retry_after))}
                 return _error(429, f"the mesh is busy: {e}", "mesh_busy", retry)
             except ChainError as e:
                 return _error(503, str(e), "mesh_unavailable")
@@ -210,7 +210,7 @@ class OpenAIApi:
         stops = StopMatcher(req.stops)
         sampling = (req.temperature, req.top_p, req.seed)
         count = 0
-        tokens = self.service.generate(
+        tokens = self.origin.generate(
             req.prompt_ids, req.max_tokens, sampling, self.codec.stop_ids, usage
         )
         async with contextlib.aclosing(tokens):

@@ -3,13 +3,11 @@ for units it no longer runs until their new owners have asked for them."""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from meshshard.mesh.types import NodeId, PlanRecord
 from meshshard.model.kvcache import KVCache
-
-KEEP_SECONDS = 60.0  # a left-behind cache nobody asked for is freed after this
+from meshshard.types import NodeId, PlanRecord
 
 
 @dataclass(frozen=True)
@@ -39,18 +37,18 @@ def moves(old: PlanRecord, new: PlanRecord, num_units: int) -> list[Move]:
 
 
 class LeftBehind:
-    """Caches of sessions for layers this peer ran under an earlier plan, kept for a while so
-    their new owners can have them."""
+    """Caches of sessions for layers this peer ran under an earlier plan, kept `keep` seconds
+    so their new owners can have them."""
 
-    def __init__(self, keep: float = KEEP_SECONDS) -> None:
-        self._keep = keep
+    def __init__(self, keep: float, now: Callable[[], float]) -> None:
+        self._keep, self._now = keep, now
         self._caches: dict[str, tuple[float, KVCache]] = {}
 
     def __len__(self) -> int:
         return len(self._caches)
 
-    def add(self, caches: dict[str, KVCache], now: float | None = None) -> None:
-        until = (time.monotonic() if now is None else now) + self._keep
+    def add(self, caches: dict[str, KVCache]) -> None:
+        until = self._now() + self._keep
         for session, cache in caches.items():
             held = self._caches.get(session)
             if held is not None:  # older leftovers of the same session: merge
@@ -64,8 +62,8 @@ class LeftBehind:
     def drop(self, session: str) -> None:
         self._caches.pop(session, None)
 
-    def expire(self, now: float | None = None) -> list[str]:
-        now = time.monotonic() if now is None else now
+    def expire(self) -> list[str]:
+        now = self._now()
         gone = [s for s, (until, _) in self._caches.items() if until <= now]
         for session in gone:
             del self._caches[session]

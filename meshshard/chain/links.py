@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -35,7 +36,6 @@ from meshshard.wire import MAX_FRAME_BYTES, DataFrame, WireError, decode_frame, 
 logger = logging.getLogger(__name__)
 
 Dispatch = Callable[[DataFrame], Awaitable[None]]
-CONNECT_TIMEOUT = 5.0
 RECORD_BYTES = 1 << 20  # the most of a frame one sealed record carries
 CHANNEL_HEADER = "X-MeshShard-Channel"
 TOKEN_BYTES = 16
@@ -167,6 +167,19 @@ class Refusals:
             logger.warning("refused a frame from %s (%d so far): %s", source, self.count, error)
 
 
+class DataLinks(Protocol):
+    """Where a peer's data plane sends frames: sockets to other peers (Links), or in tests
+    an in-memory network."""
+
+    sent_bytes: Counter[str]  # per next hop
+
+    async def send(self, addr: str, frame: DataFrame) -> None:
+        """Send one frame to `addr`, in order with earlier ones to it; LinkError if it fails."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class Links:
     def __init__(
         self,
@@ -175,9 +188,11 @@ class Links:
         tg: asyncio.TaskGroup,
         codec: FrameCodec,
         refusals: Refusals,
+        connect_timeout: float,
         delays: Delays = NONE,
     ) -> None:
         self._session = session
+        self._connect_timeout = connect_timeout
         self._delays = delays
         self._codec = codec
         self._refusals = refusals
@@ -237,7 +252,7 @@ class Links:
             return known
         token, headers = open_request(self._codec.sealer, addr)
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
+            async with asyncio.timeout(self._connect_timeout):
                 ws = await self._session.ws_connect(
                     f"http://{addr}/chain/ws",
                     headers=headers,

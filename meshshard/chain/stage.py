@@ -19,11 +19,11 @@ import torch
 
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import run_model
-from meshshard.mesh.types import Epoch
 from meshshard.model.sampling import Sampler, SamplingParams
 from meshshard.model.shard import Shard, UnknownSession
 from meshshard.planner.flow import MAX_BATCH
-from meshshard.wire import DataFrame, ErrorFrame, StepFrame, TokenFrame, WireError
+from meshshard.types import Epoch
+from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, StepFrame, TokenFrame, WireError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class StageWorker:
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
         while self._queue:
-            await self._error(self._queue.popleft(), "stale-epoch", message)
+            await self._error(self._queue.popleft(), ErrorCode.STALE_EPOCH, message)
         self._has_room.set()
 
     async def put(self, frame: StepFrame) -> None:
@@ -80,7 +80,7 @@ class StageWorker:
             self._has_room.clear()
             await self._has_room.wait()
         if self._closing:
-            await self._error(frame, "stale-epoch", "this stage moved to a new plan")
+            await self._error(frame, ErrorCode.STALE_EPOCH, "this stage moved to a new plan")
             return
         self._queue.append(frame)
         self._has_work.set()
@@ -137,19 +137,23 @@ class StageWorker:
         except CacheMiss as e:
             session = batch[0].session
             if session in self.shard.sessions:
-                await self._error(batch[0], "cache-miss", str(e), e.have)
+                await self._error(batch[0], ErrorCode.CACHE_MISS, str(e), e.have)
             else:
-                await self._error(batch[0], "unknown-session", f"unknown session {session!r}")
+                await self._error(
+                    batch[0], ErrorCode.UNKNOWN_SESSION, f"unknown session {session!r}"
+                )
             return
         except (ValueError, WireError, UnknownSession) as e:
-            code = "unknown-session" if isinstance(e, UnknownSession) else "bad-frame"
+            code = (
+                ErrorCode.UNKNOWN_SESSION if isinstance(e, UnknownSession) else ErrorCode.BAD_FRAME
+            )
             for frame in batch:
                 await self._error(frame, code, str(e))
             return
         except Exception as e:  # a bug must cost these steps, not the peer
             logger.exception("stage failed on %d steps", len(batch))
             for frame in batch:
-                await self._error(frame, "internal", f"stage failed: {e}")
+                await self._error(frame, ErrorCode.INTERNAL, f"stage failed: {e}")
             return
         seconds = time.perf_counter() - started
         self.forward_s += seconds
@@ -205,9 +209,9 @@ class StageWorker:
                 )
         except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
             logger.warning("stage could not pass on %s step %d: %s", frame.session, frame.step, e)
-            await self._error(frame, "internal", f"next hop failed: {e}")
+            await self._error(frame, ErrorCode.INTERNAL, f"next hop failed: {e}")
 
-    async def _error(self, frame: StepFrame, code: str, message: str, have: int = 0) -> None:
+    async def _error(self, frame: StepFrame, code: ErrorCode, message: str, have: int = 0) -> None:
         error = ErrorFrame(
             frame.epoch, frame.session, frame.step, code, message, frame.attempt, have
         )

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from meshshard.mesh.sanity import term_at
-from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord
+from meshshard.types import Epoch, Member, NodeId, PlanRecord
 
 HISTORY = 32  # plans remembered for `meshshard status`
 

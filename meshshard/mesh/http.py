@@ -23,7 +23,6 @@ from meshshard.delays import NONE, Delays
 from meshshard.edge.bodies import BodyError, request_body, response_body
 from meshshard.edge.serve import names_of
 from meshshard.mesh.node import ControlNode, TransportError
-from meshshard.mesh.types import LinkStat
 from meshshard.security import (
     CONTROL,
     CONTROL_REPLY,
@@ -33,6 +32,7 @@ from meshshard.security import (
     AuthError,
     Sealer,
 )
+from meshshard.types import LinkStat
 from meshshard.wire import MAX_CONTROL_BYTES, ControlMessage, WireError, decode, encode
 
 logger = logging.getLogger(__name__)

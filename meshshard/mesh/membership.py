@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, replace
 
 from meshshard.config import Timings
-from meshshard.mesh.types import Epoch, Member, NodeId, State
+from meshshard.types import Epoch, Member, NodeId, State
 
 _SEVERITY = {State.ALIVE: 0, State.SUSPECT: 1, State.DEAD: 2, State.LEFT: 2}
 
@@ -41,6 +41,7 @@ class Membership:
         self._since: dict[NodeId, float] = {me.id: now}  # when the current state began
         self._queue: dict[NodeId, int] = {}  # id -> transmissions left for its latest record
         self._probe_order: list[NodeId] = []
+        self.version = 0  # counts changes to any record we hold
         self._enqueue(me.id)
 
     @property
@@ -68,6 +69,7 @@ class Membership:
         if current is not None and not _wins(update, current):
             return None
         self._members[update.id] = update
+        self.version += 1
         if current is None or current.state != update.state:
             self._since[update.id] = now
         self._enqueue(update.id)
@@ -98,6 +100,7 @@ class Membership:
             draining=me.draining if draining is None else draining,
         )
         self._members[me.id] = me
+        self.version += 1
         self._enqueue(me.id)
         return me
 
@@ -147,6 +150,7 @@ class Membership:
                     changes.append(change)
             elif not member.state.live and age >= self._timings.tombstone_ttl:
                 del self._members[node]
+                self.version += 1
                 del self._since[node]
                 self._queue.pop(node, None)
         return changes

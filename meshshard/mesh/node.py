@@ -10,12 +10,12 @@ import contextlib
 import functools
 import logging
 import random
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
+from meshshard.clock import Clock, LoopClock, Pulse
 from meshshard.config import Timings
 from meshshard.events import EventLog
 from meshshard.mesh.coordinator import (
@@ -31,11 +31,11 @@ from meshshard.mesh.membership import Change, Membership
 from meshshard.mesh.rounds import rounds
 from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
 from meshshard.mesh.seeds import Seeds
-from meshshard.mesh.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
 from meshshard.planner.baselines import baseline
 from meshshard.planner.build import UnitCost
 from meshshard.planner.flow import flow_stages, latency_ms, tokens_per_s
+from meshshard.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State
 from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
 
 logger = logging.getLogger(__name__)
@@ -46,27 +46,6 @@ LINK_SAMPLES = 5  # probes per link that its estimate is the best of
 DEAD_GOSSIP = 0.25  # the share of push/pulls sent to a member we think dead
 # Answers in flight that status predicts tokens/s for.
 FLOW_SESSIONS = (1, 2, 4, 6, 8, 16)
-
-
-class Clock(Protocol):
-    def now(self) -> float: ...
-
-    def wall(self) -> float:
-        """Seconds since 1970, for what must compare across peers (terms, incarnations)."""
-        ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class LoopClock:
-    def now(self) -> float:
-        return time.monotonic()
-
-    def wall(self) -> float:
-        return time.time()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
 
 class TransportError(Exception):
@@ -127,6 +106,8 @@ class ControlNode:
         self._pinned: tuple[NodeId, ...] | None = None  # members an operator's plan was made for
         self.excluded: frozenset[str] = frozenset()  # members an operator keeps out of plans
         self.refused: Counter[str] = Counter()  # gossip not believed, by kind
+        self.pulse = Pulse()  # fires when members, their readiness or the plan change
+        self._notified: tuple[int, PlanRecord | None] = (-1, None)
         self.loop_errors: Counter[str] = Counter()  # rounds of our loops that failed
         self._link_samples: dict[NodeId, collections.deque[LinkStat]] = {}
         self._link_wait = min(1.0, timings.link_interval)
@@ -173,6 +154,7 @@ class ControlNode:
         serve, so our units (and their KV caches) can move before we go."""
         if not self.membership.me.draining:
             self.membership.drain()
+            self._notify()
             self.events.add("peer", "draining: plans move off this peer")
             await self._push_all(self.timings.probe_timeout * 4)
 
@@ -339,6 +321,7 @@ class ControlNode:
     def set_ready(self, epoch: Epoch) -> None:
         """Tell the mesh our shard for `epoch` is loaded (rides on the next probes)."""
         self.membership.update_me(ready=epoch)
+        self._notify()
 
     def addr_of(self, node: NodeId) -> str | None:
         member = self.membership.get(node)
@@ -437,9 +420,11 @@ class ControlNode:
         start = self.clock.now()
         for change in self.membership.tick(start):
             self._changed(change)
+        self._notify()
         target = self.membership.next_probe_target()
         if target is not None:
             await self._probe(target)
+            self._notify()
         await self.clock.sleep(max(0.0, start + self.timings.probe_interval - self.clock.now()))
 
     async def _probe(self, target: Member) -> None:
@@ -630,6 +615,7 @@ class ControlNode:
                     self._fetching.add(member.addr)
         if plan is not None:
             self._adopt(plan)
+        self._notify()
 
     def _absorb_sync(self, msg: Sync) -> None:
         for profile in msg.profiles:
@@ -663,6 +649,13 @@ class ControlNode:
         profile = self.profiles.get(node)
         return profile.mem if profile is not None and profile.model == self.model else None
 
+    def _notify(self) -> None:
+        """Wake whoever waits on the pulse, if members or the plan changed since last time."""
+        state = (self.membership.version, self.book.current)
+        if state != self._notified:
+            self._notified = state
+            self.pulse.fire()
+
     def _refuse(self, kind: str, problem: str) -> None:
         self.refused[kind] += 1
         if self.refused[kind] <= 3 or self.refused[kind] % 1000 == 0:
@@ -685,6 +678,7 @@ class ControlNode:
         self.events.add("plan", f"plan epoch {plan.epoch}: {stages} ({plan.reason})")
         if self.on_plan is not None:
             self.on_plan(plan)
+        self._notify()
 
     def _changed(self, change: Change) -> None:
         self.events.add("member", str(change), change.member.state.value)

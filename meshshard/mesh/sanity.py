@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from meshshard.mesh.types import Member, NodeId, PlanRecord, Profile
 from meshshard.planner.cost import fits
 from meshshard.planner.flow import BATCHES
+from meshshard.types import Member, NodeId, PlanRecord, Profile
 
 TERM_ORIGIN = 1_735_689_600  # 2025-01-01 UTC: terms count seconds from here
 FUTURE_SECONDS = 3600.0  # how far ahead of our clock an incarnation or a term may be

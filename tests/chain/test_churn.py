@@ -13,7 +13,7 @@ import pytest
 from support.procs import Peer, wait_for, wait_for_chain
 from support.reference import greedy_answer
 
-from meshshard.chain.handoff import KEEP_SECONDS
+from meshshard.config import TEST_TIMINGS
 
 pytestmark = pytest.mark.slow
 
@@ -246,8 +246,9 @@ def test_twenty_sessions_survive_a_kill_and_a_join(peers: list[Peer], tmp_path: 
         )
 
     # Stages free a finished answer's caches at once; a cache left behind by a plan change
-    # that no handoff claimed is freed when it expires (KEEP_SECONDS), never later.
-    wait_for(freed, KEEP_SECONDS + 15, "every cache of the finished answers to be freed")
+    # that no handoff claimed is freed when it expires (left_behind_keep), never later.
+    keep = TEST_TIMINGS.left_behind_keep
+    wait_for(freed, keep + 15, "every cache of the finished answers to be freed")
 
 
 def test_sessions_of_a_dead_origin_are_freed(peers: list[Peer]) -> None:

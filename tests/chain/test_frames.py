@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 
 from meshshard.api.stops import StopMatcher
 from meshshard.chain.tensors import from_wire, to_wire
-from meshshard.mesh.types import Epoch
+from meshshard.types import Epoch
 from meshshard.wire import (
     MAX_FRAME_BYTES,
     PROTOCOL,
     DropFrame,
+    ErrorCode,
     ErrorFrame,
     HandoffDone,
     HandoffRequest,
@@ -52,8 +53,8 @@ def test_other_frames_round_trip() -> None:
     kv = to_wire(torch.randn(1, 3, 7, 64))
     for frame in (
         TokenFrame(E, "s", 4, 49151, attempt=2),
-        ErrorFrame(E, "s", 4, "stale-epoch", "old", attempt=1),
-        ErrorFrame(E, "s", 4, "cache-miss", "short", attempt=1, have=17),
+        ErrorFrame(E, "s", 4, ErrorCode.STALE_EPOCH, "old", attempt=1),
+        ErrorFrame(E, "s", 4, ErrorCode.CACHE_MISS, "short", attempt=1, have=17),
         DropFrame(E, "s"),
         step(to_wire(torch.tensor([1, 2, 3]))),
         HandoffRequest(E, "s", 3, 5, 12, 40, "127.0.0.1:7001", "127.0.0.1:7000"),

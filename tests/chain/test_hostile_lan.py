@@ -38,8 +38,8 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 from meshshard.chain.links import CHANNEL_HEADER, open_request
 from meshshard.mesh.discovery import SERVICE
 from meshshard.mesh.sanity import FUTURE_SECONDS, incarnation_at, term_at
-from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, PlanStage, State
 from meshshard.security import CONTROL, Keyring, Sealer
+from meshshard.types import Epoch, Member, NodeId, PlanRecord, PlanStage, State
 from meshshard.wire import MAX_TERM, PROTOCOL, Ping, encode
 
 pytestmark = pytest.mark.slow

@@ -19,8 +19,8 @@ from support.reference import greedy_answer
 
 from meshshard.chain.links import FrameCodec
 from meshshard.chain.tensors import to_wire
-from meshshard.mesh.types import Epoch
 from meshshard.security import Keyring, Sealer
+from meshshard.types import Epoch
 from meshshard.wire import DataFrame, ErrorFrame, Sampling, StepFrame
 
 pytestmark = pytest.mark.slow

@@ -25,8 +25,8 @@ from support.reference import greedy_answer
 
 from meshshard.chain.links import CHANNEL_HEADER, Channel, FrameCodec, open_request
 from meshshard.chain.tensors import to_wire
-from meshshard.mesh.types import Epoch, Member, NodeId, State
 from meshshard.security import CONTROL, Keyring, Sealer, new_key, write_key_file
+from meshshard.types import Epoch, Member, NodeId, State
 from meshshard.wire import DataFrame, Ping, Sampling, StepFrame, TokenFrame, encode
 
 pytestmark = pytest.mark.slow

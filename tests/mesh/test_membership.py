@@ -12,7 +12,7 @@ from meshshard.config import TEST_TIMINGS
 from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.membership import Membership
 from meshshard.mesh.sanity import FUTURE_SECONDS, future_term, term_at
-from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, PlanStage, State
+from meshshard.types import Epoch, Member, NodeId, PlanRecord, PlanStage, State
 
 T = TEST_TIMINGS
 

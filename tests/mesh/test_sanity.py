@@ -12,7 +12,7 @@ from meshshard.mesh.sanity import (
     profile_problem,
     term_at,
 )
-from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, PlanStage, Profile, State
+from meshshard.types import Epoch, Member, NodeId, PlanRecord, PlanStage, Profile, State
 
 WALL = 1_800_000_000.0
 UNITS = 4

@@ -12,7 +12,7 @@ from support.simnet import SimNet, make_node
 
 from meshshard.mesh.node import ControlNode, PlanRefused
 from meshshard.mesh.sanity import FUTURE_SECONDS, term_at
-from meshshard.mesh.types import Epoch, Member, NodeId, State
+from meshshard.types import Epoch, Member, NodeId, State
 from meshshard.wire import Ping
 
 

@@ -11,8 +11,8 @@ from support.dataplane import origin_at
 
 from meshshard.chain.links import FrameCodec, Links, Refusals
 from meshshard.delays import ENV, Delays
-from meshshard.mesh.types import Epoch
 from meshshard.security import Keyring, Sealer, new_key
+from meshshard.types import Epoch
 from meshshard.wire import DataFrame, DropFrame
 
 
@@ -46,7 +46,8 @@ async def test_a_delayed_link_holds_frames_not_their_sender() -> None:
         aiohttp.ClientSession() as http,
         asyncio.TaskGroup() as tg,
     ):
-        links = Links(http, _ignore, tg, codec, Refusals(), Delays(5, {"127.0.0.1": 95}))
+        delays = Delays(5, {"127.0.0.1": 95})
+        links = Links(http, _ignore, tg, codec, Refusals(), 5.0, delays)
         sent = time.monotonic()
         for i in range(3):
             await links.send(addr, DropFrame(Epoch(1, "a"), f"s{i}"))

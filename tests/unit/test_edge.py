@@ -18,8 +18,8 @@ from meshshard.api.guard import BrowserGuard, host_name
 from meshshard.chain.links import RECORD_BYTES, FrameCodec
 from meshshard.edge.bodies import BodyError, read_body, request_body, response_body
 from meshshard.edge.serve import ConnectionGate, serve
-from meshshard.mesh.types import Epoch
 from meshshard.security import AuthError, Keyring, Sealer
+from meshshard.types import Epoch
 from meshshard.wire import DropFrame, KVFrame, TensorData, WireError
 
 PORT, RELAY_PORT = 7581, 7582

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from meshshard.chain.handoff import LeftBehind, Move, moves
-from meshshard.mesh.types import Epoch, NodeId, PlanRecord, PlanStage
 from meshshard.model.generate import LocalChain
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard, load_spec
+from meshshard.types import Epoch, NodeId, PlanRecord, PlanStage
 
 PROMPT = [5, 17, 3, 42, 8, 60, 11]
 
@@ -52,18 +52,22 @@ def test_moves_are_maximal_runs_of_cached_units(
 
 
 def test_left_behind_caches_expire_and_merge() -> None:
-    left = LeftBehind(keep=10.0)
+    now = [0.0]
+    left = LeftBehind(10.0, lambda: now[0])
     a, b = KVCache([1, 2]), KVCache([3])
     x = torch.randn(1, 2, 4, 8)
     a.update(x, x, 1)
     a.update(x, x, 2)
     b.update(x, x, 3)
-    left.add({"s": a}, now=0.0)
-    left.add({"s": b, "t": KVCache([1])}, now=5.0)
+    left.add({"s": a})
+    now[0] = 5.0
+    left.add({"s": b, "t": KVCache([1])})
     merged = left.get("s")
     assert merged is not None and sorted(merged.layers) == [1, 2, 3] and merged.length == 4
-    assert left.expire(now=14.0) == []
-    assert sorted(left.expire(now=15.0)) == ["s", "t"] and len(left) == 0
+    now[0] = 14.0
+    assert left.expire() == []
+    now[0] = 15.0
+    assert sorted(left.expire()) == ["s", "t"] and len(left) == 0
 
 
 def run(chain: LocalChain, session: str, prompt: list[int], n: int, pos: int = 0) -> list[int]:

@@ -13,8 +13,8 @@ from meshshard.api.operator import _plan_request
 from meshshard.chain.meter import StepCostMeter, TokenMeter
 from meshshard.events import KEPT, EventLog
 from meshshard.logs import JsonFormatter
-from meshshard.mesh.types import Epoch, Member, NodeId, PlanRecord, PlanStage, Profile, State
 from meshshard.status import render_status
+from meshshard.types import Epoch, Member, NodeId, PlanRecord, PlanStage, Profile, State
 from meshshard.wire import Sync, WireError, decode, encode
 
 

@@ -1,4 +1,6 @@
-"""Typed, frozen records the control plane passes around and puts on the wire."""
+"""The shared vocabulary, at the bottom of the package (it imports nothing of ours): ids,
+epochs, members, profiles and plans, as typed, frozen records both planes pass around and
+the wire carries."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import NewType
 
 NodeId = NewType("NodeId", str)
+SessionId = NewType("SessionId", str)  # one answer, unique across the mesh and restarts
 
 
 class State(enum.Enum):

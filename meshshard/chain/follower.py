@@ -1,0 +1,382 @@
+"""The stage side of a peer: it follows plans, serves and fences step frames, and moves caches.
+
+Plans change make-before-break: a peer loads its shard for a new plan while its old stage
+keeps serving, and switches when the whole new chain is ready (or the first frame of the new
+epoch arrives). Caches of layers a peer keeps stay where they are; caches of layers that move
+are left behind and handed to their new owners when an origin asks (KV handoff). A new session
+reserves the KV memory it may grow to (admission); what no one will ask for again (sessions
+whose origin left or went quiet, caches left behind too long) is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from meshshard.chain.admission import KVBudget
+from meshshard.chain.handoff import LeftBehind
+from meshshard.chain.seam import ControlPlane
+from meshshard.chain.stage import Observe, StageWorker
+from meshshard.chain.stats import ChainStats
+from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.chain.worker import run_model
+from meshshard.clock import Clock, Pulse
+from meshshard.config import Timings
+from meshshard.events import EventLog
+from meshshard.model.costs import DTYPE_BYTES
+from meshshard.model.kvcache import KVCache
+from meshshard.model.shard import Shard
+from meshshard.model.spec import ModelSpec
+from meshshard.types import PlanRecord
+from meshshard.wire import (
+    DataFrame,
+    ErrorCode,
+    ErrorFrame,
+    HandoffDone,
+    HandoffRequest,
+    KVFrame,
+    StepFrame,
+    WireError,
+)
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[str, DataFrame], Awaitable[None]]
+ENDED_REMEMBERED = 4096  # ended sessions a stage remembers, to ignore their late frames
+
+
+@dataclass
+class _Prepared:
+    """A plan this peer has loaded for and will switch to: its shard (None when the plan
+    gives it no units) and the next stage's address."""
+
+    plan: PlanRecord
+    shard: Shard | None
+    next_addr: str | None
+
+
+class PlanFollower:
+    def __init__(
+        self,
+        control: ControlPlane,
+        model_dir: Path,
+        dtype: str,
+        spec: ModelSpec,
+        memory: float,
+        send: Send,
+        tell: Send,
+        events: EventLog,
+        stats: ChainStats,
+        pulse: Pulse,
+        clock: Clock,
+        timings: Timings,
+        observe: Observe | None = None,
+    ) -> None:
+        self.control, self.model_dir, self.dtype, self.spec = control, model_dir, dtype, spec
+        self.memory = memory  # bytes this peer offers: its stage's KV budget is what is left
+        self._send, self._tell = send, tell  # `tell`: a send whose failure is only logged
+        self.events, self.stats, self.pulse = events, stats, pulse
+        self.clock, self.timings = clock, timings
+        self.observe = observe
+        self.stage: StageWorker | None = None
+        self.budget = KVBudget(None)  # the serving stage's KV memory, reserved by sessions
+        self.left_behind = LeftBehind(timings.left_behind_keep, clock.now)
+        self._pending: _Prepared | None = None
+        self._switch = asyncio.Lock()
+        self._seen: dict[str, tuple[str, float]] = {}  # session -> (origin, last step time)
+        self._kv_in: dict[tuple[str, int], int] = {}  # (session, attempt) -> layers received
+        self._handed: dict[str, set[int]] = {}  # layers handed off before we switched plans
+        self._ended: OrderedDict[str, None] = OrderedDict()  # sessions dropped here
+        self._tg: asyncio.TaskGroup | None = None
+        self._stage_task: asyncio.Task[None] | None = None
+
+    @property
+    def steps(self) -> int:
+        """Steps run by this peer's stages, the one serving now and those before it."""
+        return self.stats.steps_before + (self.stage.steps if self.stage else 0)
+
+    # -- following plans ----------------------------------------------------------------------
+
+    async def follow(self, tg: asyncio.TaskGroup) -> None:
+        """Prepare for each plan put in force, and switch to it when its chain is ready."""
+        self._tg = tg
+        followed: PlanRecord | None = None
+        while True:
+            seen = self.control.version
+            plan = self.control.plan()
+            if plan is None or plan == followed:
+                await self.control.changed(seen)
+                continue
+            followed = plan
+            try:
+                await self._prepare(plan)
+            except Exception as e:  # a shard that fails to load must not end the peer
+                logger.error("[%s] cannot serve epoch %s: %s", self.control.node, plan.epoch, e)
+                continue
+            await self._await_switch(plan)
+
+    async def _prepare(self, plan: PlanRecord) -> None:
+        """Load what `plan` asks of this peer, while the current stage keeps serving."""
+        mine = plan.stage_of(self.control.node)
+        if mine is None:
+            self._pending = _Prepared(plan, None, None)
+            self.control.set_ready(plan.epoch)
+            return
+        index = plan.stages.index(mine)
+        nxt = plan.stages[index + 1].device if index + 1 < len(plan.stages) else None
+        next_addr = self.control.address_of(nxt) if nxt is not None else None
+        if nxt is not None and next_addr is None:
+            logger.warning("next stage %s is not a live member; waiting for a new plan", nxt)
+            return
+        units = (mine.start, mine.end)
+        reusable = [p.shard for p in (self.stage, self._pending) if p is not None and p.shard]
+        shard = next((s for s in reusable if (s.start, s.end) == units), None)
+        if shard is None:
+            started = self.clock.now()
+            shard = await run_model(Shard.load, self.model_dir, mine.start, mine.end, self.dtype)
+            self.events.add(
+                "shard",
+                f"loaded units {mine.start}..{mine.end - 1} ({shard.weight_bytes() / 1e6:.0f} MB)"
+                f" in {self.clock.now() - started:.1f} s for epoch {plan.epoch}",
+            )
+        self._pending = _Prepared(plan, shard, next_addr)
+        if self.control.plan() == plan:
+            self.control.set_ready(plan.epoch)
+
+    async def _await_switch(self, plan: PlanRecord) -> None:
+        """Switch to `plan` once its whole chain is ready, unless a newer plan comes first."""
+        while self._pending is not None and self._pending.plan == plan:
+            seen = self.control.version
+            if self.control.plan() != plan:
+                return
+            if self.control.ready(plan) or self.stage is None:
+                await self._switch_to(plan)
+                return
+            await self.control.changed(seen)
+
+    async def _switch_to(self, plan: PlanRecord) -> None:
+        async with self._switch:
+            pending = self._pending
+            if pending is None or pending.plan != plan:
+                return
+            self._pending = None
+            old, task = self.stage, self._stage_task
+            if old is not None and task is not None:
+                await old.close(f"this stage moved to epoch {plan.epoch}")
+                await task
+                self.stats.steps_before += old.steps
+            caches: dict[str, KVCache] = {}
+            if old is not None and old.shard is not pending.shard:
+                caches = await run_model(old.shard.take_caches)
+            if pending.shard is not None and caches:
+                caches = await run_model(pending.shard.adopt, caches)
+            for session, layers in self._handed.items():  # their new owners have them
+                if session in caches:
+                    caches[session].split(layers)
+            self._handed.clear()
+            caches = {s: c for s, c in caches.items() if c.layers}
+            self.left_behind.add(caches)
+            self.budget = self._budget(pending.shard).carry(self.budget)
+            if pending.shard is None:
+                self.stage, self._stage_task = None, None
+            else:
+                assert self._tg is not None
+                self.stage = StageWorker(
+                    pending.shard, plan.epoch, pending.next_addr, self._send, self.observe
+                )
+                self._stage_task = self._tg.create_task(self.stage.run())
+            shard = pending.shard
+            units = f"units {shard.start}..{shard.end - 1}" if shard else "no units"
+            self.events.add(
+                "shard",
+                f"now serving epoch {plan.epoch}: {units}; "
+                f"{len(caches)} sessions' caches left behind for handoff",
+            )
+        self.pulse.fire()
+
+    def _budget(self, shard: Shard | None) -> KVBudget:
+        if shard is None:
+            return KVBudget(None)
+        size = DTYPE_BYTES[self.dtype]
+        per_token = sum(
+            self.spec.kv_bytes_per_token(u, size) for u in range(shard.start, shard.end)
+        )
+        return KVBudget.of_stage(self.memory, shard.weight_bytes(), per_token)
+
+    async def close(self) -> None:
+        if self.stage is not None and self._stage_task is not None:
+            await self.stage.close("this peer is stopping")
+            await self._stage_task
+        self._stage_task = None
+        self.stage = None
+
+    def done(self) -> bool:
+        """Nothing of the mesh's is here any more: no stage, no plan to switch to, no cache."""
+        return self.stage is None and self._pending is None and not len(self.left_behind)
+
+    # -- serving steps ------------------------------------------------------------------------
+
+    def ended(self, session: str) -> bool:
+        return session in self._ended
+
+    async def serve(self, frame: StepFrame) -> None:
+        """Fence a step by its epoch, admit a new session by the KV budget, then queue it."""
+        pending = self._pending
+        if pending is not None and pending.plan.epoch == frame.epoch:
+            await self._switch_to(pending.plan)  # the origin saw the new chain ready
+        elif self._switch.locked():
+            async with self._switch:  # a switch under way: serve from its outcome
+                pass
+        stage = self.stage
+        if stage is None or stage.epoch != frame.epoch:
+            plan = self.control.plan()
+            current = plan.epoch if plan is not None else None
+            stale = current is not None and frame.epoch < current
+            code = ErrorCode.STALE_EPOCH if stale else ErrorCode.NOT_READY
+            await self._refuse(frame, code, f"this peer serves epoch {current}")
+            return
+        positions = max(frame.reserve, frame.start + frame.tensor.shape[0])
+        new = frame.start == 0 and frame.attempt == 0 and frame.step == 0
+        if not self.budget.admit(frame.session, positions, new):
+            self.stats.busy += 1
+            held = f"{self.budget.reserved} of {self.budget.tokens}"
+            why = f"{self.control.node} has KV cache reserved for {held} tokens"
+            await self._refuse(frame, ErrorCode.BUSY, why)
+            return
+        self._seen[frame.session] = (frame.origin, self.clock.now())
+        await stage.put(frame)
+
+    async def _refuse(self, frame: StepFrame, code: ErrorCode, message: str) -> None:
+        error = ErrorFrame(frame.epoch, frame.session, frame.step, code, message, frame.attempt)
+        await self._tell(frame.origin, error)
+
+    # -- KV handoff (this peer as old or new owner) ------------------------------------------
+
+    async def hand_off(self, req: HandoffRequest) -> None:
+        """Send the session's cache for the requested units to their new owner."""
+        layers = [
+            layer
+            for unit in range(req.start, min(req.end, self.spec.num_units))
+            if (layer := self.spec.layer_of(unit)) is not None
+        ]
+        async with self._switch:  # mid-switch, caches are between the shard and left-behind
+            exported = await run_model(self._export, req.session, layers, req.length)
+        refusal = ErrorFrame(req.epoch, req.session, 0, ErrorCode.NO_HANDOFF, "", req.attempt)
+        if not exported:
+            message = f"{self.control.node} holds no cache of units {req.start}..{req.end - 1}"
+            await self._tell(req.origin, replace(refusal, message=message))
+            return
+        try:
+            for i, (layer, keys, values) in enumerate(exported):
+                kv = KVFrame(
+                    req.epoch,
+                    req.session,
+                    req.attempt,
+                    layer,
+                    to_wire(keys),
+                    to_wire(values),
+                    req.origin,
+                    final=i == len(exported) - 1,
+                )
+                await self._send(req.to, kv)
+        except Exception as e:  # the new owner's link failed: the origin replays instead
+            await self._tell(req.origin, replace(refusal, message=f"handoff failed: {e}"))
+            return
+        self.stats.kv_layers_sent += len(exported)
+        # Handed over: our copy is no longer anyone's (once we stop serving those layers).
+        moved = {layer for layer, _, _ in exported}
+        self._handed.setdefault(req.session, set()).update(moved)
+        left = self.left_behind.get(req.session)
+        if left is not None:
+            left.split(moved)
+            if not left.layers:
+                self.left_behind.drop(req.session)
+                self.pulse.fire()
+
+    def _export(
+        self, session: str, layers: list[int], length: int
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Copies of the session's cache for `layers`, from wherever this peer holds them."""
+        out = []
+        shard = self.stage.shard if self.stage is not None else None
+        left = self.left_behind.get(session)
+        for layer in layers:
+            kv = shard.export(session, layer, length) if shard is not None else None
+            if kv is None and left is not None and left.has(layer):
+                keys, values = left.layer(layer, length)
+                kv = (keys.clone(), values.clone())
+            if kv is not None:
+                out.append((layer, *kv))
+        return out
+
+    async def take_kv(self, frame: KVFrame) -> None:
+        stage, pending = self.stage, self._pending
+        shard = None
+        if stage is not None and stage.epoch == frame.epoch:
+            shard = stage.shard
+        elif pending is not None and pending.plan.epoch == frame.epoch:
+            shard = pending.shard
+        refusal = ErrorFrame(frame.epoch, frame.session, 0, ErrorCode.NO_HANDOFF, "", frame.attempt)
+        if shard is None:
+            message = f"{self.control.node} serves no units in epoch {frame.epoch}"
+            await self._tell(frame.origin, replace(refusal, message=message))
+            return
+        try:
+            keys, values = from_wire(frame.keys), from_wire(frame.values)
+            await run_model(shard.install, frame.session, frame.layer, keys, values)
+        except (ValueError, WireError) as e:
+            await self._tell(frame.origin, replace(refusal, message=f"bad handoff: {e}"))
+            return
+        self.stats.kv_layers_received += 1
+        self._seen[frame.session] = (frame.origin, self.clock.now())
+        key = (frame.session, frame.attempt)
+        self._kv_in[key] = self._kv_in.get(key, 0) + 1
+        if frame.final:
+            done = HandoffDone(frame.epoch, frame.session, frame.attempt, self._kv_in.pop(key))
+            await self._tell(frame.origin, done)
+
+    # -- freeing caches ----------------------------------------------------------------------
+
+    async def forget(self, session: str) -> None:
+        """The session is over: free all this peer holds of it, and ignore its late frames."""
+        self._seen.pop(session, None)
+        self.budget.release(session)
+        self._ended[session] = None
+        while len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
+        # Mid-switch a cache is in neither shard nor left-behind list (it is being adopted):
+        # a drop then would miss it, and the new shard would keep it until session_idle.
+        async with self._switch:
+            self.left_behind.drop(session)
+            shards = {id(s): s for s in self._shards()}
+            for shard in shards.values():
+                await run_model(shard.drop, session)
+        self.pulse.fire()
+
+    def _shards(self) -> list[Shard]:
+        pending = self._pending.shard if self._pending is not None else None
+        stage = self.stage.shard if self.stage is not None else None
+        return [s for s in (stage, pending) if s is not None]
+
+    async def sweep(self) -> None:
+        """One look for what no one will ask for: sessions whose origin left the mesh or went
+        quiet, and left-behind caches past their time."""
+        await self.clock.sleep(self.timings.sweep_interval)
+        if self.left_behind.expire():
+            self.pulse.fire()
+        now = self.clock.now()
+        held = {str(s) for shard in self._shards() for s in shard.sessions}
+        for session in held - self._seen.keys():
+            self._seen[session] = ("", now)  # learnt by handoff or a race: start a clock
+        for session, (origin, last) in list(self._seen.items()):
+            gone = origin and not self.control.is_member_address(origin)
+            if gone or now - last > self.timings.session_idle:
+                why = "its origin left the mesh" if gone else "it went quiet"
+                self.events.add("session", f"freed session {session}: {why}")
+                await self.forget(session)

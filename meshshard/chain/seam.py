@@ -1,0 +1,63 @@
+"""The seam between the planes: all the data plane may see of the control plane.
+
+The data plane needs the plan in force, whether a plan's chain is ready, a member's address,
+a way to say "my stage for epoch E is loaded", and to hear when any of these may have changed
+(so it waits on change instead of polling). It depends on this protocol only, never on the
+control node's class; `meshshard.mesh.seam` implements it over a ControlNode, and tests can
+implement it over anything.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from meshshard.types import Epoch, NodeId, PlanRecord
+
+
+class ControlPlane(Protocol):
+    @property
+    def node(self) -> NodeId:
+        """This peer's id."""
+        ...
+
+    @property
+    def address(self) -> str:
+        """This peer's address as the mesh knows it (host:port): where answers come back."""
+        ...
+
+    def plan(self) -> PlanRecord | None:
+        """The plan in force."""
+        ...
+
+    def ready(self, plan: PlanRecord) -> bool:
+        """Every stage of `plan` is on a live member that serves its epoch."""
+        ...
+
+    def address_of(self, node: NodeId) -> str | None:
+        """A live member's address; None for anyone else."""
+        ...
+
+    def is_member_address(self, address: str) -> bool:
+        """Whether a live member is at `address` (an origin still in the mesh)."""
+        ...
+
+    def set_ready(self, epoch: Epoch) -> None:
+        """Tell the mesh this peer serves `epoch` (its stage for it is loaded)."""
+        ...
+
+    def plan_possible(self) -> bool:
+        """Whether the serving members can run the model without the ones leaving."""
+        ...
+
+    def why_no_plan(self) -> str:
+        """What keeps a plan from being made, in words ("" when nothing)."""
+        ...
+
+    @property
+    def version(self) -> int:
+        """Counts changes to what this protocol answers."""
+        ...
+
+    async def changed(self, seen: int) -> int:
+        """Wait for the first change after version `seen`; the new version."""
+        ...

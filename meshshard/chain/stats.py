@@ -1,0 +1,21 @@
+"""What one peer's data plane has done: one object that status and metrics both read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ChainStats:
+    # As an origin: answers started here, tokens streamed to their callers, feeds that went
+    # back over positions already fed (a cache was lost), and KV handoffs completed.
+    sessions_started: int = 0
+    tokens_out: int = 0
+    replays: int = 0
+    handoffs: int = 0
+    # As a stage: layers of KV cache handed to new owners and taken from old ones, new
+    # sessions refused for want of memory, and steps run by the stages since replaced.
+    kv_layers_sent: int = 0
+    kv_layers_received: int = 0
+    busy: int = 0
+    steps_before: int = 0
