@@ -31,13 +31,13 @@ from meshshard.events import EventLog
 from meshshard.mesh.discovery import Discovery
 from meshshard.mesh.http import HttpTransport, control_routes, delay_answers
 from meshshard.mesh.node import ControlNode
-from meshshard.mesh.rounds import rounds
 from meshshard.mesh.sanity import incarnation_at
 from meshshard.mesh.seam import NodeSeam
 from meshshard.metrics import Metrics
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
 from meshshard.model.source import resolve_model
 from meshshard.progress import progress
+from meshshard.rounds import rounds
 from meshshard.security import Keyring, Sealer
 from meshshard.types import Member, NodeId, Profile, State
 

@@ -113,3 +113,14 @@ class PlanRecord:
 
     def stage_of(self, node: NodeId) -> PlanStage | None:
         return next((s for s in self.stages if s.device == node), None)
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """What one planning unit of a model costs: its weights, the KV cache and the activation
+    it adds per token. The model measures it; the planner reads it."""
+
+    name: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    out_bytes_per_token: int

@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 
 from meshshard.config import TEST_TIMINGS  # noqa: E402
 from meshshard.mesh.node import ControlNode, TransportError  # noqa: E402
-from meshshard.planner.build import UnitCost  # noqa: E402
 from meshshard.security import DATA, AuthError, Keyring, Sealer  # noqa: E402
 from meshshard.types import (  # noqa: E402
     Epoch,
@@ -45,6 +44,7 @@ from meshshard.types import (  # noqa: E402
     PlanStage,
     Profile,
     State,
+    UnitCost,
 )
 from meshshard.wire import (  # noqa: E402
     ControlMessage,

@@ -31,8 +31,8 @@ from meshshard.clock import Clock, Pulse
 from meshshard.config import Timings
 from meshshard.edge.serve import names_of
 from meshshard.events import EventLog
-from meshshard.mesh.rounds import rounds
 from meshshard.model.spec import ModelSpec
+from meshshard.rounds import rounds
 from meshshard.wire import (
     DataFrame,
     DropFrame,

@@ -19,9 +19,9 @@ import torch
 
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import run_model
+from meshshard.model.batching import MAX_BATCH
 from meshshard.model.sampling import Sampler, SamplingParams
 from meshshard.model.shard import Shard, UnknownSession
-from meshshard.planner.flow import MAX_BATCH
 from meshshard.types import Epoch
 from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, StepFrame, TokenFrame, WireError
 

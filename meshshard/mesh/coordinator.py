@@ -7,9 +7,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from meshshard.planner import Cost, InstanceError, Objective, Stage, solve
-from meshshard.planner.build import UnitCost, build_instance
+from meshshard.planner.build import build_instance
 from meshshard.planner.instance import Instance, Link
-from meshshard.types import Epoch, LinkStat, Member, NodeId, PlanRecord, PlanStage, Profile
+from meshshard.types import (
+    Epoch,
+    LinkStat,
+    Member,
+    NodeId,
+    PlanRecord,
+    PlanStage,
+    Profile,
+    UnitCost,
+)
 
 # Links not yet measured are assumed to be a modest LAN.
 UNMEASURED = Link(mbps=100.0, ms=1.0)

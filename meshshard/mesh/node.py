@@ -28,14 +28,13 @@ from meshshard.mesh.coordinator import (
 )
 from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.membership import Change, Membership
-from meshshard.mesh.rounds import rounds
 from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
 from meshshard.mesh.seeds import Seeds
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
 from meshshard.planner.baselines import baseline
-from meshshard.planner.build import UnitCost
 from meshshard.planner.flow import flow_stages, latency_ms, tokens_per_s
-from meshshard.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State
+from meshshard.rounds import rounds
+from meshshard.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State, UnitCost
 from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
 
 logger = logging.getLogger(__name__)

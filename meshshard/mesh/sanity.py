@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from meshshard.model.batching import BATCHES
 from meshshard.planner.cost import fits
-from meshshard.planner.flow import BATCHES
 from meshshard.types import Member, NodeId, PlanRecord, Profile
 
 TERM_ORIGIN = 1_735_689_600  # 2025-01-01 UTC: terms count seconds from here

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 from meshshard.model.source import model_name
 from meshshard.model.spec import ModelSpec
-from meshshard.planner.build import UnitCost
+from meshshard.types import UnitCost
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Until a device is profiled, assume it streams weights at this rate (decode is memory-bound).

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from meshshard.model.batching import BATCHES
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
-from meshshard.planner.flow import BATCHES
 from meshshard.progress import progress
 
 logger = logging.getLogger(__name__)

@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from meshshard.planner.instance import Device, Instance, InstanceError, Link, Unit
-
-
-@dataclass(frozen=True)
-class UnitCost:
-    name: str
-    weight_bytes: int
-    kv_bytes_per_token: int
-    out_bytes_per_token: int
+from meshshard.types import UnitCost
 
 
 def units_from_profile(profile: Mapping[str, Any]) -> list[UnitCost]:

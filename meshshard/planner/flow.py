@@ -18,11 +18,10 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from meshshard.model.batching import BATCHES, MAX_BATCH
 from meshshard.planner.cost import Stage
 from meshshard.planner.instance import Instance
 
-MAX_BATCH = 16  # sessions a stage takes into one forward pass
-BATCHES = (2, 3, 4, 8, MAX_BATCH)  # batch sizes a profile times
 TOKENS = 64  # per answer, as the experiments ask for
 
 # Events at one instant: frames land and batches finish before an idle stage starts, so what

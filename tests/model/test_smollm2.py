@@ -16,7 +16,7 @@ from meshshard.model.generate import LocalChain
 from meshshard.model.profile import CACHE_FLUSH_BYTES, layers_to_profile, quick_profile
 from meshshard.model.source import ensure_embedded
 from meshshard.model.text import TextCodec
-from meshshard.planner.flow import BATCHES
+from meshshard.model.batching import BATCHES
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,7 @@ import random
 
 from meshshard.config import TEST_TIMINGS, Timings
 from meshshard.mesh.node import ControlNode, TransportError
-from meshshard.planner.build import UnitCost
-from meshshard.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State
+from meshshard.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State, UnitCost
 from meshshard.wire import ControlMessage, decode, encode
 
 UNITS = [UnitCost(f"U{i}", 100, 0, 1000) for i in range(8)]
