@@ -19,7 +19,7 @@ from meshshard import __version__
 from meshshard.api.guard import BrowserGuard
 from meshshard.api.openai import OpenAIApi
 from meshshard.api.operator import OperatorApi
-from meshshard.chain.links import Dispatch, FrameCodec, Links, Refusals
+from meshshard.chain.links import Dispatch, FrameCodec, Links, Refusals, SocketServer
 from meshshard.chain.meter import StepCostMeter
 from meshshard.chain.service import ChainService
 from meshshard.chain.worker import run_model
@@ -100,10 +100,14 @@ class Daemon:
                     session, dispatch, tg, frames, refusals, timings.connect_timeout, delays
                 )
 
+            seam = NodeSeam(node)
             service = ChainService(
-                NodeSeam(node), model_dir, config.dtype, spec, frames, connect, events,
-                profile.mem, node.clock, timings,
+                seam, model_dir, config.dtype, spec, connect, events, profile.mem, node.clock,
+                timings,
             )  # fmt: skip
+            sockets = SocketServer(
+                frames, service.refusals, lambda: seam.address, service.handle_frame
+            )
             self.service = service
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             body_timeout = config.timings.body_timeout
@@ -112,14 +116,14 @@ class Daemon:
                 "peer": ConnectionGate(config.connections_per_host, config.connections),
                 "api": ConnectionGate(config.connections_per_host, config.connections),
             }
-            metrics = Metrics(node, service, self.gates)
+            metrics = Metrics(node, service, frames, self.gates)
             operator = OperatorApi(node, events, metrics, self.status, body_timeout)
             self.sealer = sealer
             peer_app = web.Application(
                 client_max_size=MAX_REQUEST_BYTES, middlewares=[delay_answers(delays)]
             )
             peer_app.add_routes(control_routes(node, sealer, config.timings))
-            peer_app.add_routes([web.get("/chain/ws", service.handle_ws)])
+            peer_app.add_routes([web.get("/chain/ws", sockets.handle_ws)])
             guard = BrowserGuard.for_api(config.api_bind, config.api_allow_hosts)
             user_app = web.Application(
                 client_max_size=MAX_REQUEST_BYTES,
@@ -197,6 +201,7 @@ class Daemon:
                     await node.stop(leave=True)
                     for task in tasks:
                         task.cancel()
+                    await sockets.close()
                     await running
             finally:
                 if discovery is not None:

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from meshshard.events import Event
 
 if TYPE_CHECKING:
+    from meshshard.chain.links import FrameCodec
     from meshshard.chain.service import ChainService
     from meshshard.edge.serve import ConnectionGate
     from meshshard.mesh.node import ControlNode
@@ -29,6 +30,7 @@ class Metrics:
         self,
         node: ControlNode,
         service: ChainService,
+        codec: FrameCodec,
         gates: Mapping[str, ConnectionGate] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
@@ -41,7 +43,7 @@ class Metrics:
         )
         self.replans = 0
         self.membership: dict[str, int] = {}
-        self.registry.register(_Counters(self, node, service, gates or {}))
+        self.registry.register(_Counters(self, node, service, codec, gates or {}))
         node.events.listen(self._event)
         service.observe(self._step)
 
@@ -68,9 +70,10 @@ class _Counters(Collector):
         metrics: Metrics,
         node: ControlNode,
         service: ChainService,
+        codec: FrameCodec,
         gates: Mapping[str, ConnectionGate],
     ) -> None:
-        self._metrics, self._node, self._service = metrics, node, service
+        self._metrics, self._node, self._service, self._codec = metrics, node, service, codec
         self._gates = gates
 
     def collect(self) -> Iterator[Metric]:
@@ -88,7 +91,7 @@ class _Counters(Collector):
             (G, "stage_sessions", "Sessions whose cache this peer's stage holds",
              len(stage.shard.sessions) if stage else 0),
             (C, "stage_steps", "Steps this peer's stages ran", service.follower.steps),
-            (C, "hop_bytes_received", "Data-plane bytes received", service.codec.received_bytes),
+            (C, "hop_bytes_received", "Data-plane bytes received", self._codec.received_bytes),
             (C, "replans", "Plans this peer adopted", metrics.replans),
             (G, "members_alive", "Members this peer sees alive", len(node.membership.live())),
             (C, "kv_handoffs", "KV handoffs completed for answers of this peer", stats.handoffs),

@@ -18,12 +18,12 @@ TINY = dict(
 )
 
 
-def build_tiny(kind: str, folder: Path) -> Path:
+def build_tiny(kind: str, folder: Path, layers: int = 4) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     torch.manual_seed(0)
     if kind == "llama":
-        config = LlamaConfig(**TINY, tie_word_embeddings=True)
+        config = LlamaConfig(**TINY | {"num_hidden_layers": layers}, tie_word_embeddings=True)
     elif kind == "llama-untied":
         config = LlamaConfig(**TINY, tie_word_embeddings=False)
     elif kind == "qwen2":

@@ -30,6 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from meshshard.delays import NONE, Delays
+from meshshard.edge.serve import names_of
 from meshshard.security import CHANNEL, DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import MAX_FRAME_BYTES, DataFrame, WireError, decode_frame, encode_frame
 
@@ -291,3 +292,38 @@ async def read_frames(
             continue
         if frame is not None:
             await dispatch(frame)
+
+
+class SocketServer:
+    """The accepting side of data-plane sockets (`GET /chain/ws`): opens one only for an
+    upgrade sealed for this peer, then hands every frame that arrives to `dispatch`."""
+
+    def __init__(
+        self,
+        codec: FrameCodec,
+        refusals: Refusals,
+        address: Callable[[], str],
+        dispatch: Dispatch,
+    ) -> None:
+        self._codec, self._refusals, self._address = codec, refusals, address
+        self._dispatch = dispatch
+        self._inbound: set[web.WebSocketResponse] = set()
+
+    async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
+        token = accept_token(request, self._codec.sealer, names_of(request, self._address()))
+        ws = web.WebSocketResponse(
+            max_msg_size=self._codec.max_message, heartbeat=10, compress=False
+        )
+        await ws.prepare(request)
+        self._inbound.add(ws)
+        channel = self._codec.channel(token, outbound=False)
+        try:
+            await read_frames(ws, channel, self._refusals, request.remote, self._dispatch)
+        finally:
+            self._inbound.discard(ws)
+        return ws
+
+    async def close(self) -> None:
+        """Close every socket open to us (the HTTP server waits for them to end)."""
+        for ws in list(self._inbound):
+            await ws.close()

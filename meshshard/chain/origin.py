@@ -348,7 +348,7 @@ class Origin:
         planned = moves(old, new, self.spec.num_units)
         if any(self.control.address_of(m.source) is None for m in planned):
             return  # a cache died with its owner: the whole chain replays, handoffs are moot
-        sources = []
+        targets = []
         for move in planned:
             source = self.control.address_of(move.source)
             target = self.control.address_of(move.target)
@@ -362,13 +362,15 @@ class Origin:
                 await self._send(source, req)
             except Exception:
                 continue
-            sources.append(move.source)
-        waiting = len(sources)
+            targets.append(move.target)
+        # A source may leave as soon as it has sent (a graceful leave ends so): what matters
+        # is that the new owners are there to take the caches and say so.
+        waiting = len(targets)
         started = self.clock.now()
         while waiting:
             seen = self.pulse.version
             left = self.timings.handoff_timeout - (self.clock.now() - started)
-            alive = all(self.control.address_of(n) is not None for n in sources)
+            alive = all(self.control.address_of(n) is not None for n in targets)
             if not alive or left <= 0:
                 self.events.add("handoff", f"session {session}: handoff incomplete")
                 return

@@ -11,25 +11,14 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from aiohttp import web
-
 from meshshard.chain.follower import PlanFollower
-from meshshard.chain.links import (
-    DataLinks,
-    Dispatch,
-    FrameCodec,
-    LinkError,
-    Refusals,
-    accept_token,
-    read_frames,
-)
+from meshshard.chain.links import DataLinks, Dispatch, LinkError, Refusals
 from meshshard.chain.origin import Origin
 from meshshard.chain.seam import ControlPlane
 from meshshard.chain.stage import Observe
 from meshshard.chain.stats import ChainStats
 from meshshard.clock import Clock, Pulse
 from meshshard.config import Timings
-from meshshard.edge.serve import names_of
 from meshshard.events import EventLog
 from meshshard.model.spec import ModelSpec
 from meshshard.rounds import rounds
@@ -58,14 +47,13 @@ class ChainService:
         model_dir: Path,
         dtype: str,
         spec: ModelSpec,
-        codec: FrameCodec,
         connect: Connect,
         events: EventLog,
         memory: float,
         clock: Clock,
         timings: Timings,
     ) -> None:
-        self.control, self.codec, self.events = control, codec, events
+        self.control, self.events = control, events
         self.clock, self.timings = clock, timings
         self.stats = ChainStats()
         self.refusals = Refusals()
@@ -80,7 +68,6 @@ class ChainService:
         self._connect = connect
         self._links: DataLinks | None = None
         self._tg: asyncio.TaskGroup | None = None
-        self._inbound: set[web.WebSocketResponse] = set()
         self.loop_errors: Counter[str] = Counter()  # rounds of our loops that failed
 
     def observe(self, callback: Observe) -> None:
@@ -111,8 +98,6 @@ class ChainService:
                     task.cancel()
                 await self.follower.close()
                 await self._links.close()
-                for ws in list(self._inbound):  # or the HTTP server waits for them to end
-                    await ws.close()
 
     async def _relay(self) -> None:
         """Changes of the control plane wake whoever waits on this service's pulse."""
@@ -152,21 +137,6 @@ class ChainService:
                 await self.follower.take_kv(frame)
             case TokenFrame() | ErrorFrame() | HandoffDone():
                 self.origin.deliver(frame)
-
-    async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
-        names = names_of(request, self.control.address)
-        token = accept_token(request, self.codec.sealer, names)
-        ws = web.WebSocketResponse(
-            max_msg_size=self.codec.max_message, heartbeat=10, compress=False
-        )
-        await ws.prepare(request)
-        self._inbound.add(ws)
-        channel = self.codec.channel(token, outbound=False)
-        try:
-            await read_frames(ws, channel, self.refusals, request.remote, self.handle_frame)
-        finally:
-            self._inbound.discard(ws)
-        return ws
 
     async def _send(self, addr: str, frame: DataFrame) -> None:
         assert self._links is not None

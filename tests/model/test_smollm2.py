@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from meshshard.config import default_cache_dir
+from meshshard.model.batching import BATCHES
 from meshshard.model.costs import unit_costs
 from meshshard.model.generate import LocalChain
 from meshshard.model.profile import CACHE_FLUSH_BYTES, layers_to_profile, quick_profile
 from meshshard.model.source import ensure_embedded
 from meshshard.model.text import TextCodec
-from meshshard.model.batching import BATCHES
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,185 @@
+"""The data plane at the simulated level: real control nodes and chain services of several
+peers in one process, over in-memory networks, on a tiny random model. Crashes, joins,
+leaves, stale and unknown frames, twenty answers at once and what is left afterwards: each
+answer token for token that of one process, in seconds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny
+from support.simchain import SIM_TIMINGS, SimMesh
+
+from meshshard.chain.tensors import to_wire
+from meshshard.model.costs import unit_costs
+from meshshard.model.generate import LocalChain, generate
+from meshshard.types import Epoch
+from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, Sampling, StepFrame
+
+PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42], [7] * 12, [88, 3, 61, 20, 19, 4, 77]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six layers: with memory for 40% of it, a peer holds two, and a chain takes three."""
+    return build_tiny("llama", tmp_path_factory.mktemp("sim-llama"), layers=6)
+
+
+@pytest.fixture(scope="module")
+def reference(model: Path) -> Callable[[Sequence[int], int], list[int]]:
+    chain = LocalChain.load(model)
+    return lambda prompt, n: list(generate(chain, prompt, n))
+
+
+@pytest.fixture(scope="module")
+def memory(model: Path) -> float:
+    """What each peer offers: 40% of the model's weights and planned KV."""
+    units = unit_costs(model, "float32")
+    return 0.4 * sum(u.weight_bytes + u.kv_bytes_per_token * 2048 for u in units)
+
+
+async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
+    assert check(), what
+
+
+async def answer(mesh: SimMesh, origin: str, prompt: Sequence[int], n: int, got: list[int]) -> None:
+    async for token in mesh.peers[origin].service.origin.generate(prompt, n):
+        got.append(token)
+
+
+async def test_a_simulated_mesh_answers_as_one_process(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    async with SimMesh(model, memory) as mesh:
+        for name in ("a", "b", "c"):
+            mesh.add(name)
+        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
+        for prompt in PROMPTS:
+            got: list[int] = []
+            await answer(mesh, "a", prompt, 16, got)
+            assert got == reference(prompt, 16)
+        await until(mesh.idle, 5, "every cache freed")
+
+
+class Collector:
+    """Plays an origin on the data network: keeps what comes back."""
+
+    def __init__(self) -> None:
+        self.frames: list[DataFrame] = []
+
+    async def handle_frame(self, frame: DataFrame) -> None:
+        self.frames.append(frame)
+
+
+async def test_stale_and_unknown_frames_get_error_frames(model: Path, memory: float) -> None:
+    async with SimMesh(model, memory) as mesh:
+        for name in ("a", "b", "c"):
+            mesh.add(name)
+        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
+        plan = mesh.peers["a"].node.book.current
+        assert plan is not None
+        first = mesh.peers[plan.stages[0].device].service
+        probe = Collector()
+        mesh.data.services["10.7.9.9:1"] = probe  # type: ignore[assignment]
+        ids, sampling = to_wire(torch.tensor([1, 2, 3])), Sampling(0.0, 1.0, 1)
+        old = Epoch(plan.epoch.term - 1, plan.epoch.coordinator)
+        await first.handle_frame(StepFrame(old, "x/1", 0, 0, ids, "10.7.9.9:1", True, sampling))
+        await first.handle_frame(
+            StepFrame(plan.epoch, "x/2", 5, 40, ids, "10.7.9.9:1", True, sampling)
+        )
+        await until(lambda: len(probe.frames) == 2, 5, "two error frames")
+        codes = {f.session: f.code for f in probe.frames if isinstance(f, ErrorFrame)}
+        assert codes == {"x/1": ErrorCode.STALE_EPOCH, "x/2": ErrorCode.UNKNOWN_SESSION}
+
+
+@pytest.mark.parametrize("victim", [1, 2])  # the middle stage, the last stage
+async def test_an_answer_survives_a_stage_crashing_mid_answer(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]], victim: int
+) -> None:
+    async with SimMesh(model, memory) as mesh:
+        for name in ("a", "b", "c", "d"):
+            mesh.add(name)
+        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
+        plan = mesh.peers["a"].node.book.current
+        assert plan is not None
+        origin = plan.stages[0].device
+        mesh.data.delay = 0.005  # so the answer is still going when the crash is noticed
+        got: list[int] = []
+        task = asyncio.create_task(answer(mesh, origin, PROMPTS[0], 48, got))
+        await until(lambda: len(got) >= 5, 20, "the answer under way")
+        mesh.kill(plan.stages[victim].device)
+        await asyncio.wait_for(task, 60)
+        assert got == reference(PROMPTS[0], 48)
+        assert mesh.peers[origin].service.stats.replays > 0  # its cache died: fed again
+
+
+async def test_a_graceful_leave_hands_caches_over_without_replaying(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    async with SimMesh(model, memory) as mesh:
+        for name in ("a", "b", "c", "d"):
+            mesh.add(name)
+        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
+        plan = mesh.peers["a"].node.book.current
+        assert plan is not None
+        origin, leaving = plan.stages[0].device, plan.stages[1].device
+        mesh.data.delay = 0.01  # so the answer is still going when the new chain is ready
+        got: list[int] = []
+        task = asyncio.create_task(answer(mesh, origin, PROMPTS[3], 64, got))
+        await until(lambda: len(got) >= 5, 20, "the answer under way")
+        assert await mesh.leave(leaving)
+        await asyncio.wait_for(task, 60)
+        assert got == reference(PROMPTS[3], 64)
+        stats = mesh.peers[origin].service.stats
+        assert stats.handoffs > 0 and stats.replays == 0
+
+
+async def test_twenty_answers_through_a_crash_and_a_join_leave_nothing_behind(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    async with SimMesh(model, memory) as mesh:
+        for name in ("a", "b", "c", "d"):
+            mesh.add(name)
+        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
+        plan = mesh.peers["a"].node.book.current
+        assert plan is not None
+        origin, victim = plan.stages[0].device, plan.stages[1].device
+        answers: list[list[int]] = [[] for _ in range(20)]
+        tasks = [
+            asyncio.create_task(answer(mesh, origin, PROMPTS[i % 4], 32, answers[i]))
+            for i in range(20)
+        ]
+        await until(lambda: sum(len(a) >= 3 for a in answers) >= 10, 30, "answers under way")
+        mesh.kill(victim)
+        mesh.add("z", priority=5)  # takes over as coordinator, and the first stage
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        for i, got in enumerate(answers):
+            assert got == reference(PROMPTS[i % 4], 32), i
+        assert mesh.peers["z"].node.coordinator == "z"
+        # Everything of the finished answers is freed: at once, or when a cache left behind
+        # by a plan change that no handoff claimed expires, never later.
+        await until(mesh.idle, SIM_TIMINGS.left_behind_keep + 3, f"freed: {mesh.holding()}")
+
+
+async def test_a_dead_origins_answers_are_freed(model: Path, memory: float) -> None:
+    async with SimMesh(model, memory) as mesh:
+        for name in ("a", "b", "c", "d"):
+            mesh.add(name)
+        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
+        plan = mesh.peers["a"].node.book.current
+        assert plan is not None
+        outside = next(n for n in mesh.peers if plan.stage_of(n) is None)  # type: ignore[arg-type]
+        got: list[int] = []
+        task = asyncio.create_task(answer(mesh, outside, PROMPTS[1], 500, got))
+        await until(lambda: len(got) >= 5, 20, "the answer under way")
+        mesh.kill(outside)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await until(mesh.idle, 10, f"its caches freed: {mesh.holding()}")
