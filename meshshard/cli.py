@@ -460,7 +460,8 @@ def up(
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 def status(peer: str, api_token: str | None, as_json: bool, watch: bool) -> None:
     """Members, coordinator, epoch and plan, as one peer sees them."""
-    from meshshard.status import fetch_status, render_status
+    from meshshard.client import fetch_status
+    from meshshard.status import render_status
 
     while True:
         data = fetch_status(peer, api_token)
@@ -495,7 +496,7 @@ def ask(
     as_json: bool,
 ) -> None:
     """Ask the mesh; the answer streams as it is generated."""
-    from meshshard.ask import ask as run
+    from meshshard.client import ask as run
 
     def show(piece: str) -> None:
         if not as_json:

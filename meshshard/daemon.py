@@ -19,17 +19,24 @@ from meshshard import __version__
 from meshshard.api.guard import BrowserGuard
 from meshshard.api.openai import OpenAIApi
 from meshshard.api.operator import OperatorApi
-from meshshard.chain.links import Dispatch, FrameCodec, Links, Refusals, SocketServer
+from meshshard.chain.links import (
+    DataLinks,
+    Dispatch,
+    FrameCodec,
+    Links,
+    Refusals,
+    SocketServer,
+)
 from meshshard.chain.meter import StepCostMeter
 from meshshard.chain.service import ChainService
 from meshshard.chain.worker import run_model
 from meshshard.config import Config
-from meshshard.delays import Delays
+from meshshard.delays import DelayedLinks, Delays, answer_delays, request_delays
 from meshshard.edge.serve import ConnectionGate, serve
 from meshshard.errors import MeshShardError
 from meshshard.events import EventLog
 from meshshard.mesh.discovery import Discovery
-from meshshard.mesh.http import HttpTransport, control_routes, delay_answers
+from meshshard.mesh.http import HttpTransport, control_routes
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.sanity import incarnation_at
 from meshshard.mesh.seam import NodeSeam
@@ -64,7 +71,7 @@ class Daemon:
         config = self.config
         sealer = _sealer(config)  # a bad key file fails before anything slow starts
         delays = Delays.from_env()
-        if delays.own_ms or delays.hosts_ms:
+        if delays:
             logger.warning("test-only link delays in force: %s", delays)
         model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
         spec = read_spec(model_dir)
@@ -79,7 +86,8 @@ class Daemon:
         # Our idle connections close before the other side's header timeout closes them
         # under a request we are about to send.
         connector = aiohttp.TCPConnector(keepalive_timeout=config.timings.header_timeout / 2)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        traces = [request_delays(delays)] if delays else []
+        async with aiohttp.ClientSession(connector=connector, trace_configs=traces) as http:
             events = EventLog(node_id)
             node = ControlNode(
                 me=me,
@@ -87,7 +95,7 @@ class Daemon:
                 profile=profile,
                 units=units,
                 timings=config.timings,
-                transport=HttpTransport(session, sealer, delays),
+                transport=HttpTransport(http, sealer),
                 objective=config.objective,  # type: ignore[arg-type]
                 context_tokens=config.context_tokens,
             )
@@ -95,10 +103,9 @@ class Daemon:
             frames = FrameCodec(sealer, spec.hidden_size, config.max_frame_bytes)
             timings = config.timings
 
-            def connect(dispatch: Dispatch, tg: asyncio.TaskGroup, refusals: Refusals) -> Links:
-                return Links(
-                    session, dispatch, tg, frames, refusals, timings.connect_timeout, delays
-                )
+            def connect(dispatch: Dispatch, tg: asyncio.TaskGroup, refusals: Refusals) -> DataLinks:
+                links = Links(http, dispatch, tg, frames, refusals, timings.connect_timeout)
+                return DelayedLinks(links, delays, tg) if delays else links
 
             seam = NodeSeam(node)
             service = ChainService(
@@ -120,7 +127,8 @@ class Daemon:
             operator = OperatorApi(node, events, metrics, self.status, body_timeout)
             self.sealer = sealer
             peer_app = web.Application(
-                client_max_size=MAX_REQUEST_BYTES, middlewares=[delay_answers(delays)]
+                client_max_size=MAX_REQUEST_BYTES,
+                middlewares=[answer_delays(delays)] if delays else [],
             )
             peer_app.add_routes(control_routes(node, sealer, config.timings))
             peer_app.add_routes([web.get("/chain/ws", sockets.handle_ws)])

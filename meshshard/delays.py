@@ -5,12 +5,28 @@ bridge and every other host's, in milliseconds. A message then waits the sender'
 the receiver's before it is sent, in order and without holding up the messages behind it or
 its sender, so a link behaves like one with that latency. A host not in the table (this peer
 itself) is reached without a link, so without delay. Unset (real use), nothing waits.
+
+The delays wrap the transports from outside, where the testbed asks for them: requests of an
+HTTP client (`request_delays`), answers of a server (`answer_delays`) and data-plane frames
+(`DelayedLinks`); the transports themselves know nothing of them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from meshshard.chain.links import DataLinks, LinkError
+from meshshard.wire import DataFrame
+
+logger = logging.getLogger(__name__)
 
 ENV = "MESHSHARD_TEST_DELAYS"
 
@@ -32,6 +48,10 @@ class Delays:
         own = table.pop("self", 0.0)
         return cls(own, table)
 
+    def __bool__(self) -> bool:
+        """Whether any delay is in force (only on a testbed)."""
+        return bool(self.own_ms or self.hosts_ms)
+
     def to(self, addr: str | None) -> float:
         """Seconds a message to `addr` (host or host:port) waits before it leaves."""
         if not self.own_ms and not self.hosts_ms:
@@ -43,3 +63,60 @@ class Delays:
 
 
 NONE = Delays()
+
+
+def request_delays(delays: Delays) -> aiohttp.TraceConfig:
+    """For an HTTP client: every request waits the link's delay before it leaves."""
+    trace = aiohttp.TraceConfig()
+
+    async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        if wait := delays.to(f"{params.url.host}:{params.url.port}"):
+            await asyncio.sleep(wait)
+
+    trace.on_request_start.append(on_start)
+    return trace
+
+
+def answer_delays(delays: Delays) -> Any:
+    """For a server: answers wait the link's delay back to the asker, as requests do."""
+
+    @web.middleware
+    async def delay(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if wait := delays.to(request.remote):
+            await asyncio.sleep(wait)
+        return response
+
+    return delay
+
+
+class DelayedLinks:
+    """Data-plane links whose frames wait the link's delay. The delay holds the frame, not
+    the sender: on a real link with that latency the sender is free as soon as the bytes are
+    in the socket (and a frame lost on the way is for the origin to notice). Frames to one
+    address keep their order."""
+
+    def __init__(self, inner: DataLinks, delays: Delays, tg: asyncio.TaskGroup) -> None:
+        self._inner, self._delays, self._tg = inner, delays, tg
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.sent_bytes: Counter[str] = inner.sent_bytes
+
+    async def send(self, addr: str, frame: DataFrame) -> None:
+        delay = self._delays.to(addr)
+        if not delay:
+            await self._inner.send(addr, frame)
+            return
+        # Tasks take the lock in the order they were made, so frames keep their order.
+        due = asyncio.get_running_loop().time() + delay
+        self._tg.create_task(self._later(addr, due, frame))
+
+    async def _later(self, addr: str, due: float, frame: DataFrame) -> None:
+        async with self._locks.setdefault(addr, asyncio.Lock()):
+            await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
+            try:
+                await self._inner.send(addr, frame)
+            except LinkError as e:
+                logger.warning("delayed frame to %s lost: %s", addr, e)
+
+    async def close(self) -> None:
+        await self._inner.close()

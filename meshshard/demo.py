@@ -10,7 +10,6 @@ import contextlib
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any
 
 import click
 
-from meshshard.ask import ask
+from meshshard.client import ask, fetch_status
 from meshshard.config import API_PORT_OFFSET
 from meshshard.errors import MeshShardError
+from meshshard.launch import PeerCommand
 from meshshard.security import new_key, write_key_file
-from meshshard.status import fetch_status
 
 READY_TIMEOUT = 180.0
 
@@ -42,14 +41,10 @@ def run_demo(
     )
     try:
         for i in range(peers):
-            cmd = [
-                sys.executable, "-m", "meshshard", "up",
-                "--interface", "127.0.0.1", "--port", str(base_port + i),
-                "--name", f"demo-{chr(ord('a') + i)}", "--memory", memory, "--threads", "1",
-                "--secret-file", str(key),
-            ]  # fmt: skip
-            log = open(logs / f"demo-{i}.log", "wb")  # noqa: SIM115 (closed with the process)
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            name = f"demo-{chr(ord('a') + i)}"
+            extra = ("--memory", memory, "--threads", "1")
+            peer = PeerCommand(name, base_port + i, "127.0.0.1", key, extra)
+            procs.append(peer.start(logs / f"demo-{i}.log"))
         status = _wait_ready(urls, procs, logs)
         plan = status["plan"]
         chain = " -> ".join(

@@ -2,38 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 import click
-
-from meshshard.errors import MeshShardError
-
-
-def fetch_status(peer: str, token: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    url = peer.rstrip("/") + "/status"
-    if not url.startswith(("http://", "https://")):
-        url = "http://" + url
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers), timeout=timeout
-        ) as resp:
-            data = json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        raise MeshShardError(f"{peer}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise MeshShardError(f"no peer answers at {peer}: {reason}") from None
-    except ValueError:
-        raise MeshShardError(f"{peer} did not answer with a status object") from None
-    if not isinstance(data, dict):
-        raise MeshShardError(f"{peer} did not answer with a status object")
-    return data
 
 
 def render_status(data: dict[str, Any]) -> str:

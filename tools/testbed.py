@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.netns import Bridge  # noqa: E402
 
 from meshshard.config import API_PORT_OFFSET, parse_bytes  # noqa: E402
+from meshshard.launch import PeerCommand  # noqa: E402
 from meshshard.security import new_key, write_key_file  # noqa: E402
 
 PREFIX = "mstb"  # namespaces, veths and cgroups of testbeds all start with this
@@ -172,24 +173,18 @@ def start_peer(
 ) -> int:
     others = {tb.address(j): h.delay_ms for j, h in enumerate(tb.hosts) if j != i}
     delays = ",".join([f"self={host.delay_ms}"] + [f"{a}={ms}" for a, ms in others.items()])
-    env = os.environ | {"MESHSHARD_TEST_DELAYS": delays}
     group = f"{tb.tag}h{i}"
-    # Join the cgroups first: inside the namespace /sys is that namespace's, without them.
-    cmd = [
-        "sh", "-c",
-        f"echo $$ > {CGROUP}/cpu/{group}/cgroup.procs && "
-        f"echo $$ > {CGROUP}/memory/{group}/cgroup.procs && exec \"$@\"",
-        "sh", "ip", "netns", "exec", tb.namespace(i), sys.executable, "-m", "meshshard", "up",
-        "--name", host.name, "--interface", tb.address(i), "--port", str(PORT),
-        "--memory", host.offer, "--priority", str(host.priority), "--threads", "1",
-        "--secret-file", str(key), "--objective", objective,
-        "--profile-dir", str(state / f"profiles-{host.name}-cpu{host.cpu}"),
-        *(["--model", tb.model] if tb.model else []), *extra,
-    ]  # fmt: skip
-    log = open(state / f"{host.name}.log", "ab")  # noqa: SIM115 (the peer keeps it)
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-    )
+    profiles = state / f"profiles-{host.name}-cpu{host.cpu}"
+    peer = PeerCommand(
+        host.name, PORT, tb.address(i), key,
+        ("--memory", host.offer, "--priority", str(host.priority), "--threads", "1",
+         "--objective", objective, "--profile-dir", str(profiles),
+         *(["--model", tb.model] if tb.model else []), *extra),
+        netns=tb.namespace(i),
+        cgroups=[CGROUP / "cpu" / group, CGROUP / "memory" / group],
+        env={"MESHSHARD_TEST_DELAYS": delays},
+    )  # fmt: skip
+    proc = peer.start(state / f"{host.name}.log", cwd=ROOT)
     return proc.pid
 
 

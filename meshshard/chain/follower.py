@@ -20,6 +20,16 @@ from pathlib import Path
 import torch
 
 from meshshard.chain.admission import KVBudget
+from meshshard.chain.following import (
+    Load,
+    NoUnits,
+    Reuse,
+    Step,
+    WaitNext,
+    prepare,
+    step_verdict,
+    switch_now,
+)
 from meshshard.chain.handoff import LeftBehind
 from meshshard.chain.seam import ControlPlane
 from meshshard.chain.stage import Observe, StageWorker
@@ -124,27 +134,29 @@ class PlanFollower:
     async def _prepare(self, plan: PlanRecord) -> None:
         """Load what `plan` asks of this peer, while the current stage keeps serving."""
         mine = plan.stage_of(self.control.node)
-        if mine is None:
-            self._pending = _Prepared(plan, None, None)
-            self.control.set_ready(plan.epoch)
-            return
-        index = plan.stages.index(mine)
-        nxt = plan.stages[index + 1].device if index + 1 < len(plan.stages) else None
+        index = plan.stages.index(mine) if mine is not None else -1
+        nxt = plan.stages[index + 1].device if 0 <= index < len(plan.stages) - 1 else None
         next_addr = self.control.address_of(nxt) if nxt is not None else None
-        if nxt is not None and next_addr is None:
-            logger.warning("next stage %s is not a live member; waiting for a new plan", nxt)
-            return
-        units = (mine.start, mine.end)
-        reusable = [p.shard for p in (self.stage, self._pending) if p is not None and p.shard]
-        shard = next((s for s in reusable if (s.start, s.end) == units), None)
-        if shard is None:
-            started = self.clock.now()
-            shard = await run_model(Shard.load, self.model_dir, mine.start, mine.end, self.dtype)
-            self.events.add(
-                "shard",
-                f"loaded units {mine.start}..{mine.end - 1} ({shard.weight_bytes() / 1e6:.0f} MB)"
-                f" in {self.clock.now() - started:.1f} s for epoch {plan.epoch}",
-            )
+        shards = [p.shard for p in (self.stage, self._pending) if p is not None and p.shard]
+        held = [(s.start, s.end) for s in shards]
+        match prepare(plan, self.control.node, held, next_addr is not None):
+            case NoUnits():
+                self._pending = _Prepared(plan, None, None)
+                self.control.set_ready(plan.epoch)
+                return
+            case WaitNext(node=node):
+                logger.warning("next stage %s is not a live member; waiting for a new plan", node)
+                return
+            case Reuse(start=start, end=end):
+                shard = next(s for s in shards if (s.start, s.end) == (start, end))
+            case Load(start=start, end=end):
+                started = self.clock.now()
+                shard = await run_model(Shard.load, self.model_dir, start, end, self.dtype)
+                self.events.add(
+                    "shard",
+                    f"loaded units {start}..{end - 1} ({shard.weight_bytes() / 1e6:.0f} MB)"
+                    f" in {self.clock.now() - started:.1f} s for epoch {plan.epoch}",
+                )
         self._pending = _Prepared(plan, shard, next_addr)
         if self.control.plan() == plan:
             self.control.set_ready(plan.epoch)
@@ -155,7 +167,7 @@ class PlanFollower:
             seen = self.control.version
             if self.control.plan() != plan:
                 return
-            if self.control.ready(plan) or self.stage is None:
+            if switch_now(self.control.ready(plan), self.stage is not None):
                 await self._switch_to(plan)
                 return
             await self.control.changed(seen)
@@ -227,19 +239,27 @@ class PlanFollower:
 
     async def serve(self, frame: StepFrame) -> None:
         """Fence a step by its epoch, admit a new session by the KV budget, then queue it."""
-        pending = self._pending
-        if pending is not None and pending.plan.epoch == frame.epoch:
-            await self._switch_to(pending.plan)  # the origin saw the new chain ready
-        elif self._switch.locked():
+        if self._switch.locked():
             async with self._switch:  # a switch under way: serve from its outcome
                 pass
-        stage = self.stage
-        if stage is None or stage.epoch != frame.epoch:
-            plan = self.control.plan()
+        pending, plan = self._pending, self.control.plan()
+        verdict = step_verdict(
+            frame.epoch,
+            self.stage.epoch if self.stage is not None else None,
+            pending.plan.epoch if pending is not None else None,
+            plan.epoch if plan is not None else None,
+        )
+        if verdict == Step.SWITCH_AND_SERVE:
+            assert pending is not None
+            await self._switch_to(pending.plan)  # the origin saw the new chain ready
+        elif verdict in (Step.STALE, Step.NOT_READY):
+            code = ErrorCode.STALE_EPOCH if verdict == Step.STALE else ErrorCode.NOT_READY
             current = plan.epoch if plan is not None else None
-            stale = current is not None and frame.epoch < current
-            code = ErrorCode.STALE_EPOCH if stale else ErrorCode.NOT_READY
             await self._refuse(frame, code, f"this peer serves epoch {current}")
+            return
+        stage = self.stage
+        if stage is None or stage.epoch != frame.epoch:  # the switch did not come to pass
+            await self._refuse(frame, ErrorCode.NOT_READY, "this peer is between plans")
             return
         positions = max(frame.reserve, frame.start + frame.tensor.shape[0])
         new = frame.start == 0 and frame.attempt == 0 and frame.step == 0

@@ -20,7 +20,6 @@ import binascii
 import logging
 import secrets
 import struct
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from meshshard.delays import NONE, Delays
 from meshshard.edge.serve import names_of
 from meshshard.security import CHANNEL, DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import MAX_FRAME_BYTES, DataFrame, WireError, decode_frame, encode_frame
@@ -190,11 +188,9 @@ class Links:
         codec: FrameCodec,
         refusals: Refusals,
         connect_timeout: float,
-        delays: Delays = NONE,
     ) -> None:
         self._session = session
         self._connect_timeout = connect_timeout
-        self._delays = delays
         self._codec = codec
         self._refusals = refusals
         self._dispatch = dispatch
@@ -206,27 +202,8 @@ class Links:
     async def send(self, addr: str, frame: DataFrame) -> None:
         """Send one frame to `addr` in order with earlier frames to it; waits while the
         socket's buffers are full (backpressure)."""
-        lock = self._locks.setdefault(addr, asyncio.Lock())
-        if delay := self._delays.to(addr):
-            # A testbed's link delay holds the frame, not the sender: on a real link with
-            # that latency the sender is free as soon as the bytes are in the socket (and a
-            # frame lost on the way is for the origin to notice). Tasks take the lock in the
-            # order they were made, so frames keep their order.
-            due = time.monotonic() + delay
-            self._tg.create_task(self._send_later(addr, lock, due, frame))
-            return
-        async with lock:
+        async with self._locks.setdefault(addr, asyncio.Lock()):
             await self._write(addr, frame)
-
-    async def _send_later(
-        self, addr: str, lock: asyncio.Lock, due: float, frame: DataFrame
-    ) -> None:
-        async with lock:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            try:
-                await self._write(addr, frame)
-            except LinkError as e:
-                logger.warning("delayed frame to %s lost: %s", addr, e)
 
     async def _write(self, addr: str, frame: DataFrame) -> None:
         ws, channel = await self._socket(addr)

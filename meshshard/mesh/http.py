@@ -13,13 +13,11 @@ import asyncio
 import logging
 import struct
 import time
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from meshshard.config import Timings
-from meshshard.delays import NONE, Delays
 from meshshard.edge.bodies import BodyError, request_body, response_body
 from meshshard.edge.serve import names_of
 from meshshard.mesh.node import ControlNode, TransportError
@@ -50,12 +48,9 @@ MAX_BODY = MAX_CONTROL_BYTES + OVERHEAD
 
 
 class HttpTransport:
-    def __init__(
-        self, session: aiohttp.ClientSession, sealer: Sealer, delays: Delays = NONE
-    ) -> None:
-        self._session = session
+    def __init__(self, http: aiohttp.ClientSession, sealer: Sealer) -> None:
+        self._http = http
         self._sealer = sealer
-        self._delays = delays
 
     async def send(self, addr: str, msg: ControlMessage, timeout: float) -> ControlMessage:
         try:
@@ -97,9 +92,7 @@ class HttpTransport:
         """POST `payload` sealed for `addr` to /mesh/`route`; the whole answer, opened as an
         answer to this very request (TransportError otherwise)."""
         body = self._sealer.seal(purpose, payload, addr.encode())
-        if wait := self._delays.to(addr):
-            await asyncio.sleep(wait)
-        async with self._session.post(
+        async with self._http.post(
             f"http://{addr}/mesh/{route}", data=body, headers={"Content-Type": CBOR}
         ) as resp:
             try:
@@ -112,19 +105,6 @@ class HttpTransport:
             return self._sealer.open(_REPLIES[purpose], answer, (Sealer.header(body),))
         except AuthError as e:
             raise TransportError(f"{addr}: answer refused: {e}") from None
-
-
-def delay_answers(delays: Delays) -> Any:
-    """Middleware: answers wait a testbed's link delay back to the asker, as requests do."""
-
-    @web.middleware
-    async def delay(request: web.Request, handler: Any) -> web.StreamResponse:
-        response: web.StreamResponse = await handler(request)
-        if wait := delays.to(request.remote):
-            await asyncio.sleep(wait)
-        return response
-
-    return delay
 
 
 def control_routes(node: ControlNode, sealer: Sealer, timings: Timings) -> list[web.RouteDef]:

@@ -20,12 +20,12 @@ from meshshard.config import Timings
 from meshshard.events import EventLog
 from meshshard.mesh.coordinator import (
     Replanner,
-    describe_change,
     make_plan,
     mesh_instance,
     plan_record,
     signature,
 )
+from meshshard.mesh.decide import Keep, View, decide, worth_publishing
 from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.membership import Change, Membership
 from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
@@ -513,39 +513,30 @@ class ControlNode:
 
     async def _coordinate_round(self) -> None:
         await self.clock.sleep(max(self.timings.replan_debounce / 2, 0.02))
-        if self._leaving:
-            return
-        if self.coordinator != self.id:
-            self.replanner.forget()
-            self._pinned = None
-            return
         members = self._plannable()
-        sig = signature(members, self.profiles, self.model)
-        if self._pinned is not None:
-            if sig.members == self._pinned:
-                return  # an operator's plan stands until the members change
-            self._pinned = None
+        live = frozenset(m.id for m in members if m.serving)
         current = self.book.current
-        # A draining member still serves, but a plan that uses it is on borrowed time.
-        live = {m.id for m in members if m.serving}
-        mine = (
-            current is not None
-            and current.epoch.coordinator == self.id
-            and all(s.device in live for s in current.stages)
+        view = View(
+            me=self.id,
+            coordinator=self.coordinator,
+            leaving=self._leaving,
+            live=live,
+            signature=signature(members, self.profiles, self.model),
+            pinned=self._pinned,
+            current=current,
+            unwell=self._unwell(current, set(live)) if current is not None else "",
         )
-        broken = current is not None and any(s.device not in live for s in current.stages)
-        if not self.replanner.due(sig, self.clock.now(), mine, urgent=broken):
+        decision = decide(view, self.clock.now(), self.replanner)
+        if isinstance(decision, Keep):
+            if decision.unpin:
+                self._pinned = None
             return
-        ours = current is not None and current.epoch.coordinator == self.id
-        reason = describe_change(self.replanner.planned, sig) if ours else "new coordinator"
-        if current is not None and (unwell := self._unwell(current, live)):
-            reason = unwell  # what an operator wants to know, whatever else changed
-        self.replanner.done(sig)
+        self._pinned = None
         try:
             inst = mesh_instance(
                 members, self.profiles, self.units, self.model, self.id, self.context_tokens
             )
-            plan = make_plan(inst, self.objective, self.id, self.model, reason)
+            plan = make_plan(inst, self.objective, self.id, self.model, decision.reason)
         except InstanceError as e:
             if str(e) != self.plan_error:
                 self.events.add("plan-error", f"cannot plan: {e}")
@@ -555,7 +546,8 @@ class ControlNode:
         measured = all(p.measured for n, p in self.profiles.items() if n in live)
         # A plan made on estimated profiles is redone once they are measured, gain or not.
         settled = not (self._guessed and measured)
-        if mine and current is not None and settled and not _worth_it(inst, current, plan):
+        better = current is None or _worth_it(inst, current, plan)
+        if not worth_publishing(decision, settled, better):
             return  # the plan in force is still valid and nearly as good: no churn
         self._guessed = not measured
         plan = replace(plan, epoch=self.book.next_epoch(self.id, self.clock.wall()))

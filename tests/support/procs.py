@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshshard.config import API_PORT_OFFSET
+from meshshard.launch import PeerCommand
 from meshshard.security import new_key, write_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,23 +42,11 @@ class Peer:
     ) -> None:
         self.name, self.port, self.host, self.netns = name, port, host, netns
         self.log = logs / f"{name}.log"
-        if "--secret-file" not in extra and "--insecure" not in extra:
-            extra = (*extra, "--secret-file", str(mesh_key(logs)))
-        self.args = [
-            sys.executable,
-            "-m",
-            "meshshard",
-            "up",
-            "--name",
-            name,
-            "--port",
-            str(port),
-            "--interface",
-            host,
-            "--timings",
-            timings,
-            *extra,
-        ]
+        own_key = "--secret-file" in extra or "--insecure" in extra
+        self.command = PeerCommand(
+            name, port, host, None if own_key else mesh_key(logs),
+            ("--timings", timings, *extra), netns,
+        )  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,11 +60,7 @@ class Peer:
         return f"{self.host}:{self.port}"
 
     def start(self) -> Peer:
-        cmd = (["ip", "netns", "exec", self.netns] if self.netns else []) + self.args
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-            )
+        self.proc = self.command.start(self.log, cwd=ROOT)
         return self
 
     def status(self, timeout: float = 3.0) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ import pytest
 from support.dataplane import origin_at
 
 from meshshard.chain.links import FrameCodec, Links, Refusals
-from meshshard.delays import ENV, Delays
+from meshshard.delays import ENV, DelayedLinks, Delays
 from meshshard.security import Keyring, Sealer, new_key
 from meshshard.types import Epoch
 from meshshard.wire import DataFrame, DropFrame
@@ -47,7 +47,7 @@ async def test_a_delayed_link_holds_frames_not_their_sender() -> None:
         asyncio.TaskGroup() as tg,
     ):
         delays = Delays(5, {"127.0.0.1": 95})
-        links = Links(http, _ignore, tg, codec, Refusals(), 5.0, delays)
+        links = DelayedLinks(Links(http, _ignore, tg, codec, Refusals(), 5.0), delays, tg)
         sent = time.monotonic()
         for i in range(3):
             await links.send(addr, DropFrame(Epoch(1, "a"), f"s{i}"))
