@@ -35,6 +35,7 @@ from meshshard.delays import DelayedLinks, Delays, answer_delays, request_delays
 from meshshard.edge.serve import ConnectionGate, serve
 from meshshard.errors import MeshShardError
 from meshshard.events import EventLog
+from meshshard.mesh import report
 from meshshard.mesh.discovery import Discovery
 from meshshard.mesh.http import HttpTransport, control_routes
 from meshshard.mesh.node import ControlNode
@@ -246,7 +247,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """The status object of `GET /status`, the dashboard and `meshshard status`."""
         assert self.node is not None
-        status = self.node.status()
+        status = report.status(self.node)
         status |= {
             "version": __version__,
             "model": self.node.model,

@@ -21,7 +21,8 @@ from aiohttp import web
 
 from meshshard.edge.bodies import request_body
 from meshshard.events import EventLog
-from meshshard.mesh.node import ControlNode, PlanRefused, plan_json
+from meshshard.mesh.node import ControlNode, PlanRefused
+from meshshard.mesh.report import plan_json
 from meshshard.metrics import CONTENT_TYPE, Metrics
 from meshshard.planner.baselines import BASELINES
 from meshshard.planner.dp import OBJECTIVES

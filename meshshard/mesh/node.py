@@ -1,11 +1,15 @@
 """The control plane of one peer: the asyncio driver around the pure membership, election,
 plan book and replanner. It talks only through a Transport, so a test can run many nodes
-over an in-memory network that drops, delays and partitions."""
+over an in-memory network that drops, delays and partitions.
+
+Longer than our usual module, for a reason: it is the one owner of the node's state and the
+one place where the pure decisions beside it (membership, election, decide, sanity, seeds,
+estimates, coordinator) meet time and I/O: its loops, what it hears, and operator plans.
+What it says of the mesh is in report.py."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import logging
@@ -13,7 +17,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Protocol
 
 from meshshard.clock import Clock, LoopClock, Pulse
 from meshshard.config import Timings
@@ -27,12 +31,12 @@ from meshshard.mesh.coordinator import (
 )
 from meshshard.mesh.decide import Keep, View, decide, worth_publishing
 from meshshard.mesh.election import PlanBook, elect
+from meshshard.mesh.estimates import LinkEstimates, material
 from meshshard.mesh.membership import Change, Membership
 from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
 from meshshard.mesh.seeds import Seeds
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
 from meshshard.planner.baselines import baseline
-from meshshard.planner.flow import flow_stages, latency_ms, tokens_per_s
 from meshshard.rounds import rounds
 from meshshard.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State, UnitCost
 from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
@@ -41,10 +45,7 @@ logger = logging.getLogger(__name__)
 
 # A valid plan is replaced only by one predicted better by this fraction.
 REPLAN_GAIN = 0.10
-LINK_SAMPLES = 5  # probes per link that its estimate is the best of
 DEAD_GOSSIP = 0.25  # the share of push/pulls sent to a member we think dead
-# Answers in flight that status predicts tokens/s for.
-FLOW_SESSIONS = (1, 2, 4, 6, 8, 16)
 
 
 class TransportError(Exception):
@@ -108,7 +109,7 @@ class ControlNode:
         self.pulse = Pulse()  # fires when members, their readiness or the plan change
         self._notified: tuple[int, PlanRecord | None] = (-1, None)
         self.loop_errors: Counter[str] = Counter()  # rounds of our loops that failed
-        self._link_samples: dict[NodeId, collections.deque[LinkStat]] = {}
+        self._links = LinkEstimates()
         self._link_wait = min(1.0, timings.link_interval)
 
     @property
@@ -226,71 +227,9 @@ class ControlNode:
                 out.append(f"{stage.device} suspect")
         return ", ".join(out)
 
-    def _idle_reasons(self, plan: PlanRecord | None) -> dict[str, str]:
-        """Why each member outside the plan in force is outside it."""
-        if plan is None:
-            return {}
-        planner = dict(plan.left_out)
-        out: dict[str, str] = {}
-        for m in self.membership.members():
-            if plan.stage_of(m.id) is not None or m.state in (State.DEAD, State.LEFT):
-                continue
-            profile = self.profiles.get(m.id)
-            if m.id in planner:
-                out[m.id] = planner[m.id]
-            elif m.id in self.excluded:
-                out[m.id] = "excluded by the operator"
-            elif m.draining:
-                out[m.id] = "leaving the mesh"
-            elif profile is None or profile.model != self.model:
-                out[m.id] = "its profile for this model has not arrived yet"
-            elif m.state == State.SUSPECT:
-                out[m.id] = "suspected of having failed"
-            else:
-                out[m.id] = "joined after this plan was made"
-        return out
-
     def _plannable(self) -> list[Member]:
         """Members the coordinator may plan with: all but those an operator excluded."""
         return [m for m in self.membership.members() if m.id not in self.excluded]
-
-    def _predicted_now(self, plan: PlanRecord | None) -> dict[str, Any] | None:
-        """The plan in force under today's profiles, measured links and per-step costs (its
-        record keeps the numbers it was made on), stage by stage."""
-        if plan is None:
-            return None
-        try:
-            inst = mesh_instance(
-                self.membership.members(),
-                self.profiles,
-                self.units,
-                self.model,
-                plan.stages[0].device,
-                self.context_tokens,
-            )
-            stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
-            cost = evaluate(inst, stages)
-        except InstanceError:
-            return None
-        flow, back = flow_stages(
-            inst,
-            stages,
-            {n: p.batch_ms for n, p in self.profiles.items()},
-            {n: p.overhead_ms for n, p in self.profiles.items()},
-        )
-        return {
-            "latency_ms": round(latency_ms(flow, back), 3),
-            "bottleneck_ms": round(cost.bottleneck_ms, 3),
-            "tokens_per_s": round(1000 / cost.bottleneck_ms, 2) if cost.bottleneck_ms else 0.0,
-            "compute_ms": [round(x, 3) for x in cost.compute_ms],
-            "overhead_ms": [round(s.overhead_ms, 3) for s in flow],
-            "hop_ms": [round(x, 3) for x in cost.hop_ms],
-            "return_ms": round(cost.return_ms, 3),
-            # What that many answers at once would reach, batched as our stages batch them.
-            "tokens_per_s_at": {
-                str(n): round(tokens_per_s(flow, back, n), 2) for n in FLOW_SESSIONS
-            },
-        }
 
     def plan_possible(self) -> bool:
         """Whether the serving members (as we know them) can run the model without the
@@ -368,50 +307,6 @@ class ControlNode:
                 return self._sync_message()
             case Ack() | Nack():
                 raise TransportError("an answer is not a request")
-
-    # -- status ------------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        plan = self.book.current
-        shard = {s.device: [s.start, s.end] for s in plan.stages} if plan else {}
-        return {
-            "id": self.id,
-            "coordinator": self.coordinator,
-            "epoch": [plan.epoch.term, plan.epoch.coordinator] if plan else None,
-            "members": [
-                {
-                    "id": m.id,
-                    "addr": m.addr,
-                    "state": m.state.value,
-                    "draining": m.draining,
-                    "incarnation": m.incarnation,
-                    "priority": m.priority,
-                    "mem": self.profiles[m.id].mem if m.id in self.profiles else None,
-                    "measured": self.profiles[m.id].measured if m.id in self.profiles else None,
-                    "shard": shard.get(m.id),
-                    "ready": bool(plan and m.ready == plan.epoch),
-                    **_load(self.profiles.get(m.id)),
-                }
-                for m in self.membership.members()
-            ],
-            "links": [
-                {"a": a, "b": b, "mbps": round(stat.mbps, 2), "rtt_ms": round(stat.rtt_ms, 3)}
-                for a, p in sorted(self.profiles.items())
-                for b, stat in sorted(p.links.items())
-            ],
-            "plan": plan_json(plan) if plan else None,
-            "predicted_now": self._predicted_now(plan),
-            "chain_ready": bool(plan and self.chain_ready(plan)),
-            "plan_error": self.plan_error,
-            "introductions": {
-                "pending": self._seeds.waiting({m.addr for m in self.membership.live()}),
-                "tried": self._seeds.tries,
-            },
-            "excluded": sorted(self.excluded),
-            "idle": self._idle_reasons(plan),
-            "history": [plan_json(p) for p in self.book.history],
-            "events": [e.to_json() for e in self.events.since(0)],
-        }
 
     # -- loops -------------------------------------------------------------------------------
 
@@ -555,30 +450,22 @@ class ControlNode:
         await self._push_all(self.timings.probe_timeout * 4)
 
     async def _link_round(self) -> None:
-        """Measure the link to every member, soon after start and then every link_interval.
-        A probe answered late because either end was busy (loading, profiling, serving)
-        says nothing about the link, so each link keeps its best recent round trip and rate:
-        the least RTT and the most Mbit/s of its last LINK_SAMPLES probes."""
-        samples = self._link_samples
+        """Measure the link to every member, soon after start and then every link_interval
+        (see estimates.py for what is believed of them)."""
         await self.clock.sleep(self._link_wait)
         self._link_wait = min(self._link_wait * 2, self.timings.link_interval)
         for member in self.membership.others():
             try:
-                stat = await self.transport.measure(member.addr, MEASURE_TIMEOUT)
+                self._links.add(
+                    member.id, await self.transport.measure(member.addr, MEASURE_TIMEOUT)
+                )
             except TransportError:
                 continue
-            recent = samples.setdefault(member.id, collections.deque(maxlen=LINK_SAMPLES))
-            recent.append(stat)
-        live = {m.id for m in self.membership.live()}
-        for gone in samples.keys() - live:
-            del samples[gone]
-        links = {
-            peer: LinkStat(mbps=max(s.mbps for s in recent), rtt_ms=min(s.rtt_ms for s in recent))
-            for peer, recent in samples.items()
-        }
+        self._links.keep(m.id for m in self.membership.live())
+        links = self._links.best()
         # Read our profile after measuring: profiling may have finished meanwhile.
         me = self.profiles[self.id]
-        if _material(me.links, links):
+        if material(me.links, links):
             self.set_profile(replace(me, links=links))
 
     # -- merging what we hear ----------------------------------------------------------------
@@ -677,30 +564,6 @@ class ControlNode:
             self.profiles.pop(change.member.id, None)
 
 
-def _load(profile: Profile | None) -> dict[str, Any]:
-    if profile is None:
-        return {"sessions": None, "step_ms": None, "used": None, "overhead_ms": None}
-    return {
-        "sessions": profile.load,
-        "step_ms": round(profile.step_ms, 3),
-        "used": profile.used,
-        "overhead_ms": round(profile.overhead_ms, 3),
-    }
-
-
-def plan_json(plan: PlanRecord) -> dict[str, Any]:
-    return {
-        "epoch": [plan.epoch.term, plan.epoch.coordinator],
-        "objective": plan.objective,
-        "stages": [{"device": s.device, "start": s.start, "end": s.end} for s in plan.stages],
-        "latency_ms": round(plan.latency_ms, 3),
-        "bottleneck_ms": round(plan.bottleneck_ms, 3),
-        "tokens_per_s": round(plan.tokens_per_s, 2),
-        "reason": plan.reason,
-        "left_out": dict(plan.left_out),
-    }
-
-
 def _worth_it(inst: Instance, current: PlanRecord, new: PlanRecord) -> bool:
     """Replace a still-valid plan only if the new one is better by more than REPLAN_GAIN
     under today's numbers: moving shards costs a reload and in-flight sessions."""
@@ -713,14 +576,3 @@ def _worth_it(inst: Instance, current: PlanRecord, new: PlanRecord) -> bool:
     else:
         old, value = cost.latency_ms, new.latency_ms
     return value < old * (1 - REPLAN_GAIN)
-
-
-def _material(old: dict[NodeId, LinkStat], new: dict[NodeId, LinkStat]) -> bool:
-    """Links changed enough to matter: a member added or gone, or a 30% change."""
-    if old.keys() != new.keys():
-        return True
-    return any(
-        abs(new[k].mbps - old[k].mbps) > 0.3 * old[k].mbps
-        or abs(new[k].rtt_ms - old[k].rtt_ms) > 0.3 * old[k].rtt_ms + 0.05
-        for k in new
-    )

@@ -217,7 +217,7 @@ def test_spoofed_mdns_records_cost_a_bounded_number_of_tries(
         return [v["introductions"] for v in views if v is not None]
 
     before = [x["tried"] for x in introductions()]
-    bogus = 20
+    bogus = 8
     tried_all: list[bool] = []
 
     def hold() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -12,16 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
-from support.dataplane import channel_to, origin_at
-from support.procs import Peer, mesh_key, wait_for, wait_for_chain
+from support.procs import Peer, wait_for, wait_for_chain
 from support.reference import greedy_answer
-
-from meshshard.chain.links import FrameCodec
-from meshshard.chain.tensors import to_wire
-from meshshard.security import Keyring, Sealer
-from meshshard.types import Epoch
-from meshshard.wire import DataFrame, ErrorFrame, Sampling, StepFrame
 
 pytestmark = pytest.mark.slow
 
@@ -182,46 +173,6 @@ def test_bad_api_requests_get_a_400(mesh: list[Peer], body: dict[str, Any], mess
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 400
     assert message in json.loads(err.value.read())["error"]["message"]
-
-
-def test_stale_epoch_and_unknown_session_frames_are_refused(mesh: list[Peer]) -> None:
-    status = mesh[0].status()
-    assert status is not None
-    plan = status["plan"]
-    first = next(p for p in mesh if p.name == plan["stages"][0]["device"])
-    current = Epoch(plan["epoch"][0], plan["epoch"][1])
-    errors = asyncio.run(_send_and_collect(first, current))
-    assert [(e.session, e.code) for e in errors] == [
-        ("stale", "stale-epoch"),
-        ("ghost", "unknown-session"),
-    ]
-    assert "serves epoch" in errors[0].message
-
-
-async def _send_and_collect(stage: Peer, current: Epoch) -> list[ErrorFrame]:
-    """Play an origin: send two bad frames to the first stage, collect the error frames."""
-    got: list[ErrorFrame] = []
-    done = asyncio.Event()
-    codec = FrameCodec(Sealer(Keyring.load(mesh_key(stage.log.parent)), "meshshard"))
-
-    def take(frame: DataFrame) -> None:
-        if isinstance(frame, ErrorFrame):
-            got.append(frame)
-            if len(got) == 2:
-                done.set()
-
-    ids = to_wire(torch.tensor([1, 2, 3]))
-    sampling = Sampling(0.0, 1.0, 1)
-    old = Epoch(current.term - 1, current.coordinator)
-    async with origin_at(7599, codec, take) as me, channel_to(stage.addr, codec) as (ws, out):
-        for record in out.seal(StepFrame(old, "stale", 0, 0, ids, me, True, sampling)):
-            await ws.send_bytes(record)
-        await asyncio.sleep(0.3)
-        for record in out.seal(StepFrame(current, "ghost", 5, 40, ids, me, True, sampling)):
-            await ws.send_bytes(record)
-        async with asyncio.timeout(30):
-            await done.wait()
-    return got
 
 
 def test_demo_brings_up_a_mesh_answers_and_shuts_down() -> None:

@@ -99,7 +99,7 @@ async def test_stale_and_unknown_frames_get_error_frames(model: Path, memory: fl
         assert codes == {"x/1": ErrorCode.STALE_EPOCH, "x/2": ErrorCode.UNKNOWN_SESSION}
 
 
-@pytest.mark.parametrize("victim", [1, 2])  # the middle stage, the last stage
+@pytest.mark.parametrize("victim", [0, 1, 2])  # the coordinator and first stage, middle, last
 async def test_an_answer_survives_a_stage_crashing_mid_answer(
     model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]], victim: int
 ) -> None:
@@ -109,7 +109,8 @@ async def test_an_answer_survives_a_stage_crashing_mid_answer(
         await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
         plan = mesh.peers["a"].node.book.current
         assert plan is not None
-        origin = plan.stages[0].device
+        # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies.
+        origin = plan.stages[0 if victim else -1].device
         mesh.data.delay = 0.005  # so the answer is still going when the crash is noticed
         got: list[int] = []
         task = asyncio.create_task(answer(mesh, origin, PROMPTS[0], 48, got))

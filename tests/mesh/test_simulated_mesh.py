@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from support.simnet import SimNet, make_node
 
+from meshshard.mesh import report
 from meshshard.mesh.node import ControlNode, PlanRefused
 from meshshard.mesh.sanity import FUTURE_SECONDS, term_at
 from meshshard.types import Epoch, Member, NodeId, State
@@ -192,7 +193,7 @@ async def test_an_operator_excludes_a_member_and_the_exclusion_holds() -> None:
         current = coordinator.book.current
         assert current is not None and victim not in {s.device for s in current.stages}
         assert current.objective == "throughput"
-        assert coordinator.status()["idle"][victim] == "excluded by the operator"
+        assert report.status(coordinator)["idle"][victim] == "excluded by the operator"
     finally:
         await stop(tg, nodes)
 

@@ -1,0 +1,46 @@
+"""Link estimates, pure: what a peer believes of its link to each member from its probes.
+
+A probe answered late because either end was busy (loading, profiling, serving) says nothing
+about the link, so each link keeps its best recent round trip and rate: the least RTT and the
+most Mbit/s of its last SAMPLES probes. The estimates are published (in the profile) only
+when they change enough to matter, so gossip stays quiet."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from meshshard.types import LinkStat, NodeId
+
+SAMPLES = 5  # probes per link that its estimate is the best of
+CHANGE = 0.3  # a change this large (relative) is worth publishing
+
+
+class LinkEstimates:
+    def __init__(self) -> None:
+        self._samples: dict[NodeId, deque[LinkStat]] = {}
+
+    def add(self, member: NodeId, stat: LinkStat) -> None:
+        self._samples.setdefault(member, deque(maxlen=SAMPLES)).append(stat)
+
+    def keep(self, live: Iterable[NodeId]) -> None:
+        """Forget the links to members no longer live."""
+        for gone in self._samples.keys() - set(live):
+            del self._samples[gone]
+
+    def best(self) -> dict[NodeId, LinkStat]:
+        return {
+            peer: LinkStat(mbps=max(s.mbps for s in recent), rtt_ms=min(s.rtt_ms for s in recent))
+            for peer, recent in self._samples.items()
+        }
+
+
+def material(old: dict[NodeId, LinkStat], new: dict[NodeId, LinkStat]) -> bool:
+    """Links changed enough to matter: a member added or gone, or a 30% change."""
+    if old.keys() != new.keys():
+        return True
+    return any(
+        abs(new[k].mbps - old[k].mbps) > CHANGE * old[k].mbps
+        or abs(new[k].rtt_ms - old[k].rtt_ms) > CHANGE * old[k].rtt_ms + 0.05
+        for k in new
+    )

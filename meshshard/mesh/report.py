@@ -1,0 +1,147 @@
+"""What a peer says of the mesh, for people: the status object of `GET /status`, the
+dashboard and `meshshard status` (members, links, plan and its prediction under today's
+numbers, why idle members are idle, history, events)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from meshshard.mesh.coordinator import mesh_instance
+from meshshard.planner import InstanceError, Stage, evaluate
+from meshshard.planner.flow import flow_stages, latency_ms, tokens_per_s
+from meshshard.types import PlanRecord, Profile, State
+
+if TYPE_CHECKING:
+    from meshshard.mesh.node import ControlNode
+
+# Answers in flight that status predicts tokens/s for.
+FLOW_SESSIONS = (1, 2, 4, 6, 8, 16)
+
+
+def status(node: ControlNode) -> dict[str, Any]:
+    plan = node.book.current
+    shard = {s.device: [s.start, s.end] for s in plan.stages} if plan else {}
+    return {
+        "id": node.id,
+        "coordinator": node.coordinator,
+        "epoch": [plan.epoch.term, plan.epoch.coordinator] if plan else None,
+        "members": [
+            {
+                "id": m.id,
+                "addr": m.addr,
+                "state": m.state.value,
+                "draining": m.draining,
+                "incarnation": m.incarnation,
+                "priority": m.priority,
+                "mem": node.profiles[m.id].mem if m.id in node.profiles else None,
+                "measured": node.profiles[m.id].measured if m.id in node.profiles else None,
+                "shard": shard.get(m.id),
+                "ready": bool(plan and m.ready == plan.epoch),
+                **_load(node.profiles.get(m.id)),
+            }
+            for m in node.membership.members()
+        ],
+        "links": [
+            {"a": a, "b": b, "mbps": round(stat.mbps, 2), "rtt_ms": round(stat.rtt_ms, 3)}
+            for a, p in sorted(node.profiles.items())
+            for b, stat in sorted(p.links.items())
+        ],
+        "plan": plan_json(plan) if plan else None,
+        "predicted_now": predicted_now(node, plan),
+        "chain_ready": bool(plan and node.chain_ready(plan)),
+        "plan_error": node.plan_error,
+        "introductions": {
+            "pending": node._seeds.waiting({m.addr for m in node.membership.live()}),
+            "tried": node._seeds.tries,
+        },
+        "excluded": sorted(node.excluded),
+        "idle": idle_reasons(node, plan),
+        "history": [plan_json(p) for p in node.book.history],
+        "events": [e.to_json() for e in node.events.since(0)],
+    }
+
+
+def idle_reasons(node: ControlNode, plan: PlanRecord | None) -> dict[str, str]:
+    """Why each member outside the plan in force is outside it."""
+    if plan is None:
+        return {}
+    planner = dict(plan.left_out)
+    out: dict[str, str] = {}
+    for m in node.membership.members():
+        if plan.stage_of(m.id) is not None or m.state in (State.DEAD, State.LEFT):
+            continue
+        profile = node.profiles.get(m.id)
+        if m.id in planner:
+            out[m.id] = planner[m.id]
+        elif m.id in node.excluded:
+            out[m.id] = "excluded by the operator"
+        elif m.draining:
+            out[m.id] = "leaving the mesh"
+        elif profile is None or profile.model != node.model:
+            out[m.id] = "its profile for this model has not arrived yet"
+        elif m.state == State.SUSPECT:
+            out[m.id] = "suspected of having failed"
+        else:
+            out[m.id] = "joined after this plan was made"
+    return out
+
+
+def predicted_now(node: ControlNode, plan: PlanRecord | None) -> dict[str, Any] | None:
+    """The plan in force under today's profiles, measured links and per-step costs (its
+    record keeps the numbers it was made on), stage by stage."""
+    if plan is None:
+        return None
+    try:
+        inst = mesh_instance(
+            node.membership.members(),
+            node.profiles,
+            node.units,
+            node.model,
+            plan.stages[0].device,
+            node.context_tokens,
+        )
+        stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
+        cost = evaluate(inst, stages)
+    except InstanceError:
+        return None
+    flow, back = flow_stages(
+        inst,
+        stages,
+        {n: p.batch_ms for n, p in node.profiles.items()},
+        {n: p.overhead_ms for n, p in node.profiles.items()},
+    )
+    return {
+        "latency_ms": round(latency_ms(flow, back), 3),
+        "bottleneck_ms": round(cost.bottleneck_ms, 3),
+        "tokens_per_s": round(1000 / cost.bottleneck_ms, 2) if cost.bottleneck_ms else 0.0,
+        "compute_ms": [round(x, 3) for x in cost.compute_ms],
+        "overhead_ms": [round(s.overhead_ms, 3) for s in flow],
+        "hop_ms": [round(x, 3) for x in cost.hop_ms],
+        "return_ms": round(cost.return_ms, 3),
+        # What that many answers at once would reach, batched as our stages batch them.
+        "tokens_per_s_at": {str(n): round(tokens_per_s(flow, back, n), 2) for n in FLOW_SESSIONS},
+    }
+
+
+def plan_json(plan: PlanRecord) -> dict[str, Any]:
+    return {
+        "epoch": [plan.epoch.term, plan.epoch.coordinator],
+        "objective": plan.objective,
+        "stages": [{"device": s.device, "start": s.start, "end": s.end} for s in plan.stages],
+        "latency_ms": round(plan.latency_ms, 3),
+        "bottleneck_ms": round(plan.bottleneck_ms, 3),
+        "tokens_per_s": round(plan.tokens_per_s, 2),
+        "reason": plan.reason,
+        "left_out": dict(plan.left_out),
+    }
+
+
+def _load(profile: Profile | None) -> dict[str, Any]:
+    if profile is None:
+        return {"sessions": None, "step_ms": None, "used": None, "overhead_ms": None}
+    return {
+        "sessions": profile.load,
+        "step_ms": round(profile.step_ms, 3),
+        "used": profile.used,
+        "overhead_ms": round(profile.overhead_ms, 3),
+    }
