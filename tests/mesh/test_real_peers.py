@@ -44,7 +44,7 @@ def test_three_peers_find_each_other_by_mdns_and_agree(peers: list[Peer], tmp_pa
     assert view["plan"]["stages"][0]["device"] == "peer-c"  # the coordinator is the source
     assert len(view["plan"]["stages"]) >= 2  # nobody holds the model alone
     for p in peers:  # nothing but mDNS introduced them
-        assert "--peer" not in p.args
+        assert "--peer" not in p.command.argv()
 
 
 def test_priority_picks_the_coordinator(peers: list[Peer], tmp_path: Path) -> None:
