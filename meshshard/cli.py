@@ -87,15 +87,33 @@ def model_options(f: F) -> F:
         help="Embedded default, a local Hugging Face folder, or a hub id.",
     )
     @click.option(
+        "--device",
+        default="auto",
+        envvar="MESHSHARD_DEVICE",
+        show_default=True,
+        help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.",
+    )
+    @click.option(
         "--dtype",
         type=click.Choice(DTYPES),
-        default="float32",
+        default=None,
         envvar="MESHSHARD_DTYPE",
+        help="Default: the device's best (bfloat16 on CUDA, float16 on MPS, float32 on CPU).",
+    )
+    @click.option(
+        "--quantize",
+        type=click.Choice(["none", "int8", "int4"]),
+        default="none",
+        envvar="MESHSHARD_QUANTIZE",
         show_default=True,
+        help="Weight-only quantization of the decoder layers (torchao); int4 on CUDA only.",
     )
     @functools.wraps(f)
-    def wrapper(*args: Any, model: str, dtype: str, **kwargs: Any) -> Any:
-        return f(*args, config=Config(model=model, dtype=dtype), **kwargs)
+    def wrapper(
+        *args: Any, model: str, device: str, dtype: str | None, quantize: str, **kwargs: Any
+    ) -> Any:
+        config = Config(model=model, device=device, dtype=dtype, quantize=quantize)
+        return f(*args, config=config, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -162,7 +180,8 @@ def generate(
     if split > spec.num_units:
         raise MeshShardError(f"--split {split} exceeds the model's {spec.num_units} units")
     cuts = [round(i * spec.num_units / split) for i in range(1, split)]
-    chain = LocalChain.load(model_dir, cuts, config.dtype)
+    p = config.placement()
+    chain = LocalChain.load(model_dir, cuts, p.dtype, str(p.device), p.quantize)
     codec = TextCodec.load(model_dir)
     ids = codec.encode(prompt, chat=chat or system is not None, system=system)
     params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
@@ -206,7 +225,9 @@ def profile_cmd(config: Config, context: int, repeats: int, as_json: bool) -> No
     from meshshard.model.profile import profile
     from meshshard.model.source import resolve_model
 
-    chain = LocalChain.load(resolve_model(config.model, config.cache_dir), (), config.dtype)
+    p = config.placement()
+    model_dir = resolve_model(config.model, config.cache_dir)
+    chain = LocalChain.load(model_dir, (), p.dtype, str(p.device), p.quantize)
     result = profile(chain.shards, context=context, repeats=repeats)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))

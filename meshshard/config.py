@@ -7,6 +7,10 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshshard.model.device import Placement
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 API_PORT_OFFSET = 1000  # the user API's port, above the peer port (7117 -> 8117)
@@ -109,8 +113,13 @@ TEST_TIMINGS = Timings(
 class Config:
     # The embedded default, a local Hugging Face folder, or a hub id (where the hub is reachable).
     model: str = DEFAULT_MODEL
-    # Weights and activations; float32 keeps sharded output exactly equal to the whole model.
-    dtype: str = "float32"
+    # Where the shard runs: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda[:N] or mps.
+    device: str = "auto"
+    # Weights and activations; None: the device's best (bfloat16 on CUDA, float16 on MPS,
+    # float32 on a CPU, which keeps sharded output exactly equal to the whole model's).
+    dtype: str | None = None
+    # Weight-only quantization of the decoder layers' linear weights: none, int8, int4 (CUDA).
+    quantize: str = "none"
     # Converted models and device profiles live here; safe to delete, rebuilt when needed.
     cache_dir: Path = field(default_factory=default_cache_dir)
     # This peer's id in the mesh; default host-port, unique per daemon on a machine.
@@ -145,7 +154,8 @@ class Config:
     peers: tuple[str, ...] = ()
     # A higher priority makes a peer the coordinator (ties: the higher id).
     priority: int = 0
-    # Bytes this peer offers for weights and caches; None: 80% of available memory.
+    # Bytes this peer offers for weights and caches; None: what its device has (free VRAM
+    # less a reserve on CUDA, 80% of available memory on a CPU or MPS).
     memory: float | None = None
     # What the coordinator's planner minimises: "latency" or "throughput".
     objective: str = "latency"
@@ -171,16 +181,11 @@ class Config:
     def node_id(self) -> str:
         return self.name or f"{socket.gethostname()}-{self.port}"
 
-    def offered_memory(self) -> float:
-        if self.memory is not None:
-            return self.memory
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 * 0.8
-        except OSError:
-            pass
-        return 1e9
+    def placement(self) -> Placement:
+        """Where and how this process runs a shard (asks torch what the machine has)."""
+        from meshshard.model.device import place
+
+        return place(self.device, self.dtype, self.quantize)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

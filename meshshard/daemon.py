@@ -43,6 +43,7 @@ from meshshard.mesh.sanity import incarnation_at
 from meshshard.mesh.seam import NodeSeam
 from meshshard.metrics import Metrics
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
+from meshshard.model.device import Placement, offered_memory
 from meshshard.model.source import resolve_model
 from meshshard.progress import progress
 from meshshard.rounds import rounds
@@ -62,6 +63,7 @@ class Daemon:
         self.service: ChainService | None = None
         self.sealer: Sealer | None = None
         self.gates: dict[str, ConnectionGate] = {}
+        self.placement: Placement | None = None
         self._stop = asyncio.Event()
         self._started = time.time()
 
@@ -74,14 +76,19 @@ class Daemon:
         delays = Delays.from_env()
         if delays:
             logger.warning("test-only link delays in force: %s", delays)
+        placement = await asyncio.to_thread(config.placement)  # a bad device fails early too
         model_dir = await asyncio.to_thread(resolve_model, config.model, config.cache_dir)
         spec = read_spec(model_dir)
-        units = unit_costs(model_dir, config.dtype)
+        units = unit_costs(model_dir, placement.dtype, placement.quantize)
         node_id = NodeId(config.node_id())
         addr = config.announce or f"{config.interface or _default_host()}:{config.port}"
+        memory = config.memory if config.memory is not None else offered_memory(placement.device)
+        logger.info("running on %s, offering %.0f MB", placement.describe(), memory / 1e6)
         profile = Profile(
-            node_id, 1, spec.name, config.offered_memory(), estimated_ms(units), measured=False
-        )
+            node_id, 1, spec.name, memory, estimated_ms(units), measured=False,
+            device=placement.describe(),
+        )  # fmt: skip
+        self.placement = placement
         # A restarted peer must outrank its own old records: a time-based incarnation does.
         me = Member(node_id, addr, incarnation_at(time.time()), State.ALIVE, config.priority)
         # Our idle connections close before the other side's header timeout closes them
@@ -110,7 +117,7 @@ class Daemon:
 
             seam = NodeSeam(node)
             service = ChainService(
-                seam, model_dir, config.dtype, spec, connect, events, profile.mem, node.clock,
+                seam, model_dir, placement, spec, connect, events, profile.mem, node.clock,
                 timings,
             )  # fmt: skip
             sockets = SocketServer(
@@ -223,24 +230,21 @@ class Daemon:
         """Measure this device in a thread (torch is imported there), then publish it."""
         from meshshard.model.profile import cached_quick_profile
 
+        assert self.placement is not None
         try:
             result = await run_model(
-                cached_quick_profile, model_dir, self.config.dtype, self.config.profile_folder
+                cached_quick_profile, model_dir, self.placement, self.config.profile_folder
             )
         except Exception as e:  # a failed profile leaves the estimate in place
             logger.warning("profiling failed, keeping estimates: %s", e)
             return
         old = node.profiles[node.id]
         node.set_profile(
-            Profile(
-                old.id,
-                old.version,
-                old.model,
-                old.mem,
-                tuple(u.decode_ms for u in result.units),
+            replace(
+                old,
+                unit_ms=tuple(u.decode_ms for u in result.units),
                 measured=True,
                 batch_ms=tuple(zip(*(u.batch_ms for u in result.units), strict=True)),
-                links=old.links,
             )
         )
 

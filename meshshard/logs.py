@@ -41,7 +41,14 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+# Third-party noise on every model load once torchao is installed (transformers imports it):
+# its CUDA-only kernels fail to load on a CPU, and torch warns of its enum types.
+QUIET = ("torchao", "torch.utils._pytree")
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = _Stderr()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)

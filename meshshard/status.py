@@ -18,7 +18,18 @@ def render_status(data: dict[str, Any]) -> str:
         "",
     ]
     rows = [
-        ("member", "state", "address", "offers", "units", "step", "uses", "sessions", "profile")
+        (
+            "member",
+            "state",
+            "address",
+            "device",
+            "offers",
+            "units",
+            "step",
+            "uses",
+            "sessions",
+            "profile",
+        )
     ]
     for m in data.get("members", []):
         shard = m.get("shard")
@@ -27,6 +38,7 @@ def render_status(data: dict[str, Any]) -> str:
                 str(m["id"]) + (" *" if m["id"] == data.get("coordinator") else ""),
                 str(m["state"]) + (" (draining)" if m.get("draining") else ""),
                 str(m["addr"]),
+                str(m.get("device") or "-"),
                 _mb(m.get("mem")),
                 f"{shard[0]}..{shard[1] - 1}" if shard else "-",
                 f"{m['step_ms']:.1f} ms" if m.get("step_ms") else "-",

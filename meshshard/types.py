@@ -84,6 +84,7 @@ class Profile:
     step_ms: float = 0.0  # recent mean time of its stage's forward steps
     used: float = 0.0  # bytes of weights and KV caches held
     overhead_ms: float = 0.0  # a step's cost beyond the forward pass, as measured serving
+    device: str = ""  # where it runs its shard, as people read it: "cuda:0 bfloat16 int8"
 
 
 @dataclass(frozen=True)

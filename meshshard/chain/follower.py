@@ -40,6 +40,7 @@ from meshshard.clock import Clock, Pulse
 from meshshard.config import Timings
 from meshshard.events import EventLog
 from meshshard.model.costs import DTYPE_BYTES
+from meshshard.model.device import Placement
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
@@ -76,7 +77,7 @@ class PlanFollower:
         self,
         control: ControlPlane,
         model_dir: Path,
-        dtype: str,
+        placement: Placement,
         spec: ModelSpec,
         memory: float,
         send: Send,
@@ -88,7 +89,8 @@ class PlanFollower:
         timings: Timings,
         observe: Observe | None = None,
     ) -> None:
-        self.control, self.model_dir, self.dtype, self.spec = control, model_dir, dtype, spec
+        self.control, self.model_dir, self.placement = control, model_dir, placement
+        self.spec = spec
         self.memory = memory  # bytes this peer offers: its stage's KV budget is what is left
         self._send, self._tell = send, tell  # `tell`: a send whose failure is only logged
         self.events, self.stats, self.pulse = events, stats, pulse
@@ -151,7 +153,10 @@ class PlanFollower:
                 shard = next(s for s in shards if (s.start, s.end) == (start, end))
             case Load(start=start, end=end):
                 started = self.clock.now()
-                shard = await run_model(Shard.load, self.model_dir, start, end, self.dtype)
+                p = self.placement
+                shard = await run_model(
+                    Shard.load, self.model_dir, start, end, p.dtype, str(p.device), p.quantize
+                )
                 self.events.add(
                     "shard",
                     f"loaded units {start}..{end - 1} ({shard.weight_bytes() / 1e6:.0f} MB)"
@@ -215,7 +220,7 @@ class PlanFollower:
     def _budget(self, shard: Shard | None) -> KVBudget:
         if shard is None:
             return KVBudget(None)
-        size = DTYPE_BYTES[self.dtype]
+        size = DTYPE_BYTES[self.placement.dtype]  # KV caches are never quantized
         per_token = sum(
             self.spec.kv_bytes_per_token(u, size) for u in range(shard.start, shard.end)
         )

@@ -20,6 +20,7 @@ from meshshard.chain.stats import ChainStats
 from meshshard.clock import Clock, Pulse
 from meshshard.config import Timings
 from meshshard.events import EventLog
+from meshshard.model.device import Placement
 from meshshard.model.spec import ModelSpec
 from meshshard.rounds import rounds
 from meshshard.wire import (
@@ -45,7 +46,7 @@ class ChainService:
         self,
         control: ControlPlane,
         model_dir: Path,
-        dtype: str,
+        placement: Placement,
         spec: ModelSpec,
         connect: Connect,
         events: EventLog,
@@ -59,7 +60,7 @@ class ChainService:
         self.refusals = Refusals()
         self.pulse = Pulse()  # fires on any change either side may wait for
         self.follower = PlanFollower(
-            control, model_dir, dtype, spec, memory, self._send, self._tell, events,
+            control, model_dir, placement, spec, memory, self._send, self._tell, events,
             self.stats, self.pulse, clock, timings,
         )  # fmt: skip
         self.origin = Origin(

@@ -202,7 +202,7 @@ class StageWorker:
             elif frame.sample:
                 s = frame.sampling
                 params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
-                token = Sampler(params)(out, frame.step)
+                token = Sampler(params)(out.cpu(), frame.step)  # the one copy off the device
                 await self._send(
                     frame.origin,
                     TokenFrame(frame.epoch, frame.session, frame.step, token, frame.attempt),

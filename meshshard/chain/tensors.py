@@ -16,7 +16,8 @@ _NAMES = {v: k for k, v in _TORCH.items()}
 
 
 def to_wire(t: torch.Tensor) -> TensorData:
-    t = t.detach().contiguous()
+    """The tensor's bytes; one copy off the device where it is not on the host already."""
+    t = t.detach().to("cpu").contiguous()
     if t.dtype not in _NAMES:
         raise ValueError(f"cannot send a {t.dtype} tensor")
     data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""

@@ -104,7 +104,7 @@ def mesh_instance(
                 pairs.append((a, b, Link(mbps=max(mbps, 1e-3), ms=rtt / 2)))
     return build_instance(
         units,
-        [(n, profiles[n].mem, profiles[n].unit_ms) for n in live],
+        [(n, profiles[n].mem, profiles[n].unit_ms, profiles[n].device) for n in live],
         source=source,
         context_tokens=context_tokens,
         default_link=UNMEASURED,

@@ -34,6 +34,7 @@ def status(node: ControlNode) -> dict[str, Any]:
                 "incarnation": m.incarnation,
                 "priority": m.priority,
                 "mem": node.profiles[m.id].mem if m.id in node.profiles else None,
+                "device": node.profiles[m.id].device if m.id in node.profiles else None,
                 "measured": node.profiles[m.id].measured if m.id in node.profiles else None,
                 "shard": shard.get(m.id),
                 "ready": bool(plan and m.ready == plan.epoch),

@@ -38,8 +38,9 @@ def read_spec(model_dir: Path) -> ModelSpec:
     return ModelSpec.from_config(config, name=model_name(model_dir))
 
 
-def unit_costs(model_dir: Path, dtype: str) -> list[UnitCost]:
-    """Weight, KV and activation bytes of every unit, in chain order."""
+def unit_costs(model_dir: Path, dtype: str, quantize: str = "none") -> list[UnitCost]:
+    """Weight, KV and activation bytes of every unit, in chain order; with `quantize`, the
+    decoder layers' linear weights count their quantized bytes (what `Shard.load` makes)."""
     from safetensors import safe_open
 
     spec = read_spec(model_dir)
@@ -50,10 +51,14 @@ def unit_costs(model_dir: Path, dtype: str) -> list[UnitCost]:
         with safe_open(str(file), framework="numpy") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 numel = 1
-                for dim in f.get_slice(key).get_shape():
+                shape = f.get_slice(key).get_shape()
+                for dim in shape:
                     numel *= dim
                 for unit in _units_of(key, spec):
-                    weights[unit] += numel * size
+                    if quantize != "none" and _LAYER.match(key) and key.endswith("_proj.weight"):
+                        weights[unit] += quantized_bytes(quantize, shape[0], numel)
+                    else:
+                        weights[unit] += numel * size
     if spec.tied_embeddings:
         weights[head] += weights[0]
     return [
@@ -65,6 +70,17 @@ def unit_costs(model_dir: Path, dtype: str) -> list[UnitCost]:
         )
         for u in range(spec.num_units)
     ]
+
+
+def quantized_bytes(quantize: str, rows: int, numel: int) -> int:
+    """Bytes of a [rows, numel / rows] linear weight quantized by torchao: int8 keeps one
+    byte a weight and a float32 scale and an int8 zero point a row (measured); int4 packs two
+    weights a byte with a bfloat16 scale and zero point per group of 128."""
+    if quantize == "int8":
+        return numel + rows * 5
+    if quantize == "int4":
+        return numel // 2 + (numel // 128) * 4
+    raise ValueError(f"unknown quantization {quantize!r}")
 
 
 def estimated_ms(costs: list[UnitCost]) -> tuple[float, ...]:

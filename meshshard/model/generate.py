@@ -28,13 +28,25 @@ class LocalChain:
         self.shards = list(shards)
 
     @classmethod
-    def load(cls, model_dir: Path, cuts: Sequence[int] = (), dtype: str = "float32") -> LocalChain:
+    def load(
+        cls,
+        model_dir: Path,
+        cuts: Sequence[int] = (),
+        dtype: str = "float32",
+        device: str = "cpu",
+        quantize: str = "none",
+    ) -> LocalChain:
         """Load the model split at unit indices `cuts` (none: one shard with every unit)."""
         from meshshard.model.shard import load_spec
 
         n = load_spec(model_dir).num_units
         bounds = [0, *cuts, n]
-        return cls([Shard.load(model_dir, a, b, dtype) for a, b in itertools.pairwise(bounds)])
+        return cls(
+            [
+                Shard.load(model_dir, a, b, dtype, device, quantize)
+                for a, b in itertools.pairwise(bounds)
+            ]
+        )
 
     def step(self, session: str, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run tokens `ids` at positions start.. through every shard; returns next-token logits."""
@@ -42,7 +54,7 @@ class LocalChain:
         x = ids
         for shard in self.shards:
             x = shard.prefill(session, x, positions)
-        return x
+        return x.cpu()  # logits, for a sampler on the host
 
     def drop(self, session: str) -> None:
         for shard in self.shards:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshshard.config import Config
+from meshshard.model.costs import unit_costs
 from meshshard.model.shard import load_spec
 from meshshard.model.source import resolve_model
 
@@ -12,6 +13,8 @@ from meshshard.model.source import resolve_model
 def model_info(config: Config) -> dict[str, object]:
     model_dir = resolve_model(config.model, config.cache_dir)
     spec = load_spec(model_dir)
+    placement = config.placement()
+    units = unit_costs(model_dir, placement.dtype, placement.quantize)
     return {
         "model": spec.name,
         "type": spec.model_type,
@@ -23,7 +26,13 @@ def model_info(config: Config) -> dict[str, object]:
         "vocab": spec.vocab_size,
         "parameters": count_parameters(model_dir),
         "tied": spec.tied_embeddings,
-        "dtype": config.dtype,
+        "device": str(placement.device),
+        "dtype": placement.dtype,
+        "quantize": placement.quantize,
+        # Bytes of the weights as they would be loaded (dtype, quantization), in all and by
+        # unit (a tied head counts the embedding it reads).
+        "weight_bytes": sum(u.weight_bytes for u in units),
+        "unit_weight_bytes": {u.name: u.weight_bytes for u in units},
         "folder": str(model_dir),
         "cache": str(config.cache_dir),
     }

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from meshshard.model.batching import BATCHES
+from meshshard.model.device import Placement
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
@@ -126,16 +127,17 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
 
 
 def quick_profile(
-    model_dir: Path, dtype: str, context: int = 64, repeats: int = 15
+    model_dir: Path, placement: Placement, context: int = 64, repeats: int = 15
 ) -> DeviceProfile:
-    """Profile embed, the first layers (CACHE_FLUSH_BYTES of them) and the head; the other
-    layers are the same shape."""
+    """Profile embed, the first layers (CACHE_FLUSH_BYTES of them) and the head, where and
+    how the peer will run them; the other layers are the same shape."""
     from meshshard.model.costs import unit_costs
 
-    costs = unit_costs(model_dir, dtype)
+    costs = unit_costs(model_dir, placement.dtype, placement.quantize)
     n = len(costs)
     layers = layers_to_profile(costs[1].weight_bytes, n - 2)
-    shards = [Shard.load(model_dir, 0, 1 + layers, dtype), Shard.load(model_dir, n - 1, n, dtype)]
+    where = (placement.dtype, str(placement.device), placement.quantize)
+    shards = [Shard.load(model_dir, 0, 1 + layers, *where), Shard.load(model_dir, n - 1, n, *where)]
     return profile(shards, context, repeats)
 
 
@@ -144,11 +146,12 @@ def layers_to_profile(layer_bytes: int, num_layers: int) -> int:
     return min(num_layers, max(1, math.ceil(CACHE_FLUSH_BYTES / max(layer_bytes, 1))))
 
 
-def cached_quick_profile(model_dir: Path, dtype: str, folder: Path) -> DeviceProfile:
+def cached_quick_profile(model_dir: Path, placement: Placement, folder: Path) -> DeviceProfile:
     """The quick profile of this device, measured once and kept in `folder`."""
     from meshshard.model.source import locked, model_name
 
-    name = f"{model_name(model_dir)}-{dtype}-{platform.node()}-{compute_budget()}-v{VERSION}.json"
+    how = placement.describe().replace(" ", "-").replace(":", "")
+    name = f"{model_name(model_dir)}-{how}-{platform.node()}-{compute_budget()}-v{VERSION}.json"
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
     # Peers sharing a machine profile one at a time (whatever their folders): concurrent runs
@@ -158,7 +161,7 @@ def cached_quick_profile(model_dir: Path, dtype: str, folder: Path) -> DevicePro
             return DeviceProfile.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        result = quick_profile(model_dir, dtype)
+        result = quick_profile(model_dir, placement)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result.to_json()))
         tmp.replace(path)

@@ -17,6 +17,7 @@ from torch import nn
 
 from meshshard.errors import MeshShardError
 from meshshard.model.kvcache import KVCache
+from meshshard.model.quantize import quantize_layers, tensor_bytes
 from meshshard.model.source import model_name
 from meshshard.model.spec import ModelSpec
 from meshshard.progress import progress
@@ -46,21 +47,33 @@ class Shard:
         lm_head: nn.Module | None,
         rotary: nn.Module | None,
         dtype: torch.dtype,
+        device: torch.device | None = None,
+        quantize: str = "none",
     ) -> None:
         spec.check_range(start, end)
         self.spec, self.start, self.end, self.config = spec, start, end, config
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.rotary = rotary
         self.dtype = dtype
+        self.device = device or torch.device("cpu")
+        self.quantize = quantize
         self.layer_ids = tuple(_layer_index(layer) for layer in layers)
         self._sessions: dict[str, KVCache] = {}
 
     @classmethod
     def load(
-        cls, model_dir: Path, start: int, end: int, dtype: str | torch.dtype = "float32"
+        cls,
+        model_dir: Path,
+        start: int,
+        end: int,
+        dtype: str | torch.dtype = "float32",
+        device: str = "cpu",
+        quantize: str = "none",
     ) -> Shard:
-        """Build only the modules of units [start, end) and read only their weights."""
+        """Build only the modules of units [start, end), read only their weights, and put
+        them on `device`, their decoder layers' linear weights quantized to `quantize`."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        target = torch.device(device)
         config = load_config(model_dir)
         spec = ModelSpec.from_config(config, name=model_name(model_dir))
         spec.check_range(start, end)
@@ -93,8 +106,13 @@ class Shard:
             rotary = type(skeleton.model.rotary_emb)(config=config)
         for module in (embed, *layers, norm, lm_head, rotary):
             if module is not None:
-                module.eval()
-        return cls(spec, start, end, config, embed, layers, norm, lm_head, rotary, torch_dtype)
+                module.to(target).eval()
+        if quantize != "none":
+            quantize_layers(layers, quantize, target)
+        return cls(
+            spec, start, end, config, embed, layers, norm, lm_head, rotary, torch_dtype, target,
+            quantize,
+        )  # fmt: skip
 
     @property
     def is_first(self) -> bool:
@@ -152,8 +170,10 @@ class Shard:
         if layer not in self.layer_ids:
             raise ValueError(f"layer {layer} is not in this shard")
         want = (1, self.spec.num_kv_heads, keys.shape[2], self.spec.head_dim)
-        if tuple(keys.shape) != want or keys.dtype != self.dtype:
-            raise ValueError(f"KV of shape {list(keys.shape)} {keys.dtype}, expected {list(want)}")
+        if tuple(keys.shape) != want:
+            raise ValueError(f"KV of shape {list(keys.shape)}, expected {list(want)}")
+        # From a peer of another dtype or device (a mixed mesh): ours from now on.
+        keys, values = (t.to(self.device, self.dtype) for t in (keys, values))
         self._sessions.setdefault(session, self.new_cache()).put(layer, keys, values)
 
     def take_caches(self) -> dict[str, KVCache]:
@@ -208,7 +228,8 @@ class Shard:
                 f"got {positions[:4].tolist()}…"
             )
         unit = self.start
-        clock = _Clock(timer)
+        clock = _Clock(timer, self.device)
+        x = self._onto_device(x)
         if self.embed is not None:
             h = self.embed(x.long().unsqueeze(0))
             clock.lap(unit)
@@ -217,9 +238,9 @@ class Shard:
             h = x.to(self.dtype).unsqueeze(0)
         if self.layers:
             assert self.rotary is not None
-            pos = positions.unsqueeze(0)
+            pos = positions.to(self.device).unsqueeze(0)
             embeddings = self.rotary(h, pos)
-            mask = _causal_mask(positions, cache.length + n)
+            mask = _causal_mask(positions, cache.length + n, self.device)
             first = unit
             h = self._run_layers(h, mask, pos, embeddings, cache, lambda i: clock.lap(first + i))
             unit += len(self.layers)
@@ -243,14 +264,17 @@ class Shard:
             # A layer may hold positions past the others (kept across a plan change while the
             # rest were fed again): they are stale, and a batch continues at the common length.
             cache.truncate(cache.length)
+        x = self._onto_device(x)
         h = self.embed(x.long()[:, None]) if self.embed is not None else x.to(self.dtype)[:, None]
         if self.layers:
             assert self.rotary is not None
-            lengths = torch.tensor([c.length for c in caches]) + 1
+            counts = [c.length + 1 for c in caches]
+            lengths = torch.tensor(counts, device=self.device)
             pos = (lengths - 1)[:, None]
             embeddings = self.rotary(h, pos)
-            batch = _BatchCache(caches, int(lengths.max()))
-            mask = (torch.arange(batch.width)[None, :] < lengths[:, None])[:, None, None, :]
+            batch = _BatchCache(caches, max(counts))
+            width = torch.arange(batch.width, device=self.device)
+            mask = (width[None, :] < lengths[:, None])[:, None, None, :]
             h = self._run_layers(h, mask, pos, embeddings, batch)
         if self.lm_head is not None and self.norm is not None:
             return self.lm_head(self.norm(h))[:, -1].float()
@@ -277,6 +301,15 @@ class Shard:
             if after_layer is not None:
                 after_layer(i)
         return h
+
+    def _onto_device(self, x: torch.Tensor) -> torch.Tensor:
+        """The one copy of a step's input onto the device (none on a CPU); from pinned host
+        memory on CUDA, so the copy runs beside the work already queued."""
+        if x.device == self.device:
+            return x
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
 
     def _cache(self, session: str) -> KVCache:
         try:
@@ -336,7 +369,7 @@ def _layer_index(layer: nn.Module) -> int:
 
 def _param_bytes(modules: list[nn.Module | None]) -> int:
     params = {id(p): p for m in modules if m is not None for p in m.parameters()}
-    return sum(p.numel() * p.element_size() for p in params.values())
+    return sum(tensor_bytes(p) for p in params.values())
 
 
 def _set_param(module: nn.Module, dotted: str, value: nn.Parameter) -> None:
@@ -346,12 +379,15 @@ def _set_param(module: nn.Module, dotted: str, value: nn.Parameter) -> None:
     setattr(module, leaf, value)
 
 
-def _causal_mask(positions: torch.Tensor, kv_length: int) -> torch.Tensor | None:
-    """Query at position p sees keys 0..p. A single decode token sees everything: no mask."""
+def _causal_mask(
+    positions: torch.Tensor, kv_length: int, device: torch.device
+) -> torch.Tensor | None:
+    """Query at position p sees keys 0..p. A single decode token sees everything: no mask.
+    `positions` is on the host (checked there, without a device sync)."""
     if positions.shape[0] == 1 and int(positions[0]) == kv_length - 1:
         return None
     keys = torch.arange(kv_length)
-    return (keys[None, :] <= positions[:, None])[None, None]
+    return (keys[None, :] <= positions[:, None])[None, None].to(device)
 
 
 class _BatchCache:
@@ -375,12 +411,18 @@ class _BatchCache:
 
 
 class _Clock:
-    def __init__(self, timer: UnitTimer | None) -> None:
+    """Times units for a profile; on CUDA it waits for each unit's kernels (only when
+    timing: a step's hot path never syncs with the device)."""
+
+    def __init__(self, timer: UnitTimer | None, device: torch.device) -> None:
         self._timer = timer
+        self._sync = device.type == "cuda"
         self._last = time.perf_counter()
 
     def lap(self, unit: int) -> None:
         if self._timer is not None:
+            if self._sync:
+                torch.cuda.synchronize()
             now = time.perf_counter()
             self._timer(unit, now - self._last)
             self._last = now

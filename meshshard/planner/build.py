@@ -23,7 +23,7 @@ def units_from_profile(profile: Mapping[str, Any]) -> list[UnitCost]:
 
 def build_instance(
     units: Sequence[UnitCost],
-    devices: Sequence[tuple[str, float, Sequence[float]]],
+    devices: Sequence[tuple[str, float, Sequence[float]] | tuple[str, float, Sequence[float], str]],
     source: str,
     context_tokens: int,
     default_link: Link,
@@ -41,7 +41,7 @@ def build_instance(
             )
             for u in units
         ),
-        devices=tuple(Device(name, mem, tuple(ms)) for name, mem, ms in devices),
+        devices=tuple(Device(d[0], d[1], tuple(d[2]), *d[3:]) for d in devices),
         default_link=default_link,
         pairs=tuple(pairs),
         source=source,

@@ -28,6 +28,7 @@ class Device:
     name: str
     mem: float  # usable bytes
     ms: tuple[float, ...]  # compute time of each unit on this device
+    kind: str = ""  # what it is, for people ("cuda:0 bfloat16", "cpu float32"); not planned on
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,10 @@ def _device(x: Any, i: int) -> Device:
         _number(t, f"devices[{i}].ms[{j}]")
         for j, t in enumerate(_list(m.get("ms"), f"devices[{i}].ms"))
     )
-    return Device(name=name, mem=_number(m.get("mem"), f"devices[{i}].mem"), ms=ms)
+    kind = m.get("kind", "")
+    if not isinstance(kind, str):
+        raise InstanceError(f"devices[{i}].kind must be a string")
+    return Device(name, _number(m.get("mem"), f"devices[{i}].mem"), ms, kind)
 
 
 def _link(x: Any, what: str) -> Link:

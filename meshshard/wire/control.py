@@ -184,6 +184,7 @@ def _profile_out(p: Profile) -> dict[str, Any]:
         "step": p.step_ms,
         "used": p.used,
         "ovh": p.overhead_ms,
+        "dev": p.device,
     }
 
 
@@ -221,6 +222,7 @@ def _profile_in(raw: object, what: str) -> Profile:
         step_ms=checks.number(m.get("step", 0.0), f"{what}.step", MAX_MS),
         used=checks.number(m.get("used", 0.0), f"{what}.used", MAX_MEMORY),
         overhead_ms=checks.number(m.get("ovh", 0.0), f"{what}.ovh", MAX_MS),
+        device=checks.text(m.get("dev", ""), f"{what}.dev", empty=True),
     )
 
 

@@ -16,6 +16,7 @@ from support.simchain import SIM_TIMINGS, SimMesh
 
 from meshshard.chain.tensors import to_wire
 from meshshard.model.costs import unit_costs
+from meshshard.model.device import Device, Placement
 from meshshard.model.generate import LocalChain, generate
 from meshshard.types import Epoch
 from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, Sampling, StepFrame
@@ -66,6 +67,21 @@ async def test_a_simulated_mesh_answers_as_one_process(
             await answer(mesh, "a", prompt, 16, got)
             assert got == reference(prompt, 16)
         await until(mesh.idle, 5, "every cache freed")
+
+
+async def test_a_quantized_mesh_answers_as_the_quantized_single_process(
+    model: Path, memory: float
+) -> None:
+    int8 = Placement(Device("cpu"), "float32", "int8")
+    chain = LocalChain.load(model, quantize="int8")
+    async with SimMesh(model, memory, placement=int8) as mesh:
+        for name in ("a", "b", "c"):
+            mesh.add(name)
+        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
+        for prompt in PROMPTS[:2]:
+            got: list[int] = []
+            await answer(mesh, "a", prompt, 16, got)
+            assert got == list(generate(chain, prompt, 16))
 
 
 class Collector:

@@ -13,6 +13,7 @@ import torch
 from meshshard.config import default_cache_dir
 from meshshard.model.batching import BATCHES
 from meshshard.model.costs import unit_costs
+from meshshard.model.device import Device, Placement
 from meshshard.model.generate import LocalChain
 from meshshard.model.profile import CACHE_FLUSH_BYTES, layers_to_profile, quick_profile
 from meshshard.model.source import ensure_embedded
@@ -26,6 +27,8 @@ PROMPTS = [
     "Once upon a time, in a small village,",
 ]
 NEW = 32
+
+CPU = Placement(Device("cpu"), "float32")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +95,13 @@ def test_generate_cli_split_gives_the_same_tokens() -> None:
     assert len(split["shards"]) == 3
 
 
+def test_generate_cli_quantized_split_gives_the_quantized_tokens() -> None:
+    args = ("generate", "Write a haiku about the sea.", "--chat", "--max-tokens", "24", "--json")
+    whole = json.loads(run_cli(*args, "--quantize", "int8").stdout)
+    split = json.loads(run_cli(*args, "--quantize", "int8", "--split", "3").stdout)
+    assert split["tokens"] == whole["tokens"] and len(whole["tokens"]) > 0
+
+
 def test_model_info_describes_smollm2() -> None:
     result = run_cli("model", "info", "--json")
     assert result.returncode == 0, result.stderr
@@ -99,6 +109,35 @@ def test_model_info_describes_smollm2() -> None:
     assert (info["layers"], info["units"], info["hidden"]) == (30, 32, 576)
     assert info["parameters"] == 134_515_008
     assert Path(info["folder"]).is_relative_to(info["cache"])
+    assert (info["device"], info["dtype"], info["quantize"]) == ("cpu", "float32", "none")
+    assert info["weight_bytes"] == sum(info["unit_weight_bytes"].values())
+    # Memory per quantization: the layers shrink about fourfold, embedding and head do not.
+    bytes_of = {}
+    for how in (("--dtype", "float32"), ("--dtype", "bfloat16"), ("--quantize", "int8")):
+        out = json.loads(run_cli("model", "info", "--json", *how).stdout)
+        bytes_of[how[1]] = out["unit_weight_bytes"]
+    layer, head = "L0", "head"
+    assert bytes_of["bfloat16"][layer] * 2 == bytes_of["float32"][layer]
+    assert bytes_of["int8"][layer] < 0.26 * bytes_of["float32"][layer]
+    assert bytes_of["int8"][head] == bytes_of["float32"][head]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for what a CPU-only machine lacks")
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (("--device", "cuda"), "no CUDA device"),
+        (("--device", "cuda:7"), "no CUDA device"),
+        (("--device", "tpu"), "expected auto, cpu, cuda, cuda:N or mps"),
+        (("--quantize", "int4"), "int4 runs on CUDA only"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_a_one_line_error(
+    flags: tuple[str, ...], error: str
+) -> None:
+    result = run_cli("generate", "hi", "--max-tokens", "1", *flags)
+    assert result.returncode == 2
+    assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_profile_measures_every_unit() -> None:
@@ -121,7 +160,7 @@ def test_quick_profile_runs_layers_that_outgrow_the_cache(model_dir: Path) -> No
     layer_bytes = unit_costs(model_dir, "float32")[1].weight_bytes
     loaded = layers_to_profile(layer_bytes, 30)
     assert loaded * layer_bytes >= CACHE_FLUSH_BYTES > (loaded - 1) * layer_bytes
-    units = quick_profile(model_dir, "float32", context=8, repeats=2).units
+    units = quick_profile(model_dir, CPU, context=8, repeats=2).units
     assert len(units) == 32 and all(u.decode_ms > 0 for u in units)
     # Every layer takes the loaded layers' mean time: they share a shape.
     assert len({u.decode_ms for u in units[1:-1]}) == 1

@@ -18,6 +18,7 @@ from meshshard.events import EventLog
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.seam import NodeSeam
 from meshshard.model.costs import read_spec, unit_costs
+from meshshard.model.device import Device, Placement
 from meshshard.types import Member, NodeId, Profile, State
 from meshshard.wire import DataFrame, decode_frame, encode_frame
 from support.simnet import SimNet, SimTransport
@@ -26,6 +27,7 @@ from support.simnet import SimNet, SimTransport
 SIM_TIMINGS = replace(
     TEST_TIMINGS, left_behind_keep=2.0, sweep_interval=0.2, same_plan_grace=1.0, link_interval=60
 )
+CPU = Placement(Device("cpu"), "float32")
 QUEUE = 64  # frames in flight on one link before its sender waits, as a socket's buffers
 
 
@@ -101,11 +103,17 @@ class SimMesh:
     """Peers of one tiny model; each offers `memory` bytes. Use as an async context."""
 
     def __init__(
-        self, model_dir: Path, memory: float, timings: Timings = SIM_TIMINGS, seed: int = 0
+        self,
+        model_dir: Path,
+        memory: float,
+        timings: Timings = SIM_TIMINGS,
+        seed: int = 0,
+        placement: Placement = CPU,
     ) -> None:
         self.model_dir, self.memory, self.timings = model_dir, memory, timings
+        self.placement = placement
         self.spec = read_spec(model_dir)
-        self.units = unit_costs(model_dir, "float32")
+        self.units = unit_costs(model_dir, placement.dtype, placement.quantize)
         self.control = SimNet(seed=seed)
         self.data = DataNet()
         self.peers: dict[str, SimPeer] = {}
@@ -146,7 +154,7 @@ class SimMesh:
             return MemoryLinks(self.data, addr, tg)
 
         service = ChainService(
-            NodeSeam(node), self.model_dir, "float32", self.spec,
+            NodeSeam(node), self.model_dir, self.placement, self.spec,
             connect, node.events, mem, node.clock, self.timings,
         )  # fmt: skip
         self.data.services[addr] = service

@@ -1,0 +1,64 @@
+"""Quantized and mixed-dtype shards on the CPU: a quantized chain gives the quantized single
+process's tokens, planned sizes are what loading makes, and a chain whose shards run in
+different dtypes passes its activations and caches between them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.model.costs import unit_costs
+from meshshard.model.generate import LocalChain, generate
+from meshshard.model.shard import Shard, load_spec
+
+PROMPT = [3, 14, 15, 92, 65, 35]
+
+
+def test_a_quantized_chain_gives_the_quantized_single_process_tokens(tiny_llama: Path) -> None:
+    whole = LocalChain.load(tiny_llama, quantize="int8")
+    for cuts in [(2,), (1, 3), (1, 2, 4)]:
+        split = LocalChain.load(tiny_llama, cuts, quantize="int8")
+        assert list(generate(split, PROMPT, 16)) == list(generate(whole, PROMPT, 16)), cuts
+    plain = list(generate(LocalChain.load(tiny_llama), PROMPT, 16))
+    assert plain  # and the quantized model is a different model (not a silent no-op):
+    layer = whole.shards[0].layers[0].self_attn.q_proj.weight
+    assert type(layer).__name__ != "Parameter"
+
+
+def test_planned_unit_sizes_are_what_loading_makes(tiny_llama: Path) -> None:
+    n = load_spec(tiny_llama).num_units
+    for quantize in ("none", "int8"):
+        costs = unit_costs(tiny_llama, "float32", quantize)
+        shard = Shard.load(tiny_llama, 0, n, "float32", "cpu", quantize)
+        assert [c.weight_bytes for c in costs] == [shard.unit_weight_bytes(u) for u in range(n)]
+    plain, int8 = unit_costs(tiny_llama, "float32"), unit_costs(tiny_llama, "float32", "int8")
+    # Layers shrink to about a quarter (a byte a weight, a scale a row); embed and head stay.
+    assert all(
+        q.weight_bytes < 0.35 * p.weight_bytes for p, q in zip(plain[1:-1], int8[1:-1], strict=True)
+    )
+    assert (plain[0], plain[-1]) == (int8[0], int8[-1])
+
+
+@pytest.mark.parametrize("first, second", [("bfloat16", "float32"), ("float32", "float16")])
+def test_shards_of_different_dtypes_pass_activations_and_caches(
+    tiny_llama: Path, first: str, second: str
+) -> None:
+    n = load_spec(tiny_llama).num_units
+    a, b = Shard.load(tiny_llama, 0, 3, first), Shard.load(tiny_llama, 3, n, second)
+    ids = torch.tensor(PROMPT)
+    hidden = a.prefill("s", ids)
+    wire = to_wire(hidden)  # the frame says its dtype; the receiver converts
+    assert wire.dtype == first
+    logits = b.prefill("s", from_wire(wire))
+    direct = b.prefill("t", hidden)  # the same without the wire: bit for bit
+    assert torch.equal(logits, direct) and torch.isfinite(logits).all()
+    # A KV handoff from a peer of another dtype is converted, not refused.
+    c = Shard.load(tiny_llama, 3, n, first)
+    layer = b.layer_ids[0]
+    keys, values = b.export("s", layer, len(PROMPT))  # type: ignore[misc]
+    c.install("s", layer, from_wire(to_wire(keys)), from_wire(to_wire(values)))
+    held = c._sessions["s"].layer(layer)[0]
+    assert held.dtype == c.dtype and held.shape == keys.shape

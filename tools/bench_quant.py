@@ -1,0 +1,182 @@
+"""Speed and memory by dtype and quantization, one process and a 3-peer chain.
+
+    python tools/bench_quant.py [--device cpu] [--tokens 64] [--json FILE] [--check]
+
+For float32, bfloat16, int8 (float32 activations) and, on CUDA, int4 (bfloat16): one
+process (`meshshard generate`: its tokens/s and peak resident memory) and a chain of three
+real peers on loopback, each offering 40% of what the model needs so that the chain takes
+all three (`meshshard ask`: decode tokens/s; the peers' peak resident memory). Prints a table
+and the ratios to float32, writes a JSON file and a plot (docs/benchmarks/quant*.png).
+
+--check compares the chain's greedy answer with the single-process float32 answer on the CPU:
+the same tokens in float32, the same first tokens otherwise (reported, not judged: a lower
+precision may take another path at a near-tie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import plots  # noqa: E402
+from support.procs import Peer, wait_for  # noqa: E402
+
+PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
+CONTEXT = 2048  # tokens of KV cache a plan reserves per unit
+
+
+def cli(*args: str) -> dict[str, Any]:
+    """Run `meshshard` and parse its JSON; with the child's peak resident memory in MB."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshshard", "--log-level", "error", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"meshshard {' '.join(args)} failed: {err.decode().strip()}")
+    return json.loads(out) | {"peak_mb": usage.ru_maxrss / 1024}
+
+
+def peak_mb(peer: Peer) -> float:
+    assert peer.proc is not None
+    for line in Path(f"/proc/{peer.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def ask(url: str, tokens: int) -> dict[str, Any]:
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens}
+    body |= {"temperature": 0}
+    req = urllib.request.Request(
+        url + "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=900) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def chain(flags: list[str], offer: float, tokens: int, base: int, logs: Path) -> dict[str, Any]:
+    peers = [
+        Peer(f"q-{c}", base + i, logs, "--memory", f"{offer:.0f}", "--threads", "1", *flags)
+        for i, c in enumerate("abc")
+    ]
+    try:
+        for p in peers:
+            p.start()
+
+        def ready() -> bool:
+            s = peers[0].status()
+            return bool(s and s.get("chain_ready") and len(s["plan"]["stages"]) == 3)
+
+        wait_for(ready, 300, "a 3-stage chain", 0.5)
+        time.sleep(2)
+        ask(peers[0].url, 4)  # warm-up
+        answer = ask(peers[0].url, tokens)
+        return {
+            "tokens_per_s": answer["meshshard"]["tokens_per_s"],
+            "peak_mb": max(peak_mb(p) for p in peers),
+            "text": answer["choices"][0]["message"]["content"],
+        }
+    finally:
+        for p in peers:
+            p.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    cases = {
+        "float32": ["--dtype", "float32"],
+        "bfloat16": ["--dtype", "bfloat16"],
+        "int8": ["--dtype", "float32", "--quantize", "int8"],
+    }
+    if args.device.startswith("cuda"):
+        cases["int8"] = ["--dtype", "bfloat16", "--quantize", "int8"]
+        cases["int4"] = ["--dtype", "bfloat16", "--quantize", "int4"]
+    logs = Path(tempfile.mkdtemp(prefix="bench-quant-"))
+    results: dict[str, dict[str, Any]] = {}
+    reference = cli("generate", PROMPT, "--chat", "--max-tokens", str(args.tokens), "--json",
+                    "--device", "cpu", "--dtype", "float32")  # fmt: skip
+    for i, (name, flags) in enumerate(cases.items()):
+        flags = [*flags, "--device", args.device]
+        info = cli("model", "info", "--json", *flags)
+        units = info["unit_weight_bytes"]
+        kv = (4 if "float32" in flags else 2) * 2 * 3 * 64 * CONTEXT * info["layers"]
+        one = cli("generate", PROMPT, "--chat", "--max-tokens", str(args.tokens), "--json", *flags)
+        offer = 0.4 * (info["weight_bytes"] + kv)
+        mesh = chain(flags, offer, args.tokens, 7200 + 10 * i, logs)
+        results[name] = {
+            "weight_mb": info["weight_bytes"] / 1e6,
+            "layer_mb": units["L0"] / 1e6,
+            "one_tokens_per_s": one["tokens_per_s"],
+            "one_peak_mb": one["peak_mb"],
+            "chain_tokens_per_s": mesh["tokens_per_s"],
+            "chain_peak_mb": mesh["peak_mb"],
+            "same_tokens_as_cpu_float32": one["text"] == reference["text"],
+            "chain_same_as_one_process": mesh["text"] == one["text"],
+        }
+        print(f"{name}: done", flush=True)
+    base = results["float32"]
+    print(f"\n{args.device}, {args.tokens} tokens, one process vs a 3-peer chain on loopback")
+    head = ("case", "weights MB", "layer MB", "1 proc t/s", "ratio", "1 proc MB", "chain t/s",
+            "ratio", "peer MB", "as fp32")  # fmt: skip
+    print("  ".join(f"{h:>10}" for h in head))
+    for name, r in results.items():
+        row = (
+            name,
+            f"{r['weight_mb']:.0f}",
+            f"{r['layer_mb']:.2f}",
+            f"{r['one_tokens_per_s']:.1f}",
+            f"{r['one_tokens_per_s'] / base['one_tokens_per_s']:.2f}",
+            f"{r['one_peak_mb']:.0f}",
+            f"{r['chain_tokens_per_s']:.1f}",
+            f"{r['chain_tokens_per_s'] / base['chain_tokens_per_s']:.2f}",
+            f"{r['chain_peak_mb']:.0f}",
+            "yes" if r["same_tokens_as_cpu_float32"] else "no",
+        )
+        print("  ".join(f"{c:>10}" for c in row))
+    if args.check:
+        for name, r in results.items():
+            same = r["chain_same_as_one_process"]
+            print(f"check {name}: the chain's answer is its one process's: {same}")
+    if args.json:
+        out = {"device": args.device, "tokens": args.tokens, "results": results}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        suffix = "" if args.device == "cpu" else "-" + args.device.replace(":", "")
+        speeds = {
+            n: {"one process": r["one_tokens_per_s"], "3-peer chain": r["chain_tokens_per_s"]}
+            for n, r in results.items()
+        }
+        plots.bars(
+            f"quant{suffix}", f"tokens/s by dtype and quantization ({args.device})", "tokens/s",
+            speeds,
+        )  # fmt: skip
+    ok = all(r["chain_same_as_one_process"] for r in results.values())
+    return 0 if ok or not args.check else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
