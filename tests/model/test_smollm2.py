@@ -165,9 +165,10 @@ def test_quick_profile_runs_layers_that_outgrow_the_cache(model_dir: Path) -> No
     # Every layer takes the loaded layers' mean time: they share a shape.
     assert len({u.decode_ms for u in units[1:-1]}) == 1
     assert {u.weight_bytes for u in units[1:-1]} == {layer_bytes}
-    # Batched steps are timed at every size, and a batch never costs less than one step.
+    # Batched steps are timed at every size, and a batch costs about one step or more: two
+    # rows cost barely more than one on this CPU, and two repeats on a busy machine are noisy.
     assert all(len(u.batch_ms) == len(BATCHES) for u in units)
-    assert all(min(u.batch_ms) >= u.decode_ms for u in units[1:])
+    assert all(min(u.batch_ms) >= 0.8 * u.decode_ms for u in units[1:])
 
 
 def test_layers_to_profile() -> None:
