@@ -5,7 +5,9 @@
 For float32, bfloat16, int8 (float32 activations) and, on CUDA, int4 (bfloat16): one
 process (`meshshard generate`: its tokens/s and peak resident memory) and a chain of three
 real peers on loopback, each offering 40% of what the model needs so that the chain takes
-all three (`meshshard ask`: decode tokens/s; the peers' peak resident memory). Prints a table
+all three (`meshshard ask`: decode tokens/s; the largest peer's peak resident set, which
+counts the weights file's mapped pages, and its own anonymous memory after the answer,
+which is what it holds: weights, caches and the runtime). Prints a table
 and the ratios to float32, writes a JSON file and a plot (docs/benchmarks/quant*.png).
 
 --check compares the chain's greedy answer with the single-process float32 answer on the CPU:
@@ -54,10 +56,13 @@ def cli(*args: str) -> dict[str, Any]:
     return json.loads(out) | {"peak_mb": usage.ru_maxrss / 1024}
 
 
-def peak_mb(peer: Peer) -> float:
+def memory_mb(peer: Peer, field: str) -> float:
+    """A line of /proc/PID/status in MB: VmHWM, the peak resident set (mapped pages of the
+    weights file included, which the kernel may drop), or RssAnon, the process's own memory
+    now (weights, caches, the runtime)."""
     assert peer.proc is not None
     for line in Path(f"/proc/{peer.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -93,7 +98,8 @@ def chain(flags: list[str], offer: float, tokens: int, base: int, logs: Path) ->
         answer = ask(peers[0].url, tokens)
         return {
             "tokens_per_s": answer["meshshard"]["tokens_per_s"],
-            "peak_mb": max(peak_mb(p) for p in peers),
+            "peak_mb": max(memory_mb(p, "VmHWM") for p in peers),
+            "anon_mb": max(memory_mb(p, "RssAnon") for p in peers),
             "text": answer["choices"][0]["message"]["content"],
         }
     finally:
@@ -135,6 +141,7 @@ def main() -> int:
             "one_peak_mb": one["peak_mb"],
             "chain_tokens_per_s": mesh["tokens_per_s"],
             "chain_peak_mb": mesh["peak_mb"],
+            "chain_anon_mb": mesh["anon_mb"],
             "same_tokens_as_cpu_float32": one["text"] == reference["text"],
             "chain_same_as_one_process": mesh["text"] == one["text"],
         }
@@ -142,7 +149,7 @@ def main() -> int:
     base = results["float32"]
     print(f"\n{args.device}, {args.tokens} tokens, one process vs a 3-peer chain on loopback")
     head = ("case", "weights MB", "layer MB", "1 proc t/s", "ratio", "1 proc MB", "chain t/s",
-            "ratio", "peer MB", "as fp32")  # fmt: skip
+            "ratio", "peer peak", "peer anon", "as fp32")  # fmt: skip
     print("  ".join(f"{h:>10}" for h in head))
     for name, r in results.items():
         row = (
@@ -155,6 +162,7 @@ def main() -> int:
             f"{r['chain_tokens_per_s']:.1f}",
             f"{r['chain_tokens_per_s'] / base['chain_tokens_per_s']:.2f}",
             f"{r['chain_peak_mb']:.0f}",
+            f"{r['chain_anon_mb']:.0f}",
             "yes" if r["same_tokens_as_cpu_float32"] else "no",
         )
         print("  ".join(f"{c:>10}" for c in row))

@@ -27,10 +27,10 @@ def tensor_bytes(t: torch.Tensor) -> int:
 QUANTIZE = ("none", "int8", "int4")
 
 
-def quantize_layers(layers: list[nn.Module], quantize: str, device: torch.device) -> None:
-    """Weight-only quantization of the decoder layers' linear weights with torchao (the
-    embedding and a head tied to it stay as they are); a one-line error where the library
-    or the device cannot."""
+def check_quantize(quantize: str, device: torch.device) -> None:
+    """A one-line error where the device cannot run `quantize`, before any weight is read."""
+    if quantize == "none":
+        return
     if quantize == "int4" and device.type != "cuda":
         raise MeshShardError(
             f"--quantize int4 runs on CUDA only (torchao's int4 weight-only kernels); "
@@ -38,6 +38,15 @@ def quantize_layers(layers: list[nn.Module], quantize: str, device: torch.device
         )
     if quantize not in ("int8", "int4"):
         raise MeshShardError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
+
+
+def quantize_layers(layers: list[nn.Module], quantize: str, device: torch.device) -> None:
+    """Weight-only quantization of the decoder layers' linear weights with torchao (the
+    embedding and a head tied to it stay as they are); a one-line error where the library
+    or the device cannot."""
+    check_quantize(quantize, device)
+    if quantize == "none":
+        return
     with _quiet_torchao():
         try:
             from torchao.quantization import (

@@ -17,7 +17,7 @@ from torch import nn
 
 from meshshard.errors import MeshShardError
 from meshshard.model.kvcache import KVCache
-from meshshard.model.quantize import quantize_layers, tensor_bytes
+from meshshard.model.quantize import check_quantize, quantize_layers, tensor_bytes
 from meshshard.model.source import model_name
 from meshshard.model.spec import ModelSpec
 from meshshard.progress import progress
@@ -74,6 +74,7 @@ class Shard:
         them on `device`, their decoder layers' linear weights quantized to `quantize`."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         target = torch.device(device)
+        check_quantize(quantize, target)
         config = load_config(model_dir)
         spec = ModelSpec.from_config(config, name=model_name(model_dir))
         spec.check_range(start, end)
@@ -83,32 +84,38 @@ class Shard:
         layers = list(skeleton.model.layers[first_layer:last_layer])
         norm = skeleton.model.norm if end == spec.num_units else None
         lm_head = skeleton.lm_head if end == spec.num_units else None
-        wanted: dict[str, tuple[nn.Module, str]] = {}
+        ends: dict[str, tuple[nn.Module, str]] = {}
         if embed is not None:
-            wanted["model.embed_tokens.weight"] = (embed, "weight")
-        for layer in layers:
-            idx = layer.self_attn.layer_idx
-            for name, _ in layer.named_parameters():
-                wanted[f"model.layers.{idx}.{name}"] = (layer, name)
+            ends["model.embed_tokens.weight"] = (embed, "weight")
         if norm is not None and lm_head is not None:
-            wanted["model.norm.weight"] = (norm, "weight")
+            ends["model.norm.weight"] = (norm, "weight")
             if not spec.tied_embeddings:
-                wanted["lm_head.weight"] = (lm_head, "weight")
+                ends["lm_head.weight"] = (lm_head, "weight")
             elif embed is None:
-                wanted["model.embed_tokens.weight"] = (lm_head, "weight")
-        with progress(f"loading units {start}..{end - 1}", len(wanted)) as advance:
-            _load_weights(model_dir, wanted, torch_dtype, advance)
+                ends["model.embed_tokens.weight"] = (lm_head, "weight")
+        per_layer = [
+            {f"model.layers.{_layer_index(layer)}.{name}": (layer, name)
+             for name, _ in layer.named_parameters()}
+            for layer in layers
+        ]  # fmt: skip
+        total = len(ends) + sum(len(w) for w in per_layer)
+        with progress(f"loading units {start}..{end - 1}", total) as advance:
+            _load_weights(model_dir, ends, torch_dtype, advance)
+            # Layer by layer, each moved and quantized before the next is read: a peer never
+            # holds more than one layer at full precision, so a quantized shard fits where
+            # the planner put it.
+            for layer, wanted in zip(layers, per_layer, strict=True):
+                _load_weights(model_dir, wanted, torch_dtype, advance)
+                quantize_layers([layer.to(target).eval()], quantize, target)
         if lm_head is not None and embed is not None and spec.tied_embeddings:
             # One shard holds both ends of a tied model: share the matrix, as the model does.
             lm_head.weight = embed.weight
         rotary = None
         if layers:
             rotary = type(skeleton.model.rotary_emb)(config=config)
-        for module in (embed, *layers, norm, lm_head, rotary):
+        for module in (embed, norm, lm_head, rotary):
             if module is not None:
                 module.to(target).eval()
-        if quantize != "none":
-            quantize_layers(layers, quantize, target)
         return cls(
             spec, start, end, config, embed, layers, norm, lm_head, rotary, torch_dtype, target,
             quantize,

@@ -5,11 +5,13 @@ different dtypes passes its activations and caches between them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.errors import MeshShardError
 from meshshard.model.costs import unit_costs
 from meshshard.model.generate import LocalChain, generate
 from meshshard.model.shard import Shard, load_spec
@@ -62,3 +64,28 @@ def test_shards_of_different_dtypes_pass_activations_and_caches(
     c.install("s", layer, from_wire(to_wire(keys)), from_wire(to_wire(values)))
     held = c._sessions["s"].layer(layer)[0]
     assert held.dtype == c.dtype and held.shape == keys.shape
+
+
+def test_a_quantized_shard_holds_one_layer_at_full_precision_at_most(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshshard.model import shard as shard_module
+
+    events: list[str] = []
+    load, quantize = shard_module._load_weights, shard_module.quantize_layers
+
+    def loading(*args: Any) -> None:
+        events.append("load")
+        load(*args)
+
+    def quantizing(layers: list[torch.nn.Module], *args: Any) -> None:
+        events.append(f"quantize {len(layers)}")
+        quantize(layers, *args)
+
+    monkeypatch.setattr(shard_module, "_load_weights", loading)
+    monkeypatch.setattr(shard_module, "quantize_layers", quantizing)
+    shard = Shard.load(tiny_llama, 0, load_spec(tiny_llama).num_units, "float32", "cpu", "int8")
+    # The ends first, then each layer read and quantized before the next one is read.
+    assert events == ["load"] + ["load", "quantize 1"] * len(shard.layers)
+    with pytest.raises(MeshShardError, match="int4 runs on CUDA only"):
+        Shard.load(tiny_llama, 0, 2, "float32", "cpu", "int4")
