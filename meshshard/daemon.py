@@ -1,5 +1,8 @@
 """One peer, wired together for `meshshard up`: model facts, HTTP endpoints, control plane,
-discovery and profiling, with an ordered shutdown."""
+discovery and profiling, with an ordered shutdown.
+
+About our usual module's limit, for a reason: it is the one place where the parts meet, and
+their start and their ordered shutdown read best side by side."""
 
 from __future__ import annotations
 

@@ -2,6 +2,10 @@
 
 Input is token ids when the shard starts at `embed`, else the previous shard's hidden state.
 Output is the next hidden state, or the last position's logits when the shard ends at `head`.
+
+Longer than our usual module, for a reason: loading, the single and batched forward passes,
+and a cache's export and install all work on the shard's modules and its sessions' caches,
+which no other module should touch.
 """
 
 from __future__ import annotations
