@@ -59,8 +59,11 @@ class Timings:
     # -- the data plane --
     # An origin waits this long for a token before it gives up on an answer ...
     step_timeout: float = 120.0
-    # ... and this long for a ready chain when an answer starts.
+    # ... and this long for a ready chain when an answer starts,
     ready_timeout: float = 120.0
+    # ... but only this long while the serving members cannot hold the model at all (a
+    # moment's view, a profile not yet heard, is not yet a verdict).
+    too_small_grace: float = 2.0
     # After a break, an answer waits this long for a newer plan before trying the same again;
     same_plan_grace: float = 3.0
     # ... a stage merely not ready yet needs only this long.
@@ -99,6 +102,7 @@ TEST_TIMINGS = Timings(
     body_timeout=5.0,
     step_timeout=60.0,
     ready_timeout=60.0,
+    too_small_grace=1.0,
     same_plan_grace=2.0,
     not_ready_retry=0.1,
     handoff_timeout=5.0,

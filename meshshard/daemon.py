@@ -27,6 +27,7 @@ from meshshard.chain.links import (
     Dispatch,
     FrameCodec,
     Links,
+    LinkWatch,
     Refusals,
     SocketServer,
 )
@@ -111,11 +112,13 @@ class Daemon:
                 context_tokens=config.context_tokens,
             )
             self.node = node
-            frames = FrameCodec(sealer, spec.hidden_size, config.max_frame_bytes)
+            frames = FrameCodec(sealer, spec.hidden_size, config.max_frame_bytes, me=addr)
             timings = config.timings
 
-            def connect(dispatch: Dispatch, tg: asyncio.TaskGroup, refusals: Refusals) -> DataLinks:
-                links = Links(http, dispatch, tg, frames, refusals, timings.connect_timeout)
+            def connect(
+                dispatch: Dispatch, watch: LinkWatch, tg: asyncio.TaskGroup, refusals: Refusals
+            ) -> DataLinks:
+                links = Links(http, dispatch, watch, tg, frames, refusals, timings.connect_timeout)
                 return DelayedLinks(links, delays, tg) if delays else links
 
             seam = NodeSeam(node)
@@ -124,7 +127,7 @@ class Daemon:
                 timings,
             )  # fmt: skip
             sockets = SocketServer(
-                frames, service.refusals, lambda: seam.address, service.handle_frame
+                frames, service.refusals, lambda: seam.address, service.handle_frame, seam
             )
             self.service = service
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -1,26 +1,41 @@
-"""Time lost to churn: a stage killed (`kill -9`) or leaving gracefully (SIGTERM) mid-answer.
+"""Failover: how long a caller waits for its next token when a stage goes mid-answer.
 
-    python tools/bench_churn.py [--repeats 3]
+    python tools/bench_churn.py [--repeats 5] [--cases kill,stop,leave,small] [--json FILE]
 
-Four real peers on loopback (300 MB each, so a chain takes three and one is spare). A greedy
-answer streams from the coordinator; after ten tokens the middle stage is killed, or told to
-leave. Reported per case: the longest gap between two tokens (the stall), that stall less the
-median gap (the time the event added), and for a leave, how long the peer took to exit.
-Targets: the next token within 3 s of a kill; a graceful leave adds under 0.5 s.
+Real peers on loopback with LAN timings. A greedy streamed answer (80 tokens) is asked from
+a peer that is not the victim; after ten tokens the victim goes:
+
+- kill:  SIGKILL of the stage at each position (0: the first stage, which is the
+         coordinator; 1: the middle one; 2: the last), 4 peers of 300 MB (one spare);
+- stop:  SIGSTOP at each position (a process frozen: no socket closes, nothing answers; it
+         is killed once the answer is over), the silent loss SWIM's suspicion must catch;
+- leave: SIGTERM of the middle stage (a graceful leave);
+- small: 3 peers of 300 MB that hold the model only together; the middle stage is killed
+         and the caller must get an error event, then a new request a 503, not a hang.
+
+Per run: the seconds from the event to the next token the caller gets (for `small`, to the
+error event, and the new request's time to its 503), whether the answer equals the
+undisturbed single-process answer, and the false deaths: members other than the victim that
+any peer's log declares dead. Prints min / median / max per case, writes the runs as JSON and
+a plot (docs/benchmarks/churn.png).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -29,14 +44,88 @@ import plots  # noqa: E402
 from support.procs import Peer, wait_for  # noqa: E402
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
+TOKENS = 80
+POSITIONS = {0: "first stage (coordinator)", 1: "middle stage", 2: "last stage"}
+DEAD = re.compile(r"\] (\S+) (?:alive|suspect) -> dead")
 
 
-def once(base: int, logs: Path, graceful: bool) -> tuple[float, float, float]:
-    """(longest gap, median gap, seconds the victim took to exit) for one run."""
+def reference() -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshshard", "--log-level", "error", "generate", PROMPT,
+         "--chat", "--max-tokens", str(TOKENS), "--json"],
+        capture_output=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return str(json.loads(out.stdout)["text"])
+
+
+class Stream:
+    """One streamed chat answer in a thread: arrival times of its pieces, its text, and an
+    error event if one came."""
+
+    def __init__(self, url: str) -> None:
+        self.arrivals: list[float] = []
+        self.text = ""
+        self.error: tuple[float, str] | None = None
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": TOKENS}
+        body |= {"temperature": 0, "stream": True}
+        self._req = urllib.request.Request(
+            url + "/v1/chat/completions", json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with urllib.request.urlopen(self._req, timeout=300) as resp:
+            for raw in resp:
+                if not raw.startswith(b"data: {"):
+                    continue
+                event = json.loads(raw[6:])
+                if "error" in event:
+                    self.error = (time.monotonic(), event["error"]["message"])
+                    return
+                piece = event["choices"][0]["delta"].get("content")
+                if piece:
+                    self.text += piece
+                    self.arrivals.append(time.monotonic())
+
+    def join(self) -> None:
+        self._thread.join(300)
+
+
+def refused_after(url: str) -> tuple[float, int, str]:
+    """A new request's seconds to its answer, HTTP status and message."""
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+    req = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    start = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return time.monotonic() - start, resp.status, ""
+    except urllib.error.HTTPError as e:
+        message = json.loads(e.read())["error"]["message"]
+        return time.monotonic() - start, e.code, message
+
+
+def false_deaths(peers: list[Peer], victim: str) -> int:
+    """(observer, member) pairs where a peer's log declares a member other than the victim
+    dead."""
+    seen = set()
+    for p in peers:
+        text = p.log.read_text(errors="replace") if p.log.exists() else ""
+        seen |= {(p.name, m) for m in DEAD.findall(text) if m != victim}
+    return len(seen)
+
+
+def once(case: str, position: int, base: int, logs: Path, expected: str) -> dict[str, Any]:
+    names = "abc" if case == "small" else "abcd"
     peers = [
-        Peer(f"churn-{c}", base + i, logs, "--memory", "300MB", "--threads", "1", timings="lan")
-        for i, c in enumerate("abcd")
-    ]
+        Peer(f"{case}{position}-{c}", base + i, logs, "--memory", "300MB", "--threads", "1",
+             timings="lan")
+        for i, c in enumerate(names)
+    ]  # fmt: skip
     try:
         for p in peers:
             p.start()
@@ -46,77 +135,107 @@ def once(base: int, logs: Path, graceful: bool) -> tuple[float, float, float]:
             return bool(s and s["chain_ready"] and len(s["plan"]["stages"]) == 3)
 
         wait_for(ready, 180, "a 3-stage chain", 0.2)
-        time.sleep(2)
+        time.sleep(2)  # profiles and link estimates settle
         status = peers[0].status()
         assert status is not None
         by_name = {p.name: p for p in peers}
-        stages = status["plan"]["stages"]
-        origin, victim = by_name[stages[0]["device"]], by_name[stages[1]["device"]]
-        arrivals: list[float] = []
-        body = {
-            "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": 80,
-            "temperature": 0,
-            "stream": True,
-        }
-
-        def stream() -> None:
-            req = urllib.request.Request(
-                origin.url + "/v1/chat/completions",
-                json.dumps(body).encode(),
-                {"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(req, timeout=300) as resp:
-                for raw in resp:
-                    if b'"content"' in raw:
-                        arrivals.append(time.monotonic())
-
-        thread = threading.Thread(target=stream)
-        thread.start()
-        wait_for(lambda: len(arrivals) >= 10, 120, "ten tokens", 0.005)
-        started = time.monotonic()
-        if graceful:
-            victim.stop(timeout=60)
-        else:
+        stages = [s["device"] for s in status["plan"]["stages"]]
+        victim = by_name[stages[position]]
+        spare = [p for p in peers if p.name not in stages]
+        origin = spare[0] if spare else by_name[stages[0 if position else -1]]
+        stream = Stream(origin.url)
+        wait_for(lambda: len(stream.arrivals) >= 10 or stream.error, 120, "ten tokens", 0.005)
+        at = time.monotonic()
+        if case == "kill" or case == "small":
             victim.kill()
-        exited = time.monotonic() - started
-        thread.join(300)
-        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-        return max(gaps), statistics.median(gaps), exited
+        elif case == "stop":
+            victim.signal(signal.SIGSTOP)
+        else:
+            victim.stop(timeout=60)
+        result: dict[str, Any] = {"case": case, "position": position, "victim": victim.name}
+        if case == "small":
+            stream.join()
+            result["error_s"] = stream.error[0] - at if stream.error else None
+            result["error"] = stream.error[1] if stream.error else ""
+            took, code, message = refused_after(origin.url)
+            result |= {"new_request_s": took, "new_request_status": code, "message": message}
+        else:
+            stream.join()
+            after = [t for t in stream.arrivals if t > at]
+            result["next_token_s"] = after[0] - at if after else None
+            gaps = [b - a for a, b in zip(stream.arrivals, stream.arrivals[1:], strict=False)]
+            result["median_gap_s"] = statistics.median(gaps) if gaps else None
+            result["same_answer"] = stream.text == expected and stream.error is None
+        if case == "stop":
+            victim.signal(signal.SIGCONT)
+            victim.kill()
+        time.sleep(0.5)
+        result["false_deaths"] = false_deaths(peers, victim.name)
+        return result
     finally:
         for p in peers:
+            if p.proc is not None and p.proc.poll() is None:
+                p.signal(signal.SIGCONT)
             p.kill()
+
+
+def spread(xs: list[float]) -> str:
+    if not xs:
+        return f"{'-':>6} {'-':>7} {'-':>6}"
+    return f"{min(xs):>6.2f} {statistics.median(xs):>7.2f} {max(xs):>6.2f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", default="kill,stop,leave,small")
     parser.add_argument("--logs", type=Path, help="keep the peers' logs here")
+    parser.add_argument("--json", type=Path, help="write every run here")
     args = parser.parse_args()
-    runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+    cases = args.cases.split(",")
+    plan = [(c, p) for c in ("kill", "stop") if c in cases for p in POSITIONS]
+    plan += [(c, 1) for c in ("leave", "small") if c in cases]
+    expected = reference()
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
+        port = 7300
         for i in range(args.repeats):
-            for graceful in (False, True):
-                base = 7900 + 20 * i + (10 if graceful else 0)
-                runs[graceful].append(once(base, logs, graceful))
-    print(f"4 peers on loopback, lan timings, the middle stage goes, {args.repeats} runs each")
-    print(f"{'measure':<44} {'min':>6} {'median':>7} {'max':>6}")
-    rows = []
-    for graceful, name in ((False, "kill -9"), (True, "graceful leave")):
-        stalls = [r[0] for r in runs[graceful]]
-        added = [r[0] - r[1] for r in runs[graceful]]
-        rows += [
-            (f"{name}: longest gap between tokens (s)", stalls),
-            (f"{name}: time added, gap less median (s)", added),
-        ]
-        if graceful:
-            rows.append((f"{name}: SIGTERM to exit (s)", [r[2] for r in runs[graceful]]))
-    rows.append(("normal gap between tokens (s)", [r[1] for r in runs[False] + runs[True]]))
-    for name, xs in rows:
-        print(f"{name:<44} {min(xs):>6.2f} {statistics.median(xs):>7.2f} {max(xs):>6.2f}")
-    plots.spreads("churn", "A stage leaves mid-answer (min, median, max)", "seconds", rows)
+            for case, position in plan:
+                run = once(case, position, port, logs, expected)
+                port += 10
+                run["repeat"] = i
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+    print(f"\n4 peers of 300 MB on loopback (3 for 'small'), lan timings, {args.repeats} runs each")
+    print(f"{'case':<44} {'min':>6} {'median':>7} {'max':>6}  same  false deaths")
+    rows: list[tuple[str, list[float]]] = []
+    for case, position in plan:
+        mine = [r for r in runs if r["case"] == case and r["position"] == position]
+        deaths = sum(r["false_deaths"] for r in mine)
+        if case == "small":
+            errors = [r["error_s"] for r in mine if r["error_s"] is not None]
+            fresh = [r["new_request_s"] for r in mine]
+            ok = sum(r["new_request_status"] == 503 for r in mine)
+            name = "too small: kill -> error event (s)"
+            print(f"{name:<44} {spread(errors)}  {len(errors)}/{len(mine)}  {deaths}")
+            name = "too small: new request -> 503 (s)"
+            print(f"{name:<44} {spread(fresh)}  {ok}/{len(mine)}")
+            rows += [(name, fresh)]
+            continue
+        what = {"kill": "kill -9", "stop": "SIGSTOP", "leave": "graceful leave"}[case]
+        name = f"{what}, {POSITIONS[position]} -> next token (s)"
+        waits = [r["next_token_s"] for r in mine if r["next_token_s"] is not None]
+        same = sum(bool(r["same_answer"]) for r in mine)
+        print(f"{name:<44} {spread(waits)}  {same}/{len(mine)}  {deaths}")
+        rows.append((name, waits))
+    gaps = [r["median_gap_s"] for r in runs if r.get("median_gap_s")]
+    print(f"{'normal gap between tokens (s)':<44} {spread(gaps)}")
+    if args.json:
+        args.json.write_text(json.dumps({"repeats": args.repeats, "runs": runs}, indent=1) + "\n")
+    plots.spreads("churn", "Failover: event to the caller's next token (min, median, max)",
+                  "seconds", rows)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from meshshard.api.stops import StopMatcher
-from meshshard.chain.origin import ChainBusy, ChainError, Origin, Usage
+from meshshard.chain.origin import ChainBusy, ChainError, MeshTooSmall, Origin, Usage
 from meshshard.edge.bodies import request_body
 from meshshard.model.text import TextCodec
 from meshshard.wire import MAX_SEED
@@ -137,7 +137,7 @@ class OpenAIApi:
                 retry = {"Retry-After": str(math.ceil(e.retry_after))}
                 return _error(429, f"the mesh is busy: {e}", "mesh_busy", retry)
             except ChainError as e:
-                return _error(503, str(e), "mesh_unavailable")
+                return _unavailable(e)
             if not req.stream:
                 text, finish = first[0], first[1] or "length"
                 try:
@@ -145,7 +145,7 @@ class OpenAIApi:
                         text += piece
                         finish = reason or finish
                 except ChainError as e:
-                    return _error(503, str(e), "mesh_unavailable")
+                    return _unavailable(e)
                 choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": text}
@@ -315,6 +315,14 @@ def _extra(u: Usage) -> dict[str, Any]:
         "elapsed_s": round(u.elapsed_s, 4),
         "tokens_per_s": round(rate, 2),
     }
+
+
+def _unavailable(e: ChainError) -> web.Response:
+    """503; with Retry-After where asking again later may work (a mesh too small for now)."""
+    headers = None
+    if isinstance(e, MeshTooSmall):
+        headers = {"Retry-After": str(math.ceil(e.retry_after))}
+    return _error(503, str(e), "mesh_unavailable", headers)
 
 
 def _error(

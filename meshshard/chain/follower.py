@@ -11,6 +11,7 @@ whose origin left or went quiet, caches left behind too long) is freed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -42,7 +43,7 @@ from meshshard.events import EventLog
 from meshshard.model.costs import DTYPE_BYTES
 from meshshard.model.device import Placement
 from meshshard.model.kvcache import KVCache
-from meshshard.model.shard import Shard
+from meshshard.model.shard import Shard, warm
 from meshshard.model.spec import ModelSpec
 from meshshard.types import PlanRecord
 from meshshard.wire import (
@@ -118,6 +119,8 @@ class PlanFollower:
     async def follow(self, tg: asyncio.TaskGroup) -> None:
         """Prepare for each plan put in force, and switch to it when its chain is ready."""
         self._tg = tg
+        with contextlib.suppress(Exception):  # only a head start; a real load says what fails
+            await run_model(warm, self.model_dir)
         followed: PlanRecord | None = None
         while True:
             seen = self.control.version

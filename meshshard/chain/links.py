@@ -38,6 +38,7 @@ Dispatch = Callable[[DataFrame], Awaitable[None]]
 RECORD_BYTES = 1 << 20  # the most of a frame one sealed record carries
 CHANNEL_HEADER = "X-MeshShard-Channel"
 TOKEN_BYTES = 16
+MAX_ADDRESS = 255  # bytes of the sender's address an upgrade may name
 _MORE, _LAST = b"\x00", b"\x01"
 _NUMBER = 8  # bytes of a record's frame number
 
@@ -54,6 +55,9 @@ class FrameCodec:
     hidden_size: int | None = None
     max_frame_bytes: int = MAX_FRAME_BYTES
     received_bytes: int = 0
+    # This peer's address, named in the upgrades it sends: the other side then knows whose
+    # frames arrive on the socket (evidence that we are alive).
+    me: str = ""
 
     @property
     def record_bytes(self) -> int:
@@ -132,26 +136,29 @@ class Channel:
         return self.token + (b">" if outbound else b"<")
 
 
-def open_request(sealer: Sealer, addr: str) -> tuple[bytes, dict[str, str]]:
-    """A new connection token, and the upgrade header that carries it sealed for `addr`."""
+def open_request(sealer: Sealer, addr: str, me: str = "") -> tuple[bytes, dict[str, str]]:
+    """A new connection token, and the upgrade header that carries it sealed for `addr`,
+    with the sender's address `me`."""
     token = secrets.token_bytes(TOKEN_BYTES)
-    sealed = sealer.seal(CHANNEL, token, addr.encode())
+    sealed = sealer.seal(CHANNEL, token + me.encode(), addr.encode())
     return token, {CHANNEL_HEADER: base64.b64encode(sealed).decode()}
 
 
-def accept_token(request: web.Request, sealer: Sealer, names: Sequence[bytes]) -> bytes:
-    """The connection token of an upgrade request sealed for one of `names`; 401 without
-    one and 403 for one that does not open, before any socket exists."""
+def accept_token(request: web.Request, sealer: Sealer, names: Sequence[bytes]) -> tuple[bytes, str]:
+    """The connection token of an upgrade request sealed for one of `names`, and the
+    sender's address; 401 without one and 403 for one that does not open, before any
+    socket exists."""
     raw = request.headers.get(CHANNEL_HEADER)
     if raw is None:
         raise web.HTTPUnauthorized(text=f"a data-plane socket needs a sealed {CHANNEL_HEADER}")
     try:
-        token = sealer.open(CHANNEL, base64.b64decode(raw, validate=True), names)
-    except (binascii.Error, AuthError) as e:
+        plain = sealer.open(CHANNEL, base64.b64decode(raw, validate=True), names)
+        sender = plain[TOKEN_BYTES:].decode()
+    except (binascii.Error, AuthError, UnicodeDecodeError) as e:
         raise web.HTTPForbidden(text=f"refused: {e}") from None
-    if len(token) != TOKEN_BYTES:
-        raise web.HTTPForbidden(text="refused: a connection token is 16 bytes")
-    return token
+    if len(plain) < TOKEN_BYTES or len(sender) > MAX_ADDRESS:
+        raise web.HTTPForbidden(text="refused: a connection token is 16 bytes and an address")
+    return plain[:TOKEN_BYTES], sender
 
 
 class Refusals:
@@ -164,6 +171,15 @@ class Refusals:
         self.count += 1
         if self.count <= 3 or self.count % 1000 == 0:
             logger.warning("refused a frame from %s (%d so far): %s", source, self.count, error)
+
+
+class LinkWatch(Protocol):
+    """Who hears what the links learn of other peers: a link to a peer lost (a socket that
+    closed under us, a connection refused), and frames arriving from one."""
+
+    def unreachable(self, address: str) -> None: ...
+
+    def heard(self, address: str) -> None: ...
 
 
 class DataLinks(Protocol):
@@ -184,12 +200,15 @@ class Links:
         self,
         session: aiohttp.ClientSession,
         dispatch: Dispatch,
+        watch: LinkWatch,
         tg: asyncio.TaskGroup,
         codec: FrameCodec,
         refusals: Refusals,
         connect_timeout: float,
     ) -> None:
         self._session = session
+        self._watch = watch
+        self._closing = False
         self._connect_timeout = connect_timeout
         self._codec = codec
         self._refusals = refusals
@@ -217,9 +236,11 @@ class Links:
                 self.sent_bytes[addr] += len(record)
         except (ConnectionError, aiohttp.ClientError, RuntimeError) as e:
             self._sockets.pop(addr, None)
+            self._watch.unreachable(addr)
             raise LinkError(f"{addr}: {e}") from None
 
     async def close(self) -> None:
+        self._closing = True
         for ws, _ in list(self._sockets.values()):
             await ws.close()
         self._sockets.clear()
@@ -228,7 +249,7 @@ class Links:
         known = self._sockets.get(addr)
         if known is not None and not known[0].closed:
             return known
-        token, headers = open_request(self._codec.sealer, addr)
+        token, headers = open_request(self._codec.sealer, addr, self._codec.me)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 ws = await self._session.ws_connect(
@@ -239,6 +260,7 @@ class Links:
                     compress=0,
                 )
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            self._watch.unreachable(addr)
             raise LinkError(f"cannot reach {addr}: {e or type(e).__name__}") from None
         channel = self._codec.channel(token, outbound=True)
         self._sockets[addr] = (ws, channel)
@@ -246,9 +268,13 @@ class Links:
         return ws, channel
 
     async def _read(self, addr: str, ws: aiohttp.ClientWebSocketResponse, channel: Channel) -> None:
-        await read_frames(ws, channel, self._refusals, addr, self._dispatch)
+        await read_frames(ws, channel, self._refusals, addr, self._dispatch, self._watch.heard)
         if (known := self._sockets.get(addr)) is not None and known[0] is ws:
             del self._sockets[addr]
+        if not self._closing:
+            # Closed under us: the peer left (its record says so), or crashed, whose sockets
+            # its kernel closes at once. The control plane tells the two apart.
+            self._watch.unreachable(addr)
 
 
 async def read_frames(
@@ -257,8 +283,10 @@ async def read_frames(
     refusals: Refusals,
     source: str | None,
     dispatch: Dispatch,
+    heard: Callable[[str], None] | None = None,
 ) -> None:
-    """Hand every frame that arrives on `ws` to `dispatch` until it closes; refuse the rest."""
+    """Hand every frame that arrives on `ws` to `dispatch` until it closes; refuse the rest.
+    `heard(source)` is told of each frame from a peer whose address we know."""
     async for msg in ws:
         if msg.type != aiohttp.WSMsgType.BINARY:
             continue
@@ -268,6 +296,8 @@ async def read_frames(
             refusals.note(source, e)
             continue
         if frame is not None:
+            if heard is not None and source:
+                heard(source)
             await dispatch(frame)
 
 
@@ -281,13 +311,16 @@ class SocketServer:
         refusals: Refusals,
         address: Callable[[], str],
         dispatch: Dispatch,
+        watch: LinkWatch,
     ) -> None:
         self._codec, self._refusals, self._address = codec, refusals, address
-        self._dispatch = dispatch
+        self._dispatch, self._watch = dispatch, watch
         self._inbound: set[web.WebSocketResponse] = set()
 
     async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
-        token = accept_token(request, self._codec.sealer, names_of(request, self._address()))
+        token, sender = accept_token(
+            request, self._codec.sealer, names_of(request, self._address())
+        )
         ws = web.WebSocketResponse(
             max_msg_size=self._codec.max_message, heartbeat=10, compress=False
         )
@@ -295,7 +328,10 @@ class SocketServer:
         self._inbound.add(ws)
         channel = self._codec.channel(token, outbound=False)
         try:
-            await read_frames(ws, channel, self._refusals, request.remote, self._dispatch)
+            await read_frames(
+                ws, channel, self._refusals, sender or request.remote, self._dispatch,
+                self._watch.heard if sender else None,
+            )  # fmt: skip
         finally:
             self._inbound.discard(ws)
         return ws

@@ -6,6 +6,9 @@ come from their old owners (KV handoff); what cannot (the owner died) is rebuilt
 the answer's token history again (the origin always keeps it). What to do after an error
 frame, a change in the mesh or a silence is decided by `recovery.py`; this driver carries it
 out. With greedy or seeded sampling the tokens are those of an undisturbed run.
+
+About our usual module's limit, for a reason: waiting for a chain, running an attempt and
+moving caches are the three phases of one answer's life and share its state.
 """
 
 from __future__ import annotations
@@ -54,6 +57,15 @@ class ChainError(Exception):
 
 class ChainBusy(ChainError):
     """A stage cannot hold another answer's KV cache now; worth asking again later."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class MeshTooSmall(ChainError):
+    """The serving members cannot run the model (the planner says why); worth asking again
+    once a peer joins."""
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
@@ -125,21 +137,35 @@ class Origin:
 
     async def ready_plan(self, newer_than: PlanRecord | None, grace: float) -> PlanRecord:
         """The plan in force once its chain is ready. After a break (`newer_than`), prefer a
-        newer plan; the same one is retried only once `grace` seconds have passed."""
+        newer plan; the same one is retried only once `grace` seconds have passed. While the
+        serving members cannot hold the model at all, give up after `too_small_grace`."""
         start = self.clock.now()
+        impossible: float | None = None  # since when no plan can exist
         while True:
             seen = self.pulse.version
-            waited = self.clock.now() - start
+            now = self.clock.now()
+            waited = now - start
             plan = self.control.plan()
             retry_same = newer_than is None or waited > grace
             usable = plan is not None and (plan != newer_than or retry_same)
             if plan is not None and usable and self.control.ready(plan):
                 return plan
             left = self.timings.ready_timeout - waited
+            if self.control.plan_possible():
+                impossible = None
+            else:
+                impossible = now if impossible is None else impossible
+                verdict = self.timings.too_small_grace - (now - impossible)
+                if verdict <= 0:
+                    raise MeshTooSmall(
+                        f"the mesh cannot run the model now: {self.control.why_no_plan()}",
+                        self.timings.too_small_grace,
+                    )
+                left = min(left, verdict + 0.001)
             if left <= 0:
                 why = self.control.why_no_plan() or "the chain is not ready"
                 raise ChainError(f"no usable chain after {self.timings.ready_timeout:.0f} s: {why}")
-            # Wake on a change, or when the grace for the same plan ends.
+            # Wake on a change, when the grace for the same plan ends, or for the verdict.
             wake = left if retry_same else min(left, grace - waited + 0.001)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wake):

@@ -45,12 +45,22 @@ class ControlPlane(Protocol):
         """Tell the mesh this peer serves `epoch` (its stage for it is loaded)."""
         ...
 
+    def unreachable(self, address: str) -> None:
+        """The data plane lost its link to the peer at `address` (a socket closed under it,
+        a connection refused): evidence of a crash for the control plane to confirm now."""
+        ...
+
+    def heard(self, address: str) -> None:
+        """A frame arrived from the peer at `address`: evidence that it is alive."""
+        ...
+
     def plan_possible(self) -> bool:
         """Whether the serving members can run the model without the ones leaving."""
         ...
 
     def why_no_plan(self) -> str:
-        """What keeps a plan from being made, in words ("" when nothing)."""
+        """What keeps a plan from being made now, in the planner's words ("" when nothing):
+        the serving members cannot hold the model, say."""
         ...
 
     @property

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from meshshard.chain.follower import PlanFollower
-from meshshard.chain.links import DataLinks, Dispatch, LinkError, Refusals
+from meshshard.chain.links import DataLinks, Dispatch, LinkError, LinkWatch, Refusals
 from meshshard.chain.origin import Origin
 from meshshard.chain.seam import ControlPlane
 from meshshard.chain.stage import Observe
@@ -36,9 +36,9 @@ from meshshard.wire import (
 
 logger = logging.getLogger(__name__)
 
-# Links to other peers, made once the service runs, from where frames that arrive go, the
-# task group, and what counts refused ones.
-Connect = Callable[[Dispatch, asyncio.TaskGroup, Refusals], DataLinks]
+# Links to other peers, made once the service runs, from where frames that arrive go, who
+# hears of peers lost and heard from, the task group, and what counts refused ones.
+Connect = Callable[[Dispatch, LinkWatch, asyncio.TaskGroup, Refusals], DataLinks]
 
 
 class ChainService:
@@ -84,7 +84,7 @@ class ChainService:
         """Serve until cancelled; then stop the stage and close every socket."""
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            self._links = self._connect(self.handle_frame, tg, self.refusals)
+            self._links = self._connect(self.handle_frame, self.control, tg, self.refusals)
             self.origin.start(tg)
             sweep = rounds("sweep", self.follower.sweep, self.loop_errors, self.clock.sleep)
             loops = [

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from meshshard.types import LinkStat, NodeId
+from meshshard.wire.checks import MAX_MBPS, MAX_MS, MIN_MBPS
 
 SAMPLES = 5  # probes per link that its estimate is the best of
 CHANGE = 0.3  # a change this large (relative) is worth publishing
@@ -21,7 +22,11 @@ class LinkEstimates:
         self._samples: dict[NodeId, deque[LinkStat]] = {}
 
     def add(self, member: NodeId, stat: LinkStat) -> None:
-        self._samples.setdefault(member, deque(maxlen=SAMPLES)).append(stat)
+        """One probe's measurement, held to what the wire carries: on loopback a timed
+        transfer can read over a Tbit/s, and a profile with that in it would be refused."""
+        mbps = min(max(stat.mbps, MIN_MBPS), MAX_MBPS)
+        rtt = min(max(stat.rtt_ms, 0.0), MAX_MS)
+        self._samples.setdefault(member, deque(maxlen=SAMPLES)).append(LinkStat(mbps, rtt))
 
     def keep(self, live: Iterable[NodeId]) -> None:
         """Forget the links to members no longer live."""

@@ -58,7 +58,7 @@ class HttpTransport:
                 answer = await self._ask(addr, "control", CONTROL, encode(msg), MAX_BODY)
                 return decode(answer)
         except (TimeoutError, aiohttp.ClientError, OSError, WireError) as e:
-            raise TransportError(f"{addr}: {e or type(e).__name__}") from None
+            raise TransportError(f"{addr}: {e or type(e).__name__}", refused(e)) from None
 
     async def measure(self, addr: str, timeout: float) -> LinkStat:
         try:
@@ -105,6 +105,13 @@ class HttpTransport:
             return self._sealer.open(_REPLIES[purpose], answer, (Sealer.header(body),))
         except AuthError as e:
             raise TransportError(f"{addr}: answer refused: {e}") from None
+
+
+def refused(error: BaseException) -> bool:
+    """Whether a connection was refused: the host is up and nothing listens on the port."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        error = error.os_error
+    return isinstance(error, ConnectionRefusedError)
 
 
 def control_routes(node: ControlNode, sealer: Sealer, timings: Timings) -> list[web.RouteDef]:

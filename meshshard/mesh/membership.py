@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from meshshard.config import Timings
@@ -130,20 +131,30 @@ class Membership:
         pool = [m for m in self.others() if m.id != target and m.state == State.ALIVE]
         return self._rng.sample(pool, min(self._timings.indirect_probes, len(pool)))
 
-    def probe_failed(self, target: NodeId, now: float) -> Change | None:
-        """Neither we nor the helpers reached `target`: suspect it."""
+    def probe_failed(self, target: NodeId, now: float, refused: bool = False) -> Change | None:
+        """Neither we nor the helpers reached `target`: suspect it; or, where its host
+        refused us (`refused`: nothing listens where it did, as a crashed process leaves
+        it), declare it dead at once, as SWIM's confirm does."""
         member = self._members.get(target)
-        if member is None or member.state != State.ALIVE:
+        if member is None or not member.state.live:
+            return None
+        if refused:
+            return self.apply(replace(member, state=State.DEAD), now)
+        if member.state != State.ALIVE:
             return None
         return self.apply(replace(member, state=State.SUSPECT), now)
 
-    def tick(self, now: float) -> list[Change]:
-        """Time passes: suspects past their timeout die; old tombstones are forgotten."""
+    def tick(self, now: float, heard: Mapping[NodeId, float] | None = None) -> list[Change]:
+        """Time passes: suspects past their timeout die; old tombstones are forgotten.
+        `heard`: when the data plane last had a frame from a member; a suspect whose
+        frames keep arriving is alive, whatever its probes say, so its timeout counts from
+        its last frame."""
+        heard = heard or {}
         changes = []
         for node, member in list(self._members.items()):
             if node == self._me_id:
                 continue
-            age = now - self._since[node]
+            age = now - max(self._since[node], heard.get(node, -math.inf))
             if member.state == State.SUSPECT and age >= self._timings.suspicion_timeout:
                 change = self.apply(replace(member, state=State.DEAD), now)
                 if change:
@@ -155,12 +166,22 @@ class Membership:
                 self._queue.pop(node, None)
         return changes
 
-    def piggyback(self) -> list[Member]:
-        """Updates for the next message: least-sent first, each sent a bounded number of times."""
+    def piggyback(self, to: NodeId | None = None) -> list[Member]:
+        """Updates for the next message: least-sent first, each sent a bounded number of times.
+        A message `to` a member we suspect carries that suspicion first, whether or not it is
+        still queued (Lifeguard's buddy system): the suspect learns of it at once and can
+        refute it."""
         chosen = sorted(self._queue, key=lambda n: (-self._queue[n], n))[
             : self._timings.max_piggyback
         ]
-        out = []
+        target = self._members.get(to) if to is not None else None
+        buddy = [target] if target is not None and target.state == State.SUSPECT else []
+        if buddy and to in chosen:
+            chosen.remove(to)
+            self._queue[to] -= 1
+            if self._queue[to] <= 0:
+                del self._queue[to]
+        out = list(buddy)
         for node in chosen:
             if node in self._members:
                 out.append(self._members[node])

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -49,7 +50,12 @@ DEAD_GOSSIP = 0.25  # the share of push/pulls sent to a member we think dead
 
 
 class TransportError(Exception):
-    """The other side did not answer in time, or not sensibly."""
+    """The other side did not answer in time, or not sensibly. `refused`: nothing listens
+    at the address (the host answered for it), which is what a crashed process leaves."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class Transport(Protocol):
@@ -111,6 +117,12 @@ class ControlNode:
         self.loop_errors: Counter[str] = Counter()  # rounds of our loops that failed
         self._links = LinkEstimates()
         self._link_wait = min(1.0, timings.link_interval)
+        self._unplannable: tuple[object, str] = (None, "")  # (what it was worked out on, why)
+        self._evidence: asyncio.Queue[str] = asyncio.Queue(maxsize=64)  # links the data plane lost
+        self._evidence_queued: set[str] = set()
+        self._heard: dict[NodeId, float] = {}  # when the data plane last had a frame from each
+        self._coordinated = 0  # the pulse's version when the coordinator last looked
+        self._push_soon = asyncio.Event()  # our record changed in a way others wait for
 
     @property
     def id(self) -> NodeId:
@@ -130,6 +142,8 @@ class ControlNode:
             "introduce": self._introduce_round,
             "coordinate": self._coordinate_round,
             "links": self._link_round,
+            "confirm": self._confirm_round,
+            "push": self._push_round,
         }
         async with asyncio.TaskGroup() as tg:
             tasks = [
@@ -231,21 +245,27 @@ class ControlNode:
         """Members the coordinator may plan with: all but those an operator excluded."""
         return [m for m in self.membership.members() if m.id not in self.excluded]
 
-    def plan_possible(self) -> bool:
-        """Whether the serving members (as we know them) can run the model without the
-        draining ones: a leaving peer need not wait for a plan that cannot exist."""
+    def why_unplannable(self) -> str:
+        """Why the serving members (as we know them, the draining ones left out) cannot run
+        the model now, in the planner's words; "" when they can. A leaving peer need not wait
+        for a plan that cannot exist, nor a caller for an answer that cannot come."""
         members = self.membership.members()
+        versions = tuple(sorted((n, p.version) for n, p in self.profiles.items()))
+        key = (self.membership.version, versions)
+        if self._unplannable[0] == key:
+            return self._unplannable[1]
         source = elect(members)
-        if source is None:
-            return False
-        try:
-            inst = mesh_instance(
-                members, self.profiles, self.units, self.model, source, self.context_tokens
-            )
-            make_plan(inst, self.objective, source, self.model, "")
-        except InstanceError:
-            return False
-        return True
+        why = "no member can coordinate yet" if source is None else ""
+        if source is not None:
+            try:
+                inst = mesh_instance(
+                    members, self.profiles, self.units, self.model, source, self.context_tokens
+                )
+                make_plan(inst, self.objective, source, self.model, "")
+            except InstanceError as e:
+                why = str(e)
+        self._unplannable = (key, why)
+        return why
 
     def join(self, addr: str, configured: bool = False) -> None:
         """An address from discovery, or a seed given by hand (`configured`): exchange state
@@ -257,9 +277,11 @@ class ControlNode:
             self._seeds_changed.set()
 
     def set_ready(self, epoch: Epoch) -> None:
-        """Tell the mesh our shard for `epoch` is loaded (rides on the next probes)."""
+        """Tell the mesh our shard for `epoch` is loaded: pushed to every member at once, as
+        a chain after a failover waits on the last of its stages to say so."""
         self.membership.update_me(ready=epoch)
         self._notify()
+        self._push_soon.set()
 
     def addr_of(self, node: NodeId) -> str | None:
         member = self.membership.get(node)
@@ -291,7 +313,9 @@ class ControlNode:
             case PingReq(sender=sender, target=target, target_addr=addr, updates=updates):
                 self._absorb(sender, updates, None)
                 ping = Ping(
-                    self.membership.me, tuple(self.membership.piggyback()), self.book.current
+                    self.membership.me,
+                    tuple(self.membership.piggyback(to=target)),
+                    self.book.current,
                 )
                 try:
                     reply = await self.transport.send(addr, ping, self.timings.probe_timeout)
@@ -312,7 +336,8 @@ class ControlNode:
 
     async def _probe_round(self) -> None:
         start = self.clock.now()
-        for change in self.membership.tick(start):
+        self._heard = {n: t for n, t in self._heard.items() if self.membership.get(n)}
+        for change in self.membership.tick(start, self._heard):
             self._changed(change)
         self._notify()
         target = self.membership.next_probe_target()
@@ -322,7 +347,11 @@ class ControlNode:
         await self.clock.sleep(max(0.0, start + self.timings.probe_interval - self.clock.now()))
 
     async def _probe(self, target: Member) -> None:
-        ping = Ping(self.membership.me, tuple(self.membership.piggyback()), self.book.current)
+        """SWIM's probe: directly, then through helpers; a target none of us reaches is
+        suspected, or dead at once if its host refused us (a crashed process)."""
+        updates = tuple(self.membership.piggyback(to=target.id))
+        ping = Ping(self.membership.me, updates, self.book.current)
+        refused = False
         try:
             reply = await self.transport.send(target.addr, ping, self.timings.probe_timeout)
             if isinstance(reply, Ack):
@@ -331,16 +360,53 @@ class ControlNode:
                 # in another's name (a forged record) is probed as one that does not answer.
                 if reply.sender.id == target.id:
                     return
-        except TransportError:
-            pass
+        except TransportError as e:
+            refused = e.refused
         helpers = self.membership.helpers(target.id)
         if helpers:
             asks = [self._ask(h, target) for h in helpers]
             if any(await asyncio.gather(*asks)):
                 return
-        change = self.membership.probe_failed(target.id, self.clock.now())
+        now = self.clock.now()
+        heard = now - self._heard.get(target.id, -math.inf)
+        if not refused and heard < self.timings.suspicion_timeout:
+            return  # its frames arrive: busy, not gone
+        change = self.membership.probe_failed(target.id, now, refused)
         if change:
             self._changed(change)
+
+    def unreachable(self, addr: str) -> None:
+        """The data plane lost its link to `addr` (a socket closed under it, a connection
+        refused): probe that member now, not at its turn, so a crash is known in a round
+        trip rather than a suspicion timeout."""
+        if addr in self._evidence_queued or self._evidence.full():
+            return
+        if any(m.addr == addr for m in self.membership.others()):
+            self._evidence_queued.add(addr)
+            self._evidence.put_nowait(addr)
+
+    def heard(self, addr: str) -> None:
+        """A data frame came from `addr`: that member is alive, whatever its probes say."""
+        member = self._by_addr(addr)
+        if member is not None:
+            self._heard[member.id] = self.clock.now()
+
+    async def _push_round(self) -> None:
+        await self._push_soon.wait()
+        self._push_soon.clear()
+        await self._push_all(self.timings.probe_timeout * 4)
+
+    async def _confirm_round(self) -> None:
+        addr = await self._evidence.get()
+        self._evidence_queued.discard(addr)
+        member = self._by_addr(addr)
+        if member is not None:
+            self.events.add("probe", f"{member.id}: its data link failed; probing it now")
+            await self._probe(member)
+            self._notify()
+
+    def _by_addr(self, addr: str) -> Member | None:
+        return next((m for m in self.membership.others() if m.addr == addr), None)
 
     async def _ask(self, helper: Member, target: Member) -> bool:
         req = PingReq(
@@ -407,7 +473,12 @@ class ControlNode:
         await asyncio.gather(*(self._sync(m.addr, timeout) for m in others))
 
     async def _coordinate_round(self) -> None:
-        await self.clock.sleep(max(self.timings.replan_debounce / 2, 0.02))
+        # Look again on any change (a death is worth acting on at once), else now and then
+        # for a debounce that has run out.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(self.timings.replan_debounce / 2, 0.02)):
+                await self.pulse.after(self._coordinated)
+        self._coordinated = self.pulse.version
         members = self._plannable()
         live = frozenset(m.id for m in members if m.serving)
         current = self.book.current

@@ -1,7 +1,8 @@
 """The control plane's side of the seam: a ControlNode answering as `chain.seam.ControlPlane`.
 
 The data plane holds one of these, not the node: it sees the plan in force, readiness, members'
-addresses and the node's change pulse, and says when its stage is ready; nothing else."""
+addresses and the node's change pulse, and says when its stage is ready and what its links
+learn of other peers (a link lost, frames arriving); nothing else."""
 
 from __future__ import annotations
 
@@ -37,10 +38,16 @@ class NodeSeam:
         self._node.set_ready(epoch)
 
     def plan_possible(self) -> bool:
-        return self._node.plan_possible()
+        return not self._node.why_unplannable()
+
+    def unreachable(self, address: str) -> None:
+        self._node.unreachable(address)
+
+    def heard(self, address: str) -> None:
+        self._node.heard(address)
 
     def why_no_plan(self) -> str:
-        return self._node.plan_error
+        return self._node.why_unplannable() or self._node.plan_error
 
     @property
     def version(self) -> int:

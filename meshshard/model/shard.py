@@ -341,6 +341,12 @@ def load_spec(model_dir: Path) -> ModelSpec:
     return ModelSpec.from_config(load_config(model_dir), name=model_name(model_dir))
 
 
+def warm(model_dir: Path) -> None:
+    """Import and build the model's code once, on the meta device (no weights): the first
+    shard a peer loads, in a failover say, then does not wait a second for the imports."""
+    _skeleton(load_config(model_dir))
+
+
 def _skeleton(config: Any) -> Any:
     """The whole model on the meta device: module shapes without allocating any weights."""
     from transformers import AutoModelForCausalLM

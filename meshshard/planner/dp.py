@@ -223,11 +223,16 @@ def _why_infeasible(inst: Instance) -> str:
     biggest = max(inst.units, key=lambda u: u.mem)
     if total > capacity * (1 + MEM_SLACK):
         return (
-            f"model does not fit: needs {total:.4g} bytes, all devices together have {capacity:.4g}"
+            f"model does not fit: needs {_mb(total)}, "
+            f"the {len(inst.devices)} device(s) together have {_mb(capacity)}"
         )
     if not any(d.mem >= biggest.mem for d in inst.devices):
-        return f"unit {biggest.name} ({biggest.mem:.4g} bytes) fits on no device"
+        return f"unit {biggest.name} ({_mb(biggest.mem)}) fits on no device"
     first = inst.units[0]
     if inst.device(inst.source).mem < first.mem:
         return f"the source {inst.source!r} cannot hold the first unit {first.name}"
     return "no plan fits: memory is too fragmented across devices for contiguous stages"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n:,.0f} bytes"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +163,50 @@ PROMPTS = [
     "Name the planets of the solar system.",
     "Count from one to five.",
 ]
+
+
+def test_a_mesh_too_small_errs_at_once_and_answers_again_when_a_peer_joins(
+    tmp_path: Path,
+) -> None:
+    """Three peers of 300 MB hold the model only together: a kill mid-answer ends it with an
+    error event naming what is missing, a new request gets a 503 at once, and a fourth peer
+    joining makes the mesh answer again, by itself."""
+    peers = [
+        Peer(f"small-{c}", 7850 + i, tmp_path, "--memory", "300MB", "--threads", "1", timings="lan")
+        for i, c in enumerate("abcd")
+    ]
+    try:
+        for p in peers[:3]:
+            p.start()
+        wait_for_chain(peers[0], 3)
+        status = peers[0].status()
+        assert status is not None
+        by_name = {p.name: p for p in peers}
+        origin = by_name[status["plan"]["stages"][0]["device"]]
+        victim = by_name[status["plan"]["stages"][1]["device"]]
+        answer = Answer(origin, LONG)
+        answer.wait_for_tokens(5, "the kill")
+        victim.kill()
+        killed = time.monotonic()
+        answer.thread.join(60)
+        assert time.monotonic() - killed < 10
+        assert "model does not fit" in str(answer.out.get("error")), answer.out
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        req = urllib.request.Request(
+            origin.url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
+        )
+        asked = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=60)
+        assert refused.value.code == 503 and time.monotonic() - asked < 5
+        assert refused.value.headers["Retry-After"]
+        assert re.search(
+            r"needs \d+ MB, the 2 device\(s\) together have 600 MB", refused.value.read().decode()
+        )
+        peers[3].start()  # a peer joins: answers come again without anyone's help
+        wait_for_chain(origin, 3)
+        again = Answer(origin, 8)
+        assert again.finish()
+    finally:
+        for p in peers:
+            p.kill()

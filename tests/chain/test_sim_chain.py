@@ -14,6 +14,7 @@ import torch
 from conftest import build_tiny
 from support.simchain import SIM_TIMINGS, SimMesh
 
+from meshshard.chain.origin import MeshTooSmall
 from meshshard.chain.tensors import to_wire
 from meshshard.model.costs import unit_costs
 from meshshard.model.device import Device, Placement
@@ -115,9 +116,17 @@ async def test_stale_and_unknown_frames_get_error_frames(model: Path, memory: fl
         assert codes == {"x/1": ErrorCode.STALE_EPOCH, "x/2": ErrorCode.UNKNOWN_SESSION}
 
 
-@pytest.mark.parametrize("victim", [0, 1, 2])  # the coordinator and first stage, middle, last
+@pytest.mark.parametrize(
+    "victim, silent",
+    [(0, False), (1, False), (2, False), (1, True)],
+    ids=["coordinator and first stage", "middle", "last", "middle, host gone silent"],
+)
 async def test_an_answer_survives_a_stage_crashing_mid_answer(
-    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]], victim: int
+    model: Path,
+    memory: float,
+    reference: Callable[[Sequence[int], int], list[int]],
+    victim: int,
+    silent: bool,
 ) -> None:
     async with SimMesh(model, memory) as mesh:
         for name in ("a", "b", "c", "d"):
@@ -131,9 +140,20 @@ async def test_an_answer_survives_a_stage_crashing_mid_answer(
         got: list[int] = []
         task = asyncio.create_task(answer(mesh, origin, PROMPTS[0], 48, got))
         await until(lambda: len(got) >= 5, 20, "the answer under way")
-        mesh.kill(plan.stages[victim].device)
+        loop = asyncio.get_running_loop()
+        before, killed = len(got), loop.time()
+        mesh.kill(plan.stages[victim].device, silent)
+        await until(lambda: len(got) > before + 1, 30, "the answer going again")
+        pause = loop.time() - killed
         await asyncio.wait_for(task, 60)
         assert got == reference(PROMPTS[0], 48)
+        # A crash is known from the links and a refused probe at once, a silent loss only
+        # after a suspicion timeout.
+        print(f"pause {pause:.3f} s")
+        if not silent:
+            assert pause < SIM_TIMINGS.suspicion_timeout
+        else:
+            assert pause > SIM_TIMINGS.suspicion_timeout
         assert mesh.peers[origin].service.stats.replays > 0  # its cache died: fed again
 
 
@@ -200,3 +220,36 @@ async def test_a_dead_origins_answers_are_freed(model: Path, memory: float) -> N
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await until(mesh.idle, 10, f"its caches freed: {mesh.holding()}")
+
+
+async def test_a_mesh_too_small_says_so_at_once_and_answers_again_after_a_join(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    async with SimMesh(model, memory) as mesh:
+        for name in ("a", "b", "c"):
+            mesh.add(name)
+        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
+        plan = mesh.peers["a"].node.book.current
+        assert plan is not None
+        origin, victim = plan.stages[0].device, plan.stages[1].device
+        mesh.data.delay = 0.005
+        got: list[int] = []
+        task = asyncio.create_task(answer(mesh, origin, PROMPTS[0], 200, got))
+        await until(lambda: len(got) >= 5, 20, "the answer under way")
+        mesh.kill(victim)  # two peers of 40% each cannot hold the model
+        loop = asyncio.get_running_loop()
+        killed = loop.time()
+        with pytest.raises(MeshTooSmall, match=r"model does not fit: needs [0-9,]+ MB"):
+            await asyncio.wait_for(task, 30)
+        # Death noticed (suspicion), then the verdict's grace: seconds, not the step timeout.
+        limit = SIM_TIMINGS.suspicion_timeout + SIM_TIMINGS.too_small_grace + 2
+        assert loop.time() - killed < limit
+        started = loop.time()
+        with pytest.raises(MeshTooSmall, match="does not fit"):
+            await answer(mesh, origin, PROMPTS[1], 8, [])
+        assert loop.time() - started < SIM_TIMINGS.too_small_grace + 1
+        mesh.add("d")  # a peer joins: the mesh answers again by itself
+        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain again")
+        again: list[int] = []
+        await answer(mesh, origin, PROMPTS[1], 8, again)
+        assert again == reference(PROMPTS[1], 8)

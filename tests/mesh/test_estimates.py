@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from meshshard.mesh.estimates import SAMPLES, LinkEstimates, material
-from meshshard.types import LinkStat, NodeId
+from meshshard.types import LinkStat, Member, NodeId, Profile, State
+from meshshard.wire import Sync, decode, encode
+from meshshard.wire.checks import MAX_MBPS, MAX_MS, MIN_MBPS
 
 A, B = NodeId("a"), NodeId("b")
 
@@ -27,3 +29,17 @@ def test_only_a_material_change_is_published() -> None:
     assert material(old, {A: LinkStat(140, 1.0)})
     assert material(old, {A: LinkStat(100, 1.5)})
     assert material(old, {A: LinkStat(100, 1.0), B: LinkStat(100, 1.0)})
+
+
+def test_an_impossible_measurement_is_held_to_what_the_wire_carries() -> None:
+    # On loopback a timed transfer can read over a Tbit/s. A profile carrying that was
+    # refused whole by every peer, and with it every push/pull of ours (found by
+    # tools/bench_churn.py: plans then spread only on probes, hundreds of ms late).
+    links = LinkEstimates()
+    links.add(A, LinkStat(2.4e6, -0.01))
+    links.add(B, LinkStat(0.0, 1e9))
+    me = Member(NodeId("me"), "127.0.0.1:7000", 1, State.ALIVE, 0)
+    profile = Profile(NodeId("me"), 1, "m", 1e9, (1.0,), measured=True, links=links.best())
+    sync = decode(encode(Sync(me, (me,), (profile,), None)))
+    assert isinstance(sync, Sync)
+    assert sync.profiles[0].links == {A: LinkStat(MAX_MBPS, 0.0), B: LinkStat(MIN_MBPS, MAX_MS)}

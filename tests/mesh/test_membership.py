@@ -228,3 +228,45 @@ def test_replanner_debounces_changes_but_not_a_broken_plan() -> None:
     assert r.due(b, 5.7, have_plan=True) is True
     r.done(b)
     assert r.due(a, 6.0, have_plan=True, urgent=True) is True  # a stage died: no wait
+
+
+def test_a_refused_probe_is_a_crash_dead_at_once_and_a_silent_one_only_suspected() -> None:
+    m = view(member("a"), member("b"))
+    change = m.probe_failed(NodeId("a"), 1.0, refused=True)
+    assert change is not None and change.member.state == State.DEAD
+    change = m.probe_failed(NodeId("b"), 1.0)
+    assert change is not None and change.member.state == State.SUSPECT
+    # A suspect whose host then refuses us is confirmed dead, without waiting out its timeout.
+    change = m.probe_failed(NodeId("b"), 1.1, refused=True)
+    assert change is not None and change.member.state == State.DEAD
+
+
+@pytest.mark.parametrize(
+    "heard_at, dead",
+    [
+        (None, True),  # no frames: dies at the suspicion timeout
+        (0.5, True),  # frames before the suspicion: no evidence now
+        (1.5, False),  # a frame after it: its timeout counts from that frame
+        (1.0 + T.suspicion_timeout - 0.01, False),
+    ],
+)
+def test_a_suspect_whose_frames_keep_arriving_is_not_declared_dead(
+    heard_at: float | None, dead: bool
+) -> None:
+    m = view(member("a"))
+    m.probe_failed(NodeId("a"), 1.0)
+    heard = {} if heard_at is None else {NodeId("a"): heard_at}
+    changes = m.tick(1.0 + T.suspicion_timeout + 0.01, heard)
+    assert bool(changes) == dead
+    got = m.get(NodeId("a"))
+    assert got is not None and got.state == (State.DEAD if dead else State.SUSPECT)
+
+
+def test_a_message_to_a_suspect_tells_it_of_the_suspicion_first() -> None:
+    m = view(member("a"), member("b"))
+    m.probe_failed(NodeId("a"), 1.0)
+    while m.piggyback():  # every queued update sent its share of times
+        pass
+    to_a = m.piggyback(to=NodeId("a"))
+    assert [(u.id, u.state) for u in to_a] == [("a", State.SUSPECT)]
+    assert m.piggyback(to=NodeId("b")) == []  # others are not told again

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from support.simnet import SimNet, make_node
 
+from meshshard.config import TEST_TIMINGS
 from meshshard.mesh import report
 from meshshard.mesh.node import ControlNode, PlanRefused
 from meshshard.mesh.sanity import FUTURE_SECONDS, term_at
@@ -242,3 +243,37 @@ async def test_a_forged_plan_at_the_edge_of_belief_is_outbid_by_the_coordinator(
         assert all(n.book.epoch is not None and n.book.epoch > forged.epoch for n in nodes)
     finally:
         await stop(tg, nodes)
+
+
+async def test_a_crash_the_data_plane_saw_is_confirmed_dead_within_a_round_trip() -> None:
+    # Probing every 10 s, nobody would notice on their own for seconds: only the evidence
+    # (a data link closed under a peer) makes it quick, and the confirming probes make it safe.
+    slow = replace(TEST_TIMINGS, probe_interval=10.0, suspicion_timeout=30.0)
+    net = SimNet(seed=3)
+    plans: dict[NodeId, list[Epoch]] = {}
+    nodes = [make_node(net, i, plans, timings=slow) for i in range(4)]
+    tg = await start(net, nodes)
+    try:
+        await until(lambda: agreed(nodes), 20, "agreement")
+        victim, witness = nodes[1], nodes[0]
+        vid = victim.id
+        # A live peer's link failing is not a death: the confirming probe reaches it.
+        witness.unreachable(victim.membership.me.addr)
+        await asyncio.sleep(0.3)
+        assert witness.membership.get(vid).state == State.ALIVE  # type: ignore[union-attr]
+        net.closed.add(victim.membership.me.addr)  # its process crashed; its host refuses
+        witness.unreachable(victim.membership.me.addr)
+        took = await until(
+            lambda: witness.membership.get(vid).state == State.DEAD,  # type: ignore[union-attr]
+            5,
+            "the crash confirmed",
+        )
+        assert took < 0.3
+
+        def everyone_told() -> bool:
+            views = [n.membership.get(vid) for n in nodes if n is not victim]
+            return all(v is not None and v.state == State.DEAD for v in views)
+
+        await until(everyone_told, 5, "every peer told")
+    finally:
+        await stop(tg, [n for n in nodes if n is not victim] + [victim])

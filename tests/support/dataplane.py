@@ -35,7 +35,7 @@ async def origin_at(
     addr = f"127.0.0.1:{port}"
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
-        token = accept_token(request, codec.sealer, (addr.encode(),))
+        token, _ = accept_token(request, codec.sealer, (addr.encode(),))
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         channel = codec.channel(token, outbound=False)

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from meshshard.chain.links import Dispatch, LinkError, Refusals
+from meshshard.chain.links import Dispatch, LinkError, LinkWatch, Refusals
 from meshshard.chain.service import ChainService
 from meshshard.config import TEST_TIMINGS, Timings
 from meshshard.events import EventLog
@@ -42,19 +42,37 @@ class DataNet:
         self.crashed: set[str] = set()
         self.delay = delay
         self.delivered = 0
+        self.links: list[MemoryLinks] = []
+        self.watches: dict[str, LinkWatch] = {}  # who hears of frames arriving at each address
+
+    def crash(self, addr: str) -> None:
+        """A process crashed: its kernel closes its sockets, so every peer with a link to it
+        notices at once, as from a connection closed under it."""
+        self.down.add(addr)
+        self.crashed.add(addr)
+        for links in self.links:
+            links.lost(addr)
 
 
 class MemoryLinks:
     """`chain.links.DataLinks` over a DataNet."""
 
-    def __init__(self, net: DataNet, me: str, tg: asyncio.TaskGroup) -> None:
-        self._net, self._me, self._tg = net, me, tg
+    def __init__(self, net: DataNet, me: str, watch: LinkWatch, tg: asyncio.TaskGroup) -> None:
+        self._net, self._me, self._watch, self._tg = net, me, watch, tg
         self._queues: dict[str, asyncio.Queue[DataFrame]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.sent_bytes: Counter[str] = Counter()
+        net.links.append(self)
+        net.watches[me] = watch
+
+    def lost(self, addr: str) -> None:
+        if addr in self._queues and self._me not in self._net.down:
+            self._watch.unreachable(addr)
 
     async def send(self, addr: str, frame: DataFrame) -> None:
         if self._me in self._net.down or addr in self._net.down or addr not in self._net.services:
+            if self._me not in self._net.down:
+                self._watch.unreachable(addr)
             raise LinkError(f"cannot reach {addr}")
         queue = self._queues.get(addr)
         if queue is None:
@@ -75,6 +93,8 @@ class MemoryLinks:
                 target = self._net.services.get(addr)
                 if target is not None:
                     self._net.delivered += 1
+                    if (watch := self._net.watches.get(addr)) is not None:
+                        watch.heard(self._me)
                     await target.handle_frame(frame)
             finally:
                 queue.task_done()
@@ -88,6 +108,7 @@ class MemoryLinks:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._net.links.remove(self)
 
 
 @dataclass
@@ -150,8 +171,10 @@ class SimMesh:
         )
         self.control.nodes[addr] = node
 
-        def connect(dispatch: Dispatch, tg: asyncio.TaskGroup, refusals: Refusals) -> MemoryLinks:
-            return MemoryLinks(self.data, addr, tg)
+        def connect(
+            dispatch: Dispatch, watch: LinkWatch, tg: asyncio.TaskGroup, refusals: Refusals
+        ) -> MemoryLinks:
+            return MemoryLinks(self.data, addr, watch, tg)
 
         service = ChainService(
             NodeSeam(node), self.model_dir, self.placement, self.spec,
@@ -165,12 +188,18 @@ class SimMesh:
         self.peers[name] = peer
         return peer
 
-    def kill(self, name: str) -> None:
-        """Crash a peer: from now on it sends and answers nothing (its tasks end later)."""
+    def kill(self, name: str, silent: bool = False) -> None:
+        """Crash a peer: from now on it sends and answers nothing (its tasks end later).
+        Its host refuses connections to it at once, and peers with a link to it see the
+        link close; `silent`: the host is gone too (no answer at all, nothing closes)."""
         peer = self.peers.pop(name)
-        self.control.down.add(peer.addr)
-        self.data.down.add(peer.addr)
-        self.data.crashed.add(peer.addr)
+        if silent:
+            self.control.down.add(peer.addr)
+            self.data.down.add(peer.addr)
+            self.data.crashed.add(peer.addr)
+        else:
+            self.control.closed.add(peer.addr)
+            self.data.crash(peer.addr)
         self._tg.create_task(self._stop(peer))
 
     async def leave(self, name: str) -> bool:

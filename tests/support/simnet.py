@@ -22,20 +22,25 @@ class SimNet:
         self.delay = delay
         self.drop = drop
         self.groups: list[set[str]] | None = None  # a partition: only within a group
-        self.down: set[str] = set()  # addresses that answer nothing (crashed)
+        self.down: set[str] = set()  # addresses that answer nothing (a host gone silent)
+        self.closed: set[str] = set()  # crashed processes: their host refuses at once
 
     def reachable(self, src: str, dst: str) -> bool:
-        if dst in self.down or src in self.down or dst not in self.nodes:
+        if dst in self.down or src in self.down or dst in self.closed or dst not in self.nodes:
             return False
-        if self.groups is None:
-            return True
-        return any(src in g and dst in g for g in self.groups)
+        return self._connected(src, dst)
+
+    def _connected(self, src: str, dst: str) -> bool:
+        """Not kept apart by a partition."""
+        return self.groups is None or any(src in g and dst in g for g in self.groups)
 
     async def deliver(
         self, src: str, dst: str, msg: ControlMessage, timeout: float
     ) -> ControlMessage:
         async def go() -> ControlMessage:
             await asyncio.sleep(self.rng.uniform(*self.delay))
+            if dst in self.closed and src not in self.down and self._connected(src, dst):
+                raise TransportError("connection refused", refused=True)
             if not self.reachable(src, dst) or self.rng.random() < self.drop:
                 await asyncio.sleep(timeout * 2)
                 raise TransportError("lost")

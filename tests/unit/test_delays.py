@@ -47,7 +47,9 @@ async def test_a_delayed_link_holds_frames_not_their_sender() -> None:
         asyncio.TaskGroup() as tg,
     ):
         delays = Delays(5, {"127.0.0.1": 95})
-        links = DelayedLinks(Links(http, _ignore, tg, codec, Refusals(), 5.0), delays, tg)
+        links = DelayedLinks(
+            Links(http, _ignore, _Unwatched(), tg, codec, Refusals(), 5.0), delays, tg
+        )
         sent = time.monotonic()
         for i in range(3):
             await links.send(addr, DropFrame(Epoch(1, "a"), f"s{i}"))
@@ -57,6 +59,14 @@ async def test_a_delayed_link_holds_frames_not_their_sender() -> None:
         await links.close()
     assert [s for s, _ in arrived] == ["s0", "s1", "s2"]
     assert all(t - sent >= 0.1 for _, t in arrived)
+
+
+class _Unwatched:
+    def unreachable(self, address: str) -> None:
+        pass
+
+    def heard(self, address: str) -> None:
+        pass
 
 
 async def _ignore(frame: DataFrame) -> None:
