@@ -119,11 +119,13 @@ def false_deaths(peers: list[Peer], victim: str) -> int:
     return len(seen)
 
 
-def once(case: str, position: int, base: int, logs: Path, expected: str) -> dict[str, Any]:
+def once(
+    case: str, position: int, repeat: int, base: int, logs: Path, expected: str
+) -> dict[str, Any]:
     names = "abc" if case == "small" else "abcd"
-    peers = [
-        Peer(f"{case}{position}-{c}", base + i, logs, "--memory", "300MB", "--threads", "1",
-             timings="lan")
+    peers = [  # names of their own: each run's logs are its own
+        Peer(f"{case}{position}r{repeat}-{c}", base + i, logs, "--memory", "300MB",
+             "--threads", "1", timings="lan")
         for i, c in enumerate(names)
     ]  # fmt: skip
     try:
@@ -203,7 +205,7 @@ def main() -> None:
         port = 7300
         for i in range(args.repeats):
             for case, position in plan:
-                run = once(case, position, port, logs, expected)
+                run = once(case, position, i, port, logs, expected)
                 port += 10
                 run["repeat"] = i
                 runs.append(run)
