@@ -21,13 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from meshshard.planner import Instance, InstanceError, Link, load_instance, solve  # noqa: E402
-from meshshard.planner.baselines import BASELINES, baseline  # noqa: E402
+from meshshard.planner.baselines import baseline  # noqa: E402
 from meshshard.planner.cost import Cost, Stage, evaluate  # noqa: E402
 
 MODELS = ("7b", "13b", "70b")
 BANDWIDTHS = (950.0, 50.0, 20.0, 10.0, 5.0, 1.0)
 SERVER = "rtx3090-0"
-METHODS = ("solo", "best single", *BASELINES[1:], "ours (latency)", "ours (throughput)")
+# The methods this script has always compared (the paper's own baselines, on its own
+# profile, are in tools/paper_profile.py).
+METHODS = ("edge-solo", "best single", "even", "memory-weighted", "edgeshard-latency",
+           "ours (latency)", "ours (throughput)")  # fmt: skip
 PAPER = {"7b": (75.9, 52.5), "70b": (3086.0, 1.25)}  # EdgeShard's reported ms/token, tokens/s
 
 

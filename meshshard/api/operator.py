@@ -24,7 +24,7 @@ from meshshard.events import EventLog
 from meshshard.mesh.node import ControlNode, PlanRefused
 from meshshard.mesh.report import plan_json
 from meshshard.metrics import CONTENT_TYPE, Metrics
-from meshshard.planner.baselines import BASELINES
+from meshshard.planner.baselines import BASELINES, OLD_NAMES
 from meshshard.planner.dp import OBJECTIVES
 
 # The feed sends a fresh status at least this often, events or not (measured numbers move).
@@ -110,7 +110,7 @@ def _plan_request(body: Any) -> tuple[str, Any, tuple[str, ...]]:
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
     method = body.get("use", "planner")
-    if method not in ("planner", *BASELINES):
+    if method not in ("planner", *BASELINES, *OLD_NAMES):
         raise ValueError(f"use must be planner or one of {', '.join(BASELINES)}")
     objective = body.get("objective")
     if objective is not None and objective not in OBJECTIVES:

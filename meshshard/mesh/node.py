@@ -195,7 +195,7 @@ class ControlNode:
             if method == "planner":
                 plan = make_plan(inst, objective, source, self.model, "")
             else:
-                stages, cost = baseline(inst, method)
+                stages, cost = baseline(inst, method, objective)
                 plan = plan_record(stages, cost, objective, source, self.model, "")
         except InstanceError as e:
             raise PlanRefused(f"{method}: {e}") from None

@@ -1,9 +1,11 @@
 """The plans MeshShard is compared against, under the same cost model.
 
-solo: the whole model on the source. even: equal units over every device. memory-weighted:
-units in proportion to memory, as exo does. edgeshard-greedy: the paper's latency DP over
-(unit, device) that carries remaining memory greedily along the best path and may revisit a
-device; it is evaluated as it is, revisits included.
+The EdgeShard paper's (`paper.py`): edge-solo (the source alone), cloud-edge-even and
+cloud-edge-opt (the source and the cloud server), edgeshard-latency and edgeshard-throughput
+(its two DPs; the latency one may revisit a device and is evaluated as it is). And two
+common rules: even (equal units over every device) and memory-weighted (units in proportion
+to memory, as exo does). "solo" and "edgeshard-greedy" are older names of edge-solo and
+edgeshard-latency, still accepted.
 """
 
 from __future__ import annotations
@@ -11,33 +13,48 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from meshshard.planner.cost import Cost, Stage, evaluate, fits
+from meshshard.planner import paper
+from meshshard.planner.cost import Cost, Stage, evaluate
 from meshshard.planner.instance import Device, Instance, InstanceError
 
-BASELINES = ("solo", "even", "memory-weighted", "edgeshard-greedy")
+BASELINES = (
+    "edge-solo",
+    "cloud-edge-even",
+    "cloud-edge-opt",
+    "edgeshard-latency",
+    "edgeshard-throughput",
+    "even",
+    "memory-weighted",
+)
+OLD_NAMES = {"solo": "edge-solo", "edgeshard-greedy": "edgeshard-latency"}
 
 
-def baseline(inst: Instance, name: str) -> tuple[list[Stage], Cost]:
-    """The baseline's plan and cost; InstanceError when it has no valid plan."""
+def baseline(inst: Instance, name: str, objective: str = "latency") -> tuple[list[Stage], Cost]:
+    """The baseline's plan and cost; InstanceError when it has no valid plan. `objective`
+    is what cloud-edge-opt picks its split point for."""
+    name = OLD_NAMES.get(name, name)
+
+    def score(cost: Cost) -> float:
+        return cost.latency_ms if objective == "latency" else cost.bottleneck_ms
+
     builders: dict[str, Callable[[Instance], list[Stage]]] = {
-        "solo": _solo,
+        "edge-solo": paper.edge_solo,
+        "cloud-edge-even": paper.cloud_edge_even,
+        "cloud-edge-opt": lambda i: paper.cloud_edge_opt(i, score),
+        "edgeshard-latency": paper.edgeshard_latency,
+        "edgeshard-throughput": paper.edgeshard_throughput,
         "even": lambda i: _weighted(i, [1.0] * len(i.devices)),
         "memory-weighted": lambda i: _weighted(i, [d.mem for d in _ordered(i)]),
-        "edgeshard-greedy": _edgeshard_greedy,
     }
     if name not in builders:
         raise InstanceError(f"unknown baseline {name!r}")
     stages = builders[name](inst)
-    return stages, evaluate(inst, stages, allow_revisits=name == "edgeshard-greedy")
+    return stages, evaluate(inst, stages, allow_revisits=name == "edgeshard-latency")
 
 
 def _ordered(inst: Instance) -> list[Device]:
     source = inst.device(inst.source)
     return [source, *(d for d in inst.devices if d.name != inst.source)]
-
-
-def _solo(inst: Instance) -> list[Stage]:
-    return [Stage(inst.source, 0, inst.n)]
 
 
 def _weighted(inst: Instance, weights: list[float]) -> list[Stage]:
@@ -60,53 +77,4 @@ def _weighted(inst: Instance, weights: list[float]) -> list[Stage]:
     for d, c in zip(devices, counts, strict=True):
         stages.append(Stage(d.name, start, start + c))
         start += c
-    return stages
-
-
-def _edgeshard_greedy(inst: Instance) -> list[Stage]:
-    names = [d.name for d in inst.devices]
-    mem = {d.name: d.mem for d in inst.devices}
-    n = inst.n
-    inf = math.inf
-    # best[i][d]: (latency through unit i ending on d, remaining memory map, path)
-    best: list[dict[str, tuple[float, dict[str, float], list[str]]]] = []
-    first = inst.units[0]
-    src = inst.source
-    if not fits(first.mem, mem[src]):
-        raise InstanceError("edgeshard-greedy: the source cannot hold the first unit")
-    left = dict(mem)
-    left[src] -= first.mem
-    best.append({src: (inst.device(src).ms[0], left, [src])})
-    for i in range(1, n):
-        unit = inst.units[i]
-        row: dict[str, tuple[float, dict[str, float], list[str]]] = {}
-        for d in names:
-            choice: tuple[float, dict[str, float], list[str]] | None = None
-            for prev, (t, remaining, path) in best[i - 1].items():
-                if not fits(unit.mem, remaining[d]):
-                    continue
-                hop = inst.hop_ms(prev, d, inst.units[i - 1].out_bytes)
-                value = t + hop + inst.device(d).ms[i]
-                if choice is None or value < choice[0]:
-                    choice = (value, remaining, [*path, d])
-            if choice is not None:
-                remaining = dict(choice[1])
-                remaining[d] -= unit.mem
-                row[d] = (choice[0], remaining, choice[2])
-        if not row:
-            raise InstanceError(f"edgeshard-greedy: no device left for unit {unit.name}")
-        best.append(row)
-    end = min(
-        best[-1].items(),
-        key=lambda kv: (kv[1][0] + inst.hop_ms(kv[0], src, inst.return_bytes), names.index(kv[0])),
-        default=None,
-    )
-    assert end is not None and end[1][0] < inf
-    path = end[1][2]
-    stages: list[Stage] = []
-    for i, d in enumerate(path):
-        if stages and stages[-1].device == d:
-            stages[-1] = Stage(d, stages[-1].start, i + 1)
-        else:
-            stages.append(Stage(d, i, i + 1))
     return stages

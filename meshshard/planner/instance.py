@@ -29,6 +29,7 @@ class Device:
     mem: float  # usable bytes
     ms: tuple[float, ...]  # compute time of each unit on this device
     kind: str = ""  # what it is, for people ("cuda:0 bfloat16", "cpu float32"); not planned on
+    role: str = ""  # "cloud": the paper's cloud server, for its cloud-edge baselines
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,19 @@ class Instance:
         """Time to move nbytes from a to b; nothing moves within one device."""
         return 0.0 if a == b else self.link(a, b).hop_ms(nbytes)
 
+    def cloud(self) -> Device:
+        """The paper's cloud server: the device marked `"role": "cloud"`, else the fastest
+        (the least time for the whole model) other than the source."""
+        marked = [d for d in self.devices if d.role == "cloud"]
+        if marked:
+            return marked[0]
+        others = [d for d in self.devices if d.name != self.source] or list(self.devices)
+        return min(others, key=lambda d: (sum(d.ms), d.name))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "units": [{"name": u.name, "mem": u.mem, "out_bytes": u.out_bytes} for u in self.units],
-            "devices": [{"name": d.name, "mem": d.mem, "ms": list(d.ms)} for d in self.devices],
+            "devices": [_device_json(d) for d in self.devices],
             "links": {
                 "default": {"mbps": self.default_link.mbps, "ms": self.default_link.ms},
                 "pairs": [{"a": a, "b": b, "mbps": k.mbps, "ms": k.ms} for a, b, k in self.pairs],
@@ -88,6 +98,11 @@ class Instance:
             "source": self.source,
             "return_bytes": self.return_bytes,
         }
+
+
+def _device_json(d: Device) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": d.name, "mem": d.mem, "ms": list(d.ms)}
+    return out | ({"kind": d.kind} if d.kind else {}) | ({"role": d.role} if d.role else {})
 
 
 def load_instance(path: str | Path) -> Instance:
@@ -198,10 +213,12 @@ def _device(x: Any, i: int) -> Device:
         _number(t, f"devices[{i}].ms[{j}]")
         for j, t in enumerate(_list(m.get("ms"), f"devices[{i}].ms"))
     )
-    kind = m.get("kind", "")
+    kind, role = m.get("kind", ""), m.get("role", "")
     if not isinstance(kind, str):
         raise InstanceError(f"devices[{i}].kind must be a string")
-    return Device(name, _number(m.get("mem"), f"devices[{i}].mem"), ms, kind)
+    if role not in ("", "cloud"):
+        raise InstanceError(f'devices[{i}].role must be "cloud" or absent, got {role!r}')
+    return Device(name, _number(m.get("mem"), f"devices[{i}].mem"), ms, kind, role)
 
 
 def _link(x: Any, what: str) -> Link:

@@ -50,7 +50,9 @@ def test_plan_table_and_comparison(path: Path) -> None:
     assert "objective latency (exact)" in table.stdout and "return" in table.stdout
     compare = meshshard("plan", str(path), "--compare")
     assert compare.returncode == 0, compare.stderr
-    for method in ("ours (latency)", "ours (throughput)", "solo", "even", "memory-weighted"):
+    for method in ("ours (latency)", "ours (throughput)", "edge-solo", "cloud-edge-even",
+                   "cloud-edge-opt", "edgeshard-latency", "edgeshard-throughput", "even",
+                   "memory-weighted"):  # fmt: skip
         assert method in compare.stdout
 
 

@@ -107,9 +107,67 @@ def test_dp_is_never_worse_than_a_valid_baseline(inst: Instance) -> None:
         except InstanceError:
             continue
         if len({s.device for s in stages}) < len(stages):
-            continue  # edgeshard-greedy revisits a device: outside our plan space
+            continue  # edgeshard-latency revisits a device: outside our plan space
         assert solve(inst, "latency").cost.latency_ms <= cost.latency_ms + 1e-9
         assert solve(inst, "throughput").cost.bottleneck_ms <= cost.bottleneck_ms + 1e-9
+
+
+@settings(max_examples=500, deadline=None)
+@given(inst=instances())
+def test_the_papers_throughput_dp_reaches_the_least_bottleneck(inst: Instance) -> None:
+    want = brute_force(inst, "throughput")
+    if want is None:
+        with pytest.raises(InstanceError):
+            baseline(inst, "edgeshard-throughput")
+        return
+    stages, cost = baseline(inst, "edgeshard-throughput")
+    assert len({s.device for s in stages}) == len(stages)  # a pipeline visits a device once
+    assert math.isclose(cost.bottleneck_ms, want[0], rel_tol=1e-9, abs_tol=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(inst=instances())
+def test_cloud_edge_plans_use_the_source_and_the_cloud_only(inst: Instance) -> None:
+    if len(inst.devices) < 2:
+        with pytest.raises(InstanceError):
+            baseline(inst, "cloud-edge-opt")
+        return
+    cloud = inst.cloud().name
+    assert cloud != inst.source
+    for objective in ("latency", "throughput"):
+        try:
+            opt, cost = baseline(inst, "cloud-edge-opt", objective)
+        except InstanceError:
+            continue
+        assert {s.device for s in opt} <= {inst.source, cloud}
+        try:
+            _, even = baseline(inst, "cloud-edge-even")
+        except InstanceError:
+            continue
+        # The best split is no worse than the even one, for the objective it was chosen for.
+        if objective == "latency":
+            assert cost.latency_ms <= even.latency_ms + 1e-9
+        else:
+            assert cost.bottleneck_ms <= even.bottleneck_ms + 1e-9
+
+
+def test_the_cloud_is_the_marked_device_else_the_fastest() -> None:
+    data = {
+        "units": [{"mem": 1}, {"mem": 1}],
+        "devices": [
+            {"name": "src", "mem": 9, "ms": [1, 1]},
+            {"name": "gpu", "mem": 9, "ms": [0.1, 0.1]},
+            {"name": "server", "mem": 9, "ms": [0.5, 0.5]},
+        ],
+        "source": "src",
+    }
+    assert parse_instance(data).cloud().name == "gpu"
+    data["devices"][2]["role"] = "cloud"  # type: ignore[index]
+    assert parse_instance(data).cloud().name == "server"
+    assert parse_instance(data).to_json()["devices"][2]["role"] == "cloud"
+    data["devices"][2]["role"] = "edge"  # type: ignore[index]
+    with pytest.raises(InstanceError, match="role"):
+        parse_instance(data)
 
 
 def two_devices(fast_link_mbps: float) -> Instance:
