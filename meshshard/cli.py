@@ -205,7 +205,10 @@ def generate(
                     "tokens": tokens,
                     "prompt_tokens": len(ids),
                     "ttft_s": round(first, 4),
-                    "tokens_per_s": round(len(tokens) / elapsed, 2) if elapsed else None,
+                    # The decode rate after the first token, as `ask` and the API report it.
+                    "tokens_per_s": round((len(tokens) - 1) / (elapsed - first), 2)
+                    if len(tokens) > 1 and elapsed > first
+                    else None,
                     "shards": [[a, b] for a, b in ((s.start, s.end) for s in chain.shards)],
                 }
             )
