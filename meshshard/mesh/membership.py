@@ -17,6 +17,7 @@ from meshshard.config import Timings
 from meshshard.types import Epoch, Member, NodeId, State
 
 _SEVERITY = {State.ALIVE: 0, State.SUSPECT: 1, State.DEAD: 2, State.LEFT: 2}
+MAX_HEALTH = 8  # Lifeguard's bound on the local health score
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ class Membership:
         self._queue: dict[NodeId, int] = {}  # id -> transmissions left for its latest record
         self._probe_order: list[NodeId] = []
         self.version = 0  # counts changes to any record we hold
+        # Lifeguard's local health: 0 when we keep up; higher when we seem to be the slow
+        # one (our probes unanswered even by helpers, suspicions of us to refute). Our probe
+        # and suspicion timeouts stretch by (1 + health), so a peer that is itself starved
+        # does not declare others dead for its own slowness.
+        self.health = 0
         self._enqueue(me.id)
 
     @property
@@ -131,6 +137,19 @@ class Membership:
         pool = [m for m in self.others() if m.id != target and m.state == State.ALIVE]
         return self._rng.sample(pool, min(self._timings.indirect_probes, len(pool)))
 
+    def probe_answered(self) -> None:
+        """A probe of ours was answered in time: we keep up."""
+        self.health = max(0, self.health - 1)
+
+    def missed_nacks(self, count: int) -> None:
+        """Helpers we asked for an indirect probe did not answer at all, not even to say they
+        could not reach the target: the slow one may be us."""
+        self.health = min(MAX_HEALTH, self.health + count)
+
+    def scaled(self, seconds: float) -> float:
+        """A timeout of ours, stretched by our local health."""
+        return seconds * (1 + self.health)
+
     def probe_failed(self, target: NodeId, now: float, refused: bool = False) -> Change | None:
         """Neither we nor the helpers reached `target`: suspect it; or, where its host
         refused us (`refused`: nothing listens where it did, as a crashed process leaves
@@ -150,12 +169,13 @@ class Membership:
         frames keep arriving is alive, whatever its probes say, so its timeout counts from
         its last frame."""
         heard = heard or {}
+        timeout = self.scaled(self._timings.suspicion_timeout)
         changes = []
         for node, member in list(self._members.items()):
             if node == self._me_id:
                 continue
             age = now - max(self._since[node], heard.get(node, -math.inf))
-            if member.state == State.SUSPECT and age >= self._timings.suspicion_timeout:
+            if member.state == State.SUSPECT and age >= timeout:
                 change = self.apply(replace(member, state=State.DEAD), now)
                 if change:
                     changes.append(change)
@@ -198,6 +218,8 @@ class Membership:
             return None  # old news; or we are leaving: let it stand
         forged = (update.addr, update.priority) != (me.addr, me.priority)
         if update.state != State.ALIVE or forged or _wins(update, me):
+            if update.state == State.SUSPECT:
+                self.health = min(MAX_HEALTH, self.health + 1)  # others find us slow
             self.update_me(incarnation=update.incarnation + 1)
         return None
 

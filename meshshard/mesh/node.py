@@ -352,24 +352,27 @@ class ControlNode:
         updates = tuple(self.membership.piggyback(to=target.id))
         ping = Ping(self.membership.me, updates, self.book.current)
         refused = False
+        timeout = self.membership.scaled(self.timings.probe_timeout)
         try:
-            reply = await self.transport.send(target.addr, ping, self.timings.probe_timeout)
+            reply = await self.transport.send(target.addr, ping, timeout)
             if isinstance(reply, Ack):
                 self._absorb(reply.sender, reply.updates, reply.plan)
                 # Only the target itself vouches for itself: a member whose address answers
                 # in another's name (a forged record) is probed as one that does not answer.
                 if reply.sender.id == target.id:
+                    self.membership.probe_answered()
                     return
         except TransportError as e:
             refused = e.refused
         helpers = self.membership.helpers(target.id)
         if helpers:
-            asks = [self._ask(h, target) for h in helpers]
-            if any(await asyncio.gather(*asks)):
+            answers = await asyncio.gather(*(self._ask(h, target) for h in helpers))
+            if any(a is True for a in answers):
                 return
+            self.membership.missed_nacks(sum(a is None for a in answers))
         now = self.clock.now()
         heard = now - self._heard.get(target.id, -math.inf)
-        if not refused and heard < self.timings.suspicion_timeout:
+        if not refused and heard < self.membership.scaled(self.timings.suspicion_timeout):
             return  # its frames arrive: busy, not gone
         change = self.membership.probe_failed(target.id, now, refused)
         if change:
@@ -408,14 +411,17 @@ class ControlNode:
     def _by_addr(self, addr: str) -> Member | None:
         return next((m for m in self.membership.others() if m.addr == addr), None)
 
-    async def _ask(self, helper: Member, target: Member) -> bool:
+    async def _ask(self, helper: Member, target: Member) -> bool | None:
+        """An indirect probe through `helper`: True if the target answered it, False if the
+        helper said it could not reach the target, None if the helper said nothing at all."""
         req = PingReq(
             self.membership.me, target.id, target.addr, tuple(self.membership.piggyback())
         )
+        timeout = self.membership.scaled(2 * self.timings.probe_timeout)
         try:
-            reply = await self.transport.send(helper.addr, req, 2 * self.timings.probe_timeout)
+            reply = await self.transport.send(helper.addr, req, timeout)
         except TransportError:
-            return False
+            return None
         if isinstance(reply, Ack) and reply.sender.id == target.id:
             self._absorb(reply.sender, reply.updates, reply.plan)
             return True

@@ -270,3 +270,22 @@ def test_a_message_to_a_suspect_tells_it_of_the_suspicion_first() -> None:
     to_a = m.piggyback(to=NodeId("a"))
     assert [(u.id, u.state) for u in to_a] == [("a", State.SUSPECT)]
     assert m.piggyback(to=NodeId("b")) == []  # others are not told again
+
+
+def test_a_peer_that_seems_to_be_the_slow_one_widens_its_own_timeouts() -> None:
+    # Lifeguard's local health: helpers that do not even answer, or suspicions of us to
+    # refute, say the slow one may be us; answered probes say we keep up.
+    m = view(member("a"))
+    assert m.scaled(1.0) == 1.0
+    m.missed_nacks(2)
+    m.apply(member("me", inc=1, state=State.SUSPECT), 1.0)  # refuted, and counted
+    assert m.health == 3 and m.scaled(T.probe_timeout) == 4 * T.probe_timeout
+    # A suspect of ours then lives four times the suspicion timeout.
+    m.probe_failed(NodeId("a"), 2.0)
+    assert m.tick(2.0 + 2 * T.suspicion_timeout) == []
+    assert [c.member.state for c in m.tick(2.0 + 4 * T.suspicion_timeout + 0.01)] == [State.DEAD]
+    for _ in range(10):
+        m.probe_answered()
+    assert m.health == 0
+    m.missed_nacks(100)
+    assert m.health == 8  # bounded
