@@ -107,6 +107,7 @@ class PlanFollower:
         self._handed: dict[str, set[int]] = {}  # layers handed off before we switched plans
         self._ended: OrderedDict[str, None] = OrderedDict()  # sessions dropped here
         self._tg: asyncio.TaskGroup | None = None
+        self._warmed = False  # the model's code built once (spares; see _prepare)
         self._stage_task: asyncio.Task[None] | None = None
 
     @property
@@ -119,8 +120,6 @@ class PlanFollower:
     async def follow(self, tg: asyncio.TaskGroup) -> None:
         """Prepare for each plan put in force, and switch to it when its chain is ready."""
         self._tg = tg
-        with contextlib.suppress(Exception):  # only a head start; a real load says what fails
-            await run_model(warm, self.model_dir)
         followed: PlanRecord | None = None
         while True:
             seen = self.control.version
@@ -148,6 +147,13 @@ class PlanFollower:
             case NoUnits():
                 self._pending = _Prepared(plan, None, None)
                 self.control.set_ready(plan.epoch)
+                if not self._warmed:
+                    # A spare: build the model's code now, while idle, so that the first
+                    # shard it loads (in a failover, say) does not wait a second for imports.
+                    # Peers with units do it by loading; doing it at start slowed them all.
+                    self._warmed = True
+                    with contextlib.suppress(Exception):  # a real load says what fails
+                        await run_model(warm, self.model_dir)
                 return
             case WaitNext(node=node):
                 logger.warning("next stage %s is not a live member; waiting for a new plan", node)
@@ -160,6 +166,7 @@ class PlanFollower:
                 shard = await run_model(
                     Shard.load, self.model_dir, start, end, p.dtype, str(p.device), p.quantize
                 )
+                self._warmed = True
                 self.events.add(
                     "shard",
                     f"loaded units {start}..{end - 1} ({shard.weight_bytes() / 1e6:.0f} MB)"
