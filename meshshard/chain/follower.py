@@ -351,6 +351,11 @@ class PlanFollower:
         return out
 
     async def take_kv(self, frame: KVFrame) -> None:
+        if self._switch.locked():
+            # Mid-switch the new shard is in neither `stage` nor `_pending`: an origin that saw
+            # the new chain ready can hand caches over before every stage has switched.
+            async with self._switch:
+                pass
         stage, pending = self.stage, self._pending
         shard = None
         if stage is not None and stage.epoch == frame.epoch:
