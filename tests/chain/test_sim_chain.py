@@ -19,7 +19,7 @@ from meshshard.chain.tensors import to_wire
 from meshshard.model.costs import unit_costs
 from meshshard.model.device import Device, Placement
 from meshshard.model.generate import LocalChain, generate
-from meshshard.types import Epoch
+from meshshard.types import Epoch, PlanRecord
 from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, Sampling, StepFrame
 
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42], [7] * 12, [88, 3, 61, 20, 19, 4, 77]]
@@ -49,6 +49,16 @@ async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
         while not check():
             await asyncio.sleep(0.02)
     assert check(), what
+
+
+async def three_stages(mesh: SimMesh, names: str) -> PlanRecord:
+    """Start the named peers and wait for them to agree on a ready 3-stage chain."""
+    for name in names:
+        mesh.add(name)
+    await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
+    plan = mesh.peers[names[0]].node.book.current
+    assert plan is not None
+    return plan
 
 
 async def answer(mesh: SimMesh, origin: str, prompt: Sequence[int], n: int, got: list[int]) -> None:
@@ -97,11 +107,7 @@ class Collector:
 
 async def test_stale_and_unknown_frames_get_error_frames(model: Path, memory: float) -> None:
     async with SimMesh(model, memory) as mesh:
-        for name in ("a", "b", "c"):
-            mesh.add(name)
-        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
-        plan = mesh.peers["a"].node.book.current
-        assert plan is not None
+        plan = await three_stages(mesh, "abc")
         first = mesh.peers[plan.stages[0].device].service
         probe = Collector()
         mesh.data.services["10.7.9.9:1"] = probe  # type: ignore[assignment]
@@ -129,11 +135,7 @@ async def test_an_answer_survives_a_stage_crashing_mid_answer(
     silent: bool,
 ) -> None:
     async with SimMesh(model, memory) as mesh:
-        for name in ("a", "b", "c", "d"):
-            mesh.add(name)
-        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
-        plan = mesh.peers["a"].node.book.current
-        assert plan is not None
+        plan = await three_stages(mesh, "abcd")
         # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies.
         origin = plan.stages[0 if victim else -1].device
         mesh.data.delay = 0.005  # so the answer is still going when the crash is noticed
@@ -161,11 +163,7 @@ async def test_a_graceful_leave_hands_caches_over_without_replaying(
     model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
 ) -> None:
     async with SimMesh(model, memory) as mesh:
-        for name in ("a", "b", "c", "d"):
-            mesh.add(name)
-        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
-        plan = mesh.peers["a"].node.book.current
-        assert plan is not None
+        plan = await three_stages(mesh, "abcd")
         origin, leaving = plan.stages[0].device, plan.stages[1].device
         mesh.data.delay = 0.01  # so the answer is still going when the new chain is ready
         got: list[int] = []
@@ -182,11 +180,7 @@ async def test_twenty_answers_through_a_crash_and_a_join_leave_nothing_behind(
     model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
 ) -> None:
     async with SimMesh(model, memory) as mesh:
-        for name in ("a", "b", "c", "d"):
-            mesh.add(name)
-        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
-        plan = mesh.peers["a"].node.book.current
-        assert plan is not None
+        plan = await three_stages(mesh, "abcd")
         origin, victim = plan.stages[0].device, plan.stages[1].device
         answers: list[list[int]] = [[] for _ in range(20)]
         tasks = [
@@ -207,11 +201,7 @@ async def test_twenty_answers_through_a_crash_and_a_join_leave_nothing_behind(
 
 async def test_a_dead_origins_answers_are_freed(model: Path, memory: float) -> None:
     async with SimMesh(model, memory) as mesh:
-        for name in ("a", "b", "c", "d"):
-            mesh.add(name)
-        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
-        plan = mesh.peers["a"].node.book.current
-        assert plan is not None
+        plan = await three_stages(mesh, "abcd")
         outside = next(n for n in mesh.peers if plan.stage_of(n) is None)  # type: ignore[arg-type]
         got: list[int] = []
         task = asyncio.create_task(answer(mesh, outside, PROMPTS[1], 500, got))
@@ -226,11 +216,7 @@ async def test_a_mesh_too_small_says_so_at_once_and_answers_again_after_a_join(
     model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
 ) -> None:
     async with SimMesh(model, memory) as mesh:
-        for name in ("a", "b", "c"):
-            mesh.add(name)
-        await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
-        plan = mesh.peers["a"].node.book.current
-        assert plan is not None
+        plan = await three_stages(mesh, "abc")
         origin, victim = plan.stages[0].device, plan.stages[1].device
         mesh.data.delay = 0.005
         got: list[int] = []
