@@ -226,8 +226,8 @@ async def test_a_forged_member_at_a_real_members_address_is_declared_dead() -> N
 
 async def test_a_forged_plan_at_the_edge_of_belief_is_outbid_by_the_coordinator() -> None:
     """A key holder puts the plan in force again under the largest term peers believe and
-    another coordinator's name: every peer follows it, and the real coordinator's next plan,
-    one term further, is believed a second later (not outbid by itself for ever)."""
+    another coordinator's name: a peer follows it, and the real coordinator's next plan, one
+    term further, is believed a second later everywhere (not outbid by itself for ever)."""
     net = SimNet(seed=12)
     plans: dict[NodeId, list[Epoch]] = {}
     nodes = [make_node(net, i, plans) for i in range(4)]
@@ -238,7 +238,9 @@ async def test_a_forged_plan_at_the_edge_of_belief_is_outbid_by_the_coordinator(
         assert current is not None
         forged = replace(current, epoch=Epoch(term_at(time.time() + FUTURE_SECONDS), "n00"))
         await nodes[0].handle(Ping(nodes[1].membership.me, (), forged))
-        await until(lambda: all(n.book.current == forged for n in nodes), 10, "the forgery")
+        # Not "every peer holds it at once": once the clock passes a second the coordinator
+        # outbids it, sometimes before gossip has carried it to every peer.
+        assert forged.epoch in plans[nodes[0].id]
         await until(lambda: agreed(nodes), 10, "the coordinator's own plan again")
         assert all(n.book.epoch is not None and n.book.epoch > forged.epoch for n in nodes)
     finally:
