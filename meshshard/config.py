@@ -38,6 +38,9 @@ class Timings:
     # A suspect not heard from in this long is declared dead. Longer than a 1 s stall plus
     # the time a refutation takes to spread, so a busy peer is not declared dead.
     suspicion_timeout: float = 1.6
+    # ... shortened down to this as other members confirm the suspicion independently
+    # (Lifeguard): a peer everyone finds silent is gone; one only we miss may be our link.
+    suspicion_confirmed: float = 0.9
     # Full state exchange with one random member (repairs divergence, heals partitions).
     pushpull_interval: float = 2.0
     # Dead and left members are remembered this long, so stale gossip cannot revive them.
@@ -94,6 +97,7 @@ TEST_TIMINGS = Timings(
     probe_interval=0.1,
     probe_timeout=0.15,
     suspicion_timeout=1.0,
+    suspicion_confirmed=0.5,
     pushpull_interval=0.3,
     tombstone_ttl=10.0,
     replan_debounce=0.1,

@@ -52,6 +52,9 @@ class Member:
     ready: Epoch = ZERO_EPOCH
     # Leaving gracefully: still serving, but no longer elected or given units in new plans.
     draining: bool = False
+    # In a SUSPECT record: the member that suspects it (independent accusers shorten the
+    # suspicion, Lifeguard's confirmations).
+    accuser: NodeId | None = None
 
     @property
     def serving(self) -> bool:

@@ -18,6 +18,7 @@ from meshshard.types import Epoch, Member, NodeId, State
 
 _SEVERITY = {State.ALIVE: 0, State.SUSPECT: 1, State.DEAD: 2, State.LEFT: 2}
 MAX_HEALTH = 8  # Lifeguard's bound on the local health score
+CONFIRMATIONS = 3  # independent accusers after the first that bring a suspicion to its floor
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Membership:
         self._since: dict[NodeId, float] = {me.id: now}  # when the current state began
         self._queue: dict[NodeId, int] = {}  # id -> transmissions left for its latest record
         self._probe_order: list[NodeId] = []
+        self._accusers: dict[NodeId, set[NodeId]] = {}  # of each suspect, as we heard them
         self.version = 0  # counts changes to any record we hold
         # Lifeguard's local health: 0 when we keep up; higher when we seem to be the slow
         # one (our probes unanswered even by helpers, suspicions of us to refute). Our probe
@@ -73,12 +75,17 @@ class Membership:
         if update.id == self._me_id:
             return self._refute(update)
         current = self._members.get(update.id)
+        if current is not None and self._confirms(update, current):
+            return None
         if current is not None and not _wins(update, current):
             return None
         self._members[update.id] = update
         self.version += 1
         if current is None or current.state != update.state:
             self._since[update.id] = now
+            self._accusers.pop(update.id, None)
+            if update.state == State.SUSPECT and update.accuser is not None:
+                self._accusers[update.id] = {update.accuser}
         self._enqueue(update.id)
         if current is not None and current.state == update.state:
             return None  # same state, newer details (profile version, address)
@@ -158,10 +165,23 @@ class Membership:
         if member is None or not member.state.live:
             return None
         if refused:
-            return self.apply(replace(member, state=State.DEAD), now)
-        if member.state != State.ALIVE:
-            return None
-        return self.apply(replace(member, state=State.SUSPECT), now)
+            return self.apply(replace(member, state=State.DEAD, accuser=None), now)
+        # A suspect already: our failed probe is one more independent confirmation.
+        return self.apply(replace(member, state=State.SUSPECT, accuser=self._me_id), now)
+
+    def suspicion_timeout(self, node: NodeId) -> float:
+        """How long `node`'s suspicion lasts: from the lone timeout down to the confirmed one
+        as independent accusers join (Lifeguard's formula; log-shaped, so the first
+        confirmations count most), stretched by our local health."""
+        t = self._timings
+        live = sum(1 for m in self._members.values() if m.state.live)
+        expected = min(CONFIRMATIONS, live - 2)  # neither we nor the suspect confirm
+        confirmations = max(0, len(self._accusers.get(node, ())) - 1)
+        if expected < 1 or confirmations == 0:
+            return self.scaled(t.suspicion_timeout)
+        share = math.log(min(confirmations, expected) + 1) / math.log(expected + 1)
+        span = t.suspicion_timeout - t.suspicion_confirmed
+        return self.scaled(t.suspicion_timeout - span * share)
 
     def tick(self, now: float, heard: Mapping[NodeId, float] | None = None) -> list[Change]:
         """Time passes: suspects past their timeout die; old tombstones are forgotten.
@@ -169,14 +189,13 @@ class Membership:
         frames keep arriving is alive, whatever its probes say, so its timeout counts from
         its last frame."""
         heard = heard or {}
-        timeout = self.scaled(self._timings.suspicion_timeout)
         changes = []
         for node, member in list(self._members.items()):
             if node == self._me_id:
                 continue
             age = now - max(self._since[node], heard.get(node, -math.inf))
-            if member.state == State.SUSPECT and age >= timeout:
-                change = self.apply(replace(member, state=State.DEAD), now)
+            if member.state == State.SUSPECT and age >= self.suspicion_timeout(node):
+                change = self.apply(replace(member, state=State.DEAD, accuser=None), now)
                 if change:
                     changes.append(change)
             elif not member.state.live and age >= self._timings.tombstone_ttl:
@@ -209,6 +228,21 @@ class Membership:
             if self._queue[node] <= 0:
                 del self._queue[node]
         return out
+
+    def _confirms(self, update: Member, current: Member) -> bool:
+        """`update` is another member's suspicion of the same incarnation we already suspect:
+        count its accuser, and pass it on if it is new to us, so the others count it too."""
+        same = (update.incarnation, update.state) == (current.incarnation, current.state)
+        if not same or update.state != State.SUSPECT or update.accuser is None:
+            return False
+        accusers = self._accusers.setdefault(update.id, set())
+        if update.accuser not in accusers:
+            accusers.add(update.accuser)
+            newer = _wins(update, current)  # it may carry newer details too
+            self._members[update.id] = update if newer else replace(current, accuser=update.accuser)
+            self.version += 1
+            self._enqueue(update.id)
+        return True
 
     def _refute(self, update: Member) -> Change | None:
         """A record of us that others could take over ours (a suspicion, or anything forged:

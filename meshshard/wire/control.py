@@ -144,6 +144,7 @@ def _member_out(m: Member) -> dict[str, Any]:
         "pv": m.profile_version,
         "ready": [m.ready.term, m.ready.coordinator],
         "drain": m.draining,
+        "by": m.accuser,
     }
 
 
@@ -163,7 +164,16 @@ def _member_in(raw: object, what: str) -> Member:
         profile_version=checks.integer(m.get("pv"), f"{what}.pv", high=MAX_VERSION),
         ready=checks.epoch(m.get("ready")),
         draining=checks.boolean(m.get("drain"), f"{what}.drain"),
+        accuser=_accuser(m.get("by"), parsed, what),
     )
+
+
+def _accuser(raw: object, state: State, what: str) -> NodeId | None:
+    if raw is None:
+        return None
+    if state != State.SUSPECT:
+        raise WireError(f"{what}.by: only a suspect has an accuser")
+    return NodeId(checks.text(raw, f"{what}.by"))
 
 
 def _members(raw: object, what: str) -> tuple[Member, ...]:

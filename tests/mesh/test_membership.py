@@ -289,3 +289,69 @@ def test_a_peer_that_seems_to_be_the_slow_one_widens_its_own_timeouts() -> None:
     assert m.health == 0
     m.missed_nacks(100)
     assert m.health == 8  # bounded
+
+
+def suspected_by(name: str, accuser: str, inc: int = 1) -> Member:
+    return Member(NodeId(name), member(name).addr, inc, State.SUSPECT, accuser=NodeId(accuser))
+
+
+@pytest.mark.parametrize(
+    "others, accusers, lives",
+    [
+        # Members besides us: a suspicion only we hold lasts the lone timeout ...
+        ("abcd", [], T.suspicion_timeout),
+        # ... each independent accuser shortens it, the first most (log-shaped) ...
+        ("abcd", ["b"], None),
+        ("abcd", ["b", "c"], None),
+        ("abcd", ["b", "c", "d"], T.suspicion_confirmed),
+        ("abcd", ["b", "b", "c", "c", "d"], T.suspicion_confirmed),  # each counted once
+        # ... down to the floor once as many as can confirm have (3 members: one other).
+        ("ab", ["b"], T.suspicion_confirmed),
+        # With nobody else to ask, it is the lone timeout.
+        ("a", [], T.suspicion_timeout),
+    ],
+)
+def test_a_suspicion_shortens_as_independent_accusers_confirm_it(
+    others: str, accusers: list[str], lives: float | None
+) -> None:
+    m = view(*(member(c) for c in others))
+    m.probe_failed(NodeId("a"), 1.0)
+    for accuser in accusers:
+        m.apply(suspected_by("a", accuser), 1.1)
+    timeout = m.suspicion_timeout(NodeId("a"))
+    if lives is None:
+        assert T.suspicion_confirmed < timeout < T.suspicion_timeout
+    else:
+        assert timeout == pytest.approx(lives)
+    assert m.tick(1.0 + timeout - 0.01) == []
+    assert [c.member.state for c in m.tick(1.0 + timeout + 0.01)] == [State.DEAD]
+
+
+def test_more_accusers_never_lengthen_a_suspicion() -> None:
+    m = view(*(member(c) for c in "abcdef"))
+    m.probe_failed(NodeId("a"), 1.0)
+    timeouts = [m.suspicion_timeout(NodeId("a"))]
+    for accuser in "bcdef":
+        m.apply(suspected_by("a", accuser), 1.1)
+        timeouts.append(m.suspicion_timeout(NodeId("a")))
+    assert timeouts == sorted(timeouts, reverse=True) and timeouts[0] > timeouts[-1]
+
+
+def test_a_confirmation_is_passed_on_once_and_a_refutation_clears_it() -> None:
+    m = view(member("a"), member("b"), member("c"))
+    m.apply(suspected_by("a", "b"), 1.0)  # heard of b's suspicion: not our own yet
+    while m.piggyback():
+        pass
+    assert m.probe_failed(NodeId("a"), 1.2) is None  # our probe fails too: a confirmation
+    sent = [u for u in m.piggyback() if u.id == "a"]
+    assert [(u.state, u.accuser) for u in sent] == [(State.SUSPECT, "me")]
+    while m.piggyback():
+        pass
+    m.apply(suspected_by("a", "b"), 1.3)  # an accuser we know: nothing new to pass on
+    assert m.piggyback() == []
+    m.apply(member("a", inc=2), 1.4)  # a refutes: the next suspicion starts afresh
+    assert m.get(NodeId("a")).accuser is None  # type: ignore[union-attr]
+    m.apply(suspected_by("a", "c", inc=2), 1.5)
+    assert m.suspicion_timeout(NodeId("a")) == pytest.approx(T.suspicion_timeout)
+    dead = m.tick(1.5 + T.suspicion_timeout + 0.01)
+    assert [(c.member.state, c.member.accuser) for c in dead] == [(State.DEAD, None)]
