@@ -40,7 +40,7 @@ class Timings:
     suspicion_timeout: float = 1.6
     # ... shortened down to this as other members confirm the suspicion independently
     # (Lifeguard): a peer everyone finds silent is gone; one only we miss may be our link.
-    suspicion_confirmed: float = 0.9
+    suspicion_confirmed: float = 1.0
     # Full state exchange with one random member (repairs divergence, heals partitions).
     pushpull_interval: float = 2.0
     # Dead and left members are remembered this long, so stale gossip cannot revive them.
