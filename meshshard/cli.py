@@ -403,6 +403,14 @@ def _bytes_option(value: str | None) -> float | None:
     envvar="MESHSHARD_TIMINGS",
     help="Control-plane timeouts: LAN defaults, or shrunk for tests.",
 )
+@click.option(
+    "--speculate",
+    default=8,
+    show_default=True,
+    type=click.IntRange(0, 16),
+    envvar="MESHSHARD_SPECULATE",
+    help="Most tokens an answer drafts per pass through the chain (0: off).",
+)
 def up(
     config: Config,
     port: int,
@@ -425,6 +433,7 @@ def up(
     max_frame: str,
     profile_dir: Path | None,
     timings: str,
+    speculate: int,
 ) -> None:
     """Run a peer in the foreground until Ctrl-C (which hands its work over and leaves)."""
     import asyncio
@@ -467,6 +476,7 @@ def up(
         max_frame_bytes=int(frame_limit or 0) or 64 * 1024 * 1024,
         profile_dir=profile_dir,
         timings=TEST_TIMINGS if timings == "test" else LAN_TIMINGS,
+        speculate=speculate,
     )
     daemon = Daemon(config)
 

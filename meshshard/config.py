@@ -177,6 +177,9 @@ class Config:
     profile_dir: Path | None = None
     # Control-plane timeouts: LAN_TIMINGS, or TEST_TIMINGS to make tests fast.
     timings: Timings = LAN_TIMINGS
+    # Most tokens an answer started here drafts per pass for the chain to verify (speculative
+    # decoding by prompt lookup, adapted per answer); 0 turns it off.
+    speculate: int = 8
 
     @property
     def profile_folder(self) -> Path:

@@ -124,7 +124,7 @@ class Daemon:
             seam = NodeSeam(node)
             service = ChainService(
                 seam, model_dir, placement, spec, connect, events, profile.mem, node.clock,
-                timings,
+                timings, config.speculate,
             )  # fmt: skip
             sockets = SocketServer(
                 frames, service.refusals, lambda: seam.address, service.handle_frame, seam
@@ -278,6 +278,7 @@ class Daemon:
                 "tokens_out": self.service.stats.tokens_out,
                 "replays": self.service.stats.replays,
                 "handoffs": self.service.stats.handoffs,
+                "speculation": self.service.stats.speculation(),
             }
             status["admission"] = {
                 "kv_tokens": self.service.follower.budget.tokens,

@@ -67,6 +67,12 @@ def render_status(data: dict[str, Any]) -> str:
                 f"measured here {measured['latency_ms']:.1f} ms/token"
                 + (f", {rate:.1f} tokens/s over the last 10 s" if rate else "")
             )
+        spec = (data.get("origin") or {}).get("speculation") or {}
+        if spec.get("drafted"):
+            lines.append(
+                f"speculation: {spec['tokens_per_pass']:.2f} tokens per pass "
+                f"({spec['kept']} of {spec['drafted']} drafted tokens kept)"
+            )
         for node, why in (data.get("idle") or {}).items():
             lines.append(click.style(f"left out {node}: {why}", fg="yellow"))
     else:

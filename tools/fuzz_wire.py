@@ -80,7 +80,7 @@ def seeds() -> tuple[list[bytes], list[bytes]]:
     frames = [
         StepFrame(e, "a/1", 4, 10, hidden, "127.0.0.1:7000", True, sampling, 2),
         StepFrame(e, "a/1", 0, 0, ids, "127.0.0.1:7000", False, sampling),
-        TokenFrame(e, "a/1", 4, 100, 1),
+        TokenFrame(e, "a/1", 4, (100, 101), 1),
         ErrorFrame(e, "a/1", 4, ErrorCode.CACHE_MISS, "short", 1, 7),
         DropFrame(e, "a/1"),
         HandoffRequest(e, "a/1", 1, 3, 9, 40, "127.0.0.1:7001", "127.0.0.1:7000"),

@@ -26,6 +26,7 @@ from meshshard.chain.handoff import moves
 from meshshard.chain.meter import TokenMeter
 from meshshard.chain.recovery import Fail, FeedFrom, Leave, after_change, after_error
 from meshshard.chain.seam import ControlPlane
+from meshshard.chain.speculate import Speculator
 from meshshard.chain.stats import ChainStats
 from meshshard.chain.tensors import to_wire
 from meshshard.clock import Clock, Pulse
@@ -102,8 +103,10 @@ class Origin:
         pulse: Pulse,
         clock: Clock,
         timings: Timings,
+        speculate: int = 0,
     ) -> None:
         self.control, self.spec, self._send = control, spec, send
+        self.speculate = speculate  # most tokens an answer drafts per pass
         self.events, self.stats, self.pulse = events, stats, pulse
         self.clock, self.timings = clock, timings
         self.meter = TokenMeter(clock.now)
@@ -199,6 +202,7 @@ class Origin:
         broken: PlanRecord | None = None
         grace = self.timings.same_plan_grace
         used: list[PlanRecord] = []
+        speculator = Speculator(self.speculate)
         try:
             for attempt in range(MAX_REPLAYS + 1):
                 plan = await self.ready_plan(broken, grace)
@@ -216,8 +220,9 @@ class Origin:
                     used.append(plan)
                 try:
                     run = self._attempt(
-                        plan, session, attempt, queue, history, produced, cached, params, reserve
-                    )
+                        plan, session, attempt, queue, history, produced, cached, params,
+                        reserve, speculator, max_tokens,
+                    )  # fmt: skip
                     async with contextlib.aclosing(run) as tokens:
                         async for token in tokens:
                             if produced == 0:
@@ -256,10 +261,13 @@ class Origin:
         start: int,
         params: Sampling,
         reserve: int,
+        speculator: Speculator,
+        max_tokens: int,
     ) -> AsyncGenerator[int, None]:
         """Run an answer on one plan from position `start` (what its stages are believed to
         hold), decoding until the caller stops. Raises _Left when the plan can no longer
-        serve it, or when a newer chain is ready to take it over."""
+        serve it, or when a newer chain is ready to take it over. A decode step may carry a
+        draft of the next tokens (`speculator`); a pass then yields every token it confirmed."""
         first = self.control.address_of(plan.stages[0].device)
         if first is None:
             raise _Left(Leave("the first stage is gone", self.timings.same_plan_grace))
@@ -267,13 +275,17 @@ class Origin:
             if (newer := self._newer_ready(plan)) is not None:
                 why = f"moving to the ready chain of epoch {newer}"
                 raise _Left(Leave(why, self.timings.same_plan_grace))
-            ids = torch.tensor(history[start:], dtype=torch.int64)
+            fed = history[start:]
+            # Drafts ride on decode steps only, and never past the answer's last token.
+            draft = speculator.draft(history, max_tokens - step - 1) if len(fed) == 1 else ()
+            ids = torch.tensor(fed + list(draft), dtype=torch.int64)
             for offset in range(0, len(ids), PREFILL_CHUNK):
                 chunk = ids[offset : offset + PREFILL_CHUNK]
                 last = offset + PREFILL_CHUNK >= len(ids)
                 frame = StepFrame(
                     plan.epoch, session, step, start + offset, to_wire(chunk),
                     self.control.address, last, params, attempt, reserve,
+                    draft if last else (),
                 )  # fmt: skip
                 try:
                     await self._send(first, frame)
@@ -289,8 +301,15 @@ class Origin:
                 self.stats.replays += 1
                 start = action.position
                 continue
-            yield action  # the caller appends it to `history` before resuming us
-            step += 1
+            tokens = action[: len(draft) + 1]  # a stage cannot confirm what was not drafted
+            speculator.passed(len(draft), len(tokens) - 1)
+            self.stats.passes += 1
+            self.stats.drafted += len(draft)
+            self.stats.kept += len(tokens) - 1
+            for token in tokens:
+                yield token  # the caller appends it to `history` before resuming us
+                step += 1
+            # Stages may hold unconfirmed draft positions past this: the next step cuts them.
             start = len(history) - 1
 
     def _newer_ready(self, plan: PlanRecord) -> str | None:
@@ -307,8 +326,9 @@ class Origin:
         attempt: int,
         step: int,
         start: int,
-    ) -> int | FeedFrom:
-        """The token of `step`, or where to feed again from; raises what recovery decides."""
+    ) -> tuple[int, ...] | FeedFrom:
+        """The tokens from `step` on, or where to feed again from; raises what recovery
+        decides."""
         started = self.clock.now()
         while True:
             seen = self.pulse.version
@@ -323,7 +343,7 @@ class Origin:
                 case None:
                     continue  # the mesh changed, or time ran out: look again
                 case TokenFrame(attempt=a, step=s) if a == attempt and s == step:
-                    return frame.token
+                    return frame.tokens
                 case ErrorFrame(attempt=a) if a == attempt:
                     action = after_error(frame.code, frame.message, frame.have, start, self.timings)
                     if isinstance(action, FeedFrom):

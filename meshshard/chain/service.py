@@ -53,6 +53,7 @@ class ChainService:
         memory: float,
         clock: Clock,
         timings: Timings,
+        speculate: int = 0,
     ) -> None:
         self.control, self.events = control, events
         self.clock, self.timings = clock, timings
@@ -64,7 +65,7 @@ class ChainService:
             self.stats, self.pulse, clock, timings,
         )  # fmt: skip
         self.origin = Origin(
-            control, spec, self._send, events, self.stats, self.pulse, clock, timings
+            control, spec, self._send, events, self.stats, self.pulse, clock, timings, speculate
         )
         self._connect = connect
         self._links: DataLinks | None = None

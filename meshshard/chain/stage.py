@@ -17,7 +17,8 @@ from dataclasses import replace
 
 import torch
 
-from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.chain.speculate import confirmed
+from meshshard.chain.tensors import first_rows, from_wire, to_wire
 from meshshard.chain.worker import run_model
 from meshshard.model.batching import MAX_BATCH
 from meshshard.model.sampling import Sampler, SamplingParams
@@ -40,6 +41,13 @@ class CacheMiss(Exception):
     def __init__(self, have: int) -> None:
         super().__init__(f"this stage holds {have} positions of the session")
         self.have = have
+
+
+def _undrafted(frame: StepFrame) -> StepFrame:
+    if not frame.draft:
+        return frame
+    rows = frame.tensor.shape[0] - len(frame.draft)
+    return replace(frame, tensor=first_rows(frame.tensor, rows), draft=())
 
 
 class StageWorker:
@@ -108,7 +116,10 @@ class StageWorker:
         await self.refuse_queued(message)
 
     def _take_batch(self) -> list[StepFrame]:
-        """The next frame, plus following single-token steps of other prefilled sessions."""
+        """The next frame, plus following single-token steps of other prefilled sessions.
+        A draft rides only on a step that runs alone: where other sessions' decode steps
+        wait, batching them pays more than verifying guesses, so the draft is dropped here
+        (the last stage then samples one token, as for a plain step)."""
         first = self._queue.popleft()
         batch = [first]
         if not self._decodable(first):
@@ -121,13 +132,14 @@ class StageWorker:
             self._queue.popleft()
             batch.append(nxt)
             seen.add(nxt.session)
-        return batch
+        return [_undrafted(f) for f in batch] if len(batch) > 1 else batch
 
     def _decodable(self, frame: StepFrame) -> bool:
+        # A cache may hold more than the step continues from: a draft's unconfirmed tokens.
         return (
-            frame.tensor.shape[0] == 1
+            frame.tensor.shape[0] - len(frame.draft) == 1
             and frame.session in self.shard.sessions
-            and (not self.shard.layers or self.shard.cache_length(frame.session) == frame.start)
+            and (not self.shard.layers or self.shard.cache_length(frame.session) >= frame.start)
         )
 
     async def _run_batch(self, batch: list[StepFrame]) -> None:
@@ -179,6 +191,8 @@ class StageWorker:
 
     def _forward(self, batch: list[StepFrame]) -> list[torch.Tensor]:
         if len(batch) > 1:
+            for f in batch:
+                self.shard.truncate(f.session, f.start)
             xs = torch.cat([from_wire(f.tensor) for f in batch])
             out = self.shard.decode_batch([f.session for f in batch], xs)
             # Rows as a single step would give them: [1, hidden], or [vocab] logits.
@@ -193,7 +207,8 @@ class StageWorker:
             self.shard.truncate(frame.session, frame.start)  # some layers may hold more
         x = from_wire(frame.tensor)
         positions = torch.arange(frame.start, frame.start + x.shape[0])
-        return [self.shard.prefill(frame.session, x, positions)]
+        logits = len(frame.draft) + 1  # a draft's positions are each sampled
+        return [self.shard.prefill(frame.session, x, positions, logits=logits)]
 
     async def _emit(self, frame: StepFrame, out: torch.Tensor) -> None:
         try:
@@ -202,10 +217,11 @@ class StageWorker:
             elif frame.sample:
                 s = frame.sampling
                 params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
-                token = Sampler(params)(out.cpu(), frame.step)  # the one copy off the device
+                # The one copy off the device.
+                tokens = confirmed(Sampler(params), out.cpu(), frame.draft, frame.step)
                 await self._send(
                     frame.origin,
-                    TokenFrame(frame.epoch, frame.session, frame.step, token, frame.attempt),
+                    TokenFrame(frame.epoch, frame.session, frame.step, tokens, frame.attempt),
                 )
         except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
             logger.warning("stage could not pass on %s step %d: %s", frame.session, frame.step, e)

@@ -13,9 +13,24 @@ class ChainStats:
     tokens_out: int = 0
     replays: int = 0
     handoffs: int = 0
+    # ... passes through the chain (decode steps), tokens drafted for them to verify, and
+    # drafted tokens the chain confirmed (speculative decoding).
+    passes: int = 0
+    drafted: int = 0
+    kept: int = 0
     # As a stage: layers of KV cache handed to new owners and taken from old ones, new
     # sessions refused for want of memory, and steps run by the stages since replaced.
     kv_layers_sent: int = 0
     kv_layers_received: int = 0
     busy: int = 0
     steps_before: int = 0
+
+    def speculation(self) -> dict[str, float]:
+        """Speculative decoding as status shows it: tokens per pass (1.0 without it)."""
+        per_pass = (self.passes + self.kept) / self.passes if self.passes else 0.0
+        return {
+            "passes": self.passes,
+            "drafted": self.drafted,
+            "kept": self.kept,
+            "tokens_per_pass": round(per_pass, 2),
+        }

@@ -30,3 +30,9 @@ def from_wire(data: TensorData) -> torch.Tensor:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise WireError("tensor holds NaN or infinity")
     return t
+
+
+def first_rows(data: TensorData, rows: int) -> TensorData:
+    """The first `rows` rows (tokens) of a frame's tensor, by its bytes."""
+    row = len(data.data) // data.shape[0] if data.shape[0] else 0
+    return TensorData(data.dtype, (rows, *data.shape[1:]), data.data[: rows * row])

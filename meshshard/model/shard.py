@@ -206,13 +206,19 @@ class Shard:
         return rest
 
     def prefill(
-        self, session: str, x: torch.Tensor, positions: torch.Tensor | None = None
+        self,
+        session: str,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        logits: int = 1,
     ) -> torch.Tensor:
-        """Start (or continue, for chunked prefill) a session with several tokens."""
+        """Start (or continue, for chunked prefill) a session with several tokens. The last
+        shard returns the logits of the last position, or [logits, vocab] of the last
+        `logits` positions (to verify a draft)."""
         cache = self._sessions.setdefault(session, self.new_cache())
         if positions is None:
             positions = torch.arange(cache.length, cache.length + x.shape[0])
-        return self.forward(cache, x, positions)
+        return self.forward(cache, x, positions, logits=logits)
 
     def decode(self, session: str, x: torch.Tensor, position: int) -> torch.Tensor:
         """One new token for a session that was prefilled."""
@@ -228,6 +234,7 @@ class Shard:
         x: torch.Tensor,
         positions: torch.Tensor,
         timer: UnitTimer | None = None,
+        logits: int = 1,
     ) -> torch.Tensor:
         """x: [T] ids (first shard) or [T, hidden]; positions: [T], continuing the cache."""
         n = x.shape[0]
@@ -256,9 +263,9 @@ class Shard:
             h = self._run_layers(h, mask, pos, embeddings, cache, lambda i: clock.lap(first + i))
             unit += len(self.layers)
         if self.lm_head is not None and self.norm is not None:
-            logits = self.lm_head(self.norm(h[:, -1:]))[0, -1].float()
+            out = self.lm_head(self.norm(h[:, -logits:]))[0].float()
             clock.lap(unit)
-            return logits
+            return out[-1] if logits == 1 else out
         return h[0]
 
     @torch.inference_mode()

@@ -16,6 +16,8 @@ from meshshard.wire.checks import PROTOCOL, WireError
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # one activation frame; checked before it is read
 MAX_TOKENS_PER_FRAME = 8192
+MAX_DRAFT = 16  # drafted tokens one step may ask the chain to verify
+MAX_TOKEN_ID = 2**31
 TENSOR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
 
 
@@ -67,14 +69,19 @@ class StepFrame:
     sampling: Sampling
     attempt: int = 0  # the origin's try for this session; answers to older tries are ignored
     reserve: int = 0  # positions the session may reach (prompt and most tokens): admission
+    # Speculation: the frame's last len(draft) tokens are these guesses of the next ones; the
+    # last stage samples every position and keeps the guesses that its samples confirm.
+    draft: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class TokenFrame:
+    """The tokens of steps step, step+1, ...: one, or more when a draft was confirmed."""
+
     epoch: Epoch
     session: str
     step: int
-    token: int
+    tokens: tuple[int, ...]
     attempt: int = 0
 
 
@@ -158,13 +165,14 @@ def encode_frame(frame: DataFrame) -> bytes:
                 "sample": frame.sample,
                 "sampling": [frame.sampling.temperature, frame.sampling.top_p, frame.sampling.seed],
                 "reserve": frame.reserve,
+                "draft": list(frame.draft),
             }
         case TokenFrame():
             body |= {
                 "k": "token",
                 "attempt": frame.attempt,
                 "step": frame.step,
-                "token": frame.token,
+                "tokens": list(frame.tokens),
             }
         case ErrorFrame():
             body |= {
@@ -214,24 +222,28 @@ def decode_frame(
     attempt = checks.integer(m.get("attempt"), "attempt")
     match kind:
         case "step":
+            tensor = _tensor(m.get("tensor"), hidden_size)
+            sample = checks.boolean(m.get("sample"), "sample")
+            draft = _token_ids(m.get("draft", []), "draft", 0, MAX_DRAFT)
+            if draft and (not sample or len(draft) >= tensor.shape[0]):
+                raise WireError("a draft must end a sampled frame, after at least one token")
             return StepFrame(
                 epoch=epoch,
                 session=session,
                 step=checks.integer(m.get("step"), "step"),
                 start=checks.integer(m.get("start"), "start"),
-                tensor=_tensor(m.get("tensor"), hidden_size),
+                tensor=tensor,
                 origin=checks.address(m.get("origin"), "origin"),
-                sample=checks.boolean(m.get("sample"), "sample"),
+                sample=sample,
                 sampling=_sampling(m.get("sampling")),
                 attempt=attempt,
                 reserve=checks.integer(m.get("reserve", 0), "reserve"),
+                draft=draft,
             )
         case "token":
-            step, token = (
-                checks.integer(m.get("step"), "step"),
-                checks.integer(m.get("token"), "token"),
-            )
-            return TokenFrame(epoch, session, step, token, attempt)
+            step = checks.integer(m.get("step"), "step")
+            tokens = _token_ids(m.get("tokens"), "tokens", 1, MAX_DRAFT + 1)
+            return TokenFrame(epoch, session, step, tokens, attempt)
         case "error":
             try:
                 code = ErrorCode(checks.text(m.get("code"), "code"))
@@ -282,6 +294,13 @@ def decode_frame(
         case "handoff-done":
             return HandoffDone(epoch, session, attempt, checks.integer(m.get("layers"), "layers"))
     raise WireError(f"unknown frame kind {kind!r}")
+
+
+def _token_ids(raw: object, what: str, fewest: int, most: int) -> tuple[int, ...]:
+    ids = checks.a_list(raw, what)
+    if not fewest <= len(ids) <= most:
+        raise WireError(f"{what} must hold {fewest} to {most} token ids")
+    return tuple(checks.integer(t, what, high=MAX_TOKEN_ID) for t in ids)
 
 
 def _tensor_out(t: TensorData) -> dict[str, Any]:

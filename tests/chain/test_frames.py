@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import cbor2
 import pytest
@@ -52,11 +53,13 @@ def test_hidden_states_round_trip_bit_exact(dtype: torch.dtype) -> None:
 def test_other_frames_round_trip() -> None:
     kv = to_wire(torch.randn(1, 3, 7, 64))
     for frame in (
-        TokenFrame(E, "s", 4, 49151, attempt=2),
+        TokenFrame(E, "s", 4, (49151,), attempt=2),
+        TokenFrame(E, "s", 4, (7, 8, 9), attempt=2),
         ErrorFrame(E, "s", 4, ErrorCode.STALE_EPOCH, "old", attempt=1),
         ErrorFrame(E, "s", 4, ErrorCode.CACHE_MISS, "short", attempt=1, have=17),
         DropFrame(E, "s"),
         step(to_wire(torch.tensor([1, 2, 3]))),
+        replace(step(to_wire(torch.tensor([1, 2, 3]))), draft=(2, 3)),
         HandoffRequest(E, "s", 3, 5, 12, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
         KVFrame(E, "s", 3, 9, kv, kv, "127.0.0.1:7000", final=True),
         HandoffDone(E, "s", 3, 7),
@@ -137,6 +140,13 @@ def raw_step(**changes: object) -> bytes:
         (raw_step(sampling=[float("nan"), 1.0, 1]), "finite"),
         (raw_step(step="two"), "integer"),
         (raw_step(sample=1), "boolean"),
+        # A draft ends a sampled frame and leaves at least one fed token before it.
+        (raw_step(draft=[5]), "a draft must end a sampled frame"),
+        (raw_step(draft=[5], sample=False), "a draft must end a sampled frame"),
+        (raw_step(draft=list(range(17))), "0 to 16 token ids"),
+        (raw_step(draft=[-1]), "draft must be an integer"),
+        (raw_step(k="token", tokens=[]), "1 to 17 token ids"),
+        (raw_step(k="token", tokens=[2**31]), "tokens must be an integer"),
         (b"\x00" * (MAX_FRAME_BYTES + 1), "exceeds"),
     ],
 )

@@ -81,6 +81,25 @@ def test_greedy_answers_equal_the_single_process_reference(
         assert answer["meshshard"]["epoch"] == mesh[0].status()["plan"]["epoch"]  # type: ignore[index]
 
 
+COPY = (
+    "Repeat this sentence exactly: The old lighthouse on the hill has guided ships home "
+    "through fog and storm for two hundred years."
+)
+
+
+def test_speculation_drafts_from_the_prompt_and_changes_no_token(mesh: list[Peer]) -> None:
+    """A copy-heavy answer: drafted tokens are confirmed, and the answer is still exactly the
+    single process's (which decodes one token at a time)."""
+    origin = mesh[2]
+    before = origin.status()["origin"]["speculation"]  # type: ignore[index]
+    answer = chat(origin, COPY)
+    assert answer["choices"][0]["message"]["content"] == greedy_answer(COPY, NEW)
+    after = origin.status()["origin"]["speculation"]  # type: ignore[index]
+    kept, passes = after["kept"] - before["kept"], after["passes"] - before["passes"]
+    assert kept > 0 and kept + passes >= answer["usage"]["completion_tokens"]
+    assert after["tokens_per_pass"] > 1
+
+
 def test_eight_concurrent_sessions_get_their_own_answers(
     mesh: list[Peer], reference: dict[str, str]
 ) -> None:

@@ -156,7 +156,9 @@ async def test_an_answer_survives_a_stage_crashing_mid_answer(
             assert pause < SIM_TIMINGS.suspicion_timeout
         else:
             assert pause > SIM_TIMINGS.suspicion_timeout
-        assert mesh.peers[origin].service.stats.replays > 0  # its cache died: fed again
+        stats = mesh.peers[origin].service.stats
+        assert stats.replays > 0  # its cache died: fed again
+        assert stats.kept > 0  # ... through an answer that was speculating
 
 
 async def test_a_graceful_leave_hands_caches_over_without_replaying(
@@ -239,3 +241,39 @@ async def test_a_mesh_too_small_says_so_at_once_and_answers_again_after_a_join(
         again: list[int] = []
         await answer(mesh, origin, PROMPTS[1], 8, again)
         assert again == reference(PROMPTS[1], 8)
+
+
+async def seeded(mesh: SimMesh, origin: str, prompt: Sequence[int], n: int) -> list[int]:
+    stream = mesh.peers[origin].service.origin.generate(prompt, n, sampling=(0.9, 0.95, 1234))
+    return [token async for token in stream]
+
+
+@pytest.mark.parametrize("speculate", [0, 4, 16])
+async def test_speculation_changes_no_token(
+    model: Path,
+    memory: float,
+    reference: Callable[[Sequence[int], int], list[int]],
+    speculate: int,
+) -> None:
+    """Drafted tokens are verified by the chain: greedy answers equal one process's, seeded
+    answers equal those without speculation, whatever share of the drafts is confirmed."""
+    async with SimMesh(model, memory, speculate=speculate) as mesh:
+        plan = await three_stages(mesh, "abc")
+        origin = plan.stages[0].device
+        for prompt in PROMPTS:
+            got: list[int] = []
+            await answer(mesh, origin, prompt, 40, got)
+            assert got == reference(prompt, 40)
+        sampled = [await seeded(mesh, origin, p, 40) for p in PROMPTS]
+        stats = mesh.peers[origin].service.stats
+        print(f"speculate {speculate}: {stats}")
+        if speculate:
+            assert 0 < stats.kept < stats.drafted  # drafts confirmed and drafts refused
+            assert stats.passes < stats.tokens_out  # some passes gave several tokens
+        else:
+            assert stats.drafted == 0 and stats.passes == stats.tokens_out
+        await until(mesh.idle, 5, "every cache freed")
+    async with SimMesh(model, memory, speculate=0) as plain:
+        plan = await three_stages(plain, "abc")
+        origin = plan.stages[0].device
+        assert sampled == [await seeded(plain, origin, p, 40) for p in PROMPTS]

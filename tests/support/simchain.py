@@ -13,7 +13,7 @@ from pathlib import Path
 
 from meshshard.chain.links import Dispatch, LinkError, LinkWatch, Refusals
 from meshshard.chain.service import ChainService
-from meshshard.config import TEST_TIMINGS, Timings
+from meshshard.config import TEST_TIMINGS, Config, Timings
 from meshshard.events import EventLog
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.seam import NodeSeam
@@ -130,8 +130,10 @@ class SimMesh:
         timings: Timings = SIM_TIMINGS,
         seed: int = 0,
         placement: Placement = CPU,
+        speculate: int = Config().speculate,
     ) -> None:
         self.model_dir, self.memory, self.timings = model_dir, memory, timings
+        self.speculate = speculate
         self.placement = placement
         self.spec = read_spec(model_dir)
         self.units = unit_costs(model_dir, placement.dtype, placement.quantize)
@@ -178,7 +180,7 @@ class SimMesh:
 
         service = ChainService(
             NodeSeam(node), self.model_dir, self.placement, self.spec,
-            connect, node.events, mem, node.clock, self.timings,
+            connect, node.events, mem, node.clock, self.timings, self.speculate,
         )  # fmt: skip
         self.data.services[addr] = service
         peer = SimPeer(node_id, addr, node, service)

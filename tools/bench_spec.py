@@ -1,0 +1,218 @@
+"""Speculative decoding through the chain: decode tokens/s with and without drafts, one run.
+
+    python tools/bench_spec.py [--tokens 96] [--repeats 3] [--no-testbed]
+
+Three real `meshshard up` peers on loopback (300 MB each, one thread: a 3-stage chain), once
+with `--speculate 8` (the default) and once with `--speculate 0`; then the edge-cloud
+namespace testbed (peers/edge-cloud.toml, needs root) both ways. Copy-heavy prompts (repeat
+or edit a given text) and free-form ones, greedy: the answers must be the same both ways.
+Decode tokens/s after the first token as each answer reports it, median of the repeats per
+prompt, then the median over a kind's prompts. Every run goes to
+docs/benchmarks/speculation.json; the table and docs/benchmarks/speculation.png are made from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import plots  # noqa: E402
+import testbed  # noqa: E402
+from support.procs import Peer, wait_for  # noqa: E402
+
+PARAGRAPH = (
+    "The old lighthouse stood on the northern cliff for two hundred years. Every night its "
+    "keeper climbed the spiral stairs, trimmed the wick and wound the clockwork that turned "
+    "the great lens, so that ships passing in fog and storm could find the harbour mouth."
+)
+PROMPTS = {
+    "copy": [
+        f"Repeat the following text exactly, word for word:\n\n{PARAGRAPH}",
+        "Correct the one spelling mistake in this text and repeat the rest unchanged:\n\n"
+        + PARAGRAPH.replace("harbour", "harbur"),
+        f"Rewrite this text with every sentence on a line of its own:\n\n{PARAGRAPH}",
+    ],
+    "free": [
+        "Tell me a long story about a lighthouse keeper and a storm.",
+        "Explain how a bicycle works.",
+        "Write a poem about autumn leaves.",
+    ],
+}
+Ask = Callable[[str, int], dict[str, Any]]
+Stats = Callable[[], dict[str, Any]]
+
+
+def runs(ask: Ask, stats: Stats, tokens: int, repeats: int) -> list[dict[str, Any]]:
+    """Every answer of every prompt, with the chain's passes and kept drafts during it."""
+    ask(PROMPTS["free"][0], 4)  # warm-up
+    out = []
+    for kind, prompts in PROMPTS.items():
+        for p, prompt in enumerate(prompts):
+            for r in range(repeats):
+                before = stats()
+                got = ask(prompt, tokens)
+                after = stats()
+                out.append(
+                    {
+                        "kind": kind,
+                        "prompt": p,
+                        "repeat": r,
+                        "tokens_per_s": got["tokens_per_s"],
+                        "ttft_s": got["ttft_s"],
+                        "tokens": got["completion_tokens"],
+                        "answer": got["answer"],
+                        "passes": after["passes"] - before["passes"],
+                        "kept": after["kept"] - before["kept"],
+                    }
+                )
+    return out
+
+
+def loopback(speculate: int, tokens: int, repeats: int, logs: Path) -> list[dict[str, Any]]:
+    procs = [
+        Peer(f"spec-{i}", 7700 + i, logs, "--memory", "300MB", "--threads", "1",
+             "--speculate", str(speculate)).start()
+        for i in range(3)
+    ]  # fmt: skip
+    try:
+        first = procs[0]
+
+        def ready() -> bool:
+            s = first.status()
+            return bool(s and s.get("chain_ready") and len(s["plan"]["stages"]) == 3)
+
+        wait_for(ready, 180, "a 3-stage chain", 0.2)
+        time.sleep(2)  # start-up replans settle
+        return runs(lambda p, n: http_ask(first.url, p, n), lambda: spec_stats(first.status()),
+                    tokens, repeats)  # fmt: skip
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def http_ask(url: str, prompt: str, tokens: int) -> dict[str, Any]:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": tokens}
+    req = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body | {"temperature": 0}).encode(),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        data = json.loads(resp.read())
+    return {
+        "answer": data["choices"][0]["message"]["content"],
+        "completion_tokens": data["usage"]["completion_tokens"],
+        **data["meshshard"],
+    }
+
+
+def spec_stats(status: dict[str, Any] | None) -> dict[str, Any]:
+    assert status is not None, "a peer stopped answering"
+    return dict(status["origin"]["speculation"])
+
+
+def on_testbed(speculate: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
+    tb = testbed.Testbed.load(ROOT / "peers" / "edge-cloud.toml")
+    testbed.up(tb, extra=("--speculate", str(speculate)))
+    try:
+        testbed.wait_ready(tb)
+        time.sleep(2)
+
+        def ask(prompt: str, n: int) -> dict[str, Any]:
+            out = testbed.in_host(tb, 0, "ask", "--json", "--max-tokens", str(n), prompt)
+            if out.returncode != 0:
+                raise SystemExit(f"ask failed: {out.stderr.strip()}")
+            return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+        return runs(ask, lambda: spec_stats(testbed.status(tb, 0)), tokens, repeats)
+    finally:
+        testbed.down(tb)
+
+
+def summary(on: list[dict[str, Any]], off: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    def rate(rows: list[dict[str, Any]]) -> float:
+        per_prompt = {}
+        for p in sorted({r["prompt"] for r in rows if r["kind"] == kind}):
+            mine = [r["tokens_per_s"] for r in rows if r["kind"] == kind and r["prompt"] == p]
+            per_prompt[p] = statistics.median(mine)
+        return statistics.median(per_prompt.values())
+
+    mine = [r for r in on if r["kind"] == kind]
+    passes, kept = sum(r["passes"] for r in mine), sum(r["kept"] for r in mine)
+    same = all(
+        a["answer"] == b["answer"] for a, b in zip(on, off, strict=True) if a["kind"] == kind
+    )
+    with_spec, without = rate(on), rate(off)
+    return {
+        "with": with_spec,
+        "without": without,
+        "ratio": with_spec / without,
+        "tokens_per_pass": (passes + kept) / passes if passes else 0.0,
+        "same_answers": same,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-testbed", action="store_true", help="Loopback only (no root).")
+    args = parser.parse_args()
+    setups: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with tempfile.TemporaryDirectory() as logs:
+        setups["3 peers, loopback"] = {
+            "on": loopback(8, args.tokens, args.repeats, Path(logs)),
+            "off": loopback(0, args.tokens, args.repeats, Path(logs)),
+        }
+    if not args.no_testbed:
+        setups["edge-cloud testbed"] = {
+            "on": on_testbed(8, args.tokens, args.repeats),
+            "off": on_testbed(0, args.tokens, args.repeats),
+        }
+    rows = {
+        (setup, kind): summary(r["on"], r["off"], kind)
+        for setup, r in setups.items()
+        for kind in PROMPTS
+    }
+    out = ROOT / "docs" / "benchmarks" / "speculation.json"
+    out.write_text(
+        json.dumps(
+            {
+                "tokens": args.tokens,
+                "repeats": args.repeats,
+                "summary": [{"setup": s, "kind": k} | v for (s, k), v in rows.items()],
+                "runs": setups,
+            },
+            indent=1,
+        )
+    )
+    print(f"SmolLM2-135M float32, greedy, {args.tokens} new tokens; decode tokens/s, median of "
+          f"{args.repeats} per prompt, median over {len(PROMPTS['copy'])} prompts")  # fmt: skip
+    head = ("setup", "prompts", "speculate 8", "speculate 0", "ratio", "tok/pass", "same")
+    print("{:<20} {:<8} {:>11} {:>11} {:>6} {:>8} {:>5}".format(*head))
+    for (setup, kind), v in rows.items():
+        print(
+            f"{setup:<20} {kind:<8} {v['with']:>11.1f} {v['without']:>11.1f} "
+            f"{v['ratio']:>6.2f} {v['tokens_per_pass']:>8.2f} {v['same_answers']!s:>5}"
+        )
+    groups = {
+        f"{setup}\n{kind}": {"speculate 8": v["with"], "speculate 0": v["without"]}
+        for (setup, kind), v in rows.items()
+    }
+    plots.bars("speculation", "Speculative decoding: decode tokens/s", "tokens/s", groups)
+
+
+if __name__ == "__main__":
+    main()
