@@ -111,10 +111,6 @@ class PlanRecord:
     # Why each member not in the plan was left out, in words an operator can act on.
     left_out: tuple[tuple[NodeId, str], ...] = ()
 
-    @property
-    def tokens_per_s(self) -> float:
-        return 1000.0 / self.bottleneck_ms if self.bottleneck_ms > 0 else 0.0
-
     def stage_of(self, node: NodeId) -> PlanStage | None:
         return next((s for s in self.stages if s.device == node), None)
 

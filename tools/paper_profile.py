@@ -9,11 +9,12 @@ norm and head), five devices (2 Orin NX, the source one of them; 2 AGX Orin; an 
 cloud), 950 Mbit/s links with 2.1 ms per message, 65536-byte activations; the logits (32000
 float32, 128000 bytes) go back to the source each token. Every figure printed is a
 prediction of our cost model on those inputs: compute per unit as profiled, one message per
-hop. Throughput is one definition for every method, the paper's: tokens/s of a pipeline with
-answers always waiting, 1000 / its slowest stage or hop (a single device: its whole-model
-time, or the logits' hop if slower). Writes docs/paper-profile.md and .json, the plot, and
-peers/paper-profile-llama2-7b-10mbps.json: the paper's slow-cloud case as an instance for
-`meshshard plan FILE --compare`.
+hop. Throughput is one definition for every method (planner/cost.py): tokens/s with 8
+answers in flight, 1000 / max(the busiest stage or link per token, the way round / 8); a
+link's 2.1 ms a message is time in flight, not busy time (the paper's own DP still chooses by
+its definition, which counts it; its plan is then scored like every other). Writes
+docs/paper-profile.md and .json, the plot, and peers/paper-profile-llama2-7b-10mbps.json:
+the paper's slow-cloud case as an instance for `meshshard plan FILE --compare`.
 """
 
 from __future__ import annotations
@@ -106,8 +107,12 @@ def main() -> None:
         "Written by `python tools/paper_profile.py` from `peers/profiles/paper-llama2-7b.json`",
         "(the paper's Llama2-7B per-layer profile as a public reproduction publishes it). Every",
         "figure is **our cost model's prediction** on those inputs, not a measurement; the",
-        "paper's measured figures are not in these tables. Throughput is the paper's definition",
-        "for every method: 1000 / the slowest stage or hop (answers always waiting).",
+        "paper's measured figures are not in these tables. Throughput is one definition for",
+        "every method: tokens/s with 8 answers in flight, 1000 / max(B, L / 8), B the busiest",
+        "stage or link per token (a link's 2.1 ms a message is time in flight, not busy time),",
+        "L the way round ([planner.md](planner.md#cost-model)). Before issue 21 it was 1000 / the",
+        "slowest stage or hop, the delay counted in the hop: the rates into the cloud below",
+        "10 Mbit/s were then a little lower (10 Mbit/s: 9.57 instead of 9.77 tokens/s).",
         "",
         f"Check: the paper's latency DP at 10 Mbit/s, as the reproduction reports it, gives "
         f"{REPRODUCTION_10MBPS_MS} ms/token; ours of it gives {check['latency_ms']:.2f} "

@@ -38,6 +38,7 @@ from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
 from meshshard.mesh.seeds import Seeds
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
 from meshshard.planner.baselines import baseline
+from meshshard.planner.cost import SESSIONS, per_token_ms
 from meshshard.rounds import rounds
 from meshshard.types import Epoch, LinkStat, Member, NodeId, PlanRecord, Profile, State, UnitCost
 from meshshard.wire import Ack, ControlMessage, Nack, Ping, PingReq, Sync
@@ -649,7 +650,7 @@ def _worth_it(inst: Instance, current: PlanRecord, new: PlanRecord) -> bool:
     except InstanceError:
         return True  # the plan in force no longer fits (memory changed, member unusable)
     if current.objective == "throughput":
-        old, value = cost.bottleneck_ms, new.bottleneck_ms
+        old, value = cost.ms_per_token(), per_token_ms(new.bottleneck_ms, new.latency_ms, SESSIONS)
     else:
         old, value = cost.latency_ms, new.latency_ms
     return value < old * (1 - REPLAN_GAIN)

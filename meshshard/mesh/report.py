@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshshard.mesh.coordinator import mesh_instance
 from meshshard.planner import InstanceError, Stage, evaluate
+from meshshard.planner.cost import SESSIONS, per_token_ms
 from meshshard.planner.flow import flow_stages, latency_ms, tokens_per_s
 from meshshard.types import PlanRecord, Profile, State
 
@@ -114,7 +115,8 @@ def predicted_now(node: ControlNode, plan: PlanRecord | None) -> dict[str, Any] 
     return {
         "latency_ms": round(latency_ms(flow, back), 3),
         "bottleneck_ms": round(cost.bottleneck_ms, 3),
-        "tokens_per_s": round(1000 / cost.bottleneck_ms, 2) if cost.bottleneck_ms else 0.0,
+        "tokens_per_s": round(cost.tokens_per_s, 2),
+        "sessions": cost.sessions,
         "compute_ms": [round(x, 3) for x in cost.compute_ms],
         "overhead_ms": [round(s.overhead_ms, 3) for s in flow],
         "hop_ms": [round(x, 3) for x in cost.hop_ms],
@@ -131,7 +133,9 @@ def plan_json(plan: PlanRecord) -> dict[str, Any]:
         "stages": [{"device": s.device, "start": s.start, "end": s.end} for s in plan.stages],
         "latency_ms": round(plan.latency_ms, 3),
         "bottleneck_ms": round(plan.bottleneck_ms, 3),
-        "tokens_per_s": round(plan.tokens_per_s, 2),
+        "tokens_per_s": round(1000 / per_token_ms(plan.bottleneck_ms, plan.latency_ms, SESSIONS), 2)
+        if plan.bottleneck_ms
+        else 0.0,
         "reason": plan.reason,
         "left_out": dict(plan.left_out),
     }

@@ -35,7 +35,7 @@ def baseline(inst: Instance, name: str, objective: str = "latency") -> tuple[lis
     name = OLD_NAMES.get(name, name)
 
     def score(cost: Cost) -> float:
-        return cost.latency_ms if objective == "latency" else cost.bottleneck_ms
+        return cost.latency_ms if objective == "latency" else cost.ms_per_token()
 
     builders: dict[str, Callable[[Instance], list[Stage]]] = {
         "edge-solo": paper.edge_solo,

@@ -1,4 +1,15 @@
-"""The cost model of DESIGN.md: per-token latency and pipeline bottleneck of a plan."""
+"""The cost model of DESIGN.md: per-token latency and pipeline bottleneck of a plan, and the
+one throughput every part of the planner means: steady tokens/s with N answers in flight.
+
+A token of one answer goes round the whole chain: every stage's compute, every hop (its
+delay and its bytes at the link's rate) and the way back: the latency L. With N answers in
+flight the chain is a closed loop of N tokens; the busiest stage or link per token B (a
+stage's compute, or a frame's time on a link: a link's delay is not busy time, the next frame
+goes out behind it) caps the rate at 1/B, and the N tokens in the loop cap it at N/L. So
+rate(N) = 1 / max(B, L / N): exact for one answer and for deterministic times
+(`planner/flow.py` plays the chain out, with batching, and agrees where batching gains
+nothing).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,7 @@ from meshshard.planner.instance import Instance, InstanceError
 
 # Relative slack on memory checks, so prefix sums and plain sums agree on tight fits.
 MEM_SLACK = 1e-9
+SESSIONS = 8  # answers in flight that a throughput figure means, unless said otherwise
 
 
 def fits(need: float, mem: float) -> bool:
@@ -25,15 +37,26 @@ class Stage:
 
 @dataclass(frozen=True)
 class Cost:
-    latency_ms: float
-    bottleneck_ms: float
+    latency_ms: float  # one token's way round the chain
+    bottleneck_ms: float  # the busiest stage or link per token
     compute_ms: tuple[float, ...]  # per stage
-    hop_ms: tuple[float, ...]  # into each stage after the first
+    hop_ms: tuple[float, ...]  # into each stage after the first (delay + bytes)
     return_ms: float
+    sessions: int = SESSIONS  # answers in flight its throughput is for
+
+    def ms_per_token(self, sessions: int | None = None) -> float:
+        """The chain's time per token with `sessions` answers in flight (default: its own)."""
+        return per_token_ms(self.bottleneck_ms, self.latency_ms, sessions or self.sessions)
 
     @property
     def tokens_per_s(self) -> float:
-        return 1000.0 / self.bottleneck_ms if self.bottleneck_ms > 0 else float("inf")
+        ms = self.ms_per_token()
+        return 1000.0 / ms if ms > 0 else float("inf")
+
+
+def per_token_ms(bottleneck_ms: float, latency_ms: float, sessions: int) -> float:
+    """max(B, L / N): see the module's docstring."""
+    return max(bottleneck_ms, latency_ms / max(1, sessions))
 
 
 def check_plan(inst: Instance, stages: Sequence[Stage], allow_revisits: bool = False) -> None:
@@ -61,18 +84,25 @@ def check_plan(inst: Instance, stages: Sequence[Stage], allow_revisits: bool = F
             )
 
 
-def evaluate(inst: Instance, stages: Sequence[Stage], allow_revisits: bool = False) -> Cost:
+def evaluate(
+    inst: Instance,
+    stages: Sequence[Stage],
+    allow_revisits: bool = False,
+    sessions: int = SESSIONS,
+) -> Cost:
     check_plan(inst, stages, allow_revisits)
     compute = tuple(sum(inst.device(s.device).ms[s.start : s.end]) for s in stages)
-    hops = tuple(
-        inst.hop_ms(a.device, b.device, inst.units[b.start - 1].out_bytes)
-        for a, b in itertools.pairwise(stages)
-    )
-    ret = inst.hop_ms(stages[-1].device, inst.source, inst.return_bytes)
+    pairs = list(itertools.pairwise(stages))
+    sent = [inst.units[b.start - 1].out_bytes for _, b in pairs]
+    hops = tuple(inst.hop_ms(a.device, b.device, n) for (a, b), n in zip(pairs, sent, strict=True))
+    frames = [inst.frame_ms(a.device, b.device, n) for (a, b), n in zip(pairs, sent, strict=True)]
+    back = (stages[-1].device, inst.source, inst.return_bytes)
+    ret = inst.hop_ms(*back)
     return Cost(
         latency_ms=sum(compute) + sum(hops) + ret,
-        bottleneck_ms=max((*compute, *hops, ret)),
+        bottleneck_ms=max((*compute, *frames, inst.frame_ms(*back))),
         compute_ms=compute,
         hop_ms=hops,
         return_ms=ret,
+        sessions=sessions,
     )

@@ -5,8 +5,10 @@ Every transition adds one stage on an unused device of some group, so a device i
 most once and memory is checked per stage exactly (nothing is carried greedily). For each
 (used, last, next group) the transition is one vectorised min over (stage start, stage end).
 
-Throughput is solved lexicographically: the least bottleneck first, then the least latency
-among plans that reach it.
+Throughput, the steady rate with N answers in flight, is 1 / max(B, L / N) (`cost.py`): the
+busiest stage or link per token B, the way round L. Its best plan is the least-latency plan
+under some cap on B, the cap where the two bounds cross: the latency DP is run under caps
+found by bisection over the values B can take (L under a cap falls as the cap rises).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from meshshard.planner.cost import MEM_SLACK, Cost, Stage, evaluate
+from meshshard.planner.cost import MEM_SLACK, SESSIONS, Cost, Stage, evaluate
 from meshshard.planner.explain import left_out
 from meshshard.planner.groups import GroupModel, bucketed_groups, exact_groups, work
 from meshshard.planner.instance import Instance, InstanceError
@@ -42,7 +44,9 @@ class Plan:
     left_out: dict[str, str] = field(default_factory=dict)
 
     def value(self) -> float:
-        return self.cost.latency_ms if self.objective == "latency" else self.cost.bottleneck_ms
+        """What the objective minimises: ms per token of one answer, or of the chain with
+        its answers in flight."""
+        return self.cost.latency_ms if self.objective == "latency" else self.cost.ms_per_token()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -50,55 +54,121 @@ class Plan:
             "stages": [{"device": s.device, "start": s.start, "end": s.end} for s in self.stages],
             "latency_ms": round(self.cost.latency_ms, 4),
             "bottleneck_ms": round(self.cost.bottleneck_ms, 4),
-            "tokens_per_s": round(self.cost.tokens_per_s, 4),
+            "tokens_per_s": round(self.cost.tokens_per_s, 4),  # with cost.sessions in flight
         }
         if not self.exact:
             out["approximate"] = {"bound": round(self.bound, 4)}
         return out
 
 
-def solve(inst: Instance, objective: Objective = "latency", mode: Mode = "auto") -> Plan:
-    """The best plan for the objective, or InstanceError saying why there is none."""
+def solve(
+    inst: Instance,
+    objective: Objective = "latency",
+    mode: Mode = "auto",
+    sessions: int = SESSIONS,
+) -> Plan:
+    """The best plan for the objective (throughput: with `sessions` answers in flight), or
+    InstanceError saying why there is none."""
     if objective not in OBJECTIVES:
         raise InstanceError(f"unknown objective {objective!r} (latency or throughput)")
+    if sessions < 1:
+        raise InstanceError(f"sessions must be at least 1, got {sessions}")
     model = exact_groups(inst)
     if mode == "exact" or (mode == "auto" and work(model.counts) <= STATE_BUDGET):
-        return _solve_model(inst, model, objective)
-    return _approximate(inst, objective)
+        return _solve_model(inst, model, objective, sessions)
+    return _approximate(inst, objective, sessions)
 
 
-def _approximate(inst: Instance, objective: Objective) -> Plan:
+def _approximate(inst: Instance, objective: Objective, sessions: int) -> Plan:
     """Plan on pessimistic groups (the plan is real and no worse than predicted) and bound the
     optimum from below with optimistic ones: the ratio is the certified bound."""
     pessimistic, optimistic = bucketed_groups(inst, STATE_BUDGET)
-    floor = Table(optimistic, objective, cap=None).best()
-    if floor is None:
+    fastest = Table(optimistic, "latency", cap=None).best()
+    if fastest is None:
         raise InstanceError(_why_infeasible(inst))
+    floor = fastest[0]
+    if objective == "throughput":  # neither bound can beat its optimistic minimum
+        least = Table(optimistic, "throughput", cap=None).best()
+        assert least is not None
+        floor = max(least[0], floor / sessions)
     try:
-        plan = _solve_model(inst, pessimistic, objective)
+        plan = _solve_model(inst, pessimistic, objective, sessions)
     except InstanceError:
         raise InstanceError(
             "approximate mode found no plan (pessimistic grouping); try --mode exact"
         ) from None
-    bound = plan.value() / floor[0] if floor[0] > 0 else math.inf
+    bound = plan.value() / floor if floor > 0 else math.inf
     return replace(plan, exact=False, bound=max(bound, 1.0))
 
 
-def _solve_model(inst: Instance, model: GroupModel, objective: Objective) -> Plan:
-    first = table = Table(model, objective, cap=None)
-    best = table.best()
+def _solve_model(inst: Instance, model: GroupModel, objective: Objective, sessions: int) -> Plan:
+    first = Table(model, objective, cap=None)
+    best = first.best()
     if best is None:
         raise InstanceError(_why_infeasible(inst))
     if objective == "throughput":
-        bottleneck = best[0]
-        # Among plans with that bottleneck, the least latency.
-        table = Table(model, "latency", cap=bottleneck * (1 + 1e-9) + 1e-12)
-        best = table.best()
-        assert best is not None
-    stages = assign(model, table.stages(best))
-    cost = evaluate(inst, stages)
+        stages = _best_rate(inst, model, best[0], sessions)
+    else:
+        stages = assign(model, first.stages(best))
+    cost = evaluate(inst, stages, sessions=sessions)
     reasons = left_out(inst, model, first, stages, cost, objective)
     return Plan(objective, tuple(stages), cost, left_out=reasons)
+
+
+def _best_rate(inst: Instance, model: GroupModel, least: float, sessions: int) -> list[Stage]:
+    """The plan of the highest rate with `sessions` answers in flight: the least-latency plan
+    under the cap where B and L / N cross (or one cap below it), among the values B can take.
+    The crossing lies between the least latency / N and the latency under the least
+    bottleneck / N, which keeps the bisection short."""
+
+    def least_latency(cap: float | None) -> tuple[list[Stage], Cost]:
+        table = Table(model, "latency", cap=None if cap is None else cap * (1 + 1e-9) + 1e-12)
+        best = table.best()
+        assert best is not None  # the least bottleneck's plan is under every cap
+        stages = assign(model, table.stages(best))
+        return stages, evaluate(inst, stages, sessions=sessions)
+
+    tightest = least_latency(least)
+    if tightest[1].latency_ms / sessions <= least:
+        return tightest[0]  # the busiest stage limits, and nothing beats the least one
+    fastest = least_latency(None)
+    if fastest[1].bottleneck_ms <= least * (1 + 1e-9):
+        return fastest[0]
+    # Caps below L_min / N cannot be the crossing (L >= L_min there), nor caps above both
+    # the fastest plan's own bottleneck and L(least) / N; keep one cap on either side.
+    caps = bottleneck_values(model, least)
+    low = max(least, fastest[1].latency_ms / sessions)
+    high = min(fastest[1].bottleneck_ms, tightest[1].latency_ms / sessions)
+    first = max(int(np.searchsorted(caps, low * (1 - 1e-9))) - 1, 0)
+    last = min(int(np.searchsorted(caps, high * (1 + 1e-9))), len(caps) - 1)
+    plans: dict[int, tuple[list[Stage], Cost]] = {}
+
+    def under(i: int) -> tuple[list[Stage], Cost]:
+        if i not in plans:
+            plans[i] = least_latency(float(caps[i]))
+        return plans[i]
+
+    lo, hi = first, last  # the first cap whose least latency L has L / N <= cap
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if under(mid)[1].latency_ms / sessions <= caps[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    tried = [tightest, fastest, *(under(i) for i in {max(lo - 1, first), lo})]
+    stages, _ = min(tried, key=lambda p: (p[1].ms_per_token(), p[1].latency_ms))
+    return stages
+
+
+def bottleneck_values(model: GroupModel, least: float) -> NDArray[np.float64]:
+    """Every value a plan's bottleneck can take, from `least` up, sorted: a stage's compute
+    (any unit range on any group) or a frame's time on any link, the token's return too."""
+    values = [c[None, :] - c[:, None] for c in model.cum_ms]
+    bytes_before = np.concatenate([[0.0], model.out_bytes, [model.return_bytes]])
+    values.append(bytes_before[None, None, :] * 8 / (model.link_mbps[:, :, None] * 1000))
+    flat = np.concatenate([v.ravel() for v in values])
+    keep = flat[np.isfinite(flat) & (flat >= least * (1 - 1e-9))]
+    return np.unique(np.append(keep, least))
 
 
 def assign(model: GroupModel, group_stages: list[tuple[int, int, int]]) -> list[Stage]:
@@ -139,15 +209,16 @@ class Table:
             s = c[None, :] - c[:, None]
             ok = later & (span_mem <= model.mem[g] * (1 + MEM_SLACK)) & (s <= limit)
             spans.append(np.where(ok, s, inf))
+        # A hop's delay adds to the latency; only its frame's time keeps the link busy, so
+        # only that counts toward a bottleneck (and is held to the cap).
         bytes_before = np.concatenate([[0.0], model.out_bytes])  # activation into a stage at j
-        hops = model.link_ms[:, :, None] + bytes_before[None, None, :] * 8 / (
-            model.link_mbps[:, :, None] * 1000
-        )
-        hops = np.where(hops <= limit, hops, inf)
+        frames = bytes_before[None, None, :] * 8 / (model.link_mbps[:, :, None] * 1000)
+        hops = np.where(frames <= limit, model.link_ms[:, :, None] + frames if add else frames, inf)
         hops[:, :, 0] = inf
-        ret = model.link_ms[:, 0] + model.return_bytes * 8 / (model.link_mbps[:, 0] * 1000)
-        ret[0] = 0.0
-        self.ret = np.where(ret <= limit, ret, inf)
+        ret_frame = model.return_bytes * 8 / (model.link_mbps[:, 0] * 1000)
+        ret = model.link_ms[:, 0] + ret_frame if add else ret_frame
+        ret[0] = ret_frame[0] = 0.0
+        self.ret = np.where(ret_frame <= limit, ret, inf)
 
         start = self.strides[0]  # the source alone
         self.f[start, 0] = spans[0][0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-from meshshard.planner.cost import Cost, Stage, evaluate
+from meshshard.planner.cost import SESSIONS, Cost, Stage, evaluate
 from meshshard.planner.instance import Instance, InstanceError
 
 
@@ -27,10 +27,11 @@ def all_plans(inst: Instance) -> Iterator[tuple[list[Stage], Cost]]:
                     continue
 
 
-def best_value(inst: Instance, objective: str) -> float | None:
-    """The optimum of the objective, or None when no plan is valid."""
+def best_value(inst: Instance, objective: str, sessions: int = SESSIONS) -> float | None:
+    """The optimum of the objective (ms per token; throughput: of the chain with `sessions`
+    answers in flight), or None when no plan is valid."""
     values = [
-        cost.latency_ms if objective == "latency" else cost.bottleneck_ms
+        cost.latency_ms if objective == "latency" else cost.ms_per_token(sessions)
         for _, cost in all_plans(inst)
     ]
     return min(values) if values else None

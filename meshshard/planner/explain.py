@@ -70,17 +70,26 @@ def _compare(
     link = inst.link(neighbour, newcomer.device)
     link_text = f"{link.mbps:g} Mbit/s, {link.ms:g} ms"
     if objective == "throughput":
-        if alt_cost.bottleneck_ms - cost.bottleneck_ms <= _TIE_MS:
-            return "not needed: the bottleneck is the same without it"
-        hop_in = alt_cost.hop_ms[i - 1]
-        if hop_in >= alt_cost.bottleneck_ms - _TIE_MS:
+        n = cost.sessions
+        now, with_it = cost.ms_per_token(), alt_cost.ms_per_token(n)
+        if with_it - now <= _TIE_MS:
+            return f"not needed: {n} answers in flight go as fast without it"
+        if alt_cost.latency_ms / n > alt_cost.bottleneck_ms:
+            return (
+                f"with it a token's way round would take {alt_cost.latency_ms:.2f} ms: "
+                f"{n} answers in flight would reach {1000 / with_it:.2f} tokens/s, "
+                f"not {1000 / now:.2f}"
+            )
+        sent = inst.units[newcomer.start - 1].out_bytes
+        frame = inst.frame_ms(neighbour, newcomer.device, sent)
+        if frame >= alt_cost.bottleneck_ms - _TIE_MS:
             return (
                 f"its link ({link_text}) would be the bottleneck: "
-                f"{hop_in:.2f} ms per token vs {cost.bottleneck_ms:.2f} ms now"
+                f"{frame:.2f} ms per token vs {now:.2f} ms now"
             )
         return (
-            f"with it the bottleneck would be {alt_cost.bottleneck_ms:.2f} ms, "
-            f"not {cost.bottleneck_ms:.2f} ms"
+            f"with it the bottleneck would be {alt_cost.bottleneck_ms:.2f} ms per token, "
+            f"not {now:.2f} ms"
         )
     if alt_cost.latency_ms - cost.latency_ms <= _TIE_MS:
         return "not needed: latency is the same without it"

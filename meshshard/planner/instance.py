@@ -38,7 +38,12 @@ class Link:
     ms: float  # per-message latency
 
     def hop_ms(self, nbytes: float) -> float:
-        return self.ms + nbytes * 8 / (self.mbps * 1000)
+        """A message's time from send to arrival: its delay, then its bytes at the rate."""
+        return self.ms + self.frame_ms(nbytes)
+
+    def frame_ms(self, nbytes: float) -> float:
+        """How long a message occupies the link (the delay overlaps the next message)."""
+        return nbytes * 8 / (self.mbps * 1000)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,10 @@ class Instance:
     def hop_ms(self, a: str, b: str, nbytes: float) -> float:
         """Time to move nbytes from a to b; nothing moves within one device."""
         return 0.0 if a == b else self.link(a, b).hop_ms(nbytes)
+
+    def frame_ms(self, a: str, b: str, nbytes: float) -> float:
+        """How long moving nbytes from a to b keeps the link busy."""
+        return 0.0 if a == b else self.link(a, b).frame_ms(nbytes)
 
     def cloud(self) -> Device:
         """The paper's cloud server: the device marked `"role": "cloud"`, else the fastest

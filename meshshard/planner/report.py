@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from meshshard.planner.baselines import BASELINES, baseline
-from meshshard.planner.cost import Cost, Stage
+from meshshard.planner.cost import SESSIONS, Cost, Stage
 from meshshard.planner.dp import OBJECTIVES, Plan, solve
 from meshshard.planner.instance import Instance, InstanceError
 
@@ -34,7 +34,8 @@ def plan_table(inst: Instance, plan: Plan) -> str:
     quality = "exact" if plan.exact else f"approximate, within {plan.bound:.3f}x of optimal"
     lines.append(
         f"objective {plan.objective} ({quality}): latency {plan.cost.latency_ms:.2f} ms/token, "
-        f"bottleneck {plan.cost.bottleneck_ms:.2f} ms, {plan.cost.tokens_per_s:.2f} tokens/s"
+        f"bottleneck {plan.cost.bottleneck_ms:.2f} ms, {plan.cost.tokens_per_s:.2f} tokens/s "
+        f"with {plan.cost.sessions} answers in flight"
     )
     if plan.left_out:
         lines.append("left out:")
@@ -69,7 +70,9 @@ def comparison_table(inst: Instance) -> str:
     rows = comparison(inst)
     best_latency = min((c.latency_ms for _, c, _ in rows if c), default=None)
     best_rate = max((c.tokens_per_s for _, c, _ in rows if c), default=None)
-    table = [("method", "latency ms", "vs best", "tokens/s", "vs best", "note")]
+    sessions = next((c.sessions for _, c, _ in rows if c), SESSIONS)
+    rate = f"tokens/s ({sessions} in flight)"
+    table = [("method", "latency ms", "vs best", rate, "vs best", "note")]
     for name, cost, note in rows:
         if cost is None or best_latency is None or best_rate is None:
             table.append((name, "-", "", "-", "", note))
