@@ -94,14 +94,23 @@ def mesh_instance(
     live = [m.id for m in members if m.serving and _usable(profiles.get(m.id), model, len(units))]
     if source not in live:
         raise InstanceError(f"the source {source} has no usable profile yet")
-    pairs = []
+    # A member's estimate of its link to another is what it moved *from* that member: the
+    # rate from b to a is a's estimate of b. Rates go per direction (uplinks and downlinks
+    # differ); a round trip is one for both, its half each way.
+    pairs, directed = [], []
     for i, a in enumerate(live):
         for b in live[i + 1 :]:
-            stats = [s for s in (profiles[a].links.get(b), profiles[b].links.get(a)) if s]
-            if stats:
-                mbps = sum(s.mbps for s in stats) / len(stats)
-                rtt = sum(s.rtt_ms for s in stats) / len(stats)
-                pairs.append((a, b, Link(mbps=max(mbps, 1e-3), ms=rtt / 2)))
+            a_of_b, b_of_a = profiles[a].links.get(b), profiles[b].links.get(a)
+            stats = [s for s in (a_of_b, b_of_a) if s]
+            if not stats:
+                continue
+            mbps = sum(s.mbps for s in stats) / len(stats)
+            half = sum(s.rtt_ms for s in stats) / len(stats) / 2
+            pairs.append((a, b, Link(mbps=max(mbps, 1e-3), ms=half)))
+            if a_of_b is not None:
+                directed.append((b, a, Link(mbps=max(a_of_b.mbps, 1e-3), ms=half)))
+            if b_of_a is not None:
+                directed.append((a, b, Link(mbps=max(b_of_a.mbps, 1e-3), ms=half)))
     return build_instance(
         units,
         [(n, profiles[n].mem, profiles[n].unit_ms, profiles[n].device) for n in live],
@@ -109,6 +118,7 @@ def mesh_instance(
         context_tokens=context_tokens,
         default_link=UNMEASURED,
         pairs=pairs,
+        directed=directed,
     )
 
 

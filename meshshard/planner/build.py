@@ -28,6 +28,7 @@ def build_instance(
     context_tokens: int,
     default_link: Link,
     pairs: Sequence[tuple[str, str, Link]] = (),
+    directed: Sequence[tuple[str, str, Link]] = (),
 ) -> Instance:
     """Unit memory = weights + KV cache for `context_tokens`; activations are one token's."""
     if context_tokens < 0:
@@ -46,4 +47,5 @@ def build_instance(
         pairs=tuple(pairs),
         source=source,
         return_bytes=4,
+        directed=tuple(directed),
     )

@@ -119,10 +119,13 @@ def _identical(inst: Instance, group: list[str], name: str) -> bool:
     rep, dev = inst.device(group[0]), inst.device(name)
     if rep.mem != dev.mem or rep.ms != dev.ms:
         return False
-    if len(group) > 1 and inst.link(name, rep.name) != inst.link(group[1], rep.name):
+    # Within a group every link, either way, is the same one.
+    inner = inst.link(group[1], rep.name) if len(group) > 1 else inst.link(name, rep.name)
+    if any(inst.link(name, m) != inner or inst.link(m, name) != inner for m in group):
         return False
     return all(
         inst.link(name, o.name) == inst.link(rep.name, o.name)
+        and inst.link(o.name, name) == inst.link(o.name, rep.name)
         for o in inst.devices
         if o.name not in (name, rep.name)
     )

@@ -51,13 +51,16 @@ class Instance:
     units: tuple[Unit, ...]
     devices: tuple[Device, ...]
     default_link: Link
-    pairs: tuple[tuple[str, str, Link], ...]
+    pairs: tuple[tuple[str, str, Link], ...]  # both ways
     source: str
     return_bytes: float = 4.0
+    # One way, from the first to the second, over what `pairs` says of the two.
+    directed: tuple[tuple[str, str, Link], ...] = ()
 
     def __post_init__(self) -> None:
         _check_instance(self)
-        links = {frozenset((a, b)): link for a, b, link in self.pairs}
+        links: dict[object, Link] = {frozenset((a, b)): link for a, b, link in self.pairs}
+        links |= {(a, b): link for a, b, link in self.directed}
         object.__setattr__(self, "_links", links)
         object.__setattr__(self, "_devices", {d.name: d for d in self.devices})
 
@@ -76,7 +79,9 @@ class Instance:
         return [d.name for d in self.devices].index(name)
 
     def link(self, a: str, b: str) -> Link:
-        link: Link = self.__dict__["_links"].get(frozenset((a, b)), self.default_link)
+        """The link from a to b: its own direction's, else the pair's, else the default."""
+        links = self.__dict__["_links"]
+        link: Link = links.get((a, b)) or links.get(frozenset((a, b)), self.default_link)
         return link
 
     def hop_ms(self, a: str, b: str, nbytes: float) -> float:
@@ -97,13 +102,18 @@ class Instance:
         return min(others, key=lambda d: (sum(d.ms), d.name))
 
     def to_json(self) -> dict[str, Any]:
+        links: dict[str, Any] = {
+            "default": {"mbps": self.default_link.mbps, "ms": self.default_link.ms},
+            "pairs": [{"a": a, "b": b, "mbps": k.mbps, "ms": k.ms} for a, b, k in self.pairs],
+        }
+        if self.directed:
+            links["directed"] = [
+                {"from": a, "to": b, "mbps": k.mbps, "ms": k.ms} for a, b, k in self.directed
+            ]
         return {
             "units": [{"name": u.name, "mem": u.mem, "out_bytes": u.out_bytes} for u in self.units],
             "devices": [_device_json(d) for d in self.devices],
-            "links": {
-                "default": {"mbps": self.default_link.mbps, "ms": self.default_link.ms},
-                "pairs": [{"a": a, "b": b, "mbps": k.mbps, "ms": k.ms} for a, b, k in self.pairs],
-            },
+            "links": links,
             "source": self.source,
             "return_bytes": self.return_bytes,
         }
@@ -149,9 +159,19 @@ def parse_instance(data: Any) -> Instance:
                 _link(pm, f"links.pairs[{i}]"),
             )
         )
+    directed = []
+    for i, p in enumerate(_list(links.get("directed", []), "links.directed", allow_empty=True)):
+        pm = _mapping(p, f"links.directed[{i}]")
+        directed.append(
+            (
+                _str(pm.get("from"), f"links.directed[{i}].from"),
+                _str(pm.get("to"), f"links.directed[{i}].to"),
+                _link(pm, f"links.directed[{i}]"),
+            )
+        )
     source = _str(obj.get("source"), "source")
     return_bytes = _number(obj.get("return_bytes", 4), "return_bytes")
-    return Instance(units, devices, default, tuple(pairs), source, return_bytes)
+    return Instance(units, devices, default, tuple(pairs), source, return_bytes, tuple(directed))
 
 
 def _check_instance(inst: Instance) -> None:
@@ -170,7 +190,7 @@ def _check_instance(inst: Instance) -> None:
             )
     if inst.source not in names:
         raise InstanceError(f"unknown source {inst.source!r} (devices: {', '.join(names[:5])})")
-    for a, b, _ in inst.pairs:
+    for a, b, _ in (*inst.pairs, *inst.directed):
         for end in (a, b):
             if end not in names:
                 raise InstanceError(f"link names unknown device {end!r}")

@@ -50,10 +50,15 @@ def instances(draw: st.DrawFn) -> Instance:
                     draw(st.sampled_from([0.1, 5.0, 100.0])), draw(st.sampled_from([0.0, 2.0, 9.0]))
                 )
                 pairs.append((names[a], names[b], link))
+    directed = []  # some links differ one way (an uplink slower than its downlink)
+    for a in range(count):
+        for b in range(count):
+            if a != b and draw(st.integers(0, 5)) == 0:
+                link = Link(draw(st.sampled_from([0.1, 5.0, 100.0])), 1.0)
+                directed.append((names[a], names[b], link))
     source = draw(st.sampled_from(names))
-    return Instance(
-        units, devices, default, tuple(pairs), source, draw(st.sampled_from([0.0, 4.0, 1e4]))
-    )
+    return_bytes = draw(st.sampled_from([0.0, 4.0, 1e4]))
+    return Instance(units, devices, default, tuple(pairs), source, return_bytes, tuple(directed))
 
 
 def brute_force(inst: Instance, objective: str) -> tuple[float, float] | None:
