@@ -128,7 +128,12 @@ def test_answer_survives_a_stage_killed_mid_generation(
     assert after is not None
     assert victim.name not in {s["device"] for s in after["plan"]["stages"]}
     assert after["plan"]["epoch"][0] > plan["epoch"][0]
-    assert after["origin"]["replays"] >= 1 and after["origin"]["sessions"] == 0
+    assert after["origin"]["sessions"] == 0
+    # Its cache died with it and was fed again; unless its stage held no decoder layer (the
+    # planner may give the first stage the embedding alone): then the others' caches move.
+    gone, units = plan["stages"][victim_index], plan["stages"][-1]["end"]
+    kv_lost = gone["start"] < units - 1 and gone["end"] > 1
+    assert after["origin"]["replays" if kv_lost else "handoffs"] >= 1, after["origin"]
     if victim_index == 0:  # a new coordinator, elected from the survivors
         assert after["coordinator"] != victim.name
         assert after["plan"]["epoch"][1] == after["coordinator"]
