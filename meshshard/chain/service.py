@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # Links to other peers, made once the service runs, from where frames that arrive go, who
 # hears of peers lost and heard from, the task group, and what counts refused ones.
 Connect = Callable[[Dispatch, LinkWatch, asyncio.TaskGroup, Refusals], DataLinks]
+LOCAL_FRAMES = 64  # frames to ourselves in flight before the sender waits, as a socket's buffers
 
 
 class ChainService:
@@ -60,6 +61,7 @@ class ChainService:
         self.stats = ChainStats()
         self.refusals = Refusals()
         self.pulse = Pulse()  # fires on any change either side may wait for
+        self._local: asyncio.Queue[DataFrame] = asyncio.Queue(LOCAL_FRAMES)
         self.follower = PlanFollower(
             control, model_dir, placement, spec, memory, self._send, self._tell, events,
             self.stats, self.pulse, clock, timings,
@@ -92,6 +94,7 @@ class ChainService:
                 tg.create_task(self.follower.follow(tg)),
                 tg.create_task(sweep),
                 tg.create_task(self._relay()),
+                tg.create_task(self._loopback()),
             ]
             try:
                 await asyncio.Event().wait()  # until cancelled
@@ -141,8 +144,22 @@ class ChainService:
                 self.origin.deliver(frame)
 
     async def _send(self, addr: str, frame: DataFrame) -> None:
+        if addr == self.control.address:
+            # To ourselves (an origin that is also the first or last stage): in order and
+            # with backpressure, as a socket would, but never sealed, sent or decoded.
+            await self._local.put(frame)
+            return
         assert self._links is not None
         await self._links.send(addr, frame)
+
+    async def _loopback(self) -> None:
+        while True:
+            frame = await self._local.get()
+            try:
+                await self.handle_frame(frame)
+            except Exception:  # a bug must cost this frame, not the peer (as on a socket)
+                logger.exception("a frame to ourselves failed")
+                self.loop_errors["loopback"] += 1
 
     async def _tell(self, addr: str, frame: DataFrame) -> None:
         """Send, where a failure is only the receiver's loss (an origin gone, say)."""

@@ -277,3 +277,19 @@ async def test_speculation_changes_no_token(
         plan = await three_stages(plain, "abc")
         origin = plan.stages[0].device
         assert sampled == [await seeded(plain, origin, p, 40) for p in PROMPTS]
+
+
+async def test_frames_to_oneself_never_touch_the_network(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    """The origin is the first stage here: its steps to itself and the drops at the end go
+    straight to its own service, in order, and the answer is unchanged."""
+    async with SimMesh(model, memory) as mesh:
+        plan = await three_stages(mesh, "abc")
+        origin = mesh.peers[plan.stages[0].device]
+        got: list[int] = []
+        await answer(mesh, origin.name, PROMPTS[3], 24, got)
+        assert got == reference(PROMPTS[3], 24)
+        sent = origin.service.sent_bytes()
+        assert sent.get(origin.addr, 0) == 0 and sum(sent.values()) > 0
+        await until(mesh.idle, 5, "every cache freed, its own too")
