@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 import urllib.error
@@ -137,6 +138,27 @@ def test_answer_survives_a_stage_killed_mid_generation(
     if victim_index == 0:  # a new coordinator, elected from the survivors
         assert after["coordinator"] != victim.name
         assert after["plan"]["epoch"][1] == after["coordinator"]
+
+
+def test_answer_survives_a_stage_frozen_mid_generation(peers: list[Peer], reference: str) -> None:
+    """SIGSTOP of the middle stage: no socket closes, nothing answers. Only SWIM's suspicion
+    (confirmed by the other peers) finds it; the answer then goes on, identical."""
+    status = peers[0].status()
+    assert status is not None
+    plan = status["plan"]
+    by_name = {p.name: p for p in peers}
+    victim, origin = (by_name[plan["stages"][i]["device"]] for i in (1, 0))
+    answer = Answer(origin)
+    answer.wait_for_tokens(10, "the freeze")
+    victim.signal(signal.SIGSTOP)
+    try:
+        assert answer.finish() == reference
+        after = origin.status()
+        assert after is not None
+        assert victim.name not in {s["device"] for s in after["plan"]["stages"]}
+        assert any(m["id"] == victim.name and m["state"] == "dead" for m in after["members"])
+    finally:
+        victim.kill()
 
 
 def test_graceful_leave_hands_over_without_replaying(peers: list[Peer]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -315,3 +316,26 @@ def test_throughput_plans_for_the_answers_in_flight(
     assert plan.cost.sessions == sessions
     best = min(c.ms_per_token(sessions) for _, c in all_plans(far_cloud(delay_ms)))
     assert plan.value() == pytest.approx(best)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_eight_distinct_devices_are_planned_exactly(seed: int, objective: str) -> None:
+    """No two devices alike (measured profiles never are): the DP is still exact, checked
+    against every plan there is."""
+    rng = random.Random(seed)
+    units = tuple(Unit(f"U{i}", rng.choice([1.0, 2.0]), rng.choice([1e3, 1e5])) for i in range(6))
+    devices = tuple(
+        Device(f"d{i}", rng.uniform(2.0, 8.0), tuple(rng.uniform(0.5, 5.0) for _ in units))
+        for i in range(8)
+    )
+    pairs = tuple(
+        (f"d{a}", f"d{b}", Link(rng.choice([5.0, 50.0, 500.0]), rng.uniform(0.0, 3.0)))
+        for a in range(8)
+        for b in range(a + 1, 8)
+    )
+    inst = Instance(units, devices, Link(100.0, 1.0), pairs, "d0")
+    plan = solve(inst, objective, mode="auto")  # type: ignore[arg-type]
+    want = brute_force(inst, objective)
+    assert want is not None and plan.exact
+    assert plan.value() == pytest.approx(want[0], rel=1e-9)
