@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import testbed  # noqa: E402
 
-DEAD = re.compile(r"\] (\S+) (?:alive|suspect) -> dead")
+DEAD = re.compile(r"\] (\S+) (?:alive|suspect) -> dead \(inc (\d+)\)")
 SUSPECT = re.compile(r"\] (\S+) alive -> suspect")
 PROMPTS = [
     "Tell me a long story about a lighthouse keeper and a storm.",
@@ -94,19 +94,21 @@ def main() -> None:
     deaths = [f"{host}: {line}" for host, text in logs.items()
               for line in text.splitlines() if DEAD.search(line)]  # fmt: skip
     suspicions = sum(len(SUSPECT.findall(text)) for text in logs.values())
+    # One death, as each peer's log tells it: a member at one incarnation.
+    distinct = {m.groups() for line in deaths if (m := DEAD.search(line))}
     result = {
         "testbed": tb.name,
         "minutes": round(minutes, 1),
         "answers": answers,
         "failed_answers": failed,
         "plan_changes": changes,
-        "false_deaths": len(deaths),
+        "false_deaths": len(distinct),
         "death_lines": deaths,
         "suspicions": suspicions,
     }
     print(f"{tb.name}: {minutes:.1f} min, {answers} answers ({len(failed)} failed), "
           f"{len(changes)} forced plan changes, {suspicions} suspicions, "
-          f"{len(deaths)} false deaths")  # fmt: skip
+          f"{len(distinct)} false deaths ({len(deaths)} log lines)")  # fmt: skip
     for line in deaths:
         print("  " + line)
     if args.json:
