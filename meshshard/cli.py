@@ -405,7 +405,7 @@ def _bytes_option(value: str | None) -> float | None:
 )
 @click.option(
     "--speculate",
-    default=8,
+    default=Config.speculate,
     show_default=True,
     type=click.IntRange(0, 16),
     envvar="MESHSHARD_SPECULATE",

@@ -68,7 +68,6 @@ class Speculator:
     k: int = 2
     rate: float = 1.0  # moving average of the share of drafted tokens confirmed
     paused: int = 0  # plain passes left before drafting again
-    passes: int = 0
     drafted: int = 0
     kept: int = 0
 
@@ -84,7 +83,6 @@ class Speculator:
 
     def passed(self, drafted: int, kept: int) -> None:
         """A pass came back: `kept` of its `drafted` tokens were confirmed."""
-        self.passes += 1
         if not drafted:
             return
         self.drafted += drafted

@@ -149,29 +149,24 @@ def parse_instance(data: Any) -> Instance:
     devices = tuple(_device(d, i) for i, d in enumerate(_list(obj.get("devices"), "devices")))
     links = _mapping(obj.get("links", {}), "links")
     default = _link(links.get("default", {"mbps": 1000.0, "ms": 0.0}), "links.default")
-    pairs = []
-    for i, p in enumerate(_list(links.get("pairs", []), "links.pairs", allow_empty=True)):
-        pm = _mapping(p, f"links.pairs[{i}]")
-        pairs.append(
-            (
-                _str(pm.get("a"), f"links.pairs[{i}].a"),
-                _str(pm.get("b"), f"links.pairs[{i}].b"),
-                _link(pm, f"links.pairs[{i}]"),
-            )
-        )
-    directed = []
-    for i, p in enumerate(_list(links.get("directed", []), "links.directed", allow_empty=True)):
-        pm = _mapping(p, f"links.directed[{i}]")
-        directed.append(
-            (
-                _str(pm.get("from"), f"links.directed[{i}].from"),
-                _str(pm.get("to"), f"links.directed[{i}].to"),
-                _link(pm, f"links.directed[{i}]"),
-            )
-        )
+    pairs = _named_links(links, "pairs", ("a", "b"))
+    directed = _named_links(links, "directed", ("from", "to"))
     source = _str(obj.get("source"), "source")
     return_bytes = _number(obj.get("return_bytes", 4), "return_bytes")
-    return Instance(units, devices, default, tuple(pairs), source, return_bytes, tuple(directed))
+    return Instance(units, devices, default, pairs, source, return_bytes, directed)
+
+
+def _named_links(
+    links: dict[str, Any], key: str, ends: tuple[str, str]
+) -> tuple[tuple[str, str, Link], ...]:
+    """links[key]: a list of links, each naming its two ends under `ends`."""
+    out = []
+    for i, p in enumerate(_list(links.get(key, []), f"links.{key}", allow_empty=True)):
+        what = f"links.{key}[{i}]"
+        pm = _mapping(p, what)
+        a, b = (_str(pm.get(end), f"{what}.{end}") for end in ends)
+        out.append((a, b, _link(pm, what)))
+    return tuple(out)
 
 
 def _check_instance(inst: Instance) -> None:

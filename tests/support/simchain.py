@@ -130,7 +130,7 @@ class SimMesh:
         timings: Timings = SIM_TIMINGS,
         seed: int = 0,
         placement: Placement = CPU,
-        speculate: int = Config().speculate,
+        speculate: int = Config.speculate,
     ) -> None:
         self.model_dir, self.memory, self.timings = model_dir, memory, timings
         self.speculate = speculate
