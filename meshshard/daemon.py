@@ -49,6 +49,7 @@ from meshshard.metrics import Metrics
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
 from meshshard.model.device import Placement, offered_memory
 from meshshard.model.source import resolve_model
+from meshshard.planner.flow import PLAIN, Speculation
 from meshshard.progress import progress
 from meshshard.rounds import rounds
 from meshshard.security import Keyring, Sealer
@@ -257,7 +258,8 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """The status object of `GET /status`, the dashboard and `meshshard status`."""
         assert self.node is not None
-        status = report.status(self.node)
+        spec = Speculation(*self.service.stats.per_pass()) if self.service else PLAIN
+        status = report.status(self.node, spec)
         status |= {
             "version": __version__,
             "model": self.node.model,

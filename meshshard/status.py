@@ -69,9 +69,15 @@ def render_status(data: dict[str, Any]) -> str:
             )
         spec = (data.get("origin") or {}).get("speculation") or {}
         if spec.get("drafted"):
+            priced = (data.get("predicted_now") or {}).get("speculating") or {}
             lines.append(
                 f"speculation: {spec['tokens_per_pass']:.2f} tokens per pass "
                 f"({spec['kept']} of {spec['drafted']} drafted tokens kept)"
+                + (
+                    f"; predicted {priced['tokens_per_s']:.1f} tokens/s for one answer at that"
+                    if priced
+                    else ""
+                )
             )
         for node, why in (data.get("idle") or {}).items():
             lines.append(click.style(f"left out {node}: {why}", fg="yellow"))

@@ -1,6 +1,7 @@
 """Speculative decoding through the chain: decode tokens/s with and without drafts, one run.
 
     python tools/bench_spec.py [--tokens 96] [--repeats 3] [--no-testbed]
+    python tools/bench_spec.py --concurrent 8 [--tokens 96] [--repeats 3]
 
 Three real `meshshard up` peers on loopback (300 MB each, one thread: a 3-stage chain), once
 with `--speculate 8` (the default) and once with `--speculate 0`; then the edge-cloud
@@ -9,6 +10,11 @@ or edit a given text) and free-form ones, greedy: the answers must be the same b
 Decode tokens/s after the first token as each answer reports it, median of the repeats per
 prompt, then the median over a kind's prompts. Every run goes to
 docs/benchmarks/speculation.json; the table and docs/benchmarks/speculation.png are made from it.
+
+With --concurrent N: the loopback mesh only, N answers at once (a kind's prompts in turn),
+where stages batch sessions and verify their drafts in shared passes; aggregate tokens/s (all
+answers' tokens over the wall time from the first request to the last answer), every round
+in docs/benchmarks/speculation-concurrent.json.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +88,36 @@ def runs(ask: Ask, stats: Stats, tokens: int, repeats: int) -> list[dict[str, An
     return out
 
 
-def loopback(speculate: int, tokens: int, repeats: int, logs: Path) -> list[dict[str, Any]]:
+def concurrent(ask: Ask, stats: Stats, n: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
+    """Rounds of n answers at once per kind: aggregate tokens/s, and every answer."""
+    ask(PROMPTS["free"][0], 4)  # warm-up
+    out = []
+    for kind, prompts in PROMPTS.items():
+        for r in range(repeats):
+            before = stats()
+            started = time.perf_counter()
+            asked = [prompts[i % len(prompts)] for i in range(n)]
+            with ThreadPoolExecutor(n) as pool:
+                answers = list(pool.map(lambda p: ask(p, tokens), asked))
+            wall = time.perf_counter() - started
+            after = stats()
+            total = sum(a["completion_tokens"] for a in answers)
+            out.append(
+                {
+                    "kind": kind,
+                    "repeat": r,
+                    "tokens_per_s": total / wall,
+                    "answers": [a["answer"] for a in answers],
+                    "passes": after["passes"] - before["passes"],
+                    "kept": after["kept"] - before["kept"],
+                }
+            )
+    return out
+
+
+def loopback(
+    speculate: int, logs: Path, measure: Callable[[Ask, Stats], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
     procs = [
         Peer(f"spec-{i}", 7700 + i, logs, "--memory", "300MB", "--threads", "1",
              "--speculate", str(speculate)).start()
@@ -96,8 +132,7 @@ def loopback(speculate: int, tokens: int, repeats: int, logs: Path) -> list[dict
 
         wait_for(ready, 180, "a 3-stage chain", 0.2)
         time.sleep(2)  # start-up replans settle
-        return runs(lambda p, n: http_ask(first.url, p, n), lambda: spec_stats(first.status()),
-                    tokens, repeats)  # fmt: skip
+        return measure(lambda p, n: http_ask(first.url, p, n), lambda: spec_stats(first.status()))
     finally:
         for p in procs:
             p.kill()
@@ -169,12 +204,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-testbed", action="store_true", help="Loopback only (no root).")
+    parser.add_argument("--concurrent", type=int, default=0, help="Answers at once (loopback).")
     args = parser.parse_args()
+    if args.concurrent:
+        return at_once(args.concurrent, args.tokens, args.repeats)
     setups: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+    def measure(ask: Ask, stats: Stats) -> list[dict[str, Any]]:
+        return runs(ask, stats, args.tokens, args.repeats)
+
     with tempfile.TemporaryDirectory() as logs:
         setups["3 peers, loopback"] = {
-            "on": loopback(8, args.tokens, args.repeats, Path(logs)),
-            "off": loopback(0, args.tokens, args.repeats, Path(logs)),
+            "on": loopback(8, Path(logs), measure),
+            "off": loopback(0, Path(logs), measure),
         }
     if not args.no_testbed:
         setups["edge-cloud testbed"] = {
@@ -212,6 +254,44 @@ def main() -> None:
         for (setup, kind), v in rows.items()
     }
     plots.bars("speculation", "Speculative decoding: decode tokens/s", "tokens/s", groups)
+
+
+def at_once(n: int, tokens: int, repeats: int) -> None:
+    def measure(ask: Ask, stats: Stats) -> list[dict[str, Any]]:
+        return concurrent(ask, stats, n, tokens, repeats)
+
+    with tempfile.TemporaryDirectory() as logs:
+        on, off = loopback(8, Path(logs), measure), loopback(0, Path(logs), measure)
+    rows = []
+    for kind in PROMPTS:
+        mine = [r for r in on if r["kind"] == kind]
+        plain = [r for r in off if r["kind"] == kind]
+        passes, kept = sum(r["passes"] for r in mine), sum(r["kept"] for r in mine)
+        with_spec = statistics.median(r["tokens_per_s"] for r in mine)
+        without = statistics.median(r["tokens_per_s"] for r in plain)
+        same = all(a["answers"] == b["answers"] for a, b in zip(mine, plain, strict=True))
+        rows.append(
+            {
+                "kind": kind,
+                "with": with_spec,
+                "without": without,
+                "ratio": with_spec / without,
+                "tokens_per_pass": (passes + kept) / passes if passes else 0.0,
+                "same_answers": same,
+            }
+        )
+    out = ROOT / "docs" / "benchmarks" / "speculation-concurrent.json"
+    result = {"answers_at_once": n, "tokens": tokens, "repeats": repeats, "summary": rows}
+    out.write_text(json.dumps(result | {"runs": {"on": on, "off": off}}, indent=1))
+    print(f"{n} answers at once, 3 peers on loopback, {tokens} new tokens each; aggregate "
+          f"tokens/s, median of {repeats} rounds")  # fmt: skip
+    print("{:<8} {:>11} {:>11} {:>6} {:>8} {:>5}".format(
+        "prompts", "speculate 8", "speculate 0", "ratio", "tok/pass", "same"))  # fmt: skip
+    for v in rows:
+        print(
+            f"{v['kind']:<8} {v['with']:>11.1f} {v['without']:>11.1f} "
+            f"{v['ratio']:>6.2f} {v['tokens_per_pass']:>8.2f} {v['same_answers']!s:>5}"
+        )
 
 
 if __name__ == "__main__":

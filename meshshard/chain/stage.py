@@ -43,11 +43,18 @@ class CacheMiss(Exception):
         self.have = have
 
 
-def _undrafted(frame: StepFrame) -> StepFrame:
-    if not frame.draft:
-        return frame
-    rows = frame.tensor.shape[0] - len(frame.draft)
-    return replace(frame, tensor=first_rows(frame.tensor, rows), draft=())
+def _fitted(batch: list[StepFrame]) -> list[StepFrame]:
+    """The batch with drafts cut so that its padded pass runs no more positions than a full
+    batch of single steps (MAX_BATCH): every row pays for the longest row, so one long draft
+    must not multiply the others' cost. Cutting a draft is safe: the last stage confirms
+    what is left of it, and the origin drafts less next time."""
+    most = MAX_BATCH // len(batch) - 1
+    return [
+        replace(f, tensor=first_rows(f.tensor, 1 + most), draft=f.draft[:most])
+        if len(f.draft) > most
+        else f
+        for f in batch
+    ]
 
 
 class StageWorker:
@@ -116,10 +123,8 @@ class StageWorker:
         await self.refuse_queued(message)
 
     def _take_batch(self) -> list[StepFrame]:
-        """The next frame, plus following single-token steps of other prefilled sessions.
-        A draft rides only on a step that runs alone: where other sessions' decode steps
-        wait, batching them pays more than verifying guesses, so the draft is dropped here
-        (the last stage then samples one token, as for a plain step)."""
+        """The next frame, plus following decode steps (a token, and maybe a draft to verify)
+        of other prefilled sessions."""
         first = self._queue.popleft()
         batch = [first]
         if not self._decodable(first):
@@ -132,7 +137,7 @@ class StageWorker:
             self._queue.popleft()
             batch.append(nxt)
             seen.add(nxt.session)
-        return [_undrafted(f) for f in batch] if len(batch) > 1 else batch
+        return _fitted(batch) if len(batch) > 1 else batch
 
     def _decodable(self, frame: StepFrame) -> bool:
         # A cache may hold more than the step continues from: a draft's unconfirmed tokens.
@@ -193,10 +198,8 @@ class StageWorker:
         if len(batch) > 1:
             for f in batch:
                 self.shard.truncate(f.session, f.start)
-            xs = torch.cat([from_wire(f.tensor) for f in batch])
-            out = self.shard.decode_batch([f.session for f in batch], xs)
-            # Rows as a single step would give them: [1, hidden], or [vocab] logits.
-            return list(out) if self.shard.is_last else list(out[:, None])
+            xs = [from_wire(f.tensor) for f in batch]
+            return self.shard.decode_batch([f.session for f in batch], xs)
         (frame,) = batch
         if self.shard.layers:
             # A resumed session continues from what the origin believes is cached: shorter

@@ -25,9 +25,15 @@ class ChainStats:
     busy: int = 0
     steps_before: int = 0
 
+    def per_pass(self) -> tuple[float, float]:
+        """Positions each pass ran and tokens it gave, on average (1, 1 before any)."""
+        if not self.passes:
+            return 1.0, 1.0
+        return 1 + self.drafted / self.passes, 1 + self.kept / self.passes
+
     def speculation(self) -> dict[str, float]:
         """Speculative decoding as status shows it: tokens per pass (1.0 without it)."""
-        per_pass = (self.passes + self.kept) / self.passes if self.passes else 0.0
+        per_pass = self.per_pass()[1] if self.passes else 0.0
         return {
             "passes": self.passes,
             "drafted": self.drafted,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from meshshard.mesh.coordinator import mesh_instance
 from meshshard.planner import InstanceError, Stage, evaluate
 from meshshard.planner.cost import SESSIONS, per_token_ms
-from meshshard.planner.flow import flow_stages, latency_ms, tokens_per_s
+from meshshard.planner.flow import PLAIN, Speculation, flow_stages, latency_ms, tokens_per_s
 from meshshard.types import PlanRecord, Profile, State
 
 if TYPE_CHECKING:
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 FLOW_SESSIONS = (1, 2, 4, 6, 8, 16)
 
 
-def status(node: ControlNode) -> dict[str, Any]:
+def status(node: ControlNode, spec: Speculation = PLAIN) -> dict[str, Any]:
+    """`spec`: this peer's answers' speculation so far, to price the plan's passes at."""
     plan = node.book.current
     shard = {s.device: [s.start, s.end] for s in plan.stages} if plan else {}
     return {
@@ -49,7 +50,7 @@ def status(node: ControlNode) -> dict[str, Any]:
             for b, stat in sorted(p.links.items())
         ],
         "plan": plan_json(plan) if plan else None,
-        "predicted_now": predicted_now(node, plan),
+        "predicted_now": predicted_now(node, plan, spec),
         "chain_ready": bool(plan and node.chain_ready(plan)),
         "plan_error": node.plan_error,
         "introductions": {
@@ -88,9 +89,12 @@ def idle_reasons(node: ControlNode, plan: PlanRecord | None) -> dict[str, str]:
     return out
 
 
-def predicted_now(node: ControlNode, plan: PlanRecord | None) -> dict[str, Any] | None:
+def predicted_now(
+    node: ControlNode, plan: PlanRecord | None, spec: Speculation = PLAIN
+) -> dict[str, Any] | None:
     """The plan in force under today's profiles, measured links and per-step costs (its
-    record keeps the numbers it was made on), stage by stage."""
+    record keeps the numbers it was made on), stage by stage; and, where answers speculate,
+    one answer's rate at passes of `spec`'s positions and tokens."""
     if plan is None:
         return None
     try:
@@ -123,6 +127,14 @@ def predicted_now(node: ControlNode, plan: PlanRecord | None) -> dict[str, Any] 
         "return_ms": round(cost.return_ms, 3),
         # What that many answers at once would reach, batched as our stages batch them.
         "tokens_per_s_at": {str(n): round(tokens_per_s(flow, back, n), 2) for n in FLOW_SESSIONS},
+        "speculating": None
+        if spec == PLAIN
+        else {
+            "positions_per_pass": round(spec.positions, 2),
+            "tokens_per_pass": round(spec.tokens, 2),
+            "latency_ms": round(latency_ms(flow, back, spec), 3),
+            "tokens_per_s": round(tokens_per_s(flow, back, 1, spec=spec), 2),
+        },
     }
 
 

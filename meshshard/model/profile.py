@@ -178,7 +178,7 @@ def _batched(shard: Shard, x: torch.Tensor, advance: Callable[[int], None]) -> d
         shard.prefill(session, x[:context], torch.arange(context))
     advance(1)
     for size in BATCHES:
-        inputs = torch.cat([x[-1:]] * size)
+        inputs = [x[-1:]] * size
         times = []
         for _ in range(BATCH_REPEATS):
             start = time.perf_counter()

@@ -269,34 +269,51 @@ class Shard:
         return h[0]
 
     @torch.inference_mode()
-    def decode_batch(self, sessions: list[str], x: torch.Tensor) -> torch.Tensor:
-        """One new token for each of several prefilled sessions, in one forward pass.
+    def decode_batch(self, sessions: list[str], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several prefilled sessions' next positions in one forward pass: a token each, or a
+        token and the draft to verify after it, so rows may differ in length.
 
-        x: [B] ids or [B, hidden]; each session continues at its own cache length.
-        Returns [B, hidden], or [B, vocab] logits from the head.
+        xs: per session [T] ids or [T, hidden], continuing at its own cache length. Returns
+        per session what a single pass gives: [T, hidden]; logits [vocab] for one position,
+        [T, vocab] for several.
         """
         caches = [self._cache(s) for s in sessions]
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a batch holds each session once")
+        if len(xs) != len(caches) or any(x.shape[0] < 1 for x in xs):
+            raise ValueError("a batch needs one or more positions per session")
         for cache in caches:
             # A layer may hold positions past the others (kept across a plan change while the
-            # rest were fed again): they are stale, and a batch continues at the common length.
+            # rest were fed again, or a draft not confirmed): they are stale, and each row
+            # continues at its common length.
             cache.truncate(cache.length)
-        x = self._onto_device(x)
-        h = self.embed(x.long()[:, None]) if self.embed is not None else x.to(self.dtype)[:, None]
+        widths = [x.shape[0] for x in xs]
+        rows = max(widths)
+        # Right-padded rows: a padded position computes, but writes no cache and is not read.
+        padded = torch.zeros((len(xs), rows, *xs[0].shape[1:]), dtype=xs[0].dtype)
+        for b, x in enumerate(xs):
+            padded[b, : widths[b]] = x
+        x = self._onto_device(padded)
+        h = self.embed(x.long()) if self.embed is not None else x.to(self.dtype)
         if self.layers:
             assert self.rotary is not None
-            counts = [c.length + 1 for c in caches]
-            lengths = torch.tensor(counts, device=self.device)
-            pos = (lengths - 1)[:, None]
+            starts = torch.tensor([c.length for c in caches])
+            counts = torch.tensor(widths)
+            pos = (starts[:, None] + torch.arange(rows)[None, :]).to(self.device)
             embeddings = self.rotary(h, pos)
-            batch = _BatchCache(caches, max(counts))
-            width = torch.arange(batch.width, device=self.device)
-            mask = (width[None, :] < lengths[:, None])[:, None, None, :]
-            h = self._run_layers(h, mask, pos, embeddings, batch)
-        if self.lm_head is not None and self.norm is not None:
-            return self.lm_head(self.norm(h))[:, -1].float()
-        return h[:, 0]
+            ends = (starts + counts).to(self.device)
+            batch = _BatchCache(caches, widths, int(ends.max()))
+            keys = torch.arange(batch.width, device=self.device)[None, None, :]
+            # Row b's query t sees its own keys up to its position, never the padding.
+            mask = (keys <= pos[:, :, None]) & (keys < ends[:, None, None])
+            h = self._run_layers(h, mask[:, None], pos, embeddings, batch)
+        real = [h[b, :w] for b, w in enumerate(widths)]
+        if self.lm_head is None or self.norm is None:
+            return real
+        # The head only where logits are read: it is the widest matrix of the model.
+        logits = self.lm_head(self.norm(torch.cat(real))).float()
+        out = list(torch.split(logits, widths))
+        return [o[0] if w == 1 else o for o, w in zip(out, widths, strict=True)]
 
     def _run_layers(
         self,
@@ -415,11 +432,12 @@ def _causal_mask(
 
 
 class _BatchCache:
-    """Several sessions' caches seen as one batch: each row writes its own cache, and reads
-    come back right-padded to the longest (the attention mask hides the padding)."""
+    """Several sessions' caches seen as one batch: row b writes its first widths[b]
+    positions to its own cache, and reads come back right-padded to the longest (the
+    attention mask hides the padding)."""
 
-    def __init__(self, caches: list[KVCache], width: int) -> None:
-        self.caches, self.width = caches, width
+    def __init__(self, caches: list[KVCache], widths: list[int], width: int) -> None:
+        self.caches, self.widths, self.width = caches, widths, width
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: Any
@@ -427,8 +445,8 @@ class _BatchCache:
         shape = (len(self.caches), key.shape[1], self.width, key.shape[3])
         keys = key.new_zeros(shape)
         values = value.new_zeros(shape)
-        for b, cache in enumerate(self.caches):
-            k, v = cache.update(key[b : b + 1], value[b : b + 1], layer_idx)
+        for b, (cache, w) in enumerate(zip(self.caches, self.widths, strict=True)):
+            k, v = cache.update(key[b : b + 1, :, :w], value[b : b + 1, :, :w], layer_idx)
             keys[b, :, : k.shape[2]] = k[0]
             values[b, :, : v.shape[2]] = v[0]
         return keys, values

@@ -30,6 +30,24 @@ _ORDER = {"arrive": 0, "done": 0, "start": 1}
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """Passes that verify drafts: positions each pass runs (1 + drafted tokens) and tokens
+    it yields (1 + confirmed ones), on average. A pass of several positions costs what the
+    profile's batch timings say for that many rows (at a short context the weights, not
+    attention, dominate: a position costs what a row does) and sends that many activations."""
+
+    positions: float = 1.0
+    tokens: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.tokens <= self.positions:
+            raise ValueError("a pass yields 1 to `positions` tokens")
+
+
+PLAIN = Speculation()
+
+
+@dataclass(frozen=True)
 class FlowStage:
     one_ms: float  # forward pass of one session's step
     batch_ms: tuple[float, ...]  # ... of BATCHES[k] sessions' steps at once
@@ -37,12 +55,12 @@ class FlowStage:
     frame_ms: float  # one frame's time on that link (bytes / rate)
     overhead_ms: float = 0.0  # per session in a batch, beyond the forward pass
 
-    def busy_ms(self, sessions: int) -> float:
-        """A batch's time: the forward pass and each session's other work (frames in and
-        out, sampling, an origin's streaming), which takes the same CPU."""
-        return self.step_ms(sessions) + sessions * self.overhead_ms
+    def busy_ms(self, sessions: int, spec: Speculation = PLAIN) -> float:
+        """A batch's time: the forward pass over its sessions' positions and each session's
+        other work (frames in and out, sampling, an origin's streaming), on the same CPU."""
+        return self.step_ms(sessions * spec.positions) + sessions * self.overhead_ms
 
-    def step_ms(self, sessions: int) -> float:
+    def step_ms(self, sessions: float) -> float:
         """Measured sizes as they are, sizes between them on the line joining them."""
         sizes, times = (1, *BATCHES), (self.one_ms, *self.batch_ms)
         for k in range(1, len(sizes)):
@@ -77,37 +95,49 @@ def flow_stages(
     return tuple(out), inst.hop_ms(stages[-1].device, inst.source, inst.return_bytes)
 
 
-def latency_ms(stages: Sequence[FlowStage], return_ms: float) -> float:
+def latency_ms(stages: Sequence[FlowStage], return_ms: float, spec: Speculation = PLAIN) -> float:
     """One answer's time per token: every stage's forward pass and per-step work, every hop,
-    and the token's way back."""
-    return sum(s.busy_ms(1) + s.hop_ms + s.frame_ms for s in stages) + return_ms
+    and the tokens' way back, for a pass, shared by the tokens the pass yields."""
+    one_pass = sum(s.busy_ms(1, spec) + s.hop_ms + s.frame_ms * spec.positions for s in stages)
+    return (one_pass + return_ms) / spec.tokens
 
 
 @functools.lru_cache(maxsize=256)
 def tokens_per_s(
-    stages: tuple[FlowStage, ...], return_ms: float, sessions: int, tokens: int = TOKENS
+    stages: tuple[FlowStage, ...],
+    return_ms: float,
+    sessions: int,
+    tokens: int = TOKENS,
+    spec: Speculation = PLAIN,
 ) -> float:
     """Aggregate decode rate of `sessions` answers of `tokens` each, started evenly spread over
     one round of the chain, over the span when every one of them is decoding."""
     if sessions < 1 or not stages:
         raise ValueError("a flow needs at least one session and one stage")
-    round_ms = latency_ms(stages, return_ms)
+    per_token = latency_ms(stages, return_ms, spec)
     if sessions == 1:
-        return 1000.0 / round_ms if round_ms > 0 else float("inf")
-    sim = _Chain(stages, return_ms, sessions, tokens)
+        return 1000.0 / per_token if per_token > 0 else float("inf")
+    passes = max(2, round(tokens / spec.tokens))
+    round_ms = per_token * spec.tokens
+    sim = _Chain(stages, return_ms, sessions, passes, spec)
     for k in range(sessions):
         sim.push(k * round_ms / sessions, "arrive", 0, k)
     times = sim.run()
     start, end = max(t[0] for t in times), min(t[-1] for t in times)
-    produced = sum(start < t <= end for each in times for t in each)
+    produced = spec.tokens * sum(start < t <= end for each in times for t in each)
     return produced * 1000.0 / (end - start) if end > start else float("inf")
 
 
 class _Chain:
     def __init__(
-        self, stages: Sequence[FlowStage], return_ms: float, sessions: int, tokens: int
+        self,
+        stages: Sequence[FlowStage],
+        return_ms: float,
+        sessions: int,
+        passes: int,
+        spec: Speculation,
     ) -> None:
-        self.stages, self.return_ms, self.tokens = stages, return_ms, tokens
+        self.stages, self.return_ms, self.passes, self.spec = stages, return_ms, passes, spec
         self.queues: list[deque[int]] = [deque() for _ in stages]
         self.busy = [False] * len(stages)
         self.link_free = [0.0] * len(stages)
@@ -119,7 +149,7 @@ class _Chain:
         heapq.heappush(self.events, (at, _ORDER[kind], next(self._seq), kind, stage, sessions))
 
     def run(self) -> list[list[float]]:
-        """Each session's token times."""
+        """Each session's pass times."""
         while self.events:
             now, _, _, kind, i, sessions = heapq.heappop(self.events)
             if kind == "arrive":
@@ -136,7 +166,7 @@ class _Chain:
             return
         batch = [self.queues[i].popleft() for _ in range(min(MAX_BATCH, len(self.queues[i])))]
         self.busy[i] = True
-        self.push(now + self.stages[i].busy_ms(len(batch)), "done", i, *batch)
+        self.push(now + self.stages[i].busy_ms(len(batch), self.spec), "done", i, *batch)
 
     def _done(self, now: float, i: int, batch: tuple[int, ...]) -> None:
         self.busy[i] = False
@@ -144,12 +174,13 @@ class _Chain:
             nxt = self.stages[i + 1]
             for session in batch:  # frames leave one after another on the link
                 leave = max(now, self.link_free[i + 1])
-                self.link_free[i + 1] = leave + nxt.frame_ms
-                self.push(leave + nxt.frame_ms + nxt.hop_ms, "arrive", i + 1, session)
+                frame = nxt.frame_ms * self.spec.positions
+                self.link_free[i + 1] = leave + frame
+                self.push(leave + frame + nxt.hop_ms, "arrive", i + 1, session)
         else:
             back = now + self.return_ms
             for session in batch:
                 self.times[session].append(back)
-                if len(self.times[session]) < self.tokens:
+                if len(self.times[session]) < self.passes:
                     self.push(back, "arrive", 0, session)
         self.push(now, "start", i)

@@ -94,10 +94,18 @@ def test_speculation_drafts_from_the_prompt_and_changes_no_token(mesh: list[Peer
     before = origin.status()["origin"]["speculation"]  # type: ignore[index]
     answer = chat(origin, COPY)
     assert answer["choices"][0]["message"]["content"] == greedy_answer(COPY, NEW)
-    after = origin.status()["origin"]["speculation"]  # type: ignore[index]
+    status = origin.status()
+    assert status is not None
+    after = status["origin"]["speculation"]
     kept, passes = after["kept"] - before["kept"], after["passes"] - before["passes"]
     assert kept > 0 and kept + passes >= answer["usage"]["completion_tokens"]
     assert after["tokens_per_pass"] > 1
+    # The plan priced at these passes: their positions cost what the profiles' batch timings
+    # say, and each yields tokens_per_pass tokens.
+    priced = status["predicted_now"]["speculating"]
+    assert priced["tokens_per_pass"] == pytest.approx(after["tokens_per_pass"], abs=0.01)
+    assert priced["positions_per_pass"] >= priced["tokens_per_pass"]
+    assert priced["tokens_per_s"] == pytest.approx(1000 / priced["latency_ms"], rel=0.01)
 
 
 def test_eight_concurrent_sessions_get_their_own_answers(

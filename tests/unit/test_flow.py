@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from meshshard.planner import Stage
-from meshshard.planner.flow import BATCHES, FlowStage, flow_stages, latency_ms, tokens_per_s
+from meshshard.planner.flow import (
+    BATCHES,
+    FlowStage,
+    Speculation,
+    flow_stages,
+    latency_ms,
+    tokens_per_s,
+)
 from meshshard.planner.instance import parse_instance
 
 
@@ -88,3 +95,35 @@ def test_per_session_work_is_on_the_way_of_every_step() -> None:
 def test_a_flow_needs_sessions() -> None:
     with pytest.raises(ValueError):
         tokens_per_s((linear(1.0),), 0.0, 0)
+
+
+def test_a_speculative_pass_costs_its_positions_and_yields_its_tokens() -> None:
+    """Where hops dominate, a pass of 5 positions costs little more than one of 1, and 3
+    tokens per pass nearly triple the rate; on stages that pay for every position (no gain
+    from batching, no hops), the same pass is a loss."""
+    gpu = FlowStage(10.0, (10.5, 11.0, 11.5, 13.0, 16.0), 40.0, 0.1)  # rows almost free
+    hops = (gpu, gpu, gpu)
+    spec = Speculation(positions=5.0, tokens=3.0)
+    plain, drafted = tokens_per_s(hops, 40.0, 1), tokens_per_s(hops, 40.0, 1, spec=spec)
+    assert 2.5 < drafted / plain < 3.0
+    assert latency_ms(hops, 40.0, spec) == pytest.approx(1000 / drafted)
+    cpu = (linear(20.0), linear(20.0))
+    assert tokens_per_s(cpu, 0.0, 1, spec=spec) == pytest.approx(0.6 * tokens_per_s(cpu, 0.0, 1))
+    # With many answers in flight the extra positions compete for the same stages.
+    assert tokens_per_s(cpu, 0.0, 8, spec=spec) < tokens_per_s(cpu, 0.0, 8)
+    assert tokens_per_s(hops, 40.0, 8, spec=spec) > 1.5 * tokens_per_s(hops, 40.0, 8)
+
+
+def test_a_speculative_pass_sends_each_position_s_activations() -> None:
+    slow = FlowStage(1.0, BATCHES, 1.0, frame_ms=20.0)
+    spec = Speculation(positions=4.0, tokens=2.0)
+    # The link carries 4 frames' worth per pass and the pass yields 2 tokens: half the rate.
+    assert tokens_per_s((linear(1.0), slow), 1.0, 8, spec=spec) == pytest.approx(
+        1000 / 40, rel=0.02
+    )
+
+
+@pytest.mark.parametrize("positions, tokens", [(1.0, 2.0), (3.0, 0.5)])
+def test_a_pass_yields_between_one_token_and_its_positions(positions: float, tokens: float) -> None:
+    with pytest.raises(ValueError, match="yields 1 to"):
+        Speculation(positions, tokens)

@@ -145,13 +145,36 @@ def test_batched_decode_equals_one_session_at_a_time(tiny_model: Path) -> None:
     for i, p in enumerate(prompts):
         last.prefill(i, first.prefill(i, torch.tensor(p)))
     tokens = torch.tensor([4, 40, 77])
-    batched = last.decode_batch([0, 1, 2], first.decode_batch([0, 1, 2], tokens))
+    batched = last.decode_batch([0, 1, 2], first.decode_batch([0, 1, 2], list(tokens[:, None])))
     for i, p in enumerate(prompts):
         alone = LocalChain([Shard.load(tiny_model, 0, 3), Shard.load(tiny_model, 3, n)])
         alone.step("s", torch.tensor(p), 0)
         want = alone.step("s", tokens[i : i + 1], len(p))
         torch.testing.assert_close(batched[i], want, atol=1e-4, rtol=0)
     assert [last.cache_length(i) for i in range(3)] == [len(p) + 1 for p in prompts]
+
+
+def test_a_batch_of_rows_of_different_lengths_equals_each_pass_alone(tiny_model: Path) -> None:
+    """Sessions verifying drafts of different lengths share one pass: each row gets what
+    its own pass would give, and each cache grows by its own row's positions only."""
+    n = load_spec(tiny_model).num_units
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]]
+    rows = [torch.tensor([4]), torch.tensor([40, 41, 42, 43]), torch.tensor([77, 78])]
+    first, last = Shard.load(tiny_model, 0, 3), Shard.load(tiny_model, 3, n)
+    for i, p in enumerate(prompts):
+        last.prefill(i, first.prefill(i, torch.tensor(p)))
+    hidden = first.decode_batch([0, 1, 2], rows)
+    assert [h.shape[0] for h in hidden] == [1, 4, 2]
+    batched = last.decode_batch([0, 1, 2], hidden)
+    for i, p in enumerate(prompts):
+        one, two = Shard.load(tiny_model, 0, 3), Shard.load(tiny_model, 3, n)
+        two.prefill("s", one.prefill("s", torch.tensor(p)))
+        want = two.prefill("s", one.prefill("s", rows[i]), logits=len(rows[i]))
+        assert batched[i].shape == want.shape
+        torch.testing.assert_close(batched[i], want, atol=1e-4, rtol=0)
+    assert [last.cache_length(i) for i in range(3)] == [
+        len(p) + len(r) for p, r in zip(prompts, rows, strict=True)
+    ]
 
 
 def test_a_batch_drops_positions_one_layer_holds_past_the_others(tiny_llama: Path) -> None:
@@ -169,7 +192,7 @@ def test_a_batch_drops_positions_one_layer_holds_past_the_others(tiny_llama: Pat
     keys, values = extra.export("a", 1, len(PROMPT) + 1)  # type: ignore[misc]
     stale.install("a", 1, keys, values)
     assert stale.cache_length("a") == len(PROMPT)
-    tokens = torch.tensor([4, 40])
+    tokens = list(torch.tensor([[4], [40]]))
     want = clean.decode_batch(["a", "b"], tokens)
     got = stale.decode_batch(["a", "b"], tokens)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -1,0 +1,105 @@
+"""A stage's batching with real (tiny) shards: sessions verifying drafts of different lengths
+share one forward pass, and each gets the tokens its own pass would have given."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from meshshard.chain.speculate import confirmed
+from meshshard.chain.stage import StageWorker
+from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.model.batching import MAX_BATCH
+from meshshard.model.generate import LocalChain, generate
+from meshshard.model.sampling import Sampler, SamplingParams
+from meshshard.model.shard import Shard, load_spec
+from meshshard.types import Epoch
+from meshshard.wire import DataFrame, Sampling, StepFrame, TokenFrame
+
+PROMPTS = [[5, 17, 3, 42, 8], [9, 8, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
+EPOCH = Epoch(1, "a")
+GREEDY = Sampling(temperature=0.0, top_p=1.0, seed=0)
+
+
+def step(session: str, start: int, ids: list[int], draft: tuple[int, ...]) -> StepFrame:
+    tensor = to_wire(torch.tensor([*ids, *draft]))
+    return StepFrame(EPOCH, session, 0, start, tensor, "origin", True, GREEDY, draft=draft)
+
+
+def alone(model: Path, prompt: list[int], frame: StepFrame) -> tuple[int, ...]:
+    """The tokens one pass of this frame gives on a shard that runs nothing else."""
+    shard = Shard.load(model, 0, load_spec(model).num_units)
+    shard.prefill("s", torch.tensor(prompt))
+    ids = from_wire(frame.tensor)
+    logits = shard.prefill("s", ids, logits=ids.shape[0])
+    return confirmed(Sampler(SamplingParams()), logits, frame.draft, frame.step)
+
+
+def greedy(model: Path, prompt: list[int], n: int) -> tuple[int, ...]:
+    chain = LocalChain.load(model, ())
+    return tuple(generate(chain, prompt, n))
+
+
+async def run(worker: StageWorker, frames: list[StepFrame]) -> None:
+    for frame in frames:  # queued before the worker starts: they wait together
+        await worker.put(frame)
+    task = asyncio.create_task(worker.run())
+    try:
+        while worker.steps < len(frames):
+            await asyncio.sleep(0.01)
+    finally:
+        await worker.close("done")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_drafts_of_different_lengths_are_verified_in_one_pass(tiny_model: Path) -> None:
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    for i, prompt in enumerate(PROMPTS):
+        shard.prefill(f"s{i}", torch.tensor(prompt))
+    sent: list[tuple[str, DataFrame]] = []
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        sent.append((addr, frame))
+
+    worker = StageWorker(shard, EPOCH, None, send)
+    # One draft is what the model itself says next (confirmed whole), one is a guess.
+    truth = greedy(tiny_model, [*PROMPTS[1], PROMPTS[1][0]], 3)
+    drafts: list[tuple[int, ...]] = [(), truth, (1, 2)]
+    frames = [
+        step(f"s{i}", len(p), [p[0]], d)
+        for i, (p, d) in enumerate(zip(PROMPTS, drafts, strict=True))
+    ]
+    await run(worker, frames)
+    assert worker.batches == 1  # three sessions, three lengths, one forward pass
+    assert all(isinstance(f, TokenFrame) for _, f in sent)
+    got = {f.session: f.tokens for _, f in sent if isinstance(f, TokenFrame)}
+    for i, (prompt, frame) in enumerate(zip(PROMPTS, frames, strict=True)):
+        assert got[f"s{i}"] == alone(tiny_model, prompt, frame)
+    assert got["s1"][:3] == truth and len(got["s1"]) == 4
+
+
+async def test_a_full_batch_cuts_drafts_to_its_positions(tiny_model: Path) -> None:
+    """Every row of a pass pays for the longest: in a batch of B sessions a draft keeps at
+    most MAX_BATCH / B - 1 tokens, and the tokens returned are what the cut draft gives."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    sessions = 8
+    for i in range(sessions):
+        shard.prefill(f"s{i}", torch.tensor(PROMPTS[0]))
+    sent: list[TokenFrame] = []
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        assert isinstance(frame, TokenFrame)
+        sent.append(frame)
+
+    worker = StageWorker(shard, EPOCH, None, send)
+    long_draft = tuple(range(10, 20))
+    frames = [step(f"s{i}", len(PROMPTS[0]), [3], long_draft) for i in range(sessions)]
+    await run(worker, frames)
+    assert worker.batches == 1
+    most = MAX_BATCH // sessions - 1
+    cut = step("s", len(PROMPTS[0]), [3], long_draft[:most])
+    assert all(f.tokens == alone(tiny_model, PROMPTS[0], cut) for f in sent)
+    assert all(len(f.tokens) <= most + 1 for f in sent)
