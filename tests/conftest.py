@@ -116,7 +116,10 @@ def _no_task_left(test: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitabl
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every async test also fails if it leaves a task of its own running."""
+    """Every async test also fails if it leaves a task of its own running. The pure and
+    simulated tests run first: `./dev test` checks types beside them, and they do not
+    measure the wall clock as the real-process tests do."""
+    items.sort(key=lambda item: item.path.parent.name != "unit")  # stable: order kept within
     for item in items:
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
             item.obj = _no_task_left(item.obj)

@@ -2,12 +2,21 @@
 
 transformers' lazy imports are not thread-safe, and a peer runs one stage at a time anyway:
 serialising torch work on one thread keeps it correct and keeps the event loop free.
+
+The thread runs at a lower scheduling priority than the event loop. On a slow host (a phone
+given a sliver of a core) the model's work would otherwise take the CPU from the loop, probes
+would go unanswered for seconds and the others would declare a live peer dead. Nice only
+matters while both want the CPU: an idle loop leaves the model all of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import os
+import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -15,7 +24,26 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+logger = logging.getLogger(__name__)
+
+MODEL_NICE = 10  # the loop then gets about nine tenths of a CPU both want (CFS weights)
+
+
+def _below_the_loop() -> None:
+    # Linux sets nice per thread (a thread id for a process id), and threads the model thread
+    # starts (torch's intra-op pool) inherit it. Elsewhere this is not per thread: leave it.
+    if sys.platform != "linux":
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + MODEL_NICE)
+    except OSError as e:
+        logger.warning("could not lower the model thread's priority: %s", e)
+
+
+_executor = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="model", initializer=_below_the_loop
+)
 
 
 async def run_model(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

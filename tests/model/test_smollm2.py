@@ -85,9 +85,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """The CLI's own entry point in this process (exit code, stdout, stderr): for commands
-    that only read the model's files or refuse their input, where a process of their own
-    would spend seconds importing torch again."""
+    """The CLI's own entry point in this process (exit code, stdout, stderr), where a process
+    of its own would spend seconds importing torch again (`generate --split`, `up`, `ask` and
+    `status` run as processes of their own elsewhere)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
@@ -104,18 +104,26 @@ def run_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
     return code, out.out, out.err
 
 
-def test_generate_cli_knows_paris_split_or_not() -> None:
+def test_generate_cli_knows_paris_split_or_not(capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole model in this process, the split one in a process of its own, as a user
+    runs it."""
     args = ("generate", "The capital of France is", "--max-tokens", "8", "--json")
-    whole = json.loads(run_cli(*args).stdout)
+    code, out, err = run_here(capsys, *args)
+    assert code == 0, err
+    whole = json.loads(out)
     split = json.loads(run_cli(*args, "--split", "3").stdout)
     assert "Paris" in whole["text"]
     assert split["tokens"] == whole["tokens"] and len(whole["tokens"]) > 0
     assert len(split["shards"]) == 3
 
 
-def test_generate_cli_quantized_split_gives_the_quantized_tokens() -> None:
+def test_generate_cli_quantized_split_gives_the_quantized_tokens(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     args = ("generate", "Write a haiku about the sea.", "--chat", "--max-tokens", "24", "--json")
-    whole = json.loads(run_cli(*args, "--quantize", "int8").stdout)
+    code, out, err = run_here(capsys, *args, "--quantize", "int8")
+    assert code == 0, err
+    whole = json.loads(out)
     split = json.loads(run_cli(*args, "--quantize", "int8", "--split", "3").stdout)
     assert split["tokens"] == whole["tokens"] and len(whole["tokens"]) > 0
 
