@@ -4,6 +4,8 @@
     python tools/experiments.py compare       # 2: ours vs the baselines, measured, each testbed
     python tools/experiments.py sweep         # 3: edge-cloud, the cloud link at 1..100 Mbit/s
     python tools/experiments.py concurrency   # 4: lan-3, 1/4/8/16 sessions at once
+    python tools/experiments.py prediction --testbeds office,campus --out prediction-oos
+                                              # 1 out of sample: testbeds never tuned on
 
 Each prints a table and writes a PNG and a JSON of its results next to the docs
 (docs/experiments/). Per-token latency is measured as (answer time - time to first token) /
@@ -185,6 +187,7 @@ def print_rows(rows: list[dict[str, Any]], header: bool) -> None:
               f"{r['measured_tps'] / r['predicted_tps']:>6.2f}  {r['plan']}")  # fmt: skip
 
 
+COMPARE_SESSIONS = 8  # answers at once for every method's tokens/s (planner/cost.py SESSIONS)
 METHODS = ("planner", "solo", "even", "memory-weighted", "edgeshard-greedy")
 
 
@@ -204,7 +207,8 @@ def apply(method: str) -> dict[str, Any]:
 
 def compare(testbeds: list[str]) -> list[dict[str, Any]]:
     rows = []
-    print(f"{'testbed':<11} {'method':<17} {'pred ms':>8} {'meas ms':>8} {'meas t/s':>8}  plan")
+    print(f"{'testbed':<11} {'method':<17} {'pred ms':>8} {'meas ms':>8} {'pred t/s':>8} "
+          f"{'meas t/s':>8}  plan")  # fmt: skip
     for name in testbeds:
         tb = Testbed.load(ROOT / "peers" / f"{name}.toml")
         try:
@@ -218,20 +222,25 @@ def compare(testbeds: list[str]) -> list[dict[str, Any]]:
                 plan = json.loads(out.stdout)
                 if "error" in plan:
                     rows.append({"testbed": name, "method": method, "error": plan["error"]})
-                    print(f"{name:<11} {method:<17} {'-':>8} {'-':>8} {'-':>8}  {plan['error']}")
+                    print(f"{name:<11} {method:<17} {'-':>8} {'-':>8} {'-':>8} {'-':>8}  "
+                          f"{plan['error']}")  # fmt: skip
                     continue
                 status = wait_ready(tb)
                 assert status["plan"]["epoch"] == plan["epoch"], (status["plan"], plan)
                 now = predicted(status)
                 one = measure(tb, 1)
-                many = measure(tb, 2 * len(plan["stages"]), repeats=1)
+                # Every method at the same concurrency, the one the planner's throughput means.
+                many = measure(tb, COMPARE_SESSIONS)
+                same_plan(tb, status)
                 rows.append({
                     "testbed": name, "method": method, "plan": describe(plan),
                     "predicted_ms": now["latency_ms"], "measured_ms": one["per_token_ms"],
-                    "measured_tps": many["tokens_per_s"],
+                    "predicted_tps": now["tokens_per_s_at"][str(COMPARE_SESSIONS)],
+                    "measured_tps": many["tokens_per_s"], "sessions": COMPARE_SESSIONS,
                 })  # fmt: skip
                 r = rows[-1]
-                print(f"{name:<11} {method:<17} {r['predicted_ms']:>8.1f} {r['measured_ms']:>8.1f} "
+                print(f"{name:<11} {method:<17} {r['predicted_ms']:>8.1f} "
+                      f"{r['measured_ms']:>8.1f} {r['predicted_tps']:>8.1f} "
                       f"{r['measured_tps']:>8.1f}  {r['plan']}")  # fmt: skip
         finally:
             down(tb)
@@ -288,7 +297,7 @@ def concurrency(levels: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot(kind: str, rows: list[dict[str, Any]]) -> Path:
+def plot(kind: str, rows: list[dict[str, Any]], name: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,10 +346,10 @@ def plot(kind: str, rows: list[dict[str, Any]]) -> Path:
         ax.set_xlabel("concurrent sessions")
         ax.set_ylabel("aggregate tokens/s")
     ax.legend()
-    fig.suptitle(f"{kind} (tools/experiments.py {kind})")
+    fig.suptitle(f"{name} (tools/experiments.py {kind})")
     fig.tight_layout()
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{kind}.png"
+    path = OUT / f"{name}.png"
     fig.savefig(path, dpi=110)
     return path
 
@@ -355,7 +364,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=("prediction", "compare", "sweep", "concurrency"))
     parser.add_argument("--testbeds", default="lan-3,home-wifi,edge-cloud")
+    parser.add_argument("--out", help="Name of the result files (default: the experiment's).")
     args = parser.parse_args()
+    name = args.out or args.experiment
     if args.experiment == "prediction":
         rows = prediction(args.testbeds.split(","))
     elif args.experiment == "compare":
@@ -365,8 +376,8 @@ def main() -> None:
     else:
         rows = concurrency([1, 4, 8, 16])
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.experiment}.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {plot(args.experiment, rows)}")
+    (OUT / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    print(f"wrote {plot(args.experiment, rows, name)}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     tb = testbed.Testbed.load(args.testbed)
+    # Peers append to their logs: count only what this run writes.
+    old = testbed.STATE / tb.name
+    offsets = {h.name: (old / f"{h.name}.log").stat().st_size
+               if (old / f"{h.name}.log").exists() else 0 for h in tb.hosts}  # fmt: skip
     state = testbed.up(tb)
     answers, failed, changes = 0, [], []
     try:
@@ -89,7 +93,11 @@ def main() -> None:
             answers += 1
         minutes = (time.monotonic() - start) / 60
     finally:
-        logs = {h.name: (state / f"{h.name}.log").read_text(errors="replace") for h in tb.hosts}
+        logs = {}
+        for h in tb.hosts:
+            with open(state / f"{h.name}.log", "rb") as f:
+                f.seek(offsets[h.name])
+                logs[h.name] = f.read().decode(errors="replace")
         testbed.down(tb)
     deaths = [f"{host}: {line}" for host, text in logs.items()
               for line in text.splitlines() if DEAD.search(line)]  # fmt: skip
