@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from meshshard.errors import MeshShardError
 from meshshard.model.kvcache import KVCache
@@ -290,10 +291,7 @@ class Shard:
         widths = [x.shape[0] for x in xs]
         rows = max(widths)
         # Right-padded rows: a padded position computes, but writes no cache and is not read.
-        padded = torch.zeros((len(xs), rows, *xs[0].shape[1:]), dtype=xs[0].dtype)
-        for b, x in enumerate(xs):
-            padded[b, : widths[b]] = x
-        x = self._onto_device(padded)
+        x = self._onto_device(pad_sequence(xs, batch_first=True))
         h = self.embed(x.long()) if self.embed is not None else x.to(self.dtype)
         if self.layers:
             assert self.rotary is not None
