@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -365,8 +366,14 @@ def main() -> None:
     parser.add_argument("experiment", choices=("prediction", "compare", "sweep", "concurrency"))
     parser.add_argument("--testbeds", default="lan-3,home-wifi,edge-cloud")
     parser.add_argument("--out", help="Name of the result files (default: the experiment's).")
+    parser.add_argument(
+        "--speculate", type=int, default=0,
+        help="Peers' --speculate (default 0: plain decoding, the one the predictions price).",
+    )  # fmt: skip
     args = parser.parse_args()
     name = args.out or args.experiment
+    # Peers inherit our environment (launch.PeerCommand).
+    os.environ["MESHSHARD_SPECULATE"] = str(args.speculate)
     if args.experiment == "prediction":
         rows = prediction(args.testbeds.split(","))
     elif args.experiment == "compare":
@@ -375,6 +382,8 @@ def main() -> None:
         rows = sweep([0.5, 1, 5, 10, 50, 100])
     else:
         rows = concurrency([1, 4, 8, 16])
+    for row in rows:
+        row["speculate"] = args.speculate
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(rows, indent=1))
     print(f"wrote {plot(args.experiment, rows, name)}")
