@@ -5,12 +5,16 @@
 All on this machine, in one run: single-process tokens/s (`meshshard generate`'s loop);
 for meshes of 2 and 3 real `meshshard up` peers (each offering too little memory to hold the
 model, so the chain has 2 or 3 stages): one session's tokens/s and time to first token, and
-aggregate tokens/s with 1, 4 and 8 concurrent sessions; bytes sent per token per hop.
+aggregate tokens/s with 1, 4 and 8 concurrent sessions; bytes sent per token per hop; and
+on the 3-peer mesh, the longest gap between the tokens of answers that are decoding while a
+2,000-token prompt is prefilled, against their usual gap. Peers decode one token per pass
+(`--speculate 0`), as the single process does.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -19,6 +23,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,6 +33,7 @@ import plots  # noqa: E402
 from support.procs import Peer, wait_for  # noqa: E402
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
+LONG_PROMPT_TOKENS = 2000
 
 
 def single_process(tokens: int, repeats: int) -> tuple[float, float]:
@@ -71,11 +77,62 @@ def ask(url: str, tokens: int) -> dict:
         return json.loads(resp.read())
 
 
-def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, float]:
+def long_prompt(tokens: int) -> str:
+    """A prompt of about `tokens` tokens (chat template included)."""
+    from meshshard.config import Config
+    from meshshard.model.source import resolve_model
+    from meshshard.model.text import TextCodec
+
+    config = Config()
+    codec = TextCodec.load(resolve_model(config.model, config.cache_dir))
+    text, n = "Summarise these notes.", 0
+    while len(codec.encode(text, chat=True)) < tokens:
+        n += 1
+        text += f" Note {n}: the keeper logged the weather, the ships and the light."
+    return text
+
+
+def prefill_gap(url: str, running: int = 2, tokens: int = 256) -> dict[str, float]:
+    """`running` answers decode; once each has 16 tokens a 2,000-token prompt arrives. The
+    longest gap between two tokens of a running answer that spans any of its prefill,
+    against the median gap of those answers before it arrived."""
+    from meshshard.client import ask as stream
+
+    prompt = long_prompt(LONG_PROMPT_TOKENS)
+    stamps: list[list[float]] = [[] for _ in range(running)]
+
+    def decode(i: int) -> None:
+        stream(url, PROMPT, max_tokens=tokens, temperature=0.0, seed=None, system=None,
+               on_text=lambda _: stamps[i].append(time.perf_counter()))  # fmt: skip
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(running)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(len(s) >= 16 for s in stamps), 120, "the running answers", 0.05)
+    t0 = time.perf_counter()
+    long = stream(url, prompt, max_tokens=1, temperature=0.0, seed=None, system=None,
+                  on_text=lambda _: None)  # fmt: skip
+    t1 = time.perf_counter()
+    for t in threads:
+        t.join()
+    # The first gap of each answer is left out: it follows its own prefill.
+    before = [b - a for s in stamps for a, b in itertools.pairwise(s[1:]) if b < t0]
+    during = [b - a for s in stamps for a, b in itertools.pairwise(s) if b > t0 and a < t1]
+    usual, longest = statistics.median(before), max(during, default=float("nan"))
+    return {
+        "prompt_tokens": long["prompt_tokens"], "prefill_s": t1 - t0,
+        "usual_gap_ms": usual * 1e3, "longest_gap_ms": longest * 1e3,
+        "gap_ratio": longest / usual,
+    }  # fmt: skip
+
+
+def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, Any]:
     memory = {2: "450MB", 3: "300MB"}[peers]
     base = 7600 + 10 * peers
     procs = [
-        Peer(f"bench-{i}", base + i, logs, "--memory", memory, "--threads", "1").start()
+        Peer(
+            f"bench-{i}", base + i, logs, "--memory", memory, "--threads", "1", "--speculate", "0"
+        ).start()
         for i in range(peers)
     ]
     try:
@@ -89,7 +146,7 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, float]:
         time.sleep(2)  # let start-up replans settle
         ask(url, 4)  # warm-up
         one = [ask(url, tokens)["meshshard"] for _ in range(repeats)]
-        out = {
+        out: dict[str, Any] = {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in one),
             "ttft_s": statistics.median(r["ttft_s"] for r in one),
         }
@@ -112,6 +169,8 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, float]:
         hidden = 576 * 4
         out["bytes_per_token_hop"] = hidden
         out["stages"] = len(status["plan"]["stages"]) if status else 0
+        if peers == 3:
+            out["prefill"] = prefill_gap(url)
         return out
     finally:
         for p in procs:
@@ -140,6 +199,12 @@ def main() -> None:
     print(
         f"activation bytes per token per hop: {two['bytes_per_token_hop']} (float32, hidden 576); "
         "token back to the origin: 4 bytes + framing"
+    )
+    gap = three["prefill"]
+    print(
+        f"3-peer mesh, 2 answers decoding while a {gap['prompt_tokens']}-token prompt is "
+        f"prefilled ({gap['prefill_s']:.1f} s): longest gap {gap['longest_gap_ms']:.0f} ms, "
+        f"usual {gap['usual_gap_ms']:.0f} ms, ratio {gap['gap_ratio']:.2f}"
     )
     groups = {"single process": {"1 session": local_rate}}
     for name, r in (("2-peer mesh", two), ("3-peer mesh", three)):

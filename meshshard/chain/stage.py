@@ -1,5 +1,11 @@
-"""One stage of the chain: runs its shard over incoming steps, in order, batching decode steps
-of different sessions into one forward pass, and passes results on.
+"""One stage of the chain: runs its shard over incoming steps, each session's in order, batching
+decode steps of different sessions into one forward pass, and passes results on.
+
+Decoding comes first: waiting decode steps run as one batch, then at most one slice of a
+prompt, then decode again (chunked prefill as in Sarathi-Serve, with the slice run beside
+the batch rather than inside it: a padded batch would make every row pay for the slice's
+length). A slice is cut to cost about one more decode batch, so an answer that is decoding
+waits for at most one slice per stage while a long prompt goes through.
 
 Forward passes run in the model thread so the peer's event loop (gossip, sockets) stays
 responsive; whatever else touches a cache (drops, handoffs) runs there too, so never under a
@@ -12,27 +18,38 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 import torch
 
 from meshshard.chain.speculate import confirmed
-from meshshard.chain.tensors import first_rows, from_wire, to_wire
+from meshshard.chain.tensors import from_wire, rows, to_wire
 from meshshard.chain.worker import run_model
 from meshshard.model.batching import MAX_BATCH
 from meshshard.model.sampling import Sampler, SamplingParams
 from meshshard.model.shard import Shard, UnknownSession
 from meshshard.types import Epoch
-from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, StepFrame, TokenFrame, WireError
+from meshshard.wire import (
+    DataFrame,
+    ErrorCode,
+    ErrorFrame,
+    StepFrame,
+    TensorData,
+    TokenFrame,
+    WireError,
+)
 
 logger = logging.getLogger(__name__)
 
 Send = Callable[[str, DataFrame], Awaitable[None]]
+Output = TensorData | tuple[int, ...]  # what a pass gives a step: hidden states, or tokens
 # (steps in a batch, seconds its forward pass took, whether all were single-token decodes)
 Observe = Callable[[int, float, bool], None]
 MAX_QUEUE = 64  # steps waiting here before senders are made to wait
 STEP_WEIGHT = 0.2  # of the newest batch in the step time average
+OUTBOX = 2  # batches computed ahead of their sending
+MIN_SLICE = 16  # prompt rows a slice holds at least: fewer would waste the pass
 
 
 class CacheMiss(Exception):
@@ -50,11 +67,44 @@ def _fitted(batch: list[StepFrame]) -> list[StepFrame]:
     what is left of it, and the origin drafts less next time."""
     most = MAX_BATCH // len(batch) - 1
     return [
-        replace(f, tensor=first_rows(f.tensor, 1 + most), draft=f.draft[:most])
+        replace(f, tensor=rows(f.tensor, 0, 1 + most), draft=f.draft[:most])
         if len(f.draft) > most
         else f
         for f in batch
     ]
+
+
+def _sampled(batch: list[StepFrame], outs: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    """The tokens each step's logits confirm. Greedy steps' rows are picked by one argmax
+    over all of them (one copy off the device); others sample with their seeds, row by row."""
+    greedy = [i for i, f in enumerate(batch) if f.sample and f.sampling.temperature == 0]
+    logits = [outs[i].reshape(-1, outs[i].shape[-1]) for i in greedy]
+    best = torch.argmax(torch.cat(logits), dim=-1).tolist() if logits else []
+    picked: dict[int, list[int]] = {}
+    for i, rows_of_i in zip(greedy, logits, strict=True):
+        n = rows_of_i.shape[0]
+        picked[i], best = best[:n], best[n:]
+    tokens: list[tuple[int, ...]] = []
+    for i, (f, out) in enumerate(zip(batch, outs, strict=True)):
+        if not f.sample:
+            tokens.append(())
+            continue
+        if i in picked:
+            sample = _looked_up(picked[i], f.step)
+        else:
+            s = f.sampling
+            sample = Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed))
+        tokens.append(confirmed(sample, out.cpu(), f.draft, f.step))
+    return tokens
+
+
+def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], int]:
+    """A sampler that answers from tokens picked already: step + j's is tokens[j]."""
+    return lambda _, k: tokens[k - step]
+
+
+def _moved(average: float, sample: float) -> float:
+    return sample if not average else average + STEP_WEIGHT * (sample - average)
 
 
 class StageWorker:
@@ -77,12 +127,17 @@ class StageWorker:
         self.steps = 0
         self.batches = 0
         self.step_ms = 0.0  # moving average of one decode batch's forward pass
+        self.row_ms = 0.0  # ... and of what one more prompt row adds to a pass
+        self._prompt_turn = True  # a prompt's slice goes before the next decode batch
         self.forward_s = 0.0  # wall time of all forward passes
         self.forward_cpu_s = 0.0  # ... and the model thread's CPU time in them
         self._observe = observe
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue(
+            OUTBOX
+        )
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
@@ -101,6 +156,15 @@ class StageWorker:
         self._has_work.set()
 
     async def run(self) -> None:
+        """Forward passes, with their outputs sent beside them: the next batch starts while
+        the last one's frames go out."""
+        async with asyncio.TaskGroup() as tg:
+            sender = tg.create_task(self._send_outputs())
+            await self._compute()
+            await self._outbox.join()
+            sender.cancel()
+
+    async def _compute(self) -> None:
         while not self._closing:
             await self._has_work.wait()
             self._idle.clear()
@@ -120,24 +184,47 @@ class StageWorker:
         self._closing = True
         self._has_work.set()
         await self._idle.wait()
+        await self._outbox.join()
         await self.refuse_queued(message)
 
     def _take_batch(self) -> list[StepFrame]:
-        """The next frame, plus following decode steps (a token, and maybe a draft to verify)
-        of other prefilled sessions."""
-        first = self._queue.popleft()
-        batch = [first]
-        if not self._decodable(first):
-            return batch
-        seen = {first.session}
-        while self._queue and len(batch) < MAX_BATCH:
-            nxt = self._queue[0]
-            if nxt.session in seen or not self._decodable(nxt):
-                break
-            self._queue.popleft()
-            batch.append(nxt)
-            seen.add(nxt.session)
-        return _fitted(batch) if len(batch) > 1 else batch
+        """The waiting decode steps (a token, and maybe a draft to verify) of up to MAX_BATCH
+        sessions, or a slice of the oldest other step (a prompt, a feed after a replay), in
+        turns while both wait. Only a session's oldest waiting frame may go."""
+        decodes: list[StepFrame] = []
+        other: StepFrame | None = None
+        seen: set[str] = set()
+        for frame in self._queue:
+            if frame.session in seen:
+                continue
+            seen.add(frame.session)
+            if not self._decodable(frame):
+                other = other or frame
+            elif len(decodes) < MAX_BATCH:
+                decodes.append(frame)
+        if other is not None and (self._prompt_turn or not decodes):
+            self._prompt_turn = False
+            return [self._slice(other)]
+        self._prompt_turn = True
+        for frame in decodes:
+            self._queue.remove(frame)
+        return _fitted(decodes) if len(decodes) > 1 else decodes
+
+    def _slice(self, frame: StepFrame) -> StepFrame:
+        """Take `frame`, or its first rows when other sessions may be decoding here (they
+        would wait for the whole of it); the rest stays in the queue, in its place."""
+        total = frame.tensor.shape[0]
+        keep = len(frame.draft) + 1  # the rows sampled stay together, in the last slice
+        cut = total - keep
+        if self.row_ms and len(self.shard.sessions) > 1:
+            cut = min(cut, max(MIN_SLICE, round(self.step_ms / self.row_ms)))
+        if cut < MIN_SLICE or cut >= total - keep:
+            self._queue.remove(frame)
+            return frame
+        head = replace(frame, tensor=rows(frame.tensor, 0, cut), sample=False, draft=())
+        rest = replace(frame, start=frame.start + cut, tensor=rows(frame.tensor, cut, total))
+        self._queue[self._queue.index(frame)] = rest
+        return head
 
     def _decodable(self, frame: StepFrame) -> bool:
         # A cache may hold more than the step continues from: a draft's unconfirmed tokens.
@@ -150,7 +237,7 @@ class StageWorker:
     async def _run_batch(self, batch: list[StepFrame]) -> None:
         started = time.perf_counter()
         try:
-            outputs = await run_model(self._compute, batch)
+            outputs = await run_model(self._pass, batch)
         except CacheMiss as e:
             session = batch[0].session
             if session in self.shard.sessions:
@@ -177,20 +264,34 @@ class StageWorker:
         self.steps += len(batch)
         self.batches += 1
         decode = all(f.tensor.shape[0] == 1 for f in batch)
+        ms = seconds * 1000
         if decode:  # prefills take longer per step: they would hide the decode time
-            ms = seconds * 1000
-            self.step_ms = (
-                ms if not self.step_ms else self.step_ms + STEP_WEIGHT * (ms - self.step_ms)
-            )
+            self.step_ms = _moved(self.step_ms, ms)
+        elif self.step_ms and len(batch) == 1 and (n := batch[0].tensor.shape[0]) >= MIN_SLICE:
+            # A prompt's pass costs about a decode step plus its rows: what slices are cut by.
+            self.row_ms = _moved(self.row_ms, max(ms - self.step_ms, 0.0) / n)
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)
-        for frame, out in zip(batch, outputs, strict=True):
-            await self._emit(frame, out)
+        await self._outbox.put((batch, outputs))
 
-    def _compute(self, batch: list[StepFrame]) -> list[torch.Tensor]:
+    async def _send_outputs(self) -> None:
+        while True:
+            batch, outputs = await self._outbox.get()
+            try:
+                for frame, out in zip(batch, outputs, strict=True):
+                    await self._emit(frame, out)
+            finally:
+                self._outbox.task_done()
+
+    def _pass(self, batch: list[StepFrame]) -> Sequence[Output]:
+        """The batch's forward pass, and what it passes on: hidden states as wire bytes, or
+        at the last stage the tokens each step confirmed (greedy rows picked in one call)."""
         cpu = time.thread_time()
         try:
-            return self._forward(batch)
+            outs = self._forward(batch)
+            if self.next_addr is not None:
+                return [to_wire(out) for out in outs]
+            return _sampled(batch, outs)
         finally:
             self.forward_cpu_s += time.thread_time() - cpu
 
@@ -210,21 +311,18 @@ class StageWorker:
             self.shard.truncate(frame.session, frame.start)  # some layers may hold more
         x = from_wire(frame.tensor)
         positions = torch.arange(frame.start, frame.start + x.shape[0])
-        logits = len(frame.draft) + 1  # a draft's positions are each sampled
+        logits = len(frame.draft) + 1 if frame.sample else 0  # a draft's positions are sampled
         return [self.shard.prefill(frame.session, x, positions, logits=logits)]
 
-    async def _emit(self, frame: StepFrame, out: torch.Tensor) -> None:
+    async def _emit(self, frame: StepFrame, out: Output) -> None:
         try:
-            if self.next_addr is not None:
-                await self._send(self.next_addr, replace(frame, tensor=to_wire(out)))
+            if isinstance(out, TensorData):
+                assert self.next_addr is not None
+                await self._send(self.next_addr, replace(frame, tensor=out))
             elif frame.sample:
-                s = frame.sampling
-                params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
-                # The one copy off the device.
-                tokens = confirmed(Sampler(params), out.cpu(), frame.draft, frame.step)
                 await self._send(
                     frame.origin,
-                    TokenFrame(frame.epoch, frame.session, frame.step, tokens, frame.attempt),
+                    TokenFrame(frame.epoch, frame.session, frame.step, out, frame.attempt),
                 )
         except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
             logger.warning("stage could not pass on %s step %d: %s", frame.session, frame.step, e)

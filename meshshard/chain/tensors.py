@@ -32,7 +32,9 @@ def from_wire(data: TensorData) -> torch.Tensor:
     return t
 
 
-def first_rows(data: TensorData, rows: int) -> TensorData:
-    """The first `rows` rows (tokens) of a frame's tensor, by its bytes."""
+def rows(data: TensorData, start: int, stop: int) -> TensorData:
+    """Rows (tokens) start..stop of a frame's tensor, by its bytes."""
     row = len(data.data) // data.shape[0] if data.shape[0] else 0
-    return TensorData(data.dtype, (rows, *data.shape[1:]), data.data[: rows * row])
+    return TensorData(
+        data.dtype, (stop - start, *data.shape[1:]), data.data[start * row : stop * row]
+    )

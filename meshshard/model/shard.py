@@ -215,7 +215,7 @@ class Shard:
     ) -> torch.Tensor:
         """Start (or continue, for chunked prefill) a session with several tokens. The last
         shard returns the logits of the last position, or [logits, vocab] of the last
-        `logits` positions (to verify a draft)."""
+        `logits` positions (to verify a draft), or nothing (logits=0)."""
         cache = self._sessions.setdefault(session, self.new_cache())
         if positions is None:
             positions = torch.arange(cache.length, cache.length + x.shape[0])
@@ -264,6 +264,8 @@ class Shard:
             h = self._run_layers(h, mask, pos, embeddings, cache, lambda i: clock.lap(first + i))
             unit += len(self.layers)
         if self.lm_head is not None and self.norm is not None:
+            if not logits:  # a prompt's chunk before its last: nothing is sampled from it
+                return h.new_empty((0,))
             out = self.lm_head(self.norm(h[:, -logits:]))[0].float()
             clock.lap(unit)
             return out[-1] if logits == 1 else out

@@ -103,9 +103,9 @@ def test_drafting_pauses_where_it_does_not_pay_and_tries_again() -> None:
 
 
 def test_a_stage_drops_a_draft_by_cutting_the_frames_rows() -> None:
-    from meshshard.chain.tensors import first_rows, from_wire, to_wire
+    from meshshard.chain.tensors import from_wire, rows, to_wire
 
     hidden = torch.randn(4, 6)
-    assert torch.equal(from_wire(first_rows(to_wire(hidden), 1)), hidden[:1])
+    assert torch.equal(from_wire(rows(to_wire(hidden), 0, 1)), hidden[:1])
     ids = torch.tensor([5, 6, 7])
-    assert torch.equal(from_wire(first_rows(to_wire(ids), 1)), ids[:1])
+    assert torch.equal(from_wire(rows(to_wire(ids), 0, 1)), ids[:1])

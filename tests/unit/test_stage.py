@@ -4,6 +4,8 @@ share one forward pass, and each gets the tokens its own pass would have given."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sized
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,12 +44,14 @@ def greedy(model: Path, prompt: list[int], n: int) -> tuple[int, ...]:
     return tuple(generate(chain, prompt, n))
 
 
-async def run(worker: StageWorker, frames: list[StepFrame]) -> None:
-    for frame in frames:  # queued before the worker starts: they wait together
+async def run(worker: StageWorker, frames: list[StepFrame], sent: Sized) -> None:
+    """Run `frames`, queued before the worker starts so that they wait together, until
+    each has sent its answer."""
+    for frame in frames:
         await worker.put(frame)
     task = asyncio.create_task(worker.run())
     try:
-        while worker.steps < len(frames):
+        while len(sent) < len(frames):
             await asyncio.sleep(0.01)
     finally:
         await worker.close("done")
@@ -72,7 +76,7 @@ async def test_drafts_of_different_lengths_are_verified_in_one_pass(tiny_model: 
         step(f"s{i}", len(p), [p[0]], d)
         for i, (p, d) in enumerate(zip(PROMPTS, drafts, strict=True))
     ]
-    await run(worker, frames)
+    await run(worker, frames, sent)
     assert worker.batches == 1  # three sessions, three lengths, one forward pass
     assert all(isinstance(f, TokenFrame) for _, f in sent)
     got = {f.session: f.tokens for _, f in sent if isinstance(f, TokenFrame)}
@@ -97,9 +101,92 @@ async def test_a_full_batch_cuts_drafts_to_its_positions(tiny_model: Path) -> No
     worker = StageWorker(shard, EPOCH, None, send)
     long_draft = tuple(range(10, 20))
     frames = [step(f"s{i}", len(PROMPTS[0]), [3], long_draft) for i in range(sessions)]
-    await run(worker, frames)
+    await run(worker, frames, sent)
     assert worker.batches == 1
     most = MAX_BATCH // sessions - 1
     cut = step("s", len(PROMPTS[0]), [3], long_draft[:most])
     assert all(f.tokens == alone(tiny_model, PROMPTS[0], cut) for f in sent)
     assert all(len(f.tokens) <= most + 1 for f in sent)
+
+
+async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Path) -> None:
+    """A prompt queued ahead of other sessions' decode steps does not hold them until it is
+    all through: it is cut into slices and the decode batch runs after the first. Every
+    session gets the token it would get alone."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    for i, prompt in enumerate(PROMPTS):
+        shard.prefill(f"s{i}", torch.tensor(prompt))
+    order: list[str] = []
+    got: dict[str, tuple[int, ...]] = {}
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        assert isinstance(frame, TokenFrame)
+        order.append(frame.session)
+        got[frame.session] = frame.tokens
+
+    worker = StageWorker(shard, EPOCH, None, send)
+    worker.step_ms, worker.row_ms = 2.0, 0.1  # as measured: a slice of 20 rows
+    long = [(7 * i) % 50 + 1 for i in range(70)]
+    frames = [step("long", 0, long, ())]
+    frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
+    await run(worker, frames, order)
+    assert worker.batches >= 3  # two slices or more, the decode batch between them
+    assert order == ["s0", "s1", "s2", "long"]  # the decode steps did not wait for it all
+    assert got["long"] == greedy(tiny_model, long, 1)
+    for i, (prompt, frame) in enumerate(zip(PROMPTS, frames[1:], strict=True)):
+        assert got[f"s{i}"] == alone(tiny_model, prompt, frame)
+
+
+async def test_the_next_batch_runs_while_the_last_is_sent(tiny_model: Path) -> None:
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        shard.prefill(f"s{i}", torch.tensor(prompt))
+    release = asyncio.Event()
+    sent: list[DataFrame] = []
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        await release.wait()  # a slow link
+        sent.append(frame)
+
+    worker = StageWorker(shard, EPOCH, "next:1", send)
+    task = asyncio.create_task(worker.run())
+    try:
+        await worker.put(step("s0", len(PROMPTS[0]), [3], ()))
+        while worker.batches < 1:
+            await asyncio.sleep(0.01)
+        await worker.put(step("s1", len(PROMPTS[1]), [4], ()))
+        while worker.batches < 2:  # hangs if the worker waits for its first send
+            await asyncio.sleep(0.01)
+        assert not sent
+        release.set()
+        while len(sent) < 2:
+            await asyncio.sleep(0.01)
+        assert [f.session for f in sent if isinstance(f, StepFrame)] == ["s0", "s1"]
+    finally:
+        release.set()
+        await worker.close("done")
+        await task
+
+
+async def test_greedy_and_seeded_steps_in_one_batch_sample_as_alone(tiny_model: Path) -> None:
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        shard.prefill(f"s{i}", torch.tensor(prompt))
+    got: dict[str, tuple[int, ...]] = {}
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        assert isinstance(frame, TokenFrame)
+        got[frame.session] = frame.tokens
+
+    seeded = Sampling(temperature=1.5, top_p=1.0, seed=7)
+    frames = [
+        step("s0", len(PROMPTS[0]), [3], (9, 9)),
+        replace(step("s1", len(PROMPTS[1]), [4], ()), sampling=seeded, step=5),
+    ]
+    await run(StageWorker(shard, EPOCH, None, send), frames, got)
+    assert got["s0"] == alone(tiny_model, PROMPTS[0], frames[0])
+    reference = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    reference.prefill("s", torch.tensor(PROMPTS[1]))
+    logits = reference.prefill("s", torch.tensor([4]))
+    sampler = Sampler(SamplingParams(temperature=1.5, seed=7))
+    assert got["s1"] == (sampler(logits, 5),)
