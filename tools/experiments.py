@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from testbed import Testbed, api_url, down, up, wait_ready  # noqa: E402
+from testbed import READY_TIMEOUT, Testbed, api_url, down, up, wait_ready  # noqa: E402
 
 OUT = ROOT / "docs" / "experiments"
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -115,7 +115,7 @@ def bring_up(tb: Testbed, objective: str) -> dict[str, Any]:
     return wait_ready(tb)
 
 
-def settled(tb: Testbed, quiet: float = 20, timeout: float = 300) -> dict[str, Any]:
+def settled(tb: Testbed, quiet: float = 20, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     """The coordinator's status once every member is profiled and the plan has stayed the
     same for `quiet` seconds: measuring across a replan would measure two plans at once.
     (Peers on one machine profile one at a time, and links are probed more often at first.)"""
@@ -151,8 +151,7 @@ def describe(plan: dict[str, Any]) -> str:
     return " ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in plan["stages"])
 
 
-def prediction(testbeds: list[str]) -> list[dict[str, Any]]:
-    rows = []
+def prediction(testbeds: list[str], rows: list[dict[str, Any]]) -> None:
     for name in testbeds:
         tb = Testbed.load(ROOT / "peers" / f"{name}.toml")
         for objective in ("latency", "throughput"):
@@ -163,6 +162,10 @@ def prediction(testbeds: list[str]) -> list[dict[str, Any]]:
                 one = measure(tb, 1)
                 many = measure(tb, sessions)
                 same_plan(tb, status)
+            except SystemExit as e:  # one that cannot be measured is a row, not the end
+                rows.append({"testbed": name, "objective": objective, "error": str(e)})
+                print(f"{name:<11} {objective:<10} {e}")
+                continue
             finally:
                 down(tb)
             rows.append({
@@ -174,7 +177,6 @@ def prediction(testbeds: list[str]) -> list[dict[str, Any]]:
                 "overhead_ms": {m["id"]: m.get("overhead_ms") for m in status["members"]},
             })  # fmt: skip
             print_rows(rows[-1:], header=len(rows) == 1)
-    return rows
 
 
 def print_rows(rows: list[dict[str, Any]], header: bool) -> None:
@@ -206,14 +208,19 @@ def apply(method: str) -> dict[str, Any]:
         return {"error": json.loads(e.read())["error"]["message"]}
 
 
-def compare(testbeds: list[str]) -> list[dict[str, Any]]:
-    rows = []
+def compare(testbeds: list[str], rows: list[dict[str, Any]]) -> None:
     print(f"{'testbed':<11} {'method':<17} {'pred ms':>8} {'meas ms':>8} {'pred t/s':>8} "
           f"{'meas t/s':>8}  plan")  # fmt: skip
     for name in testbeds:
         tb = Testbed.load(ROOT / "peers" / f"{name}.toml")
         try:
             bring_up(tb, "latency")
+        except SystemExit as e:  # one testbed that cannot be measured is a row, not the end
+            down(tb)
+            rows.append({"testbed": name, "error": str(e)})
+            print(f"{name:<11} {e}")
+            continue
+        try:
             for method in METHODS:
                 out = subprocess.run(
                     ["ip", "netns", "exec", tb.namespace(0), sys.executable, __file__, "_apply",
@@ -245,12 +252,10 @@ def compare(testbeds: list[str]) -> list[dict[str, Any]]:
                       f"{r['measured_tps']:>8.1f}  {r['plan']}")  # fmt: skip
         finally:
             down(tb)
-    return rows
 
 
-def sweep(rates: list[float]) -> list[dict[str, Any]]:
+def sweep(rates: list[float], rows: list[dict[str, Any]]) -> None:
     base = Testbed.load(ROOT / "peers" / "edge-cloud.toml")
-    rows = []
     print(f"{'cloud Mbit/s':>12} {'uses cloud':>10} {'pred ms':>8} {'meas ms':>8}  plan")
     for mbps in rates:
         tb = base.with_rate("cloud", mbps)
@@ -273,12 +278,10 @@ def sweep(rates: list[float]) -> list[dict[str, Any]]:
         r = rows[-1]
         print(f"{mbps:>12g} {cloud!s:>10} {r['predicted_ms']:>8.1f} {r['measured_ms']:>8.1f}  "
               f"{r['plan']}")  # fmt: skip
-    return rows
 
 
-def concurrency(levels: list[int]) -> list[dict[str, Any]]:
+def concurrency(levels: list[int], rows: list[dict[str, Any]]) -> None:
     tb = Testbed.load(ROOT / "peers" / "lan-3.toml")
-    rows = []
     try:
         status = bring_up(tb, "latency")
         plan, now = status["plan"], predicted(status)
@@ -295,7 +298,6 @@ def concurrency(levels: list[int]) -> list[dict[str, Any]]:
         same_plan(tb, status)
     finally:
         down(tb)
-    return rows
 
 
 def plot(kind: str, rows: list[dict[str, Any]], name: str) -> Path:
@@ -374,19 +376,24 @@ def main() -> None:
     name = args.out or args.experiment
     # Peers inherit our environment (launch.PeerCommand).
     os.environ["MESHSHARD_SPECULATE"] = str(args.speculate)
-    if args.experiment == "prediction":
-        rows = prediction(args.testbeds.split(","))
-    elif args.experiment == "compare":
-        rows = compare(args.testbeds.split(","))
-    elif args.experiment == "sweep":
-        rows = sweep([0.5, 1, 5, 10, 50, 100])
-    else:
-        rows = concurrency([1, 4, 8, 16])
-    for row in rows:
-        row["speculate"] = args.speculate
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {plot(args.experiment, rows, name)}")
+    rows: list[dict[str, Any]] = []
+    try:
+        if args.experiment == "prediction":
+            prediction(args.testbeds.split(","), rows)
+        elif args.experiment == "compare":
+            compare(args.testbeds.split(","), rows)
+        elif args.experiment == "sweep":
+            sweep([0.5, 1, 5, 10, 50, 100], rows)
+        else:
+            concurrency([1, 4, 8, 16], rows)
+    finally:  # what was measured is kept, also when a later part fails
+        for row in rows:
+            row["speculate"] = args.speculate
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"{name}.json").write_text(json.dumps(rows, indent=1))
+        measured = [r for r in rows if "error" not in r]
+        if measured:
+            print(f"wrote {plot(args.experiment, measured, name)}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ PORT = 7117
 CFS_PERIOD_US = 4_000
 MIN_QUOTA_US = 1_000  # the kernel's least quota; smaller shares get longer periods
 RUNTIME_MB = 700  # what a peer process needs beside the shard it is offered for
+# A 0.15-core host on a slow machine takes minutes to import, load and profile.
+READY_TIMEOUT = 900
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ def status(tb: Testbed, i: int = 0) -> dict[str, Any] | None:
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 
-def wait_ready(tb: Testbed, timeout: float = 300) -> dict[str, Any]:
+def wait_ready(tb: Testbed, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     """The coordinator's status once its chain is ready and every host is a member."""
     end = time.monotonic() + timeout
     state = STATE / tb.name / "state.json"
