@@ -6,7 +6,7 @@ All on this machine, in one run: single-process tokens/s (`meshshard generate`'s
 for meshes of 2 and 3 real `meshshard up` peers (each offering too little memory to hold the
 model, so the chain has 2 or 3 stages): one session's tokens/s and time to first token, and
 aggregate tokens/s with 1, 4 and 8 concurrent sessions; bytes sent per token per hop; and
-on the 3-peer mesh, the longest gap between the tokens of answers that are decoding while a
+on the 2-peer mesh, the longest gap between the tokens of answers that are decoding while a
 2,000-token prompt is prefilled, against their usual gap. Peers decode one token per pass
 (`--speculate 0`), as the single process does.
 """
@@ -14,6 +14,7 @@ on the 3-peer mesh, the longest gap between the tokens of answers that are decod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
@@ -22,8 +23,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -92,20 +93,20 @@ def long_prompt(tokens: int) -> str:
     return text
 
 
-def prefill_gap(url: str, running: int = 2, tokens: int = 256) -> dict[str, float]:
-    """`running` answers decode; once each has 16 tokens a 2,000-token prompt arrives. The
+def prefill_gap(url: str, answers: int = 2, tokens: int = 160) -> dict[str, float]:
+    """`answers` answers decode; once each has 16 tokens a 2,000-token prompt arrives. The
     longest gap between two tokens of a running answer that spans any of its prefill,
     against the median gap of those answers before it arrived."""
     from meshshard.client import ask as stream
 
     prompt = long_prompt(LONG_PROMPT_TOKENS)
-    stamps: list[list[float]] = [[] for _ in range(running)]
+    stamps: list[list[float]] = [[] for _ in range(answers)]
 
     def decode(i: int) -> None:
         stream(url, PROMPT, max_tokens=tokens, temperature=0.0, seed=None, system=None,
                on_text=lambda _: stamps[i].append(time.perf_counter()))  # fmt: skip
 
-    threads = [threading.Thread(target=decode, args=(i,)) for i in range(running)]
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(answers)]
     for t in threads:
         t.start()
     wait_for(lambda: all(len(s) >= 16 for s in stamps), 120, "the running answers", 0.05)
@@ -126,8 +127,10 @@ def prefill_gap(url: str, running: int = 2, tokens: int = 256) -> dict[str, floa
     }  # fmt: skip
 
 
-def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, Any]:
-    memory = {2: "450MB", 3: "300MB"}[peers]
+@contextlib.contextmanager
+def running(peers: int, memory: str, logs: Path) -> Iterator[str]:
+    """`peers` plain-decoding peers offering `memory` each, once their chain has `peers`
+    stages; yields the first one's API address."""
     base = 7600 + 10 * peers
     procs = [
         Peer(
@@ -136,27 +139,34 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, Any]:
         for i in range(peers)
     ]
     try:
-        url = procs[0].url
 
         def ready() -> bool:
             s = procs[0].status()
             return bool(s and s.get("chain_ready") and len(s["plan"]["stages"]) == peers)
 
-        wait_for(ready, 180, f"a {peers}-stage chain", 0.2)
+        wait_for(ready, 300, f"a {peers}-stage chain", 0.2)
         time.sleep(2)  # let start-up replans settle
-        ask(url, 4)  # warm-up
+        ask(procs[0].url, 4)  # warm-up
+        yield procs[0].url
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, float]:
+    with running(peers, {2: "450MB", 3: "300MB"}[peers], logs) as url:
         one = [ask(url, tokens)["meshshard"] for _ in range(repeats)]
-        out: dict[str, Any] = {
+        out = {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in one),
             "ttft_s": statistics.median(r["ttft_s"] for r in one),
         }
         for sessions in (1, 4, 8):
             results: list[dict] = []
 
-            def one(into: list[dict] = results) -> None:
+            def one_answer(into: list[dict] = results) -> None:
                 into.append(ask(url, tokens))
 
-            threads = [threading.Thread(target=one) for _ in range(sessions)]
+            threads = [threading.Thread(target=one_answer) for _ in range(sessions)]
             start = time.perf_counter()
             for t in threads:
                 t.start()
@@ -165,16 +175,7 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, Any]:
             took = time.perf_counter() - start
             total = sum(r["usage"]["completion_tokens"] for r in results)
             out[f"aggregate_{sessions}"] = total / took
-        status = procs[0].status()
-        hidden = 576 * 4
-        out["bytes_per_token_hop"] = hidden
-        out["stages"] = len(status["plan"]["stages"]) if status else 0
-        if peers == 3:
-            out["prefill"] = prefill_gap(url)
         return out
-    finally:
-        for p in procs:
-            p.kill()
 
 
 def main() -> None:
@@ -183,32 +184,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     local_rate, local_ttft = single_process(args.tokens, args.repeats)
-    with tempfile.TemporaryDirectory() as logs:
-        two = mesh(2, args.tokens, args.repeats, Path(logs))
-        three = mesh(3, args.tokens, args.repeats, Path(logs))
     print(f"SmolLM2-135M float32, {args.tokens} new tokens, greedy; median of {args.repeats}")
     head = ("setup", "tok/s 1 session", "ratio", "TTFT s", "agg 1", "agg 4", "agg 8", "8 vs 1")
     print("{:<16} {:>16} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7}".format(*head))
-    print(f"{'single process':<16} {local_rate:>16.1f} {1.0:>6.2f} {local_ttft:>7.3f}")
-    for name, r in (("2-peer mesh", two), ("3-peer mesh", three)):
-        print(
-            f"{name:<16} {r['tokens_per_s']:>16.1f} {r['tokens_per_s'] / local_rate:>6.2f} "
-            f"{r['ttft_s']:>7.3f} {r['aggregate_1']:>7.1f} {r['aggregate_4']:>7.1f} "
-            f"{r['aggregate_8']:>7.1f} {r['aggregate_8'] / r['aggregate_1']:>7.2f}"
-        )
-    print(
-        f"activation bytes per token per hop: {two['bytes_per_token_hop']} (float32, hidden 576); "
-        "token back to the origin: 4 bytes + framing"
-    )
-    gap = three["prefill"]
-    print(
-        f"3-peer mesh, 2 answers decoding while a {gap['prompt_tokens']}-token prompt is "
-        f"prefilled ({gap['prefill_s']:.1f} s): longest gap {gap['longest_gap_ms']:.0f} ms, "
-        f"usual {gap['usual_gap_ms']:.0f} ms, ratio {gap['gap_ratio']:.2f}"
-    )
+    print(f"{'single process':<16} {local_rate:>16.1f} {1.0:>6.2f} {local_ttft:>7.3f}", flush=True)
     groups = {"single process": {"1 session": local_rate}}
-    for name, r in (("2-peer mesh", two), ("3-peer mesh", three)):
-        groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
+    with tempfile.TemporaryDirectory() as logs:
+        for peers in (2, 3):
+            r = mesh(peers, args.tokens, args.repeats, Path(logs))
+            print(
+                f"{f'{peers}-peer mesh':<16} {r['tokens_per_s']:>16.1f} "
+                f"{r['tokens_per_s'] / local_rate:>6.2f} {r['ttft_s']:>7.3f} "
+                f"{r['aggregate_1']:>7.1f} {r['aggregate_4']:>7.1f} {r['aggregate_8']:>7.1f} "
+                f"{r['aggregate_8'] / r['aggregate_1']:>7.2f}",
+                flush=True,
+            )
+            groups[f"{peers}-peer mesh"] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
+        print(
+            "activation bytes per token per hop: 2304 (float32, hidden 576); "
+            "token back to the origin: 4 bytes + framing"
+        )
+        # Two peers of 500 MB: the benchmark's meshes have no KV room for the long prompt
+        # beside the running answers, and three peers with room would plan two stages.
+        with running(2, "500MB", Path(logs)) as url:
+            gap = prefill_gap(url)
+    print(
+        f"2-peer mesh (500 MB each), 2 answers decoding while a {gap['prompt_tokens']}-token "
+        f"prompt is prefilled ({gap['prefill_s']:.1f} s): longest gap "
+        f"{gap['longest_gap_ms']:.0f} ms, usual {gap['usual_gap_ms']:.0f} ms, "
+        f"ratio {gap['gap_ratio']:.2f}"
+    )
     plots.bars("chain", "SmolLM2-135M on loopback: aggregate tokens/s", "tokens/s", groups)
 
 

@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 
 from meshshard.chain.speculate import confirmed
-from meshshard.chain.tensors import from_wire, rows, to_wire
+from meshshard.chain.tensors import from_wire, joined, rows, to_wire
 from meshshard.chain.worker import run_model
 from meshshard.model.batching import MAX_BATCH
 from meshshard.model.sampling import Sampler, SamplingParams
@@ -152,8 +152,33 @@ class StageWorker:
         if self._closing:
             await self._error(frame, ErrorCode.STALE_EPOCH, "this stage moved to a new plan")
             return
-        self._queue.append(frame)
+        if not self._joined(frame):
+            self._queue.append(frame)
         self._has_work.set()
+
+    def _joined(self, frame: StepFrame) -> bool:
+        """Join a prompt's chunk to the one before it if that still waits here: a prompt
+        then waits as one frame however the stage before cut it, so its slices do not fill
+        the queue (holding up other sessions' steps behind them on the socket) and are cut
+        to this stage's own measure."""
+        for i in range(len(self._queue) - 1, -1, -1):
+            before = self._queue[i]
+            if before.session != frame.session:
+                continue
+            if (
+                before.sample
+                or before.draft
+                or (before.epoch, before.attempt, before.step)
+                != (frame.epoch, frame.attempt, frame.step)
+                or before.start + before.tensor.shape[0] != frame.start
+                or before.tensor.dtype != frame.tensor.dtype
+                or before.tensor.shape[1:] != frame.tensor.shape[1:]
+            ):
+                return False
+            tensor = joined(before.tensor, frame.tensor)
+            self._queue[i] = replace(before, tensor=tensor, sample=frame.sample, draft=frame.draft)
+            return True
+        return False
 
     async def run(self) -> None:
         """Forward passes, with their outputs sent beside them: the next batch starts while

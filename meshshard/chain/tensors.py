@@ -38,3 +38,11 @@ def rows(data: TensorData, start: int, stop: int) -> TensorData:
     return TensorData(
         data.dtype, (stop - start, *data.shape[1:]), data.data[start * row : stop * row]
     )
+
+
+def joined(first: TensorData, then: TensorData) -> TensorData:
+    """Two frames' tensors as one: `then`'s rows after `first`'s."""
+    if first.dtype != then.dtype or first.shape[1:] != then.shape[1:]:
+        raise ValueError("only tensors of one dtype and row shape join")
+    shape = (first.shape[0] + then.shape[0], *first.shape[1:])
+    return TensorData(first.dtype, shape, first.data + then.data)

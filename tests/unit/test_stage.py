@@ -44,14 +44,16 @@ def greedy(model: Path, prompt: list[int], n: int) -> tuple[int, ...]:
     return tuple(generate(chain, prompt, n))
 
 
-async def run(worker: StageWorker, frames: list[StepFrame], sent: Sized) -> None:
+async def run(
+    worker: StageWorker, frames: list[StepFrame], sent: Sized, answers: int | None = None
+) -> None:
     """Run `frames`, queued before the worker starts so that they wait together, until
-    each has sent its answer."""
+    `answers` have been sent (one per frame unless told)."""
     for frame in frames:
         await worker.put(frame)
     task = asyncio.create_task(worker.run())
     try:
-        while len(sent) < len(frames):
+        while len(sent) < (len(frames) if answers is None else answers):
             await asyncio.sleep(0.01)
     finally:
         await worker.close("done")
@@ -190,3 +192,24 @@ async def test_greedy_and_seeded_steps_in_one_batch_sample_as_alone(tiny_model: 
     logits = reference.prefill("s", torch.tensor([4]))
     sampler = Sampler(SamplingParams(temperature=1.5, seed=7))
     assert got["s1"] == (sampler(logits, 5),)
+
+
+async def test_a_prompt_cut_by_the_stage_before_waits_as_one_frame(tiny_model: Path) -> None:
+    """Chunks of one prompt that arrive while their first still waits join it (a queue of
+    them would hold up other sessions' steps on the socket); the answer is the same."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    got: list[TokenFrame] = []
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        assert isinstance(frame, TokenFrame)
+        got.append(frame)
+
+    worker = StageWorker(shard, EPOCH, None, send)
+    long = [(5 * i) % 40 + 1 for i in range(50)]
+    chunks = [
+        replace(step("p", start, long[start : start + 20], ()), sample=start + 20 >= len(long))
+        for start in range(0, len(long), 20)
+    ]
+    await run(worker, chunks, got, answers=1)
+    assert worker.batches == 1  # one pass: the stage was alone, so the prompt went whole
+    assert [f.tokens for f in got] == [greedy(tiny_model, long, 1)]
