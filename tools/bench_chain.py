@@ -37,14 +37,20 @@ PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 LONG_PROMPT_TOKENS = 2000
 
 
-def single_process(tokens: int, repeats: int) -> tuple[float, float]:
+def embedded_model() -> Path:
+    """The default model's folder, as the peers find it."""
     from meshshard.config import Config
-    from meshshard.model.generate import LocalChain, generate
     from meshshard.model.source import resolve_model
-    from meshshard.model.text import TextCodec
 
     config = Config()
-    model_dir = resolve_model(config.model, config.cache_dir)
+    return resolve_model(config.model, config.cache_dir)
+
+
+def single_process(tokens: int, repeats: int) -> tuple[float, float]:
+    from meshshard.model.generate import LocalChain, generate
+    from meshshard.model.text import TextCodec
+
+    model_dir = embedded_model()
     chain = LocalChain.load(model_dir)
     codec = TextCodec.load(model_dir)
     ids = codec.encode(PROMPT, chat=True)
@@ -80,12 +86,9 @@ def ask(url: str, tokens: int) -> dict:
 
 def long_prompt(tokens: int) -> str:
     """A prompt of about `tokens` tokens (chat template included)."""
-    from meshshard.config import Config
-    from meshshard.model.source import resolve_model
     from meshshard.model.text import TextCodec
 
-    config = Config()
-    codec = TextCodec.load(resolve_model(config.model, config.cache_dir))
+    codec = TextCodec.load(embedded_model())
     text, n = "Summarise these notes.", 0
     while len(codec.encode(text, chat=True)) < tokens:
         n += 1
