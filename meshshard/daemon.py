@@ -33,7 +33,7 @@ from meshshard.chain.links import (
 )
 from meshshard.chain.meter import StepCostMeter
 from meshshard.chain.service import ChainService
-from meshshard.chain.worker import run_model
+from meshshard.chain.worker import run_imports, run_setup
 from meshshard.config import Config
 from meshshard.delays import DelayedLinks, Delays, answer_delays, request_delays
 from meshshard.edge.serve import ConnectionGate, serve
@@ -53,6 +53,7 @@ from meshshard.planner.flow import PLAIN, Speculation
 from meshshard.progress import progress
 from meshshard.rounds import rounds
 from meshshard.security import Keyring, Sealer
+from meshshard.stalls import StallWatch
 from meshshard.types import Member, NodeId, Profile, State
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Daemon:
         self.placement: Placement | None = None
         self._stop = asyncio.Event()
         self._started = time.time()
+        self.stalls = StallWatch(2 * config.timings.probe_timeout)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -171,6 +173,9 @@ class Daemon:
                         self.gates["api"], header_timeout, handler_cancellation=True,
                     )
                 )  # fmt: skip
+                # Before anyone knows us: parts of these hold the GIL for a second on a slow
+                # host, where a member's probes would go unanswered.
+                await _prepare_model(model_dir, codec)
                 if config.mdns:
                     host, _, port = addr.rpartition(":")
                     discovery = Discovery(
@@ -194,7 +199,6 @@ class Daemon:
                     tasks = [
                         tg.create_task(self._profile(node, model_dir)),
                         tg.create_task(service.run()),
-                        tg.create_task(_load_codec(model_dir, codec)),
                         tg.create_task(
                             rounds(
                                 "load",
@@ -204,6 +208,8 @@ class Daemon:
                             )
                         ),
                         tg.create_task(_chain_ready(node)),
+                        # Two probe timeouts: a stall that long costs at least one probe.
+                        tg.create_task(self.stalls.run(asyncio.sleep)),
                     ]
                     if discovery is not None:
                         tasks.append(
@@ -234,12 +240,12 @@ class Daemon:
         logger.info("peer %s stopped", node_id)
 
     async def _profile(self, node: ControlNode, model_dir: Any) -> None:
-        """Measure this device in a thread (torch is imported there), then publish it."""
+        """Measure this device on the model thread, then publish the profile."""
         from meshshard.model.profile import cached_quick_profile
 
         assert self.placement is not None
         try:
-            result = await run_model(
+            result = await run_setup(
                 cached_quick_profile, model_dir, self.placement, self.config.profile_folder
             )
         except Exception as e:  # a failed profile leaves the estimate in place
@@ -264,6 +270,7 @@ class Daemon:
             "version": __version__,
             "model": self.node.model,
             "uptime_s": round(time.time() - self._started, 1),
+            "loop_stalls": {"count": self.stalls.count, "longest_s": round(self.stalls.longest, 2)},
         }
         if self.service is not None and self.sealer is not None:
             status["security"] = {
@@ -358,13 +365,20 @@ def _bearer(token: str | None) -> Any:
     return check
 
 
-async def _load_codec(model_dir: Any, codec: asyncio.Future[Any]) -> None:
+async def _prepare_model(model_dir: Any, codec: asyncio.Future[Any]) -> None:
+    """Import the model's code, then load the tokenizer, on the model thread."""
+    from meshshard.model.shard import import_code
     from meshshard.model.text import TextCodec
 
-    try:
-        codec.set_result(await run_model(TextCodec.load, model_dir))
-    except Exception as e:
-        codec.set_exception(e)
+    with progress("importing the model's code and loading its tokenizer"):
+        try:
+            await run_imports(import_code, model_dir)
+        except Exception as e:
+            raise MeshShardError(f"cannot import the code of the model in {model_dir}: {e}") from e
+        try:
+            codec.set_result(await run_setup(TextCodec.load, model_dir))
+        except Exception as e:  # the API says it, per request
+            codec.set_exception(e)
 
 
 async def _chain_ready(node: ControlNode) -> None:

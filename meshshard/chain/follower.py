@@ -11,7 +11,6 @@ whose origin left or went quiet, caches left behind too long) is freed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -36,14 +35,14 @@ from meshshard.chain.seam import ControlPlane
 from meshshard.chain.stage import Observe, StageWorker
 from meshshard.chain.stats import ChainStats
 from meshshard.chain.tensors import from_wire, to_wire
-from meshshard.chain.worker import run_model
+from meshshard.chain.worker import run_model, run_setup
 from meshshard.clock import Clock, Pulse
 from meshshard.config import Timings
 from meshshard.events import EventLog
 from meshshard.model.costs import DTYPE_BYTES
 from meshshard.model.device import Placement
 from meshshard.model.kvcache import KVCache
-from meshshard.model.shard import Shard, warm
+from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
 from meshshard.types import PlanRecord
 from meshshard.wire import (
@@ -107,7 +106,6 @@ class PlanFollower:
         self._handed: dict[str, set[int]] = {}  # layers handed off before we switched plans
         self._ended: OrderedDict[str, None] = OrderedDict()  # sessions dropped here
         self._tg: asyncio.TaskGroup | None = None
-        self._warmed = False  # the model's code built once (spares; see _prepare)
         self._stage_task: asyncio.Task[None] | None = None
 
     @property
@@ -147,13 +145,6 @@ class PlanFollower:
             case NoUnits():
                 self._pending = _Prepared(plan, None, None)
                 self.control.set_ready(plan.epoch)
-                if not self._warmed:
-                    # A spare: build the model's code now, while idle, so that the first
-                    # shard it loads (in a failover, say) does not wait a second for imports.
-                    # Peers with units do it by loading; doing it at start slowed them all.
-                    self._warmed = True
-                    with contextlib.suppress(Exception):  # a real load says what fails
-                        await run_model(warm, self.model_dir)
                 return
             case WaitNext(node=node):
                 logger.warning("next stage %s is not a live member; waiting for a new plan", node)
@@ -163,10 +154,9 @@ class PlanFollower:
             case Load(start=start, end=end):
                 started = self.clock.now()
                 p = self.placement
-                shard = await run_model(
+                shard = await run_setup(
                     Shard.load, self.model_dir, start, end, p.dtype, str(p.device), p.quantize
                 )
-                self._warmed = True
                 self.events.add(
                     "shard",
                     f"loaded units {start}..{end - 1} ({shard.weight_bytes() / 1e6:.0f} MB)"

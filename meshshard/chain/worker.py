@@ -7,12 +7,21 @@ The thread runs at a lower scheduling priority than the event loop. On a slow ho
 given a sliver of a core) the model's work would otherwise take the CPU from the loop, probes
 would go unanswered for seconds and the others would declare a live peer dead. Nice only
 matters while both want the CPU: an idle loop leaves the model all of it.
+
+Nice cannot help while the model thread holds the GIL, and a full garbage collection holds it
+throughout: with torch and transformers imported one takes about 0.1 s on a free core, so
+0.6 to 1 s on a 0.15-core host, and the allocations of imports, profiling and loading set off
+many of them (a phone of the home-wifi testbed stalled 0.6, 0.7, 1.0 and 1.4 s and was
+declared dead). So setup work runs with the collector paused (`run_setup`), and the imported
+code, which lives as long as the process, is frozen once (`run_imports`, `gc.freeze` as
+pre-fork servers do): later collections walk thousands of objects instead of 600,000.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import sys
@@ -49,3 +58,28 @@ _executor = ThreadPoolExecutor(
 async def run_model(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+
+
+async def run_setup(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """`run_model` for work that allocates much (loading, profiling): no collection midway;
+    the next one walks what it left, which is small beside the frozen imports."""
+    return await run_model(_paused, functools.partial(fn, *args, **kwargs), freeze=False)
+
+
+async def run_imports(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """`run_setup` for imports: what they make lives as long as the process, so it is frozen
+    out of every later collection. (What the event loop made meanwhile is frozen with it:
+    little, and reference counting still frees it.)"""
+    return await run_model(_paused, functools.partial(fn, *args, **kwargs), freeze=True)
+
+
+def _paused(fn: Callable[[], T], freeze: bool) -> T:
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return fn()
+    finally:
+        if freeze:
+            gc.freeze()
+        if was:
+            gc.enable()

@@ -380,10 +380,13 @@ def load_spec(model_dir: Path) -> ModelSpec:
     return ModelSpec.from_config(load_config(model_dir), name=model_name(model_dir))
 
 
-def warm(model_dir: Path) -> None:
-    """Import and build the model's code once, on the meta device (no weights): the first
-    shard a peer loads, in a failover say, then does not wait a second for the imports."""
-    _skeleton(load_config(model_dir))
+def import_code(model_dir: Path) -> None:
+    """Import torch, transformers and the model's own module without building anything: a
+    peer does it first, so the first shard it loads (in a failover, say) does not wait
+    seconds for imports, and the imports can be frozen out of garbage collection."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(load_config(model_dir))]
 
 
 def _skeleton(config: Any) -> Any:

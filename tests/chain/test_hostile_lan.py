@@ -107,8 +107,9 @@ def test_a_mesh_whose_every_message_arrives_in_pieces_forms_and_answers(
     view = wait_for_agreement(mesh, 60)
     assert {m["addr"] for m in view["members"]} == {r.addr for r in relays}
     assert answer(mesh[0]) == reference
-    # Syncs of several KB and activation frames did cross the relays, cut into pieces.
-    assert all(r.pieces > 200 for r in relays), [r.pieces for r in relays]
+    # Syncs of several KB and activation frames (2.3 KB a token) did cross every relay, cut
+    # into pieces. (How many depends on how long the mesh took to form.)
+    assert all(r.cut >= 20 for r in relays), [(r.cut, r.pieces) for r in relays]
 
 
 def test_api_bodies_in_pieces_with_pauses_are_read_whole(mesh: list[Peer], reference: str) -> None:

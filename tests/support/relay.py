@@ -17,6 +17,7 @@ class Relay:
         self.target_port, self.listen_port = target_port, listen_port
         self.piece, self.pause = piece, pause
         self.pieces = 0  # pieces forwarded, both ways
+        self.cut = 0  # reads forwarded as more than one piece
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -64,6 +65,7 @@ class Relay:
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(64 * 1024):
+                self.cut += len(data) > self.piece
                 for i in range(0, len(data), self.piece):
                     if self.pause:
                         await asyncio.sleep(self.pause)

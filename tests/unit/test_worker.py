@@ -1,14 +1,17 @@
-"""The model thread yields the CPU to the event loop (gossip and probes) where both want it."""
+"""The model thread leaves the event loop (gossip and probes) the CPU where both want it, and
+the GIL while it sets up."""
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 import sys
 import threading
 
 import pytest
 
-from meshshard.chain.worker import MODEL_NICE, run_model
+from meshshard.chain.worker import MODEL_NICE, run_imports, run_model, run_setup
 
 
 def nice_of_this_thread() -> int:
@@ -21,3 +24,32 @@ async def test_model_work_runs_below_the_event_loop() -> None:
     model_nice = await run_model(nice_of_this_thread)
     assert model_nice == min(19, loop_nice + MODEL_NICE)
     assert nice_of_this_thread() == loop_nice  # the loop's own priority is untouched
+
+
+def collector_state() -> tuple[bool, int]:
+    return gc.isenabled(), gc.get_freeze_count()
+
+
+async def test_setup_work_runs_without_collections_and_leaves_nothing_frozen() -> None:
+    before = gc.get_freeze_count()
+    during, frozen_during = await run_setup(collector_state)
+    assert not during  # a collection would hold the GIL for the whole of it
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen_during == before  # loads and profiles are freed later
+
+
+async def test_imports_are_frozen_out_of_later_collections() -> None:
+    module = await run_imports(importlib.import_module, "json.tool")
+    try:
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+        frozen = {id(o) for o in gc.get_objects(generation=2)}
+        assert id(module.main) not in frozen  # no longer walked by any generation
+    finally:
+        gc.unfreeze()
+
+
+async def test_a_failing_setup_still_turns_the_collector_back_on() -> None:
+    with pytest.raises(ZeroDivisionError):
+        await run_setup(lambda: 1 / 0)
+    assert gc.isenabled()
