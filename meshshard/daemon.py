@@ -301,6 +301,11 @@ class Daemon:
                 "left_behind": len(self.service.follower.left_behind),
                 "left_behind_bytes": self.service.follower.left_behind.nbytes(),
             }
+            standby = self.service.follower.standby
+            status["standby"] = {
+                "units": [standby.start, standby.end] if standby else None,
+                "used": self.service.stats.standbys_used,
+            }
         stage = self.service.follower.stage if self.service else None
         status["stage"] = (
             {

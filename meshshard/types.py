@@ -98,6 +98,14 @@ class PlanStage:
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """The stages a plan gives way to if the member `lost` is lost (see mesh/fallbacks.py)."""
+
+    lost: NodeId
+    stages: tuple[PlanStage, ...]
+
+
+@dataclass(frozen=True)
 class PlanRecord:
     """A published plan: which member runs which units, fenced by its epoch."""
 
@@ -110,9 +118,14 @@ class PlanRecord:
     reason: str = ""  # why this plan was made ("peer-c joined", "peer-b died")
     # Why each member not in the plan was left out, in words an operator can act on.
     left_out: tuple[tuple[NodeId, str], ...] = ()
+    # For each stage's member, what this plan gives way to without it (precomputed).
+    fallbacks: tuple[Fallback, ...] = ()
 
     def stage_of(self, node: NodeId) -> PlanStage | None:
         return next((s for s in self.stages if s.device == node), None)
+
+    def fallback(self, lost: NodeId) -> Fallback | None:
+        return next((f for f in self.fallbacks if f.lost == lost), None)
 
 
 @dataclass(frozen=True)

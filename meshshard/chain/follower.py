@@ -27,6 +27,7 @@ from meshshard.chain.following import (
     Step,
     WaitNext,
     prepare,
+    standby,
     step_verdict,
     switch_now,
 )
@@ -100,6 +101,7 @@ class PlanFollower:
         self.budget = KVBudget(None)  # the serving stage's KV memory, reserved by sessions
         self.left_behind = LeftBehind(timings.left_behind_keep, clock.now)
         self._pending: _Prepared | None = None
+        self.standby: Shard | None = None  # a spare's preloaded units (see _keep_standby)
         self._switch = asyncio.Lock()
         self._seen: dict[str, tuple[str, float]] = {}  # session -> (origin, last step time)
         self._kv_in: dict[tuple[str, int], int] = {}  # (session, attempt) -> layers received
@@ -132,6 +134,8 @@ class PlanFollower:
                 logger.error("[%s] cannot serve epoch %s: %s", self.control.node, plan.epoch, e)
                 continue
             await self._await_switch(plan)
+            if self.control.plan() == plan:
+                await self._keep_standby(plan)
 
     async def _prepare(self, plan: PlanRecord) -> None:
         """Load what `plan` asks of this peer, while the current stage keeps serving."""
@@ -140,6 +144,7 @@ class PlanFollower:
         nxt = plan.stages[index + 1].device if 0 <= index < len(plan.stages) - 1 else None
         next_addr = self.control.address_of(nxt) if nxt is not None else None
         shards = [p.shard for p in (self.stage, self._pending) if p is not None and p.shard]
+        shards += [self.standby] if self.standby is not None else []
         held = [(s.start, s.end) for s in shards]
         match prepare(plan, self.control.node, held, next_addr is not None):
             case NoUnits():
@@ -151,7 +156,12 @@ class PlanFollower:
                 return
             case Reuse(start=start, end=end):
                 shard = next(s for s in shards if (s.start, s.end) == (start, end))
+                if shard is self.standby:
+                    self.standby = None
+                    self.stats.standbys_used += 1
+                    self.events.add("shard", f"units {start}..{end - 1} were preloaded: no load")
             case Load(start=start, end=end):
+                self.standby = None  # not these units: its memory is needed
                 started = self.clock.now()
                 p = self.placement
                 shard = await run_setup(
@@ -165,6 +175,32 @@ class PlanFollower:
         self._pending = _Prepared(plan, shard, next_addr)
         if self.control.plan() == plan:
             self.control.set_ready(plan.epoch)
+
+    async def _keep_standby(self, plan: PlanRecord) -> None:
+        """A spare preloads the units a fallback of `plan` would give it, so that the loss
+        of that stage loads nothing here. Its memory is the spare's own offer, which the
+        fallback was planned to fit."""
+        want = standby(plan, self.control.node)
+        held = self.standby
+        if held is not None and (held.start, held.end) != want:
+            self.standby = None
+        if want is None or self.standby is not None:
+            return
+        started = self.clock.now()
+        p = self.placement
+        try:
+            shard = await run_setup(
+                Shard.load, self.model_dir, *want, p.dtype, str(p.device), p.quantize
+            )
+        except Exception as e:  # a standby is an optimisation: the failover would load
+            logger.warning("could not preload units %d..%d: %s", want[0], want[1] - 1, e)
+            return
+        self.standby = shard
+        self.events.add(
+            "shard",
+            f"standby: preloaded units {want[0]}..{want[1] - 1} ({shard.weight_bytes() / 1e6:.0f}"
+            f" MB) in {self.clock.now() - started:.1f} s for a fallback of epoch {plan.epoch}",
+        )
 
     async def _await_switch(self, plan: PlanRecord) -> None:
         """Switch to `plan` once its whole chain is ready, unless a newer plan comes first."""

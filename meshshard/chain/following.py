@@ -54,6 +54,16 @@ def prepare(
     return Load(mine.start, mine.end)
 
 
+def standby(plan: PlanRecord, me: NodeId) -> tuple[int, int] | None:
+    """The units a spare preloads for `plan` (a warm standby): those its fallbacks give it
+    most often, the earliest fallback's on a tie. None for a peer the plan gives units (its
+    memory is its stage's) or that no fallback uses."""
+    if plan.stage_of(me) is not None:
+        return None
+    given = [(s.start, s.end) for f in plan.fallbacks for s in f.stages if s.device == me]
+    return max(given, key=given.count, default=None)
+
+
 def switch_now(chain_ready: bool, serving: bool) -> bool:
     """Switch to a prepared plan once its whole chain is ready; a peer that serves nothing
     switches at once (it keeps no one waiting). A step of the new epoch also switches."""

@@ -19,11 +19,13 @@ class ChainStats:
     drafted: int = 0
     kept: int = 0
     # As a stage: layers of KV cache handed to new owners and taken from old ones, new
-    # sessions refused for want of memory, and steps run by the stages since replaced.
+    # sessions refused for want of memory, steps run by the stages since replaced, and
+    # plans served on preloaded units (warm standbys) with no load.
     kv_layers_sent: int = 0
     kv_layers_received: int = 0
     busy: int = 0
     steps_before: int = 0
+    standbys_used: int = 0
 
     def per_pass(self) -> tuple[float, float]:
         """Positions each pass ran and tokens it gave, on average (1, 1 before any)."""

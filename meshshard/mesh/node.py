@@ -33,6 +33,7 @@ from meshshard.mesh.coordinator import (
 from meshshard.mesh.decide import Keep, View, decide, worth_publishing
 from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.estimates import LinkEstimates, material
+from meshshard.mesh.fallbacks import outdated, standing, with_fallbacks
 from meshshard.mesh.membership import Change, Membership
 from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
 from meshshard.mesh.seeds import Seeds
@@ -221,6 +222,9 @@ class ControlNode:
         what = method if method != "planner" else f"planner ({self.objective})"
         if exclude:
             what += f" without {', '.join(sorted(exclude))}"
+        plan = with_fallbacks(
+            plan, self._plannable(), self.profiles, self.units, self.context_tokens
+        )
         epoch = self.book.next_epoch(self.id, self.clock.wall())
         plan = replace(plan, epoch=epoch, reason=f"operator: {what}")
         self._pinned = sig.members if method != "planner" else None
@@ -509,7 +513,10 @@ class ControlNode:
             inst = mesh_instance(
                 members, self.profiles, self.units, self.model, self.id, self.context_tokens
             )
-            plan = make_plan(inst, self.objective, self.id, self.model, decision.reason)
+            # A lost stage's precomputed fallback, where it still fits: standbys hold its units.
+            plan = (standing(current, live, inst) if current is not None else None) or make_plan(
+                inst, self.objective, self.id, self.model, decision.reason
+            )
         except InstanceError as e:
             if str(e) != self.plan_error:
                 self.events.add("plan-error", f"cannot plan: {e}")
@@ -520,11 +527,21 @@ class ControlNode:
         # A plan made on estimated profiles is redone once they are measured, gain or not.
         settled = not (self._guessed and measured)
         better = current is None or _worth_it(inst, current, plan)
+        reason = decision.reason
         if not worth_publishing(decision, settled, better):
-            return  # the plan in force is still valid and nearly as good: no churn
-        self._guessed = not measured
-        plan = replace(plan, epoch=self.book.next_epoch(self.id, self.clock.wall()))
-        self._adopt(plan)
+            assert current is not None  # only a plan in force of ours is kept
+            # The plan in force stands (no churn), but its fallbacks follow the members: a
+            # spare that joined gives stages a fallback they lacked. Not while a stage is
+            # unwell: its fallback may be needed any moment, as it stands.
+            plan = with_fallbacks(current, members, self.profiles, self.units, self.context_tokens)
+            if view.unwell or not outdated(current, plan, live):
+                return
+            reason += "; the plan stands, with new fallbacks"
+        else:
+            self._guessed = not measured
+            plan = with_fallbacks(plan, members, self.profiles, self.units, self.context_tokens)
+        epoch = self.book.next_epoch(self.id, self.clock.wall())
+        self._adopt(replace(plan, epoch=epoch, reason=reason))
         await self._push_all(self.timings.probe_timeout * 4)
 
     async def _link_round(self) -> None:

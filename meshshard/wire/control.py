@@ -8,6 +8,7 @@ from typing import Any
 import cbor2
 
 from meshshard.types import (
+    Fallback,
     LinkStat,
     Member,
     NodeId,
@@ -243,35 +244,27 @@ def _plan_out(p: PlanRecord | None) -> dict[str, Any] | None:
         "epoch": [p.epoch.term, p.epoch.coordinator],
         "model": p.model,
         "objective": p.objective,
-        "stages": [[s.device, s.start, s.end] for s in p.stages],
+        "stages": _stages_out(p.stages),
         "latency_ms": p.latency_ms,
         "bottleneck_ms": p.bottleneck_ms,
         "reason": p.reason,
         "left_out": [[node, why] for node, why in p.left_out],
+        "fallbacks": [[f.lost, _stages_out(f.stages)] for f in p.fallbacks],
     }
+
+
+def _stages_out(stages: tuple[PlanStage, ...]) -> list[list[Any]]:
+    return [[s.device, s.start, s.end] for s in stages]
 
 
 def _plan_in(raw: object) -> PlanRecord | None:
     if raw is None:
         return None
     m = checks.a_map(raw, "plan")
-    stages = []
-    end = 0
-    for i, s in enumerate(checks.a_list(m.get("stages"), "plan.stages")):
-        triple = checks.a_list(s, f"plan.stages[{i}]")
-        if len(triple) != 3:
-            raise WireError(f"plan.stages[{i}] must be [device, start, end]")
-        stage = PlanStage(
-            NodeId(checks.text(triple[0], "plan.stages.device")),
-            checks.integer(triple[1], "plan.stages.start", high=MAX_COUNT),
-            checks.integer(triple[2], "plan.stages.end", high=MAX_COUNT),
-        )
-        if stage.start != end or stage.end <= stage.start:
-            raise WireError(f"plan.stages[{i}] does not continue the chain")
-        end = stage.end
-        stages.append(stage)
-    if not stages:
-        raise WireError("plan has no stages")
+    stages = _stages_in(m.get("stages"), "plan.stages")
+    fallbacks = checks.a_list(m.get("fallbacks", []), "plan.fallbacks")
+    if len(fallbacks) > len(stages):
+        raise WireError("plan.fallbacks: more than one per stage")
     return PlanRecord(
         epoch=checks.epoch(m.get("epoch")),
         model=checks.text(m.get("model"), "plan.model"),
@@ -284,7 +277,37 @@ def _plan_in(raw: object) -> PlanRecord | None:
             _left_out(x, i)
             for i, x in enumerate(checks.a_list(m.get("left_out", []), "plan.left_out"))
         ),
+        fallbacks=tuple(_fallback(x, i) for i, x in enumerate(fallbacks)),
     )
+
+
+def _stages_in(raw: object, what: str) -> tuple[PlanStage, ...]:
+    stages = []
+    end = 0
+    for i, s in enumerate(checks.a_list(raw, what)):
+        triple = checks.a_list(s, f"{what}[{i}]")
+        if len(triple) != 3:
+            raise WireError(f"{what}[{i}] must be [device, start, end]")
+        stage = PlanStage(
+            NodeId(checks.text(triple[0], f"{what}.device")),
+            checks.integer(triple[1], f"{what}.start", high=MAX_COUNT),
+            checks.integer(triple[2], f"{what}.end", high=MAX_COUNT),
+        )
+        if stage.start != end or stage.end <= stage.start:
+            raise WireError(f"{what}[{i}] does not continue the chain")
+        end = stage.end
+        stages.append(stage)
+    if not stages:
+        raise WireError(f"{what}: no stages")
+    return tuple(stages)
+
+
+def _fallback(raw: object, i: int) -> Fallback:
+    pair = checks.a_list(raw, f"plan.fallbacks[{i}]")
+    if len(pair) != 2:
+        raise WireError(f"plan.fallbacks[{i}] must be [lost member, stages]")
+    lost = NodeId(checks.text(pair[0], "plan.fallbacks.lost"))
+    return Fallback(lost, _stages_in(pair[1], f"plan.fallbacks[{i}].stages"))
 
 
 def _left_out(raw: object, i: int) -> tuple[NodeId, str]:

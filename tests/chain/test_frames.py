@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from meshshard.api.stops import StopMatcher
 from meshshard.chain.tensors import from_wire, to_wire
-from meshshard.types import Epoch
+from meshshard.types import Epoch, Fallback, NodeId, PlanStage
 from meshshard.wire import (
     MAX_FRAME_BYTES,
     PROTOCOL,
@@ -25,11 +25,13 @@ from meshshard.wire import (
     KVFrame,
     Sampling,
     StepFrame,
+    Sync,
     TensorData,
     TokenFrame,
     WireError,
     decode,
     decode_frame,
+    encode,
     encode_frame,
 )
 
@@ -167,6 +169,16 @@ def raw_sync(member: dict | None = None, profile: dict | None = None, plan: obje
 
 PLAN = {"epoch": [3, "x"], "model": "m", "objective": "latency", "stages": [["x", 0, 1]]}
 PLAN |= {"latency_ms": 1.0, "bottleneck_ms": 1.0, "reason": ""}
+FALLBACK = [["y", 0, 1]]
+
+
+def test_a_plan_travels_with_its_fallbacks() -> None:
+    sync = decode(raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK]]}))
+    assert isinstance(sync, Sync) and sync.plan is not None
+    assert sync.plan.fallbacks == (Fallback(NodeId("x"), (PlanStage(NodeId("y"), 0, 1),)),)
+    assert sync.plan.fallback(NodeId("x")) == sync.plan.fallbacks[0]
+    assert sync.plan.fallback(NodeId("y")) is None
+    assert decode(encode(sync)) == sync
 
 
 @pytest.mark.parametrize(
@@ -191,6 +203,10 @@ PLAN |= {"latency_ms": 1.0, "bottleneck_ms": 1.0, "reason": ""}
         (raw_sync(plan=PLAN | {"epoch": [2**63 - 1, "x"]}), "epoch.term"),
         (raw_sync(plan=PLAN | {"stages": [["x", 0, 2**40]]}), "plan.stages.end"),
         (raw_sync(plan=PLAN | {"latency_ms": float("inf")}), "latency_ms"),
+        (raw_sync(plan=PLAN | {"fallbacks": [["x"]]}), r"must be \[lost member, stages\]"),
+        (raw_sync(plan=PLAN | {"fallbacks": [["x", []]]}), r"fallbacks\[0\].stages: no stages"),
+        (raw_sync(plan=PLAN | {"fallbacks": [["x", [["y", 1, 2]]]]}), "does not continue"),
+        (raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK], ["y", FALLBACK]]}), "one per stage"),
     ],
 )
 def test_gossip_fields_out_of_range_are_refused(data: bytes, message: str) -> None:

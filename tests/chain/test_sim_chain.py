@@ -19,7 +19,7 @@ from meshshard.chain.tensors import to_wire
 from meshshard.model.costs import unit_costs
 from meshshard.model.device import Device, Placement
 from meshshard.model.generate import LocalChain, generate
-from meshshard.types import Epoch, PlanRecord
+from meshshard.types import Epoch, NodeId, PlanRecord
 from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, Sampling, StepFrame
 
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42], [7] * 12, [88, 3, 61, 20, 19, 4, 77]]
@@ -138,6 +138,11 @@ async def test_an_answer_survives_a_stage_crashing_mid_answer(
         plan = await three_stages(mesh, "abcd")
         # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies.
         origin = plan.stages[0 if victim else -1].device
+        spare = next(NodeId(p) for p in "abcd" if plan.stage_of(NodeId(p)) is None)
+        follower = mesh.peers[spare].service.follower
+        await until(lambda: follower.standby is not None, 20, "the spare's standby loaded")
+        assert follower.standby is not None
+        preloaded = (follower.standby.start, follower.standby.end)
         mesh.data.delay = 0.005  # so the answer is still going when the crash is noticed
         got: list[int] = []
         task = asyncio.create_task(answer(mesh, origin, PROMPTS[0], 48, got))
@@ -159,6 +164,17 @@ async def test_an_answer_survives_a_stage_crashing_mid_answer(
         stats = mesh.peers[origin].service.stats
         assert stats.replays > 0  # its cache died: fed again
         assert stats.kept > 0  # ... through an answer that was speculating
+        # The victim's precomputed fallback was put in force as it stood (by the next
+        # coordinator, where the coordinator died), and the spare switched onto its
+        # preloaded units where the fallback gave it those.
+        fallback = mesh.peers[origin].node.book.current
+        expected = plan.fallback(plan.stages[victim].device)
+        assert fallback is not None and expected is not None
+        assert fallback.stages == expected.stages
+        mine = fallback.stage_of(spare)
+        assert mine is not None
+        used = mesh.peers[spare].service.stats.standbys_used
+        assert used == ((mine.start, mine.end) == preloaded), (mine, preloaded, used)
 
 
 async def test_a_graceful_leave_hands_caches_over_without_replaying(
