@@ -55,6 +55,9 @@ def render_status(data: dict[str, Any]) -> str:
     if plan:
         chain = " -> ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in plan["stages"])
         lines.append(f"plan ({plan['objective']}): {chain}  [{plan.get('reason', '')}]")
+        for lost, stages in (plan.get("fallbacks") or {}).items():
+            alt = " -> ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in stages)
+            lines.append(f"  without {lost}: {alt}")
         now = data.get("predicted_now") or plan
         lines.append(
             f"predicted {now['latency_ms']:.1f} ms/token, {now['tokens_per_s']:.1f} tokens/s"

@@ -16,8 +16,9 @@ a peer that is not the victim; after ten tokens the victim goes:
 Per run: the seconds from the event to the next token the caller gets (for `small`, to the
 error event, and the new request's time to its 503), whether the answer equals the
 undisturbed single-process answer, and the false deaths: members other than the victim that
-any peer's log declares dead. Prints min / median / max per case, writes the runs as JSON and
-a plot (docs/benchmarks/churn.png).
+any peer's log declares dead; and whether the spare switched onto the units it had preloaded
+(a warm standby) rather than loading. Prints min / median / max per case, writes the runs as
+JSON and a plot (docs/benchmarks/churn.png).
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ def once(
             gaps = [b - a for a, b in zip(stream.arrivals, stream.arrivals[1:], strict=False)]
             result["median_gap_s"] = statistics.median(gaps) if gaps else None
             result["same_answer"] = stream.text == expected and stream.error is None
+        standby = (spare[0].status() or {}).get("standby") if spare else None
+        result["standby_used"] = standby["used"] if standby else None  # switched onto preloaded
         if case == "stop":
             victim.signal(signal.SIGCONT)
             victim.kill()
@@ -211,7 +214,7 @@ def main() -> None:
                 runs.append(run)
                 print(json.dumps(run), flush=True)
     print(f"\n4 peers of 300 MB on loopback (3 for 'small'), lan timings, {args.repeats} runs each")
-    print(f"{'case':<44} {'min':>6} {'median':>7} {'max':>6}  same  false deaths")
+    print(f"{'case':<44} {'min':>6} {'median':>7} {'max':>6}  same  false deaths  standby")
     rows: list[tuple[str, list[float]]] = []
     for case, position in plan:
         mine = [r for r in runs if r["case"] == case and r["position"] == position]
@@ -230,7 +233,10 @@ def main() -> None:
         name = f"{what}, {POSITIONS[position]} -> next token (s)"
         waits = [r["next_token_s"] for r in mine if r["next_token_s"] is not None]
         same = sum(bool(r["same_answer"]) for r in mine)
-        print(f"{name:<44} {spread(waits)}  {same}/{len(mine)}  {deaths}")
+        preloaded = sum(bool(r.get("standby_used")) for r in mine)
+        print(
+            f"{name:<44} {spread(waits)}  {same}/{len(mine)}  {deaths:>12}  {preloaded}/{len(mine)}"
+        )
         rows.append((name, waits))
     gaps = [r["median_gap_s"] for r in runs if r.get("median_gap_s")]
     print(f"{'normal gap between tokens (s)':<44} {spread(gaps)}")

@@ -150,6 +150,10 @@ def plan_json(plan: PlanRecord) -> dict[str, Any]:
         else 0.0,
         "reason": plan.reason,
         "left_out": dict(plan.left_out),
+        "fallbacks": {
+            f.lost: [{"device": s.device, "start": s.start, "end": s.end} for s in f.stages]
+            for f in plan.fallbacks
+        },
     }
 
 

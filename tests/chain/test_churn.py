@@ -120,6 +120,15 @@ def test_answer_survives_a_stage_killed_mid_generation(
     # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies.
     origin = by_name[plan["stages"][0 if victim_index else -1]["device"]]
     assert origin is not victim
+    # The spare preloads the units the plan's fallbacks give it (a warm standby).
+    spare = next(p for p in peers if p.name not in {s["device"] for s in plan["stages"]})
+
+    def standby() -> Any:
+        return ((spare.status() or {}).get("standby") or {}).get("units")
+
+    wait_for(standby, 30, "the spare's standby")
+    preloaded = standby()
+    fallback = {s["device"]: [s["start"], s["end"]] for s in plan["fallbacks"][victim.name]}
     answer = Answer(origin)
     answer.wait_for_tokens(10, "the kill")
     victim.kill()
@@ -138,6 +147,11 @@ def test_answer_survives_a_stage_killed_mid_generation(
     if victim_index == 0:  # a new coordinator, elected from the survivors
         assert after["coordinator"] != victim.name
         assert after["plan"]["epoch"][1] == after["coordinator"]
+    # ... which published the victim's fallback; the spare switched onto its preloaded units
+    # where the fallback gave it those, and loaded nothing.
+    assert {s["device"]: [s["start"], s["end"]] for s in after["plan"]["stages"]} == fallback
+    used = (spare.status() or {})["standby"]["used"]
+    assert used == (fallback.get(spare.name) == preloaded), (fallback, preloaded, used)
 
 
 def test_answer_survives_a_stage_frozen_mid_generation(peers: list[Peer], reference: str) -> None:
