@@ -30,6 +30,7 @@ import testbed  # noqa: E402
 
 DEAD = re.compile(r"\] (\S+) (?:alive|suspect) -> dead \(inc (\d+)\)")
 SUSPECT = re.compile(r"\] (\S+) alive -> suspect")
+STALL = re.compile(r"event loop stalled for ([\d.]+) s")
 PROMPTS = [
     "Tell me a long story about a lighthouse keeper and a storm.",
     "Explain how a bicycle works.",
@@ -102,6 +103,7 @@ def main() -> None:
     deaths = [f"{host}: {line}" for host, text in logs.items()
               for line in text.splitlines() if DEAD.search(line)]  # fmt: skip
     suspicions = sum(len(SUSPECT.findall(text)) for text in logs.values())
+    stalls = {host: [float(x) for x in STALL.findall(text)] for host, text in logs.items()}
     # One death, as each peer's log tells it: a member at one incarnation.
     distinct = {m.groups() for line in deaths if (m := DEAD.search(line))}
     result = {
@@ -113,10 +115,12 @@ def main() -> None:
         "false_deaths": len(distinct),
         "death_lines": deaths,
         "suspicions": suspicions,
+        "loop_stalls_s": stalls,  # each peer's event-loop stalls its own watch logged
     }
     print(f"{tb.name}: {minutes:.1f} min, {answers} answers ({len(failed)} failed), "
           f"{len(changes)} forced plan changes, {suspicions} suspicions, "
-          f"{len(distinct)} false deaths ({len(deaths)} log lines)")  # fmt: skip
+          f"{len(distinct)} false deaths ({len(deaths)} log lines), "
+          f"{sum(map(len, stalls.values()))} event-loop stalls")  # fmt: skip
     for line in deaths:
         print("  " + line)
     if args.json:
