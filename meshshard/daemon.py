@@ -405,6 +405,8 @@ def _load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Aw
         load = float(len(stage.shard.sessions)) if stage else 0.0
         step = stage.step_ms if stage else 0.0
         used = float(stage.shard.weight_bytes() + stage.shard.kv_bytes()) if stage else 0.0
+        if (standby := service.follower.standby) is not None:
+            used += standby.weight_bytes()
         if stage is not None:
             costs.observe(
                 stage,
