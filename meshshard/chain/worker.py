@@ -9,12 +9,13 @@ would go unanswered for seconds and the others would declare a live peer dead. N
 matters while both want the CPU: an idle loop leaves the model all of it.
 
 Nice cannot help while the model thread holds the GIL, and a full garbage collection holds it
-throughout: with torch and transformers imported one takes about 0.1 s on a free core, so
-0.6 to 1 s on a 0.15-core host, and the allocations of imports, profiling and loading set off
-many of them (a phone of the home-wifi testbed stalled 0.6, 0.7, 1.0 and 1.4 s and was
-declared dead). So setup work runs with the collector paused (`run_setup`), and the imported
-code, which lives as long as the process, is frozen once (`run_imports`, `gc.freeze` as
-pre-fork servers do): later collections walk thousands of objects instead of 600,000.
+throughout: with torch and transformers imported it walks hundreds of thousands of objects,
+and the allocations of imports, profiling and loading set off many of them
+(tools/bench_stalls.py: five stalls of 0.24 to 0.85 s in one start-up at 0.15 of a core; the
+phone of the home-wifi testbed was declared dead for such). So setup work runs with the
+collector paused (`run_setup`), and the imported code, which lives as long as the process,
+is frozen once (`run_imports`, `gc.freeze` as pre-fork servers do): later collections walk
+only what was made since.
 """
 
 from __future__ import annotations
