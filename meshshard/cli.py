@@ -411,6 +411,16 @@ def _bytes_option(value: str | None) -> float | None:
     envvar="MESHSHARD_SPECULATE",
     help="Most tokens an answer drafts per pass through the chain (0: off).",
 )
+@click.option(
+    "--context",
+    "context_tokens",
+    default=Config.context_tokens,
+    show_default=True,
+    type=click.IntRange(16, 1_000_000),
+    envvar="MESHSHARD_CONTEXT",
+    help="Tokens of prompt and answer the plan keeps KV memory for (longer requests are "
+    "refused). Give every peer the same.",
+)
 def up(
     config: Config,
     port: int,
@@ -434,6 +444,7 @@ def up(
     profile_dir: Path | None,
     timings: str,
     speculate: int,
+    context_tokens: int,
 ) -> None:
     """Run a peer in the foreground until Ctrl-C (which hands its work over and leaves)."""
     import asyncio
@@ -464,6 +475,7 @@ def up(
         priority=priority,
         peers=tuple(_address_option("--peer", p) for seed in peers for p in seed.split(",") if p),
         memory=_bytes_option(memory),
+        context_tokens=context_tokens,
         objective=objective,
         mdns=not no_mdns,
         secret_file=secret_file,

@@ -2,9 +2,11 @@
 
     python tools/bench_chain.py [--tokens 64] [--repeats 3]
 
-All on this machine, in one run: single-process tokens/s (`meshshard generate`'s loop);
-for meshes of 2 and 3 real `meshshard up` peers (each offering too little memory to hold the
-model, so the chain has 2 or 3 stages): one session's tokens/s and time to first token, and
+All on this machine, in one run: single-process tokens/s (`meshshard generate`'s loop) with
+one thread and with torch's default (every core); for meshes of 2 and 3 real `meshshard up`
+peers of one thread each (as the demo runs them), and 3 peers of torch's default threads
+(each offering too little memory to hold the model, so the chain has 2 or 3 stages): one
+session's tokens/s and time to first token, and
 aggregate tokens/s with 1, 4 and 8 concurrent sessions; bytes sent per token per hop; and
 on the 2-peer mesh, the longest gap between the tokens of answers that are decoding while a
 2,000-token prompt is prefilled, against their usual gap. Peers decode one token per pass
@@ -37,6 +39,12 @@ PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 LONG_PROMPT_TOKENS = 2000
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def embedded_model() -> Path:
     """The default model's folder, as the peers find it."""
     from meshshard.config import Config
@@ -46,9 +54,13 @@ def embedded_model() -> Path:
     return resolve_model(config.model, config.cache_dir)
 
 
-def single_process(tokens: int, repeats: int) -> tuple[float, float]:
+def single_process(tokens: int, repeats: int, threads: int) -> tuple[float, float]:
+    import torch
+
     from meshshard.model.generate import LocalChain, generate
     from meshshard.model.text import TextCodec
+
+    torch.set_num_threads(threads)
 
     model_dir = embedded_model()
     chain = LocalChain.load(model_dir)
@@ -131,16 +143,19 @@ def prefill_gap(url: str, answers: int = 2, tokens: int = 160) -> dict[str, floa
 
 
 @contextlib.contextmanager
-def running(peers: int, memory: str, logs: Path) -> Iterator[str]:
+def running(
+    peers: int, memory: str, logs: Path, threads: int = 1, extra: tuple[str, ...] = ()
+) -> Iterator[str]:
     """`peers` plain-decoding peers offering `memory` each, once their chain has `peers`
     stages; yields the first one's API address."""
-    base = 7600 + 10 * peers
+    base = 7600 + 10 * peers + 100 * threads
     procs = [
         Peer(
-            f"bench-{i}", base + i, logs, "--memory", memory, "--threads", "1", "--speculate", "0"
+            f"bench-{i}", base + i, logs, "--memory", memory, "--threads", str(threads),
+            "--speculate", "0", *extra,
         ).start()
         for i in range(peers)
-    ]
+    ]  # fmt: skip
     try:
 
         def ready() -> bool:
@@ -156,8 +171,8 @@ def running(peers: int, memory: str, logs: Path) -> Iterator[str]:
             p.kill()
 
 
-def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, float]:
-    with running(peers, {2: "450MB", 3: "300MB"}[peers], logs) as url:
+def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dict[str, float]:
+    with running(peers, {2: "450MB", 3: "300MB"}[peers], logs, threads) as url:
         one = [ask(url, tokens)["meshshard"] for _ in range(repeats)]
         out = {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in one),
@@ -169,11 +184,11 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path) -> dict[str, float]:
             def one_answer(into: list[dict] = results) -> None:
                 into.append(ask(url, tokens))
 
-            threads = [threading.Thread(target=one_answer) for _ in range(sessions)]
+            callers = [threading.Thread(target=one_answer) for _ in range(sessions)]
             start = time.perf_counter()
-            for t in threads:
+            for t in callers:
                 t.start()
-            for t in threads:
+            for t in callers:
                 t.join()
             took = time.perf_counter() - start
             total = sum(r["usage"]["completion_tokens"] for r in results)
@@ -186,34 +201,45 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    local_rate, local_ttft = single_process(args.tokens, args.repeats)
-    print(f"SmolLM2-135M float32, {args.tokens} new tokens, greedy; median of {args.repeats}")
+    cores = torch_threads()
+    # Each peer computes with one thread (--threads 1, as the demo runs them): the chain's
+    # own cost shows against one process with as many; against one with every core, what a
+    # user of one machine gives up. Peers of two threads show what one answer gets back.
+    local = {t: single_process(args.tokens, args.repeats, t) for t in sorted({1, cores})}
+    local_rate = local[1][0]
+    print(f"SmolLM2-135M float32, {args.tokens} new tokens, greedy; median of {args.repeats}; "
+          f"ratios against the single process with 1 thread")  # fmt: skip
     head = ("setup", "tok/s 1 session", "ratio", "TTFT s", "agg 1", "agg 4", "agg 8", "8 vs 1")
-    print("{:<16} {:>16} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7}".format(*head))
-    print(f"{'single process':<16} {local_rate:>16.1f} {1.0:>6.2f} {local_ttft:>7.3f}", flush=True)
-    groups = {"single process": {"1 session": local_rate}}
+    print("{:<22} {:>16} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7}".format(*head))
+    groups = {}
+    for t, (rate, ttft) in local.items():
+        name = f"single, {t} thread{'s' * (t > 1)}"
+        print(f"{name:<22} {rate:>16.1f} {rate / local_rate:>6.2f} {ttft:>7.3f}", flush=True)
+        groups[name] = {"1 session": rate}
     with tempfile.TemporaryDirectory() as logs:
-        for peers in (2, 3):
-            r = mesh(peers, args.tokens, args.repeats, Path(logs))
+        for peers, threads in [(2, 1), (3, 1), (3, cores)] if cores > 1 else [(2, 1), (3, 1)]:
+            r = mesh(peers, args.tokens, args.repeats, Path(logs), threads)
+            name = f"{peers} peers, {threads} thread{'s' * (threads > 1)}"
             print(
-                f"{f'{peers}-peer mesh':<16} {r['tokens_per_s']:>16.1f} "
+                f"{name:<22} {r['tokens_per_s']:>16.1f} "
                 f"{r['tokens_per_s'] / local_rate:>6.2f} {r['ttft_s']:>7.3f} "
                 f"{r['aggregate_1']:>7.1f} {r['aggregate_4']:>7.1f} {r['aggregate_8']:>7.1f} "
                 f"{r['aggregate_8'] / r['aggregate_1']:>7.2f}",
                 flush=True,
             )
-            groups[f"{peers}-peer mesh"] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
+            groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
         print(
             "activation bytes per token per hop: 2304 (float32, hidden 576); "
             "token back to the origin: 4 bytes + framing"
         )
-        # Two peers of 500 MB: the benchmark's meshes have no KV room for the long prompt
-        # beside the running answers, and three peers with room would plan two stages.
-        with running(2, "500MB", Path(logs)) as url:
+        # Two peers of 600 MB planned for 4,096 tokens of context: the benchmark's meshes
+        # have no KV room for the long prompt beside the running answers (the plan packs
+        # units up to a 2,048-token context), and three peers with room would plan two stages.
+        with running(2, "600MB", Path(logs), extra=("--context", "4096")) as url:
             gap = prefill_gap(url)
     print(
-        f"2-peer mesh (500 MB each), 2 answers decoding while a {gap['prompt_tokens']}-token "
-        f"prompt is prefilled ({gap['prefill_s']:.1f} s): longest gap "
+        f"2-peer mesh (600 MB each, --context 4096), 2 answers decoding while a "
+        f"{gap['prompt_tokens']}-token prompt is prefilled ({gap['prefill_s']:.1f} s): longest gap "
         f"{gap['longest_gap_ms']:.0f} ms, usual {gap['usual_gap_ms']:.0f} ms, "
         f"ratio {gap['gap_ratio']:.2f}"
     )
