@@ -27,6 +27,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -145,9 +146,9 @@ def prefill_gap(url: str, answers: int = 2, tokens: int = 160) -> dict[str, floa
 @contextlib.contextmanager
 def running(
     peers: int, memory: str, logs: Path, threads: int = 1, extra: tuple[str, ...] = ()
-) -> Iterator[str]:
+) -> Iterator[list[Peer]]:
     """`peers` plain-decoding peers offering `memory` each, once their chain has `peers`
-    stages; yields the first one's API address."""
+    stages; yields them, the first (which answers) first."""
     base = 7600 + 10 * peers + 100 * threads
     procs = [
         Peer(
@@ -165,14 +166,15 @@ def running(
         wait_for(ready, 300, f"a {peers}-stage chain", 0.2)
         time.sleep(2)  # let start-up replans settle
         ask(procs[0].url, 4)  # warm-up
-        yield procs[0].url
+        yield procs
     finally:
         for p in procs:
             p.kill()
 
 
-def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dict[str, float]:
-    with running(peers, {2: "450MB", 3: "300MB"}[peers], logs, threads) as url:
+def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dict[str, Any]:
+    with running(peers, {2: "450MB", 3: "300MB"}[peers], logs, threads) as procs:
+        url = procs[0].url
         one = [ask(url, tokens)["meshshard"] for _ in range(repeats)]
         out = {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in one),
@@ -185,6 +187,7 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
                 into.append(ask(url, tokens))
 
             callers = [threading.Thread(target=one_answer) for _ in range(sessions)]
+            before = stage_counts(procs)
             start = time.perf_counter()
             for t in callers:
                 t.start()
@@ -193,7 +196,19 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
             took = time.perf_counter() - start
             total = sum(r["usage"]["completion_tokens"] for r in results)
             out[f"aggregate_{sessions}"] = total / took
+        # Rows per forward pass at each stage, over the 8 answers at once.
+        after = stage_counts(procs)
+        out["mean_batch_8"] = [
+            (s2 - s1) / max(1, b2 - b1) for (s1, b1), (s2, b2) in zip(before, after, strict=True)
+        ]
         return out
+
+
+def stage_counts(procs: list[Peer]) -> list[tuple[int, int]]:
+    """(steps, batches) each peer's stage has run, in chain order."""
+    stages = [(s or {}).get("stage") or {} for s in (p.status() for p in procs)]
+    ordered = sorted(stages, key=lambda st: st.get("units", [0])[0])
+    return [(st.get("steps", 0), st.get("batches", 0)) for st in ordered]
 
 
 def main() -> None:
@@ -216,6 +231,7 @@ def main() -> None:
         name = f"single, {t} thread{'s' * (t > 1)}"
         print(f"{name:<22} {rate:>16.1f} {rate / local_rate:>6.2f} {ttft:>7.3f}", flush=True)
         groups[name] = {"1 session": rate}
+    batches: list[str] = []
     with tempfile.TemporaryDirectory() as logs:
         for peers, threads in [(2, 1), (3, 1), (3, cores)] if cores > 1 else [(2, 1), (3, 1)]:
             r = mesh(peers, args.tokens, args.repeats, Path(logs), threads)
@@ -228,6 +244,8 @@ def main() -> None:
                 flush=True,
             )
             groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
+            batches.append(f"{name}: " + ", ".join(f"{b:.2f}" for b in r["mean_batch_8"]))
+        print("rows per forward pass with 8 answers at once, stage by stage:", "; ".join(batches))
         print(
             "activation bytes per token per hop: 2304 (float32, hidden 576); "
             "token back to the origin: 4 bytes + framing"
@@ -235,8 +253,8 @@ def main() -> None:
         # Two peers of 600 MB planned for 4,096 tokens of context: the benchmark's meshes
         # have no KV room for the long prompt beside the running answers (the plan packs
         # units up to a 2,048-token context), and three peers with room would plan two stages.
-        with running(2, "600MB", Path(logs), extra=("--context", "4096")) as url:
-            gap = prefill_gap(url)
+        with running(2, "600MB", Path(logs), extra=("--context", "4096")) as procs:
+            gap = prefill_gap(procs[0].url)
     print(
         f"2-peer mesh (600 MB each, --context 4096), 2 answers decoding while a "
         f"{gap['prompt_tokens']}-token prompt is prefilled ({gap['prefill_s']:.1f} s): longest gap "
