@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,6 @@ class StallWatch:
     clock: Callable[[], float] = time.monotonic
     count: int = 0
     longest: float = 0.0
-    _tick: float = field(default=TICK, repr=False)
 
     def observe(self, late: float) -> None:
         """The loop woke `late` seconds after it asked to."""
@@ -34,5 +33,5 @@ class StallWatch:
     async def run(self, sleep: Callable[[float], Awaitable[None]]) -> None:
         while True:
             before = self.clock()
-            await sleep(self._tick)
-            self.observe(self.clock() - before - self._tick)
+            await sleep(TICK)
+            self.observe(self.clock() - before - TICK)

@@ -53,11 +53,11 @@ def render_status(data: dict[str, Any]) -> str:
     if plan and data.get("plan_error"):
         lines.append(click.style(f"cannot replan: {data['plan_error']}", fg="red"))
     if plan:
-        chain = " -> ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in plan["stages"])
-        lines.append(f"plan ({plan['objective']}): {chain}  [{plan.get('reason', '')}]")
+        lines.append(
+            f"plan ({plan['objective']}): {_chain(plan['stages'])}  [{plan.get('reason', '')}]"
+        )
         for lost, stages in (plan.get("fallbacks") or {}).items():
-            alt = " -> ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in stages)
-            lines.append(f"  without {lost}: {alt}")
+            lines.append(f"  without {lost}: {_chain(stages)}")
         now = data.get("predicted_now") or plan
         lines.append(
             f"predicted {now['latency_ms']:.1f} ms/token, {now['tokens_per_s']:.1f} tokens/s"
@@ -128,3 +128,7 @@ def _table(rows: Sequence[Sequence[str]], state_col: int | None = None) -> str:
             cells.append(text)
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
+
+
+def _chain(stages: list[dict[str, Any]]) -> str:
+    return " -> ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in stages)

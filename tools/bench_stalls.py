@@ -44,22 +44,20 @@ async def child(mode: str, threshold: float) -> dict[str, Any]:
     from meshshard.model.shard import Shard, import_code
     from meshshard.model.source import resolve_model
     from meshshard.model.text import TextCodec
-    from meshshard.stalls import TICK
+    from meshshard.stalls import StallWatch
 
     config = Config()
     model_dir = resolve_model(config.model, config.cache_dir)
     placement = config.placement()
-    stalls: list[tuple[float, float]] = []
+    stalls: list[tuple[float, float]] = []  # (when it ended, its length)
 
-    async def watch() -> None:
-        while True:
-            before = time.monotonic()
-            await asyncio.sleep(TICK)
-            late = time.monotonic() - before - TICK
-            if late >= threshold:
+    class Recorded(StallWatch):
+        def observe(self, late: float) -> None:
+            super().observe(late)
+            if late >= self.threshold:
                 stalls.append((time.monotonic(), late))
 
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(Recorded(threshold).run(asyncio.sleep))
     setup, imports = (run_setup, run_imports) if mode == "paused" else (run_model, run_model)
     steps = []
     with tempfile.TemporaryDirectory() as folder:

@@ -162,16 +162,7 @@ class PlanFollower:
                     self.events.add("shard", f"units {start}..{end - 1} were preloaded: no load")
             case Load(start=start, end=end):
                 self.standby = None  # not these units: its memory is needed
-                started = self.clock.now()
-                p = self.placement
-                shard = await run_setup(
-                    Shard.load, self.model_dir, start, end, p.dtype, str(p.device), p.quantize
-                )
-                self.events.add(
-                    "shard",
-                    f"loaded units {start}..{end - 1} ({shard.weight_bytes() / 1e6:.0f} MB)"
-                    f" in {self.clock.now() - started:.1f} s for epoch {plan.epoch}",
-                )
+                shard = await self._load(start, end, f"for epoch {plan.epoch}")
         self._pending = _Prepared(plan, shard, next_addr)
         if self.control.plan() == plan:
             self.control.set_ready(plan.epoch)
@@ -186,21 +177,23 @@ class PlanFollower:
             self.standby = None
         if want is None or self.standby is not None:
             return
-        started = self.clock.now()
-        p = self.placement
         try:
-            shard = await run_setup(
-                Shard.load, self.model_dir, *want, p.dtype, str(p.device), p.quantize
-            )
+            self.standby = await self._load(*want, f"as a standby for epoch {plan.epoch}")
         except Exception as e:  # a standby is an optimisation: the failover would load
             logger.warning("could not preload units %d..%d: %s", want[0], want[1] - 1, e)
-            return
-        self.standby = shard
+
+    async def _load(self, start: int, end: int, why: str) -> Shard:
+        started = self.clock.now()
+        p = self.placement
+        shard = await run_setup(
+            Shard.load, self.model_dir, start, end, p.dtype, str(p.device), p.quantize
+        )
         self.events.add(
             "shard",
-            f"standby: preloaded units {want[0]}..{want[1] - 1} ({shard.weight_bytes() / 1e6:.0f}"
-            f" MB) in {self.clock.now() - started:.1f} s for a fallback of epoch {plan.epoch}",
+            f"loaded units {start}..{end - 1} ({shard.weight_bytes() / 1e6:.0f} MB)"
+            f" in {self.clock.now() - started:.1f} s {why}",
         )
+        return shard
 
     async def _await_switch(self, plan: PlanRecord) -> None:
         """Switch to `plan` once its whole chain is ready, unless a newer plan comes first."""

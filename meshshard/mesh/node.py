@@ -533,8 +533,10 @@ class ControlNode:
             # The plan in force stands (no churn), but its fallbacks follow the members: a
             # spare that joined gives stages a fallback they lacked. Not while a stage is
             # unwell: its fallback may be needed any moment, as it stands.
+            if view.unwell:
+                return
             plan = with_fallbacks(current, members, self.profiles, self.units, self.context_tokens)
-            if view.unwell or not outdated(current, plan, live):
+            if not outdated(current, plan, live):
                 return
             reason += "; the plan stands, with new fallbacks"
         else:

@@ -4,13 +4,14 @@ numbers, why idle members are idle, history, events)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from meshshard.mesh.coordinator import mesh_instance
 from meshshard.planner import InstanceError, Stage, evaluate
 from meshshard.planner.cost import SESSIONS, per_token_ms
 from meshshard.planner.flow import PLAIN, Speculation, flow_stages, latency_ms, tokens_per_s
-from meshshard.types import PlanRecord, Profile, State
+from meshshard.types import PlanRecord, PlanStage, Profile, State
 
 if TYPE_CHECKING:
     from meshshard.mesh.node import ControlNode
@@ -142,7 +143,7 @@ def plan_json(plan: PlanRecord) -> dict[str, Any]:
     return {
         "epoch": [plan.epoch.term, plan.epoch.coordinator],
         "objective": plan.objective,
-        "stages": [{"device": s.device, "start": s.start, "end": s.end} for s in plan.stages],
+        "stages": _stages_json(plan.stages),
         "latency_ms": round(plan.latency_ms, 3),
         "bottleneck_ms": round(plan.bottleneck_ms, 3),
         "tokens_per_s": round(1000 / per_token_ms(plan.bottleneck_ms, plan.latency_ms, SESSIONS), 2)
@@ -150,11 +151,12 @@ def plan_json(plan: PlanRecord) -> dict[str, Any]:
         else 0.0,
         "reason": plan.reason,
         "left_out": dict(plan.left_out),
-        "fallbacks": {
-            f.lost: [{"device": s.device, "start": s.start, "end": s.end} for s in f.stages]
-            for f in plan.fallbacks
-        },
+        "fallbacks": {f.lost: _stages_json(f.stages) for f in plan.fallbacks},
     }
+
+
+def _stages_json(stages: Sequence[PlanStage]) -> list[dict[str, Any]]:
+    return [{"device": s.device, "start": s.start, "end": s.end} for s in stages]
 
 
 def _load(profile: Profile | None) -> dict[str, Any]:
