@@ -21,8 +21,10 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from meshshard.errors import MeshShardError
+from meshshard.model import rowcache
 from meshshard.model.kvcache import KVCache
 from meshshard.model.quantize import check_quantize, quantize_layers, tensor_bytes
+from meshshard.model.rowcache import RowCaches
 from meshshard.model.source import model_name
 from meshshard.model.spec import ModelSpec
 from meshshard.progress import progress
@@ -298,15 +300,11 @@ class Shard:
         if self.layers:
             assert self.rotary is not None
             starts = torch.tensor([c.length for c in caches])
-            counts = torch.tensor(widths)
             pos = (starts[:, None] + torch.arange(rows)[None, :]).to(self.device)
             embeddings = self.rotary(h, pos)
-            ends = (starts + counts).to(self.device)
-            batch = _BatchCache(caches, widths, int(ends.max()))
-            keys = torch.arange(batch.width, device=self.device)[None, None, :]
-            # Row b's query t sees its own keys up to its position, never the padding.
-            mask = (keys <= pos[:, :, None]) & (keys < ends[:, None, None])
-            h = self._run_layers(h, mask[:, None], pos, embeddings, batch)
+            # Each row attends to its own session's cache (rowcache.attention), seeing its
+            # own positions only: no mask, and the padding is never written or read.
+            h = self._run_layers(h, None, pos, embeddings, RowCaches(caches, widths))
         real = [h[b, :w] for b, w in enumerate(widths)]
         if self.lm_head is None or self.norm is None:
             return real
@@ -372,7 +370,8 @@ def load_config(model_dir: Path) -> Any:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    config._attn_implementation = "sdpa"
+    rowcache.register()
+    config._attn_implementation = rowcache.ATTENTION
     return config
 
 
@@ -447,27 +446,6 @@ def _causal_mask(
         return None
     keys = torch.arange(kv_length)
     return (keys[None, :] <= positions[:, None])[None, None].to(device)
-
-
-class _BatchCache:
-    """Several sessions' caches seen as one batch: row b writes its first widths[b]
-    positions to its own cache, and reads come back right-padded to the longest (the
-    attention mask hides the padding)."""
-
-    def __init__(self, caches: list[KVCache], widths: list[int], width: int) -> None:
-        self.caches, self.widths, self.width = caches, widths, width
-
-    def update(
-        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (len(self.caches), key.shape[1], self.width, key.shape[3])
-        keys = key.new_zeros(shape)
-        values = value.new_zeros(shape)
-        for b, (cache, w) in enumerate(zip(self.caches, self.widths, strict=True)):
-            k, v = cache.update(key[b : b + 1, :, :w], value[b : b + 1, :, :w], layer_idx)
-            keys[b, :, : k.shape[2]] = k[0]
-            values[b, :, : v.shape[2]] = v[0]
-        return keys, values
 
 
 class _Clock:
