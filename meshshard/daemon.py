@@ -314,6 +314,7 @@ class Daemon:
                 "sessions": len(stage.shard.sessions),
                 "steps": stage.steps,
                 "batches": stage.batches,
+                "holds": stage.holds,
                 "weight_bytes": stage.shard.weight_bytes(),
                 "kv_bytes": stage.shard.kv_bytes(),
                 "step_ms": round(stage.step_ms, 3),

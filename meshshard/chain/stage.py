@@ -15,6 +15,7 @@ forward pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -25,6 +26,7 @@ import torch
 
 from meshshard.chain.speculate import confirmed
 from meshshard.chain.tensors import from_wire, joined, rows, to_wire
+from meshshard.chain.waves import Arrivals
 from meshshard.chain.worker import run_model
 from meshshard.model.batching import MAX_BATCH
 from meshshard.model.sampling import Sampler, SamplingParams
@@ -135,6 +137,9 @@ class StageWorker:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._arrivals = Arrivals()
+        self._holding_since: float | None = None
+        self.holds = 0  # batches held for rows due soon
         self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue(
             OUTBOX
         )
@@ -152,6 +157,8 @@ class StageWorker:
         if self._closing:
             await self._error(frame, ErrorCode.STALE_EPOCH, "this stage moved to a new plan")
             return
+        decode = frame.tensor.shape[0] - len(frame.draft) == 1
+        self._arrivals.arrived(frame.session, time.perf_counter(), decode)
         if not self._joined(frame):
             self._queue.append(frame)
         self._has_work.set()
@@ -196,6 +203,11 @@ class StageWorker:
             try:
                 while self._queue and not self._closing:
                     batch = self._take_batch()
+                    if isinstance(batch, float):  # held for rows due soon
+                        self._has_work.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._has_work.wait(), batch)
+                        continue
                     if len(self._queue) < MAX_QUEUE:
                         self._has_room.set()
                     await self._run_batch(batch)
@@ -212,10 +224,11 @@ class StageWorker:
         await self._outbox.join()
         await self.refuse_queued(message)
 
-    def _take_batch(self) -> list[StepFrame]:
+    def _take_batch(self) -> list[StepFrame] | float:
         """The waiting decode steps (a token, and maybe a draft to verify) of up to MAX_BATCH
         sessions, or a slice of the oldest other step (a prompt, a feed after a replay), in
-        turns while both wait. Only a session's oldest waiting frame may go."""
+        turns while both wait. Only a session's oldest waiting frame may go. Or seconds to
+        hold the decode steps for others due soon (waves.py), while nothing else waits."""
         decodes: list[StepFrame] = []
         other: StepFrame | None = None
         seen: set[str] = set()
@@ -230,10 +243,25 @@ class StageWorker:
         if other is not None and (self._prompt_turn or not decodes):
             self._prompt_turn = False
             return [self._slice(other)]
+        if other is None and len(decodes) < MAX_BATCH and (hold := self._hold(seen)):
+            return hold
+        self._holding_since = None
         self._prompt_turn = True
         for frame in decodes:
             self._queue.remove(frame)
         return _fitted(decodes) if len(decodes) > 1 else decodes
+
+    def _hold(self, waiting: set[str]) -> float:
+        """Seconds to hold a decode batch: at most one decode pass's time in all, what the
+        rows waited for would cost in a pass of their own."""
+        now = time.perf_counter()
+        since = self._holding_since if self._holding_since is not None else now
+        live = set(self.shard.sessions)
+        hold = self._arrivals.hold(waiting, live, now, since, self.step_ms / 1000)
+        if hold and self._holding_since is None:
+            self._holding_since = now
+            self.holds += 1
+        return hold
 
     def _slice(self, frame: StepFrame) -> StepFrame:
         """Take `frame`, or its first rows when other sessions may be decoding here (they

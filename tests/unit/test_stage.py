@@ -213,3 +213,33 @@ async def test_a_prompt_cut_by_the_stage_before_waits_as_one_frame(tiny_model: P
     await run(worker, chunks, got, answers=1)
     assert worker.batches == 1  # one pass: the stage was alone, so the prompt went whole
     assert [f.tokens for f in got] == [greedy(tiny_model, long, 1)]
+
+
+async def test_a_decode_batch_waits_for_a_session_due_within_a_pass(tiny_model: Path) -> None:
+    """Two answers 30 ms apart, a round every 150 ms, passes said to take 200 ms: once both
+    have a rhythm the stage holds the first for the second, and they run as one batch."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        shard.prefill(f"s{i}", torch.tensor(prompt))
+    sizes: list[int] = []
+    sent: list[DataFrame] = []
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        sent.append(frame)
+
+    worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
+    worker.step_ms = 200.0
+    task = asyncio.create_task(worker.run())
+    try:
+        for r in range(4):
+            for i, prompt in enumerate(PROMPTS[:2]):
+                await worker.put(step(f"s{i}", len(prompt) + r, [3 + r], ()))
+                await asyncio.sleep(0.03 if i == 0 else 0.12)
+        while len(sent) < 8:
+            await asyncio.sleep(0.01)
+    finally:
+        await worker.close("done")
+        await task
+    assert sizes[:4] == [1, 1, 1, 1]  # the second answer's rhythm is not known yet
+    assert sizes[4:] == [2, 2]
+    assert worker.holds == 2

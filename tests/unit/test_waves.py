@@ -1,0 +1,54 @@
+"""When a stage holds a decode batch for rows due soon: pure, on given times."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshshard.chain.waves import Arrivals
+
+PASS = 0.1  # seconds a decode pass takes
+
+
+def decoding(rounds: dict[str, list[float]]) -> Arrivals:
+    arrivals = Arrivals()
+    for at, session in sorted((t, s) for s, times in rounds.items() for t in times):
+        arrivals.arrived(session, at, decode=True)
+    return arrivals
+
+
+def test_holds_for_a_session_due_within_a_pass_until_the_pass_time_is_spent() -> None:
+    # a every 0.3 s, b 0.05 s behind it: when a's step waits at 1.0, b is due at 1.05.
+    arrivals = decoding({"a": [0.4, 0.7, 1.0], "b": [0.45, 0.75]})
+    assert arrivals.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == pytest.approx(PASS)
+    assert arrivals.hold({"a"}, {"a", "b"}, 1.06, 1.0, PASS) == pytest.approx(0.04)
+    assert arrivals.hold({"a"}, {"a", "b"}, 1.1, 1.0, PASS) == 0  # held long enough
+
+
+def test_no_hold_once_every_session_due_is_waiting() -> None:
+    arrivals = decoding({"a": [0.4, 0.7, 1.0], "b": [0.45, 0.75, 1.03]})
+    assert arrivals.hold({"a", "b"}, {"a", "b"}, 1.03, 1.0, PASS) == 0
+
+
+def test_no_hold_for_a_session_due_later_than_a_pass_or_long_overdue() -> None:
+    later = decoding({"a": [0.4, 0.7, 1.0], "b": [0.55, 0.85]})  # due at 1.15
+    assert later.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0
+    overdue = decoding({"a": [0.4, 0.7, 1.0], "b": [0.2, 0.5]})  # due at 0.8
+    assert overdue.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0
+    late = decoding({"a": [0.4, 0.7, 1.0], "b": [0.35, 0.65]})  # due at 0.95: just behind
+    assert late.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == pytest.approx(PASS)
+
+
+def test_no_hold_for_sessions_gone_or_without_a_rhythm() -> None:
+    arrivals = decoding({"a": [0.4, 0.7, 1.0], "b": [0.45, 0.75]})
+    assert arrivals.hold({"a"}, {"a"}, 1.0, 1.0, PASS) == 0  # b was dropped here
+    assert arrivals.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0  # and is forgotten
+    fresh = decoding({"a": [0.4, 0.7, 1.0], "b": [0.75]})  # one decode step: no interval yet
+    assert fresh.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0
+    prompt = decoding({"a": [0.4, 0.7, 1.0], "b": [0.45, 0.75]})
+    prompt.arrived("b", 0.8, decode=False)  # a feed after a replay: its rhythm starts over
+    assert prompt.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0
+
+
+def test_no_hold_before_a_pass_was_measured() -> None:
+    arrivals = decoding({"a": [0.4, 0.7, 1.0], "b": [0.45, 0.75]})
+    assert arrivals.hold({"a"}, {"a", "b"}, 1.0, 1.0, 0.0) == 0
