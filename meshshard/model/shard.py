@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 from meshshard.errors import MeshShardError
 from meshshard.model import rowcache
 from meshshard.model.kvcache import KVCache
+from meshshard.model.products import choose_products
 from meshshard.model.quantize import check_quantize, quantize_layers, tensor_bytes
 from meshshard.model.rowcache import RowCaches
 from meshshard.model.source import model_name
@@ -123,6 +124,7 @@ class Shard:
         for module in (embed, norm, lm_head, rotary):
             if module is not None:
                 module.to(target).eval()
+        choose_products([lm_head], target)
         return cls(
             spec, start, end, config, embed, layers, norm, lm_head, rotary, torch_dtype, target,
             quantize,
@@ -314,19 +316,9 @@ class Shard:
         return [o[0] if w == 1 else o for o, w in zip(out, widths, strict=True)]
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [rows, vocab] of hidden states [rows, hidden].
-
-        On a CPU torch's linear runs the vocabulary-wide product of a few rows as a slow GEMM
-        (measured: 2, 3 and 4 rows cost 2.07x, 3.35x and 2.32x one row), while weight @ hᵀ
-        costs 1.07x, 1.47x and 1.16x (`tools/bench_head.py`). One row is a GEMV either way.
-        On a GPU the library's choice stands."""
+        """Float32 logits [rows, vocab] of hidden states [rows, hidden]."""
         assert self.lm_head is not None and self.norm is not None
-        x = self.norm(h)
-        head = self.lm_head
-        transposed = isinstance(head, nn.Linear) and head.bias is None and x.device.type == "cpu"
-        if transposed and x.shape[0] > 1:
-            return (head.weight @ x.T).T.float()
-        return head(x).float()
+        return self.lm_head(self.norm(h)).float()
 
     def _run_layers(
         self,
