@@ -226,30 +226,63 @@ class StageWorker:
 
     def _take_batch(self) -> list[StepFrame] | float:
         """The waiting decode steps (a token, and maybe a draft to verify) of up to MAX_BATCH
-        sessions, or a slice of the oldest other step (a prompt, a feed after a replay), in
-        turns while both wait. Only a session's oldest waiting frame may go. Or seconds to
-        hold the decode steps for others due soon (waves.py), while nothing else waits."""
+        sessions, or other steps (prompts, feeds after a replay) in turns while both wait:
+        whole short prompts of several sessions together, else a slice of the oldest. Only a
+        session's oldest waiting frame may go. Or seconds to hold the decode steps for others
+        due soon (waves.py), while nothing else waits."""
         decodes: list[StepFrame] = []
-        other: StepFrame | None = None
+        others: list[StepFrame] = []
         seen: set[str] = set()
         for frame in self._queue:
             if frame.session in seen:
                 continue
             seen.add(frame.session)
             if not self._decodable(frame):
-                other = other or frame
+                others.append(frame)
             elif len(decodes) < MAX_BATCH:
                 decodes.append(frame)
-        if other is not None and (self._prompt_turn or not decodes):
+        if others and (self._prompt_turn or not decodes):
             self._prompt_turn = False
-            return [self._slice(other)]
-        if other is None and len(decodes) < MAX_BATCH and (hold := self._hold(seen)):
+            together = self._prompts_together(others, busy=bool(decodes))
+            if len(together) > 1:
+                for frame in together:
+                    self._queue.remove(frame)
+                return together
+            return [self._slice(others[0])]
+        if not others and len(decodes) < MAX_BATCH and (hold := self._hold(seen)):
             return hold
         self._holding_since = None
         self._prompt_turn = True
         for frame in decodes:
             self._queue.remove(frame)
         return _fitted(decodes) if len(decodes) > 1 else decodes
+
+    def _prompts_together(self, others: list[StepFrame], busy: bool) -> list[StepFrame]:
+        """The oldest waiting prompts that can share one pass, whole: while answers decode
+        here (`busy`), no more padded rows than a slice would hold. Answers that start
+        together then decode together, rather than one wave per prompt."""
+        most = self._slice_rows() if busy else None
+        together: list[StepFrame] = []
+        for frame in others:
+            if len(together) == MAX_BATCH or not self._continues(frame):
+                break
+            longest = max(f.tensor.shape[0] for f in [*together, frame])
+            if most is not None and longest * (len(together) + 1) > most:
+                break
+            together.append(frame)
+        return together
+
+    def _continues(self, frame: StepFrame) -> bool:
+        """Whether this stage's cache of the frame's session reaches where it starts."""
+        if frame.session not in self.shard.sessions:
+            return frame.start == 0
+        return not self.shard.layers or self.shard.cache_length(frame.session) >= frame.start
+
+    def _slice_rows(self) -> int | None:
+        """Prompt rows that cost about one more decode batch here (None: not measured)."""
+        if not self.row_ms:
+            return None
+        return max(MIN_SLICE, round(self.step_ms / self.row_ms))
 
     def _hold(self, waiting: set[str]) -> float:
         """Seconds to hold a decode batch: at most one decode pass's time in all, what the
@@ -269,8 +302,8 @@ class StageWorker:
         total = frame.tensor.shape[0]
         keep = len(frame.draft) + 1  # the rows sampled stay together, in the last slice
         cut = total - keep
-        if self.row_ms and len(self.shard.sessions) > 1:
-            cut = min(cut, max(MIN_SLICE, round(self.step_ms / self.row_ms)))
+        if (most := self._slice_rows()) and len(self.shard.sessions) > 1:
+            cut = min(cut, most)
         if cut < MIN_SLICE or cut >= total - keep:
             self._queue.remove(frame)
             return frame
@@ -284,7 +317,7 @@ class StageWorker:
         return (
             frame.tensor.shape[0] - len(frame.draft) == 1
             and frame.session in self.shard.sessions
-            and (not self.shard.layers or self.shard.cache_length(frame.session) >= frame.start)
+            and self._continues(frame)
         )
 
     async def _run_batch(self, batch: list[StepFrame]) -> None:
@@ -353,7 +386,8 @@ class StageWorker:
             for f in batch:
                 self.shard.truncate(f.session, f.start)
             xs = [from_wire(f.tensor) for f in batch]
-            return self.shard.decode_batch([f.session for f in batch], xs)
+            read = [len(f.draft) + 1 if f.sample else 0 for f in batch]
+            return self.shard.decode_batch([f.session for f in batch], xs, read)
         (frame,) = batch
         if self.shard.layers:
             # A resumed session continues from what the origin believes is cached: shorter

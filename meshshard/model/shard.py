@@ -276,15 +276,18 @@ class Shard:
         return h[0]
 
     @torch.inference_mode()
-    def decode_batch(self, sessions: list[str], xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Several prefilled sessions' next positions in one forward pass: a token each, or a
-        token and the draft to verify after it, so rows may differ in length.
+    def decode_batch(
+        self, sessions: list[str], xs: list[torch.Tensor], logits: list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Several sessions' next positions in one forward pass: a token each, a token and
+        the draft to verify after it, or a prompt's tokens, so rows may differ in length.
 
-        xs: per session [T] ids or [T, hidden], continuing at its own cache length. Returns
-        per session what a single pass gives: [T, hidden]; logits [vocab] for one position,
-        [T, vocab] for several.
+        xs: per session [T] ids or [T, hidden], continuing at its own cache length (a session
+        new here starts one). Returns per session what a single pass gives: [T, hidden];
+        logits of its last logits[i] positions (all T unless told): [vocab] for one position,
+        [n, vocab] for several, nothing for none.
         """
-        caches = [self._cache(s) for s in sessions]
+        caches = [self._sessions.setdefault(s, self.new_cache()) for s in sessions]
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a batch holds each session once")
         if len(xs) != len(caches) or any(x.shape[0] < 1 for x in xs):
@@ -311,9 +314,13 @@ class Shard:
         if self.lm_head is None or self.norm is None:
             return real
         # The head only where logits are read: it is the widest matrix of the model.
-        logits = self._head(torch.cat(real))
-        out = list(torch.split(logits, widths))
-        return [o[0] if w == 1 else o for o, w in zip(out, widths, strict=True)]
+        wanted = widths if logits is None else logits
+        read = [r[r.shape[0] - n :] for r, n in zip(real, wanted, strict=True)]
+        out = torch.split(self._head(torch.cat(read)), wanted) if sum(wanted) else read
+        return [
+            o[0] if n == 1 else o if n else o.new_empty((0,))
+            for o, n in zip(out, wanted, strict=True)
+        ]
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab] of hidden states [rows, hidden]."""

@@ -177,6 +177,24 @@ def test_a_batch_of_rows_of_different_lengths_equals_each_pass_alone(tiny_model:
     ]
 
 
+def test_prompts_of_new_sessions_in_one_pass_equal_each_prefill_alone(tiny_model: Path) -> None:
+    """A batch may start sessions: rows of different lengths, logits of only the positions
+    asked for (none for a prompt's chunk before its last)."""
+    n = load_spec(tiny_model).num_units
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]]
+    read = [1, 0, 2]
+    first, last = Shard.load(tiny_model, 0, 3), Shard.load(tiny_model, 3, n)
+    hidden = first.decode_batch(["a", "b", "c"], [torch.tensor(p) for p in prompts])
+    batched = last.decode_batch(["a", "b", "c"], hidden, read)
+    for p, got, k in zip(prompts, batched, read, strict=True):
+        one, two = Shard.load(tiny_model, 0, 3), Shard.load(tiny_model, 3, n)
+        want = two.prefill("s", one.prefill("s", torch.tensor(p)), logits=k)
+        assert got.shape == want.shape
+        if k:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert [last.cache_length(s) for s in "abc"] == [len(p) for p in prompts]
+
+
 def test_a_batch_drops_positions_one_layer_holds_past_the_others(tiny_llama: Path) -> None:
     """After a plan change a kept layer may hold a position the others lost; batched with a
     longer session, that stale position must not stand in for the new token's."""

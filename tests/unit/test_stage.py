@@ -243,3 +243,21 @@ async def test_a_decode_batch_waits_for_a_session_due_within_a_pass(tiny_model: 
     assert sizes[:4] == [1, 1, 1, 1]  # the second answer's rhythm is not known yet
     assert sizes[4:] == [2, 2]
     assert worker.holds == 2
+
+
+async def test_prompts_waiting_together_share_one_pass(tiny_model: Path) -> None:
+    """Answers that arrive together start in one pass (and so decode as one wave); each
+    gets the first token its own prefill gives."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    sizes: list[int] = []
+    got: dict[str, tuple[int, ...]] = {}
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        assert isinstance(frame, TokenFrame)
+        got[frame.session] = frame.tokens
+
+    worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
+    await run(worker, [step(f"p{i}", 0, p, ()) for i, p in enumerate(PROMPTS)], got)
+    assert sizes == [len(PROMPTS)]
+    for i, prompt in enumerate(PROMPTS):
+        assert got[f"p{i}"] == greedy(tiny_model, prompt, 1)
