@@ -104,6 +104,9 @@ class PlanFollower:
         self.standby: Shard | None = None  # a spare's preloaded units (see _keep_standby)
         self._switch = asyncio.Lock()
         self._seen: dict[str, tuple[str, float]] = {}  # session -> (origin, last step time)
+        # The newest attempt of each session's origin seen here: a chain that feeds itself
+        # (StepFrame.loop) may still run an attempt the origin gave up; its steps end here.
+        self._attempts: dict[str, int] = {}
         self._kv_in: dict[tuple[str, int], int] = {}  # (session, attempt) -> layers received
         self._handed: dict[str, set[int]] = {}  # layers handed off before we switched plans
         self._ended: OrderedDict[str, None] = OrderedDict()  # sessions dropped here
@@ -272,7 +275,10 @@ class PlanFollower:
         return session in self._ended
 
     async def serve(self, frame: StepFrame) -> None:
-        """Fence a step by its epoch, admit a new session by the KV budget, then queue it."""
+        """Fence a step by its epoch (and its attempt: an older one's is dropped), admit a new
+        session by the KV budget, then queue it."""
+        if self._superseded(frame):
+            return
         if self._switch.locked():
             async with self._switch:  # a switch under way: serve from its outcome
                 pass
@@ -305,6 +311,11 @@ class PlanFollower:
             return
         self._seen[frame.session] = (frame.origin, self.clock.now())
         await stage.put(frame)
+
+    def _superseded(self, frame: StepFrame) -> bool:
+        newest = self._attempts.get(frame.session, frame.attempt)
+        self._attempts[frame.session] = max(newest, frame.attempt)
+        return frame.attempt < newest
 
     async def _refuse(self, frame: StepFrame, code: ErrorCode, message: str) -> None:
         error = ErrorFrame(frame.epoch, frame.session, frame.step, code, message, frame.attempt)
@@ -405,6 +416,7 @@ class PlanFollower:
     async def forget(self, session: str) -> None:
         """The session is over: free all this peer holds of it, and ignore its late frames."""
         self._seen.pop(session, None)
+        self._attempts.pop(session, None)
         self.budget.release(session)
         self._ended[session] = None
         while len(self._ended) > ENDED_REMEMBERED:
@@ -433,6 +445,8 @@ class PlanFollower:
         held = {str(s) for shard in self._shards() for s in shard.sessions}
         for session in held - self._seen.keys():
             self._seen[session] = ("", now)  # learnt by handoff or a race: start a clock
+        for session in self._attempts.keys() - self._seen.keys():
+            del self._attempts[session]  # refused here before it was served
         for session, (origin, last) in list(self._seen.items()):
             gone = origin and not self.control.is_member_address(origin)
             if gone or now - last > self.timings.session_idle:

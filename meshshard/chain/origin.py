@@ -45,6 +45,7 @@ from meshshard.wire import (
     StepFrame,
     TokenFrame,
 )
+from meshshard.wire.data import MAX_STOPS
 
 PREFILL_CHUNK = 256  # prompt tokens per frame, so a long prompt does not hold a stage long
 MAX_REPLAYS = 8  # chain breaks one answer survives
@@ -221,7 +222,7 @@ class Origin:
                 try:
                     run = self._attempt(
                         plan, session, attempt, queue, history, produced, cached, params,
-                        reserve, speculator, max_tokens,
+                        reserve, speculator, max_tokens, stop_ids,
                     )  # fmt: skip
                     async with contextlib.aclosing(run) as tokens:
                         async for token in tokens:
@@ -263,34 +264,46 @@ class Origin:
         reserve: int,
         speculator: Speculator,
         max_tokens: int,
+        stop_ids: frozenset[int],
     ) -> AsyncGenerator[int, None]:
         """Run an answer on one plan from position `start` (what its stages are believed to
         hold), decoding until the caller stops. Raises _Left when the plan can no longer
         serve it, or when a newer chain is ready to take it over. A decode step may carry a
-        draft of the next tokens (`speculator`); a pass then yields every token it confirmed."""
+        draft of the next tokens (`speculator`); a pass then yields every token it confirmed.
+
+        Without drafts the chain feeds itself: the last stage sends each token straight to
+        the first stage as the next step, and a copy here (StepFrame.loop), so a token does
+        not hop through this peer on its way round; this peer sends steps again only to
+        start, and after a replay."""
         first = self.control.address_of(plan.stages[0].device)
         if first is None:
             raise _Left(Leave("the first stage is gone", self.timings.same_plan_grace))
+        loop = (first, max_tokens - 1, tuple(sorted(stop_ids)))
+        loops = not self.speculate and len(stop_ids) <= MAX_STOPS
+        looping = False  # the chain is feeding itself the steps we wait for
+        draft: tuple[int, ...] = ()
         while True:
             if (newer := self._newer_ready(plan)) is not None:
                 why = f"moving to the ready chain of epoch {newer}"
                 raise _Left(Leave(why, self.timings.same_plan_grace))
-            fed = history[start:]
-            # Drafts ride on decode steps only, and never past the answer's last token.
-            draft = speculator.draft(history, max_tokens - step - 1) if len(fed) == 1 else ()
-            ids = torch.tensor(fed + list(draft), dtype=torch.int64)
-            for offset in range(0, len(ids), PREFILL_CHUNK):
-                chunk = ids[offset : offset + PREFILL_CHUNK]
-                last = offset + PREFILL_CHUNK >= len(ids)
-                frame = StepFrame(
-                    plan.epoch, session, step, start + offset, to_wire(chunk),
-                    self.control.address, last, params, attempt, reserve,
-                    draft if last else (),
-                )  # fmt: skip
-                try:
-                    await self._send(first, frame)
-                except Exception as e:  # the first stage's link failed
-                    raise _Left(Leave(str(e), self.timings.same_plan_grace)) from None
+            if not looping:
+                fed = history[start:]
+                # Drafts ride on decode steps only, and never past the answer's last token.
+                draft = speculator.draft(history, max_tokens - step - 1) if len(fed) == 1 else ()
+                ids = torch.tensor(fed + list(draft), dtype=torch.int64)
+                for offset in range(0, len(ids), PREFILL_CHUNK):
+                    chunk = ids[offset : offset + PREFILL_CHUNK]
+                    last = offset + PREFILL_CHUNK >= len(ids)
+                    frame = StepFrame(
+                        plan.epoch, session, step, start + offset, to_wire(chunk),
+                        self.control.address, last, params, attempt, reserve,
+                        draft if last else (), *(loop if last and loops else ("", 0, ())),
+                    )  # fmt: skip
+                    try:
+                        await self._send(first, frame)
+                    except Exception as e:  # the first stage's link failed
+                        raise _Left(Leave(str(e), self.timings.same_plan_grace)) from None
+                looping = loops
             action = await self._next_token(queue, plan, attempt, step, start)
             if isinstance(action, FeedFrom):
                 self.events.add(
@@ -300,6 +313,7 @@ class Origin:
                 )
                 self.stats.replays += 1
                 start = action.position
+                looping = False
                 continue
             tokens = action[: len(draft) + 1]  # a stage cannot confirm what was not drafted
             speculator.passed(len(draft), len(tokens) - 1)

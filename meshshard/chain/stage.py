@@ -100,6 +100,18 @@ def _sampled(batch: list[StepFrame], outs: list[torch.Tensor]) -> list[tuple[int
     return tokens
 
 
+def _followed(frame: StepFrame, tokens: tuple[int, ...]) -> StepFrame | None:
+    """The step after `frame` that the last stage sends to the first itself, when the origin
+    asked for it (`loop`) and the answer goes on: tokens then go round the chain without a
+    hop through the origin."""
+    step = frame.step + len(tokens)
+    if not frame.loop or frame.draft or step > frame.until or set(tokens) & set(frame.stops):
+        return None
+    ids = torch.tensor(tokens[-1:], dtype=torch.int64)
+    start = frame.start + frame.tensor.shape[0]
+    return replace(frame, step=step, start=start, tensor=to_wire(ids), sample=True)
+
+
 def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], int]:
     """A sampler that answers from tokens picked already: step + j's is tokens[j]."""
     return lambda _, k: tokens[k - step]
@@ -407,10 +419,19 @@ class StageWorker:
                 assert self.next_addr is not None
                 await self._send(self.next_addr, replace(frame, tensor=out))
             elif frame.sample:
+                # The next step first (it is what the chain waits for), then the origin's copy.
+                follow, failed = _followed(frame, out), None
+                if follow is not None:
+                    try:
+                        await self._send(follow.loop, follow)
+                    except Exception as e:
+                        failed = e
                 await self._send(
                     frame.origin,
                     TokenFrame(frame.epoch, frame.session, frame.step, out, frame.attempt),
                 )
+                if follow is not None and failed is not None:
+                    await self._error(follow, ErrorCode.INTERNAL, f"first stage failed: {failed}")
         except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
             logger.warning("stage could not pass on %s step %d: %s", frame.session, frame.step, e)
             await self._error(frame, ErrorCode.INTERNAL, f"next hop failed: {e}")

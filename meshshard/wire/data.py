@@ -17,6 +17,7 @@ from meshshard.wire.checks import PROTOCOL, WireError
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # one activation frame; checked before it is read
 MAX_TOKENS_PER_FRAME = 8192
 MAX_DRAFT = 16  # drafted tokens one step may ask the chain to verify
+MAX_STOPS = 16  # token ids that end an answer, as a self-feeding step carries them
 MAX_TOKEN_ID = 2**31
 TENSOR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
 
@@ -72,6 +73,11 @@ class StepFrame:
     # Speculation: the frame's last len(draft) tokens are these guesses of the next ones; the
     # last stage samples every position and keeps the guesses that its samples confirm.
     draft: tuple[int, ...] = ()
+    # The chain feeds itself: the last stage sends the next step to `loop` (the first stage)
+    # as well as the token to the origin, up to step `until`, unless a token is in `stops`.
+    loop: str = ""  # "": the origin sends each step
+    until: int = 0
+    stops: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,8 @@ def encode_frame(frame: DataFrame) -> bytes:
                 "reserve": frame.reserve,
                 "draft": list(frame.draft),
             }
+            if frame.loop:
+                body |= {"loop": frame.loop, "until": frame.until, "stops": list(frame.stops)}
         case TokenFrame():
             body |= {
                 "k": "token",
@@ -227,6 +235,9 @@ def decode_frame(
             draft = _token_ids(m.get("draft", []), "draft", 0, MAX_DRAFT)
             if draft and (not sample or len(draft) >= tensor.shape[0]):
                 raise WireError("a draft must end a sampled frame, after at least one token")
+            loop = checks.address(m["loop"], "loop") if "loop" in m else ""
+            if loop and draft:
+                raise WireError("a step that feeds the chain itself carries no draft")
             return StepFrame(
                 epoch=epoch,
                 session=session,
@@ -239,6 +250,9 @@ def decode_frame(
                 attempt=attempt,
                 reserve=checks.integer(m.get("reserve", 0), "reserve"),
                 draft=draft,
+                loop=loop,
+                until=checks.integer(m.get("until", 0), "until") if loop else 0,
+                stops=_token_ids(m.get("stops", []), "stops", 0, MAX_STOPS) if loop else (),
             )
         case "token":
             step = checks.integer(m.get("step"), "step")

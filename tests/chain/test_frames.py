@@ -62,6 +62,7 @@ def test_other_frames_round_trip() -> None:
         DropFrame(E, "s"),
         step(to_wire(torch.tensor([1, 2, 3]))),
         replace(step(to_wire(torch.tensor([1, 2, 3]))), draft=(2, 3)),
+        replace(step(to_wire(torch.tensor([1, 2]))), loop="127.0.0.1:7002", until=63, stops=(2,)),
         HandoffRequest(E, "s", 3, 5, 12, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
         KVFrame(E, "s", 3, 9, kv, kv, "127.0.0.1:7000", final=True),
         HandoffDone(E, "s", 3, 7),
@@ -107,6 +108,10 @@ def test_malformed_handoff_frames_are_refused(data: bytes, message: str) -> None
         decode_frame(data)
 
 
+def ids(n: int) -> dict:
+    return {"dtype": "int64", "shape": [n], "data": bytes(8 * n)}
+
+
 def raw_step(**changes: object) -> bytes:
     body = {
         "v": PROTOCOL,
@@ -147,6 +152,11 @@ def raw_step(**changes: object) -> bytes:
         (raw_step(draft=[5], sample=False), "a draft must end a sampled frame"),
         (raw_step(draft=list(range(17))), "0 to 16 token ids"),
         (raw_step(draft=[-1]), "draft must be an integer"),
+        # A step the chain feeds itself says where to, and carries no draft to verify.
+        (raw_step(loop="nowhere"), "host:port"),
+        (raw_step(loop="127.0.0.1:7002", until=-1), "until"),
+        (raw_step(loop="127.0.0.1:7002", stops=list(range(17))), "0 to 16 token ids"),
+        (raw_step(loop="127.0.0.1:7002", draft=[5], tensor=ids(2)), "carries no draft"),
         (raw_step(k="token", tokens=[]), "1 to 17 token ids"),
         (raw_step(k="token", tokens=[2**31]), "tokens must be an integer"),
         (b"\x00" * (MAX_FRAME_BYTES + 1), "exceeds"),
