@@ -3,7 +3,8 @@
     python tools/experiments.py prediction    # 1: predicted vs measured, each testbed, objective
     python tools/experiments.py compare       # 2: ours vs the baselines, measured, each testbed
     python tools/experiments.py sweep         # 3: edge-cloud, the cloud link at 1..100 Mbit/s
-    python tools/experiments.py concurrency   # 4: lan-3, 1/4/8/16 sessions at once
+    python tools/experiments.py concurrency   # 4: lan-3, 1/4/8/16 sessions at once, and one
+                                              #    process in the first host's CPU share
     python tools/experiments.py prediction --testbeds office,campus --out prediction-oos
                                               # 1 out of sample: testbeds never tuned on
 
@@ -31,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from testbed import READY_TIMEOUT, Testbed, api_url, down, up, wait_ready  # noqa: E402
+from testbed import CGROUP, READY_TIMEOUT, Testbed, api_url, down, up, wait_ready  # noqa: E402
 
 OUT = ROOT / "docs" / "experiments"
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -103,6 +104,27 @@ def measure(tb: Testbed, sessions: int, repeats: int = 3) -> dict[str, Any]:
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
         "overall_tokens_per_s": statistics.median(r["overall_tokens_per_s"] for r in runs),
     }
+
+
+def single(tb: Testbed, i: int, repeats: int = 3) -> float:
+    """Decode tokens/s of `meshshard generate` (one process, one thread, the whole model) in
+    host i's namespace and CPU share (not its memory limit: its peer holds that), the median
+    of `repeats`: what one answer through the mesh is compared with."""
+    procs = CGROUP / "cpu" / f"{tb.tag}h{i}" / "cgroup.procs"
+    generate = 'exec "$0" -m meshshard generate --chat --json --max-tokens "$1" "$2"'
+    script = f"echo $$ > {procs} && {generate}"
+    rates = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            ["ip", "netns", "exec", tb.namespace(i), "sh", "-c", script, sys.executable,
+             str(TOKENS), PROMPT],
+            capture_output=True, text=True, timeout=900, cwd=ROOT,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise SystemExit(f"error: the single process failed: {out.stderr.strip()[-500:]}")
+        rates.append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
+    return statistics.median(rates)
 
 
 def bring_up(tb: Testbed, objective: str) -> dict[str, Any]:
@@ -285,16 +307,21 @@ def concurrency(levels: list[int], rows: list[dict[str, Any]]) -> None:
     try:
         status = bring_up(tb, "latency")
         plan, now = status["plan"], predicted(status)
-        print(f"lan-3, plan {describe(plan)}")
+        alone = single(tb, 0)
+        print(f"lan-3, plan {describe(plan)}; one process, one thread, in {tb.hosts[0].name}'s "
+              f"{tb.hosts[0].cpu} core: {alone:.1f} tokens/s")  # fmt: skip
         print(f"{'sessions':>8} {'pred t/s':>9} {'tokens/s':>9} {'ratio':>6} {'vs one':>7} "
               f"{'ms/token':>9}")  # fmt: skip
         for n in levels:
-            m = measure(tb, n) | {"predicted_tps": now["tokens_per_s_at"][str(n)]}
+            m = measure(tb, n) | {"predicted_tps": now["tokens_per_s_at"][str(n)],
+                                  "single_tokens_per_s": alone}  # fmt: skip
             rows.append(m)
             ratio = m["tokens_per_s"] / rows[0]["tokens_per_s"]
             print(f"{n:>8} {m['predicted_tps']:>9.1f} {m['tokens_per_s']:>9.1f} "
                   f"{m['tokens_per_s'] / m['predicted_tps']:>6.2f} {ratio:>7.2f} "
                   f"{m['per_token_ms']:>9.1f}")  # fmt: skip
+        print(f"one answer through the mesh: {rows[0]['tokens_per_s'] / alone:.2f} of the "
+              f"single process")  # fmt: skip
         same_plan(tb, status)
     finally:
         down(tb)
