@@ -111,19 +111,21 @@ def single(tb: Testbed, i: int, repeats: int = 3) -> float:
     host i's namespace and CPU share (not its memory limit: its peer holds that), the median
     of `repeats`: what one answer through the mesh is compared with."""
     procs = CGROUP / "cpu" / f"{tb.tag}h{i}" / "cgroup.procs"
-    generate = 'exec "$0" -m meshshard generate --chat --json --max-tokens "$1" "$2"'
-    script = f"echo $$ > {procs} && {generate}"
     rates = []
     for _ in range(repeats):
-        out = subprocess.run(
-            ["ip", "netns", "exec", tb.namespace(i), "sh", "-c", script, sys.executable,
-             str(TOKENS), PROMPT],
-            capture_output=True, text=True, timeout=900, cwd=ROOT,
+        # `ip netns exec` execs the command (same pid) and mounts its own /sys: the process is
+        # put in the CPU share from here, before it has loaded the model.
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", tb.namespace(i), sys.executable, "-m", "meshshard",
+             "generate", "--chat", "--json", "--max-tokens", str(TOKENS), PROMPT],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             env=os.environ | {"OMP_NUM_THREADS": "1"},
         )  # fmt: skip
-        if out.returncode != 0:
-            raise SystemExit(f"error: the single process failed: {out.stderr.strip()[-500:]}")
-        rates.append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
+        procs.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=900)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: the single process failed: {err.strip()[-500:]}")
+        rates.append(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
     return statistics.median(rates)
 
 
