@@ -138,9 +138,10 @@ async def test_an_answer_survives_a_stage_crashing_mid_answer(
 ) -> None:
     async with SimMesh(model, memory, speculate=speculate) as mesh:
         plan = await three_stages(mesh, "abcd")
-        # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies.
-        origin = plan.stages[0 if victim else -1].device
+        # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies;
+        # the spare, for a chain that feeds itself (an origin that is a stage drives it).
         spare = next(NodeId(p) for p in "abcd" if plan.stage_of(NodeId(p)) is None)
+        origin = plan.stages[0 if victim else -1].device if speculate else spare
         follower = mesh.peers[spare].service.follower
         await until(lambda: follower.standby is not None, 20, "the spare's standby loaded")
         assert follower.standby is not None
@@ -326,23 +327,30 @@ async def test_frames_to_oneself_never_touch_the_network(
 async def test_without_drafts_tokens_go_round_the_chain_without_the_origin(
     model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
 ) -> None:
-    """The origin is the middle stage: the last stage sends each token straight to the first
+    """An origin that runs no stage: the last stage sends each token straight to the first
     as the next step (and a copy to the origin), so the origin sends the first stage the
     prompt and nothing per token: about as many bytes for 24 tokens as for 4 (the numbers in
-    the prompt's step differ; a step frame of its own is over 100 bytes)."""
+    the prompt's step differ; a step frame of its own is over 100 bytes). An origin that is
+    a stage (here the middle one) sends every step itself."""
     async with SimMesh(model, memory, speculate=0) as mesh:
-        plan = await three_stages(mesh, "abc")
+        plan = await three_stages(mesh, "abcd")
         first, middle, last = (mesh.peers[s.device] for s in plan.stages)
-        sent: list[int] = []
+        spare = next(mesh.peers[p] for p in "abcd" if plan.stage_of(NodeId(p)) is None)
+        sent: dict[str, list[int]] = {spare.name: [], middle.name: []}
         fed: list[int] = []
-        for n in (4, 24):
-            before = middle.service.sent_bytes().get(first.addr, 0)
-            looped = last.service.sent_bytes().get(first.addr, 0)
-            got: list[int] = []
-            await answer(mesh, middle.name, PROMPTS[2], n, got)
-            assert got == reference(PROMPTS[2], n)
-            await until(mesh.idle, 5, "every cache freed")
-            sent.append(middle.service.sent_bytes().get(first.addr, 0) - before)
-            fed.append(last.service.sent_bytes().get(first.addr, 0) - looped)
-        assert 0 < sent[0] <= sent[1] < sent[0] + 16
+        for origin in (spare, middle):
+            for n in (4, 24):
+                before = origin.service.sent_bytes().get(first.addr, 0)
+                looped = last.service.sent_bytes().get(first.addr, 0)
+                got: list[int] = []
+                await answer(mesh, origin.name, PROMPTS[2], n, got)
+                assert got == reference(PROMPTS[2], n)
+                await until(mesh.idle, 5, "every cache freed")
+                sent[origin.name].append(origin.service.sent_bytes().get(first.addr, 0) - before)
+                fed.append(last.service.sent_bytes().get(first.addr, 0) - looped)
+        a, b = sent[spare.name]
+        assert 0 < a <= b < a + 16
         assert fed[1] > fed[0] > 0
+        a, b = sent[middle.name]
+        assert b > a + 20 * 100  # twenty more steps
+        assert fed[2] == fed[3] == 0  # nothing fed by the last stage
