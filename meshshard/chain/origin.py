@@ -275,9 +275,9 @@ class Origin:
         the last stage sends each token straight to the first stage as the next step, and a
         copy here (StepFrame.loop), so a token does not hop through this peer on its way
         round; this peer sends steps again only to start, and after a replay. A peer that is
-        a stage drives every step: its work on each token would otherwise run beside its own
-        stage's pass, under the same interpreter lock (measured: one answer 0.86-0.88 of the
-        single process that way, 0.89-0.94 without; docs/data-plane.md)."""
+        a stage drives every step: measured with it feeding itself, one answer ran at
+        0.86-0.88 of the single process, 0.89-0.94 without (docs/data-plane.md); likely its
+        work on each token then runs beside its own stage's pass, under one interpreter lock."""
         first = self.control.address_of(plan.stages[0].device)
         if first is None:
             raise _Left(Leave("the first stage is gone", self.timings.same_plan_grace))
