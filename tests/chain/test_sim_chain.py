@@ -122,6 +122,27 @@ async def test_stale_and_unknown_frames_get_error_frames(model: Path, memory: fl
         assert codes == {"x/1": ErrorCode.STALE_EPOCH, "x/2": ErrorCode.UNKNOWN_SESSION}
 
 
+async def test_steps_of_an_attempt_the_origin_gave_up_are_dropped(
+    model: Path, memory: float
+) -> None:
+    """Once a stage has seen a session's attempt, steps of an older one end there unrun (a
+    chain feeding itself may still be running an attempt its origin gave up)."""
+    async with SimMesh(model, memory) as mesh:
+        plan = await three_stages(mesh, "abcd")
+        spare = next(p for p in "abcd" if plan.stage_of(NodeId(p)) is None)
+        stage = mesh.peers[plan.stages[0].device].service
+        ids, sampling = to_wire(torch.tensor([1, 2, 3])), Sampling(0.0, 1.0, 1)
+        ran = []
+        for attempt in (0, 2, 1, 3):
+            before = stage.follower.steps
+            origin = mesh.peers[spare].addr  # a member: the session is not swept as orphaned
+            frame = StepFrame(plan.epoch, "x/1", 0, 0, ids, origin, True, sampling, attempt)
+            await stage.handle_frame(frame)
+            await asyncio.sleep(0.3)
+            ran.append(stage.follower.steps - before)
+        assert ran == [1, 1, 0, 1]
+
+
 @pytest.mark.parametrize("speculate", [8, 0], ids=["speculating", "chain feeding itself"])
 @pytest.mark.parametrize(
     "victim, silent",
