@@ -100,6 +100,11 @@ def _sampled(batch: list[StepFrame], outs: list[torch.Tensor]) -> list[tuple[int
     return tokens
 
 
+def _one_token(frame: StepFrame) -> bool:
+    """Whether the frame feeds one new token (maybe with a draft after it): a decode step."""
+    return frame.tensor.shape[0] - len(frame.draft) == 1
+
+
 def _followed(frame: StepFrame, tokens: tuple[int, ...]) -> StepFrame | None:
     """The step after `frame` that the last stage sends to the first itself, when the origin
     asked for it (`loop`) and the answer goes on: tokens then go round the chain without a
@@ -169,8 +174,7 @@ class StageWorker:
         if self._closing:
             await self._error(frame, ErrorCode.STALE_EPOCH, "this stage moved to a new plan")
             return
-        decode = frame.tensor.shape[0] - len(frame.draft) == 1
-        self._arrivals.arrived(frame.session, time.perf_counter(), decode)
+        self._arrivals.arrived(frame.session, time.perf_counter(), _one_token(frame))
         if not self._joined(frame):
             self._queue.append(frame)
         self._has_work.set()
@@ -275,10 +279,11 @@ class StageWorker:
         together then decode together, rather than one wave per prompt."""
         most = self._slice_rows() if busy else None
         together: list[StepFrame] = []
+        longest = 0
         for frame in others:
             if len(together) == MAX_BATCH or not self._continues(frame):
                 break
-            longest = max(f.tensor.shape[0] for f in [*together, frame])
+            longest = max(longest, frame.tensor.shape[0])
             if most is not None and longest * (len(together) + 1) > most:
                 break
             together.append(frame)
@@ -326,11 +331,7 @@ class StageWorker:
 
     def _decodable(self, frame: StepFrame) -> bool:
         # A cache may hold more than the step continues from: a draft's unconfirmed tokens.
-        return (
-            frame.tensor.shape[0] - len(frame.draft) == 1
-            and frame.session in self.shard.sessions
-            and self._continues(frame)
-        )
+        return _one_token(frame) and frame.session in self.shard.sessions and self._continues(frame)
 
     async def _run_batch(self, batch: list[StepFrame]) -> None:
         started = time.perf_counter()

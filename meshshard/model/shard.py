@@ -25,7 +25,6 @@ from meshshard.model import rowcache
 from meshshard.model.kvcache import KVCache
 from meshshard.model.products import choose_products
 from meshshard.model.quantize import check_quantize, quantize_layers, tensor_bytes
-from meshshard.model.rowcache import RowCaches
 from meshshard.model.source import model_name
 from meshshard.model.spec import ModelSpec
 from meshshard.progress import progress
@@ -309,7 +308,7 @@ class Shard:
             embeddings = self.rotary(h, pos)
             # Each row attends to its own session's cache (rowcache.attention), seeing its
             # own positions only: no mask, and the padding is never written or read.
-            h = self._run_layers(h, None, pos, embeddings, RowCaches(caches, widths))
+            h = self._run_layers(h, None, pos, embeddings, rowcache.RowCaches(caches, widths))
         real = [h[b, :w] for b, w in enumerate(widths)]
         if self.lm_head is None or self.norm is None:
             return real
