@@ -3,8 +3,10 @@
     python tools/experiments.py prediction    # 1: predicted vs measured, each testbed, objective
     python tools/experiments.py compare       # 2: ours vs the baselines, measured, each testbed
     python tools/experiments.py sweep         # 3: edge-cloud, the cloud link at 1..100 Mbit/s
-    python tools/experiments.py concurrency   # 4: lan-3, 1/4/8/16 sessions at once, and one
-                                              #    process in the first host's CPU share
+    python tools/experiments.py concurrency   # 4: lan-3, 1/4/8/16 sessions at once, one
+                                              #    process in the first host's CPU share, and
+                                              #    2 answers' longest gap while a 2,000-token
+                                              #    prompt is prefilled
     python tools/experiments.py prediction --testbeds office,campus --out prediction-oos
                                               # 1 out of sample: testbeds never tuned on
 
@@ -88,16 +90,7 @@ def client(sessions: int, tokens: int) -> dict[str, Any]:
 
 def measure(tb: Testbed, sessions: int, repeats: int = 3) -> dict[str, Any]:
     """Median of `repeats` runs of the client in the first host's namespace."""
-    runs = []
-    for _ in range(repeats):
-        out = subprocess.run(
-            ["ip", "netns", "exec", tb.namespace(0), sys.executable, __file__, "_client",
-             str(sessions), str(TOKENS)],
-            capture_output=True, text=True, timeout=1800,
-        )  # fmt: skip
-        if out.returncode != 0:
-            raise SystemExit(f"error: the client failed: {out.stderr.strip()[-500:]}")
-        runs.append(json.loads(out.stdout))
+    runs = [in_namespace(tb, "_client", str(sessions), str(TOKENS)) for _ in range(repeats)]
     return {
         "sessions": sessions,
         "per_token_ms": statistics.median(r["per_token_ms"] for r in runs),
@@ -304,29 +297,49 @@ def sweep(rates: list[float], rows: list[dict[str, Any]]) -> None:
               f"{r['plan']}")  # fmt: skip
 
 
-def concurrency(levels: list[int], rows: list[dict[str, Any]]) -> None:
-    tb = Testbed.load(ROOT / "peers" / "lan-3.toml")
-    try:
-        status = bring_up(tb, "latency")
-        plan, now = status["plan"], predicted(status)
-        alone = single(tb, 0)
-        print(f"lan-3, plan {describe(plan)}; one process, one thread, in {tb.hosts[0].name}'s "
-              f"{tb.hosts[0].cpu} core: {alone:.1f} tokens/s")  # fmt: skip
-        print(f"{'sessions':>8} {'pred t/s':>9} {'tokens/s':>9} {'ratio':>6} {'vs one':>7} "
-              f"{'ms/token':>9}")  # fmt: skip
-        for n in levels:
-            m = measure(tb, n) | {"predicted_tps": now["tokens_per_s_at"][str(n)],
-                                  "single_tokens_per_s": alone}  # fmt: skip
-            rows.append(m)
-            ratio = m["tokens_per_s"] / rows[0]["tokens_per_s"]
-            print(f"{n:>8} {m['predicted_tps']:>9.1f} {m['tokens_per_s']:>9.1f} "
-                  f"{m['tokens_per_s'] / m['predicted_tps']:>6.2f} {ratio:>7.2f} "
-                  f"{m['per_token_ms']:>9.1f}")  # fmt: skip
-        print(f"one answer through the mesh: {rows[0]['tokens_per_s'] / alone:.2f} of the "
-              f"single process")  # fmt: skip
-        same_plan(tb, status)
-    finally:
-        down(tb)
+def concurrency(testbeds: list[str], levels: list[int], rows: list[dict[str, Any]]) -> None:
+    for name in testbeds:
+        tb = Testbed.load(ROOT / "peers" / f"{name}.toml")
+        try:
+            status = bring_up(tb, "latency")
+            plan, now = status["plan"], predicted(status)
+            alone = single(tb, 0)
+            print(f"{name}, plan {describe(plan)}; one process, one thread, in "
+                  f"{tb.hosts[0].name}'s {tb.hosts[0].cpu} core: {alone:.1f} tokens/s")  # fmt: skip
+            print(f"{'sessions':>8} {'pred t/s':>9} {'tokens/s':>9} {'ratio':>6} {'vs one':>7} "
+                  f"{'ms/token':>9}")  # fmt: skip
+            first = len(rows)
+            for n in levels:
+                m = measure(tb, n) | {
+                    "testbed": name, "predicted_tps": now["tokens_per_s_at"][str(n)],
+                    "single_tokens_per_s": alone, "predicted": now,
+                }  # fmt: skip
+                rows.append(m)
+                ratio = m["tokens_per_s"] / rows[first]["tokens_per_s"]
+                print(f"{n:>8} {m['predicted_tps']:>9.1f} {m['tokens_per_s']:>9.1f} "
+                      f"{m['tokens_per_s'] / m['predicted_tps']:>6.2f} {ratio:>7.2f} "
+                      f"{m['per_token_ms']:>9.1f}")  # fmt: skip
+            print(f"one answer through the mesh: {rows[first]['tokens_per_s'] / alone:.2f} of the "
+                  f"single process")  # fmt: skip
+            gap = in_namespace(tb, "_gap")
+            rows[first]["prefill_gap"] = gap
+            print(f"2 answers decoding while a {gap['prompt_tokens']}-token prompt is prefilled "
+                  f"({gap['prefill_s']:.1f} s): longest gap {gap['longest_gap_ms']:.0f} ms, "
+                  f"usual {gap['usual_gap_ms']:.0f} ms, ratio {gap['gap_ratio']:.2f}")  # fmt: skip
+            same_plan(tb, status)
+        finally:
+            down(tb)
+
+
+def in_namespace(tb: Testbed, *args: str) -> Any:
+    """This tool's `args` (a hidden subcommand) run in the first host's namespace; its JSON."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", tb.namespace(0), sys.executable, __file__, *args],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"error: the client failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def plot(kind: str, rows: list[dict[str, Any]], name: str) -> Path:
@@ -372,9 +385,12 @@ def plot(kind: str, rows: list[dict[str, Any]], name: str) -> Path:
         ax.set_xlabel("cloud link, Mbit/s")
         ax.set_ylabel("ms per token")
     else:
-        n = [r["sessions"] for r in rows]
-        ax.plot(n, [r["predicted_tps"] for r in rows], "o--", label="predicted")
-        ax.plot(n, [r["tokens_per_s"] for r in rows], "o-", label="measured")
+        for bed in sorted({r.get("testbed", "lan-3") for r in rows}):
+            mine = [r for r in rows if r.get("testbed", "lan-3") == bed]
+            n = [r["sessions"] for r in mine]
+            line = ax.plot(n, [r["tokens_per_s"] for r in mine], "o-", label=f"{bed} measured")
+            ax.plot(n, [r["predicted_tps"] for r in mine], "o--", color=line[0].get_color(),
+                    label=f"{bed} predicted")  # fmt: skip
         ax.set_xlabel("concurrent sessions")
         ax.set_ylabel("aggregate tokens/s")
     ax.legend()
@@ -390,12 +406,20 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "_client":
         print(json.dumps(client(int(sys.argv[2]), int(sys.argv[3]))))
         return
+    if len(sys.argv) == 2 and sys.argv[1] == "_gap":
+        from bench_chain import prefill_gap
+
+        print(json.dumps(prefill_gap(api_url())))
+        return
     if len(sys.argv) == 3 and sys.argv[1] == "_apply":
         print(json.dumps(apply(sys.argv[2])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=("prediction", "compare", "sweep", "concurrency"))
-    parser.add_argument("--testbeds", default="lan-3,home-wifi,edge-cloud")
+    parser.add_argument(
+        "--testbeds",
+        help="Comma-separated (default: lan-3,home-wifi,edge-cloud; concurrency: lan-3).",
+    )
     parser.add_argument("--out", help="Name of the result files (default: the experiment's).")
     parser.add_argument(
         "--speculate", type=int, default=0,
@@ -405,16 +429,18 @@ def main() -> None:
     name = args.out or args.experiment
     # Peers inherit our environment (launch.PeerCommand).
     os.environ["MESHSHARD_SPECULATE"] = str(args.speculate)
+    default = "lan-3" if args.experiment == "concurrency" else "lan-3,home-wifi,edge-cloud"
+    testbeds = (args.testbeds or default).split(",")
     rows: list[dict[str, Any]] = []
     try:
         if args.experiment == "prediction":
-            prediction(args.testbeds.split(","), rows)
+            prediction(testbeds, rows)
         elif args.experiment == "compare":
-            compare(args.testbeds.split(","), rows)
+            compare(testbeds, rows)
         elif args.experiment == "sweep":
             sweep([0.5, 1, 5, 10, 50, 100], rows)
         else:
-            concurrency([1, 4, 8, 16], rows)
+            concurrency(testbeds, [1, 4, 8, 16], rows)
     finally:  # what was measured is kept, also when a later part fails
         for row in rows:
             row["speculate"] = args.speculate

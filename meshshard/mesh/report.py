@@ -124,6 +124,7 @@ def predicted_now(
         "sessions": cost.sessions,
         "compute_ms": [round(x, 3) for x in cost.compute_ms],
         "overhead_ms": [round(s.overhead_ms, 3) for s in flow],
+        "batch_ms": [[round(x, 3) for x in s.batch_ms] for s in flow],
         "hop_ms": [round(x, 3) for x in cost.hop_ms],
         "return_ms": round(cost.return_ms, 3),
         # What that many answers at once would reach, batched as our stages batch them.
