@@ -34,7 +34,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from testbed import CGROUP, READY_TIMEOUT, Testbed, api_url, down, up, wait_ready  # noqa: E402
+from testbed import (  # noqa: E402
+    CGROUP,
+    READY_TIMEOUT,
+    Testbed,
+    api_url,
+    down,
+    status,
+    up,
+    wait_ready,
+)
 
 OUT = ROOT / "docs" / "experiments"
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -89,14 +98,40 @@ def client(sessions: int, tokens: int) -> dict[str, Any]:
 
 
 def measure(tb: Testbed, sessions: int, repeats: int = 3) -> dict[str, Any]:
-    """Median of `repeats` runs of the client in the first host's namespace."""
+    """Median of `repeats` runs of the client in the first host's namespace; and each stage's
+    passes over the runs: rows per pass, wall and CPU ms per pass."""
+    before = stage_counters(tb)
     runs = [in_namespace(tb, "_client", str(sessions), str(TOKENS)) for _ in range(repeats)]
+    after = stage_counters(tb)
+    passes = []
+    for host, now in after.items():
+        was = before.get(host)
+        if was is None or was["units"] != now["units"]:
+            continue
+        n = max(1, now["batches"] - was["batches"])
+        passes.append({
+            "host": host, "units": now["units"],
+            "rows_per_pass": round((now["steps"] - was["steps"]) / n, 2),
+            "pass_ms": round((now["forward_s"] - was["forward_s"]) * 1000 / n, 2),
+            "cpu_ms": round((now["forward_cpu_s"] - was["forward_cpu_s"]) * 1000 / n, 2),
+        })  # fmt: skip
     return {
+        "stages": sorted(passes, key=lambda p: p["units"]),
         "sessions": sessions,
         "per_token_ms": statistics.median(r["per_token_ms"] for r in runs),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
         "overall_tokens_per_s": statistics.median(r["overall_tokens_per_s"] for r in runs),
     }
+
+
+def stage_counters(tb: Testbed) -> dict[str, dict[str, Any]]:
+    """Each host's stage counters (hosts running no stage left out)."""
+    out = {}
+    for i, host in enumerate(tb.hosts):
+        stage = ((status(tb, i) or {}).get("stage")) or {}
+        if "forward_s" in stage:
+            out[host.name] = stage
+    return out
 
 
 def single(tb: Testbed, i: int, repeats: int = 3) -> float:
@@ -318,7 +353,9 @@ def concurrency(testbeds: list[str], levels: list[int], rows: list[dict[str, Any
                 ratio = m["tokens_per_s"] / rows[first]["tokens_per_s"]
                 print(f"{n:>8} {m['predicted_tps']:>9.1f} {m['tokens_per_s']:>9.1f} "
                       f"{m['tokens_per_s'] / m['predicted_tps']:>6.2f} {ratio:>7.2f} "
-                      f"{m['per_token_ms']:>9.1f}")  # fmt: skip
+                      f"{m['per_token_ms']:>9.1f}  "
+                      + ", ".join(f"{p['host']} {p['rows_per_pass']} rows {p['pass_ms']:.0f} ms "
+                                  f"(cpu {p['cpu_ms']:.0f})" for p in m["stages"]))  # fmt: skip
             print(f"one answer through the mesh: {rows[first]['tokens_per_s'] / alone:.2f} of the "
                   f"single process")  # fmt: skip
             gap = in_namespace(tb, "_gap")
