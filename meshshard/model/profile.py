@@ -73,8 +73,11 @@ class DeviceProfile:
         return cls(units=units, **fields)  # type: ignore[arg-type]
 
 
-# Bumped when the way of measuring changes, so profiles kept from before are measured again.
-VERSION = 6
+# Bumped when the way of measuring changes, or what is measured runs differently (batched
+# passes: 7, row attention and the head's product form timed at load), so profiles kept from
+# before are measured again. (lan-3's profiles of version 6, kept from before those changes,
+# priced 4-row passes on its desk at 61 ms where they then took 41.)
+VERSION = 7
 SUSTAIN_SECONDS = 0.6
 BATCH_REPEATS = 3
 BATCH_CONTEXT = 16  # positions of each batched session: weights, not attention, dominate
