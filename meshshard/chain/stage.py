@@ -154,9 +154,10 @@ class StageWorker:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._arrivals = Arrivals()
+        self._arrivals = Arrivals[str]()
         self._holding_since: float | None = None
         self.holds = 0  # batches held for rows due soon
+        self.pass_ms: dict[int, float] = {}  # decode passes by rows: whether holding pays
         self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue(
             OUTBOX
         )
@@ -307,7 +308,7 @@ class StageWorker:
         now = time.perf_counter()
         since = self._holding_since if self._holding_since is not None else now
         live = set(self.shard.sessions)
-        hold = self._arrivals.hold(waiting, live, now, since, self.step_ms / 1000)
+        hold = self._arrivals.hold(waiting, live, now, since, self.step_ms / 1000, self.pass_ms.get)
         if hold and self._holding_since is None:
             self._holding_since = now
             self.holds += 1
@@ -366,6 +367,7 @@ class StageWorker:
         ms = seconds * 1000
         if decode:  # prefills take longer per step: they would hide the decode time
             self.step_ms = _moved(self.step_ms, ms)
+            self.pass_ms[len(batch)] = _moved(self.pass_ms.get(len(batch), 0.0), ms)
         elif self.step_ms and len(batch) == 1 and (n := batch[0].tensor.shape[0]) >= MIN_SLICE:
             # A prompt's pass costs about a decode step plus its rows: what slices are cut by.
             self.row_ms = _moved(self.row_ms, max(ms - self.step_ms, 0.0) / n)

@@ -9,12 +9,36 @@ decoding is due within the time a pass takes: holding for it costs at most what 
 its own would, and waves that meet stay together (they arrive together ever after).
 
 A session is due one interval (between its last two decode steps here) after its last.
+
+Holding pays only where a pass of more rows costs less than passes of its rows apart (a CPU
+or GPU reading its weights once for every row). On a device whose passes cost in proportion
+to their rows it would only delay: waves there are better left spread round the chain, each
+stage computing one while the others compute the rest (the paper's pipeline). So a stage
+holds unless what it has measured of its passes says they cost in proportion.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)  # what names a session: its id, or a number in a model
+
+# A pass of a+b rows must cost under this share of a pass of a and a pass of b for holding
+# to pay (a margin for the noise of measured costs).
+PAYS = 0.9
+
+Cost = Callable[[int], float | None]  # ms of a decode pass of n rows; None: not known
+
+
+def pays(cost: Cost, rows: int, more: int) -> bool:
+    """Whether one pass of `rows` + `more` rows costs less than a pass of each; where any of
+    the three is not known, it is taken to (every device measured so far batches well)."""
+    together, apart = cost(rows + more), (cost(rows), cost(more))
+    if together is None or apart[0] is None or apart[1] is None:
+        return True
+    return together < PAYS * (apart[0] + apart[1])
 
 
 @dataclass(frozen=True)
@@ -23,11 +47,11 @@ class _Seen:
     interval: float | None  # since the decode step before it; None after a prompt
 
 
-class Arrivals:
+class Arrivals(Generic[K]):
     def __init__(self) -> None:
-        self._seen: dict[str, _Seen] = {}
+        self._seen: dict[K, _Seen] = {}
 
-    def arrived(self, session: str, now: float, decode: bool) -> None:
+    def arrived(self, session: K, now: float, decode: bool) -> None:
         """A step of `session` arrived: a decode step (one new token, maybe a draft) or
         anything else (a prompt's chunk, a feed after a replay), after which its rhythm is
         unknown until two decode steps have come."""
@@ -40,20 +64,28 @@ class Arrivals:
             self._seen[session] = _Seen(now, now - before.at)
 
     def hold(
-        self, waiting: Collection[str], live: Collection[str], now: float, since: float, most: float
+        self,
+        waiting: Collection[K],
+        live: Collection[K],
+        now: float,
+        since: float,
+        most: float,
+        cost: Cost = lambda rows: None,
     ) -> float:
         """Seconds to keep holding a batch of the `waiting` sessions' steps, held since
-        `since` (0: run it now): until `since + most`, while any other `live` session is due
-        within `most` of `since` (late ones count, as they may be just behind)."""
+        `since` (0: run it now): until `since + most`, while other `live` sessions are due
+        within `most` of `since` (late ones count, as they may be just behind) and one pass
+        of them all costs less than passes apart (`cost`: ms of a pass by rows)."""
         for gone in [s for s in self._seen if s not in live]:
             del self._seen[gone]
         left = since + most - now
         if left <= 0:
             return 0.0
-        for session, seen in self._seen.items():
-            if session in waiting or seen.interval is None:
-                continue
-            due = seen.at + seen.interval
-            if since - most <= due <= since + most:
-                return left
-        return 0.0
+        due = sum(
+            1
+            for session, seen in self._seen.items()
+            if session not in waiting
+            and seen.interval is not None
+            and since - most <= seen.at + seen.interval <= since + most
+        )
+        return left if due and pays(cost, len(waiting), due) else 0.0

@@ -7,6 +7,14 @@ size (measured: math libraries pick kernels by size, so two rows can cost as muc
 steps and four rows less), on the per-session work a busy stage does beside its forward
 passes, and on how sessions bunch up and spread on the way round. Pure and deterministic:
 events on a simulated clock.
+
+N answers asked at once start together: their prompts wait at the first stage and share one
+pass (up to MAX_BATCH), and from there they travel as one wave, since every stage takes the
+whole wave and, where batching pays, holds a batch for rows due within a pass
+(chain/waves.py, played out here as the stages run it). That is the mesh's schedule, and
+the one its throughput is measured under. Answers started a round apart (`together=False`)
+stay spread where batching does not pay: the paper's pipeline, each stage busy with one
+micro-batch while the others compute theirs.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from meshshard.chain.waves import Arrivals
 from meshshard.model.batching import BATCHES, MAX_BATCH
 from meshshard.planner.cost import Stage
 from meshshard.planner.instance import Instance
@@ -109,9 +118,11 @@ def tokens_per_s(
     sessions: int,
     tokens: int = TOKENS,
     spec: Speculation = PLAIN,
+    together: bool = True,
 ) -> float:
-    """Aggregate decode rate of `sessions` answers of `tokens` each, started evenly spread over
-    one round of the chain, over the span when every one of them is decoding."""
+    """Aggregate decode rate of `sessions` answers of `tokens` each, asked at once (or, not
+    `together`, started evenly spread over one round of the chain), over the span when every
+    one of them is decoding."""
     if sessions < 1 or not stages:
         raise ValueError("a flow needs at least one session and one stage")
     per_token = latency_ms(stages, return_ms, spec)
@@ -121,7 +132,7 @@ def tokens_per_s(
     round_ms = per_token * spec.tokens
     sim = _Chain(stages, return_ms, sessions, passes, spec)
     for k in range(sessions):
-        sim.push(k * round_ms / sessions, "arrive", 0, k)
+        sim.push(0.0 if together else k * round_ms / sessions, "arrive", 0, k)
     times = sim.run()
     start, end = max(t[0] for t in times), min(t[-1] for t in times)
     produced = spec.tokens * sum(start < t <= end for each in times for t in each)
@@ -142,6 +153,13 @@ class _Chain:
         self.busy = [False] * len(stages)
         self.link_free = [0.0] * len(stages)
         self.times: list[list[float]] = [[] for _ in range(sessions)]
+        # Each stage's rule for holding a batch for rows due soon, as the stages run it: what
+        # it has seen arrive, its last decode pass's time, since when it holds.
+        self.arrivals = [Arrivals[int]() for _ in stages]
+        self.seen: list[set[int]] = [set() for _ in stages]
+        self.pass_ms = [0.0] * len(stages)
+        self.held_since: list[float | None] = [None] * len(stages)
+        self.live = set(range(sessions))
         self.events: list[tuple[float, int, int, str, int, tuple[int, ...]]] = []
         self._seq = itertools.count()
 
@@ -153,6 +171,9 @@ class _Chain:
         while self.events:
             now, _, _, kind, i, sessions = heapq.heappop(self.events)
             if kind == "arrive":
+                for session in sessions:  # a session's first pass at a stage is its prompt
+                    self.arrivals[i].arrived(session, now, session in self.seen[i])
+                    self.seen[i].add(session)
                 self.queues[i].extend(sessions)
                 self.push(now, "start", i)
             elif kind == "start":
@@ -164,9 +185,29 @@ class _Chain:
     def _start(self, now: float, i: int) -> None:
         if self.busy[i] or not self.queues[i]:
             return
+        waiting = set(self.queues[i])
+        if len(waiting) < MAX_BATCH and waiting <= self.decoding(i):
+            held = self.held_since[i]
+            since = now if held is None else held
+            stage = self.stages[i]
+            hold = self.arrivals[i].hold(
+                waiting, self.live, now, since, self.pass_ms[i], stage.step_ms
+            )
+            if hold > 1e-9:
+                self.held_since[i] = since
+                self.push(now + hold, "start", i)
+                return
+        self.held_since[i] = None
         batch = [self.queues[i].popleft() for _ in range(min(MAX_BATCH, len(self.queues[i])))]
         self.busy[i] = True
-        self.push(now + self.stages[i].busy_ms(len(batch), self.spec), "done", i, *batch)
+        took = self.stages[i].busy_ms(len(batch), self.spec)
+        if all(len(self.times[s]) for s in batch):  # decode steps: what a hold is measured by
+            self.pass_ms[i] = took
+        self.push(now + took, "done", i, *batch)
+
+    def decoding(self, i: int) -> set[int]:
+        """Sessions whose steps at stage i are decode steps (their prompt has passed it)."""
+        return {s for s in self.seen[i] if self.times[s]}
 
     def _done(self, now: float, i: int, batch: tuple[int, ...]) -> None:
         self.busy[i] = False
@@ -183,4 +224,6 @@ class _Chain:
                 self.times[session].append(back)
                 if len(self.times[session]) < self.passes:
                     self.push(back, "arrive", 0, session)
+                else:
+                    self.live.discard(session)
         self.push(now, "start", i)

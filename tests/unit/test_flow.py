@@ -26,9 +26,11 @@ def test_one_answer_goes_round_the_chain_once_per_token() -> None:
     assert tokens_per_s(stages, 5.0, 1) == pytest.approx(1000 / 60)
 
 
-def test_without_batching_gains_answers_are_held_to_the_papers_bottleneck_rate() -> None:
+def test_without_batching_gains_answers_started_apart_pipeline_to_the_papers_bottleneck() -> None:
+    """Stages that gain nothing from batching do not hold waves together: answers started
+    spread over a round stay spread, each stage busy while the others compute."""
     stages = (linear(20.0), linear(30.0, hop=5.0), linear(10.0, hop=5.0))
-    rates = [tokens_per_s(stages, 5.0, n) for n in range(1, 17)]
+    rates = [tokens_per_s(stages, 5.0, n, together=False) for n in range(1, 17)]
     assert rates[1] == pytest.approx(2 * rates[0])  # the chain is far from full
     assert max(rates) == pytest.approx(1000 / 30, rel=0.01)  # the slowest stage, always busy
     assert all(r <= n * rates[0] * 1.001 for n, r in enumerate(rates, 1))
@@ -38,7 +40,19 @@ def test_sessions_batched_where_it_gains_nothing_travel_as_one_train() -> None:
     """A stage takes every session waiting for it: with no gain from batching, once sessions
     bunch up they stay bunched, and stages take turns instead of overlapping."""
     stages = (linear(20.0), linear(30.0, hop=5.0), linear(10.0, hop=5.0))
-    assert tokens_per_s(stages, 5.0, 16) < 0.8 * 1000 / 30
+    assert tokens_per_s(stages, 5.0, 16, together=False) < 0.8 * 1000 / 30
+    # Asked at once, they start as one wave and stay one: every stage takes all of it.
+    assert tokens_per_s(stages, 5.0, 16) == pytest.approx(16000 / (16 * 60 + 15), rel=0.02)
+
+
+def test_answers_asked_at_once_travel_as_one_wave() -> None:
+    """Their prompts share the first stage's pass; the wave's frames reach the next stage
+    one after another, and it holds the first rows for the rest (batching pays there), so
+    every round costs each stage one pass of all of them."""
+    first = FlowStage(10.0, (10.5, 11.0, 11.5, 14.0, 20.0), 0.0, 0.0, overhead_ms=0.2)
+    second = FlowStage(20.0, (21.0, 22.0, 23.0, 28.0, 40.0), 2.0, frame_ms=0.5)
+    wave = first.busy_ms(8) + second.busy_ms(8) + 8 * second.frame_ms + second.hop_ms + 2.0
+    assert tokens_per_s((first, second), 2.0, 8) == pytest.approx(8000 / wave, rel=0.02)
 
 
 def test_a_stage_that_batches_well_carries_more_than_one_step_at_a_time() -> None:
@@ -89,7 +103,7 @@ def test_per_session_work_is_on_the_way_of_every_step() -> None:
     busy = (linear(10.0), FlowStage(30.0, linear(30.0).batch_ms, 1.0, 0.0, overhead_ms=3.0))
     assert latency_ms(busy, 1.0) == pytest.approx(10 + 33 + 1 + 1)
     assert tokens_per_s(busy, 1.0, 1) == pytest.approx(1000 / 45)
-    assert tokens_per_s(busy, 1.0, 8) == pytest.approx(1000 / 33, rel=0.02)
+    assert tokens_per_s(busy, 1.0, 8, together=False) == pytest.approx(1000 / 33, rel=0.02)
 
 
 def test_a_flow_needs_sessions() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshshard.chain.waves import Arrivals
+from meshshard.chain.waves import Arrivals, pays
 
 PASS = 0.1  # seconds a decode pass takes
 
@@ -52,3 +52,14 @@ def test_no_hold_for_sessions_gone_or_without_a_rhythm() -> None:
 def test_no_hold_before_a_pass_was_measured() -> None:
     arrivals = decoding({"a": [0.4, 0.7, 1.0], "b": [0.45, 0.75]})
     assert arrivals.hold({"a"}, {"a", "b"}, 1.0, 1.0, 0.0) == 0
+
+
+def test_a_hold_pays_only_where_rows_together_cost_less_than_apart() -> None:
+    cpu = {1: 50.0, 2: 52.0, 3: 58.0}.get  # one pass reads the weights for every row
+    proportional = {1: 50.0, 2: 100.0, 3: 150.0}.get
+    assert pays(cpu, 1, 1) and pays(cpu, 2, 1)
+    assert not pays(proportional, 1, 1) and not pays(proportional, 2, 1)
+    assert pays({1: 50.0}.get, 1, 1)  # 2 rows not measured yet: taken to pay
+    arrivals = decoding({"a": [0.4, 0.7, 1.0], "b": [0.45, 0.75]})  # b due within a pass
+    assert arrivals.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS, cpu) == pytest.approx(PASS)
+    assert arrivals.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS, proportional) == 0
