@@ -7,7 +7,8 @@ one thread and with torch's default (every core); for meshes of 2 and 3 real `me
 peers of one thread each (as the demo runs them), and 3 peers of torch's default threads
 (each offering too little memory to hold the model, so the chain has 2 or 3 stages): one
 session's tokens/s and time to first token, and
-aggregate tokens/s with 1, 4 and 8 concurrent sessions; bytes sent per token per hop; and
+aggregate tokens/s with 1, 4 and 8 concurrent sessions; where one answer's time per token
+goes (each stage's passes, wall and model-thread CPU); bytes sent per token per hop; and
 on the 2-peer mesh, the longest gap between the tokens of answers that are decoding while a
 2,000-token prompt is prefilled, against their usual gap. Peers decode one token per pass
 (`--speculate 0`), as the single process does.
@@ -175,10 +176,30 @@ def running(
 def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dict[str, Any]:
     with running(peers, {2: "450MB", 3: "300MB"}[peers], logs, threads) as procs:
         url = procs[0].url
+        before = stage_counts(procs)
         one = [ask(url, tokens)["meshshard"] for _ in range(repeats)]
+        after = stage_counts(procs)
         out = {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in one),
             "ttft_s": statistics.median(r["ttft_s"] for r in one),
+            # Where a lone answer's time goes: each stage's passes (wall, and the model
+            # thread's CPU in them), per pass, prompts included.
+            "one_pass_ms": [
+                round(
+                    (a["forward_s"] - b["forward_s"]) * 1000 / max(1, a["batches"] - b["batches"]),
+                    2,
+                )
+                for b, a in zip(before, after, strict=True)
+            ],
+            "one_cpu_ms": [
+                round(
+                    (a["forward_cpu_s"] - b["forward_cpu_s"])
+                    * 1000
+                    / max(1, a["batches"] - b["batches"]),
+                    2,
+                )
+                for b, a in zip(before, after, strict=True)
+            ],
         }
         for sessions in (1, 4, 8):
             results: list[dict] = []
@@ -199,16 +220,19 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
         # Rows per forward pass at each stage, over the 8 answers at once.
         after = stage_counts(procs)
         out["mean_batch_8"] = [
-            (s2 - s1) / max(1, b2 - b1) for (s1, b1), (s2, b2) in zip(before, after, strict=True)
+            (a["steps"] - b["steps"]) / max(1, a["batches"] - b["batches"])
+            for b, a in zip(before, after, strict=True)
         ]
         return out
 
 
-def stage_counts(procs: list[Peer]) -> list[tuple[int, int]]:
-    """(steps, batches) each peer's stage has run, in chain order."""
+def stage_counts(procs: list[Peer]) -> list[dict[str, float]]:
+    """The counters of each peer's stage (steps, batches, passes' wall and CPU seconds), in
+    chain order."""
     stages = [(s or {}).get("stage") or {} for s in (p.status() for p in procs)]
     ordered = sorted(stages, key=lambda st: st.get("units", [0])[0])
-    return [(st.get("steps", 0), st.get("batches", 0)) for st in ordered]
+    keys = ("steps", "batches", "forward_s", "forward_cpu_s")
+    return [{k: st.get(k, 0) for k in keys} for st in ordered]
 
 
 def main() -> None:
@@ -232,6 +256,7 @@ def main() -> None:
         print(f"{name:<22} {rate:>16.1f} {rate / local_rate:>6.2f} {ttft:>7.3f}", flush=True)
         groups[name] = {"1 session": rate}
     batches: list[str] = []
+    passes: list[str] = []
     with tempfile.TemporaryDirectory() as logs:
         for peers, threads in [(2, 1), (3, 1), (3, cores)] if cores > 1 else [(2, 1), (3, 1)]:
             r = mesh(peers, args.tokens, args.repeats, Path(logs), threads)
@@ -245,7 +270,16 @@ def main() -> None:
             )
             groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
             batches.append(f"{name}: " + ", ".join(f"{b:.2f}" for b in r["mean_batch_8"]))
+            passes.append(
+                f"{name}: {1000 / r['tokens_per_s']:.1f} ms a token; passes "
+                + " + ".join(f"{w:.1f}" for w in r["one_pass_ms"])
+                + f" = {sum(r['one_pass_ms']):.1f} ms (model thread CPU "
+                + " + ".join(f"{c:.1f}" for c in r["one_cpu_ms"])
+                + f" = {sum(r['one_cpu_ms']):.1f})"
+            )
         print("rows per forward pass with 8 answers at once, stage by stage:", "; ".join(batches))
+        print(f"one answer, stage by stage (single process, 1 thread: {1000 / local_rate:.1f} "
+              f"ms a token):", "; ".join(passes))  # fmt: skip
         print(
             "activation bytes per token per hop: 2304 (float32, hidden 576); "
             "token back to the origin: 4 bytes + framing"
