@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from meshshard.chain.links import DataLinks, LinkError
+from meshshard.chain.links import DataLinks, LinkError, lane
 from meshshard.wire import DataFrame
 
 logger = logging.getLogger(__name__)
@@ -94,11 +94,12 @@ class DelayedLinks:
     """Data-plane links whose frames wait the link's delay. The delay holds the frame, not
     the sender: on a real link with that latency the sender is free as soon as the bytes are
     in the socket (and a frame lost on the way is for the origin to notice). Frames to one
-    address keep their order."""
+    address keep their order within their lane (links.py): a step does not wait here behind
+    a prompt's activations any more than on the sockets."""
 
     def __init__(self, inner: DataLinks, delays: Delays, tg: asyncio.TaskGroup) -> None:
         self._inner, self._delays, self._tg = inner, delays, tg
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.sent_bytes: Counter[str] = inner.sent_bytes
 
     async def send(self, addr: str, frame: DataFrame) -> None:
@@ -111,7 +112,7 @@ class DelayedLinks:
         self._tg.create_task(self._later(addr, due, frame))
 
     async def _later(self, addr: str, due: float, frame: DataFrame) -> None:
-        async with self._locks.setdefault(addr, asyncio.Lock()):
+        async with self._locks.setdefault((addr, lane(frame)), asyncio.Lock()):
             await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
             try:
                 await self._inner.send(addr, frame)

@@ -1,5 +1,5 @@
-"""Persistent WebSockets to other peers' /chain/ws, one per address, reused by every session,
-and the sealing every data-plane message goes through.
+"""Persistent WebSockets to other peers' /chain/ws, two per address (below), reused by
+every session, and the sealing every data-plane message goes through.
 
 A socket opens only for a peer of the mesh: the upgrade request carries a connection token
 sealed for the address it is sent to, and without one it is refused (401, 403) before the
@@ -10,6 +10,13 @@ message can inflate a thousandfold before any check).
 
 Both ends of a socket may send frames; whatever arrives is handed to one dispatcher, so a
 stage's error comes back the same way a token does.
+
+Two sockets go to each peer: one for bulk (a prompt's activations, a feed after a replay, a
+handed-off cache) and one for the rest (decode steps, tokens, errors). On one socket a
+step's few kilobytes would wait behind every byte of a prompt sent before it: on a 20
+Mbit/s link a 2,000-token prompt holds the socket for about 2 s, and every answer decoding
+through that link would stall as long. A session's frames cannot overtake each other across
+the two: its next step is sent only once its prompt has come round the chain as a token.
 """
 
 from __future__ import annotations
@@ -30,7 +37,15 @@ from aiohttp import web
 
 from meshshard.edge.serve import names_of
 from meshshard.security import CHANNEL, DATA, OVERHEAD, AuthError, Sealer
-from meshshard.wire import MAX_FRAME_BYTES, DataFrame, WireError, decode_frame, encode_frame
+from meshshard.wire import (
+    MAX_FRAME_BYTES,
+    DataFrame,
+    KVFrame,
+    StepFrame,
+    WireError,
+    decode_frame,
+    encode_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +210,19 @@ class DataLinks(Protocol):
     async def close(self) -> None: ...
 
 
+BULK, STEPS = "bulk", "steps"  # a link's two sockets
+_Key = tuple[str, str]  # a socket's address and lane
+
+
+def lane(frame: DataFrame) -> str:
+    """The socket a frame goes by: bulk for a prompt's (or feed's) rows and handed-off caches."""
+    if isinstance(frame, KVFrame):
+        return BULK
+    if isinstance(frame, StepFrame) and frame.tensor.shape[0] - len(frame.draft) > 1:
+        return BULK
+    return STEPS
+
+
 class Links:
     def __init__(
         self,
@@ -214,18 +242,20 @@ class Links:
         self._refusals = refusals
         self._dispatch = dispatch
         self._tg = tg
-        self._sockets: dict[str, tuple[aiohttp.ClientWebSocketResponse, Channel]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._sockets: dict[_Key, tuple[aiohttp.ClientWebSocketResponse, Channel]] = {}
+        self._locks: dict[_Key, asyncio.Lock] = {}
         self.sent_bytes: Counter[str] = Counter()  # per next hop
 
     async def send(self, addr: str, frame: DataFrame) -> None:
-        """Send one frame to `addr` in order with earlier frames to it; waits while the
-        socket's buffers are full (backpressure)."""
-        async with self._locks.setdefault(addr, asyncio.Lock()):
-            await self._write(addr, frame)
+        """Send one frame to `addr` in order with earlier frames of its lane to it; waits
+        while that socket's buffers are full (backpressure)."""
+        key = (addr, lane(frame))
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            await self._write(key, frame)
 
-    async def _write(self, addr: str, frame: DataFrame) -> None:
-        ws, channel = await self._socket(addr)
+    async def _write(self, key: _Key, frame: DataFrame) -> None:
+        addr = key[0]
+        ws, channel = await self._socket(key)
         try:
             records = channel.seal(frame)
         except WireError as e:
@@ -235,7 +265,7 @@ class Links:
                 await ws.send_bytes(record)
                 self.sent_bytes[addr] += len(record)
         except (ConnectionError, aiohttp.ClientError, RuntimeError) as e:
-            self._sockets.pop(addr, None)
+            self._sockets.pop(key, None)
             self._watch.unreachable(addr)
             raise LinkError(f"{addr}: {e}") from None
 
@@ -245,8 +275,9 @@ class Links:
             await ws.close()
         self._sockets.clear()
 
-    async def _socket(self, addr: str) -> tuple[aiohttp.ClientWebSocketResponse, Channel]:
-        known = self._sockets.get(addr)
+    async def _socket(self, key: _Key) -> tuple[aiohttp.ClientWebSocketResponse, Channel]:
+        addr = key[0]
+        known = self._sockets.get(key)
         if known is not None and not known[0].closed:
             return known
         token, headers = open_request(self._codec.sealer, addr, self._codec.me)
@@ -263,14 +294,15 @@ class Links:
             self._watch.unreachable(addr)
             raise LinkError(f"cannot reach {addr}: {e or type(e).__name__}") from None
         channel = self._codec.channel(token, outbound=True)
-        self._sockets[addr] = (ws, channel)
-        self._tg.create_task(self._read(addr, ws, channel))
+        self._sockets[key] = (ws, channel)
+        self._tg.create_task(self._read(key, ws, channel))
         return ws, channel
 
-    async def _read(self, addr: str, ws: aiohttp.ClientWebSocketResponse, channel: Channel) -> None:
+    async def _read(self, key: _Key, ws: aiohttp.ClientWebSocketResponse, channel: Channel) -> None:
+        addr = key[0]
         await read_frames(ws, channel, self._refusals, addr, self._dispatch, self._watch.heard)
-        if (known := self._sockets.get(addr)) is not None and known[0] is ws:
-            del self._sockets[addr]
+        if (known := self._sockets.get(key)) is not None and known[0] is ws:
+            del self._sockets[key]
         if not self._closing:
             # Closed under us: the peer left (its record says so), or crashed, whose sockets
             # its kernel closes at once. The control plane tells the two apart.

@@ -161,6 +161,9 @@ class StageWorker:
         self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue(
             OUTBOX
         )
+        # A prompt's activations go out by a sender of their own: on a slow link they would
+        # hold up the decode steps computed after them (links.py sends them by another socket).
+        self._bulk: asyncio.Queue[tuple[StepFrame, Output]] = asyncio.Queue()
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
@@ -208,10 +211,15 @@ class StageWorker:
         """Forward passes, with their outputs sent beside them: the next batch starts while
         the last one's frames go out."""
         async with asyncio.TaskGroup() as tg:
-            sender = tg.create_task(self._send_outputs())
+            senders = [tg.create_task(self._send_outputs()), tg.create_task(self._send_bulk())]
             await self._compute()
-            await self._outbox.join()
-            sender.cancel()
+            await self._sent()
+            for sender in senders:
+                sender.cancel()
+
+    async def _sent(self) -> None:
+        await self._outbox.join()
+        await self._bulk.join()
 
     async def _compute(self) -> None:
         while not self._closing:
@@ -238,7 +246,7 @@ class StageWorker:
         self._closing = True
         self._has_work.set()
         await self._idle.wait()
-        await self._outbox.join()
+        await self._sent()
         await self.refuse_queued(message)
 
     def _take_batch(self) -> list[StepFrame] | float:
@@ -380,9 +388,20 @@ class StageWorker:
             batch, outputs = await self._outbox.get()
             try:
                 for frame, out in zip(batch, outputs, strict=True):
-                    await self._emit(frame, out)
+                    if isinstance(out, TensorData) and not _one_token(frame):
+                        self._bulk.put_nowait((frame, out))
+                    else:
+                        await self._emit(frame, out)
             finally:
                 self._outbox.task_done()
+
+    async def _send_bulk(self) -> None:
+        while True:
+            frame, out = await self._bulk.get()
+            try:
+                await self._emit(frame, out)
+            finally:
+                self._bulk.task_done()
 
     def _pass(self, batch: list[StepFrame]) -> Sequence[Output]:
         """The batch's forward pass, and what it passes on: hidden states as wire bytes, or

@@ -1,0 +1,86 @@
+"""A link's two sockets: a prompt's activations by one, decode steps and tokens by the other,
+so a step never waits behind a prompt's bytes (real sockets on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import torch
+from aiohttp import web
+
+from meshshard.chain.links import BULK, STEPS, FrameCodec, Links, Refusals, SocketServer, lane
+from meshshard.chain.tensors import to_wire
+from meshshard.security import Keyring, Sealer, new_key
+from meshshard.types import Epoch
+from meshshard.wire import DataFrame, KVFrame, Sampling, StepFrame, TokenFrame
+
+EPOCH = Epoch(1, "a")
+HIDDEN = 8
+PORT = 7598
+
+
+def step(session: str, rows: int, draft: tuple[int, ...] = ()) -> StepFrame:
+    tensor = to_wire(torch.randn(rows + len(draft), HIDDEN))
+    return StepFrame(
+        EPOCH, session, 0, 0, tensor, "127.0.0.1:1", True, Sampling(0.0, 1.0, 0), draft=draft
+    )
+
+
+def test_prompts_and_caches_go_by_the_bulk_socket_and_steps_by_the_other() -> None:
+    assert lane(step("s", 64)) == BULK  # a prompt's rows (or a feed after a replay)
+    assert lane(step("s", 1)) == STEPS  # a decode step
+    assert lane(step("s", 1, draft=(4, 5, 6))) == STEPS  # ... with a draft to verify
+    assert lane(TokenFrame(EPOCH, "s", 3, (7,))) == STEPS
+    cache = to_wire(torch.zeros(1, 1, 4, 2))
+    assert lane(KVFrame(EPOCH, "s", 0, 1, cache, cache, "127.0.0.1:1", True)) == BULK
+
+
+async def test_a_step_is_not_held_behind_a_prompt_on_its_link() -> None:
+    """The receiver is still taking in a prompt's activations (as while a slow link carries
+    them: it reads no further on that socket); a decode step sent after them arrives
+    meanwhile. On one socket per link it would wait behind them."""
+    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN)
+    addr = f"127.0.0.1:{PORT}"
+    step_in = asyncio.Event()
+    arrived: list[str] = []
+
+    async def dispatch(frame: DataFrame) -> None:
+        assert isinstance(frame, StepFrame)
+        arrived.append(frame.session)
+        if lane(frame) == BULK:
+            await asyncio.wait_for(step_in.wait(), 3)
+        else:
+            step_in.set()
+
+    server = SocketServer(codec, Refusals(), lambda: addr, dispatch, _Unwatched())
+    app = web.Application()
+    app.add_routes([web.get("/chain/ws", server.handle_ws)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", PORT).start()
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
+            links = Links(http, _ignore, _Unwatched(), tg, codec, Refusals(), 5.0)
+            await links.send(addr, step("prompt", 2000))
+            while not arrived:  # the receiver is taking the prompt in
+                await asyncio.sleep(0.01)
+            await links.send(addr, step("decoding", 1))
+            await asyncio.wait_for(step_in.wait(), 3)
+            await links.close()
+    finally:
+        await server.close()
+        await runner.cleanup()
+    assert arrived == ["prompt", "decoding"]
+
+
+class _Unwatched:
+    def unreachable(self, address: str) -> None:
+        pass
+
+    def heard(self, address: str) -> None:
+        pass
+
+
+async def _ignore(frame: DataFrame) -> None:
+    pass
