@@ -1,11 +1,12 @@
 """One stage of the chain: runs its shard over incoming steps, each session's in order, batching
 decode steps of different sessions into one forward pass, and passes results on.
 
-Decoding comes first: waiting decode steps run as one batch, then at most one slice of a
-prompt, then decode again (chunked prefill as in Sarathi-Serve, with the slice run beside
-the batch rather than inside it: a padded batch would make every row pay for the slice's
-length). A slice is cut to cost about one more decode batch, so an answer that is decoding
-waits for at most one slice per stage while a long prompt goes through.
+Decoding comes first: waiting decode steps run as one batch, with at most one slice of a
+prompt inside it (chunked prefill mixed with decoding, as in Sarathi-Serve: the pass packs
+every session's positions without padding, so the slice costs its own rows and the weights
+are read once for both). A slice is cut to cost about one more decode batch, so an answer
+that is decoding waits for at most that much more per stage while a long prompt goes
+through.
 
 Forward passes run in the model thread so the peer's event loop (gossip, sockets) stays
 responsive; whatever else touches a cache (drops, handoffs) runs there too, so never under a
@@ -24,6 +25,7 @@ from dataclasses import replace
 
 import torch
 
+from meshshard.chain.links import BULK, lane
 from meshshard.chain.speculate import confirmed
 from meshshard.chain.tensors import from_wire, joined, rows, to_wire
 from meshshard.chain.waves import Arrivals
@@ -63,10 +65,10 @@ class CacheMiss(Exception):
 
 
 def _fitted(batch: list[StepFrame]) -> list[StepFrame]:
-    """The batch with drafts cut so that its padded pass runs no more positions than a full
-    batch of single steps (MAX_BATCH): every row pays for the longest row, so one long draft
-    must not multiply the others' cost. Cutting a draft is safe: the last stage confirms
-    what is left of it, and the origin drafts less next time."""
+    """The batch with drafts cut so that its pass runs no more positions than a full batch
+    of single steps (MAX_BATCH): one long draft must not multiply what the others wait for.
+    Cutting a draft is safe: the last stage confirms what is left of it, and the origin
+    drafts less next time."""
     most = MAX_BATCH // len(batch) - 1
     return [
         replace(f, tensor=rows(f.tensor, 0, 1 + most), draft=f.draft[:most])
@@ -147,7 +149,6 @@ class StageWorker:
         self.batches = 0
         self.step_ms = 0.0  # moving average of one decode batch's forward pass
         self.row_ms = 0.0  # ... and of what one more prompt row adds to a pass
-        self._prompt_turn = True  # a prompt's slice goes before the next decode batch
         self.forward_s = 0.0  # wall time of all forward passes
         self.forward_cpu_s = 0.0  # ... and the model thread's CPU time in them
         self._observe = observe
@@ -157,6 +158,7 @@ class StageWorker:
         self._arrivals = Arrivals[str]()
         self._holding_since: float | None = None
         self.holds = 0  # batches held for rows due soon
+        self._pause = 0.0  # how long a prompt waits for decode steps due (_room)
         self.pass_ms: dict[int, float] = {}  # decode passes by rows: whether holding pays
         self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue(
             OUTBOX
@@ -251,10 +253,10 @@ class StageWorker:
 
     def _take_batch(self) -> list[StepFrame] | float:
         """The waiting decode steps (a token, and maybe a draft to verify) of up to MAX_BATCH
-        sessions, or other steps (prompts, feeds after a replay) in turns while both wait:
-        whole short prompts of several sessions together, else a slice of the oldest. Only a
-        session's oldest waiting frame may go. Or seconds to hold the decode steps for others
-        due soon (waves.py), while nothing else waits."""
+        sessions, and with them other steps (prompts, feeds after a replay): whole short
+        prompts of several sessions together, else a slice of the oldest. Only a session's
+        oldest waiting frame may go. Or seconds to hold the decode steps for others due soon
+        (waves.py), while nothing else waits."""
         decodes: list[StepFrame] = []
         others: list[StepFrame] = []
         seen: set[str] = set()
@@ -266,34 +268,35 @@ class StageWorker:
                 others.append(frame)
             elif len(decodes) < MAX_BATCH:
                 decodes.append(frame)
-        if others and (self._prompt_turn or not decodes):
-            self._prompt_turn = False
-            together = self._prompts_together(others, busy=bool(decodes))
-            if len(together) > 1:
-                for frame in together:
-                    self._queue.remove(frame)
-                return together
-            return [self._slice(others[0])]
-        if not others and len(decodes) < MAX_BATCH and (hold := self._hold(seen)):
+        if decodes and len(decodes) < MAX_BATCH and (hold := self._hold(seen)):
             return hold
         self._holding_since = None
-        self._prompt_turn = True
+        prompts: list[StepFrame] = []
+        if others:
+            # Beside decode steps, a slice's rows; alone, what ends before decode steps due.
+            most = self._busy_rows() if decodes else self._room(seen)
+            if most is not None and most < MIN_SLICE and not decodes:
+                return self._pause  # decode steps are due: the prompt goes with them
+            prompts = self._prompts_together(others, most)
+            if len(prompts) > 1:
+                for frame in prompts:
+                    self._queue.remove(frame)
+            else:
+                prompts = [self._slice(others[0], most)]
         for frame in decodes:
             self._queue.remove(frame)
-        return _fitted(decodes) if len(decodes) > 1 else decodes
+        return (_fitted(decodes) if len(decodes) > 1 else decodes) + prompts
 
-    def _prompts_together(self, others: list[StepFrame], busy: bool) -> list[StepFrame]:
-        """The oldest waiting prompts that can share one pass, whole: while answers decode
-        here (`busy`), no more padded rows than a slice would hold. Answers that start
-        together then decode together, rather than one wave per prompt."""
-        most = self._slice_rows() if busy else None
+    def _prompts_together(self, others: list[StepFrame], most: int | None) -> list[StepFrame]:
+        """The oldest waiting prompts that can share one pass, whole, in at most `most` rows.
+        Answers that start together then decode together, rather than one wave per prompt."""
         together: list[StepFrame] = []
-        longest = 0
+        total = 0
         for frame in others:
             if len(together) == MAX_BATCH or not self._continues(frame):
                 break
-            longest = max(longest, frame.tensor.shape[0])
-            if most is not None and longest * (len(together) + 1) > most:
+            total += frame.tensor.shape[0]
+            if most is not None and total > most:
                 break
             together.append(frame)
         return together
@@ -310,6 +313,27 @@ class StageWorker:
             return None
         return max(MIN_SLICE, round(self.step_ms / self.row_ms))
 
+    def _busy_rows(self) -> int:
+        """Prompt rows to run beside decode steps: a slice, the least one before it is measured."""
+        return self._slice_rows() or MIN_SLICE
+
+    def _room(self, waiting: set[str]) -> int | None:
+        """Prompt rows a pass can run before the next decode step due here (None: none is
+        due, or costs are not measured yet). A prompt's pass costs about a decode step plus
+        its rows; one started just before decode steps are due would hold them for all of it,
+        and they would then wait for a second pass with a slice of their own."""
+        if not self.row_ms or not self.step_ms:
+            return None
+        now = time.perf_counter()
+        due = self._arrivals.next_due(waiting, self.shard.sessions, now)
+        if due is None:
+            return None
+        self._pause = max(due - now, 0.0) + self.step_ms / 1000  # then look again
+        room = int(((due - now) * 1000 - self.step_ms) / self.row_ms)
+        # No more than a slice even so: a row costs more as the prompt's context grows, and
+        # the rhythm the steps are due by is a guess.
+        return max(0, min(room, self._busy_rows()))
+
     def _hold(self, waiting: set[str]) -> float:
         """Seconds to hold a decode batch: at most one decode pass's time in all, what the
         rows waited for would cost in a pass of their own."""
@@ -322,14 +346,17 @@ class StageWorker:
             self.holds += 1
         return hold
 
-    def _slice(self, frame: StepFrame) -> StepFrame:
-        """Take `frame`, or its first rows when other sessions may be decoding here (they
-        would wait for the whole of it); the rest stays in the queue, in its place."""
+    def _slice(self, frame: StepFrame, most: int | None) -> StepFrame:
+        """Take `frame`, or its first `most` rows (beside decode steps, or before some are
+        due), or a slice's when other sessions may be decoding here (they would wait for the
+        whole of it); the rest stays in the queue, in its place."""
         total = frame.tensor.shape[0]
         keep = len(frame.draft) + 1  # the rows sampled stay together, in the last slice
         cut = total - keep
-        if (most := self._slice_rows()) and len(self.shard.sessions) > 1:
+        if most is not None:
             cut = min(cut, most)
+        elif (rows_ := self._slice_rows()) and len(self.shard.sessions) > 1:
+            cut = min(cut, rows_)
         if cut < MIN_SLICE or cut >= total - keep:
             self._queue.remove(frame)
             return frame
@@ -373,12 +400,16 @@ class StageWorker:
         self.batches += 1
         decode = all(f.tensor.shape[0] == 1 for f in batch)
         ms = seconds * 1000
+        prompt_rows = sum(f.tensor.shape[0] for f in batch if not _one_token(f))
         if decode:  # prefills take longer per step: they would hide the decode time
             self.step_ms = _moved(self.step_ms, ms)
             self.pass_ms[len(batch)] = _moved(self.pass_ms.get(len(batch), 0.0), ms)
-        elif self.step_ms and len(batch) == 1 and (n := batch[0].tensor.shape[0]) >= MIN_SLICE:
-            # A prompt's pass costs about a decode step plus its rows: what slices are cut by.
-            self.row_ms = _moved(self.row_ms, max(ms - self.step_ms, 0.0) / n)
+        elif self.step_ms and prompt_rows >= MIN_SLICE:
+            # A pass with a prompt's rows costs what its decode steps (or one, for the
+            # weights' reading) would, plus the rows: what slices are cut by.
+            steps = sum(1 for f in batch if _one_token(f))
+            base = self.pass_ms.get(steps, self.step_ms) if steps else self.step_ms
+            self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows)
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)
         await self._outbox.put((batch, outputs))
@@ -388,7 +419,7 @@ class StageWorker:
             batch, outputs = await self._outbox.get()
             try:
                 for frame, out in zip(batch, outputs, strict=True):
-                    if isinstance(out, TensorData) and not _one_token(frame):
+                    if isinstance(out, TensorData) and lane(frame) == BULK:
                         self._bulk.put_nowait((frame, out))
                     else:
                         await self._emit(frame, out)

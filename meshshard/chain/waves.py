@@ -89,3 +89,17 @@ class Arrivals(Generic[K]):
             and since - most <= seen.at + seen.interval <= since + most
         )
         return left if due and pays(cost, len(waiting), due) else 0.0
+
+    def next_due(self, waiting: Collection[K], live: Collection[K], now: float) -> float | None:
+        """When the next decode step of a `live` session not `waiting` is due: the earliest,
+        counting one overdue by less than its own interval (it is late, not gone: a pass
+        that slowed down slows its rhythm); None if none is."""
+        dues = [
+            seen.at + seen.interval
+            for session, seen in self._seen.items()
+            if session not in waiting
+            and session in live
+            and seen.interval is not None
+            and seen.at + 2 * seen.interval >= now
+        ]
+        return min(dues, default=None)

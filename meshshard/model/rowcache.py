@@ -1,16 +1,20 @@
-"""Several sessions' KV caches in one forward pass, without copying them.
+"""Several sessions' KV caches in one forward pass, without copying them or padding rows.
 
-A batched pass gives each row its own session: row b writes its positions into that
-session's cache, and attends to that cache where it lies. Padding every session's keys into
-one [batch, heads, longest, dim] tensor per layer would copy every cached position on every
-step (measured on SmolLM2-135M, 8 rows: 8% of a pass at 60 positions, 44% at 1,000); instead
-attention runs row by row on views of the caches, through an attention function registered
-with transformers under ATTENTION. Anything but such rows goes to the library's own SDPA, so
-the model runs unchanged outside batched passes.
+A batched pass packs its sessions' new positions one after another into a single sequence
+([1, positions, hidden]): a decode step's one token, a draft's few, a prompt's slice, with
+no padding, so a pass that carries a prompt slice beside decode steps costs its positions
+and not rows x the longest one. Each session's run of positions writes to that session's
+cache and attends to that cache where it lies. Padding every session's keys into one
+[batch, heads, longest, dim] tensor per layer would copy every cached position on every step
+(measured on SmolLM2-135M, 8 rows: 8% of a pass at 60 positions, 44% at 1,000); instead
+attention runs session by session on views of the caches, through an attention function
+registered with transformers under ATTENTION. Anything but such runs goes to the library's
+own SDPA, so the model runs unchanged outside batched passes.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,17 +28,17 @@ ATTENTION = "meshshard_rows"
 
 @dataclass(frozen=True)
 class Rows:
-    """What a batched layer's cache update hands attention in place of padded keys: each
-    row's keys and values as views of its session's cache, and the rows' lengths."""
+    """What a batched layer's cache update hands attention in place of keys: each session's
+    keys and values as views of its cache, and how many packed positions are its."""
 
     keys: list[torch.Tensor]  # [1, kv_heads, cached, head_dim] each
     values: list[torch.Tensor]
-    widths: list[int]  # new positions of each row (the rest of the row is padding)
+    widths: list[int]  # the session's new positions, in packed order
 
 
 class RowCaches:
-    """Duck-types the part of transformers' Cache that attention layers call, for a batch:
-    row b writes its first widths[b] positions to caches[b]."""
+    """Duck-types the part of transformers' Cache that attention layers call, for a packed
+    batch: the first widths[0] positions go to caches[0], the next widths[1] to caches[1]..."""
 
     def __init__(self, caches: list[KVCache], widths: list[int]) -> None:
         self.caches, self.widths = caches, widths
@@ -43,12 +47,18 @@ class RowCaches:
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: Any
     ) -> tuple[Rows, Rows]:
         keys, values = [], []
-        for b, (cache, w) in enumerate(zip(self.caches, self.widths, strict=True)):
-            k, v = cache.update(key[b : b + 1, :, :w], value[b : b + 1, :, :w], layer_idx)
+        for cache, (a, b) in zip(self.caches, _spans(self.widths), strict=True):
+            k, v = cache.update(key[:, :, a:b], value[:, :, a:b], layer_idx)
             keys.append(k)
             values.append(v)
         rows = Rows(keys, values, self.widths)
         return rows, rows
+
+
+def _spans(widths: list[int]) -> list[tuple[int, int]]:
+    """Where each session's positions lie in the packed sequence."""
+    ends = list(itertools.accumulate(widths))
+    return [(end - w, end) for w, end in zip(widths, ends, strict=True)]
 
 
 def attention(
@@ -61,8 +71,8 @@ def attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Row by row for a batch (query [batch, heads, longest, dim]); the library's SDPA
-    otherwise. Returns [batch, longest, heads, dim], padding rows zero."""
+    """Session by session for a packed batch (query [1, heads, positions, dim]); the
+    library's SDPA otherwise. Returns [1, positions, heads, dim]."""
     if not isinstance(key, Rows):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -70,16 +80,16 @@ def attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    out = query.new_zeros(query.shape)
-    for b, (k, v, w) in enumerate(zip(key.keys, key.values, key.widths, strict=True)):
-        q = query[b : b + 1, :, :w]
+    out = torch.empty_like(query)
+    for k, v, (a, b) in zip(key.keys, key.values, _spans(key.widths), strict=True):
+        q = query[:, :, a:b]
         mask = None
-        if w > 1:  # a draft's positions: each sees the cache up to itself
+        if b - a > 1:  # a draft's or a prompt's positions: each sees the cache up to itself
             cached = k.shape[2]
             seen = torch.arange(cached, device=q.device)
-            mine = torch.arange(cached - w, cached, device=q.device)
+            mine = torch.arange(cached - (b - a), cached, device=q.device)
             mask = seen[None, :] <= mine[:, None]
-        out[b : b + 1, :, :w] = F.scaled_dot_product_attention(
+        out[:, :, a:b] = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True
         )
     return out.transpose(1, 2).contiguous(), None

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
 from meshshard.errors import MeshShardError
 from meshshard.model import rowcache
@@ -297,19 +296,20 @@ class Shard:
             # continues at its common length.
             cache.truncate(cache.length)
         widths = [x.shape[0] for x in xs]
-        rows = max(widths)
-        # Right-padded rows: a padded position computes, but writes no cache and is not read.
-        x = self._onto_device(pad_sequence(xs, batch_first=True))
+        # Packed: the sessions' positions one after another in one sequence, no padding.
+        x = self._onto_device(torch.cat(xs)).unsqueeze(0)
         h = self.embed(x.long()) if self.embed is not None else x.to(self.dtype)
         if self.layers:
             assert self.rotary is not None
-            starts = torch.tensor([c.length for c in caches])
-            pos = (starts[:, None] + torch.arange(rows)[None, :]).to(self.device)
+            pos = torch.cat(
+                [torch.arange(c.length, c.length + w) for c, w in zip(caches, widths, strict=True)]
+            )
+            pos = pos.to(self.device).unsqueeze(0)
             embeddings = self.rotary(h, pos)
-            # Each row attends to its own session's cache (rowcache.attention), seeing its
-            # own positions only: no mask, and the padding is never written or read.
+            # Each session's positions attend to its own cache (rowcache.attention), seeing
+            # their own session only: no mask.
             h = self._run_layers(h, None, pos, embeddings, rowcache.RowCaches(caches, widths))
-        real = [h[b, :w] for b, w in enumerate(widths)]
+        real = list(torch.split(h[0], widths))
         if self.lm_head is None or self.norm is None:
             return real
         # The head only where logits are read: it is the widest matrix of the model.

@@ -53,3 +53,17 @@ async def origin_at(
         yield addr
     finally:
         await runner.cleanup()
+
+
+class Unwatched:
+    """A LinkWatch that listens to nothing: links in a test without a control plane."""
+
+    def unreachable(self, address: str) -> None:
+        pass
+
+    def heard(self, address: str) -> None:
+        pass
+
+
+async def ignore(frame: DataFrame) -> None:
+    """A dispatcher for frames a test does not look at."""

@@ -7,7 +7,7 @@ import time
 
 import aiohttp
 import pytest
-from support.dataplane import origin_at
+from support.dataplane import Unwatched, ignore, origin_at
 
 from meshshard.chain.links import FrameCodec, Links, Refusals
 from meshshard.delays import ENV, DelayedLinks, Delays
@@ -48,7 +48,7 @@ async def test_a_delayed_link_holds_frames_not_their_sender() -> None:
     ):
         delays = Delays(5, {"127.0.0.1": 95})
         links = DelayedLinks(
-            Links(http, _ignore, _Unwatched(), tg, codec, Refusals(), 5.0), delays, tg
+            Links(http, ignore, Unwatched(), tg, codec, Refusals(), 5.0), delays, tg
         )
         sent = time.monotonic()
         for i in range(3):
@@ -59,15 +59,3 @@ async def test_a_delayed_link_holds_frames_not_their_sender() -> None:
         await links.close()
     assert [s for s, _ in arrived] == ["s0", "s1", "s2"]
     assert all(t - sent >= 0.1 for _, t in arrived)
-
-
-class _Unwatched:
-    def unreachable(self, address: str) -> None:
-        pass
-
-    def heard(self, address: str) -> None:
-        pass
-
-
-async def _ignore(frame: DataFrame) -> None:
-    pass

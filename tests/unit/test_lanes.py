@@ -8,6 +8,7 @@ import asyncio
 import aiohttp
 import torch
 from aiohttp import web
+from support.dataplane import Unwatched, ignore
 
 from meshshard.chain.links import BULK, STEPS, FrameCodec, Links, Refusals, SocketServer, lane
 from meshshard.chain.tensors import to_wire
@@ -53,7 +54,7 @@ async def test_a_step_is_not_held_behind_a_prompt_on_its_link() -> None:
         else:
             step_in.set()
 
-    server = SocketServer(codec, Refusals(), lambda: addr, dispatch, _Unwatched())
+    server = SocketServer(codec, Refusals(), lambda: addr, dispatch, Unwatched())
     app = web.Application()
     app.add_routes([web.get("/chain/ws", server.handle_ws)])
     runner = web.AppRunner(app)
@@ -61,7 +62,7 @@ async def test_a_step_is_not_held_behind_a_prompt_on_its_link() -> None:
     await web.TCPSite(runner, "127.0.0.1", PORT).start()
     try:
         async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
-            links = Links(http, _ignore, _Unwatched(), tg, codec, Refusals(), 5.0)
+            links = Links(http, ignore, Unwatched(), tg, codec, Refusals(), 5.0)
             await links.send(addr, step("prompt", 2000))
             while not arrived:  # the receiver is taking the prompt in
                 await asyncio.sleep(0.01)
@@ -72,15 +73,3 @@ async def test_a_step_is_not_held_behind_a_prompt_on_its_link() -> None:
         await server.close()
         await runner.cleanup()
     assert arrived == ["prompt", "decoding"]
-
-
-class _Unwatched:
-    def unreachable(self, address: str) -> None:
-        pass
-
-    def heard(self, address: str) -> None:
-        pass
-
-
-async def _ignore(frame: DataFrame) -> None:
-    pass

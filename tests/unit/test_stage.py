@@ -113,8 +113,8 @@ async def test_a_full_batch_cuts_drafts_to_its_positions(tiny_model: Path) -> No
 
 async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Path) -> None:
     """A prompt queued ahead of other sessions' decode steps does not hold them until it is
-    all through: it is cut into slices and the decode batch runs after the first. Every
-    session gets the token it would get alone."""
+    all through: it is cut into slices, and the decode steps run in one pass with the first
+    (packed beside them, no padding). Every session gets the token it would get alone."""
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS):
         shard.prefill(f"s{i}", torch.tensor(prompt))
@@ -126,13 +126,15 @@ async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Pat
         order.append(frame.session)
         got[frame.session] = frame.tokens
 
-    worker = StageWorker(shard, EPOCH, None, send)
+    sizes: list[int] = []
+    worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
     worker.step_ms, worker.row_ms = 2.0, 0.1  # as measured: a slice of 20 rows
     long = [(7 * i) % 50 + 1 for i in range(70)]
     frames = [step("long", 0, long, ())]
     frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
     await run(worker, frames, order)
-    assert worker.batches >= 3  # two slices or more, the decode batch between them
+    assert sizes[0] == 4  # the three decode steps and the prompt's first slice
+    assert len(sizes) >= 3  # the rest of the prompt in more slices
     assert order == ["s0", "s1", "s2", "long"]  # the decode steps did not wait for it all
     assert got["long"] == greedy(tiny_model, long, 1)
     for i, (prompt, frame) in enumerate(zip(PROMPTS, frames[1:], strict=True)):
@@ -215,9 +217,12 @@ async def test_a_prompt_cut_by_the_stage_before_waits_as_one_frame(tiny_model: P
     assert [f.tokens for f in got] == [greedy(tiny_model, long, 1)]
 
 
-async def two_answers_in_rhythm(model: Path, pass_ms: dict[int, float]) -> tuple[list[int], int]:
+async def two_answers_in_rhythm(
+    model: Path, pass_ms: dict[int, float], long: list[int] | None = None
+) -> tuple[list[int], int]:
     """Two answers 30 ms apart, a round every 150 ms, at a stage whose passes are said to
-    take 200 ms and to have cost `pass_ms` by rows: the rows of each pass, and the holds."""
+    take 200 ms and to have cost `pass_ms` by rows, and a `long` prompt arriving before the
+    third round: the steps of each pass, and the holds."""
     shard = Shard.load(model, 0, load_spec(model).num_units)
     for i, prompt in enumerate(PROMPTS[:2]):
         shard.prefill(f"s{i}", torch.tensor(prompt))
@@ -228,15 +233,17 @@ async def two_answers_in_rhythm(model: Path, pass_ms: dict[int, float]) -> tuple
         sent.append(frame)
 
     worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
-    worker.step_ms = 200.0
+    worker.step_ms, worker.row_ms = 200.0, 10.0  # a slice of 20 rows
     worker.pass_ms.update(pass_ms)
     task = asyncio.create_task(worker.run())
     try:
         for r in range(4):
-            for i, prompt in enumerate(PROMPTS[:2]):
-                await worker.put(step(f"s{i}", len(prompt) + r, [3 + r], ()))
+            if r == 2 and long is not None:
+                await worker.put(step("long", 0, long, ()))
+            for i, p in enumerate(PROMPTS[:2]):
+                await worker.put(step(f"s{i}", len(p) + r, [3 + r], ()))
                 await asyncio.sleep(0.03 if i == 0 else 0.12)
-        while len(sent) < 8:
+        while sum(f.session != "long" for f in sent) < 8:
             await asyncio.sleep(0.01)
     finally:
         await worker.close("done")
@@ -252,6 +259,17 @@ async def test_a_decode_batch_waits_for_a_session_due_within_a_pass(tiny_model: 
     assert sizes[:4] == [1, 1, 1, 1]  # the second answer's rhythm is not known yet
     assert sizes[4:] == [2, 2]
     assert holds == 2
+
+
+async def test_decode_steps_are_held_together_while_a_prompt_waits(tiny_model: Path) -> None:
+    """With a prompt waiting its slices ride in the decode passes; the first answer's step is
+    still held for the second's, so the two keep one pass (and one slice) a round, not one
+    each."""
+    long = [(7 * i) % 50 + 1 for i in range(200)]
+    sizes, holds = await two_answers_in_rhythm(tiny_model, {}, long)
+    assert sizes[:4] == [1, 1, 1, 1]
+    assert sizes[4:6] == [3, 3]  # both steps and a slice of the prompt
+    assert holds >= 2
 
 
 async def test_no_hold_where_a_pass_costs_in_proportion_to_its_rows(tiny_model: Path) -> None:
@@ -278,3 +296,41 @@ async def test_prompts_waiting_together_share_one_pass(tiny_model: Path) -> None
     assert sizes == [len(PROMPTS)]
     for i, prompt in enumerate(PROMPTS):
         assert got[f"p{i}"] == greedy(tiny_model, prompt, 1)
+
+
+async def test_a_prompt_waits_for_a_decode_step_due_and_runs_beside_it(tiny_model: Path) -> None:
+    """An answer decodes every 150 ms; a prompt arrives 10 ms before its next step is due,
+    when even a slice would outlast that: it does not start a pass of its own (which the step
+    would wait for, then pay a pass of its own with a slice beside it), but goes with the
+    step. Both get the tokens they would get alone."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    shard.prefill("s0", torch.tensor(PROMPTS[0]))
+    sizes: list[int] = []
+    got: dict[str, tuple[int, ...]] = {}
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        assert isinstance(frame, TokenFrame)
+        got[frame.session] = frame.tokens
+
+    worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
+    worker.step_ms, worker.row_ms = 20.0, 1.0  # as measured: a slice of 20 rows
+    long = [(7 * i) % 50 + 1 for i in range(70)]
+    n = len(PROMPTS[0])
+    last = step("s0", n + 3, [3], ())
+    task = asyncio.create_task(worker.run())
+    try:
+        for r in range(3):
+            await worker.put(step("s0", n + r, [3], ()))
+            await asyncio.sleep(0.15 if r < 2 else 0.14)
+        await worker.put(step("long", 0, long, ()))  # the step is due in 10 ms
+        await asyncio.sleep(0.01)
+        await worker.put(last)
+        while "long" not in got:
+            await asyncio.sleep(0.01)
+    finally:
+        await worker.close("done")
+        await task
+    assert sizes[:3] == [1, 1, 1]
+    assert sizes[3] == 2  # the step and the prompt's first slice, in one pass
+    assert got["long"] == greedy(tiny_model, long, 1)
+    assert got["s0"] == alone(tiny_model, PROMPTS[0] + [3, 3, 3], last)

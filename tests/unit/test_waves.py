@@ -63,3 +63,12 @@ def test_a_hold_pays_only_where_rows_together_cost_less_than_apart() -> None:
     arrivals = decoding({"a": [0.4, 0.7, 1.0], "b": [0.45, 0.75]})  # b due within a pass
     assert arrivals.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS, cpu) == pytest.approx(PASS)
     assert arrivals.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS, proportional) == 0
+
+
+def test_the_next_decode_step_due_counts_late_ones_not_gone_ones() -> None:
+    arrivals = decoding({"a": [0.4, 0.7, 1.0], "b": [0.45, 0.75, 1.05]})  # due 1.3, 1.35
+    assert arrivals.next_due(set(), {"a", "b"}, 1.1) == pytest.approx(1.3)
+    assert arrivals.next_due({"a"}, {"a", "b"}, 1.1) == pytest.approx(1.35)  # a is here
+    assert arrivals.next_due(set(), {"b"}, 1.1) == pytest.approx(1.35)  # a is gone
+    assert arrivals.next_due(set(), {"a", "b"}, 1.5) == pytest.approx(1.3)  # late, not gone
+    assert arrivals.next_due(set(), {"a", "b"}, 1.7) is None  # two intervals: gone
