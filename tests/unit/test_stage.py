@@ -280,10 +280,9 @@ async def test_no_hold_where_a_pass_costs_in_proportion_to_its_rows(tiny_model: 
     assert holds == 0
 
 
-async def test_prompts_waiting_together_share_one_pass(tiny_model: Path) -> None:
-    """Answers that arrive together start in one pass (and so decode as one wave); each
-    gets the first token its own prefill gives."""
-    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+def last_stage(shard: Shard) -> tuple[StageWorker, list[int], dict[str, tuple[int, ...]]]:
+    """A worker over a shard that ends the chain; the steps of each of its passes, and the
+    tokens it sends, by session."""
     sizes: list[int] = []
     got: dict[str, tuple[int, ...]] = {}
 
@@ -291,7 +290,14 @@ async def test_prompts_waiting_together_share_one_pass(tiny_model: Path) -> None
         assert isinstance(frame, TokenFrame)
         got[frame.session] = frame.tokens
 
-    worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
+    return StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n)), sizes, got
+
+
+async def test_prompts_waiting_together_share_one_pass(tiny_model: Path) -> None:
+    """Answers that arrive together start in one pass (and so decode as one wave); each
+    gets the first token its own prefill gives."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    worker, sizes, got = last_stage(shard)
     await run(worker, [step(f"p{i}", 0, p, ()) for i, p in enumerate(PROMPTS)], got)
     assert sizes == [len(PROMPTS)]
     for i, prompt in enumerate(PROMPTS):
@@ -305,14 +311,7 @@ async def test_a_prompt_waits_for_a_decode_step_due_and_runs_beside_it(tiny_mode
     step. Both get the tokens they would get alone."""
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     shard.prefill("s0", torch.tensor(PROMPTS[0]))
-    sizes: list[int] = []
-    got: dict[str, tuple[int, ...]] = {}
-
-    async def send(addr: str, frame: DataFrame) -> None:
-        assert isinstance(frame, TokenFrame)
-        got[frame.session] = frame.tokens
-
-    worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
+    worker, sizes, got = last_stage(shard)
     worker.step_ms, worker.row_ms = 20.0, 1.0  # as measured: a slice of 20 rows
     long = [(7 * i) % 50 + 1 for i in range(70)]
     n = len(PROMPTS[0])
