@@ -158,7 +158,6 @@ class StageWorker:
         self._arrivals = Arrivals[str]()
         self._holding_since: float | None = None
         self.holds = 0  # batches held for rows due soon
-        self._pause = 0.0  # how long a prompt waits for decode steps due (_room)
         self.pass_ms: dict[int, float] = {}  # decode passes by rows: whether holding pays
         self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue(
             OUTBOX
@@ -255,8 +254,8 @@ class StageWorker:
         """The waiting decode steps (a token, and maybe a draft to verify) of up to MAX_BATCH
         sessions, and with them other steps (prompts, feeds after a replay): whole short
         prompts of several sessions together, else a slice of the oldest. Only a session's
-        oldest waiting frame may go. Or seconds to hold the decode steps for others due soon
-        (waves.py), while nothing else waits."""
+        oldest waiting frame may go. Or seconds to wait: to hold the decode steps for others
+        due soon (waves.py), or a prompt for decode steps due before a pass of it would end."""
         decodes: list[StepFrame] = []
         others: list[StepFrame] = []
         seen: set[str] = set()
@@ -274,9 +273,11 @@ class StageWorker:
         prompts: list[StepFrame] = []
         if others:
             # Beside decode steps, a slice's rows; alone, what ends before decode steps due.
-            most = self._busy_rows() if decodes else self._room(seen)
-            if most is not None and most < MIN_SLICE and not decodes:
-                return self._pause  # decode steps are due: the prompt goes with them
+            most = self._busy_rows() if decodes else None
+            if not decodes and (room := self._room(seen)) is not None:
+                most, pause = room
+                if most < MIN_SLICE:
+                    return pause  # decode steps are due: the prompt goes with them
             prompts = self._prompts_together(others, most)
             if len(prompts) > 1:
                 for frame in prompts:
@@ -317,22 +318,22 @@ class StageWorker:
         """Prompt rows to run beside decode steps: a slice, the least one before it is measured."""
         return self._slice_rows() or MIN_SLICE
 
-    def _room(self, waiting: set[str]) -> int | None:
-        """Prompt rows a pass can run before the next decode step due here (None: none is
-        due, or costs are not measured yet). A prompt's pass costs about a decode step plus
-        its rows; one started just before decode steps are due would hold them for all of it,
-        and they would then wait for a second pass with a slice of their own."""
+    def _room(self, waiting: set[str]) -> tuple[int, float] | None:
+        """Prompt rows a pass can run before the next decode step due here, and how long to
+        wait for that step (None: none is due, or costs are not measured yet). A prompt's
+        pass costs about a decode step plus its rows; one started just before decode steps
+        are due would hold them for all of it, and they would then wait for a second pass
+        with a slice of their own."""
         if not self.row_ms or not self.step_ms:
             return None
         now = time.perf_counter()
         due = self._arrivals.next_due(waiting, self.shard.sessions, now)
         if due is None:
             return None
-        self._pause = max(due - now, 0.0) + self.step_ms / 1000  # then look again
         room = int(((due - now) * 1000 - self.step_ms) / self.row_ms)
         # No more than a slice even so: a row costs more as the prompt's context grows, and
-        # the rhythm the steps are due by is a guess.
-        return max(0, min(room, self._busy_rows()))
+        # the rhythm the steps are due by is a guess. Waited for until a pass after it is due.
+        return max(0, min(room, self._busy_rows())), max(due - now, 0.0) + self.step_ms / 1000
 
     def _hold(self, waiting: set[str]) -> float:
         """Seconds to hold a decode batch: at most one decode pass's time in all, what the
