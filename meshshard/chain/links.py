@@ -12,11 +12,12 @@ Both ends of a socket may send frames; whatever arrives is handed to one dispatc
 stage's error comes back the same way a token does.
 
 Two sockets go to each peer: one for bulk (a prompt's activations, a feed after a replay, a
-handed-off cache) and one for the rest (decode steps, tokens, errors). On one socket a
-step's few kilobytes would wait behind every byte of a prompt sent before it: on a 20
-Mbit/s link a 2,000-token prompt holds the socket for about 2 s, and every answer decoding
-through that link would stall as long. A session's frames cannot overtake each other across
-the two: its next step is sent only once its prompt has come round the chain as a token.
+handed-off cache, a session's drop) and one for the rest (decode steps, tokens, errors). On
+one socket a step's few kilobytes would wait behind every byte of a prompt sent before it:
+on a 20 Mbit/s link a 2,000-token prompt holds the socket for about 2 s, and every answer
+decoding through that link would stall as long. A session's frames cannot overtake each
+other across the two: its next step is sent only once its prompt has come round the chain
+as a token, and its drop goes behind its prompt.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from meshshard.security import CHANNEL, DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import (
     MAX_FRAME_BYTES,
     DataFrame,
+    DropFrame,
     KVFrame,
     StepFrame,
     WireError,
@@ -215,8 +217,10 @@ _Key = tuple[str, str]  # a socket's address and lane
 
 
 def lane(frame: DataFrame) -> str:
-    """The socket a frame goes by: bulk for a prompt's (or feed's) rows and handed-off caches."""
-    if isinstance(frame, KVFrame):
+    """The socket a frame goes by: bulk for a prompt's (or feed's) rows and handed-off caches,
+    and for a session's drop, which must not overtake its prompt (the stage would then start
+    the session after forgetting it, and hold its cache until it idles out)."""
+    if isinstance(frame, KVFrame | DropFrame):
         return BULK
     if isinstance(frame, StepFrame) and frame.tensor.shape[0] - len(frame.draft) > 1:
         return BULK

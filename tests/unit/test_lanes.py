@@ -14,7 +14,7 @@ from meshshard.chain.links import BULK, STEPS, FrameCodec, Links, Refusals, Sock
 from meshshard.chain.tensors import to_wire
 from meshshard.security import Keyring, Sealer, new_key
 from meshshard.types import Epoch
-from meshshard.wire import DataFrame, KVFrame, Sampling, StepFrame, TokenFrame
+from meshshard.wire import DataFrame, DropFrame, KVFrame, Sampling, StepFrame, TokenFrame
 
 EPOCH = Epoch(1, "a")
 HIDDEN = 8
@@ -35,6 +35,7 @@ def test_prompts_and_caches_go_by_the_bulk_socket_and_steps_by_the_other() -> No
     assert lane(TokenFrame(EPOCH, "s", 3, (7,))) == STEPS
     cache = to_wire(torch.zeros(1, 1, 4, 2))
     assert lane(KVFrame(EPOCH, "s", 0, 1, cache, cache, "127.0.0.1:1", True)) == BULK
+    assert lane(DropFrame(EPOCH, "s")) == BULK  # behind the session's prompt, never before it
 
 
 async def test_a_step_is_not_held_behind_a_prompt_on_its_link() -> None:
