@@ -184,22 +184,7 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
             "ttft_s": statistics.median(r["ttft_s"] for r in one),
             # Where a lone answer's time goes: each stage's passes (wall, and the model
             # thread's CPU in them), per pass, prompts included.
-            "one_pass_ms": [
-                round(
-                    (a["forward_s"] - b["forward_s"]) * 1000 / max(1, a["batches"] - b["batches"]),
-                    2,
-                )
-                for b, a in zip(before, after, strict=True)
-            ],
-            "one_cpu_ms": [
-                round(
-                    (a["forward_cpu_s"] - b["forward_cpu_s"])
-                    * 1000
-                    / max(1, a["batches"] - b["batches"]),
-                    2,
-                )
-                for b, a in zip(before, after, strict=True)
-            ],
+            "one_passes": [per_pass(b, a) for b, a in zip(before, after, strict=True)],
         }
         for sessions in (1, 4, 8):
             results: list[dict] = []
@@ -220,10 +205,20 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
         # Rows per forward pass at each stage, over the 8 answers at once.
         after = stage_counts(procs)
         out["mean_batch_8"] = [
-            (a["steps"] - b["steps"]) / max(1, a["batches"] - b["batches"])
-            for b, a in zip(before, after, strict=True)
+            per_pass(b, a)["rows_per_pass"] for b, a in zip(before, after, strict=True)
         ]
         return out
+
+
+def per_pass(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """A stage's passes between two looks at its counters (as status shows them): rows
+    (steps) per pass, and wall and model-thread CPU ms per pass."""
+    n = max(1, after["batches"] - before["batches"])
+    return {
+        "rows_per_pass": round((after["steps"] - before["steps"]) / n, 2),
+        "pass_ms": round((after["forward_s"] - before["forward_s"]) * 1000 / n, 2),
+        "cpu_ms": round((after["forward_cpu_s"] - before["forward_cpu_s"]) * 1000 / n, 2),
+    }
 
 
 def stage_counts(procs: list[Peer]) -> list[dict[str, float]]:
@@ -272,10 +267,10 @@ def main() -> None:
             batches.append(f"{name}: " + ", ".join(f"{b:.2f}" for b in r["mean_batch_8"]))
             passes.append(
                 f"{name}: {1000 / r['tokens_per_s']:.1f} ms a token; passes "
-                + " + ".join(f"{w:.1f}" for w in r["one_pass_ms"])
-                + f" = {sum(r['one_pass_ms']):.1f} ms (model thread CPU "
-                + " + ".join(f"{c:.1f}" for c in r["one_cpu_ms"])
-                + f" = {sum(r['one_cpu_ms']):.1f})"
+                + " + ".join(f"{p['pass_ms']:.1f}" for p in r["one_passes"])
+                + f" = {sum(p['pass_ms'] for p in r['one_passes']):.1f} ms (model thread CPU "
+                + " + ".join(f"{p['cpu_ms']:.1f}" for p in r["one_passes"])
+                + f" = {sum(p['cpu_ms'] for p in r['one_passes']):.1f})"
             )
         print("rows per forward pass with 8 answers at once, stage by stage:", "; ".join(batches))
         print(f"one answer, stage by stage (single process, 1 thread: {1000 / local_rate:.1f} "

@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+from bench_chain import per_pass  # noqa: E402
 from testbed import (  # noqa: E402
     CGROUP,
     READY_TIMEOUT,
@@ -103,18 +104,11 @@ def measure(tb: Testbed, sessions: int, repeats: int = 3) -> dict[str, Any]:
     before = stage_counters(tb)
     runs = [in_namespace(tb, "_client", str(sessions), str(TOKENS)) for _ in range(repeats)]
     after = stage_counters(tb)
-    passes = []
-    for host, now in after.items():
-        was = before.get(host)
-        if was is None or was["units"] != now["units"]:
-            continue
-        n = max(1, now["batches"] - was["batches"])
-        passes.append({
-            "host": host, "units": now["units"],
-            "rows_per_pass": round((now["steps"] - was["steps"]) / n, 2),
-            "pass_ms": round((now["forward_s"] - was["forward_s"]) * 1000 / n, 2),
-            "cpu_ms": round((now["forward_cpu_s"] - was["forward_cpu_s"]) * 1000 / n, 2),
-        })  # fmt: skip
+    passes = [
+        {"host": host, "units": now["units"]} | per_pass(before[host], now)
+        for host, now in after.items()
+        if host in before and before[host]["units"] == now["units"]
+    ]
     return {
         "stages": sorted(passes, key=lambda p: p["units"]),
         "sessions": sessions,

@@ -327,7 +327,7 @@ class StageWorker:
         if not self.row_ms or not self.step_ms:
             return None
         now = time.perf_counter()
-        due = self._arrivals.next_due(waiting, self.shard.sessions, now)
+        due = self._arrivals.next_due(waiting, set(self.shard.sessions), now)
         if due is None:
             return None
         room = int(((due - now) * 1000 - self.step_ms) / self.row_ms)
@@ -401,14 +401,15 @@ class StageWorker:
         self.batches += 1
         decode = all(f.tensor.shape[0] == 1 for f in batch)
         ms = seconds * 1000
-        prompt_rows = sum(f.tensor.shape[0] for f in batch if not _one_token(f))
+        prompts = [f for f in batch if not _one_token(f)]
+        prompt_rows = sum(f.tensor.shape[0] for f in prompts)
         if decode:  # prefills take longer per step: they would hide the decode time
             self.step_ms = _moved(self.step_ms, ms)
             self.pass_ms[len(batch)] = _moved(self.pass_ms.get(len(batch), 0.0), ms)
         elif self.step_ms and prompt_rows >= MIN_SLICE:
             # A pass with a prompt's rows costs what its decode steps (or one, for the
             # weights' reading) would, plus the rows: what slices are cut by.
-            steps = sum(1 for f in batch if _one_token(f))
+            steps = len(batch) - len(prompts)
             base = self.pass_ms.get(steps, self.step_ms) if steps else self.step_ms
             self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows)
         if self._observe is not None:

@@ -81,25 +81,22 @@ class Arrivals(Generic[K]):
         left = since + most - now
         if left <= 0:
             return 0.0
-        due = sum(
-            1
-            for session, seen in self._seen.items()
-            if session not in waiting
-            and seen.interval is not None
-            and since - most <= seen.at + seen.interval <= since + most
-        )
+        due = sum(1 for at, _ in self._dues(waiting, live) if since - most <= at <= since + most)
         return left if due and pays(cost, len(waiting), due) else 0.0
 
     def next_due(self, waiting: Collection[K], live: Collection[K], now: float) -> float | None:
         """When the next decode step of a `live` session not `waiting` is due: the earliest,
         counting one overdue by less than its own interval (it is late, not gone: a pass
         that slowed down slows its rhythm); None if none is."""
-        dues = [
-            seen.at + seen.interval
+        return min(
+            (at for at, every in self._dues(waiting, live) if at + every >= now), default=None
+        )
+
+    def _dues(self, waiting: Collection[K], live: Collection[K]) -> list[tuple[float, float]]:
+        """When each `live` session not `waiting` whose rhythm is known is due, and its
+        interval."""
+        return [
+            (seen.at + seen.interval, seen.interval)
             for session, seen in self._seen.items()
-            if session not in waiting
-            and session in live
-            and seen.interval is not None
-            and seen.at + 2 * seen.interval >= now
+            if session not in waiting and session in live and seen.interval is not None
         ]
-        return min(dues, default=None)

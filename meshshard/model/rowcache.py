@@ -33,7 +33,7 @@ class Rows:
 
     keys: list[torch.Tensor]  # [1, kv_heads, cached, head_dim] each
     values: list[torch.Tensor]
-    widths: list[int]  # the session's new positions, in packed order
+    spans: list[tuple[int, int]]  # where each session's new positions lie in the packed pass
 
 
 class RowCaches:
@@ -41,24 +41,20 @@ class RowCaches:
     batch: the first widths[0] positions go to caches[0], the next widths[1] to caches[1]..."""
 
     def __init__(self, caches: list[KVCache], widths: list[int]) -> None:
-        self.caches, self.widths = caches, widths
+        self.caches = caches
+        ends = list(itertools.accumulate(widths))  # once a pass, not once a layer
+        self.spans = [(end - w, end) for w, end in zip(widths, ends, strict=True)]
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: Any
     ) -> tuple[Rows, Rows]:
         keys, values = [], []
-        for cache, (a, b) in zip(self.caches, _spans(self.widths), strict=True):
+        for cache, (a, b) in zip(self.caches, self.spans, strict=True):
             k, v = cache.update(key[:, :, a:b], value[:, :, a:b], layer_idx)
             keys.append(k)
             values.append(v)
-        rows = Rows(keys, values, self.widths)
+        rows = Rows(keys, values, self.spans)
         return rows, rows
-
-
-def _spans(widths: list[int]) -> list[tuple[int, int]]:
-    """Where each session's positions lie in the packed sequence."""
-    ends = list(itertools.accumulate(widths))
-    return [(end - w, end) for w, end in zip(widths, ends, strict=True)]
 
 
 def attention(
@@ -81,7 +77,7 @@ def attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     out = torch.empty_like(query)
-    for k, v, (a, b) in zip(key.keys, key.values, _spans(key.widths), strict=True):
+    for k, v, (a, b) in zip(key.keys, key.values, key.spans, strict=True):
         q = query[:, :, a:b]
         mask = None
         if b - a > 1:  # a draft's or a prompt's positions: each sees the cache up to itself

@@ -23,7 +23,7 @@ import functools
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshshard.chain.waves import Arrivals
@@ -186,7 +186,7 @@ class _Chain:
         if self.busy[i] or not self.queues[i]:
             return
         waiting = set(self.queues[i])
-        if len(waiting) < MAX_BATCH and waiting <= self.decoding(i):
+        if len(waiting) < MAX_BATCH and self.decoding(waiting):
             held = self.held_since[i]
             since = now if held is None else held
             stage = self.stages[i]
@@ -201,13 +201,13 @@ class _Chain:
         batch = [self.queues[i].popleft() for _ in range(min(MAX_BATCH, len(self.queues[i])))]
         self.busy[i] = True
         took = self.stages[i].busy_ms(len(batch), self.spec)
-        if all(len(self.times[s]) for s in batch):  # decode steps: what a hold is measured by
+        if self.decoding(batch):  # what a hold is measured by
             self.pass_ms[i] = took
         self.push(now + took, "done", i, *batch)
 
-    def decoding(self, i: int) -> set[int]:
-        """Sessions whose steps at stage i are decode steps (their prompt has passed it)."""
-        return {s for s in self.seen[i] if self.times[s]}
+    def decoding(self, sessions: Iterable[int]) -> bool:
+        """Whether the sessions' steps are decode steps (their prompts have gone round)."""
+        return all(self.times[s] for s in sessions)
 
     def _done(self, now: float, i: int, batch: tuple[int, ...]) -> None:
         self.busy[i] = False
