@@ -335,6 +335,9 @@ async def read_frames(
             if heard is not None and source:
                 heard(source)
             await dispatch(frame)
+            # A stage handed a step starts its pass before the next frame is handled here
+            # (the token's copy for the origin that comes right behind it, say).
+            await asyncio.sleep(0)
 
 
 class SocketServer:

@@ -271,19 +271,17 @@ class Origin:
         serve it, or when a newer chain is ready to take it over. A decode step may carry a
         draft of the next tokens (`speculator`); a pass then yields every token it confirmed.
 
-        Without drafts, and when this peer runs no stage of the plan, the chain feeds itself:
-        the last stage sends each token straight to the first stage as the next step, and a
-        copy here (StepFrame.loop), so a token does not hop through this peer on its way
-        round; this peer sends steps again only to start, and after a replay. A peer that is
-        a stage drives every step: measured with it feeding itself, one answer ran at
-        0.86-0.88 of the single process, 0.89-0.94 without (docs/data-plane.md); likely its
-        work on each token then runs beside its own stage's pass, under one interpreter lock."""
+        Without drafts the chain feeds itself: the last stage sends each token straight to the
+        first stage as the next step, and a copy here (StepFrame.loop), so a token does not
+        hop through this peer's answer on its way round; this peer sends steps again only to
+        start, and after a replay. (This peer's work on the copy then runs beside the
+        stages' passes: see docs/data-plane.md for what that cost while passes ran in the
+        model thread, and why short ones run on the loop.)"""
         first = self.control.address_of(plan.stages[0].device)
         if first is None:
             raise _Left(Leave("the first stage is gone", self.timings.same_plan_grace))
         loop = (first, max_tokens - 1, tuple(sorted(stop_ids)))
-        stage = plan.stage_of(self.control.node)
-        loops = not self.speculate and stage is None and len(stop_ids) <= MAX_STOPS
+        loops = not self.speculate and len(stop_ids) <= MAX_STOPS
         looping = False  # the chain is feeding itself the steps we wait for
         draft: tuple[int, ...] = ()
         while True:

@@ -9,8 +9,9 @@ that is decoding waits for at most that much more per stage while a long prompt 
 through.
 
 Forward passes run in the model thread so the peer's event loop (gossip, sockets) stays
-responsive; whatever else touches a cache (drops, handoffs) runs there too, so never under a
-forward pass.
+responsive, except decode passes short enough to run on the loop itself while that thread is
+idle (worker.run_inline: they then do not share the GIL with the loop's work); whatever else
+touches a cache (drops, handoffs) runs in the model thread too, so never under a forward pass.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from meshshard.chain.links import BULK, lane
 from meshshard.chain.speculate import confirmed
 from meshshard.chain.tensors import from_wire, joined, rows, to_wire
 from meshshard.chain.waves import Arrivals
-from meshshard.chain.worker import run_model
+from meshshard.chain.worker import run_inline, run_model
 from meshshard.model.batching import MAX_BATCH
 from meshshard.model.sampling import Sampler, SamplingParams
 from meshshard.model.shard import Shard, UnknownSession
@@ -54,6 +55,9 @@ MAX_QUEUE = 64  # steps waiting here before senders are made to wait
 STEP_WEIGHT = 0.2  # of the newest batch in the step time average
 OUTBOX = 2  # batches computed ahead of their sending
 MIN_SLICE = 16  # prompt rows a slice holds at least: fewer would waste the pass
+# A decode pass measured at most this long runs on the event loop (worker.run_inline): a probe
+# arriving meanwhile waits for it, well inside probe timeouts (150-200 ms).
+INLINE_MS = 40.0
 
 
 class CacheMiss(Exception):
@@ -372,8 +376,9 @@ class StageWorker:
 
     async def _run_batch(self, batch: list[StepFrame]) -> None:
         started = time.perf_counter()
+        run = run_inline if self._short(batch) else run_model
         try:
-            outputs = await run_model(self._pass, batch)
+            outputs = await run(self._pass, batch)
         except CacheMiss as e:
             session = batch[0].session
             if session in self.shard.sessions:
@@ -415,6 +420,11 @@ class StageWorker:
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)
         await self._outbox.put((batch, outputs))
+
+    def _short(self, batch: list[StepFrame]) -> bool:
+        """Whether the batch is decode steps whose passes of its size took at most INLINE_MS."""
+        took = self.pass_ms.get(len(batch), 0.0)
+        return 0 < took <= INLINE_MS and all(f.tensor.shape[0] == 1 for f in batch)
 
     async def _send_outputs(self) -> None:
         while True:

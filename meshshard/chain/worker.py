@@ -16,6 +16,15 @@ phone of the home-wifi testbed was declared dead for such). So setup work runs w
 collector paused (`run_setup`), and the imported code, which lives as long as the process,
 is frozen once (`run_imports`, `gc.freeze` as pre-fork servers do): later collections walk
 only what was made since.
+
+A short pass may run on the event loop itself instead (`run_inline`), when the model thread
+has nothing to do. A pass of SmolLM2's layers calls torch hundreds of times, and each call
+lets go of the GIL: whatever the loop does meanwhile (a token's copy for the origin, probes,
+frames of other sessions) takes it at one of those moments and the pass waits for it back.
+On this project's 2-core test machine a 3-peer chain decoded one answer at 0.90 of the
+single process with passes in the model thread and 0.92 with short ones on the loop, same
+run (docs/benchmarks/chain-runs.txt). The loop then waits for the pass; the caller keeps
+that to passes short beside a probe's timeout.
 """
 
 from __future__ import annotations
@@ -56,9 +65,30 @@ _executor = ThreadPoolExecutor(
 )
 
 
+_handed = 0  # calls given to the model thread whose callers have not resumed yet
+
+
 async def run_model(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    global _handed
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+    _handed += 1
+    try:
+        return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+    finally:
+        _handed -= 1
+
+
+async def run_inline(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """`run_model` for short work, on the event loop while the model thread is idle: model
+    work stays one call at a time (nothing can be handed to the thread while the loop runs
+    this), and a pass does not share the GIL with the loop. Then the loop runs what waited
+    (sockets, timers) before its caller goes on."""
+    if _handed:
+        return await run_model(fn, *args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        await asyncio.sleep(0)
 
 
 async def run_setup(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -160,7 +160,8 @@ async def test_an_answer_survives_a_stage_crashing_mid_answer(
     async with SimMesh(model, memory, speculate=speculate) as mesh:
         plan = await three_stages(mesh, "abcd")
         # The origin stays up: the coordinator (stage 0), or the last stage when stage 0 dies;
-        # the spare, for a chain that feeds itself (an origin that is a stage drives it).
+        # the spare, for a chain that feeds itself (an origin that is no stage; the leave and
+        # crash-and-join tests below have a stage for their origin).
         spare = next(NodeId(p) for p in "abcd" if plan.stage_of(NodeId(p)) is None)
         origin = plan.stages[0 if victim else -1].device if speculate else spare
         follower = mesh.peers[spare].service.follower
@@ -348,11 +349,11 @@ async def test_frames_to_oneself_never_touch_the_network(
 async def test_without_drafts_tokens_go_round_the_chain_without_the_origin(
     model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
 ) -> None:
-    """An origin that runs no stage: the last stage sends each token straight to the first
-    as the next step (and a copy to the origin), so the origin sends the first stage the
-    prompt and nothing per token: about as many bytes for 24 tokens as for 4 (the numbers in
-    the prompt's step differ; a step frame of its own is over 100 bytes). An origin that is
-    a stage (here the middle one) sends every step itself."""
+    """Whether the origin runs no stage or one (here the middle one): the last stage sends
+    each token straight to the first as the next step (and a copy to the origin), so the
+    origin sends the first stage the prompt and nothing per token: about as many bytes for
+    24 tokens as for 4 (the numbers in the prompt's step differ; a step frame of its own is
+    over 100 bytes)."""
     async with SimMesh(model, memory, speculate=0) as mesh:
         plan = await three_stages(mesh, "abcd")
         first, middle, last = (mesh.peers[s.device] for s in plan.stages)
@@ -369,9 +370,7 @@ async def test_without_drafts_tokens_go_round_the_chain_without_the_origin(
                 await until(mesh.idle, 5, "every cache freed")
                 sent[origin.name].append(origin.service.sent_bytes().get(first.addr, 0) - before)
                 fed.append(last.service.sent_bytes().get(first.addr, 0) - looped)
-        a, b = sent[spare.name]
-        assert 0 < a <= b < a + 16
-        assert fed[1] > fed[0] > 0
-        a, b = sent[middle.name]
-        assert b > a + 20 * 100  # twenty more steps
-        assert fed[2] == fed[3] == 0  # nothing fed by the last stage
+        for origin in (spare, middle):
+            a, b = sent[origin.name]
+            assert 0 < a <= b < a + 16, origin.name
+        assert fed[1] > fed[0] > 0 and fed[3] > fed[2] > 0  # the last stage fed the first

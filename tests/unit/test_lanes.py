@@ -4,13 +4,24 @@ so a step never waits behind a prompt's bytes (real sockets on loopback)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import aiohttp
 import torch
 from aiohttp import web
 from support.dataplane import Unwatched, ignore
 
-from meshshard.chain.links import BULK, STEPS, FrameCodec, Links, Refusals, SocketServer, lane
+from meshshard.chain.links import (
+    BULK,
+    STEPS,
+    FrameCodec,
+    Links,
+    Refusals,
+    SocketServer,
+    lane,
+    read_frames,
+)
 from meshshard.chain.tensors import to_wire
 from meshshard.security import Keyring, Sealer, new_key
 from meshshard.types import Epoch
@@ -74,3 +85,29 @@ async def test_a_step_is_not_held_behind_a_prompt_on_its_link() -> None:
         await server.close()
         await runner.cleanup()
     assert arrived == ["prompt", "decoding"]
+
+
+async def test_what_a_step_sets_off_runs_before_the_frame_behind_it_is_handled() -> None:
+    """The last stage sends the first stage its next step and, right behind it on the same
+    socket, the token's copy for the origin: the stage's pass must not wait while the peer
+    handles the copy. (Frames already read arrive without the loop running in between.)"""
+    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN)
+    token = b"t" * 16
+    sender = codec.channel(token, outbound=True)
+    frames = [step("s", 1), TokenFrame(EPOCH, "s", 3, (7,))]
+    records = [r for f in frames for r in sender.seal(f)]
+
+    async def messages() -> AsyncIterator[SimpleNamespace]:  # both records read already
+        for record in records:
+            yield SimpleNamespace(type=aiohttp.WSMsgType.BINARY, data=record)
+
+    handled: list[str] = []
+
+    async def dispatch(frame: DataFrame) -> None:
+        handled.append(type(frame).__name__)
+        if isinstance(frame, StepFrame):  # as a stage's queue wakes its worker
+            asyncio.get_running_loop().call_soon(handled.append, "pass")
+
+    receiver = codec.channel(token, outbound=False)
+    await read_frames(messages(), receiver, Refusals(), "x", dispatch)
+    assert handled == ["StepFrame", "pass", "TokenFrame"]

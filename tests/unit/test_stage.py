@@ -4,9 +4,11 @@ share one forward pass, and each gets the tokens its own pass would have given."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sized
+import threading
+from collections.abc import Callable, Sized
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -339,3 +341,38 @@ async def test_a_prompt_waits_for_a_decode_step_due_and_runs_beside_it(tiny_mode
     assert sizes[3] == 2  # the step and the prompt's first slice, in one pass
     assert got["long"] == greedy(tiny_model, long, 1)
     assert got["s0"] == alone(tiny_model, PROMPTS[0] + [3, 3, 3], last)
+
+
+async def test_decode_passes_measured_short_run_on_the_event_loop(tiny_model: Path) -> None:
+    """Once passes of a decode batch's size are measured short, the next runs on the loop
+    itself (no handoff, no interpreter lock shared with the loop); a prompt's pass, and a
+    decode pass of a size not measured yet, in the model thread. The tokens do not change."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    threads: list[int] = []
+
+    def noting(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.get_ident())
+            return fn(*args, **kwargs)
+
+        return run
+
+    shard.prefill = noting(shard.prefill)  # type: ignore[method-assign]
+    shard.decode_batch = noting(shard.decode_batch)  # type: ignore[method-assign]
+    worker, _sizes, got = last_stage(shard)
+    task = asyncio.create_task(worker.run())
+    tokens: list[int] = []
+    try:
+        await worker.put(step("s0", 0, PROMPTS[0], ()))
+        for i in range(3):
+            while worker.batches <= i:
+                await asyncio.sleep(0.01)
+            tokens.append(got["s0"][0])
+            if i < 2:
+                await worker.put(step("s0", len(PROMPTS[0]) + i, [tokens[-1]], ()))
+    finally:
+        await worker.close("done")
+        await task
+    loop_thread = threading.get_ident()
+    assert [t == loop_thread for t in threads] == [False, False, True]
+    assert tuple(tokens) == greedy(tiny_model, PROMPTS[0], 3)

@@ -1,8 +1,10 @@
 """The model thread leaves the event loop (gossip and probes) the CPU where both want it, and
-the GIL while it sets up."""
+the GIL while it sets up; short work runs on the loop only while that thread is idle, so model
+work stays one call at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import os
@@ -11,7 +13,7 @@ import threading
 
 import pytest
 
-from meshshard.chain.worker import MODEL_NICE, run_imports, run_model, run_setup
+from meshshard.chain.worker import MODEL_NICE, run_imports, run_inline, run_model, run_setup
 
 
 def nice_of_this_thread() -> int:
@@ -53,3 +55,19 @@ async def test_a_failing_setup_still_turns_the_collector_back_on() -> None:
     with pytest.raises(ZeroDivisionError):
         await run_setup(lambda: 1 / 0)
     assert gc.isenabled()
+
+
+async def test_short_work_runs_on_the_loop_unless_the_model_thread_has_work_in_hand() -> None:
+    loop_thread = threading.get_ident()
+    model_thread = await run_model(threading.get_ident)
+    assert model_thread != loop_thread
+    assert await run_inline(threading.get_ident) == loop_thread
+    release = threading.Event()
+    asyncio.get_running_loop().call_later(0.1, release.set)
+    busy = asyncio.create_task(run_model(release.wait, 5))
+    await asyncio.sleep(0)  # the long call is in the model thread now
+    # Behind the work in hand, in its thread; never beside it on the loop.
+    assert await run_inline(threading.get_ident) == model_thread
+    assert release.is_set()
+    assert await busy
+    assert await run_inline(threading.get_ident) == loop_thread
