@@ -169,6 +169,7 @@ class StageWorker:
         # A prompt's activations go out by a sender of their own: on a slow link they would
         # hold up the decode steps computed after them (links.py sends them by another socket).
         self._bulk: asyncio.Queue[tuple[StepFrame, Output]] = asyncio.Queue()
+        self._unsent = 0  # batches and bulk frames computed and not yet sent
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
@@ -419,12 +420,19 @@ class StageWorker:
             self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows)
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)
+        self._unsent += 1
         await self._outbox.put((batch, outputs))
 
     def _short(self, batch: list[StepFrame]) -> bool:
-        """Whether the batch is decode steps whose passes of its size took at most INLINE_MS."""
+        """Whether the batch is decode steps whose passes of its size took at most INLINE_MS,
+        with every output before it sent: a pass on the loop would hold up what is still
+        going out (the rest of the last wave, behind one send that had to wait)."""
         took = self.pass_ms.get(len(batch), 0.0)
-        return 0 < took <= INLINE_MS and all(f.tensor.shape[0] == 1 for f in batch)
+        return (
+            not self._unsent
+            and 0 < took <= INLINE_MS
+            and all(f.tensor.shape[0] == 1 for f in batch)
+        )
 
     async def _send_outputs(self) -> None:
         while True:
@@ -432,10 +440,12 @@ class StageWorker:
             try:
                 for frame, out in zip(batch, outputs, strict=True):
                     if isinstance(out, TensorData) and lane(frame) == BULK:
+                        self._unsent += 1
                         self._bulk.put_nowait((frame, out))
                     else:
                         await self._emit(frame, out)
             finally:
+                self._unsent -= 1
                 self._outbox.task_done()
 
     async def _send_bulk(self) -> None:
@@ -444,6 +454,7 @@ class StageWorker:
             try:
                 await self._emit(frame, out)
             finally:
+                self._unsent -= 1
                 self._bulk.task_done()
 
     def _pass(self, batch: list[StepFrame]) -> Sequence[Output]:

@@ -376,3 +376,41 @@ async def test_decode_passes_measured_short_run_on_the_event_loop(tiny_model: Pa
     loop_thread = threading.get_ident()
     assert [t == loop_thread for t in threads] == [False, False, True]
     assert tuple(tokens) == greedy(tiny_model, PROMPTS[0], 3)
+
+
+async def test_a_pass_goes_to_the_model_thread_while_outputs_wait_to_be_sent(
+    tiny_model: Path,
+) -> None:
+    """On the loop, a pass would hold up what is still going out (a slow link's send)."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        shard.prefill(f"s{i}", torch.tensor(prompt))
+    threads: list[int] = []
+    prefill = shard.prefill
+
+    def noting(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return prefill(*args, **kwargs)
+
+    shard.prefill = noting  # type: ignore[method-assign]
+    release = asyncio.Event()
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        if frame.session == "s0" and len(threads) > 1:
+            await release.wait()  # a slow link
+
+    worker = StageWorker(shard, EPOCH, "next:1", send)
+    task = asyncio.create_task(worker.run())
+    try:
+        for i, session in enumerate(["s0", "s0", "s1", "s1"]):
+            start = len(PROMPTS[int(session[1])]) + (i % 2)
+            await worker.put(step(session, start, [3], ()))
+            while worker.batches <= i:
+                await asyncio.sleep(0.01)
+    finally:
+        release.set()
+        await worker.close("done")
+        await task
+    loop_thread = threading.get_ident()
+    # Measured; then on the loop; then s0's output waits to go out: to the thread.
+    assert [t == loop_thread for t in threads] == [False, True, False, False]
