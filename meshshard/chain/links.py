@@ -334,10 +334,9 @@ async def read_frames(
         if frame is not None:
             if heard is not None and source:
                 heard(source)
+            # No yield between frames already read: the steps of one wave reach a stage
+            # before its worker takes a batch (frames set off work, not do it).
             await dispatch(frame)
-            # A stage handed a step starts its pass before the next frame is handled here
-            # (the token's copy for the origin that comes right behind it, say).
-            await asyncio.sleep(0)
 
 
 class SocketServer:

@@ -291,6 +291,7 @@ class StageWorker:
                 prompts = [self._slice(others[0], most)]
         for frame in decodes:
             self._queue.remove(frame)
+        self._arrivals.ran([f.session for f in decodes])
         return (_fitted(decodes) if len(decodes) > 1 else decodes) + prompts
 
     def _prompts_together(self, others: list[StepFrame], most: int | None) -> list[StepFrame]:

@@ -8,7 +8,11 @@ the compute of one wave of 8. A stage therefore holds a batch while a session it
 decoding is due within the time a pass takes: holding for it costs at most what a pass of
 its own would, and waves that meet stay together (they arrive together ever after).
 
-A session is due one interval (between its last two decode steps here) after its last.
+A session is due one interval (between its last two decode steps here) after its last, and
+whenever a session of its last pass here is waiting: a wave's frames travel together, but a
+rhythm read from the last round is wrong as soon as a pass's time changes (a prompt's slice
+in it), and one frame of a wave arriving a moment before the others would otherwise start a
+pass alone, the others then waiting for all of it.
 
 Holding pays only where a pass of more rows costs less than passes of its rows apart (a CPU
 or GPU reading its weights once for every row). On a device whose passes cost in proportion
@@ -50,6 +54,14 @@ class _Seen:
 class Arrivals(Generic[K]):
     def __init__(self) -> None:
         self._seen: dict[K, _Seen] = {}
+        self._wave: dict[K, int] = {}  # the decode pass each session was last in here
+        self._passes = 0
+
+    def ran(self, decoding: Collection[K]) -> None:
+        """A pass started with these sessions' decode steps."""
+        self._passes += 1
+        for session in decoding:
+            self._wave[session] = self._passes
 
     def arrived(self, session: K, now: float, decode: bool) -> None:
         """A step of `session` arrived: a decode step (one new token, maybe a draft) or
@@ -74,29 +86,40 @@ class Arrivals(Generic[K]):
     ) -> float:
         """Seconds to keep holding a batch of the `waiting` sessions' steps, held since
         `since` (0: run it now): until `since + most`, while other `live` sessions are due
-        within `most` of `since` (late ones count, as they may be just behind) and one pass
-        of them all costs less than passes apart (`cost`: ms of a pass by rows)."""
+        by `since + most` (late ones count while overdue by less than their own interval,
+        as in `next_due`) and one pass of them all costs less than passes apart (`cost`: ms
+        of a pass by rows)."""
         for gone in [s for s in self._seen if s not in live]:
             del self._seen[gone]
+        for gone in [s for s in self._wave if s not in live]:
+            del self._wave[gone]
         left = since + most - now
         if left <= 0:
             return 0.0
-        due = sum(1 for at, _ in self._dues(waiting, live) if since - most <= at <= since + most)
-        return left if due and pays(cost, len(waiting), due) else 0.0
+        due = {
+            session
+            for session, (at, every) in self._dues(waiting, live).items()
+            if since - every <= at <= since + most
+        }
+        waves = {self._wave.get(session) for session in waiting} - {None}
+        due |= {s for s, w in self._wave.items() if w in waves and s not in waiting}
+        return left if due and pays(cost, len(waiting), len(due)) else 0.0
 
     def next_due(self, waiting: Collection[K], live: Collection[K], now: float) -> float | None:
         """When the next decode step of a `live` session not `waiting` is due: the earliest,
         counting one overdue by less than its own interval (it is late, not gone: a pass
-        that slowed down slows its rhythm); None if none is."""
+        that slowed down, with a prompt's slice in it say, slows its rhythm); None if none
+        is."""
         return min(
-            (at for at, every in self._dues(waiting, live) if at + every >= now), default=None
+            (at for at, every in self._dues(waiting, live).values() if at + every >= now),
+            default=None,
         )
 
-    def _dues(self, waiting: Collection[K], live: Collection[K]) -> list[tuple[float, float]]:
+    def _dues(self, waiting: Collection[K], live: Collection[K]) -> dict[K, tuple[float, float]]:
         """When each `live` session not `waiting` whose rhythm is known is due, and its
         interval."""
-        return [
-            (seen.at + seen.interval, seen.interval)
+        return {
+            session: (seen.at + seen.interval, seen.interval)
             for session, seen in self._seen.items()
             if session not in waiting and session in live and seen.interval is not None
-        ]
+        }

@@ -203,6 +203,7 @@ class _Chain:
         took = self.stages[i].busy_ms(len(batch), self.spec)
         if self.decoding(batch):  # what a hold is measured by
             self.pass_ms[i] = took
+            self.arrivals[i].ran(batch)
         self.push(now + took, "done", i, *batch)
 
     def decoding(self, sessions: Iterable[int]) -> bool:

@@ -87,27 +87,29 @@ async def test_a_step_is_not_held_behind_a_prompt_on_its_link() -> None:
     assert arrived == ["prompt", "decoding"]
 
 
-async def test_what_a_step_sets_off_runs_before_the_frame_behind_it_is_handled() -> None:
-    """The last stage sends the first stage its next step and, right behind it on the same
-    socket, the token's copy for the origin: the stage's pass must not wait while the peer
-    handles the copy. (Frames already read arrive without the loop running in between.)"""
+async def test_frames_read_together_are_all_handled_before_what_they_set_off() -> None:
+    """The last stage sends the first its steps for a wave of answers (and the tokens'
+    copies) back to back. Had the reader let the loop run between them, the stage would start
+    a pass with the first step alone, on the loop (short passes run there), and the others
+    would wait for all of it: answers split into two waves (seen once, by hand)."""
     codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN)
     token = b"t" * 16
     sender = codec.channel(token, outbound=True)
-    frames = [step("s", 1), TokenFrame(EPOCH, "s", 3, (7,))]
+    frames = [step("a", 1), TokenFrame(EPOCH, "a", 3, (7,)), step("b", 1)]
     records = [r for f in frames for r in sender.seal(f)]
 
-    async def messages() -> AsyncIterator[SimpleNamespace]:  # both records read already
+    async def messages() -> AsyncIterator[SimpleNamespace]:  # all read already
         for record in records:
             yield SimpleNamespace(type=aiohttp.WSMsgType.BINARY, data=record)
 
     handled: list[str] = []
 
     async def dispatch(frame: DataFrame) -> None:
-        handled.append(type(frame).__name__)
+        handled.append(frame.session if isinstance(frame, StepFrame) else "copy")
         if isinstance(frame, StepFrame):  # as a stage's queue wakes its worker
             asyncio.get_running_loop().call_soon(handled.append, "pass")
 
     receiver = codec.channel(token, outbound=False)
     await read_frames(messages(), receiver, Refusals(), "x", dispatch)
-    assert handled == ["StepFrame", "pass", "TokenFrame"]
+    await asyncio.sleep(0)
+    assert handled == ["a", "copy", "b", "pass", "pass"]

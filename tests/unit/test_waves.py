@@ -29,13 +29,17 @@ def test_no_hold_once_every_session_due_is_waiting() -> None:
     assert arrivals.hold({"a", "b"}, {"a", "b"}, 1.03, 1.0, PASS) == 0
 
 
-def test_no_hold_for_a_session_due_later_than_a_pass_or_long_overdue() -> None:
+def test_no_hold_for_a_session_due_later_than_a_pass_or_overdue_by_its_interval() -> None:
     later = decoding({"a": [0.4, 0.7, 1.0], "b": [0.55, 0.85]})  # due at 1.15
     assert later.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0
-    overdue = decoding({"a": [0.4, 0.7, 1.0], "b": [0.2, 0.5]})  # due at 0.8
-    assert overdue.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0
+    gone = decoding({"a": [0.4, 0.7, 1.0], "b": [0.1, 0.3]})  # due at 0.5, every 0.2
+    assert gone.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0
     late = decoding({"a": [0.4, 0.7, 1.0], "b": [0.35, 0.65]})  # due at 0.95: just behind
     assert late.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == pytest.approx(PASS)
+    # Due at 0.8, later than a pass but within its own interval: its last round went through
+    # a pass that slowed down (a prompt's slice in it), and it is on its way.
+    slowed = decoding({"a": [0.4, 0.7, 1.0], "b": [0.2, 0.5]})
+    assert slowed.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == pytest.approx(PASS)
 
 
 def test_no_hold_for_sessions_gone_or_without_a_rhythm() -> None:
@@ -72,3 +76,18 @@ def test_the_next_decode_step_due_counts_late_ones_not_gone_ones() -> None:
     assert arrivals.next_due(set(), {"b"}, 1.1) == pytest.approx(1.35)  # a is gone
     assert arrivals.next_due(set(), {"a", "b"}, 1.5) == pytest.approx(1.3)  # late, not gone
     assert arrivals.next_due(set(), {"a", "b"}, 1.7) is None  # two intervals: gone
+
+
+def test_holds_for_the_rest_of_a_wave_whatever_its_rhythm_said() -> None:
+    """a and b went through the last pass together; b's rhythm, read from a slower round,
+    says it is due well after a pass from now, but its frame travels with a's."""
+    arrivals = decoding({"a": [0.4, 0.7, 1.0], "b": [0.6, 0.9]})  # b due at 1.2 by rhythm
+    arrivals.ran({"a", "b"})
+    assert arrivals.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == pytest.approx(PASS)
+    assert arrivals.hold({"a"}, {"a"}, 1.0, 1.0, PASS) == 0  # b ended: no longer awaited
+    # A wave member that fell behind is waited for once: the pass without it starts a wave
+    # of its own.
+    behind = decoding({"a": [0.4, 0.7, 1.0], "b": [0.6, 0.9]})
+    behind.ran({"a", "b"})
+    behind.ran({"a"})
+    assert behind.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0
