@@ -423,6 +423,8 @@ class StageWorker:
             self._observe(len(batch), seconds, decode)
         self._unsent += 1
         await self._outbox.put((batch, outputs))
+        # The sender goes first, then whatever else waits (a pass on the loop did not yield).
+        await asyncio.sleep(0)
 
     def _short(self, batch: list[StepFrame]) -> bool:
         """Whether the batch is decode steps whose passes of its size took at most INLINE_MS,

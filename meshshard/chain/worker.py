@@ -81,14 +81,12 @@ async def run_model(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 async def run_inline(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """`run_model` for short work, on the event loop while the model thread is idle: model
     work stays one call at a time (nothing can be handed to the thread while the loop runs
-    this), and a pass does not share the GIL with the loop. Then the loop runs what waited
-    (sockets, timers) before its caller goes on."""
+    this), and a pass does not share the GIL with the loop. It does not yield: a caller
+    that runs one after another lets the loop run between them (sockets, timers), once it
+    has queued what it must send."""
     if _handed:
         return await run_model(fn, *args, **kwargs)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        await asyncio.sleep(0)
+    return fn(*args, **kwargs)
 
 
 async def run_setup(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
