@@ -8,7 +8,7 @@ peers of one thread each (as the demo runs them), and 3 peers of torch's default
 (each offering too little memory to hold the model, so the chain has 2 or 3 stages): one
 session's tokens/s and time to first token, and
 aggregate tokens/s with 1, 4 and 8 concurrent sessions; where one answer's time per token
-goes (each stage's passes, wall and model-thread CPU); bytes sent per token per hop; and
+goes (each stage's passes, wall and CPU); bytes sent per token per hop; and
 on the 2-peer mesh, the longest gap between the tokens of answers that are decoding while a
 2,000-token prompt is prefilled, against their usual gap. Peers decode one token per pass
 (`--speculate 0`), as the single process does, and keep the mesh's default (LAN) timings, as
@@ -214,7 +214,7 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
 
 def per_pass(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     """A stage's passes between two looks at its counters (as status shows them): rows
-    (steps) per pass, and wall and model-thread CPU ms per pass."""
+    (steps) per pass, and wall and CPU ms per pass (on whichever thread ran it)."""
     n = max(1, after["batches"] - before["batches"])
     return {
         "rows_per_pass": round((after["steps"] - before["steps"]) / n, 2),
@@ -270,7 +270,7 @@ def main() -> None:
             passes.append(
                 f"{name}: {1000 / r['tokens_per_s']:.1f} ms a token; passes "
                 + " + ".join(f"{p['pass_ms']:.1f}" for p in r["one_passes"])
-                + f" = {sum(p['pass_ms'] for p in r['one_passes']):.1f} ms (model thread CPU "
+                + f" = {sum(p['pass_ms'] for p in r['one_passes']):.1f} ms (their CPU "
                 + " + ".join(f"{p['cpu_ms']:.1f}" for p in r["one_passes"])
                 + f" = {sum(p['cpu_ms'] for p in r['one_passes']):.1f})"
             )

@@ -154,7 +154,7 @@ class StageWorker:
         self.step_ms = 0.0  # moving average of one decode batch's forward pass
         self.row_ms = 0.0  # ... and of what one more prompt row adds to a pass
         self.forward_s = 0.0  # wall time of all forward passes
-        self.forward_cpu_s = 0.0  # ... and the model thread's CPU time in them
+        self.forward_cpu_s = 0.0  # ... and the CPU time of the thread that ran them
         self._observe = observe
         self._closing = False
         self._idle = asyncio.Event()
