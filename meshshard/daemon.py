@@ -318,7 +318,7 @@ class Daemon:
                 "weight_bytes": stage.shard.weight_bytes(),
                 "kv_bytes": stage.shard.kv_bytes(),
                 "step_ms": round(stage.step_ms, 3),
-                # Wall time of all passes, and the model thread's CPU time in them: a CPU
+                # Wall time of all passes, and the CPU time of the thread that ran them: a CPU
                 # quota or a busy machine shows as the first outgrowing the second.
                 "forward_s": round(stage.forward_s, 3),
                 "forward_cpu_s": round(stage.forward_cpu_s, 3),

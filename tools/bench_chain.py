@@ -184,8 +184,8 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
         out = {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in one),
             "ttft_s": statistics.median(r["ttft_s"] for r in one),
-            # Where a lone answer's time goes: each stage's passes (wall, and the model
-            # thread's CPU in them), per pass, prompts included.
+            # Where a lone answer's time goes: each stage's passes (wall, and the CPU
+            # of the thread that ran them), per pass, prompts included.
             "one_passes": [per_pass(b, a) for b, a in zip(before, after, strict=True)],
         }
         for sessions in (1, 4, 8):
