@@ -21,10 +21,10 @@ A short pass may run on the event loop itself instead (`run_inline`), when the m
 has nothing to do. A pass of SmolLM2's layers calls torch hundreds of times, and each call
 lets go of the GIL: whatever the loop does meanwhile (a token's copy for the origin, probes,
 frames of other sessions) takes it at one of those moments and the pass waits for it back.
-On this project's 2-core test machine a 3-peer chain decoded one answer at 0.90 of the
-single process with passes in the model thread and 0.92 with short ones on the loop, same
-run (docs/benchmarks/chain-runs.txt). The loop then waits for the pass; the caller keeps
-that to passes short beside a probe's timeout.
+On this project's 2-core test machine a 3-peer chain decoded one answer at 0.927 and 0.911 of
+the single process with short passes on the loop, 0.903 and 0.902 with them in the model
+thread, in turns (docs/benchmarks/chain-runs.txt). The loop then waits for the pass; the
+caller keeps that to passes short beside a probe's timeout.
 """
 
 from __future__ import annotations
@@ -65,17 +65,35 @@ _executor = ThreadPoolExecutor(
 )
 
 
-_handed = 0  # calls given to the model thread whose callers have not resumed yet
+# Calls given to the model thread that have not ended there: counted out by the thread itself,
+# since a caller cancelled while its call runs resumes before the call ends.
+_handed = 0
+_handed_lock = threading.Lock()
+
+
+def _count_out() -> None:
+    global _handed
+    with _handed_lock:
+        _handed -= 1
+
+
+def _counted(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    finally:
+        _count_out()
 
 
 async def run_model(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     global _handed
-    loop = asyncio.get_running_loop()
-    _handed += 1
+    with _handed_lock:
+        _handed += 1
+    job = _executor.submit(_counted, functools.partial(fn, *args, **kwargs))
     try:
-        return await loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+        return await asyncio.wrap_future(job)
     finally:
-        _handed -= 1
+        if job.cancel():  # taken back before it started: it will not count itself out
+            _count_out()
 
 
 async def run_inline(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -71,3 +71,19 @@ async def test_short_work_runs_on_the_loop_unless_the_model_thread_has_work_in_h
     assert release.is_set()
     assert await busy
     assert await run_inline(threading.get_ident) == loop_thread
+
+
+async def test_a_call_whose_caller_gave_up_keeps_short_work_off_the_loop_until_it_ends() -> None:
+    """The caller resumes at once; the call runs on in the thread, and work beside it on the
+    loop could touch what it touches (a cache being handed over)."""
+    loop_thread = threading.get_ident()
+    release = threading.Event()
+    caller = asyncio.create_task(run_model(release.wait, 5))
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    asyncio.get_running_loop().call_later(0.1, release.set)
+    assert await run_inline(threading.get_ident) != loop_thread
+    assert release.is_set()
+    assert await run_inline(threading.get_ident) == loop_thread
