@@ -343,11 +343,8 @@ async def test_a_prompt_waits_for_a_decode_step_due_and_runs_beside_it(tiny_mode
     assert got["s0"] == alone(tiny_model, PROMPTS[0] + [3, 3, 3], last)
 
 
-async def test_decode_passes_measured_short_run_on_the_event_loop(tiny_model: Path) -> None:
-    """Once passes of a decode batch's size are measured short, the next runs on the loop
-    itself (no handoff, no interpreter lock shared with the loop); a prompt's pass, and a
-    decode pass of a size not measured yet, in the model thread. The tokens do not change."""
-    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+def passes_by_thread(shard: Shard) -> list[int]:
+    """The threads the shard's passes run on, in order, as they run."""
     threads: list[int] = []
 
     def noting(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -359,6 +356,15 @@ async def test_decode_passes_measured_short_run_on_the_event_loop(tiny_model: Pa
 
     shard.prefill = noting(shard.prefill)  # type: ignore[method-assign]
     shard.decode_batch = noting(shard.decode_batch)  # type: ignore[method-assign]
+    return threads
+
+
+async def test_decode_passes_measured_short_run_on_the_event_loop(tiny_model: Path) -> None:
+    """Once passes of a decode batch's size are measured short, the next runs on the loop
+    itself (no handoff, no interpreter lock shared with the loop); a prompt's pass, and a
+    decode pass of a size not measured yet, in the model thread. The tokens do not change."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    threads = passes_by_thread(shard)
     worker, _sizes, got = last_stage(shard)
     task = asyncio.create_task(worker.run())
     tokens: list[int] = []
@@ -385,14 +391,7 @@ async def test_a_pass_goes_to_the_model_thread_while_outputs_wait_to_be_sent(
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS[:2]):
         shard.prefill(f"s{i}", torch.tensor(prompt))
-    threads: list[int] = []
-    prefill = shard.prefill
-
-    def noting(*args: Any, **kwargs: Any) -> Any:
-        threads.append(threading.get_ident())
-        return prefill(*args, **kwargs)
-
-    shard.prefill = noting  # type: ignore[method-assign]
+    threads = passes_by_thread(shard)
     release = asyncio.Event()
 
     async def send(addr: str, frame: DataFrame) -> None:
