@@ -84,6 +84,7 @@ def _merged(old: KVCache, new: KVCache) -> KVCache:
     """`new` plus the layers only `old` has."""
     extra = old.split(i for i in old.layers if i not in new.layers and old.has(i))
     merged = KVCache((*new.layers, *extra.layers))
+    merged.reserve(max(new.reserved, old.reserved))
     for cache in (new, extra):
         for layer in cache.layers:
             if cache.has(layer):

@@ -272,6 +272,11 @@ class StageWorker:
                 others.append(frame)
             elif len(decodes) < MAX_BATCH:
                 decodes.append(frame)
+        if (stray := next((f for f in others if not self._continues(f)), None)) is not None:
+            # Alone: its pass meets the miss and says so (unknown session, or where the
+            # stage's cache ends); in a packed pass it would start afresh at position 0.
+            self._queue.remove(stray)
+            return [stray]
         if decodes and len(decodes) < MAX_BATCH and (hold := self._hold(seen)):
             return hold
         self._holding_since = None
@@ -473,6 +478,11 @@ class StageWorker:
             self.forward_cpu_s += time.thread_time() - cpu
 
     def _forward(self, batch: list[StepFrame]) -> list[torch.Tensor]:
+        for f in batch:
+            # What admission reserved, allocated once (a session unknown here is made only by
+            # its first step: a later one must meet the cache miss it is).
+            if f.reserve and (f.start == 0 or f.session in self.shard.sessions):
+                self.shard.reserve(f.session, f.reserve)
         if len(batch) > 1:
             for f in batch:
                 self.shard.truncate(f.session, f.start)

@@ -2,6 +2,11 @@
 
 Layers write in order, so each layer's cache holds positions 0..length-1 contiguously; that
 makes it a plain pair of tensors per layer, easy to truncate, and to ship in a handoff.
+
+A session's cache is allocated once for the positions its stage admitted it for
+(`reserve`: its prompt and most tokens), so it never grows by copying and never holds more
+than admission counted; without a reserve it grows by reallocation (256 positions, then
+doubling), which can take up to twice what it uses.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ class KVCache:
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
         self._lengths: dict[int, int] = {}
+        self.reserved = 0  # positions to allocate at once, where they suffice
+
+    def reserve(self, positions: int) -> None:
+        """Allocate for `positions` from the next growth on (a layer already larger keeps its
+        size)."""
+        self.reserved = max(self.reserved, positions)
 
     @property
     def length(self) -> int:
@@ -38,8 +49,9 @@ class KVCache:
         start = self._lengths.get(layer_idx, 0)
         keys = self._keys.get(layer_idx)
         if keys is None or start + n > keys.shape[2]:
-            keys = self._grow(self._keys, layer_idx, key, start, start + n)
-            self._grow(self._values, layer_idx, value, start, start + n)
+            size = self._size(keys, start + n)
+            keys = self._grow(self._keys, layer_idx, key, start, size)
+            self._grow(self._values, layer_idx, value, start, size)
         end = start + n
         keys[:, :, start:end] = key
         values = self._values[layer_idx]
@@ -69,6 +81,7 @@ class KVCache:
     def split(self, keep: Iterable[int]) -> KVCache:
         """Move the layers in `keep` to a new cache for them; this one keeps the rest."""
         kept = KVCache(keep)
+        kept.reserved = self.reserved
         for layer_idx in kept.layers:
             if layer_idx in self._lengths:
                 kept._keys[layer_idx] = self._keys.pop(layer_idx)
@@ -82,13 +95,17 @@ class KVCache:
             t.numel() * t.element_size() for t in (*self._keys.values(), *self._values.values())
         )
 
+    def _size(self, old: torch.Tensor | None, need: int) -> int:
+        if self.reserved >= need:
+            return self.reserved
+        return max(need, 2 * (old.shape[2] if old is not None else 0), _GROW)
+
     @staticmethod
     def _grow(
-        store: dict[int, torch.Tensor], layer_idx: int, like: torch.Tensor, used: int, need: int
+        store: dict[int, torch.Tensor], layer_idx: int, like: torch.Tensor, used: int, size: int
     ) -> torch.Tensor:
         old = store.get(layer_idx)
-        capacity = max(need, 2 * (old.shape[2] if old is not None else 0), _GROW)
-        shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
+        shape = (like.shape[0], like.shape[1], size, like.shape[3])
         new = torch.empty(shape, dtype=like.dtype, device=like.device)
         if old is not None:
             new[:, :, :used] = old[:, :, :used]

@@ -158,6 +158,11 @@ class Shard:
     def new_cache(self) -> KVCache:
         return KVCache(self.layer_ids)
 
+    def reserve(self, session: str, positions: int) -> None:
+        """Allocate the session's cache for `positions` (what its stage admitted it for) when
+        it next grows; a session new here starts with it."""
+        self._sessions.setdefault(session, self.new_cache()).reserve(positions)
+
     def cache_length(self, session: str) -> int:
         """Positions of `session` cached in every layer of this shard (0 for a stranger)."""
         cache = self._sessions.get(session)

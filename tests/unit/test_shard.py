@@ -120,6 +120,23 @@ def test_kv_cache_grows_past_its_first_allocation() -> None:
     assert cache.length == 301
 
 
+def test_a_reserved_cache_is_allocated_once_and_grows_only_past_its_reserve() -> None:
+    cache = KVCache([7])
+    cache.reserve(300)
+    chunks = [torch.randn(1, 2, n, 4) for n in (200, 99, 1)]
+    keys, _ = cache.update(chunks[0], -chunks[0], 7)
+    storage = keys.data_ptr()
+    assert cache.nbytes() == 2 * 300 * 2 * 4 * 4  # keys and values, no more than reserved
+    for chunk in chunks[1:]:
+        keys, values = cache.update(chunk, -chunk, 7)
+    assert keys.data_ptr() == storage  # never copied to grow
+    torch.testing.assert_close(values, -torch.cat(chunks, dim=2))
+    more = torch.randn(1, 2, 5, 4)
+    keys, _ = cache.update(more, -more, 7)  # past the reserve (a draft, say): it grows
+    torch.testing.assert_close(keys, torch.cat([*chunks, more], dim=2))
+    assert cache.split([7]).reserved == 300  # moved with its layers
+
+
 @pytest.mark.parametrize("bad", [(-1, 2), (0, 0), (3, 2), (0, 7)])
 def test_bad_unit_ranges_are_refused(tiny_llama: Path, bad: tuple[int, int]) -> None:
     with pytest.raises(ValueError, match="unit range"):

@@ -20,7 +20,7 @@ from meshshard.model.generate import LocalChain, generate
 from meshshard.model.sampling import Sampler, SamplingParams
 from meshshard.model.shard import Shard, load_spec
 from meshshard.types import Epoch
-from meshshard.wire import DataFrame, Sampling, StepFrame, TokenFrame
+from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, Sampling, StepFrame, TokenFrame
 
 PROMPTS = [[5, 17, 3, 42, 8], [9, 8, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
 EPOCH = Epoch(1, "a")
@@ -413,3 +413,43 @@ async def test_a_pass_goes_to_the_model_thread_while_outputs_wait_to_be_sent(
     loop_thread = threading.get_ident()
     # Measured; then on the loop; then s0's output waits to go out: to the thread.
     assert [t == loop_thread for t in threads] == [False, True, False, False]
+
+
+async def test_a_session_cache_is_allocated_once_for_what_it_reserved(
+    tiny_model: Path,
+) -> None:
+    """A session reserves, on admission, the positions it may reach: its cache takes that
+    at once and never grows by copying; a step of a session the stage does not hold still
+    meets the error it is, and leaves nothing behind."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    spec = shard.spec
+    sent: list[DataFrame] = []
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        sent.append(frame)
+
+    worker = StageWorker(shard, EPOCH, None, send)
+    reserve = len(PROMPTS[0]) + 300  # past a first allocation's 256 positions
+    task = asyncio.create_task(worker.run())
+    try:
+        await worker.put(replace(step("s0", 0, PROMPTS[0], ()), reserve=reserve))
+        sizes = []
+        for i in range(3):
+            while worker.batches <= i:
+                await asyncio.sleep(0.01)
+            sizes.append(shard.kv_bytes())
+            frame = step("s0", len(PROMPTS[0]) + i, [3], ())
+            await worker.put(replace(frame, reserve=reserve))
+        # Beside s0's last decode step, which waits with it: a packed pass would start it.
+        await worker.put(replace(step("stranger", 7, [3], ()), reserve=reserve))
+        async with asyncio.timeout(10):
+            while not any(isinstance(f, ErrorFrame) for f in sent):
+                await asyncio.sleep(0.01)
+    finally:
+        await worker.close("done")
+        await task
+    per_position = 2 * spec.num_kv_heads * spec.head_dim * 4 * len(shard.layer_ids)
+    assert sizes == [reserve * per_position] * 3
+    errors = [f for f in sent if isinstance(f, ErrorFrame)]
+    assert [e.code for e in errors] == [ErrorCode.UNKNOWN_SESSION]
+    assert shard.sessions == ["s0"]
