@@ -304,8 +304,8 @@ class StageWorker:
         Answers that start together then decode together, rather than one wave per prompt."""
         together: list[StepFrame] = []
         total = 0
-        for frame in others:
-            if len(together) == MAX_BATCH or not self._continues(frame):
+        for frame in others:  # each continues here: _take_batch sent a stray off alone
+            if len(together) == MAX_BATCH:
                 break
             total += frame.tensor.shape[0]
             if most is not None and total > most:
@@ -479,9 +479,9 @@ class StageWorker:
 
     def _forward(self, batch: list[StepFrame]) -> list[torch.Tensor]:
         for f in batch:
-            # What admission reserved, allocated once (a session unknown here is made only by
-            # its first step: a later one must meet the cache miss it is).
-            if f.reserve and (f.start == 0 or f.session in self.shard.sessions):
+            # What admission reserved, allocated once (a step that misses makes no session:
+            # it must meet the miss it is).
+            if f.reserve and self._continues(f):
                 self.shard.reserve(f.session, f.reserve)
         if len(batch) > 1:
             for f in batch:
