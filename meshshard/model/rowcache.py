@@ -76,19 +76,50 @@ def attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    return attend(query, key, value, None, scaling), None
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor | Rows,
+    value: torch.Tensor | Rows,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of query [1, heads, positions, dim] to one session's keys (under `mask`),
+    or to each packed session's own; [1, positions, heads, dim]."""
+    if not isinstance(key, Rows):
+        assert not isinstance(value, Rows)
+        return _sdpa(query, key, value, mask, scaling).transpose(1, 2)
     out = torch.empty_like(query)
     for k, v, (a, b) in zip(key.keys, key.values, key.spans, strict=True):
         q = query[:, :, a:b]
-        mask = None
+        causal = None
         if b - a > 1:  # a draft's or a prompt's positions: each sees the cache up to itself
             cached = k.shape[2]
             seen = torch.arange(cached, device=q.device)
             mine = torch.arange(cached - (b - a), cached, device=q.device)
-            mask = seen[None, :] <= mine[:, None]
-        out[:, :, a:b] = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True
-        )
-    return out.transpose(1, 2).contiguous(), None
+            causal = seen[None, :] <= mine[:, None]
+        out[:, :, a:b] = _sdpa(q, k, v, causal, scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """[1, heads, positions, dim]. One position sees every key: its heads that share a key
+    head are then that head's queries, one call without repeating keys (a third faster than
+    enable_gqa for SmolLM2 on a CPU)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if q.shape[2] == 1 and mask is None:
+        packed = q.reshape(1, kv_heads, heads // kv_heads, q.shape[3])
+        out = F.scaled_dot_product_attention(packed, k, v, scale=scaling)
+        return out.reshape(q.shape)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
 def register() -> None:

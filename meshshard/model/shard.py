@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from meshshard.errors import MeshShardError
-from meshshard.model import rowcache
+from meshshard.model import fused, rowcache
 from meshshard.model.kvcache import KVCache
 from meshshard.model.products import choose_products
 from meshshard.model.quantize import check_quantize, quantize_layers, tensor_bytes
@@ -55,6 +55,7 @@ class Shard:
         dtype: torch.dtype,
         device: torch.device | None = None,
         quantize: str = "none",
+        fuse: bool = True,
     ) -> None:
         spec.check_range(start, end)
         self.spec, self.start, self.end, self.config = spec, start, end, config
@@ -64,6 +65,8 @@ class Shard:
         self.device = device or torch.device("cpu")
         self.quantize = quantize
         self.layer_ids = tuple(_layer_index(layer) for layer in layers)
+        # transformers' own layers where fuse is False (to compare) or a layer is not plain.
+        self._fused = [fused.fuse(layer, config) if fuse else None for layer in layers]
         self._sessions: dict[str, KVCache] = {}
 
     @classmethod
@@ -75,9 +78,11 @@ class Shard:
         dtype: str | torch.dtype = "float32",
         device: str = "cpu",
         quantize: str = "none",
+        fuse: bool = True,
     ) -> Shard:
         """Build only the modules of units [start, end), read only their weights, and put
-        them on `device`, their decoder layers' linear weights quantized to `quantize`."""
+        them on `device`, their decoder layers' linear weights quantized to `quantize`;
+        plain Llama layers run fused (meshshard.model.fused) unless `fuse` is False."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         target = torch.device(device)
         check_quantize(quantize, target)
@@ -125,7 +130,7 @@ class Shard:
         choose_products([lm_head], target)
         return cls(
             spec, start, end, config, embed, layers, norm, lm_head, rotary, torch_dtype, target,
-            quantize,
+            quantize, fuse,
         )  # fmt: skip
 
     @property
@@ -341,14 +346,18 @@ class Shard:
         after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Run the decoder layers; `after_layer(i)` is called after layer i (for timing)."""
-        for i, layer in enumerate(self.layers):
-            h = layer(
-                h,
-                attention_mask=mask,
-                position_ids=pos,
-                position_embeddings=embeddings,
-                cache=cache,
-            )
+        cos, sin = (e.unsqueeze(1) for e in embeddings)
+        for i, (layer, fast) in enumerate(zip(self.layers, self._fused, strict=True)):
+            if fast is not None:
+                h = fast(h, mask, cos, sin, cache)
+            else:
+                h = layer(
+                    h,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    position_embeddings=embeddings,
+                    cache=cache,
+                )
             if after_layer is not None:
                 after_layer(i)
         return h

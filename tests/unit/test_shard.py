@@ -231,3 +231,33 @@ def test_a_batch_drops_positions_one_layer_holds_past_the_others(tiny_llama: Pat
     want = clean.decode_batch(["a", "b"], tokens)
     got = stale.decode_batch(["a", "b"], tokens)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_fused_layers_equal_transformers_layers_and_hold_no_weight_twice(
+    tiny_model: Path,
+) -> None:
+    """Plain Llama layers run fused (q, k and v one matrix, their weights views of it); any
+    other model runs transformers' layers. Either way a pass gives transformers' numbers:
+    prompts (masked), single steps and packed rows of several lengths."""
+    n = load_spec(tiny_model).num_units
+    pairs = {
+        fuse: (Shard.load(tiny_model, 0, 3, fuse=fuse), Shard.load(tiny_model, 3, n, fuse=fuse))
+        for fuse in (True, False)
+    }
+    attn = pairs[True][0].layers[0].self_attn
+    shared = attn.q_proj.weight.untyped_storage().data_ptr() == (
+        attn.v_proj.weight.untyped_storage().data_ptr()
+    )
+    assert shared == (tiny_model.name.startswith("llama"))
+    assert pairs[True][0].weight_bytes() == pairs[False][0].weight_bytes()
+    rows = [torch.tensor([4]), torch.tensor([40, 41, 42]), torch.tensor([77])]
+    out = {}
+    for fuse, (first, last) in pairs.items():
+        prompts = [
+            last.prefill(i, first.prefill(i, torch.tensor(PROMPT[: 3 + i]))) for i in range(3)
+        ]
+        one = last.decode(0, first.decode(0, torch.tensor([9]), 3), 3)
+        packed = last.decode_batch([0, 1, 2], first.decode_batch([0, 1, 2], rows))
+        out[fuse] = [*prompts, one, *packed]
+    for got, want in zip(out[True], out[False], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
