@@ -3,7 +3,9 @@
     python tools/bench_chain.py [--tokens 64] [--repeats 3]
 
 All on this machine, in one run: single-process tokens/s (`meshshard generate`'s loop) with
-one thread and with torch's default (every core); for meshes of 2 and 3 real `meshshard up`
+one thread and with torch's default (every core); three bare processes holding the 3-peer
+plan's shards in a ring of pipes (tools/bench_layers.py: the floor under any chain of three
+processes on this machine, with nothing of a mesh); for meshes of 2 and 3 real `meshshard up`
 peers of one thread each (as the demo runs them), and 3 peers of torch's default threads
 (each offering too little memory to hold the model, so the chain has 2 or 3 stages): one
 session's tokens/s and time to first token, and
@@ -252,6 +254,14 @@ def main() -> None:
         name = f"single, {t} thread{'s' * (t > 1)}"
         print(f"{name:<22} {rate:>16.1f} {rate / local_rate:>6.2f} {ttft:>7.3f}", flush=True)
         groups[name] = {"1 session": rate}
+    # The floor under any chain of three processes on this machine: the same shards as the
+    # 3-peer plan in a ring of pipes, nothing of the mesh (tools/bench_layers.py).
+    from bench_layers import pipe_chain
+
+    ring = 1000 / statistics.median(
+        pipe_chain("fused", args.tokens)[1] for _ in range(args.repeats)
+    )
+    print(f"{'3 processes, pipes':<22} {ring:>16.1f} {ring / local_rate:>6.2f}", flush=True)
     batches: list[str] = []
     passes: list[str] = []
     with tempfile.TemporaryDirectory() as logs:
@@ -276,7 +286,8 @@ def main() -> None:
             )
         print("rows per forward pass with 8 answers at once, stage by stage:", "; ".join(batches))
         print(f"one answer, stage by stage (single process, 1 thread: {1000 / local_rate:.1f} "
-              f"ms a token):", "; ".join(passes))  # fmt: skip
+              f"ms a token; 3 processes in a ring of pipes: {1000 / ring:.1f}):",
+              "; ".join(passes))  # fmt: skip
         print(
             "activation bytes per token per hop: 2304 (float32, hidden 576); "
             "token back to the origin: 4 bytes + framing"

@@ -5,12 +5,13 @@ For transformers' layers and the fused ones (meshshard.model.fused), in turns:
 
 - one process, the whole model: ms a token, and ms a decoder layer;
 - the same layers' seven products alone (the floor a layer's other work sits on);
-- three processes, each one shard of the 3-peer split of tools/bench_chain.py, passing the
-  activations through pipes (no event loop, no sockets, no mesh): each pass's CPU, summed,
-  against the same shards run one after another in one process.
+- three processes, each one shard of the 3-peer split of tools/bench_chain.py, in a ring of
+  pipes (the last sends its token straight to the first, as a mesh does; no event loop, no
+  sockets, no framing): each pass's CPU, summed, against the same shards run one after
+  another in one process; and the ring's ms a token.
 
-The last shows what a chain of processes sharing a CPU costs before any networking: each
-process wakes to a pass with its own interpreter and dispatch state gone cold.
+The ring is the floor of any chain of processes sharing this machine's cores: what it costs
+them, against one process, before a mesh adds anything.
 
     python tools/bench_layers.py [--tokens 128] [--repeats 3]
 """
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -92,83 +94,84 @@ def products_alone(shard: Shard, tokens: int) -> float:
     return statistics.median(times) * 1e3 / len(shard.layers)
 
 
-def stage(index: int, mode: str, rfd: int, wfd: int) -> None:
-    """One process of the pipe chain: read a step, run its shard, write the result; print
-    the median pass CPU (ms) when the input closes."""
+def stage(index: int, mode: str, rfd: int, wfd: int, tokens: int) -> None:
+    """One process of the ring: read a step, run its shard, pass the result on; the last
+    stage's token goes straight back to the first, as in a mesh. Prints the median pass CPU
+    (ms), and at the last stage the ms a token, once the ring stops."""
     shard = load(CUTS[index], CUTS[index + 1], mode)
     reader, writer = os.fdopen(rfd, "rb", buffering=0), os.fdopen(wfd, "wb", buffering=0)
-    times = []
-    while header := _read(reader, 8):
-        position, size = struct.unpack("<ii", header)
+    times: list[float] = []
+    stamps: list[float] = []
+    while True:
+        position, size = struct.unpack("<ii", _read(reader, 8))
+        if position < 0:  # stop, passed round the ring once
+            if not shard.is_last:
+                writer.write(struct.pack("<ii", -1, 0))
+            break
         body = _read(reader, size)
         x = torch.frombuffer(bytearray(body), dtype=torch.int64 if index == 0 else torch.float32)
         x = x if index == 0 else x.view(-1, shard.spec.hidden_size)
         start = time.thread_time()
         out = shard.prefill("s", x, torch.arange(position, position + x.shape[0]))
-        data = struct.pack("<q", int(out.argmax())) if shard.is_last else out.numpy().tobytes()
         if x.shape[0] == 1:
             times.append(time.thread_time() - start)
-        writer.write(struct.pack("<ii", position, len(data)) + data)
-    print(f"{statistics.median(times) * 1e3:.3f}", flush=True)
+        if not shard.is_last:
+            data = out.numpy().tobytes()
+            writer.write(struct.pack("<ii", position, len(data)) + data)
+            continue
+        stamps.append(time.perf_counter())
+        if len(stamps) > tokens:
+            writer.write(struct.pack("<ii", -1, 0))
+            continue
+        data = torch.tensor([int(out.argmax())]).numpy().tobytes()
+        writer.write(struct.pack("<ii", position + x.shape[0], len(data)) + data)
+    per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3 if stamps else 0.0
+    print(f"{statistics.median(times) * 1e3:.3f} {per_token:.3f}", flush=True)
 
 
-def _read(reader: object, n: int) -> bytes:
+def _read(reader: Any, n: int) -> bytes:
     data = b""
     while len(data) < n:
-        chunk = reader.read(n - len(data))  # type: ignore[attr-defined]
+        chunk = reader.read(n - len(data))
         if not chunk:
-            return b""
+            raise EOFError("a stage of the ring closed")
         data += chunk
     return data
 
 
 def pipe_chain(mode: str, tokens: int) -> tuple[list[float], float]:
-    """Three stage processes in a ring through this one: each stage's median pass CPU (ms),
-    and ms a token."""
-    pipes = [os.pipe() for _ in range(4)]
-    ends = [(pipes[k][0], pipes[k + 1][1]) for k in range(3)]  # each stage's input, output
+    """Three stage processes in a ring of pipes, this one only starting it: each stage's
+    median pass CPU (ms), and ms a token."""
+    pipes = [os.pipe() for _ in range(3)]  # into stage 0, 1, 2
+    ends = [(pipes[k][0], pipes[(k + 1) % 3][1]) for k in range(3)]  # each stage's in, out
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--stage", str(k), mode, *map(str, fds)],
+            [sys.executable, __file__, "--stage", str(k), mode, *map(str, fds), str(tokens)],
             pass_fds=fds, stdout=subprocess.PIPE, text=True,
         )
         for k, fds in enumerate(ends)
     ]  # fmt: skip
     for k, (r, w) in enumerate(pipes):
+        os.close(r)
         if k > 0:
             os.close(w)
-        if k < 3:
-            os.close(r)
-    to_first = os.fdopen(pipes[0][1], "wb", buffering=0)
-    from_last = os.fdopen(pipes[3][0], "rb", buffering=0)
-
-    def step(position: int, ids: list[int]) -> int:
-        body = torch.tensor(ids, dtype=torch.int64).numpy().tobytes()
-        to_first.write(struct.pack("<ii", position, len(body)) + body)
-        _, size = struct.unpack("<ii", _read(from_last, 8))
-        return int(struct.unpack("<q", _read(from_last, size))[0])
-
-    token = step(0, PROMPT)
-    start = time.perf_counter()
-    for i in range(tokens):
-        token = step(len(PROMPT) + i, [token])
-    per_token = (time.perf_counter() - start) / tokens * 1e3
-    to_first.close()
-    passes = [float(p.communicate(timeout=120)[0].strip()) for p in procs]
-    from_last.close()
-    return passes, per_token
+    body = torch.tensor(PROMPT, dtype=torch.int64).numpy().tobytes()
+    with os.fdopen(pipes[0][1], "wb", buffering=0) as ring:
+        ring.write(struct.pack("<ii", 0, len(body)) + body)
+        printed = [p.communicate(timeout=600)[0].split() for p in procs]
+    return [float(out[0]) for out in printed], float(printed[-1][1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--stage", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.stage:
-        index, mode, rfd, wfd = args.stage
-        stage(int(index), mode, int(rfd), int(wfd))
+        index, mode, rfd, wfd, tokens = args.stage
+        stage(int(index), mode, int(rfd), int(wfd), int(tokens))
         return
     whole = {m: [load(0, 32, m)] for m in MODES}
     split = {m: [load(a, b, m) for a, b in itertools.pairwise(CUTS)] for m in MODES}

@@ -1,16 +1,15 @@
 """A Llama decoder layer's forward pass in fewer torch calls, on the layer's own weights.
 
-transformers' layer makes about forty torch calls for one token and passes through as many
-Python frames; the products themselves take most of a decode pass, but not all: on this
-project's 2-core test machine SmolLM2's layer took 1.46 ms a token, its seven products alone
-1.12 (tools/bench_layers.py). Here q, k and v are one product over one matrix, gate and up
-another (the separate weights become views of the joined one, so nothing is held twice), q and
-k rotate in one call, and attention goes straight to torch's SDPA. The numbers are the layer's
-own, computed the same way (tests compare with transformers' model).
+transformers' layer makes about forty torch calls for one token, through as many Python
+frames; the products take most of a decode pass, but not all (docs/benchmarks/layers.txt:
+the 30 layers' products alone 35.4 ms of a 54.7 ms token). Here q, k and v are one product
+over one matrix, gate and up another (the separate weights become views of the joined one,
+so nothing is held twice), q and k rotate in one call, and norms and attention go straight
+to torch: 50.0 ms a token, the same greedy tokens (tests compare with transformers' model).
 
-Fewer calls matter more where a peer shares its core with other processes: what a pass reads
-besides the weights (interpreter and dispatch state) is cold each time the process wakes,
-and each call pays for it (tools/bench_layers.py, three processes over pipes).
+A joined product pays for one or two rows; for more, this CPU's BLAS runs the joined matrix
+slower than its parts (whole passes of 4 and 8 rows: 2% slower joined), so those take the
+parts, still views of the one matrix.
 
 Only a plain Llama layer qualifies (no biases, SiLU, unquantized weights); any other runs
 transformers' own code.
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshshard.model import rowcache
+
+JOINED_ROWS = 2
 
 
 def fuse(layer: Any, config: Any) -> FusedLayer | None:
@@ -55,14 +56,20 @@ class FusedLayer:
         self.kv_heads = config.num_key_value_heads
         self.head_dim: int = attn.head_dim
         self.scaling: float = attn.scaling
-        self.qkv = _join(attn, ("q_proj", "k_proj", "v_proj"))
-        self.gate_up = _join(mlp, ("gate_proj", "up_proj"))
+        self.qkv, self.qkv_parts = _join(attn, ("q_proj", "k_proj", "v_proj"))
+        self.gate_up, self.gate_up_parts = _join(mlp, ("gate_proj", "up_proj"))
         self.o: torch.Tensor = attn.o_proj.weight
         self.down: torch.Tensor = mlp.down_proj.weight
         self.norms: list[tuple[torch.Tensor, float]] = [
             (n.weight, n.variance_epsilon)
             for n in (layer.input_layernorm, layer.post_attention_layernorm)
         ]
+
+    @staticmethod
+    def _product(x: torch.Tensor, joined: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        if x.shape[1] <= JOINED_ROWS:
+            return F.linear(x, joined)
+        return torch.cat([F.linear(x, p) for p in parts], dim=-1)
 
     def __call__(
         self,
@@ -77,25 +84,29 @@ class FusedLayer:
         b, n, _ = h.shape
         heads, kv = self.heads, self.kv_heads
         x = _rms_norm(h, *self.norms[0])
-        qkv = F.linear(x, self.qkv).view(b, n, heads + 2 * kv, self.head_dim).transpose(1, 2)
+        qkv = self._product(x, self.qkv, self.qkv_parts)
+        qkv = qkv.view(b, n, heads + 2 * kv, self.head_dim).transpose(1, 2)
         qk = _rotate(qkv[:, : heads + kv], cos, sin)
         keys, values = cache.update(qk[:, heads:], qkv[:, heads + kv :], self.layer_idx)
         out = rowcache.attend(qk[:, :heads], keys, values, mask, self.scaling)
         h = h + F.linear(out.reshape(b, n, heads * self.head_dim), self.o)
-        gate, up = F.linear(_rms_norm(h, *self.norms[1]), self.gate_up).chunk(2, dim=-1)
+        x = _rms_norm(h, *self.norms[1])
+        gate, up = self._product(x, self.gate_up, self.gate_up_parts).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, self.down)
 
 
-def _join(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
-    """One matrix of the named linears' weights stacked; each linear keeps a view of its rows."""
+def _join(module: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One matrix of the named linears' weights stacked; each linear keeps a view of its rows
+    (returned too)."""
     joined = torch.cat([getattr(module, n).weight.detach() for n in names])
-    start = 0
+    start, parts = 0, []
     for name in names:
         linear = getattr(module, name)
         rows = linear.weight.shape[0]
         linear.weight = nn.Parameter(joined[start : start + rows], requires_grad=False)
+        parts.append(linear.weight)
         start += rows
-    return joined
+    return joined, parts
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
