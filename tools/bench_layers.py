@@ -37,11 +37,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from meshshard.model import fused  # noqa: E402
 from meshshard.model.shard import Shard  # noqa: E402
 
 CUTS = (0, 8, 21, 32)  # the plan bench_chain's 3 peers get
 PROMPT = list(range(100, 130))
 MODES = ("transformers", "fused")
+BATCH_ROWS = (1, 2, 4, 8)
 
 
 def model_dir() -> Path:
@@ -74,6 +76,21 @@ def decode(shards: list[Shard], tokens: int) -> tuple[list[list[float]], list[in
     for shard in shards:
         shard.drop(session)
     return cpu, out
+
+
+def batched(shard: Shard, rows: int, steps: int = 12) -> float:
+    """Median ms of a whole-model decode pass of `rows` sessions (60 positions cached)."""
+    sessions = [f"b{time.perf_counter_ns()}-{i}" for i in range(rows)]
+    for s in sessions:
+        shard.prefill(s, torch.arange(100, 160))
+    times = []
+    for step in range(steps):
+        start = time.thread_time()
+        shard.decode_batch(sessions, [torch.tensor([5 + step])] * rows)
+        times.append(time.thread_time() - start)
+    for s in sessions:
+        shard.drop(s)
+    return statistics.median(times) * 1e3
 
 
 @torch.inference_mode()
@@ -189,6 +206,16 @@ def main() -> None:
             got.setdefault("pipes", []).append(sum(passes))
             got.setdefault("pipes_token", []).append(per_token)
     products = products_alone(whole["fused"][0], args.tokens)
+    # Passes of several rows, with the joined products for every row count too (what the
+    # fused layers would do without their limit).
+    wide: dict[str, dict[int, list[float]]] = {m: {} for m in (*MODES, "fused, joined")}
+    for _ in range(args.repeats):
+        for name in wide:
+            fused.JOINED_ROWS = 1 << 30 if name == "fused, joined" else 2
+            shard = whole["transformers" if name == "transformers" else "fused"][0]
+            for n in BATCH_ROWS:
+                wide[name].setdefault(n, []).append(batched(shard, n))
+    fused.JOINED_ROWS = 2
     med = {m: {k: statistics.median(v) for k, v in rows[m].items()} for m in MODES}
     print(f"# SmolLM2-135M float32, 1 thread, {args.tokens} tokens after a {len(PROMPT)}-token "
           f"prompt; medians of {args.repeats} runs in turns; pass CPU in ms")  # fmt: skip
@@ -205,6 +232,12 @@ def main() -> None:
     speedup = med["transformers"]["token"] / med["fused"]["token"]
     same = answers["fused"] == answers["transformers"]
     print(f"# fused vs transformers, whole model: {speedup:.3f}x; same greedy tokens: {same}")
+    print(f"# whole-model passes of {', '.join(map(str, BATCH_ROWS))} rows, ms (median of "
+          f"{args.repeats}):")  # fmt: skip
+    for name, by_rows in wide.items():
+        print(
+            f"#   {name}: " + ", ".join(f"{statistics.median(by_rows[n]):.1f}" for n in BATCH_ROWS)
+        )
     print("# every run (whole, 3 shards, 3 processes, pipe chain ms/token):")
     for mode in MODES:
         runs = zip(

@@ -8,8 +8,8 @@ so nothing is held twice), q and k rotate in one call, and norms and attention g
 to torch: 50.0 ms a token, the same greedy tokens (tests compare with transformers' model).
 
 A joined product pays for one or two rows; for more, this CPU's BLAS runs the joined matrix
-slower than its parts (whole passes of 4 and 8 rows: 2% slower joined), so those take the
-parts, still views of the one matrix.
+slower than its parts (docs/benchmarks/layers.txt, passes of 4 and 8 rows), so those take
+the parts, still views of the one matrix.
 
 Only a plain Llama layer qualifies (no biases, SiLU, unquantized weights); any other runs
 transformers' own code.
