@@ -237,8 +237,9 @@ class PlanFollower:
             else:
                 assert self._tg is not None
                 self.stage = StageWorker(
-                    pending.shard, plan.epoch, pending.next_addr, self._send, self.observe
-                )
+                    pending.shard, plan.epoch, pending.next_addr, self._send, self.observe,
+                    len(plan.stages),
+                )  # fmt: skip
                 self._stage_task = self._tg.create_task(self.stage.run())
             shard = pending.shard
             units = f"units {shard.start}..{shard.end - 1}" if shard else "no units"

@@ -29,7 +29,7 @@ import torch
 from meshshard.chain.links import BULK, lane
 from meshshard.chain.speculate import confirmed
 from meshshard.chain.tensors import from_wire, joined, rows, to_wire
-from meshshard.chain.waves import Arrivals
+from meshshard.chain.waves import Arrivals, wave_rows
 from meshshard.chain.worker import run_inline, run_model
 from meshshard.model.batching import MAX_BATCH
 from meshshard.model.sampling import Sampler, SamplingParams
@@ -140,8 +140,10 @@ class StageWorker:
         next_addr: str | None,
         send: Send,
         observe: Observe | None = None,
+        stages: int = 1,
     ) -> None:
         self.shard = shard
+        self.stages = stages  # in the chain: how many waves its sessions spread over
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
         self._send = send
@@ -256,28 +258,30 @@ class StageWorker:
         await self.refuse_queued(message)
 
     def _take_batch(self) -> list[StepFrame] | float:
-        """The waiting decode steps (a token, and maybe a draft to verify) of up to MAX_BATCH
-        sessions, and with them other steps (prompts, feeds after a replay): whole short
-        prompts of several sessions together, else a slice of the oldest. Only a session's
+        """The waiting decode steps (a token, and maybe a draft to verify) of up to a wave's
+        sessions (waves.wave_rows), and with them other steps (prompts, feeds after a
+        replay): whole short prompts of several sessions together, else a slice of the
+        oldest. Only a session's
         oldest waiting frame may go. Or seconds to wait: to hold the decode steps for others
         due soon (waves.py), or a prompt for decode steps due before a pass of it would end."""
         decodes: list[StepFrame] = []
         others: list[StepFrame] = []
         seen: set[str] = set()
+        wave = wave_rows(len(self.shard.sessions), self.stages)
         for frame in self._queue:
             if frame.session in seen:
                 continue
             seen.add(frame.session)
             if not self._decodable(frame):
                 others.append(frame)
-            elif len(decodes) < MAX_BATCH:
+            elif len(decodes) < wave:
                 decodes.append(frame)
         if (stray := next((f for f in others if not self._continues(f)), None)) is not None:
             # Alone: its pass meets the miss and says so (unknown session, or where the
             # stage's cache ends); in a packed pass it would start afresh at position 0.
             self._queue.remove(stray)
             return [stray]
-        if decodes and len(decodes) < MAX_BATCH and (hold := self._hold(seen)):
+        if decodes and len(decodes) < wave and (hold := self._hold(seen)):
             return hold
         self._holding_since = None
         prompts: list[StepFrame] = []

@@ -14,6 +14,12 @@ rhythm read from the last round is wrong as soon as a pass's time changes (a pro
 in it), and one frame of a wave arriving a moment before the others would otherwise start a
 pass alone, the others then waiting for all of it.
 
+One wave of every session leaves all stages but one idle: the wave is at one stage at a time.
+So sessions spread over as many waves as the chain has stages (`wave_rows`), the pipeline of
+micro-batches the paper's throughput counts on, and each wave is held together up to its
+size. On this project's 2-core machine, 8 answers through 3 peers (one thread each) gave
+54-56 tokens/s as one wave, 65-70 in waves of at most 3 (docs/benchmarks/chain-runs.txt).
+
 Holding pays only where a pass of more rows costs less than passes of its rows apart (a CPU
 or GPU reading its weights once for every row). On a device whose passes cost in proportion
 to their rows it would only delay: waves there are better left spread round the chain, each
@@ -27,6 +33,8 @@ from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from meshshard.model.batching import MAX_BATCH
+
 K = TypeVar("K", bound=Hashable)  # what names a session: its id, or a number in a model
 
 # A pass of a+b rows must cost under this share of a pass of a and a pass of b for holding
@@ -34,6 +42,13 @@ K = TypeVar("K", bound=Hashable)  # what names a session: its id, or a number in
 PAYS = 0.9
 
 Cost = Callable[[int], float | None]  # ms of a decode pass of n rows; None: not known
+
+
+def wave_rows(live: int, stages: int) -> int:
+    """Decode steps a stage takes into one pass, with `live` sessions on a chain of `stages`:
+    as many waves as stages, each stage then computing one wave while the others compute the
+    rest."""
+    return max(1, min(MAX_BATCH, -(-live // max(1, stages))))
 
 
 def pays(cost: Cost, rows: int, more: int) -> bool:

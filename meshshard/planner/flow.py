@@ -9,12 +9,12 @@ passes, and on how sessions bunch up and spread on the way round. Pure and deter
 events on a simulated clock.
 
 N answers asked at once start together: their prompts wait at the first stage and share one
-pass (up to MAX_BATCH), and from there they travel as one wave, since every stage takes the
-whole wave and, where batching pays, holds a batch for rows due within a pass
-(chain/waves.py, played out here as the stages run it). That is the mesh's schedule, and
-the one its throughput is measured under. Answers started a round apart (`together=False`)
-stay spread where batching does not pay: the paper's pipeline, each stage busy with one
-micro-batch while the others compute theirs.
+pass (up to MAX_BATCH); from there they spread into as many waves as the chain has stages,
+each stage taking a wave's rows at most and, where batching pays, holding a batch for rows
+due within a pass (chain/waves.py, played out here as the stages run it). That is the
+mesh's schedule, and the one its throughput is measured under. Answers started a round apart
+(`together=False`) stay spread where batching does not pay: the paper's pipeline, each stage
+busy with one micro-batch while the others compute theirs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from meshshard.chain.waves import Arrivals
+from meshshard.chain.waves import Arrivals, wave_rows
 from meshshard.model.batching import BATCHES, MAX_BATCH
 from meshshard.planner.cost import Stage
 from meshshard.planner.instance import Instance
@@ -186,7 +186,10 @@ class _Chain:
         if self.busy[i] or not self.queues[i]:
             return
         waiting = set(self.queues[i])
-        if len(waiting) < MAX_BATCH and self.decoding(waiting):
+        decoding = self.decoding(waiting)
+        # Prompts share a pass up to MAX_BATCH; decode steps go in waves (waves.wave_rows).
+        most = wave_rows(len(self.live), len(self.stages)) if decoding else MAX_BATCH
+        if len(waiting) < most and decoding:
             held = self.held_since[i]
             since = now if held is None else held
             stage = self.stages[i]
@@ -198,7 +201,7 @@ class _Chain:
                 self.push(now + hold, "start", i)
                 return
         self.held_since[i] = None
-        batch = [self.queues[i].popleft() for _ in range(min(MAX_BATCH, len(self.queues[i])))]
+        batch = [self.queues[i].popleft() for _ in range(min(most, len(self.queues[i])))]
         self.busy[i] = True
         took = self.stages[i].busy_ms(len(batch), self.spec)
         if self.decoding(batch):  # what a hold is measured by

@@ -312,6 +312,31 @@ async def test_prompts_waiting_together_share_one_pass(tiny_model: Path) -> None
         assert got[f"p{i}"] == greedy(tiny_model, prompt, 1)
 
 
+async def test_a_stage_of_three_spreads_its_sessions_over_three_waves(tiny_model: Path) -> None:
+    """Eight answers start in one pass; their decode steps, waiting together at a stage of a
+    3-stage chain, go in passes of at most three (a wave a stage), each row giving the token
+    its own pass would."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    prompts = [[i + 1, 2 * i + 3, 40 - i] for i in range(8)]
+    sizes: list[int] = []
+    got: dict[str, tuple[int, ...]] = {}
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        assert isinstance(frame, TokenFrame)
+        got[frame.session] = got.get(frame.session, ()) + frame.tokens
+
+    def worker() -> StageWorker:
+        return StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n), 3)
+
+    await run(worker(), [step(f"p{i}", 0, p, ()) for i, p in enumerate(prompts)], got)
+    assert sizes == [8]
+    steps = [step(f"p{i}", 3, list(got[f"p{i}"]), ()) for i in range(8)]
+    await run(worker(), steps, sizes, answers=4)
+    assert sizes[1:] == [3, 3, 2]
+    for i, prompt in enumerate(prompts):
+        assert got[f"p{i}"] == greedy(tiny_model, prompt, 2)
+
+
 async def test_a_prompt_waits_for_a_decode_step_due_and_runs_beside_it(tiny_model: Path) -> None:
     """An answer decodes every 150 ms; a prompt arrives 10 ms before its next step is due,
     when even a slice would outlast that: it does not start a pass of its own (which the step
