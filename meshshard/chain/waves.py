@@ -15,10 +15,11 @@ in it), and one frame of a wave arriving a moment before the others would otherw
 pass alone, the others then waiting for all of it.
 
 One wave of every session leaves all stages but one idle: the wave is at one stage at a time.
-So sessions spread over as many waves as the chain has stages (`wave_rows`), the pipeline of
-micro-batches the paper's throughput counts on, and each wave is held together up to its
-size. On this project's 2-core machine, 8 answers through 3 peers (one thread each) gave
-54-56 tokens/s as one wave, 65-70 in waves of at most 3 (docs/benchmarks/chain-runs.txt).
+Several waves, at most one a stage (`wave_rows`), keep more stages busy at once, the pipeline
+of micro-batches the paper's throughput counts on, but each pass then has fewer rows, which
+cost more a row. How many pays depends on every stage's costs: the control plane plays the
+choice out on its flow model (planner/flow.py `best_waves`) and a stage takes a wave's rows
+at most, each wave held together up to its size.
 
 Holding pays only where a pass of more rows costs less than passes of its rows apart (a CPU
 or GPU reading its weights once for every row). On a device whose passes cost in proportion
@@ -44,11 +45,9 @@ PAYS = 0.9
 Cost = Callable[[int], float | None]  # ms of a decode pass of n rows; None: not known
 
 
-def wave_rows(live: int, stages: int) -> int:
-    """Decode steps a stage takes into one pass, with `live` sessions on a chain of `stages`:
-    as many waves as stages, each stage then computing one wave while the others compute the
-    rest."""
-    return max(1, min(MAX_BATCH, -(-live // max(1, stages))))
+def wave_rows(live: int, waves: int) -> int:
+    """Decode steps a stage takes into one pass, with `live` sessions spread over `waves`."""
+    return max(1, min(MAX_BATCH, -(-live // max(1, waves))))
 
 
 def pays(cost: Cost, rows: int, more: int) -> bool:

@@ -9,8 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from meshshard.mesh.coordinator import mesh_instance
 from meshshard.planner import InstanceError, Stage, evaluate
-from meshshard.planner.cost import SESSIONS, per_token_ms
-from meshshard.planner.flow import PLAIN, Speculation, flow_stages, latency_ms, tokens_per_s
+from meshshard.planner.cost import SESSIONS, Cost, per_token_ms
+from meshshard.planner.flow import (
+    PLAIN,
+    FlowStage,
+    Speculation,
+    best_waves,
+    flow_stages,
+    latency_ms,
+    tokens_per_s,
+)
 from meshshard.types import PlanRecord, PlanStage, Profile, State
 
 if TYPE_CHECKING:
@@ -90,14 +98,11 @@ def idle_reasons(node: ControlNode, plan: PlanRecord | None) -> dict[str, str]:
     return out
 
 
-def predicted_now(
-    node: ControlNode, plan: PlanRecord | None, spec: Speculation = PLAIN
-) -> dict[str, Any] | None:
-    """The plan in force under today's profiles, measured links and per-step costs (its
-    record keeps the numbers it was made on), stage by stage; and, where answers speculate,
-    one answer's rate at passes of `spec`'s positions and tokens."""
-    if plan is None:
-        return None
+def plan_flow(
+    node: ControlNode, plan: PlanRecord
+) -> tuple[Cost, tuple[FlowStage, ...], float] | None:
+    """The plan's cost under today's profiles and measured links, and its stages and return
+    hop as the flow model takes them (None where the instance cannot be built)."""
     try:
         inst = mesh_instance(
             node.membership.members(),
@@ -117,6 +122,20 @@ def predicted_now(
         {n: p.batch_ms for n, p in node.profiles.items()},
         {n: p.overhead_ms for n, p in node.profiles.items()},
     )
+    return cost, flow, back
+
+
+def predicted_now(
+    node: ControlNode, plan: PlanRecord | None, spec: Speculation = PLAIN
+) -> dict[str, Any] | None:
+    """The plan in force under today's profiles, measured links and per-step costs (its
+    record keeps the numbers it was made on), stage by stage; and, where answers speculate,
+    one answer's rate at passes of `spec`'s positions and tokens."""
+    got = plan_flow(node, plan) if plan is not None else None
+    if got is None:
+        return None
+    cost, flow, back = got
+    waves = {n: best_waves(flow, back, n) for n in FLOW_SESSIONS}
     return {
         "latency_ms": round(latency_ms(flow, back), 3),
         "bottleneck_ms": round(cost.bottleneck_ms, 3),
@@ -127,8 +146,12 @@ def predicted_now(
         "batch_ms": [[round(x, 3) for x in s.batch_ms] for s in flow],
         "hop_ms": [round(x, 3) for x in cost.hop_ms],
         "return_ms": round(cost.return_ms, 3),
-        # What that many answers at once would reach, batched as our stages batch them.
-        "tokens_per_s_at": {str(n): round(tokens_per_s(flow, back, n), 2) for n in FLOW_SESSIONS},
+        # What that many answers at once would reach, batched and spread over waves as our
+        # stages run them.
+        "tokens_per_s_at": {
+            str(n): round(tokens_per_s(flow, back, n, waves=w), 2) for n, w in waves.items()
+        },
+        "waves_at": {str(n): w for n, w in waves.items()},
         "speculating": None
         if spec == PLAIN
         else {

@@ -9,6 +9,7 @@ from meshshard.planner.flow import (
     BATCHES,
     FlowStage,
     Speculation,
+    best_waves,
     flow_stages,
     latency_ms,
     tokens_per_s,
@@ -37,14 +38,17 @@ def test_without_batching_gains_answers_started_apart_pipeline_to_the_papers_bot
 
 
 def test_sessions_spread_over_a_wave_a_stage_pipeline_to_the_papers_bottleneck() -> None:
-    """A stage takes at most a wave's sessions (as many waves as stages): asked at once or
-    spread, they do not travel as one train, stages taking turns, but overlap."""
+    """A stage takes at most a wave's sessions: in a wave a stage, asked at once or spread,
+    they do not travel as one train, stages taking turns, but overlap; where batching gains
+    nothing that is always fastest."""
     stages = (linear(20.0), linear(30.0, hop=5.0), linear(10.0, hop=5.0))
     one_train = 16000 / (16 * 60 + 15)  # each stage taking all 16 at once: 16.4 tokens/s
     for together in (False, True):
-        rate = tokens_per_s(stages, 5.0, 16, together=together)
+        rate = tokens_per_s(stages, 5.0, 16, together=together, waves=3)
         assert rate == pytest.approx(1000 / 30, rel=0.03)
         assert rate > 1.9 * one_train
+    assert tokens_per_s(stages, 5.0, 16, waves=1) == pytest.approx(one_train, rel=0.02)
+    assert best_waves(stages, 5.0, 16) == 3
 
 
 def test_answers_asked_at_once_spread_into_waves_held_together() -> None:
@@ -55,9 +59,21 @@ def test_answers_asked_at_once_spread_into_waves_held_together() -> None:
     second = FlowStage(20.0, (21.0, 22.0, 23.0, 28.0, 40.0), 2.0, frame_ms=0.5)
     wave = first.busy_ms(4) + 4 * second.frame_ms + second.hop_ms + second.busy_ms(4) + 2.0
     assert wave < 2 * second.busy_ms(4)  # a wave comes round before the second stage is free
-    assert tokens_per_s((first, second), 2.0, 8) == pytest.approx(
+    assert tokens_per_s((first, second), 2.0, 8, waves=2) == pytest.approx(
         8000 / (2 * second.busy_ms(4)), rel=0.02
     )
+    assert best_waves((first, second), 2.0, 8) == 2
+
+
+def test_more_waves_only_where_they_model_faster() -> None:
+    """Measured on a CPU (SmolLM2, 2 stages): 4 rows cost 0.8 of 8, so two waves keep the
+    slower stage busier than one wave's whole round: one wave."""
+    first = FlowStage(17.0, (24.0, 27.0, 30.0, 38.0, 70.0), 0.0, 0.0)
+    second = FlowStage(35.0, (50.0, 60.0, 70.0, 88.0, 160.0), 0.5, 0.0)
+    one, two = (tokens_per_s((first, second), 0.5, 8, waves=w) for w in (1, 2))
+    assert one > two
+    assert best_waves((first, second), 0.5, 8) == 1
+    assert best_waves((first, second), 0.5, 1) == 1
 
 
 def test_a_stage_that_batches_well_carries_more_than_one_step_at_a_time() -> None:

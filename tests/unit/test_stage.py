@@ -312,10 +312,10 @@ async def test_prompts_waiting_together_share_one_pass(tiny_model: Path) -> None
         assert got[f"p{i}"] == greedy(tiny_model, prompt, 1)
 
 
-async def test_a_stage_of_three_spreads_its_sessions_over_three_waves(tiny_model: Path) -> None:
-    """Eight answers start in one pass; their decode steps, waiting together at a stage of a
-    3-stage chain, go in passes of at most three (a wave a stage), each row giving the token
-    its own pass would."""
+async def test_a_stage_spreads_its_sessions_over_the_waves_it_is_told(tiny_model: Path) -> None:
+    """Eight answers start in one pass; their decode steps, waiting together at a stage told
+    that eight sessions go in three waves, go in passes of at most three, each row giving the
+    token its own pass would."""
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     prompts = [[i + 1, 2 * i + 3, 40 - i] for i in range(8)]
     sizes: list[int] = []
@@ -326,7 +326,10 @@ async def test_a_stage_of_three_spreads_its_sessions_over_three_waves(tiny_model
         got[frame.session] = got.get(frame.session, ()) + frame.tokens
 
     def worker() -> StageWorker:
-        return StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n), 3)
+        return StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n), waves)
+
+    def waves(live: int) -> int:
+        return 3 if live == 8 else 1
 
     await run(worker(), [step(f"p{i}", 0, p, ()) for i, p in enumerate(prompts)], got)
     assert sizes == [8]
