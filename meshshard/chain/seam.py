@@ -54,9 +54,9 @@ class ControlPlane(Protocol):
         """A frame arrived from the peer at `address`: evidence that it is alive."""
         ...
 
-    def waves(self, sessions: int) -> int:
-        """How many waves `sessions` live sessions spread over on the plan in force's chain
-        (1 where spreading them is not known to pay)."""
+    def waves(self) -> int:
+        """How many waves the sessions on the plan in force's chain spread over (1 where
+        spreading them is not known to pay)."""
         ...
 
     def plan_possible(self) -> bool:

@@ -140,10 +140,10 @@ class StageWorker:
         next_addr: str | None,
         send: Send,
         observe: Observe | None = None,
-        waves: Callable[[int], int] = lambda live: 1,
+        waves: Callable[[], int] = lambda: 1,
     ) -> None:
         self.shard = shard
-        self.waves = waves  # how many waves that many live sessions spread over
+        self.waves = waves  # how many waves the chain's sessions spread over
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
         self._send = send
@@ -267,8 +267,7 @@ class StageWorker:
         decodes: list[StepFrame] = []
         others: list[StepFrame] = []
         seen: set[str] = set()
-        live = len(self.shard.sessions)
-        wave = wave_rows(live, self.waves(live))
+        wave = wave_rows(len(self.shard.sessions), self.waves())
         for frame in self._queue:
             if frame.session in seen:
                 continue

@@ -125,6 +125,14 @@ def plan_flow(
     return cost, flow, back
 
 
+def plan_waves(cost: Cost, flow: tuple[FlowStage, ...], back: float) -> int:
+    """The waves a plan's stages spread their sessions over: the fastest for the answers in
+    flight its throughput is for. One count a plan, not one a load: waves once apart stay
+    apart (a stage holds a batch for a pass's time at most), so a count that changed with the
+    sessions present would leave the waves where the first answers of a burst put them."""
+    return best_waves(flow, back, cost.sessions)
+
+
 def predicted_now(
     node: ControlNode, plan: PlanRecord | None, spec: Speculation = PLAIN
 ) -> dict[str, Any] | None:
@@ -135,7 +143,7 @@ def predicted_now(
     if got is None:
         return None
     cost, flow, back = got
-    waves = {n: best_waves(flow, back, n) for n in FLOW_SESSIONS}
+    waves = plan_waves(cost, flow, back)
     return {
         "latency_ms": round(latency_ms(flow, back), 3),
         "bottleneck_ms": round(cost.bottleneck_ms, 3),
@@ -149,9 +157,9 @@ def predicted_now(
         # What that many answers at once would reach, batched and spread over waves as our
         # stages run them.
         "tokens_per_s_at": {
-            str(n): round(tokens_per_s(flow, back, n, waves=w), 2) for n, w in waves.items()
+            str(n): round(tokens_per_s(flow, back, n, waves=waves), 2) for n in FLOW_SESSIONS
         },
-        "waves_at": {str(n): w for n, w in waves.items()},
+        "waves": waves,
         "speculating": None
         if spec == PLAIN
         else {

@@ -7,15 +7,14 @@ learn of other peers (a link lost, frames arriving); nothing else."""
 from __future__ import annotations
 
 from meshshard.mesh.node import ControlNode
-from meshshard.mesh.report import plan_flow
-from meshshard.planner.flow import best_waves
+from meshshard.mesh.report import plan_flow, plan_waves
 from meshshard.types import Epoch, NodeId, PlanRecord
 
 
 class NodeSeam:
     def __init__(self, node: ControlNode) -> None:
         self._node = node
-        self._waves: dict[tuple[Epoch, int], int] = {}  # by plan and live sessions
+        self._waves: dict[Epoch, int] = {}  # of the plan in force
 
     @property
     def node(self) -> NodeId:
@@ -40,17 +39,15 @@ class NodeSeam:
     def set_ready(self, epoch: Epoch) -> None:
         self._node.set_ready(epoch)
 
-    def waves(self, sessions: int) -> int:
+    def waves(self) -> int:
         plan = self._node.book.current
-        if plan is None or len(plan.stages) < 2 or sessions < 2:
+        if plan is None or len(plan.stages) < 2:
             return 1
-        key = (plan.epoch, sessions)
-        if key not in self._waves:
-            # Played out once a plan and count (milliseconds), under the profiles of then.
+        if plan.epoch not in self._waves:
+            # Played out once a plan (tens of milliseconds), under the profiles of then.
             got = plan_flow(self._node, plan)
-            self._waves = {k: w for k, w in self._waves.items() if k[0] == plan.epoch}
-            self._waves[key] = best_waves(got[1], got[2], sessions) if got is not None else 1
-        return self._waves[key]
+            self._waves = {plan.epoch: plan_waves(*got) if got is not None else 1}
+        return self._waves[plan.epoch]
 
     def plan_possible(self) -> bool:
         return not self._node.why_unplannable()

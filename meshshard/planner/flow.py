@@ -147,8 +147,9 @@ def best_waves(
 ) -> int:
     """How many waves `sessions` answers at once go round fastest in, one to a wave a stage:
     more waves keep more stages busy at once, each with a pass of fewer rows, which costs
-    more a row (on a CPU, 4 rows of SmolLM2 cost 0.8 of 8). Fewer waves where it is as fast
-    (within MARGIN): they hold the steps of more answers together."""
+    more a row (docs/benchmarks/layers.txt: on a CPU, a pass of 4 rows of SmolLM2 cost 0.8
+    of one of 8). Fewer waves where it is as fast (within MARGIN): they hold the steps of
+    more answers together."""
     best, rate = 1, tokens_per_s(stages, return_ms, sessions, spec=spec)
     for waves in range(2, min(len(stages), sessions) + 1):
         got = tokens_per_s(stages, return_ms, sessions, spec=spec, waves=waves)

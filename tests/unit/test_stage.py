@@ -314,8 +314,8 @@ async def test_prompts_waiting_together_share_one_pass(tiny_model: Path) -> None
 
 async def test_a_stage_spreads_its_sessions_over_the_waves_it_is_told(tiny_model: Path) -> None:
     """Eight answers start in one pass; their decode steps, waiting together at a stage told
-    that eight sessions go in three waves, go in passes of at most three, each row giving the
-    token its own pass would."""
+    that sessions go in three waves, go in passes of at most three, each row giving the token
+    its own pass would."""
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     prompts = [[i + 1, 2 * i + 3, 40 - i] for i in range(8)]
     sizes: list[int] = []
@@ -328,8 +328,8 @@ async def test_a_stage_spreads_its_sessions_over_the_waves_it_is_told(tiny_model
     def worker() -> StageWorker:
         return StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n), waves)
 
-    def waves(live: int) -> int:
-        return 3 if live == 8 else 1
+    def waves() -> int:
+        return 3
 
     await run(worker(), [step(f"p{i}", 0, p, ()) for i, p in enumerate(prompts)], got)
     assert sizes == [8]
