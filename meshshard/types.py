@@ -120,6 +120,9 @@ class PlanRecord:
     left_out: tuple[tuple[NodeId, str], ...] = ()
     # For each stage's member, what this plan gives way to without it (precomputed).
     fallbacks: tuple[Fallback, ...] = ()
+    # Waves the chain's decoding sessions spread over (chain/waves.py), the flow model's
+    # fastest for the plan's stages (planner/flow.py best_waves).
+    waves: int = 1
 
     def stage_of(self, node: NodeId) -> PlanStage | None:
         return next((s for s in self.stages if s.device == node), None)

@@ -238,7 +238,7 @@ class PlanFollower:
                 assert self._tg is not None
                 self.stage = StageWorker(
                     pending.shard, plan.epoch, pending.next_addr, self._send, self.observe,
-                    self.control.waves,
+                    plan.waves,
                 )  # fmt: skip
                 self._stage_task = self._tg.create_task(self.stage.run())
             shard = pending.shard

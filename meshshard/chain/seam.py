@@ -54,11 +54,6 @@ class ControlPlane(Protocol):
         """A frame arrived from the peer at `address`: evidence that it is alive."""
         ...
 
-    def waves(self) -> int:
-        """How many waves the sessions on the plan in force's chain spread over (1 where
-        spreading them is not known to pay)."""
-        ...
-
     def plan_possible(self) -> bool:
         """Whether the serving members can run the model without the ones leaving."""
         ...

@@ -140,10 +140,10 @@ class StageWorker:
         next_addr: str | None,
         send: Send,
         observe: Observe | None = None,
-        waves: Callable[[], int] = lambda: 1,
+        waves: int = 1,
     ) -> None:
         self.shard = shard
-        self.waves = waves  # how many waves the chain's sessions spread over
+        self.waves = waves  # the chain's decoding sessions spread over (the plan's)
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
         self._send = send
@@ -267,7 +267,7 @@ class StageWorker:
         decodes: list[StepFrame] = []
         others: list[StepFrame] = []
         seen: set[str] = set()
-        wave = wave_rows(len(self.shard.sessions), self.waves())
+        wave = wave_rows(len(self.shard.sessions), self.waves)
         for frame in self._queue:
             if frame.session in seen:
                 continue

@@ -17,9 +17,9 @@ pass alone, the others then waiting for all of it.
 One wave of every session leaves all stages but one idle: the wave is at one stage at a time.
 Several waves, at most one a stage (`wave_rows`), keep more stages busy at once, the pipeline
 of micro-batches the paper's throughput counts on, but each pass then has fewer rows, which
-cost more a row. How many pays depends on every stage's costs: the control plane plays the
-choice out on its flow model (planner/flow.py `best_waves`) and a stage takes a wave's rows
-at most, each wave held together up to its size.
+cost more a row. How many pays depends on every stage's costs: the coordinator plays the
+choice out on its flow model when it makes a plan (planner/flow.py `best_waves`), the plan
+carries it, and a stage takes a wave's rows at most, each wave held together up to its size.
 
 Holding pays only where a pass of more rows costs less than passes of its rows apart (a CPU
 or GPU reading its weights once for every row). On a device whose passes cost in proportion

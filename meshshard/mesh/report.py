@@ -143,7 +143,7 @@ def predicted_now(
     if got is None:
         return None
     cost, flow, back = got
-    waves = plan_waves(cost, flow, back)
+    waves = plan.waves if plan is not None else 1  # what the stages run
     return {
         "latency_ms": round(latency_ms(flow, back), 3),
         "bottleneck_ms": round(cost.bottleneck_ms, 3),
@@ -184,6 +184,7 @@ def plan_json(plan: PlanRecord) -> dict[str, Any]:
         "reason": plan.reason,
         "left_out": dict(plan.left_out),
         "fallbacks": {f.lost: _stages_json(f.stages) for f in plan.fallbacks},
+        "waves": plan.waves,
     }
 
 

@@ -7,14 +7,12 @@ learn of other peers (a link lost, frames arriving); nothing else."""
 from __future__ import annotations
 
 from meshshard.mesh.node import ControlNode
-from meshshard.mesh.report import plan_flow, plan_waves
 from meshshard.types import Epoch, NodeId, PlanRecord
 
 
 class NodeSeam:
     def __init__(self, node: ControlNode) -> None:
         self._node = node
-        self._waves: dict[Epoch, int] = {}  # of the plan in force
 
     @property
     def node(self) -> NodeId:
@@ -38,16 +36,6 @@ class NodeSeam:
 
     def set_ready(self, epoch: Epoch) -> None:
         self._node.set_ready(epoch)
-
-    def waves(self) -> int:
-        plan = self._node.book.current
-        if plan is None or len(plan.stages) < 2:
-            return 1
-        if plan.epoch not in self._waves:
-            # Played out once a plan (tens of milliseconds), under the profiles of then.
-            got = plan_flow(self._node, plan)
-            self._waves = {plan.epoch: plan_waves(*got) if got is not None else 1}
-        return self._waves[plan.epoch]
 
     def plan_possible(self) -> bool:
         return not self._node.why_unplannable()

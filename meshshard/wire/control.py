@@ -250,6 +250,7 @@ def _plan_out(p: PlanRecord | None) -> dict[str, Any] | None:
         "reason": p.reason,
         "left_out": [[node, why] for node, why in p.left_out],
         "fallbacks": [[f.lost, _stages_out(f.stages)] for f in p.fallbacks],
+        "waves": p.waves,
     }
 
 
@@ -278,6 +279,7 @@ def _plan_in(raw: object) -> PlanRecord | None:
             for i, x in enumerate(checks.a_list(m.get("left_out", []), "plan.left_out"))
         ),
         fallbacks=tuple(_fallback(x, i) for i, x in enumerate(fallbacks)),
+        waves=checks.integer(m.get("waves", 1), "plan.waves", 1, len(stages) + 1),
     )
 
 

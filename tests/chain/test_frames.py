@@ -182,8 +182,9 @@ PLAN |= {"latency_ms": 1.0, "bottleneck_ms": 1.0, "reason": ""}
 FALLBACK = [["y", 0, 1]]
 
 
-def test_a_plan_travels_with_its_fallbacks() -> None:
-    sync = decode(raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK]]}))
+def test_a_plan_travels_with_its_fallbacks_and_waves() -> None:
+    assert decode(raw_sync(plan=PLAN)).plan.waves == 1  # type: ignore[union-attr]
+    sync = decode(raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK]], "waves": 1}))
     assert isinstance(sync, Sync) and sync.plan is not None
     assert sync.plan.fallbacks == (Fallback(NodeId("x"), (PlanStage(NodeId("y"), 0, 1),)),)
     assert sync.plan.fallback(NodeId("x")) == sync.plan.fallbacks[0]
@@ -217,6 +218,8 @@ def test_a_plan_travels_with_its_fallbacks() -> None:
         (raw_sync(plan=PLAN | {"fallbacks": [["x", []]]}), r"fallbacks\[0\].stages: no stages"),
         (raw_sync(plan=PLAN | {"fallbacks": [["x", [["y", 1, 2]]]]}), "does not continue"),
         (raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK], ["y", FALLBACK]]}), "one per stage"),
+        (raw_sync(plan=PLAN | {"waves": 2}), "plan.waves"),  # more waves than stages
+        (raw_sync(plan=PLAN | {"waves": 0}), "plan.waves"),
     ],
 )
 def test_gossip_fields_out_of_range_are_refused(data: bytes, message: str) -> None:

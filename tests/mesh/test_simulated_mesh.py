@@ -76,6 +76,10 @@ async def test_peers_converge_on_one_coordinator_and_plan(size: int, drop: float
         assert plan is not None and plan.epoch.coordinator == nodes[0].coordinator
         # 8 units of 100 bytes on devices of 500: the plan needs two devices.
         assert len(plan.stages) >= 2
+        # Profiles without batch timings gain nothing from batching: the flow model finds
+        # a wave a stage fastest, and the plan carries it to every peer.
+        assert plan.waves == len(plan.stages)
+        assert {n.book.current.waves for n in nodes if n.book.current} == {plan.waves}
     finally:
         await stop(tg, nodes)
     for history in plans.values():
