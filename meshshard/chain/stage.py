@@ -261,9 +261,9 @@ class StageWorker:
         """The waiting decode steps (a token, and maybe a draft to verify) of up to a wave's
         sessions (waves.wave_rows), and with them other steps (prompts, feeds after a
         replay): whole short prompts of several sessions together, else a slice of the
-        oldest. Only a session's
-        oldest waiting frame may go. Or seconds to wait: to hold the decode steps for others
-        due soon (waves.py), or a prompt for decode steps due before a pass of it would end."""
+        oldest. Only a session's oldest waiting frame may go. Or seconds to wait: to hold the
+        decode steps for others due soon (waves.py), or a prompt for decode steps due before
+        a pass of it would end."""
         decodes: list[StepFrame] = []
         others: list[StepFrame] = []
         seen: set[str] = set()

@@ -2,10 +2,11 @@
 
 transformers' layer makes about forty torch calls for one token, through as many Python
 frames; the products take most of a decode pass, but not all (docs/benchmarks/layers.txt:
-the 30 layers' products alone 35.4 ms of a 54.7 ms token). Here q, k and v are one product
-over one matrix, gate and up another (the separate weights become views of the joined one,
-so nothing is held twice), q and k rotate in one call, and norms and attention go straight
-to torch: 50.0 ms a token, the same greedy tokens (tests compare with transformers' model).
+the 30 layers' products alone 34.7-35.4 ms of a 54.1-54.7 ms token). Here q, k and v are
+one product over one matrix, gate and up another (the separate weights become views of the
+joined one, so nothing is held twice), q and k rotate in one call, and norms and attention
+go straight to torch: 49.7-50.0 ms a token, the same greedy tokens (tests compare with
+transformers' model).
 
 A joined product pays for one or two rows; for more, this CPU's BLAS runs the joined matrix
 slower than its parts (docs/benchmarks/layers.txt, passes of 4 and 8 rows), so those take

@@ -112,8 +112,8 @@ def _sdpa(
     scaling: float | None,
 ) -> torch.Tensor:
     """[1, heads, positions, dim]. One position sees every key: its heads that share a key
-    head are then that head's queries, one call without repeating keys (a third faster than
-    enable_gqa for SmolLM2 on a CPU)."""
+    head are then that head's queries, one call without repeating keys (as transformers'
+    SDPA does for one query)."""
     heads, kv_heads = q.shape[1], k.shape[1]
     if q.shape[2] == 1 and mask is None:
         packed = q.reshape(1, kv_heads, heads // kv_heads, q.shape[3])

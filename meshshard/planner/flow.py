@@ -145,7 +145,7 @@ def tokens_per_s(
 def best_waves(
     stages: tuple[FlowStage, ...], return_ms: float, sessions: int, spec: Speculation = PLAIN
 ) -> int:
-    """How many waves `sessions` answers at once go round fastest in, one to a wave a stage:
+    """How many waves (at most one a stage) `sessions` answers at once go round fastest in:
     more waves keep more stages busy at once, each with a pass of fewer rows, which costs
     more a row (docs/benchmarks/layers.txt: on a CPU, a pass of 4 rows of SmolLM2 cost 0.8
     of one of 8). Fewer waves where it is as fast (within MARGIN): they hold the steps of
