@@ -35,7 +35,7 @@ from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.estimates import LinkEstimates, material
 from meshshard.mesh.fallbacks import outdated, standing, with_fallbacks
 from meshshard.mesh.membership import Change, Membership
-from meshshard.mesh.report import plan_flow, plan_waves
+from meshshard.mesh.report import plan_waves
 from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
 from meshshard.mesh.seeds import Seeds
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
@@ -227,7 +227,7 @@ class ControlNode:
             plan, self._plannable(), self.profiles, self.units, self.context_tokens
         )
         epoch = self.book.next_epoch(self.id, self.clock.wall())
-        plan = replace(plan, epoch=epoch, reason=f"operator: {what}", waves=self._waves_of(plan))
+        plan = replace(plan, epoch=epoch, reason=f"operator: {what}", waves=plan_waves(self, plan))
         self._pinned = sig.members if method != "planner" else None
         self.replanner.done(sig)
         self._adopt(plan)
@@ -544,7 +544,7 @@ class ControlNode:
             self._guessed = not measured
             plan = with_fallbacks(plan, members, self.profiles, self.units, self.context_tokens)
         epoch = self.book.next_epoch(self.id, self.clock.wall())
-        self._adopt(replace(plan, epoch=epoch, reason=reason, waves=self._waves_of(plan)))
+        self._adopt(replace(plan, epoch=epoch, reason=reason, waves=plan_waves(self, plan)))
         await self._push_all(self.timings.probe_timeout * 4)
 
     async def _link_round(self) -> None:
@@ -637,12 +637,6 @@ class ControlNode:
         if self.refused[kind] <= 3 or self.refused[kind] % 1000 == 0:
             logger.warning("[%s] refused gossip (%d so far): %s", self.id, self.refused[kind],
                            problem)  # fmt: skip
-
-    def _waves_of(self, plan: PlanRecord) -> int:
-        """The waves a new plan's sessions spread over, under today's profiles (tens of ms
-        of the flow model, once a plan)."""
-        got = plan_flow(self, plan)
-        return plan_waves(*got) if got is not None else 1
 
     def _adopt(self, plan: PlanRecord) -> None:
         if self.book.current is not None and plan.epoch <= self.book.current.epoch:

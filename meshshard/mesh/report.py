@@ -125,11 +125,16 @@ def plan_flow(
     return cost, flow, back
 
 
-def plan_waves(cost: Cost, flow: tuple[FlowStage, ...], back: float) -> int:
-    """The waves a plan's stages spread their sessions over: the fastest for the answers in
-    flight its throughput is for. One count a plan, not one a load: waves once apart stay
-    apart (a stage holds a batch for a pass's time at most), so a count that changed with the
-    sessions present would leave the waves where the first answers of a burst put them."""
+def plan_waves(node: ControlNode, plan: PlanRecord) -> int:
+    """The waves a new plan's stages spread their sessions over, under today's profiles: the
+    fastest for the answers in flight its throughput is for (tens of ms of the flow model).
+    One count a plan, not one a load: waves once apart stay apart (a stage holds a batch for
+    a pass's time at most), so a count that changed with the sessions present would leave
+    the waves where the first answers of a burst put them."""
+    got = plan_flow(node, plan)
+    if got is None:
+        return 1
+    cost, flow, back = got
     return best_waves(flow, back, cost.sessions)
 
 
@@ -139,11 +144,10 @@ def predicted_now(
     """The plan in force under today's profiles, measured links and per-step costs (its
     record keeps the numbers it was made on), stage by stage; and, where answers speculate,
     one answer's rate at passes of `spec`'s positions and tokens."""
-    got = plan_flow(node, plan) if plan is not None else None
-    if got is None:
+    if plan is None or (got := plan_flow(node, plan)) is None:
         return None
     cost, flow, back = got
-    waves = plan.waves if plan is not None else 1  # what the stages run
+    waves = plan.waves  # what the stages run
     return {
         "latency_ms": round(latency_ms(flow, back), 3),
         "bottleneck_ms": round(cost.bottleneck_ms, 3),
