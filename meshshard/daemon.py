@@ -31,8 +31,9 @@ from meshshard.chain.links import (
     Refusals,
     SocketServer,
 )
-from meshshard.chain.meter import StepCostMeter
+from meshshard.chain.meter import StepCostMeter, pace
 from meshshard.chain.service import ChainService
+from meshshard.chain.stage import StageWorker
 from meshshard.chain.worker import run_imports, run_setup
 from meshshard.config import Config
 from meshshard.delays import DelayedLinks, Delays, answer_delays, request_delays
@@ -49,12 +50,13 @@ from meshshard.metrics import Metrics
 from meshshard.model.costs import estimated_ms, read_spec, unit_costs
 from meshshard.model.device import Placement, offered_memory
 from meshshard.model.source import resolve_model
-from meshshard.planner.flow import PLAIN, Speculation
+from meshshard.planner.flow import PLAIN, FlowStage, Speculation, profiled
 from meshshard.progress import progress
 from meshshard.rounds import rounds
 from meshshard.security import Keyring, Sealer
 from meshshard.stalls import StallWatch
 from meshshard.types import Member, NodeId, Profile, State
+from meshshard.wire.checks import MAX_PACE, MIN_PACE
 
 logger = logging.getLogger(__name__)
 
@@ -422,15 +424,29 @@ def _load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Aw
                 stage.steps,
             )
         overhead = round(costs.overhead_ms, 3)
+        speed = round(_pace(me, stage) or me.pace, 3)
         if (
             load != me.load
             or abs(step - me.step_ms) > 0.2 * max(me.step_ms, 1.0)
             or abs(used - me.used) > 0.1 * max(me.used, 1e6)
             or abs(overhead - me.overhead_ms) > 0.2 * max(me.overhead_ms, 0.1)
+            or abs(speed - me.pace) > 0.05 * me.pace
         ):
-            node.set_profile(replace(me, load=load, step_ms=step, used=used, overhead_ms=overhead))
+            node.set_profile(
+                replace(me, load=load, step_ms=step, used=used, overhead_ms=overhead, pace=speed)
+            )
 
     return publish
+
+
+def _pace(me: Profile, stage: StageWorker | None) -> float | None:
+    """Our stage's passes over what our profile says they cost (None: none ran yet)."""
+    if stage is None or len(me.unit_ms) < stage.shard.end:
+        return None
+    one, several = profiled(me.unit_ms, me.batch_ms, stage.shard.start, stage.shard.end)
+    shape = FlowStage(one, several, 0.0, 0.0)
+    got = pace(stage.pass_ms, stage.passes, shape.step_ms)
+    return None if got is None else min(max(got, MIN_PACE), MAX_PACE)
 
 
 def _join(node: ControlNode) -> Any:

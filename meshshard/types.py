@@ -87,6 +87,9 @@ class Profile:
     step_ms: float = 0.0  # recent mean time of its stage's forward steps
     used: float = 0.0  # bytes of weights and KV caches held
     overhead_ms: float = 0.0  # a step's cost beyond the forward pass, as measured serving
+    # Its stage's decode passes as measured serving over what unit_ms and batch_ms say for
+    # them: a profile is kept for days, the host's speed moves within an hour.
+    pace: float = 1.0
     device: str = ""  # where it runs its shard, as people read it: "cuda:0 bfloat16 int8"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 WINDOW = 10.0  # seconds of tokens behind tokens/s
 GAP_WEIGHT = 0.1  # of the newest gap in the per-token latency average
@@ -95,3 +95,14 @@ class StepCostMeter:
 
 def _average(old: float, new: float, weight: float) -> float:
     return old + (new - old) * weight if old else new
+
+
+def pace(
+    pass_ms: Mapping[int, float], passes: Mapping[int, int], profiled: Callable[[int], float]
+) -> float | None:
+    """A stage's decode passes as it measured them (by rows) over what its profile says
+    passes of those rows cost, each size weighted by how often it ran; None before any ran.
+    The flow model scales the profile by it (planner/flow.py)."""
+    ran = [(n, pass_ms[rows], profiled(rows)) for rows, n in passes.items() if rows in pass_ms]
+    expected = sum(n * want for n, _, want in ran)
+    return sum(n * got for n, got, _ in ran) / expected if expected > 0 else None

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
@@ -165,6 +165,7 @@ class StageWorker:
         self._holding_since: float | None = None
         self.holds = 0  # batches held for rows due soon
         self.pass_ms: dict[int, float] = {}  # decode passes by rows: whether holding pays
+        self.passes: Counter[int] = Counter()  # ... how many of each ran
         self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue(
             OUTBOX
         )
@@ -422,6 +423,7 @@ class StageWorker:
         if decode:  # prefills take longer per step: they would hide the decode time
             self.step_ms = _moved(self.step_ms, ms)
             self.pass_ms[len(batch)] = _moved(self.pass_ms.get(len(batch), 0.0), ms)
+            self.passes[len(batch)] += 1
         elif self.step_ms and prompt_rows >= MIN_SLICE:
             # A pass with a prompt's rows costs what its decode steps (or one, for the
             # weights' reading) would, plus the rows: what slices are cut by.

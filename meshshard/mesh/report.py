@@ -121,6 +121,7 @@ def plan_flow(
         stages,
         {n: p.batch_ms for n, p in node.profiles.items()},
         {n: p.overhead_ms for n, p in node.profiles.items()},
+        {n: p.pace for n, p in node.profiles.items()},
     )
     return cost, flow, back
 
@@ -198,10 +199,17 @@ def _stages_json(stages: Sequence[PlanStage]) -> list[dict[str, Any]]:
 
 def _load(profile: Profile | None) -> dict[str, Any]:
     if profile is None:
-        return {"sessions": None, "step_ms": None, "used": None, "overhead_ms": None}
+        return {
+            "sessions": None,
+            "step_ms": None,
+            "used": None,
+            "overhead_ms": None,
+            "pace": None,
+        }
     return {
         "sessions": profile.load,
         "step_ms": round(profile.step_ms, 3),
         "used": profile.used,
         "overhead_ms": round(profile.overhead_ms, 3),
+        "pace": round(profile.pace, 3),
     }

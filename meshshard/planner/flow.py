@@ -66,10 +66,9 @@ class FlowStage:
     frame_ms: float  # one frame's time on that link (bytes / rate)
     overhead_ms: float = 0.0  # per session in a batch, beyond the forward pass
 
-    def busy_ms(self, sessions: int, spec: Speculation = PLAIN) -> float:
-        """A batch's time: the forward pass over its sessions' positions and each session's
-        other work (frames in and out, sampling, an origin's streaming), on the same CPU."""
-        return self.step_ms(sessions * spec.positions) + sessions * self.overhead_ms
+    def pass_ms(self, sessions: int, spec: Speculation = PLAIN) -> float:
+        """A batch's forward pass, over its sessions' positions."""
+        return self.step_ms(sessions * spec.positions)
 
     def step_ms(self, sessions: float) -> float:
         """Measured sizes as they are, sizes between them on the line joining them."""
@@ -81,36 +80,58 @@ class FlowStage:
         return times[-1] * sessions / sizes[-1]
 
 
+def profiled(
+    unit_ms: Sequence[float], batch_units: Sequence[Sequence[float]], start: int, end: int
+) -> tuple[float, tuple[float, ...]]:
+    """What a profile says passes over units [start, end) cost: one session's step, and
+    BATCHES[k] sessions' steps at once (without batched timings: no gain from batching)."""
+    one = sum(unit_ms[start:end])
+    if len(batch_units) == len(BATCHES) and all(len(u) == len(unit_ms) for u in batch_units):
+        return one, tuple(max(sum(units[start:end]), one) for units in batch_units)
+    return one, tuple(size * one for size in BATCHES)
+
+
 def flow_stages(
     inst: Instance,
     stages: Sequence[Stage],
     batch_ms: Mapping[str, Sequence[Sequence[float]]],
     overhead_ms: Mapping[str, float],
+    pace: Mapping[str, float] | None = None,
 ) -> tuple[tuple[FlowStage, ...], float]:
     """The plan's stages as the model needs them, and the return hop of a token. batch_ms:
-    per device, per size in BATCHES, per unit; a device without them is taken to gain
-    nothing from batching. overhead_ms: per device, a step's cost beyond its forward pass."""
+    per device, per size in BATCHES, per unit. overhead_ms: per device, a step's cost beyond
+    its forward pass. pace: per device, its passes as measured serving over what its profile
+    says (a profile is kept for days; the host's speed moves within an hour)."""
     out = []
     for i, s in enumerate(stages):
-        one = sum(inst.device(s.device).ms[s.start : s.end])
-        sizes = batch_ms.get(s.device) or ()
-        if len(sizes) == len(BATCHES) and all(len(units) == inst.n for units in sizes):
-            several = tuple(max(sum(units[s.start : s.end]), one) for units in sizes)
-        else:
-            several = tuple(size * one for size in BATCHES)
+        one, several = profiled(
+            inst.device(s.device).ms, batch_ms.get(s.device) or (), s.start, s.end
+        )
+        scale = (pace or {}).get(s.device, 1.0)
         hop = frame = 0.0
         if i and s.device != stages[i - 1].device:
             link = inst.link(stages[i - 1].device, s.device)
             hop, frame = link.ms, inst.units[s.start - 1].out_bytes * 8 / (link.mbps * 1000)
-        out.append(FlowStage(one, several, hop, frame, overhead_ms.get(s.device, 0.0)))
+        out.append(
+            FlowStage(
+                one * scale,
+                tuple(x * scale for x in several),
+                hop,
+                frame,
+                overhead_ms.get(s.device, 0.0),
+            )
+        )
     return tuple(out), inst.hop_ms(stages[-1].device, inst.source, inst.return_bytes)
 
 
 def latency_ms(stages: Sequence[FlowStage], return_ms: float, spec: Speculation = PLAIN) -> float:
-    """One answer's time per token: every stage's forward pass and per-step work, every hop,
-    and the tokens' way back, for a pass, shared by the tokens the pass yields."""
-    one_pass = sum(s.busy_ms(1, spec) + s.hop_ms + s.frame_ms * spec.positions for s in stages)
-    return (one_pass + return_ms) / spec.tokens
+    """One answer's time per token: every stage's forward pass, every hop, and the tokens'
+    way back, for a pass, shared by the tokens the pass yields. A stage's per-step work runs
+    while the others compute (see _Chain); only what does not fit there lengthens the round."""
+    one_pass = sum(s.pass_ms(1, spec) + s.hop_ms + s.frame_ms * spec.positions for s in stages)
+    round_ms = one_pass + return_ms
+    late = sum(max(0.0, s.overhead_ms - (round_ms - s.pass_ms(1, spec))) for s in stages)
+    return (round_ms + late) / spec.tokens
 
 
 @functools.lru_cache(maxsize=256)
@@ -173,6 +194,13 @@ class _Chain:
         self.queues: list[deque[int]] = [deque() for _ in stages]
         self.busy = [False] * len(stages)
         self.link_free = [0.0] * len(stages)
+        # Per-session work (frames in and out, sealing, sampling) left by each stage's last
+        # batch, and since when the stage has been free to do it: it runs while the stage
+        # waits, and what is left when its next batch starts shares the CPU with that pass.
+        # (lan-3, run 12: a pass's wall time stays at its CPU time over the quota, and a
+        # round is the passes and the hops, while the work measured is 2-7 ms a session.)
+        self.work = [0.0] * len(stages)
+        self.free_since = [0.0] * len(stages)
         self.times: list[list[float]] = [[] for _ in range(sessions)]
         # Each stage's rule for holding a batch for rows due soon, as the stages run it: what
         # it has seen arrive, its last decode pass's time, since when it holds.
@@ -210,10 +238,10 @@ class _Chain:
         decoding = self.decoding(waiting)
         # Prompts share a pass up to MAX_BATCH; decode steps go in waves (waves.wave_rows).
         most = wave_rows(len(self.live), self.waves) if decoding else MAX_BATCH
+        stage = self.stages[i]
         if len(waiting) < most and decoding:
             held = self.held_since[i]
             since = now if held is None else held
-            stage = self.stages[i]
             hold = self.arrivals[i].hold(
                 waiting, self.live, now, since, self.pass_ms[i], stage.step_ms
             )
@@ -224,7 +252,9 @@ class _Chain:
         self.held_since[i] = None
         batch = [self.queues[i].popleft() for _ in range(min(most, len(self.queues[i])))]
         self.busy[i] = True
-        took = self.stages[i].busy_ms(len(batch), self.spec)
+        left = max(0.0, self.work[i] - (now - self.free_since[i]))
+        took = stage.pass_ms(len(batch), self.spec) + left
+        self.work[i] = 0.0
         if self.decoding(batch):  # what a hold is measured by
             self.pass_ms[i] = took
             self.arrivals[i].ran(batch)
@@ -236,6 +266,8 @@ class _Chain:
 
     def _done(self, now: float, i: int, batch: tuple[int, ...]) -> None:
         self.busy[i] = False
+        self.work[i] += len(batch) * self.stages[i].overhead_ms
+        self.free_since[i] = now
         if i + 1 < len(self.stages):
             nxt = self.stages[i + 1]
             for session in batch:  # frames leave one after another on the link

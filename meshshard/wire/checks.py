@@ -24,6 +24,7 @@ MAX_MEMORY = 1e15  # bytes
 MAX_MS = 1e7  # any time in milliseconds
 MIN_MBPS, MAX_MBPS = 1e-3, 1e6  # a link's rate (a smaller one turns hop times infinite)
 MAX_LOAD = 1e6  # sessions
+MIN_PACE, MAX_PACE = 0.01, 100.0  # passes as measured over what a profile says
 
 
 class WireError(ValueError):

@@ -26,8 +26,10 @@ from meshshard.wire.checks import (
     MAX_MBPS,
     MAX_MEMORY,
     MAX_MS,
+    MAX_PACE,
     MAX_VERSION,
     MIN_MBPS,
+    MIN_PACE,
     PROTOCOL,
     WireError,
 )
@@ -195,6 +197,7 @@ def _profile_out(p: Profile) -> dict[str, Any]:
         "step": p.step_ms,
         "used": p.used,
         "ovh": p.overhead_ms,
+        "pace": p.pace,
         "dev": p.device,
     }
 
@@ -233,6 +236,7 @@ def _profile_in(raw: object, what: str) -> Profile:
         step_ms=checks.number(m.get("step", 0.0), f"{what}.step", MAX_MS),
         used=checks.number(m.get("used", 0.0), f"{what}.used", MAX_MEMORY),
         overhead_ms=checks.number(m.get("ovh", 0.0), f"{what}.ovh", MAX_MS),
+        pace=checks.number(m.get("pace", 1.0), f"{what}.pace", MAX_PACE, low=MIN_PACE),
         device=checks.text(m.get("dev", ""), f"{what}.dev", empty=True),
     )
 

@@ -192,6 +192,14 @@ def test_a_plan_travels_with_its_fallbacks_and_waves() -> None:
     assert decode(encode(sync)) == sync
 
 
+def test_a_profile_travels_with_its_pace() -> None:
+    sync = decode(raw_sync())
+    assert isinstance(sync, Sync) and sync.profiles[0].pace == 1.0  # older peers send none
+    sync = decode(raw_sync(profile={"pace": 1.25}))
+    assert isinstance(sync, Sync) and sync.profiles[0].pace == 1.25
+    assert decode(encode(sync)) == sync
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -205,6 +213,8 @@ def test_a_plan_travels_with_its_fallbacks_and_waves() -> None:
         (raw_sync(profile={"mem": 1e300}), "mem"),
         (raw_sync(profile={"ms": [1e12]}), "ms"),
         (raw_sync(profile={"ver": 2**63 - 1}), "ver"),
+        (raw_sync(profile={"pace": 0.0}), "pace"),  # it scales every pass the model plays
+        (raw_sync(profile={"pace": 1e3}), "pace"),
         # Incarnations and terms stay far from the codec's limit, so one more always fits.
         (raw_sync(member={"inc": 2**63 - 1}), "inc"),
         (raw_sync(member={"prio": 2**40}), "prio"),

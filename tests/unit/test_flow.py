@@ -57,10 +57,10 @@ def test_answers_asked_at_once_spread_into_waves_held_together() -> None:
     the slower, is always busy with one wave or the other."""
     first = FlowStage(10.0, (10.5, 11.0, 11.5, 14.0, 20.0), 0.0, 0.0, overhead_ms=0.2)
     second = FlowStage(20.0, (21.0, 22.0, 23.0, 28.0, 40.0), 2.0, frame_ms=0.5)
-    wave = first.busy_ms(4) + 4 * second.frame_ms + second.hop_ms + second.busy_ms(4) + 2.0
-    assert wave < 2 * second.busy_ms(4)  # a wave comes round before the second stage is free
+    wave = first.pass_ms(4) + 4 * second.frame_ms + second.hop_ms + second.pass_ms(4) + 2.0
+    assert wave < 2 * second.pass_ms(4)  # a wave comes round before the second stage is free
     assert tokens_per_s((first, second), 2.0, 8, waves=2) == pytest.approx(
-        8000 / (2 * second.busy_ms(4)), rel=0.02
+        8000 / (2 * second.pass_ms(4)), rel=0.02
     )
     assert best_waves((first, second), 2.0, 8) == 2
 
@@ -118,13 +118,26 @@ def test_flow_stages_read_the_plan_its_links_and_the_batched_profile() -> None:
     # 1000 bytes at 8 Mbit/s: 1 ms on the wire.
     assert stages[1] == FlowStage(14.0, tuple(16.0 + n for n in BATCHES), 3.0, 1.0)
     assert back == pytest.approx(3.004)
+    # Measured serving at 1.5 the profile's time: every pass takes that much longer.
+    paced, _ = flow_stages(
+        inst, [Stage("a", 0, 2), Stage("b", 2, 4)], {"b": per_size}, {}, pace={"b": 1.5}
+    )
+    assert paced[0].one_ms == 3.0
+    assert paced[1].one_ms == 21.0 and paced[1].batch_ms == tuple(24.0 + 1.5 * n for n in BATCHES)
 
 
-def test_per_session_work_is_on_the_way_of_every_step() -> None:
-    busy = (linear(10.0), FlowStage(30.0, linear(30.0).batch_ms, 1.0, 0.0, overhead_ms=3.0))
-    assert latency_ms(busy, 1.0) == pytest.approx(10 + 33 + 1 + 1)
-    assert tokens_per_s(busy, 1.0, 1) == pytest.approx(1000 / 45)
-    assert tokens_per_s(busy, 1.0, 8, together=False) == pytest.approx(1000 / 33, rel=0.02)
+def test_per_session_work_runs_while_a_stage_waits_and_lengthens_only_a_busy_stage() -> None:
+    """A stage does a step's work beyond its pass (frames, sealing, sampling) while the
+    others compute: one answer's round pays only for what does not fit there, a stage
+    always busy pays for all of it."""
+    fits = (linear(10.0), FlowStage(30.0, linear(30.0).batch_ms, 1.0, 0.0, overhead_ms=3.0))
+    assert latency_ms(fits, 1.0) == pytest.approx(10 + 30 + 1 + 1)
+    assert tokens_per_s(fits, 1.0, 1) == pytest.approx(1000 / 42)
+    # 12 ms a round to wait in, 15 of work: 3 ms late.
+    late = (linear(10.0), FlowStage(30.0, linear(30.0).batch_ms, 1.0, 0.0, overhead_ms=15.0))
+    assert latency_ms(late, 1.0) == pytest.approx(42 + 3)
+    # 8 answers keep the second stage busy (no gain from batching): its work is on the way.
+    assert tokens_per_s(fits, 1.0, 8, together=False) == pytest.approx(1000 / 33, rel=0.02)
 
 
 def test_a_flow_needs_sessions() -> None:

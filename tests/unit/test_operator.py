@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
+from types import SimpleNamespace
 
 import cbor2
 import pytest
 
 from meshshard.api.operator import _plan_request
-from meshshard.chain.meter import StepCostMeter, TokenMeter
+from meshshard.chain.meter import StepCostMeter, TokenMeter, pace
+from meshshard.daemon import _pace
 from meshshard.events import KEPT, EventLog
 from meshshard.logs import JsonFormatter
 from meshshard.status import render_status
 from meshshard.types import Epoch, Member, NodeId, PlanRecord, PlanStage, Profile, State
 from meshshard.wire import Sync, WireError, decode, encode
+from meshshard.wire.checks import MIN_PACE
 
 
 def test_event_log_numbers_stamps_and_tells_listeners() -> None:
@@ -74,6 +78,24 @@ def test_step_cost_meter_counts_cpu_beyond_forward_passes_at_the_peers_speed() -
     assert meter.overhead_ms == pytest.approx(20.0)
     meter.observe(object(), 6.0, 50.0, 0.0, 0.0, 0)  # a new stage: a new baseline
     assert meter.overhead_ms == pytest.approx(20.0)
+
+
+def test_pace_is_the_passes_as_measured_over_the_profile_weighted_by_how_often_they_ran() -> None:
+    profiled = {1: 10.0, 4: 20.0}.__getitem__
+    assert pace({}, {}, profiled) is None
+    # 90 passes of one row at 12 ms, 10 of four rows at 30: 1380 ms where 1100 were said.
+    assert pace({1: 12.0, 4: 30.0}, {1: 90, 4: 10}, profiled) == pytest.approx(1380 / 1100)
+
+
+def test_a_peer_publishes_its_stages_pace_against_its_own_units() -> None:
+    me = Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0, 4.0, 8.0), True)
+    shard = SimpleNamespace(start=1, end=3)
+    stage = SimpleNamespace(shard=shard, pass_ms={1: 9.0}, passes=Counter({1: 5}))
+    assert _pace(me, stage) == pytest.approx(9.0 / 6.0)  # type: ignore[arg-type]
+    idle = SimpleNamespace(shard=shard, pass_ms={}, passes=Counter())
+    assert _pace(me, idle) is None and _pace(me, None) is None  # type: ignore[arg-type]
+    fast = SimpleNamespace(shard=shard, pass_ms={1: 1e-6}, passes=Counter({1: 5}))
+    assert _pace(me, fast) == MIN_PACE  # type: ignore[arg-type]  # what the wire takes
 
 
 def test_json_log_lines_carry_node_and_epoch() -> None:

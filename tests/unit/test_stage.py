@@ -328,11 +328,16 @@ async def test_a_stage_spreads_its_sessions_over_the_waves_it_is_told(tiny_model
     def worker() -> StageWorker:
         return StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n), 3)
 
-    await run(worker(), [step(f"p{i}", 0, p, ()) for i, p in enumerate(prompts)], got)
+    first = worker()
+    await run(first, [step(f"p{i}", 0, p, ()) for i, p in enumerate(prompts)], got)
     assert sizes == [8]
     steps = [step(f"p{i}", 3, list(got[f"p{i}"]), ()) for i in range(8)]
-    await run(worker(), steps, sizes, answers=4)
+    decoding = worker()
+    await run(decoding, steps, sizes, answers=4)
     assert sizes[1:] == [3, 3, 2]
+    # Decode passes by rows, what the peer's pace is measured from; prompts are not counted.
+    assert not first.passes and decoding.passes == {3: 2, 2: 1}
+    assert set(decoding.pass_ms) == {2, 3}
     for i, prompt in enumerate(prompts):
         assert got[f"p{i}"] == greedy(tiny_model, prompt, 2)
 
