@@ -44,7 +44,8 @@ def render_status(data: dict[str, Any]) -> str:
                 f"{m['step_ms']:.1f} ms" if m.get("step_ms") else "-",
                 _mb(m.get("used")),
                 f"{m['sessions']:.0f}" if m.get("sessions") is not None else "-",
-                {True: "measured", False: "estimate", None: "-"}[m.get("measured")],
+                {True: "measured", False: "estimate", None: "-"}[m.get("measured")]
+                + _pace(m.get("pace")),
             )
         )
     lines.append(_table(rows, state_col=1))
@@ -132,3 +133,8 @@ def _table(rows: Sequence[Sequence[str]], state_col: int | None = None) -> str:
 
 def _chain(stages: list[dict[str, Any]]) -> str:
     return " -> ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in stages)
+
+
+def _pace(pace: float | None) -> str:
+    """How far its passes run from what its profile says, where they do."""
+    return f", x{pace:.2f} now" if pace and round(pace, 2) != 1.0 else ""

@@ -179,6 +179,7 @@ def test_status_table_shows_stages_reasons_and_events() -> None:
                 "step_ms": 12.5,
                 "used": 3e8,
                 "sessions": 2.0,
+                "pace": 1.27,
             },
             {
                 "id": "c",
@@ -204,6 +205,8 @@ def test_status_table_shows_stages_reasons_and_events() -> None:
     }
     text = render_status(status)
     needles = ["12.5 ms", "300 MB", "draining", "left out c: its 10 Mbit/s link", "[b gone]",
-               "measured here 11.0 ms/token", "10 Mbit/s", "b alive -> dead"]  # fmt: skip
+               "measured here 11.0 ms/token", "10 Mbit/s", "b alive -> dead",
+               "measured, x1.27 now"]  # fmt: skip
     for needle in needles:
         assert needle in text, needle
+    assert text.count(" now") == 1  # a member without a pace shows none
