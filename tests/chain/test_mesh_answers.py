@@ -132,6 +132,9 @@ def test_eight_concurrent_sessions_get_their_own_answers(
         return all(p.status()["stage"]["sessions"] == 0 for p in mesh)  # type: ignore[index]
 
     wait_for(freed, 10, "finished sessions to free their caches")
+    # Every member's pace reaches the others by gossip (it stays 1 within 5% of its profile).
+    paces = [m["pace"] for m in mesh[0].status()["members"]]  # type: ignore[index]
+    assert len(paces) == 3 and all(0.2 < pace < 5 for pace in paces), paces
 
 
 def test_ask_cli_from_every_peer(mesh: list[Peer], reference: dict[str, str]) -> None:
