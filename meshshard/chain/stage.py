@@ -54,7 +54,11 @@ Observe = Callable[[int, float, bool], None]
 MAX_QUEUE = 64  # steps waiting here before senders are made to wait
 STEP_WEIGHT = 0.2  # of the newest batch in the step time average
 OUTBOX = 2  # batches computed ahead of their sending
-MIN_SLICE = 16  # prompt rows a slice holds at least: fewer would waste the pass
+MIN_SLICE = 16  # prompt rows a pass of prompts alone holds at least: fewer waste its weights
+# ... and a slice beside decode steps, which pay the weights' reading: at a long prompt's end on
+# a slow stage a row costs a tenth of a decode pass there, and 16 rows held every answer for
+# two (lan-3's half-core laptop, testbed.md); fewer would spread a prompt over too many passes.
+MIN_BESIDE = 4
 # A decode pass measured at most this long runs on the event loop (worker.run_inline): a probe
 # arriving meanwhile waits for it, well inside probe timeouts (150-200 ms).
 INLINE_MS = 40.0
@@ -298,7 +302,7 @@ class StageWorker:
                 for frame in prompts:
                     self._queue.remove(frame)
             else:
-                prompts = [self._slice(others[0], most)]
+                prompts = [self._slice(others[0], most, MIN_BESIDE if decodes else MIN_SLICE)]
         for frame in decodes:
             self._queue.remove(frame)
         self._arrivals.ran([f.session for f in decodes])
@@ -328,7 +332,7 @@ class StageWorker:
         """Prompt rows that cost about one more decode batch here (None: not measured)."""
         if not self.row_ms:
             return None
-        return max(MIN_SLICE, round(self.step_ms / self.row_ms))
+        return max(MIN_BESIDE, round(self.step_ms / self.row_ms))
 
     def _busy_rows(self) -> int:
         """Prompt rows to run beside decode steps: a slice, the least one before it is measured."""
@@ -349,7 +353,8 @@ class StageWorker:
         room = int(((due - now) * 1000 - self.step_ms) / self.row_ms)
         # No more than a slice even so: a row costs more as the prompt's context grows, and
         # the rhythm the steps are due by is a guess. Waited for until a pass after it is due.
-        return max(0, min(room, self._busy_rows())), max(due - now, 0.0) + self.step_ms / 1000
+        most = min(room, max(self._busy_rows(), MIN_SLICE))
+        return max(0, most), max(due - now, 0.0) + self.step_ms / 1000
 
     def _hold(self, waiting: set[str]) -> float:
         """Seconds to hold a decode batch: at most one decode pass's time in all, what the
@@ -363,18 +368,19 @@ class StageWorker:
             self.holds += 1
         return hold
 
-    def _slice(self, frame: StepFrame, most: int | None) -> StepFrame:
+    def _slice(self, frame: StepFrame, most: int | None, least: int) -> StepFrame:
         """Take `frame`, or its first `most` rows (beside decode steps, or before some are
-        due), or a slice's when other sessions may be decoding here (they would wait for the
-        whole of it); the rest stays in the queue, in its place."""
+        due), or a pass's worth when other sessions may be decoding here (they would wait for
+        the whole of it); the rest stays in the queue, in its place. A cut of fewer than
+        `least` rows takes the whole frame."""
         total = frame.tensor.shape[0]
         keep = len(frame.draft) + 1  # the rows sampled stay together, in the last slice
         cut = total - keep
         if most is not None:
             cut = min(cut, most)
         elif (rows_ := self._slice_rows()) and len(self.shard.sessions) > 1:
-            cut = min(cut, rows_)
-        if cut < MIN_SLICE or cut >= total - keep:
+            cut = min(cut, max(rows_, MIN_SLICE))
+        if cut < least or cut >= total - keep:
             self._queue.remove(frame)
             return frame
         head = replace(frame, tensor=rows(frame.tensor, 0, cut), sample=False, draft=())
@@ -420,11 +426,17 @@ class StageWorker:
         ms = seconds * 1000
         prompts = [f for f in batch if not _one_token(f)]
         prompt_rows = sum(f.tensor.shape[0] for f in prompts)
+        logger.debug(
+            "pass: %d decode steps, %d prompt rows, %.1f ms",
+            len(batch) - len(prompts),
+            prompt_rows,
+            ms,
+        )
         if decode:  # prefills take longer per step: they would hide the decode time
             self.step_ms = _moved(self.step_ms, ms)
             self.pass_ms[len(batch)] = _moved(self.pass_ms.get(len(batch), 0.0), ms)
             self.passes[len(batch)] += 1
-        elif self.step_ms and prompt_rows >= MIN_SLICE:
+        elif self.step_ms and prompt_rows >= MIN_BESIDE:
             # A pass with a prompt's rows costs what its decode steps (or one, for the
             # weights' reading) would, plus the rows: what slices are cut by.
             steps = len(batch) - len(prompts)

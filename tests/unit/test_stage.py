@@ -143,6 +143,36 @@ async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Pat
         assert got[f"s{i}"] == alone(tiny_model, prompt, frame)
 
 
+async def test_a_slice_beside_decode_steps_costs_one_decode_pass_even_under_16_rows(
+    tiny_model: Path,
+) -> None:
+    """Where a prompt row costs an eighth of a decode pass (a slow stage late in a long
+    prompt), the slice beside the decode steps holds 8 rows, not a pass of prompts' least:
+    the steps pay for the weights, the rows are all the slice adds."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    for i, prompt in enumerate(PROMPTS):
+        shard.prefill(f"s{i}", torch.tensor(prompt))
+    got: dict[str, tuple[int, ...]] = {}
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        assert isinstance(frame, TokenFrame)
+        got[frame.session] = frame.tokens
+
+    held: list[int] = []  # the long prompt's rows in the cache after each pass
+
+    def observe(_n: int, _s: float, _d: bool) -> None:
+        held.append(shard.cache_length("long") if "long" in shard.sessions else 0)
+
+    worker = StageWorker(shard, EPOCH, None, send, observe)
+    worker.step_ms, worker.row_ms = 2.0, 0.25
+    long = [(7 * i) % 50 + 1 for i in range(40)]
+    frames = [step("long", 0, long, ())]
+    frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
+    await run(worker, frames, got)
+    assert held[0] == 8
+    assert got["long"] == greedy(tiny_model, long, 1)
+
+
 async def test_the_next_batch_runs_while_the_last_is_sent(tiny_model: Path) -> None:
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS[:2]):
