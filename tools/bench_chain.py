@@ -180,6 +180,7 @@ def running(
 def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dict[str, Any]:
     with running(peers, {2: "450MB", 3: "300MB"}[peers], logs, threads) as procs:
         url = procs[0].url
+        stages = procs[0].status()["plan"]["stages"]
         before = stage_counts(procs)
         one = [ask(url, tokens)["meshshard"] for _ in range(repeats)]
         after = stage_counts(procs)
@@ -189,6 +190,7 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
             # Where a lone answer's time goes: each stage's passes (wall, and the CPU
             # of the thread that ran them), per pass, prompts included.
             "one_passes": [per_pass(b, a) for b, a in zip(before, after, strict=True)],
+            "cuts": [s["start"] for s in stages] + [stages[-1]["end"]],
         }
         for sessions in (1, 4, 8):
             results: list[dict] = []
@@ -212,6 +214,14 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
             per_pass(b, a)["rows_per_pass"] for b, a in zip(before, after, strict=True)
         ]
         return out
+
+
+def floor(cuts: list[int], tokens: int, repeats: int) -> float:
+    """Tokens/s of the floor under any chain of three processes on this machine: the 3-peer
+    plan's shards in a ring of pipes, nothing of the mesh (tools/bench_layers.py)."""
+    from bench_layers import pipe_chain
+
+    return 1000 / statistics.median(pipe_chain("fused", tokens, cuts)[1] for _ in range(repeats))
 
 
 def per_pass(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -254,14 +264,6 @@ def main() -> None:
         name = f"single, {t} thread{'s' * (t > 1)}"
         print(f"{name:<22} {rate:>16.1f} {rate / local_rate:>6.2f} {ttft:>7.3f}", flush=True)
         groups[name] = {"1 session": rate}
-    # The floor under any chain of three processes on this machine: the same shards as the
-    # 3-peer plan in a ring of pipes, nothing of the mesh (tools/bench_layers.py).
-    from bench_layers import pipe_chain
-
-    ring = 1000 / statistics.median(
-        pipe_chain("fused", args.tokens)[1] for _ in range(args.repeats)
-    )
-    print(f"{'3 processes, pipes':<22} {ring:>16.1f} {ring / local_rate:>6.2f}", flush=True)
     batches: list[str] = []
     passes: list[str] = []
     with tempfile.TemporaryDirectory() as logs:
@@ -276,6 +278,9 @@ def main() -> None:
                 flush=True,
             )
             groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
+            if (peers, threads) == (3, 1):
+                ring, cuts = floor(r["cuts"], args.tokens, args.repeats), r["cuts"]
+                print(f"{'3 processes, pipes':<22} {ring:>16.1f} {ring / local_rate:>6.2f}")
             batches.append(f"{name}: " + ", ".join(f"{b:.2f}" for b in r["mean_batch_8"]))
             passes.append(
                 f"{name}: {1000 / r['tokens_per_s']:.1f} ms a token; passes "
@@ -286,7 +291,8 @@ def main() -> None:
             )
         print("rows per forward pass with 8 answers at once, stage by stage:", "; ".join(batches))
         print(f"one answer, stage by stage (single process, 1 thread: {1000 / local_rate:.1f} "
-              f"ms a token; 3 processes in a ring of pipes: {1000 / ring:.1f}):",
+              f"ms a token; 3 processes in a ring of pipes, units cut at "
+              f"{', '.join(map(str, cuts))}: {1000 / ring:.1f}):",
               "; ".join(passes))  # fmt: skip
         print(
             "activation bytes per token per hop: 2304 (float32, hidden 576); "

@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +41,16 @@ import torch.nn.functional as F  # noqa: E402
 from meshshard.model import fused  # noqa: E402
 from meshshard.model.shard import Shard  # noqa: E402
 
-CUTS = (0, 8, 21, 32)  # the plan bench_chain's 3 peers get
+CUTS = (0, 8, 21, 32)  # a 3-peer plan of bench_chain's (the one it got on profiles of v7)
 PROMPT = list(range(100, 130))
 MODES = ("transformers", "fused")
 BATCH_ROWS = (1, 2, 4, 8)
 
 
-def model_dir() -> Path:
-    from meshshard.config import Config
-    from meshshard.model.source import resolve_model
-
-    config = Config()
-    return resolve_model(config.model, config.cache_dir)
-
-
 def load(start: int, end: int, mode: str) -> Shard:
-    return Shard.load(model_dir(), start, end, fuse=mode == "fused")
+    from bench_chain import embedded_model
+
+    return Shard.load(embedded_model(), start, end, fuse=mode == "fused")
 
 
 def decode(shards: list[Shard], tokens: int) -> tuple[list[list[float]], list[int]]:
@@ -111,11 +106,11 @@ def products_alone(shard: Shard, tokens: int) -> float:
     return statistics.median(times) * 1e3 / len(shard.layers)
 
 
-def stage(index: int, mode: str, rfd: int, wfd: int, tokens: int) -> None:
+def stage(index: int, mode: str, rfd: int, wfd: int, tokens: int, cuts: Sequence[int]) -> None:
     """One process of the ring: read a step, run its shard, pass the result on; the last
     stage's token goes straight back to the first, as in a mesh. Prints the median pass CPU
     (ms), and at the last stage the ms a token, once the ring stops."""
-    shard = load(CUTS[index], CUTS[index + 1], mode)
+    shard = load(cuts[index], cuts[index + 1], mode)
     reader, writer = os.fdopen(rfd, "rb", buffering=0), os.fdopen(wfd, "wb", buffering=0)
     times: list[float] = []
     stamps: list[float] = []
@@ -156,14 +151,15 @@ def _read(reader: Any, n: int) -> bytes:
     return data
 
 
-def pipe_chain(mode: str, tokens: int) -> tuple[list[float], float]:
-    """Three stage processes in a ring of pipes, this one only starting it: each stage's
-    median pass CPU (ms), and ms a token."""
+def pipe_chain(mode: str, tokens: int, cuts: Sequence[int] = CUTS) -> tuple[list[float], float]:
+    """Three stage processes in a ring of pipes, each the units between two `cuts`, this one
+    only starting it: each stage's median pass CPU (ms), and ms a token."""
     pipes = [os.pipe() for _ in range(3)]  # into stage 0, 1, 2
     ends = [(pipes[k][0], pipes[(k + 1) % 3][1]) for k in range(3)]  # each stage's in, out
+    at = ",".join(map(str, cuts))
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--stage", str(k), mode, *map(str, fds), str(tokens)],
+            [sys.executable, __file__, "--stage", str(k), mode, *map(str, fds), str(tokens), at],
             pass_fds=fds, stdout=subprocess.PIPE, text=True,
         )
         for k, fds in enumerate(ends)
@@ -183,12 +179,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--stage", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.stage:
-        index, mode, rfd, wfd, tokens = args.stage
-        stage(int(index), mode, int(rfd), int(wfd), int(tokens))
+        index, mode, rfd, wfd, tokens, cuts = args.stage
+        stage(int(index), mode, int(rfd), int(wfd), int(tokens), [int(c) for c in cuts.split(",")])
         return
     whole = {m: [load(0, 32, m)] for m in MODES}
     split = {m: [load(a, b, m) for a, b in itertools.pairwise(CUTS)] for m in MODES}
