@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from meshshard.model import fused  # noqa: E402
+from meshshard.model.products import LINEAR, ROWS, Product  # noqa: E402
 from meshshard.model.shard import Shard  # noqa: E402
 
 CUTS = (0, 8, 21, 32)  # a 3-peer plan of bench_chain's (the one it got on profiles of v7)
@@ -51,6 +51,13 @@ def load(start: int, end: int, mode: str) -> Shard:
     from bench_chain import embedded_model
 
     return Shard.load(embedded_model(), start, end, fuse=mode == "fused")
+
+
+def all_products(shard: Shard) -> list[Product]:
+    """The products of a shard's fused layers, and its head's."""
+    out = [p for f in shard._fused if f is not None for p in (f.qkv, f.o, f.gate_up, f.down)]
+    head = getattr(shard.lm_head, "product", None)
+    return out + ([head] if isinstance(head, Product) else [])
 
 
 def decode(shards: list[Shard], tokens: int) -> tuple[list[list[float]], list[int]]:
@@ -202,16 +209,17 @@ def main() -> None:
             got.setdefault("pipes", []).append(sum(passes))
             got.setdefault("pipes_token", []).append(per_token)
     products = products_alone(whole["fused"][0], args.tokens)
-    # Passes of several rows, with the joined products for every row count too (what the
-    # fused layers would do without their limit).
-    wide: dict[str, dict[int, list[float]]] = {m: {} for m in (*MODES, "fused, joined")}
+    # Passes of several rows, with every product through torch's linear too (what the fused
+    # layers would do without the forms chosen at load).
+    wide: dict[str, dict[int, list[float]]] = {m: {} for m in (*MODES, "fused, linear")}
+    chosen = {id(p): p.forms for p in all_products(whole["fused"][0])}
     for _ in range(args.repeats):
         for name in wide:
-            fused.JOINED_ROWS = 1 << 30 if name == "fused, joined" else 2
             shard = whole["transformers" if name == "transformers" else "fused"][0]
+            for p in all_products(whole["fused"][0]):
+                p.forms = (LINEAR,) * len(ROWS) if name == "fused, linear" else chosen[id(p)]
             for n in BATCH_ROWS:
                 wide[name].setdefault(n, []).append(batched(shard, n))
-    fused.JOINED_ROWS = 2
     med = {m: {k: statistics.median(v) for k, v in rows[m].items()} for m in MODES}
     print(f"# SmolLM2-135M float32, 1 thread, {args.tokens} tokens after a {len(PROMPT)}-token "
           f"prompt; medians of {args.repeats} runs in turns; pass CPU in ms")  # fmt: skip

@@ -8,9 +8,8 @@ joined one, so nothing is held twice), q and k rotate in one call, and norms and
 go straight to torch: 49.7-50.0 ms a token, the same greedy tokens (tests compare with
 transformers' model).
 
-A joined product pays for one or two rows; for more, this CPU's BLAS runs the joined matrix
-slower than its parts (docs/benchmarks/layers.txt, passes of 4 and 8 rows), so those take
-the parts, still views of the one matrix.
+Each product runs in the form its shard chose for the pass's rows (meshshard.model.products:
+for 4 to 12 rows this CPU's BLAS runs a matrix faster a block of its rows at a time).
 
 Only a plain Llama layer qualifies (no biases, SiLU, unquantized weights); any other runs
 transformers' own code.
@@ -24,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshshard.model import rowcache
-
-JOINED_ROWS = 2
+from meshshard.model import products, rowcache
+from meshshard.model.products import BLOCKED, LINEAR, PARTS, Product
 
 
 def fuse(layer: Any, config: Any) -> FusedLayer | None:
@@ -57,20 +55,14 @@ class FusedLayer:
         self.kv_heads = config.num_key_value_heads
         self.head_dim: int = attn.head_dim
         self.scaling: float = attn.scaling
-        self.qkv, self.qkv_parts = _join(attn, ("q_proj", "k_proj", "v_proj"))
-        self.gate_up, self.gate_up_parts = _join(mlp, ("gate_proj", "up_proj"))
-        self.o: torch.Tensor = attn.o_proj.weight
-        self.down: torch.Tensor = mlp.down_proj.weight
+        self.qkv = _join(attn, ("q_proj", "k_proj", "v_proj"))
+        self.gate_up = _join(mlp, ("gate_proj", "up_proj"))
+        self.o = Product(attn.o_proj.weight.detach())
+        self.down = Product(mlp.down_proj.weight.detach())
         self.norms: list[tuple[torch.Tensor, float]] = [
             (n.weight, n.variance_epsilon)
             for n in (layer.input_layernorm, layer.post_attention_layernorm)
         ]
-
-    @staticmethod
-    def _product(x: torch.Tensor, joined: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-        if x.shape[1] <= JOINED_ROWS:
-            return F.linear(x, joined)
-        return torch.cat([F.linear(x, p) for p in parts], dim=-1)
 
     def __call__(
         self,
@@ -85,29 +77,34 @@ class FusedLayer:
         b, n, _ = h.shape
         heads, kv = self.heads, self.kv_heads
         x = _rms_norm(h, *self.norms[0])
-        qkv = self._product(x, self.qkv, self.qkv_parts)
+        qkv = self.qkv(x)
         qkv = qkv.view(b, n, heads + 2 * kv, self.head_dim).transpose(1, 2)
         qk = _rotate(qkv[:, : heads + kv], cos, sin)
         keys, values = cache.update(qk[:, heads:], qkv[:, heads + kv :], self.layer_idx)
         out = rowcache.attend(qk[:, :heads], keys, values, mask, self.scaling)
-        h = h + F.linear(out.reshape(b, n, heads * self.head_dim), self.o)
+        h = h + self.o(out.reshape(b, n, heads * self.head_dim))
         x = _rms_norm(h, *self.norms[1])
-        gate, up = self._product(x, self.gate_up, self.gate_up_parts).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up)
 
 
-def _join(module: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One matrix of the named linears' weights stacked; each linear keeps a view of its rows
-    (returned too)."""
+def choose_products(layers: list[FusedLayer]) -> None:
+    """Time the forms of the layers' products, all of a shape together (once a process)."""
+    products.choose([p for f in layers for p in (f.qkv, f.gate_up)], (LINEAR, PARTS, BLOCKED))
+    products.choose([p for f in layers for p in (f.o, f.down)])
+
+
+def _join(module: nn.Module, names: tuple[str, ...]) -> Product:
+    """The product of one matrix of the named linears' weights stacked; each linear keeps a
+    view of its rows."""
     joined = torch.cat([getattr(module, n).weight.detach() for n in names])
-    start, parts = 0, []
+    start = 0
     for name in names:
         linear = getattr(module, name)
         rows = linear.weight.shape[0]
         linear.weight = nn.Parameter(joined[start : start + rows], requires_grad=False)
-        parts.append(linear.weight)
         start += rows
-    return joined, parts
+    return Product(joined, [getattr(module, n).weight.shape[0] for n in names])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

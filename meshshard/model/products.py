@@ -1,21 +1,32 @@
-"""The output head's product for a few rows, in the form this CPU runs faster.
+"""Matrix products of a few rows, in the form this CPU runs fastest for each row count.
 
-torch's linear (x @ Wᵀ) and W @ xᵀ give the same numbers, but for 2-16 rows a CPU's BLAS may
-run one of them as a slow general product, and which one depends on the host: one machine
-ran SmolLM2's head 2.07x slower for 2 rows than for one through linear and 1.07x through
-W @ xᵀ; another, later, 1.06x through linear and 3.31x through W @ xᵀ (`tools/bench_head.py`,
-docs/benchmarks/head*.txt). So a shard that holds the head times both forms at load, once
-per process, and batched passes use the faster. One row, and prompt chunks of more rows than
-measured, keep torch's linear; so does every other device. The decoder layers' matrices keep
-torch's linear: chosen the same way they made whole passes no faster (8 rows: 117.5 vs
-119.0 ms; 4 rows: 92.7 vs 87.5 ms), though each product alone was.
+The three forms give the same numbers (each output is the same dot product over the input),
+but a CPU's BLAS may run a few rows through one of them as a slow general product, and which
+one depends on the host and the row count:
+
+- linear: torch's x @ Wᵀ;
+- turned: W @ xᵀ; one machine ran SmolLM2's head 2.07x slower for 2 rows than for one
+  through linear and 1.07x through W @ xᵀ; another, later, 1.06x through linear and 3.31x
+  through W @ xᵀ (`tools/bench_head.py`, docs/benchmarks/head*.txt);
+- blocked: linear on BLOCK output rows of W at a time, joined. On this project's test host
+  linear reads W about once for every few rows of x past three (4 rows cost 2x one row, 8
+  rows 3x, hot in cache or not), so a block small enough to stay in a core's L2 is read
+  from there the second time: SmolLM2's 30 gate/up matrices took 42.7 ms for 8 rows
+  through linear, 27.6 blocked, and whole passes of 8 rows 119-121 ms against 94-104
+  (docs/benchmarks/layers.txt).
+
+So a shard times the forms at load, once per process and shape, over all of its matrices of
+that shape at once (a pass reads each once; timing one matrix again and again would find it
+in cache), and passes of a few rows use the fastest. One row, and prompt chunks of more rows
+than timed, keep linear, as does every other device.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 import torch
@@ -23,58 +34,114 @@ import torch.nn.functional as F
 from torch import nn
 
 ROWS = (2, 3, 4, 6, 8, 12, 16)  # row counts timed; others use the next count below
-FASTER = 0.9  # W @ xᵀ is used where it takes at most this share of linear's time
-REPEATS = 2  # the fastest of these runs counts: other work on the host only adds time
+LINEAR, TURNED, BLOCKED, PARTS = "linear", "turned", "blocked", "parts"
+FORMS = (LINEAR, TURNED, BLOCKED)
+BLOCK = 128  # rows of W a blocked product takes at a time (295 KB of float32 at 576 inputs)
+FASTER = 0.9  # another form is used where it takes at most this share of linear's time
+RUNS = 3  # of each form, in turns; the fastest counts (other work on the host only adds time)
+# A shape is timed over its first matrices holding this much (all, if fewer): more than a
+# core's L2, as a pass reads them, in a fraction of the time all of them would take.
+SWEEP_BYTES = 8 * 2**20
 
 Timer = Callable[[Callable[[], object]], float]
-_chosen: dict[tuple[tuple[int, ...], torch.dtype, int], tuple[bool, ...]] = {}
+_chosen: dict[tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]], tuple[str, ...]] = {}
 
 
-def _fastest(fn: Callable[[], object]) -> float:
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return time.perf_counter() - start
 
 
-def transposed_rows(weight: torch.Tensor, timer: Timer = _fastest) -> tuple[bool, ...]:
-    """For each count in ROWS, whether W @ xᵀ beats linear for this weight's shape here."""
-    key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
-    if key not in _chosen:
-        with torch.inference_mode():
-            chosen = []
-            for n in ROWS:
-                x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
-                linear = timer(partial(F.linear, x, weight))
-                transposed = timer(partial(torch.matmul, weight, x.T))
-                chosen.append(transposed <= FASTER * linear)
-        _chosen[key] = tuple(chosen)
-    return _chosen[key]
+class Product:
+    """x @ Wᵀ for one weight W [out, in], in the form chosen for x's row count."""
 
+    __slots__ = ("_splits", "forms", "weight")
 
-class RowsLinear(nn.Linear):
-    """nn.Linear (no bias) that runs `rows` rows as W @ xᵀ where `transposed` says so."""
+    def __init__(self, weight: torch.Tensor, parts: Sequence[int] = ()) -> None:
+        """`parts`: the row counts of the matrices W joins, if any (a form runs them apart)."""
+        self.weight = weight
+        self.forms: tuple[str, ...] = (LINEAR,) * len(ROWS)
+        # Views of W's rows, for the forms that run it piece by piece: nothing is held twice.
+        self._splits = {BLOCKED: list(weight.split(BLOCK))}
+        if parts:
+            self._splits[PARTS] = list(weight.split(list(parts)))
 
-    transposed: tuple[bool, ...] = (False,) * len(ROWS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        i = bisect.bisect_right(ROWS, rows) - 1
-        if i >= 0 and rows <= ROWS[-1] and self.transposed[i]:
-            flat = x.reshape(rows, x.shape[-1])
-            return (self.weight @ flat.T).T.reshape(*x.shape[:-1], self.weight.shape[0])
+        if rows < ROWS[0] or rows > ROWS[-1]:
+            return F.linear(x, self.weight)
+        form = self.forms[bisect.bisect_right(ROWS, rows) - 1]
+        if form == LINEAR:
+            return F.linear(x, self.weight)
+        flat = x.reshape(rows, x.shape[-1])
+        return self.run(form, flat).reshape(*x.shape[:-1], self.weight.shape[0])
+
+    def run(self, form: str, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] through `form`."""
+        if form == TURNED:
+            return (self.weight @ x.T).T
+        if form in self._splits:
+            return torch.cat([F.linear(x, w) for w in self._splits[form]], dim=-1)
         return F.linear(x, self.weight)
 
 
-def choose_products(
-    modules: Iterable[nn.Module | None], device: torch.device, timer: Timer = _fastest
+def _sweep(form: str, x: torch.Tensor, products: Sequence[Product]) -> None:
+    for p in products:
+        p.run(form, x)
+
+
+def choose(
+    products: Iterable[Product], forms: Sequence[str] = (LINEAR, BLOCKED), timer: Timer = _seconds
 ) -> None:
-    """Give the plain (unquantized, bias-free) linear layers in `modules` the faster form."""
+    """Give each product the fastest of `forms` per row count for its weight's shape here,
+    timing each shape once per process over `products` of that shape. (W @ xᵀ is left out
+    unless asked for: chosen for decoder layers this way, it made whole passes no faster,
+    though each product alone was.)"""
+    by_shape: dict[tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]], list[Product]]
+    by_shape = defaultdict(list)
+    for p in products:
+        w = p.weight
+        by_shape[(tuple(w.shape), w.dtype, torch.get_num_threads(), tuple(forms))].append(p)
+    for key, same in by_shape.items():
+        if key not in _chosen:
+            _chosen[key] = _fastest_forms(same, forms, timer)
+        for p in same:
+            p.forms = _chosen[key]
+
+
+@torch.inference_mode()
+def _fastest_forms(same: list[Product], forms: Sequence[str], timer: Timer) -> tuple[str, ...]:
+    weight = same[0].weight
+    timed = same[: max(1, SWEEP_BYTES // (weight.numel() * weight.element_size()))]
+    chosen = []
+    for n in ROWS:
+        x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
+        took = dict.fromkeys(forms, float("inf"))
+        for _ in range(RUNS):  # in turns: a form timed first would pay for the others' warm-up
+            for form in forms:
+                took[form] = min(took[form], timer(partial(_sweep, form, x, timed)))
+        best = min(forms, key=took.__getitem__)
+        chosen.append(best if took[best] <= FASTER * took[LINEAR] else LINEAR)
+    return tuple(chosen)
+
+
+class RowsLinear(nn.Linear):
+    """nn.Linear (no bias) whose product runs in the form chosen for its row count."""
+
+    product: Product
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x)
+
+
+def choose_products(
+    modules: Iterable[nn.Module | None], device: torch.device, timer: Timer = _seconds
+) -> None:
+    """Give the plain (unquantized, bias-free) linear layers in `modules` the faster forms."""
     if device.type != "cpu":
         return
+    chosen: list[Product] = []
     for module in modules:
         if module is None:
             continue
@@ -84,4 +151,6 @@ def choose_products(
             if linear.bias is None and type(linear.weight.data) is torch.Tensor:
                 linear.__class__ = RowsLinear
                 assert isinstance(linear, RowsLinear)
-                linear.transposed = transposed_rows(linear.weight, timer)
+                linear.product = Product(linear.weight.data)
+                chosen.append(linear.product)
+    choose(chosen, FORMS, timer)

@@ -74,12 +74,13 @@ class DeviceProfile:
 
 
 # Bumped when the way of measuring changes, or what is measured runs differently (batched
-# passes: 7, row attention and the head's product form timed at load; fused Llama layers: 8),
+# passes: 7, row attention and the head's product form timed at load; fused Llama layers: 8;
+# every product's form timed at load, blocked products: 9),
 # so profiles kept from before are measured again. (lan-3's profiles of version 6, kept from
 # before those changes, priced 4-row passes on its desk at 61 ms where they then took 41; its
 # version 7, from before the fused layers, 3.8-row passes on its laptop at 111 where they
 # took 129, lan-3 run 15.)
-VERSION = 8
+VERSION = 9
 SUSTAIN_SECONDS = 0.6
 BATCH_REPEATS = 3
 BATCH_CONTEXT = 16  # positions of each batched session: weights, not attention, dominate

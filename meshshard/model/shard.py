@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from meshshard.errors import MeshShardError
-from meshshard.model import fused, rowcache
+from meshshard.model import fused, products, rowcache
 from meshshard.model.kvcache import KVCache
-from meshshard.model.products import choose_products
 from meshshard.model.quantize import check_quantize, quantize_layers, tensor_bytes
 from meshshard.model.source import model_name
 from meshshard.model.spec import ModelSpec
@@ -67,6 +66,8 @@ class Shard:
         self.layer_ids = tuple(_layer_index(layer) for layer in layers)
         # transformers' own layers where fuse is False (to compare) or a layer is not plain.
         self._fused = [fused.fuse(layer, config) if fuse else None for layer in layers]
+        if self.device.type == "cpu":
+            fused.choose_products([f for f in self._fused if f is not None])
         self._sessions: dict[str, KVCache] = {}
 
     @classmethod
@@ -127,7 +128,7 @@ class Shard:
         for module in (embed, norm, lm_head, rotary):
             if module is not None:
                 module.to(target).eval()
-        choose_products([lm_head], target)
+        products.choose_products([lm_head], target)
         return cls(
             spec, start, end, config, embed, layers, norm, lm_head, rotary, torch_dtype, target,
             quantize, fuse,

@@ -1,4 +1,4 @@
-"""The head's product form: chosen by timing both on this device, equal in value either way."""
+"""Products of a few rows: each form chosen by timing on this device, equal in value to linear."""
 
 from __future__ import annotations
 
@@ -11,18 +11,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshshard.model import products
-from meshshard.model.products import ROWS, RowsLinear, choose_products
+from meshshard.model.products import (
+    BLOCKED,
+    FORMS,
+    LINEAR,
+    PARTS,
+    ROWS,
+    TURNED,
+    Product,
+    RowsLinear,
+    choose,
+    choose_products,
+)
+
+Timer = Callable[[Callable[[], object]], float]
 
 
-def fake_timer(transposed_wins: set[int]) -> Callable[[Callable[[], object]], float]:
-    """Times as if W @ xᵀ took half of linear's time for these row counts, twice otherwise."""
+def fake_timer(wins: dict[int, str], seen: list[tuple[str, int, int]] | None = None) -> Timer:
+    """Times as if the form `wins[rows]` took half of linear's time and the others twice."""
 
     def timer(fn: Callable[[], object]) -> float:
         assert isinstance(fn, partial)
-        if fn.func is F.linear:
+        form, x, timed = fn.args
+        if seen is not None:
+            seen.append((form, x.shape[0], len(timed)))
+        if form == LINEAR:
             return 1.0
-        rows = fn.args[1].shape[1]
-        return 0.5 if rows in transposed_wins else 2.0
+        return 0.5 if wins.get(x.shape[0]) == form else 2.0
 
     return timer
 
@@ -32,30 +47,91 @@ def fresh_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(products, "_chosen", {})
 
 
-def test_the_faster_form_is_chosen_per_row_count_and_remembered_per_shape() -> None:
+def test_the_fastest_form_is_chosen_per_row_count_and_remembered_per_shape() -> None:
     head, other = nn.Linear(40, 30, bias=False), nn.Linear(40, 30, bias=False)
-    choose_products([head], torch.device("cpu"), fake_timer({4, 8}))
+    choose_products([head], torch.device("cpu"), fake_timer({4: TURNED, 8: BLOCKED}))
     assert isinstance(head, RowsLinear)
-    assert head.transposed == tuple(n in (4, 8) for n in ROWS)
-    choose_products([other], torch.device("cpu"), fake_timer(set()))  # not timed again
-    assert isinstance(other, RowsLinear) and other.transposed == head.transposed
+    want = tuple({4: TURNED, 8: BLOCKED}.get(n, LINEAR) for n in ROWS)
+    assert head.product.forms == want
+    choose_products([other], torch.device("cpu"), fake_timer({}))  # not timed again
+    assert isinstance(other, RowsLinear) and other.product.forms == want
+
+
+def test_a_form_only_a_little_faster_than_linear_is_not_taken() -> None:
+    p = Product(torch.randn(30, 40))
+    choose([p], (LINEAR, BLOCKED), lambda fn: 0.95 if fn.args[0] == BLOCKED else 1.0)
+    assert p.forms == (LINEAR,) * len(ROWS)
+
+
+def test_a_shape_is_timed_over_its_matrices_up_to_the_sweep_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass reads each matrix once: timing one again and again would find it in cache. The
+    sweep takes as many as SWEEP_BYTES hold, in turns form by form, and all get the choice."""
+    monkeypatch.setattr(products, "SWEEP_BYTES", 3 * 30 * 40 * 4)
+    many = [Product(torch.randn(30, 40)) for _ in range(5)]
+    seen: list[tuple[str, int, int]] = []
+    choose(many, (LINEAR, BLOCKED), fake_timer({3: BLOCKED}, seen))
+    assert {n for _, _, n in seen} == {3}
+    assert [f for f, rows, _ in seen if rows == ROWS[0]] == [LINEAR, BLOCKED] * products.RUNS
+    assert all(p.forms == many[0].forms for p in many)
+    assert many[0].forms[ROWS.index(3)] == BLOCKED
 
 
 def test_layers_with_a_bias_and_other_devices_keep_torchs_linear() -> None:
     biased, elsewhere = nn.Linear(40, 30), nn.Linear(40, 30, bias=False)
-    choose_products([biased], torch.device("cpu"), fake_timer({2}))
-    choose_products([elsewhere], torch.device("meta"), fake_timer({2}))
+    choose_products([biased], torch.device("cpu"), fake_timer({2: TURNED}))
+    choose_products([elsewhere], torch.device("meta"), fake_timer({2: TURNED}))
     assert type(biased) is nn.Linear and type(elsewhere) is nn.Linear
 
 
-@pytest.mark.parametrize("shape", [(1, 40), (3, 40), (2, 3, 40), (5, 1, 40), (40, 40)])
-def test_both_forms_give_linears_values(shape: tuple[int, ...]) -> None:
-    plain = nn.Linear(40, 30, bias=False)
+@pytest.mark.parametrize("shape", [(1, 40), (3, 40), (2, 3, 40), (5, 1, 40), (9, 40), (40, 40)])
+def test_every_form_gives_linears_values(shape: tuple[int, ...]) -> None:
+    weight = torch.randn(300, 40)  # not a multiple of BLOCK: the last block is shorter
     x = torch.randn(shape)
-    want = plain(x)
-    for wins in (set(ROWS), set()):
-        layer = nn.Linear(40, 30, bias=False)
-        layer.weight = plain.weight
-        products._chosen.clear()
-        choose_products([layer], torch.device("cpu"), fake_timer(wins))
-        torch.testing.assert_close(layer(x), want)
+    want = F.linear(x, weight)
+    for form in (*FORMS, PARTS):
+        p = Product(weight, parts=(100, 150, 50))
+        p.forms = (form,) * len(ROWS)
+        torch.testing.assert_close(p(x), want)
+
+
+def test_a_shards_fused_layers_share_one_choice_per_shape(tiny_llama_shard: object) -> None:
+    layers = [f for f in tiny_llama_shard._fused if f is not None]  # type: ignore[attr-defined]
+    assert len(layers) > 1
+    for kind in ("qkv", "o", "gate_up", "down"):
+        mine = [getattr(f, kind) for f in layers]
+        key = next(k for k in products._chosen if k[0] == tuple(mine[0].weight.shape))
+        assert all(p.forms == products._chosen[key] for p in mine)
+    assert (
+        PARTS in next(k for k in products._chosen if k[0] == tuple(layers[0].qkv.weight.shape))[3]
+    )
+
+
+@pytest.fixture
+def tiny_llama_shard(tiny_llama: object) -> object:
+    from meshshard.model.shard import Shard
+
+    return Shard.load(tiny_llama, 1, 4)  # type: ignore[arg-type]  # layers only
+
+
+def test_fused_layers_give_the_same_rows_whatever_the_forms(tiny_llama_shard: object) -> None:
+    """A packed pass of several sessions gives the same numbers through every form."""
+    shard = tiny_llama_shard
+    layers = [f for f in shard._fused if f is not None]  # type: ignore[attr-defined]
+    hidden = layers[0].qkv.weight.shape[1]
+    rows = [
+        torch.randn(n, hidden, generator=torch.Generator().manual_seed(n)) for n in (1, 3, 2, 1)
+    ]
+    out = {}
+    for form in (LINEAR, PARTS, BLOCKED):
+        for f in layers:
+            for p in (f.qkv, f.gate_up):
+                p.forms = (form,) * len(ROWS)
+            for p in (f.o, f.down):
+                p.forms = (BLOCKED if form == BLOCKED else LINEAR,) * len(ROWS)
+        sessions = [f"{form}-{i}" for i in range(len(rows))]
+        out[form] = shard.decode_batch(sessions, rows)  # type: ignore[attr-defined]
+    for form in (PARTS, BLOCKED):
+        for got, want in zip(out[form], out[LINEAR], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
