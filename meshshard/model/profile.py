@@ -76,12 +76,12 @@ class DeviceProfile:
 # Bumped when the way of measuring changes, or what is measured runs differently (batched
 # passes: 7, row attention and the head's product form timed at load; fused Llama layers: 8;
 # every product's form timed at load, blocked products: 9; batches at the profile's context
-# rather than 16 positions: 10),
+# rather than 16 positions: 10; batched passes by CPU time on a CPU: 11),
 # so profiles kept from before are measured again. (lan-3's profiles of version 6, kept from
 # before those changes, priced 4-row passes on its desk at 61 ms where they then took 41; its
 # version 7, from before the fused layers, 3.8-row passes on its laptop at 111 where they
 # took 129, lan-3 run 15.)
-VERSION = 10
+VERSION = 11
 SUSTAIN_SECONDS = 0.6
 BATCH_REPEATS = 3
 # The quick profile runs at least this many bytes of distinct decoder layers: more than the
@@ -113,13 +113,14 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
                 position = torch.tensor([context + step])
                 shard.forward(cache, x[-1:], position, lambda u, s: decode[u].append(s))
                 advance(1)
-            sustained = _sustain(shard, cache, x[-1:], context + repeats, decode)
+            clock = _clock(shard)
+            one = _sustain(shard, cache, x[-1:], context + repeats, decode, clock)
             advance(1)
-            # A batch's steps last long enough to show the sustained speed themselves: each
-            # unit takes its share of the shard's batch time in its single-step proportion.
-            for size, seconds in _batched(shard, x, advance).items():
+            # A batch pass costs its shard the share of a step it took by `clock` beside one,
+            # at the sustained speed, shared by the units as their single steps are.
+            for size, took in _batched(shard, x, advance, clock).items():
                 for u in range(shard.start, shard.end):
-                    batch[u, size] = [t * seconds / sustained for t in decode[u]]
+                    batch[u, size] = [t * took / one for t in decode[u]]
             for unit in range(shard.start, shard.end):
                 weights[unit] = shard.unit_weight_bytes(unit)
     return DeviceProfile(
@@ -175,8 +176,18 @@ def cached_quick_profile(model_dir: Path, placement: Placement, folder: Path) ->
     return result
 
 
-def _batched(shard: Shard, x: torch.Tensor, advance: Callable[[int], None]) -> dict[int, float]:
-    """Median seconds of the shard's decode steps of BATCHES sessions at once, by size, each
+def _clock(shard: Shard) -> Callable[[], float]:
+    """What a pass is timed by: CPU time on a CPU, where other work on the host, or a quota's
+    pauses (a cgroup, a slower share of a machine), lengthen a few passes' wall time or not by
+    when they fall (lan-3's desk, a whole core, profiled passes of 4 rows at 39.3 ms and of 8
+    at 39.5 by the wall clock); the wall clock elsewhere."""
+    return time.process_time if shard.device.type == "cpu" else time.perf_counter
+
+
+def _batched(
+    shard: Shard, x: torch.Tensor, advance: Callable[[int], None], clock: Callable[[], float]
+) -> dict[int, float]:
+    """Median `clock` seconds of the shard's decode steps of BATCHES sessions at once, by size, each
     session holding the profile's context: a row's attention to its cache is an eighth to a
     sixth of a pass of 8 to 16 rows on a CPU (SmolLM2's first 17 units on this project's test
     host, sessions of 80 positions against 16: passes of 4 to 16 rows +8-16%)."""
@@ -197,9 +208,9 @@ def _batched(shard: Shard, x: torch.Tensor, advance: Callable[[int], None]) -> d
         inputs = [x[-1:]] * size
         times = []
         for _ in range(BATCH_REPEATS):
-            start = time.perf_counter()
+            start = clock()
             shard.decode_batch(sessions[:size], inputs)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
             advance(1)
         out[size] = statistics.median(times)
     for session in sessions:
@@ -208,20 +219,26 @@ def _batched(shard: Shard, x: torch.Tensor, advance: Callable[[int], None]) -> d
 
 
 def _sustain(
-    shard: Shard, cache: KVCache, x: torch.Tensor, position: int, decode: dict[int, list[float]]
+    shard: Shard,
+    cache: KVCache,
+    x: torch.Tensor,
+    position: int,
+    decode: dict[int, list[float]],
+    clock: Callable[[], float],
 ) -> float:
-    """Scale the shard's unit times to its sustained speed; returns the sustained seconds of
-    one step. Medians of short bursts miss what a CPU quota (a cgroup, a slower share of a
-    machine) takes back over time: steps run back to back for SUSTAIN_SECONDS show it."""
-    steps, start = 0, time.perf_counter()
+    """Scale the shard's unit times to its sustained speed; returns the `clock` seconds of one
+    step meanwhile. Medians of short bursts miss what a CPU quota (a cgroup, a slower share
+    of a machine) takes back over time: steps run back to back for SUSTAIN_SECONDS show it."""
+    steps, start, clocked = 0, time.perf_counter(), clock()
     while (elapsed := time.perf_counter() - start) < SUSTAIN_SECONDS and steps < 2000:
         shard.forward(cache, x, torch.tensor([position + steps]))
         steps += 1
+    clocked = clock() - clocked
     burst = sum(statistics.median(decode[u]) for u in range(shard.start, shard.end))
     scale = (elapsed / steps) / burst if burst > 0 else 1.0
     for u in range(shard.start, shard.end):
         decode[u] = [t * scale for t in decode[u]]
-    return elapsed / steps
+    return clocked / steps
 
 
 def compute_budget() -> str:
