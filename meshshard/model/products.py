@@ -1,24 +1,24 @@
 """Matrix products of a few rows, in the form this CPU runs fastest for each row count.
 
-The three forms give the same numbers (each output is the same dot product over the input),
-but a CPU's BLAS may run a few rows through one of them as a slow general product, and which
-one depends on the host and the row count:
+The forms give the same numbers (each output is the same dot product over the input), but a
+CPU's BLAS may run a few rows through one of them as a slow general product, and which one
+depends on the host, the matrix and the row count:
 
 - linear: torch's x @ Wᵀ;
 - turned: W @ xᵀ; one machine ran SmolLM2's head 2.07x slower for 2 rows than for one
   through linear and 1.07x through W @ xᵀ; another, later, 1.06x through linear and 3.31x
   through W @ xᵀ (`tools/bench_head.py`, docs/benchmarks/head*.txt);
-- blocked: linear on BLOCK output rows of W at a time, joined. On this project's test host
-  linear reads W about once for every few rows of x past three (4 rows cost 2x one row, 8
-  rows 3x, hot in cache or not), so a block small enough to stay in a core's L2 is read
-  from there the second time: SmolLM2's 30 gate/up matrices took 42.7 ms for 8 rows
-  through linear, 27.6 blocked, and whole passes of 8 rows 119-121 ms against 94-104
-  (docs/benchmarks/layers.txt).
+- blocked: linear on BLOCK rows of W at a time, joined. On this project's test host linear
+  costs for 4 to 15 rows as if it read W again for every few rows (8 rows 2.6-2.9x one, W in
+  cache or not), so a block small enough to stay in a core's L2 is read from there the
+  second time: SmolLM2's 30 gate/up matrices took 42.7 ms for 8 rows through linear, 27.6
+  blocked, and whole passes of 8 rows 82-92 ms against 110-112 (docs/benchmarks/layers.txt);
+- parts: a joined matrix (q/k/v, gate/up) as the matrices it joins.
 
-So a shard times the forms at load, once per process and shape, over all of its matrices of
-that shape at once (a pass reads each once; timing one matrix again and again would find it
-in cache), and passes of a few rows use the fastest. One row, and prompt chunks of more rows
-than timed, keep linear, as does every other device.
+So a shard times the forms at load, once per process and shape, over its first SWEEP_BYTES
+of matrices of that shape (a pass reads each once: one matrix timed again and again would be
+found in cache), and passes of a few rows use the fastest. One row, and prompt chunks of more
+rows than timed, keep linear, as does every device but a CPU.
 """
 
 from __future__ import annotations

@@ -187,10 +187,11 @@ def _clock(shard: Shard) -> Callable[[], float]:
 def _batched(
     shard: Shard, x: torch.Tensor, advance: Callable[[int], None], clock: Callable[[], float]
 ) -> dict[int, float]:
-    """Median `clock` seconds of the shard's decode steps of BATCHES sessions at once, by size, each
-    session holding the profile's context: a row's attention to its cache is an eighth to a
-    sixth of a pass of 8 to 16 rows on a CPU (SmolLM2's first 17 units on this project's test
-    host, sessions of 80 positions against 16: passes of 4 to 16 rows +8-16%)."""
+    """Median `clock` seconds of the shard's decode steps of BATCHES sessions at once, by
+    size, each session holding the profile's context: a row's attention to its cache is an
+    eighth to a sixth of a pass of 8 to 16 rows on a CPU (SmolLM2's first 17 units on this
+    project's test host, sessions of 80 positions against 16: passes of 4 to 16 rows
+    +8-16%)."""
     out = {}
     sessions = [f"profile-{i}" for i in range(max(BATCHES))]
     positions = torch.arange(x.shape[0])
