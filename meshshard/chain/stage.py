@@ -4,9 +4,9 @@ decode steps of different sessions into one forward pass, and passes results on.
 Decoding comes first: waiting decode steps run as one batch, with at most one slice of a
 prompt inside it (chunked prefill mixed with decoding, as in Sarathi-Serve: the pass packs
 every session's positions without padding, so the slice costs its own rows and the weights
-are read once for both). A slice is cut to cost about half a decode batch (SLICE_SHARE), so
-an answer that is decoding waits for at most that much more per stage while a long prompt
-goes through.
+are read once for both). A slice is cut to cost about one more decode batch, so an answer
+that is decoding waits for at most that much more per stage while a long prompt goes
+through.
 
 Forward passes run in the model thread so the peer's event loop (gossip, sockets) stays
 responsive, except decode passes short enough to run on the loop itself while that thread is
@@ -59,10 +59,6 @@ MIN_SLICE = 16  # prompt rows a pass of prompts alone holds at least: fewer wast
 # a slow stage a row costs a tenth of a decode pass there, and 16 rows held every answer for
 # two (lan-3's half-core laptop, testbed.md); fewer would spread a prompt over too many passes.
 MIN_BESIDE = 4
-# What a slice beside decode steps may add to their pass, as a share of the pass: a round
-# whose passes all carry one then takes 1 + SLICE_SHARE of the usual, below 3x with room for a
-# pass that runs long (on lan-3 passes of the same rows took 125 and 223 ms, testbed.md).
-SLICE_SHARE = 0.5
 # A decode pass measured at most this long runs on the event loop (worker.run_inline): a probe
 # arriving meanwhile waits for it, well inside probe timeouts (150-200 ms).
 INLINE_MS = 40.0
@@ -333,10 +329,10 @@ class StageWorker:
         return not self.shard.layers or self.shard.cache_length(frame.session) >= frame.start
 
     def _slice_rows(self) -> int | None:
-        """Prompt rows that cost SLICE_SHARE of a decode batch here (None: not measured)."""
+        """Prompt rows that cost about one more decode batch here (None: not measured)."""
         if not self.row_ms:
             return None
-        return max(MIN_BESIDE, round(SLICE_SHARE * self.step_ms / self.row_ms))
+        return max(MIN_BESIDE, round(self.step_ms / self.row_ms))
 
     def _busy_rows(self) -> int:
         """Prompt rows to run beside decode steps: a slice, the least one before it is measured."""

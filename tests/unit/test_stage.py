@@ -130,7 +130,7 @@ async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Pat
 
     sizes: list[int] = []
     worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
-    worker.step_ms, worker.row_ms = 2.0, 0.1  # as measured: a slice of 10 rows
+    worker.step_ms, worker.row_ms = 2.0, 0.1  # as measured: a slice of 20 rows
     long = [(7 * i) % 50 + 1 for i in range(70)]
     frames = [step("long", 0, long, ())]
     frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
@@ -143,12 +143,12 @@ async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Pat
         assert got[f"s{i}"] == alone(tiny_model, prompt, frame)
 
 
-async def test_a_slice_beside_decode_steps_costs_half_a_decode_pass_even_under_16_rows(
+async def test_a_slice_beside_decode_steps_costs_one_decode_pass_even_under_16_rows(
     tiny_model: Path,
 ) -> None:
-    """Where a prompt row costs a sixteenth of a decode pass (a slow stage late in a long
-    prompt), the slice beside the decode steps holds 8 rows (SLICE_SHARE of the pass), not a
-    pass of prompts' least: the steps pay for the weights, the rows are all the slice adds."""
+    """Where a prompt row costs an eighth of a decode pass (a slow stage late in a long
+    prompt), the slice beside the decode steps holds 8 rows, not a pass of prompts' least:
+    the steps pay for the weights, the rows are all the slice adds."""
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS):
         shard.prefill(f"s{i}", torch.tensor(prompt))
@@ -164,7 +164,7 @@ async def test_a_slice_beside_decode_steps_costs_half_a_decode_pass_even_under_1
         held.append(shard.cache_length("long") if "long" in shard.sessions else 0)
 
     worker = StageWorker(shard, EPOCH, None, send, observe)
-    worker.step_ms, worker.row_ms = 4.0, 0.25
+    worker.step_ms, worker.row_ms = 2.0, 0.25
     long = [(7 * i) % 50 + 1 for i in range(40)]
     frames = [step("long", 0, long, ())]
     frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
@@ -273,7 +273,7 @@ async def two_answers_in_rhythm(
         sent.append(frame)
 
     worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
-    worker.step_ms, worker.row_ms = 200.0, 10.0  # a slice of 10 rows
+    worker.step_ms, worker.row_ms = 200.0, 10.0  # a slice of 20 rows
     worker.pass_ms = _Said(pass_ms)
     task = asyncio.create_task(worker.run())
     try:
@@ -380,7 +380,7 @@ async def test_a_prompt_waits_for_a_decode_step_due_and_runs_beside_it(tiny_mode
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     shard.prefill("s0", torch.tensor(PROMPTS[0]))
     worker, sizes, got = last_stage(shard)
-    worker.step_ms, worker.row_ms = 20.0, 1.0  # as measured: a slice of 10 rows
+    worker.step_ms, worker.row_ms = 20.0, 1.0  # as measured: a slice of 20 rows
     long = [(7 * i) % 50 + 1 for i in range(70)]
     n = len(PROMPTS[0])
     last = step("s0", n + 3, [3], ())
