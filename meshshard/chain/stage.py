@@ -4,9 +4,9 @@ decode steps of different sessions into one forward pass, and passes results on.
 Decoding comes first: waiting decode steps run as one batch, with at most one slice of a
 prompt inside it (chunked prefill mixed with decoding, as in Sarathi-Serve: the pass packs
 every session's positions without padding, so the slice costs its own rows and the weights
-are read once for both). A slice is cut to cost about one more decode batch, so an answer
-that is decoding waits for at most that much more per stage while a long prompt goes
-through.
+are read once for both). A slice is cut to cost about one more decode batch (half of one
+deep in a long prompt), so an answer that is decoding waits for at most that much more per
+stage while a long prompt goes through.
 
 Forward passes run in the model thread so the peer's event loop (gossip, sockets) stays
 responsive, except decode passes short enough to run on the loop itself while that thread is
@@ -59,6 +59,14 @@ MIN_SLICE = 16  # prompt rows a pass of prompts alone holds at least: fewer wast
 # a slow stage a row costs a tenth of a decode pass there, and 16 rows held every answer for
 # two (lan-3's half-core laptop, testbed.md); fewer would spread a prompt over too many passes.
 MIN_BESIDE = 4
+# Past this many positions a prompt is a long one (a document, not a chat turn): its slices
+# beside decode steps cost LONG_SHARE of a decode pass, so answers it holds up for seconds keep
+# within 3x their usual gap though a pass runs long (lan-3: the same rows in 125 and 223 ms,
+# testbed.md). Shorter prompts, and a long one's first positions, take a whole pass's worth,
+# so answers asked together start together: at half, 16 asked at once on lan-3 were never all
+# decoding at the same time (run 22).
+LONG_PROMPT = 256
+LONG_SHARE = 0.5
 # A decode pass measured at most this long runs on the event loop (worker.run_inline): a probe
 # arriving meanwhile waits for it, well inside probe timeouts (150-200 ms).
 INLINE_MS = 40.0
@@ -292,7 +300,7 @@ class StageWorker:
         prompts: list[StepFrame] = []
         if others:
             # Beside decode steps, a slice's rows; alone, what ends before decode steps due.
-            most = self._busy_rows() if decodes else None
+            most = self._busy_rows(others[0]) if decodes else None
             if not decodes and (room := self._room(seen)) is not None:
                 most, pause = room
                 if most < MIN_SLICE:
@@ -328,15 +336,17 @@ class StageWorker:
             return frame.start == 0
         return not self.shard.layers or self.shard.cache_length(frame.session) >= frame.start
 
-    def _slice_rows(self) -> int | None:
-        """Prompt rows that cost about one more decode batch here (None: not measured)."""
+    def _slice_rows(self, share: float = 1.0) -> int | None:
+        """Prompt rows that cost `share` of a decode batch here (None: not measured)."""
         if not self.row_ms:
             return None
-        return max(MIN_BESIDE, round(self.step_ms / self.row_ms))
+        return max(MIN_BESIDE, round(share * self.step_ms / self.row_ms))
 
-    def _busy_rows(self) -> int:
-        """Prompt rows to run beside decode steps: a slice, the least one before it is measured."""
-        return self._slice_rows() or MIN_SLICE
+    def _busy_rows(self, prompt: StepFrame | None = None) -> int:
+        """Prompt rows to run beside decode steps: a slice (less, deep in a long `prompt`),
+        the least one before it is measured."""
+        deep = prompt is not None and prompt.start + prompt.tensor.shape[0] > LONG_PROMPT
+        return self._slice_rows(LONG_SHARE if deep else 1.0) or MIN_SLICE
 
     def _room(self, waiting: set[str]) -> tuple[int, float] | None:
         """Prompt rows a pass can run before the next decode step due here, and how long to

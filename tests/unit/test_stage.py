@@ -10,8 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
+from meshshard.chain import stage as stage_module
 from meshshard.chain.speculate import confirmed
 from meshshard.chain.stage import StageWorker
 from meshshard.chain.tensors import from_wire, to_wire
@@ -143,12 +145,15 @@ async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Pat
         assert got[f"s{i}"] == alone(tiny_model, prompt, frame)
 
 
-async def test_a_slice_beside_decode_steps_costs_one_decode_pass_even_under_16_rows(
-    tiny_model: Path,
+@pytest.mark.parametrize(("long_prompt", "rows"), [(256, 16), (30, 8)])
+async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long_prompt(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, long_prompt: int, rows: int
 ) -> None:
-    """Where a prompt row costs an eighth of a decode pass (a slow stage late in a long
-    prompt), the slice beside the decode steps holds 8 rows, not a pass of prompts' least:
-    the steps pay for the weights, the rows are all the slice adds."""
+    """Where a prompt row costs a sixteenth of a decode pass (a slow stage late in a long
+    prompt), the slice beside the decode steps holds 16 rows, not a pass of prompts' least
+    (the steps pay for the weights, the rows are all the slice adds); half that once the
+    prompt reaches past LONG_PROMPT positions."""
+    monkeypatch.setattr(stage_module, "LONG_PROMPT", long_prompt)
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS):
         shard.prefill(f"s{i}", torch.tensor(prompt))
@@ -164,12 +169,12 @@ async def test_a_slice_beside_decode_steps_costs_one_decode_pass_even_under_16_r
         held.append(shard.cache_length("long") if "long" in shard.sessions else 0)
 
     worker = StageWorker(shard, EPOCH, None, send, observe)
-    worker.step_ms, worker.row_ms = 2.0, 0.25
+    worker.step_ms, worker.row_ms = 4.0, 0.25
     long = [(7 * i) % 50 + 1 for i in range(40)]
     frames = [step("long", 0, long, ())]
     frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
     await run(worker, frames, got)
-    assert held[0] == 8
+    assert held[0] == rows
     assert got["long"] == greedy(tiny_model, long, 1)
 
 
