@@ -61,10 +61,10 @@ MIN_SLICE = 16  # prompt rows a pass of prompts alone holds at least: fewer wast
 MIN_BESIDE = 4
 # Past this many positions a prompt is a long one (a document, not a chat turn): its slices
 # beside decode steps cost LONG_SHARE of a decode pass, so answers it holds up for seconds keep
-# within 3x their usual gap though a pass runs long (lan-3: the same rows in 125 and 223 ms,
-# testbed.md). Shorter prompts, and a long one's first positions, take a whole pass's worth,
-# so answers asked together start together: at half, 16 asked at once on lan-3 were never all
-# decoding at the same time (run 22).
+# within 3x their usual gap though a pass runs long (lan-3: 8 and then 9 prompt rows beside
+# two steps in 126 and 223 ms, testbed.md). Shorter prompts, and a long one's first
+# positions, take a whole pass's worth, so answers asked together start together: at half,
+# 16 asked at once on lan-3 were never all decoding at the same time (run 22).
 LONG_PROMPT = 256
 LONG_SHARE = 0.5
 # A decode pass measured at most this long runs on the event loop (worker.run_inline): a probe
