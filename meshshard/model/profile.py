@@ -230,11 +230,11 @@ def _sustain(
     """Scale the shard's unit times to its sustained speed; returns the `clock` seconds of one
     step meanwhile. Medians of short bursts miss what a CPU quota (a cgroup, a slower share
     of a machine) takes back over time: steps run back to back for SUSTAIN_SECONDS show it."""
-    steps, start, clocked = 0, time.perf_counter(), clock()
+    steps, start, clock_start = 0, time.perf_counter(), clock()
     while (elapsed := time.perf_counter() - start) < SUSTAIN_SECONDS and steps < 2000:
         shard.forward(cache, x, torch.tensor([position + steps]))
         steps += 1
-    clocked = clock() - clocked
+    clocked = clock() - clock_start
     burst = sum(statistics.median(decode[u]) for u in range(shard.start, shard.end))
     scale = (elapsed / steps) / burst if burst > 0 else 1.0
     for u in range(shard.start, shard.end):
