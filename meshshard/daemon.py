@@ -317,6 +317,7 @@ class Daemon:
                 "steps": stage.steps,
                 "batches": stage.batches,
                 "holds": stage.holds,
+                "split_steps": stage.split_steps,
                 "weight_bytes": stage.shard.weight_bytes(),
                 "kv_bytes": stage.shard.kv_bytes(),
                 "step_ms": round(stage.step_ms, 3),

@@ -126,6 +126,9 @@ class PlanRecord:
     # Waves the chain's decoding sessions spread over (chain/waves.py), the flow model's
     # fastest for the plan's stages (planner/flow.py best_waves).
     waves: int = 1
+    # The share of a tied head's vocabulary the first stage scores for a lone answer's step
+    # (planner/headsplit.py); 0: the last stage scores it all.
+    head_share: float = 0.0
 
     def stage_of(self, node: NodeId) -> PlanStage | None:
         return next((s for s in self.stages if s.device == node), None)

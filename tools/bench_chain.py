@@ -240,7 +240,7 @@ def stage_counts(procs: list[Peer]) -> list[dict[str, float]]:
     chain order."""
     stages = [(s or {}).get("stage") or {} for s in (p.status() for p in procs)]
     ordered = sorted(stages, key=lambda st: st.get("units", [0])[0])
-    keys = ("steps", "batches", "forward_s", "forward_cpu_s")
+    keys = ("steps", "batches", "forward_s", "forward_cpu_s", "split_steps")
     return [{k: st.get(k, 0) for k in keys} for st in ordered]
 
 

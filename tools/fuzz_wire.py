@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from meshshard.wire import (  # noqa: E402
     ErrorFrame,
     HandoffRequest,
     KVFrame,
+    PickFrame,
     Ping,
     Sampling,
     StepFrame,
@@ -77,6 +79,9 @@ def seeds() -> tuple[list[bytes], list[bytes]]:
     ids = TensorData("int64", (3,), bytes(24))
     kv = TensorData("float32", (1, 3, 2, 64), bytes(4 * 3 * 2 * 64))
     sampling = Sampling(0.7, 0.9, 42)
+    one = TensorData("float32", (1, HIDDEN), bytes(4 * HIDDEN))
+    split = StepFrame(e, "a/1", 5, 11, one, "127.0.0.1:7000", True, sampling)
+    split = replace(split, loop="127.0.0.1:7002", until=64)
     frames = [
         StepFrame(e, "a/1", 4, 10, hidden, "127.0.0.1:7000", True, sampling, 2),
         StepFrame(e, "a/1", 0, 0, ids, "127.0.0.1:7000", False, sampling),
@@ -85,9 +90,12 @@ def seeds() -> tuple[list[bytes], list[bytes]]:
         DropFrame(e, "a/1"),
         HandoffRequest(e, "a/1", 1, 3, 9, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
         KVFrame(e, "a/1", 1, 5, kv, kv, "127.0.0.1:7000", True),
+        replace(split, head=24576),
+        PickFrame(e, "a/1", 5, 30000, 17.5, 1),
     ]
     member = Member(NodeId("peer-b"), "127.0.0.1:7001", 5, State.ALIVE, 1, 2, e)
-    plan = PlanRecord(e, "m", "latency", (PlanStage(NodeId("peer-b"), 0, 32),), 10.0, 10.0, "x")
+    stages = (PlanStage(NodeId("peer-b"), 0, 32),)
+    plan = PlanRecord(e, "m", "latency", stages, 10.0, 10.0, "x", head_share=0.45)
     profile = Profile(
         NodeId("peer-b"), 2, "m", 1e9, (1.0,) * 32, True, {NodeId("peer-c"): LinkStat(900, 0.5)}
     )
@@ -167,8 +175,12 @@ def main() -> int:
     keyring = Keyring((bytes(range(32)),))
     insider = Sealer(keyring, "fuzz")
     receiver = Sealer(keyring, "fuzz")
-    node = control_node()
     loop = asyncio.new_event_loop()
+
+    async def made() -> ControlNode:
+        return control_node()  # a node reads its clock off the running loop
+
+    node = loop.run_until_complete(made())
     tried = {"open+frame": 0, "frame": 0, "gossip": 0}
     valid = dict.fromkeys(tried, 0)  # inputs that decoded into a message (reached the core)
     crashes: dict[str, list[str]] = {k: [] for k in tried}

@@ -53,6 +53,7 @@ from meshshard.wire import (
     HandoffDone,
     HandoffRequest,
     KVFrame,
+    PickFrame,
     StepFrame,
     WireError,
 )
@@ -238,7 +239,7 @@ class PlanFollower:
                 assert self._tg is not None
                 self.stage = StageWorker(
                     pending.shard, plan.epoch, pending.next_addr, self._send, self.observe,
-                    plan.waves,
+                    plan.waves, plan.head_share,
                 )  # fmt: skip
                 self._stage_task = self._tg.create_task(self.stage.run())
             shard = pending.shard
@@ -312,6 +313,12 @@ class PlanFollower:
             return
         self._seen[frame.session] = (frame.origin, self.clock.now())
         await stage.put(frame)
+
+    async def take_pick(self, frame: PickFrame) -> None:
+        """The last stage's pick of a split head: for the stage of its epoch (one of an
+        older epoch is dropped; the origin replays that step)."""
+        if self.stage is not None and self.stage.epoch == frame.epoch:
+            await self.stage.take_pick(frame)
 
     def _superseded(self, frame: StepFrame) -> bool:
         newest = self._attempts.get(frame.session, frame.attempt)
@@ -422,6 +429,8 @@ class PlanFollower:
         self._ended[session] = None
         while len(self._ended) > ENDED_REMEMBERED:
             self._ended.popitem(last=False)
+        if self.stage is not None:
+            self.stage.forget_picks(session)
         # Mid-switch a cache is in neither shard nor left-behind list (it is being adopted):
         # a drop then would miss it, and the new shard would keep it until session_idle.
         async with self._switch:

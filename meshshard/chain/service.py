@@ -30,6 +30,7 @@ from meshshard.wire import (
     HandoffDone,
     HandoffRequest,
     KVFrame,
+    PickFrame,
     StepFrame,
     TokenFrame,
 )
@@ -133,6 +134,8 @@ class ChainService:
                 return  # late news of an answer its origin ended: nothing to hold for it
             case StepFrame():
                 await self.follower.serve(frame)
+            case PickFrame():
+                await self.follower.take_pick(frame)
             case DropFrame():
                 await self.follower.forget(frame.session)
             case HandoffRequest():

@@ -35,7 +35,7 @@ from meshshard.mesh.election import PlanBook, elect
 from meshshard.mesh.estimates import LinkEstimates, material
 from meshshard.mesh.fallbacks import outdated, standing, with_fallbacks
 from meshshard.mesh.membership import Change, Membership
-from meshshard.mesh.report import plan_waves
+from meshshard.mesh.report import plan_head_share, plan_waves
 from meshshard.mesh.sanity import member_problem, plan_problem, profile_problem
 from meshshard.mesh.seeds import Seeds
 from meshshard.planner import Instance, InstanceError, Objective, Stage, evaluate
@@ -227,7 +227,7 @@ class ControlNode:
             plan, self._plannable(), self.profiles, self.units, self.context_tokens
         )
         epoch = self.book.next_epoch(self.id, self.clock.wall())
-        plan = replace(plan, epoch=epoch, reason=f"operator: {what}", waves=plan_waves(self, plan))
+        plan = self._shaped(plan, epoch, f"operator: {what}")
         self._pinned = sig.members if method != "planner" else None
         self.replanner.done(sig)
         self._adopt(plan)
@@ -544,8 +544,13 @@ class ControlNode:
             self._guessed = not measured
             plan = with_fallbacks(plan, members, self.profiles, self.units, self.context_tokens)
         epoch = self.book.next_epoch(self.id, self.clock.wall())
-        self._adopt(replace(plan, epoch=epoch, reason=reason, waves=plan_waves(self, plan)))
+        self._adopt(self._shaped(plan, epoch, reason))
         await self._push_all(self.timings.probe_timeout * 4)
+
+    def _shaped(self, plan: PlanRecord, epoch: Epoch, reason: str) -> PlanRecord:
+        """A new plan, with what the data plane runs it by under today's profiles and links."""
+        waves, share = plan_waves(self, plan), plan_head_share(self, plan)
+        return replace(plan, epoch=epoch, reason=reason, waves=waves, head_share=share)
 
     async def _link_round(self) -> None:
         """Measure the link to every member, soon after start and then every link_interval

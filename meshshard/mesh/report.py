@@ -19,6 +19,8 @@ from meshshard.planner.flow import (
     latency_ms,
     tokens_per_s,
 )
+from meshshard.planner.headsplit import head_share
+from meshshard.planner.instance import Instance
 from meshshard.types import PlanRecord, PlanStage, Profile, State
 
 if TYPE_CHECKING:
@@ -98,13 +100,11 @@ def idle_reasons(node: ControlNode, plan: PlanRecord | None) -> dict[str, str]:
     return out
 
 
-def plan_flow(
-    node: ControlNode, plan: PlanRecord
-) -> tuple[Cost, tuple[FlowStage, ...], float] | None:
-    """The plan's cost under today's profiles and measured links, and its stages and return
-    hop as the flow model takes them (None where the instance cannot be built)."""
+def _instance(node: ControlNode, plan: PlanRecord) -> Instance | None:
+    """The plan's instance under today's profiles and measured links (None where it cannot
+    be built)."""
     try:
-        inst = mesh_instance(
+        return mesh_instance(
             node.membership.members(),
             node.profiles,
             node.units,
@@ -112,7 +112,19 @@ def plan_flow(
             plan.stages[0].device,
             node.context_tokens,
         )
-        stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
+    except InstanceError:
+        return None
+
+
+def plan_flow(
+    node: ControlNode, plan: PlanRecord
+) -> tuple[Cost, tuple[FlowStage, ...], float] | None:
+    """The plan's cost under today's profiles and measured links, and its stages and return
+    hop as the flow model takes them (None where the instance cannot be built)."""
+    if (inst := _instance(node, plan)) is None:
+        return None
+    stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
+    try:
         cost = evaluate(inst, stages)
     except InstanceError:
         return None
@@ -124,6 +136,15 @@ def plan_flow(
         {n: p.pace for n, p in node.profiles.items()},
     )
     return cost, flow, back
+
+
+def plan_head_share(node: ControlNode, plan: PlanRecord) -> float:
+    """The share of a tied head the plan's first stage scores for a lone answer's step,
+    under today's profiles and links (planner/headsplit.py)."""
+    if (inst := _instance(node, plan)) is None:
+        return 0.0
+    stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
+    return head_share(inst, stages, {n: p.pace for n, p in node.profiles.items()})
 
 
 def plan_waves(node: ControlNode, plan: PlanRecord) -> int:
@@ -190,6 +211,7 @@ def plan_json(plan: PlanRecord) -> dict[str, Any]:
         "left_out": dict(plan.left_out),
         "fallbacks": {f.lost: _stages_json(f.stages) for f in plan.fallbacks},
         "waves": plan.waves,
+        "head_share": plan.head_share,
     }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from meshshard.errors import MeshShardError
@@ -225,14 +226,16 @@ class Shard:
         x: torch.Tensor,
         positions: torch.Tensor | None = None,
         logits: int = 1,
+        head: bool = True,
     ) -> torch.Tensor:
         """Start (or continue, for chunked prefill) a session with several tokens. The last
         shard returns the logits of the last position, or [logits, vocab] of the last
-        `logits` positions (to verify a draft), or nothing (logits=0)."""
+        `logits` positions (to verify a draft), or nothing (logits=0); without the `head`,
+        the last position's normed hidden state [1, hidden], for `pick`s."""
         cache = self._sessions.setdefault(session, self.new_cache())
         if positions is None:
             positions = torch.arange(cache.length, cache.length + x.shape[0])
-        return self.forward(cache, x, positions, logits=logits)
+        return self.forward(cache, x, positions, logits=logits, head=head)
 
     def decode(self, session: str, x: torch.Tensor, position: int) -> torch.Tensor:
         """One new token for a session that was prefilled."""
@@ -249,6 +252,7 @@ class Shard:
         positions: torch.Tensor,
         timer: UnitTimer | None = None,
         logits: int = 1,
+        head: bool = True,
     ) -> torch.Tensor:
         """x: [T] ids (first shard) or [T, hidden]; positions: [T], continuing the cache."""
         n = x.shape[0]
@@ -279,6 +283,8 @@ class Shard:
         if self.lm_head is not None and self.norm is not None:
             if not logits:  # a prompt's chunk before its last: nothing is sampled from it
                 return h.new_empty((0,))
+            if not head:
+                return self.norm(h[0, -1:])
             out = self._head(h[0, -logits:])
             clock.lap(unit)
             return out[-1] if logits == 1 else out
@@ -331,6 +337,29 @@ class Shard:
             o[0] if n == 1 else o if n else o.new_empty((0,))
             for o, n in zip(out, wanted, strict=True)
         ]
+
+    @property
+    def head_weight(self) -> torch.Tensor | None:
+        """The head's matrix [vocab, hidden]: the last shard's, or the first's embedding
+        where the model ties the two."""
+        module = self.lm_head if self.lm_head is not None else self.embed
+        if module is None or (module is self.embed and not self.spec.tied_embeddings):
+            return None
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    @torch.inference_mode()
+    def pick(self, h: torch.Tensor, start: int, end: int) -> tuple[float, int]:
+        """The best token of vocabulary rows [start, end) for a normed hidden state h
+        [1, hidden], and its float32 logit: the numbers the whole head gives those rows
+        (each is the same dot product), so the best of two picks is the whole head's."""
+        weight = self.head_weight
+        if weight is None:
+            raise ValueError("this shard holds no head matrix to pick from")
+        scores = F.linear(self._onto_device(h).to(weight.dtype), weight[start:end]).float()[0]
+        best = int(torch.argmax(scores))
+        return float(scores[best]), start + best
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab] of hidden states [rows, hidden]."""

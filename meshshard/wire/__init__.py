@@ -40,6 +40,7 @@ from meshshard.wire.data import (
     HandoffDone,
     HandoffRequest,
     KVFrame,
+    PickFrame,
     Sampling,
     StepFrame,
     TensorData,
@@ -53,6 +54,6 @@ __all__ = [
     "MAX_KV_DIM", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TERM", "MAX_TOKENS_PER_FRAME",
     "MAX_VERSION", "PROTOCOL", "TENSOR_DTYPES", "Ack", "ControlMessage", "DataFrame",
     "DropFrame", "ErrorCode", "ErrorFrame", "HandoffDone", "HandoffRequest", "KVFrame", "Nack",
-    "Ping", "PingReq", "Sampling", "StepFrame", "Sync", "TensorData", "TokenFrame", "WireError",
-    "decode", "decode_frame", "encode", "encode_frame",
+    "PickFrame", "Ping", "PingReq", "Sampling", "StepFrame", "Sync", "TensorData", "TokenFrame",
+    "WireError", "decode", "decode_frame", "encode", "encode_frame",
 ]  # fmt: skip

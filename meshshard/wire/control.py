@@ -255,6 +255,7 @@ def _plan_out(p: PlanRecord | None) -> dict[str, Any] | None:
         "left_out": [[node, why] for node, why in p.left_out],
         "fallbacks": [[f.lost, _stages_out(f.stages)] for f in p.fallbacks],
         "waves": p.waves,
+        "head": p.head_share,
     }
 
 
@@ -284,6 +285,7 @@ def _plan_in(raw: object) -> PlanRecord | None:
         ),
         fallbacks=tuple(_fallback(x, i) for i, x in enumerate(fallbacks)),
         waves=checks.integer(m.get("waves", 1), "plan.waves", 1, len(stages) + 1),
+        head_share=checks.number(m.get("head", 0.0), "plan.head", 1.0),
     )
 
 

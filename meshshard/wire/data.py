@@ -38,6 +38,7 @@ class ErrorCode(enum.StrEnum):
 MAX_KV_DIM = 4096  # heads or head size in a handed-off KV cache
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**63
+MAX_LOGIT = 3.4e38  # float32's range
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ class StepFrame:
     loop: str = ""  # "": the origin sends each step
     until: int = 0
     stops: tuple[int, ...] = ()
+    # A split head (chain/headsplit.py): the tensor is the last stage's normed hidden state
+    # [1, hidden] of the step before; this first stage scores vocabulary rows [0, head) of
+    # its tied embedding, and the best of those and the last stage's PickFrame is the token
+    # this step feeds. 0: the tensor holds the token.
+    head: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,18 @@ class TokenFrame:
     session: str
     step: int
     tokens: tuple[int, ...]
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class PickFrame:
+    """The last stage's best token over its share of a split head, and its logit."""
+
+    epoch: Epoch
+    session: str
+    step: int
+    token: int
+    logit: float
     attempt: int = 0
 
 
@@ -150,7 +168,16 @@ class HandoffDone:
     layers: int
 
 
-DataFrame = StepFrame | TokenFrame | ErrorFrame | DropFrame | HandoffRequest | KVFrame | HandoffDone
+DataFrame = (
+    StepFrame
+    | TokenFrame
+    | PickFrame
+    | ErrorFrame
+    | DropFrame
+    | HandoffRequest
+    | KVFrame
+    | HandoffDone
+)
 
 
 def encode_frame(frame: DataFrame) -> bytes:
@@ -175,12 +202,22 @@ def encode_frame(frame: DataFrame) -> bytes:
             }
             if frame.loop:
                 body |= {"loop": frame.loop, "until": frame.until, "stops": list(frame.stops)}
+            if frame.head:
+                body |= {"head": frame.head}
         case TokenFrame():
             body |= {
                 "k": "token",
                 "attempt": frame.attempt,
                 "step": frame.step,
                 "tokens": list(frame.tokens),
+            }
+        case PickFrame():
+            body |= {
+                "k": "pick",
+                "attempt": frame.attempt,
+                "step": frame.step,
+                "token": frame.token,
+                "logit": frame.logit,
             }
         case ErrorFrame():
             body |= {
@@ -238,6 +275,9 @@ def decode_frame(
             loop = checks.address(m["loop"], "loop") if "loop" in m else ""
             if loop and draft:
                 raise WireError("a step that feeds the chain itself carries no draft")
+            head = checks.integer(m.get("head", 0), "head", high=MAX_TOKEN_ID)
+            if head and (not loop or tensor.dtype == "int64" or tensor.shape[0] != 1):
+                raise WireError("a split head's step feeds the chain one hidden state")
             return StepFrame(
                 epoch=epoch,
                 session=session,
@@ -253,11 +293,21 @@ def decode_frame(
                 loop=loop,
                 until=checks.integer(m.get("until", 0), "until") if loop else 0,
                 stops=_token_ids(m.get("stops", []), "stops", 0, MAX_STOPS) if loop else (),
+                head=head,
             )
         case "token":
             step = checks.integer(m.get("step"), "step")
             tokens = _token_ids(m.get("tokens"), "tokens", 1, MAX_DRAFT + 1)
             return TokenFrame(epoch, session, step, tokens, attempt)
+        case "pick":
+            return PickFrame(
+                epoch,
+                session,
+                checks.integer(m.get("step"), "step"),
+                checks.integer(m.get("token"), "token", high=MAX_TOKEN_ID),
+                checks.number(m.get("logit"), "logit", MAX_LOGIT, -MAX_LOGIT),
+                attempt,
+            )
         case "error":
             try:
                 code = ErrorCode(checks.text(m.get("code"), "code"))

@@ -23,6 +23,7 @@ from meshshard.wire import (
     HandoffDone,
     HandoffRequest,
     KVFrame,
+    PickFrame,
     Sampling,
     StepFrame,
     Sync,
@@ -63,6 +64,9 @@ def test_other_frames_round_trip() -> None:
         step(to_wire(torch.tensor([1, 2, 3]))),
         replace(step(to_wire(torch.tensor([1, 2, 3]))), draft=(2, 3)),
         replace(step(to_wire(torch.tensor([1, 2]))), loop="127.0.0.1:7002", until=63, stops=(2,)),
+        replace(step(to_wire(torch.randn(1, 16))), loop="127.0.0.1:7002", until=63, head=24576),
+        PickFrame(E, "s", 5, 49151, -3.25, attempt=1),
+        PickFrame(E, "s", 5, 0, 1e30),
         HandoffRequest(E, "s", 3, 5, 12, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
         KVFrame(E, "s", 3, 9, kv, kv, "127.0.0.1:7000", final=True),
         HandoffDone(E, "s", 3, 7),
@@ -157,6 +161,13 @@ def raw_step(**changes: object) -> bytes:
         (raw_step(loop="127.0.0.1:7002", until=-1), "until"),
         (raw_step(loop="127.0.0.1:7002", stops=list(range(17))), "0 to 16 token ids"),
         (raw_step(loop="127.0.0.1:7002", draft=[5], tensor=ids(2)), "carries no draft"),
+        # A split head's step carries one hidden state, and feeds the chain.
+        (raw_step(head=48), "one hidden state"),
+        (raw_step(loop="127.0.0.1:7002", head=48, tensor=ids(1)), "one hidden state"),
+        (raw_step(loop="127.0.0.1:7002", head=-1), "head must be an integer"),
+        (raw_step(k="pick", token=3, logit=float("nan")), "logit must be a finite"),
+        (raw_step(k="pick", token=3, logit="high"), "logit must be a number"),
+        (raw_step(k="pick", token=2**31, logit=1.0), "token must be an integer"),
         (raw_step(k="token", tokens=[]), "1 to 17 token ids"),
         (raw_step(k="token", tokens=[2**31]), "tokens must be an integer"),
         (b"\x00" * (MAX_FRAME_BYTES + 1), "exceeds"),
@@ -182,8 +193,12 @@ PLAN |= {"latency_ms": 1.0, "bottleneck_ms": 1.0, "reason": ""}
 FALLBACK = [["y", 0, 1]]
 
 
-def test_a_plan_travels_with_its_fallbacks_and_waves() -> None:
+def test_a_plan_travels_with_its_fallbacks_waves_and_head_share() -> None:
     assert decode(raw_sync(plan=PLAN)).plan.waves == 1  # type: ignore[union-attr]
+    assert decode(raw_sync(plan=PLAN)).plan.head_share == 0  # type: ignore[union-attr]
+    split = decode(raw_sync(plan=PLAN | {"head": 0.45}))
+    assert isinstance(split, Sync) and split.plan is not None and split.plan.head_share == 0.45
+    assert decode(encode(split)) == split
     sync = decode(raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK]], "waves": 1}))
     assert isinstance(sync, Sync) and sync.plan is not None
     assert sync.plan.fallbacks == (Fallback(NodeId("x"), (PlanStage(NodeId("y"), 0, 1),)),)
@@ -230,6 +245,8 @@ def test_a_profile_travels_with_its_pace() -> None:
         (raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK], ["y", FALLBACK]]}), "one per stage"),
         (raw_sync(plan=PLAN | {"waves": 2}), "plan.waves"),  # more waves than stages
         (raw_sync(plan=PLAN | {"waves": 0}), "plan.waves"),
+        (raw_sync(plan=PLAN | {"head": 1.5}), "plan.head"),  # a share of the vocabulary
+        (raw_sync(plan=PLAN | {"head": -0.1}), "plan.head"),
     ],
 )
 def test_gossip_fields_out_of_range_are_refused(data: bytes, message: str) -> None:

@@ -117,9 +117,21 @@ async def test_stale_and_unknown_frames_get_error_frames(model: Path, memory: fl
         await first.handle_frame(
             StepFrame(plan.epoch, "x/2", 5, 40, ids, "10.7.9.9:1", True, sampling)
         )
-        await until(lambda: len(probe.frames) == 2, 5, "two error frames")
+        # A split head's step for a stage that holds no head matrix (the middle one).
+        middle = mesh.peers[plan.stages[1].device].service
+        hidden = to_wire(torch.zeros(1, mesh.spec.hidden_size))
+        split = StepFrame(
+            plan.epoch, "x/3", 5, 40, hidden, "10.7.9.9:1", True, sampling,
+            loop="10.7.0.1:7000", until=9, head=16,
+        )  # fmt: skip
+        await middle.handle_frame(split)
+        await until(lambda: len(probe.frames) == 3, 5, "three error frames")
         codes = {f.session: f.code for f in probe.frames if isinstance(f, ErrorFrame)}
-        assert codes == {"x/1": ErrorCode.STALE_EPOCH, "x/2": ErrorCode.UNKNOWN_SESSION}
+        assert codes == {
+            "x/1": ErrorCode.STALE_EPOCH,
+            "x/2": ErrorCode.UNKNOWN_SESSION,
+            "x/3": ErrorCode.BAD_FRAME,
+        }
 
 
 async def test_steps_of_an_attempt_the_origin_gave_up_are_dropped(
@@ -374,3 +386,44 @@ async def test_without_drafts_tokens_go_round_the_chain_without_the_origin(
             a, b = sent[origin.name]
             assert 0 < a <= b < a + 16, origin.name
         assert fed[1] > fed[0] > 0 and fed[3] > fed[2] > 0  # the last stage fed the first
+
+
+async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    """One greedy answer alone: the last stage sends each step's hidden state to the first
+    stage, which holds the tied head's matrix as its embedding; each scores its share of the
+    vocabulary and the first feeds the better pick on. Every token is one process's; an
+    answer ending on a stop token ends there; seeded and concurrent answers are not split."""
+    async with SimMesh(model, memory, speculate=0) as mesh:
+        plan = await three_stages(mesh, "abc")
+        assert 0 < plan.head_share < 1
+        first, last = mesh.peers[plan.stages[0].device], mesh.peers[plan.stages[-1].device]
+
+        def splits() -> int:
+            stage = last.service.follower.stage
+            assert stage is not None and stage.head_rows > 0
+            return stage.split_steps
+
+        for prompt in PROMPTS:
+            got: list[int] = []
+            await answer(mesh, first.name, prompt, 16, got)
+            assert got == reference(prompt, 16)
+        assert splits() >= len(PROMPTS) * 14  # every step but the prompt's and the last
+        full = reference(PROMPTS[3], 16)
+        stop = next(t for t in full if full.index(t) >= 4)  # a token met first a few steps in
+        stopped: list[int] = []
+        origin = first.service.origin
+        async for token in origin.generate(PROMPTS[3], 16, stop_ids=frozenset({stop})):
+            stopped.append(token)
+        assert stopped == full[: full.index(stop)]  # the stop token ends it, unsaid
+        before = splits()
+        await seeded(mesh, first.name, PROMPTS[0], 12)
+        two: list[list[int]] = [[], []]
+        await asyncio.gather(
+            *(answer(mesh, first.name, p, 12, g) for p, g in zip(PROMPTS[:2], two, strict=True))
+        )
+        assert two == [reference(p, 12) for p in PROMPTS[:2]]
+        assert splits() - before < 12  # the seeded answer none; the two only steps alone
+        await until(mesh.idle, 5, "every cache freed")
+        assert not first.service.follower.stage._picks  # no half left waiting

@@ -1,0 +1,52 @@
+"""How much of the head the first stage scores for a lone answer's step.
+
+One answer alone keeps one stage busy at a time; the head (SmolLM2's widest matrix, a fifth of
+a token's work) is the last thing a step computes before its token goes to the first stage,
+which waits idle. Where the model ties its embedding to the head, the first stage holds the
+head's matrix already: the last stage can send its normed hidden state there and score the
+rest of the vocabulary while the first stage scores its share, and the better of the two
+picks is the token (chain/picks.py). That pays where the share's time saved outweighs the
+hidden state's trip (a few KB, where a token is 8 bytes) and one more message.
+
+Pure: the shares both stages finish at the same time by, from profiled head times and the
+link between the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from meshshard.planner.cost import Stage
+from meshshard.planner.instance import Instance
+
+# A split must save this share of the head's time at the last stage: less is within what a
+# hop's time varies by.
+MIN_SAVING = 0.1
+
+
+def head_share(
+    inst: Instance, stages: Sequence[Stage], pace: Mapping[str, float] | None = None
+) -> float:
+    """The share of the vocabulary the first stage scores (0: the last stage scores it all).
+    pace: per device, its passes as measured serving over what its profile says."""
+    if len(stages) < 2:
+        return 0.0
+    first, last = stages[0], stages[-1]
+    if first.device == last.device or first.start != 0 or last.end != inst.n or inst.n < 2:
+        return 0.0
+    scale = pace or {}
+    head_last = inst.device(last.device).ms[-1] * scale.get(last.device, 1.0)
+    head_first = inst.device(first.device).ms[-1] * scale.get(first.device, 1.0)
+    link = inst.link(last.device, first.device)
+    send = link.hop_ms(inst.units[-2].out_bytes)  # the hidden state, to the first stage
+    back = link.hop_ms(inst.return_bytes)  # a pick (or, unsplit, the token) after it
+    if head_last + head_first <= 0:
+        return 0.0
+    # Both halves done at once: (1 - share) * head_last + back == send + share * head_first.
+    share = (head_last + back - send) / (head_last + head_first)
+    if share <= 0:
+        return 0.0
+    split_ms = send + share * head_first
+    if head_last + back - split_ms < MIN_SAVING * head_last:
+        return 0.0
+    return round(min(share, 0.9), 3)

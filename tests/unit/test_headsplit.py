@@ -1,0 +1,149 @@
+"""A split head: the share the planner gives the first stage, the two picks matched, and a
+shard's pick over rows equal to the whole head's best."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshshard.chain.picks import MOST_WAITING, Pick, Picks, better, split_rows
+from meshshard.chain.tensors import to_wire
+from meshshard.model.shard import Shard
+from meshshard.planner import Instance, Stage
+from meshshard.planner.headsplit import head_share
+from meshshard.planner.instance import Device, Link, Unit
+from meshshard.types import Epoch
+from meshshard.wire import PickFrame, Sampling, StepFrame
+
+HIDDEN_BYTES = 2304.0  # SmolLM2's hidden state, float32
+
+
+def chain(head_a: float, head_c: float, link: Link) -> Instance:
+    """Embedding, two layers and a head, a unit each on devices a, b, c."""
+    units = (Unit("E", 1, HIDDEN_BYTES), Unit("L1", 1, HIDDEN_BYTES), Unit("L2", 1, HIDDEN_BYTES))
+    units += (Unit("H", 1, 4.0),)
+    devices = tuple(
+        Device(n, 4, (0.1, 5.0, 5.0, h)) for n, h in (("a", head_a), ("b", 9), ("c", head_c))
+    )
+    return Instance(units, devices, link, (), "a")
+
+
+STAGES = [Stage("a", 0, 2), Stage("b", 2, 3), Stage("c", 3, 4)]
+LOOPBACK = Link(5000, 0.2)
+
+
+def test_equal_ends_on_a_fast_link_split_the_head_in_about_half() -> None:
+    share = head_share(chain(8.6, 8.6, LOOPBACK), STAGES)
+    assert 0.45 < share <= 0.5  # the hidden state's trip comes off the first stage's share
+
+
+def test_a_slower_first_device_takes_less_and_a_faster_more() -> None:
+    slow = head_share(chain(20.0, 8.6, LOOPBACK), STAGES)
+    fast = head_share(chain(4.0, 8.6, LOOPBACK), STAGES)
+    assert 0 < slow < 0.35 < 0.6 < fast
+
+
+def test_a_hops_delay_is_paid_either_way_the_hidden_states_bytes_are_not() -> None:
+    # The token's hop, unsplit, costs the delay the pick's does; the hidden state's bytes
+    # are what the split adds: 1.8 ms at 10 Mbit/s still pays, 18 ms at 1 does not.
+    assert 0.35 < head_share(chain(8.6, 8.6, Link(10, 3.0)), STAGES) < 0.45
+    assert head_share(chain(8.6, 8.6, Link(5000, 5.0)), STAGES) > 0.45
+    assert head_share(chain(8.6, 8.6, Link(1, 3.0)), STAGES) == 0.0
+
+
+def test_no_split_where_it_saves_little_or_the_ends_are_one_device() -> None:
+    assert head_share(chain(8.6, 0.2, LOOPBACK), STAGES) == 0.0  # a head that costs little
+    one = [Stage("a", 0, 4)]
+    assert head_share(chain(8.6, 8.6, LOOPBACK), one) == 0.0
+    ring = [Stage("a", 0, 2), Stage("b", 2, 3), Stage("a", 3, 4)]
+    assert head_share(chain(8.6, 8.6, LOOPBACK), ring) == 0.0
+
+
+def test_pace_scales_the_profiles_head_times() -> None:
+    inst = chain(8.6, 8.6, LOOPBACK)
+    assert (
+        head_share(inst, STAGES, {"a": 2.0})
+        < head_share(inst, STAGES)
+        < head_share(inst, STAGES, {"c": 2.0})
+    )
+
+
+def test_split_rows_are_whole_blocks_of_a_large_vocabulary() -> None:
+    assert split_rows(0.5, 49152) == 24576
+    assert split_rows(0.47, 49152) % 128 == 0
+    assert split_rows(0.0, 49152) == 0
+    assert split_rows(0.001, 49152) == 0  # under a block: none
+    assert split_rows(0.5, 96) == 48  # a tiny model's, at 16 rows
+    assert split_rows(0.4, 96) == 32
+
+
+def test_the_better_pick_is_the_higher_logit_and_of_equal_ones_the_lower_id() -> None:
+    assert better(Pick(2.0, 10), Pick(3.0, 900)) == 900
+    assert better(Pick(3.0, 10), Pick(3.0, 900)) == 10
+    assert better(Pick(3.0, 900), Pick(3.0, 10)) == 10
+
+
+E = Epoch(2, "c")
+
+
+def split_step(session: str, step: int, attempt: int = 0) -> StepFrame:
+    hidden = to_wire(torch.zeros(1, 4))
+    return StepFrame(
+        E, session, step, step + 5, hidden, "127.0.0.1:1", True, Sampling(0, 1, 0), attempt,
+        loop="127.0.0.1:2", until=64, head=48,
+    )  # fmt: skip
+
+
+def test_picks_meet_whichever_half_comes_first_by_session_step_and_attempt() -> None:
+    picks = Picks()
+    assert picks.ours(split_step("s", 3), Pick(1.0, 7)) is None
+    assert picks.theirs(PickFrame(E, "s", 3, 60, 0.5, attempt=1)) is None  # another attempt
+    got = picks.theirs(PickFrame(E, "s", 3, 60, 2.5))
+    assert got is not None and got[1] == 60 and got[0].step == 3
+    assert picks.theirs(PickFrame(E, "t", 4, 61, 0.5)) is None
+    assert picks.ours(split_step("t", 4), Pick(1.0, 8)) == 8
+    assert len(picks) == 1  # attempt 1's pick, until its session is forgotten
+    picks.forget("s")
+    assert len(picks) == 0
+
+
+def test_halves_whose_other_half_never_comes_do_not_pile_up() -> None:
+    picks = Picks()
+    for i in range(MOST_WAITING + 50):
+        picks.theirs(PickFrame(E, f"s{i}", 1, 60, 0.5))
+        picks.ours(split_step(f"t{i}", 1), Pick(1.0, 7))
+    assert len(picks) == 2 * MOST_WAITING
+    assert picks.ours(split_step("s0", 1), Pick(1.0, 7)) is None  # the oldest went first
+
+
+@pytest.fixture(scope="module")
+def ends(tiny_llama: Path) -> tuple[Shard, Shard]:
+    return Shard.load(tiny_llama, 0, 2), Shard.load(tiny_llama, 2, 6)
+
+
+def test_two_picks_over_the_rows_give_the_whole_heads_token_and_logit(
+    ends: tuple[Shard, Shard],
+) -> None:
+    first, last = ends
+    vocab = last.spec.vocab_size
+    torch.manual_seed(3)
+    for i in range(20):
+        x = torch.randint(0, vocab, (3 + i,))
+        h = first.prefill(f"s{i}", x)
+        logits = last.prefill(f"w{i}", h.clone())
+        normed = last.prefill(f"h{i}", h.clone(), head=False)
+        assert normed.shape == (1, last.spec.hidden_size)
+        for rows in (16, 32, vocab // 2, vocab - 16):
+            ours, theirs = first.pick(normed, 0, rows), last.pick(normed, rows, vocab)
+            token = better(Pick(*ours), Pick(*theirs))
+            assert token == int(logits.argmax())
+            assert ours[0] == float(logits[ours[1]]) and theirs[0] == float(logits[theirs[1]])
+
+
+def test_a_middle_shard_holds_no_head_to_pick_from(tiny_llama: Path) -> None:
+    middle = Shard.load(tiny_llama, 2, 4)
+    assert middle.head_weight is None
+    with pytest.raises(ValueError, match="no head matrix"):
+        middle.pick(torch.zeros(1, middle.spec.hidden_size), 0, 8)
