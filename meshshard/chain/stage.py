@@ -175,6 +175,7 @@ class StageWorker:
         tied = next_addr is None and spec.tied_embeddings and not shard.is_first
         self.head_rows = split_rows(head_share, spec.vocab_size) if tied else 0
         self.split_steps = 0  # steps whose head was split (here, at the last stage)
+        self.split_ms = 0.0  # ... and the moving average of their passes
         self._picks = Picks()  # ... halves waiting for their other half (the first stage)
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
@@ -236,7 +237,7 @@ class StageWorker:
             await self._error(frame, ErrorCode.BAD_FRAME, message)
             return
         hidden = from_wire(frame.tensor)
-        logit, token = await run_inline(self.shard.pick, hidden, 0, frame.head)
+        logit, token = await run_inline(self._pick, hidden, 0, frame.head)
         if (picked := self._picks.ours(frame, Pick(logit, token))) is not None:
             await self._picked(frame, picked)
 
@@ -256,6 +257,16 @@ class StageWorker:
             await self._send(frame.origin, tokens)
         except Exception as e:
             logger.warning("could not send %s's token to its origin: %s", frame.session, e)
+
+    def _pick(self, hidden: torch.Tensor, start: int, end: int) -> tuple[float, int]:
+        """A pick, counted with the forward passes (it is the head's share of one), so the
+        step-cost meter does not take it for work beside them."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return self.shard.pick(hidden, start, end)
+        finally:
+            self.forward_s += time.perf_counter() - wall
+            self.forward_cpu_s += time.thread_time() - cpu
 
     def forget_picks(self, session: str) -> None:
         self._picks.forget(session)
@@ -460,9 +471,10 @@ class StageWorker:
 
     async def _run_batch(self, batch: list[StepFrame]) -> None:
         started = time.perf_counter()
-        run = run_inline if self._short(batch) else run_model
+        split = self._splits(batch)
+        run = run_inline if self._short(batch, split) else run_model
         try:
-            outputs = await run(self._pass, batch)
+            outputs = await run(self._pass, batch, split)
         except CacheMiss as e:
             session = batch[0].session
             if session in self.shard.sessions:
@@ -488,8 +500,12 @@ class StageWorker:
         self.forward_s += seconds
         self.steps += len(batch)
         self.batches += 1
-        decode = all(f.tensor.shape[0] == 1 for f in batch)
+        # A pass without its head is no measure of a decode pass here (the profile's pace,
+        # prompt slices): it counts with the others only in forward_s.
+        decode = all(f.tensor.shape[0] == 1 for f in batch) and not split
         ms = seconds * 1000
+        if split:
+            self.split_ms = _moved(self.split_ms, ms)
         prompts = [f for f in batch if not _one_token(f)]
         prompt_rows = sum(f.tensor.shape[0] for f in prompts)
         logger.debug(
@@ -515,11 +531,12 @@ class StageWorker:
         # The sender goes first, then whatever else waits (a pass on the loop did not yield).
         await asyncio.sleep(0)
 
-    def _short(self, batch: list[StepFrame]) -> bool:
-        """Whether the batch is decode steps whose passes of its size took at most INLINE_MS,
-        with every output before it sent: a pass on the loop would hold up what is still
-        going out (the rest of the last wave, behind one send that had to wait)."""
-        took = self.pass_ms.get(len(batch), 0.0)
+    def _short(self, batch: list[StepFrame], split: bool) -> bool:
+        """Whether the batch is decode steps whose passes of its size (or without the head,
+        `split`) took at most INLINE_MS, with every output before it sent: a pass on the
+        loop would hold up what is still going out (the rest of the last wave, behind one
+        send that had to wait)."""
+        took = (self.split_ms or self.step_ms) if split else self.pass_ms.get(len(batch), 0.0)
         return (
             not self._unsent
             and 0 < took <= INLINE_MS
@@ -549,11 +566,11 @@ class StageWorker:
                 self._unsent -= 1
                 self._bulk.task_done()
 
-    def _pass(self, batch: list[StepFrame]) -> Sequence[Output]:
+    def _pass(self, batch: list[StepFrame], split: bool = False) -> Sequence[Output]:
         """The batch's forward pass, and what it passes on: hidden states as wire bytes, or
-        at the last stage the tokens each step confirmed (greedy rows picked in one call)."""
+        at the last stage the tokens each step confirmed (greedy rows picked in one call),
+        or the normed hidden state of a step whose head is `split`."""
         cpu = time.thread_time()
-        split = self._splits(batch)
         try:
             outs = self._forward(batch, head=not split)
             if self.next_addr is not None:
@@ -634,7 +651,7 @@ class StageWorker:
         ask = replace(frame, step=step, start=start, tensor=to_wire(hidden), head=self.head_rows)
         await self._send(frame.loop, ask)
         vocab = self.shard.spec.vocab_size
-        logit, token = await run_inline(self.shard.pick, hidden, self.head_rows, vocab)
+        logit, token = await run_inline(self._pick, hidden, self.head_rows, vocab)
         pick = PickFrame(frame.epoch, frame.session, step, token, logit, frame.attempt)
         await self._send(frame.loop, pick)
 

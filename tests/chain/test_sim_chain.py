@@ -410,6 +410,10 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
             await answer(mesh, first.name, prompt, 16, got)
             assert got == reference(prompt, 16)
         assert splits() >= len(PROMPTS) * 14  # every step but the prompt's and the last
+        # A pass without its head measures no decode pass (the profile's pace, slices).
+        stage = last.service.follower.stage
+        assert stage is not None and stage.split_ms > 0
+        assert sum(stage.passes.values()) <= 2 * len(PROMPTS)
         full = reference(PROMPTS[3], 16)
         stop = next(t for t in full if full.index(t) >= 4)  # a token met first a few steps in
         stopped: list[int] = []
