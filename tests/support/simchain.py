@@ -61,6 +61,7 @@ class MemoryLinks:
         self._net, self._me, self._watch, self._tg = net, me, watch, tg
         self._queues: dict[str, asyncio.Queue[DataFrame]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
         self.sent_bytes: Counter[str] = Counter()
         net.links.append(self)
         net.watches[me] = watch
@@ -70,14 +71,20 @@ class MemoryLinks:
             self._watch.unreachable(addr)
 
     async def send(self, addr: str, frame: DataFrame) -> None:
+        if self._closed:  # as a socket closed under its writer: the frame is lost, said so
+            raise LinkError(f"links of {self._me} are closed")
         if self._me in self._net.down or addr in self._net.down or addr not in self._net.services:
             if self._me not in self._net.down:
                 self._watch.unreachable(addr)
             raise LinkError(f"cannot reach {addr}")
         queue = self._queues.get(addr)
         if queue is None:
-            queue = self._queues[addr] = asyncio.Queue(QUEUE)
-            self._tasks.append(self._tg.create_task(self._carry(addr, queue)))
+            queue = asyncio.Queue(QUEUE)
+            try:
+                self._tasks.append(self._tg.create_task(self._carry(addr, queue)))
+            except RuntimeError:  # the service's task group ended: no link opens now
+                raise LinkError(f"links of {self._me} are closing") from None
+            self._queues[addr] = queue
         data = encode_frame(frame)  # what goes on the wire, and back through its decoder
         self.sent_bytes[addr] += len(data)
         await queue.put(decode_frame(data))
@@ -100,10 +107,12 @@ class MemoryLinks:
                 queue.task_done()
 
     async def close(self) -> None:
-        """Flush what is queued, as closing a socket does, then stop."""
+        """Flush what is queued, as closing a socket does, then stop; what is sent from now
+        on is refused, as on a closed socket."""
+        self._closed = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
-                for queue in self._queues.values():
+                for queue in list(self._queues.values()):
                     await queue.join()
         for task in self._tasks:
             task.cancel()
