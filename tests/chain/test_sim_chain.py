@@ -417,10 +417,13 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         full = reference(PROMPTS[3], 16)
         stop = next(t for t in full if full.index(t) >= 4)  # a token met first a few steps in
         stopped: list[int] = []
-        origin = first.service.origin
+        origin, before = first.service.origin, splits()
         async for token in origin.generate(PROMPTS[3], 16, stop_ids=frozenset({stop})):
             stopped.append(token)
         assert stopped == full[: full.index(stop)]  # the stop token ends it, unsaid
+        await until(mesh.idle, 5, "every cache freed")
+        # The first stage picked the stop token and fed nothing after it.
+        assert splits() - before == full.index(stop)
         before = splits()
         await seeded(mesh, first.name, PROMPTS[0], 12)
         two: list[list[int]] = [[], []]
