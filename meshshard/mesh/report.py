@@ -4,7 +4,7 @@ numbers, why idle members are idle, history, events)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from meshshard.mesh.coordinator import mesh_instance
@@ -14,12 +14,13 @@ from meshshard.planner.flow import (
     PLAIN,
     FlowStage,
     Speculation,
+    alone,
     best_waves,
     flow_stages,
     latency_ms,
     tokens_per_s,
 )
-from meshshard.planner.headsplit import head_share
+from meshshard.planner.headsplit import head_saving_ms, head_share
 from meshshard.planner.instance import Instance
 from meshshard.types import PlanRecord, PlanStage, Profile, State
 
@@ -141,10 +142,23 @@ def plan_flow(
 def plan_head_share(node: ControlNode, plan: PlanRecord) -> float:
     """The share of a tied head the plan's first stage scores for a lone answer's step,
     under today's profiles and links (planner/headsplit.py)."""
+    return _head_split(node, plan, head_share)
+
+
+def plan_head_saving(node: ControlNode, plan: PlanRecord) -> float:
+    """... and the ms that takes off a lone answer's round."""
+    return _head_split(node, plan, head_saving_ms)
+
+
+def _head_split(
+    node: ControlNode,
+    plan: PlanRecord,
+    what: Callable[[Instance, list[Stage], dict[str, float]], float],
+) -> float:
     if (inst := _instance(node, plan)) is None:
         return 0.0
     stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
-    return head_share(inst, stages, {n: p.pace for n, p in node.profiles.items()})
+    return what(inst, stages, {n: p.pace for n, p in node.profiles.items()})
 
 
 def plan_waves(node: ControlNode, plan: PlanRecord) -> int:
@@ -170,8 +184,10 @@ def predicted_now(
         return None
     cost, flow, back = got
     waves = plan.waves  # what the stages run
+    # One answer alone, one token a pass, runs with the head split where the plan says so.
+    lone = alone(flow, plan_head_saving(node, plan)) if plan.head_share else flow
     return {
-        "latency_ms": round(latency_ms(flow, back), 3),
+        "latency_ms": round(latency_ms(lone, back), 3),
         "bottleneck_ms": round(cost.bottleneck_ms, 3),
         "tokens_per_s": round(cost.tokens_per_s, 2),
         "sessions": cost.sessions,
@@ -183,7 +199,8 @@ def predicted_now(
         # What that many answers at once would reach, batched and spread over waves as our
         # stages run them.
         "tokens_per_s_at": {
-            str(n): round(tokens_per_s(flow, back, n, waves=waves), 2) for n in FLOW_SESSIONS
+            str(n): round(tokens_per_s(lone if n == 1 else flow, back, n, waves=waves), 2)
+            for n in FLOW_SESSIONS
         },
         "waves": waves,
         "speculating": None

@@ -25,7 +25,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshshard.chain.waves import Arrivals, wave_rows
 from meshshard.model.batching import BATCHES, MAX_BATCH
@@ -78,6 +78,15 @@ class FlowStage:
                 a, b = sizes[k - 1], sizes[k]
                 return times[k - 1] + (sessions - a) * (times[k] - times[k - 1]) / (b - a)
         return times[-1] * sessions / sizes[-1]
+
+
+def alone(stages: tuple[FlowStage, ...], saving_ms: float) -> tuple[FlowStage, ...]:
+    """The stages as a lone answer runs them where the head is split: the last stage's pass
+    of one session shorter by what the split saves a round (planner/headsplit.py)."""
+    if not saving_ms or not stages:
+        return stages
+    last = stages[-1]
+    return (*stages[:-1], replace(last, one_ms=max(last.one_ms - saving_ms, 0.0)))
 
 
 def profiled(

@@ -29,11 +29,25 @@ def head_share(
 ) -> float:
     """The share of the vocabulary the first stage scores (0: the last stage scores it all).
     pace: per device, its passes as measured serving over what its profile says."""
+    return _split(inst, stages, pace)[0]
+
+
+def head_saving_ms(
+    inst: Instance, stages: Sequence[Stage], pace: Mapping[str, float] | None = None
+) -> float:
+    """What the split takes off a lone answer's round, in ms (0: no split)."""
+    return _split(inst, stages, pace)[1]
+
+
+def _split(
+    inst: Instance, stages: Sequence[Stage], pace: Mapping[str, float] | None
+) -> tuple[float, float]:
+    """The first stage's share, and the ms it saves a round."""
     if len(stages) < 2:
-        return 0.0
+        return 0.0, 0.0
     first, last = stages[0], stages[-1]
     if first.device == last.device or first.start != 0 or last.end != inst.n or inst.n < 2:
-        return 0.0
+        return 0.0, 0.0
     scale = pace or {}
     head_last = inst.device(last.device).ms[-1] * scale.get(last.device, 1.0)
     head_first = inst.device(first.device).ms[-1] * scale.get(first.device, 1.0)
@@ -41,12 +55,13 @@ def head_share(
     send = link.hop_ms(inst.units[-2].out_bytes)  # the hidden state, to the first stage
     back = link.hop_ms(inst.return_bytes)  # a pick (or, unsplit, the token) after it
     if head_last + head_first <= 0:
-        return 0.0
+        return 0.0, 0.0
     # Both halves done at once: (1 - share) * head_last + back == send + share * head_first.
-    share = (head_last + back - send) / (head_last + head_first)
+    share = min((head_last + back - send) / (head_last + head_first), 0.9)
     if share <= 0:
-        return 0.0
-    split_ms = send + share * head_first
-    if head_last + back - split_ms < MIN_SAVING * head_last:
-        return 0.0
-    return round(min(share, 0.9), 3)
+        return 0.0, 0.0
+    split_ms = max(send + share * head_first, (1 - share) * head_last + back)
+    saving = head_last + back - split_ms
+    if saving < MIN_SAVING * head_last:
+        return 0.0, 0.0
+    return round(share, 3), saving

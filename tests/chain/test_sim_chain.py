@@ -16,9 +16,11 @@ from support.simchain import SIM_TIMINGS, SimMesh
 
 from meshshard.chain.origin import MeshTooSmall
 from meshshard.chain.tensors import to_wire
+from meshshard.mesh.report import plan_flow, predicted_now
 from meshshard.model.costs import unit_costs
 from meshshard.model.device import Device, Placement
 from meshshard.model.generate import LocalChain, generate
+from meshshard.planner.flow import latency_ms, tokens_per_s
 from meshshard.types import Epoch, NodeId, PlanRecord
 from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, Sampling, StepFrame
 
@@ -399,6 +401,13 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         plan = await three_stages(mesh, "abc")
         assert 0 < plan.head_share < 1
         first, last = mesh.peers[plan.stages[0].device], mesh.peers[plan.stages[-1].device]
+        # The status predicts one answer with the split, more with the whole head.
+        got = plan_flow(first.node, plan)
+        now = predicted_now(first.node, plan)
+        assert got is not None and now is not None
+        _, flow, back = got
+        assert now["latency_ms"] < latency_ms(flow, back)
+        assert now["tokens_per_s_at"]["1"] > round(tokens_per_s(flow, back, 1), 2)
 
         def splits() -> int:
             stage = last.service.follower.stage

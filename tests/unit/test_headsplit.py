@@ -12,7 +12,8 @@ from meshshard.chain.picks import MOST_WAITING, Pick, Picks, better, split_rows
 from meshshard.chain.tensors import to_wire
 from meshshard.model.shard import Shard
 from meshshard.planner import Instance, Stage
-from meshshard.planner.headsplit import head_share
+from meshshard.planner.flow import alone, flow_stages, latency_ms, tokens_per_s
+from meshshard.planner.headsplit import head_saving_ms, head_share
 from meshshard.planner.instance import Device, Link, Unit
 from meshshard.types import Epoch
 from meshshard.wire import PickFrame, Sampling, StepFrame
@@ -147,3 +148,16 @@ def test_a_middle_shard_holds_no_head_to_pick_from(tiny_llama: Path) -> None:
     assert middle.head_weight is None
     with pytest.raises(ValueError, match="no head matrix"):
         middle.pick(torch.zeros(1, middle.spec.hidden_size), 0, 8)
+
+
+def test_a_lone_answers_round_is_shorter_by_what_the_split_saves() -> None:
+    inst = chain(8.6, 8.6, LOOPBACK)
+    saving = head_saving_ms(inst, STAGES)
+    assert 4.0 < saving < 4.4  # half the head, less the hidden state's bytes
+    assert head_saving_ms(chain(8.6, 8.6, Link(1, 3.0)), STAGES) == 0.0  # no split
+    flow, back = flow_stages(inst, STAGES, {}, {})
+    lone = alone(flow, saving)
+    assert lone[:-1] == flow[:-1] and lone[-1].batch_ms == flow[-1].batch_ms
+    assert latency_ms(lone, back) == pytest.approx(latency_ms(flow, back) - saving)
+    assert tokens_per_s(lone, back, 1) > tokens_per_s(flow, back, 1)
+    assert alone(flow, 0.0) == flow
