@@ -4,8 +4,8 @@ numbers, why idle members are idle, history, events)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from meshshard.mesh.coordinator import mesh_instance
 from meshshard.planner import InstanceError, Stage, evaluate
@@ -117,11 +117,19 @@ def _instance(node: ControlNode, plan: PlanRecord) -> Instance | None:
         return None
 
 
-def plan_flow(
-    node: ControlNode, plan: PlanRecord
-) -> tuple[Cost, tuple[FlowStage, ...], float] | None:
-    """The plan's cost under today's profiles and measured links, and its stages and return
-    hop as the flow model takes them (None where the instance cannot be built)."""
+class PlanFlow(NamedTuple):
+    """A plan as the flow model takes it: its cost, its stages, the token's way back, and
+    the stages as one answer alone runs them (with the head split where the plan says so)."""
+
+    cost: Cost
+    flow: tuple[FlowStage, ...]
+    back: float
+    lone: tuple[FlowStage, ...]
+
+
+def plan_flow(node: ControlNode, plan: PlanRecord) -> PlanFlow | None:
+    """The plan under today's profiles and measured links (None where the instance cannot
+    be built)."""
     if (inst := _instance(node, plan)) is None:
         return None
     stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
@@ -129,36 +137,25 @@ def plan_flow(
         cost = evaluate(inst, stages)
     except InstanceError:
         return None
+    pace: dict[str, float] = {n: p.pace for n, p in node.profiles.items()}
     flow, back = flow_stages(
         inst,
         stages,
         {n: p.batch_ms for n, p in node.profiles.items()},
         {n: p.overhead_ms for n, p in node.profiles.items()},
-        {n: p.pace for n, p in node.profiles.items()},
+        pace,
     )
-    return cost, flow, back
+    lone = alone(flow, head_saving_ms(inst, stages, pace)) if plan.head_share else flow
+    return PlanFlow(cost, flow, back, lone)
 
 
 def plan_head_share(node: ControlNode, plan: PlanRecord) -> float:
     """The share of a tied head the plan's first stage scores for a lone answer's step,
     under today's profiles and links (planner/headsplit.py)."""
-    return _head_split(node, plan, head_share)
-
-
-def plan_head_saving(node: ControlNode, plan: PlanRecord) -> float:
-    """... and the ms that takes off a lone answer's round."""
-    return _head_split(node, plan, head_saving_ms)
-
-
-def _head_split(
-    node: ControlNode,
-    plan: PlanRecord,
-    what: Callable[[Instance, list[Stage], dict[str, float]], float],
-) -> float:
     if (inst := _instance(node, plan)) is None:
         return 0.0
     stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
-    return what(inst, stages, {n: p.pace for n, p in node.profiles.items()})
+    return head_share(inst, stages, {n: p.pace for n, p in node.profiles.items()})
 
 
 def plan_waves(node: ControlNode, plan: PlanRecord) -> int:
@@ -170,8 +167,7 @@ def plan_waves(node: ControlNode, plan: PlanRecord) -> int:
     got = plan_flow(node, plan)
     if got is None:
         return 1
-    cost, flow, back = got
-    return best_waves(flow, back, cost.sessions)
+    return best_waves(got.flow, got.back, got.cost.sessions)
 
 
 def predicted_now(
@@ -182,10 +178,8 @@ def predicted_now(
     one answer's rate at passes of `spec`'s positions and tokens."""
     if plan is None or (got := plan_flow(node, plan)) is None:
         return None
-    cost, flow, back = got
+    cost, flow, back, lone = got  # lone: one answer alone, one token a pass
     waves = plan.waves  # what the stages run
-    # One answer alone, one token a pass, runs with the head split where the plan says so.
-    lone = alone(flow, plan_head_saving(node, plan)) if plan.head_share else flow
     return {
         "latency_ms": round(latency_ms(lone, back), 3),
         "bottleneck_ms": round(cost.bottleneck_ms, 3),

@@ -405,7 +405,7 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         got = plan_flow(first.node, plan)
         now = predicted_now(first.node, plan)
         assert got is not None and now is not None
-        _, flow, back = got
+        _, flow, back, _ = got
         assert now["latency_ms"] < latency_ms(flow, back)
         assert now["tokens_per_s_at"]["1"] > round(tokens_per_s(flow, back, 1), 2)
 
