@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from meshshard.chain.admission import KVBudget
+from meshshard.chain.drafts import Drafter
 from meshshard.chain.following import (
     Load,
     NoUnits,
@@ -99,6 +100,7 @@ class PlanFollower:
         self.clock, self.timings = clock, timings
         self.observe = observe
         self.stage: StageWorker | None = None
+        self.drafter = Drafter()  # drafts made here, as any plan's first stage
         self.budget = KVBudget(None)  # the serving stage's KV memory, reserved by sessions
         self.left_behind = LeftBehind(timings.left_behind_keep, clock.now)
         self._pending: _Prepared | None = None
@@ -239,7 +241,7 @@ class PlanFollower:
                 assert self._tg is not None
                 self.stage = StageWorker(
                     pending.shard, plan.epoch, pending.next_addr, self._send, self.observe,
-                    plan.waves, plan.head_share,
+                    plan.waves, plan.head_share, self.drafter,
                 )  # fmt: skip
                 self._stage_task = self._tg.create_task(self.stage.run())
             shard = pending.shard
@@ -429,6 +431,7 @@ class PlanFollower:
         self._ended[session] = None
         while len(self._ended) > ENDED_REMEMBERED:
             self._ended.popitem(last=False)
+        self.drafter.forget(session)
         if self.stage is not None:
             self.stage.forget_picks(session)
         # Mid-switch a cache is in neither shard nor left-behind list (it is being adopted):

@@ -271,17 +271,20 @@ class Origin:
         serve it, or when a newer chain is ready to take it over. A decode step may carry a
         draft of the next tokens (`speculator`); a pass then yields every token it confirmed.
 
-        Without drafts the chain feeds itself: the last stage sends each token straight to the
-        first stage as the next step, and a copy here (StepFrame.loop), so a token does not
-        hop through this peer's answer on its way round; this peer sends steps again only to
-        start, and after a replay. (This peer's work on the copy then runs beside the
-        stages' passes: see docs/data-plane.md for what that cost while passes ran in the
-        model thread, and why short ones run on the loop.)"""
+        The chain feeds itself: the last stage sends each token straight to the first stage
+        as the next step, and a copy here (StepFrame.loop), so a token does not hop through
+        this peer's answer on its way round; this peer sends steps again only to start, and
+        after a replay. The first stage then drafts (StepFrame.drafts, chain/drafts.py);
+        this peer drafts only for an answer with too many stop tokens to loop. (This peer's
+        work on the copy then runs beside the stages' passes: see docs/data-plane.md for what
+        that cost while passes ran in the model thread, and why short ones run on the
+        loop.)"""
         first = self.control.address_of(plan.stages[0].device)
         if first is None:
             raise _Left(Leave("the first stage is gone", self.timings.same_plan_grace))
-        loop = (first, max_tokens - 1, tuple(sorted(stop_ids)))
-        loops = not self.speculate and len(stop_ids) <= MAX_STOPS
+        loops = len(stop_ids) <= MAX_STOPS
+        loop = (first, max_tokens - 1, tuple(sorted(stop_ids))) if loops else ("", 0, ())
+        drafts = self.speculate if loops else 0
         looping = False  # the chain is feeding itself the steps we wait for
         draft: tuple[int, ...] = ()
         while True:
@@ -291,7 +294,9 @@ class Origin:
             if not looping:
                 fed = history[start:]
                 # Drafts ride on decode steps only, and never past the answer's last token.
-                draft = speculator.draft(history, max_tokens - step - 1) if len(fed) == 1 else ()
+                draft = ()
+                if len(fed) == 1 and not loops:
+                    draft = speculator.draft(history, max_tokens - step - 1)
                 ids = torch.tensor(fed + list(draft), dtype=torch.int64)
                 for offset in range(0, len(ids), PREFILL_CHUNK):
                     chunk = ids[offset : offset + PREFILL_CHUNK]
@@ -299,7 +304,7 @@ class Origin:
                     frame = StepFrame(
                         plan.epoch, session, step, start + offset, to_wire(chunk),
                         self.control.address, last, params, attempt, reserve,
-                        draft if last else (), *(loop if last and loops else ("", 0, ())),
+                        draft if last else (), *(loop if last else ("", 0, ())), drafts,
                     )  # fmt: skip
                     try:
                         await self._send(first, frame)
@@ -317,10 +322,13 @@ class Origin:
                 start = action.position
                 looping = False
                 continue
-            tokens = action[: len(draft) + 1]  # a stage cannot confirm what was not drafted
-            speculator.passed(len(draft), len(tokens) - 1)
+            # A stage cannot confirm what was not drafted.
+            drafted = action.drafted if loops else len(draft)
+            tokens = action.tokens[: drafted + 1]
+            if not loops:
+                speculator.passed(drafted, len(tokens) - 1)
             self.stats.passes += 1
-            self.stats.drafted += len(draft)
+            self.stats.drafted += drafted
             self.stats.kept += len(tokens) - 1
             for token in tokens:
                 yield token  # the caller appends it to `history` before resuming us
@@ -342,7 +350,7 @@ class Origin:
         attempt: int,
         step: int,
         start: int,
-    ) -> tuple[int, ...] | FeedFrom:
+    ) -> TokenFrame | FeedFrom:
         """The tokens from `step` on, or where to feed again from; raises what recovery
         decides."""
         started = self.clock.now()
@@ -359,7 +367,7 @@ class Origin:
                 case None:
                     continue  # the mesh changed, or time ran out: look again
                 case TokenFrame(attempt=a, step=s) if a == attempt and s == step:
-                    return frame.tokens
+                    return frame
                 case ErrorFrame(attempt=a) if a == attempt:
                     action = after_error(frame.code, frame.message, frame.have, start, self.timings)
                     if isinstance(action, FeedFrom):

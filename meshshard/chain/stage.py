@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from meshshard.chain.drafts import Drafter
 from meshshard.chain.links import BULK, lane
 from meshshard.chain.picks import Pick, Picks, split_rows
 from meshshard.chain.speculate import confirmed
@@ -95,8 +96,8 @@ class CacheMiss(Exception):
 def _fitted(batch: list[StepFrame]) -> list[StepFrame]:
     """The batch with drafts cut so that its pass runs no more positions than a full batch
     of single steps (MAX_BATCH): one long draft must not multiply what the others wait for.
-    Cutting a draft is safe: the last stage confirms what is left of it, and the origin
-    drafts less next time."""
+    Cutting a draft is safe: the last stage confirms what is left of it, and whoever
+    drafted it drafts less next time."""
     most = MAX_BATCH // len(batch) - 1
     return [
         replace(f, tensor=rows(f.tensor, 0, 1 + most), draft=f.draft[:most])
@@ -138,13 +139,14 @@ def _one_token(frame: StepFrame) -> bool:
 def _followed(frame: StepFrame, tokens: tuple[int, ...]) -> StepFrame | None:
     """The step after `frame` that the last stage sends to the first itself, when the origin
     asked for it (`loop`) and the answer goes on: tokens then go round the chain without a
-    hop through the origin."""
+    hop through the origin. It feeds the last token at its position: a draft's positions
+    past it were not confirmed, and the first stage drafts anew (chain/drafts.py)."""
     step = frame.step + len(tokens)
-    if not frame.loop or frame.draft or step > frame.until or set(tokens) & set(frame.stops):
+    if not frame.loop or step > frame.until or set(tokens) & set(frame.stops):
         return None
     ids = torch.tensor(tokens[-1:], dtype=torch.int64)
-    start = frame.start + frame.tensor.shape[0]
-    return replace(frame, step=step, start=start, tensor=to_wire(ids), sample=True)
+    start = frame.start + frame.tensor.shape[0] - len(frame.draft) + len(tokens) - 1
+    return replace(frame, step=step, start=start, tensor=to_wire(ids), sample=True, draft=())
 
 
 def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], int]:
@@ -166,8 +168,12 @@ class StageWorker:
         observe: Observe | None = None,
         waves: int = 1,
         head_share: float = 0.0,
+        drafter: Drafter | None = None,
     ) -> None:
         self.shard = shard
+        # Drafts for answers the chain feeds itself are made where it feeds them: here, at
+        # the first stage (the peer's, so they outlive a plan that keeps it first).
+        self._drafter = drafter if shard.is_first else None
         self.waves = waves  # the chain's decoding sessions spread over (the plan's)
         # Vocabulary rows the first stage scores of a lone greedy step (the plan's share),
         # where this last stage's head is tied to the first stage's embedding.
@@ -223,6 +229,8 @@ class StageWorker:
         if self._closing:
             await self._error(frame, ErrorCode.STALE_EPOCH, "this stage moved to a new plan")
             return
+        if self._drafter is not None:
+            frame = self._drafter.fed(frame)
         self._arrivals.arrived(frame.session, time.perf_counter(), _one_token(frame))
         if not self._joined(frame):
             self._queue.append(frame)
@@ -631,10 +639,11 @@ class StageWorker:
                         await self._send(follow.loop, follow)
                     except Exception as e:
                         failed = e
-                await self._send(
-                    frame.origin,
-                    TokenFrame(frame.epoch, frame.session, frame.step, out, frame.attempt),
+                drafted = len(frame.draft)
+                tokens = TokenFrame(
+                    frame.epoch, frame.session, frame.step, out, frame.attempt, drafted
                 )
+                await self._send(frame.origin, tokens)
                 if follow is not None and failed is not None:
                     await self._error(follow, ErrorCode.INTERNAL, f"first stage failed: {failed}")
         except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others

@@ -79,6 +79,9 @@ class StepFrame:
     loop: str = ""  # "": the origin sends each step
     until: int = 0
     stops: tuple[int, ...] = ()
+    # The answer speculates: the first stage keeps its ids, and drafts up to this many tokens
+    # onto each decode step the chain feeds itself (chain/drafts.py). 0: it does not.
+    drafts: int = 0
     # A split head (chain/headsplit.py): the tensor is the last stage's normed hidden state
     # [1, hidden] of the step before; this first stage scores vocabulary rows [0, head) of
     # its tied embedding, and the best of those and the last stage's PickFrame is the token
@@ -95,6 +98,7 @@ class TokenFrame:
     step: int
     tokens: tuple[int, ...]
     attempt: int = 0
+    drafted: int = 0  # tokens the pass verified: all but one of the tokens may be confirmed ones
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,8 @@ def encode_frame(frame: DataFrame) -> bytes:
             }
             if frame.loop:
                 body |= {"loop": frame.loop, "until": frame.until, "stops": list(frame.stops)}
+            if frame.drafts:
+                body |= {"drafts": frame.drafts}
             if frame.head:
                 body |= {"head": frame.head}
         case TokenFrame():
@@ -211,6 +217,8 @@ def encode_frame(frame: DataFrame) -> bytes:
                 "step": frame.step,
                 "tokens": list(frame.tokens),
             }
+            if frame.drafted:
+                body |= {"drafted": frame.drafted}
         case PickFrame():
             body |= {
                 "k": "pick",
@@ -273,8 +281,6 @@ def decode_frame(
             if draft and (not sample or len(draft) >= tensor.shape[0]):
                 raise WireError("a draft must end a sampled frame, after at least one token")
             loop = checks.address(m["loop"], "loop") if "loop" in m else ""
-            if loop and draft:
-                raise WireError("a step that feeds the chain itself carries no draft")
             head = checks.integer(m.get("head", 0), "head", high=MAX_TOKEN_ID)
             if head and (not loop or tensor.dtype == "int64" or tensor.shape[0] != 1):
                 raise WireError("a split head's step feeds the chain one hidden state")
@@ -293,12 +299,16 @@ def decode_frame(
                 loop=loop,
                 until=checks.integer(m.get("until", 0), "until") if loop else 0,
                 stops=_token_ids(m.get("stops", []), "stops", 0, MAX_STOPS) if loop else (),
+                drafts=checks.integer(m.get("drafts", 0), "drafts", high=MAX_DRAFT + 1),
                 head=head,
             )
         case "token":
             step = checks.integer(m.get("step"), "step")
             tokens = _token_ids(m.get("tokens"), "tokens", 1, MAX_DRAFT + 1)
-            return TokenFrame(epoch, session, step, tokens, attempt)
+            drafted = checks.integer(m.get("drafted", 0), "drafted", high=MAX_DRAFT + 1)
+            if len(tokens) > drafted + 1:
+                raise WireError(f"{len(tokens)} tokens from a pass that verified {drafted} drafted")
+            return TokenFrame(epoch, session, step, tokens, attempt, drafted)
         case "pick":
             return PickFrame(
                 epoch,

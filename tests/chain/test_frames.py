@@ -57,13 +57,14 @@ def test_other_frames_round_trip() -> None:
     kv = to_wire(torch.randn(1, 3, 7, 64))
     for frame in (
         TokenFrame(E, "s", 4, (49151,), attempt=2),
-        TokenFrame(E, "s", 4, (7, 8, 9), attempt=2),
+        TokenFrame(E, "s", 4, (7, 8, 9), attempt=2, drafted=4),
         ErrorFrame(E, "s", 4, ErrorCode.STALE_EPOCH, "old", attempt=1),
         ErrorFrame(E, "s", 4, ErrorCode.CACHE_MISS, "short", attempt=1, have=17),
         DropFrame(E, "s"),
         step(to_wire(torch.tensor([1, 2, 3]))),
         replace(step(to_wire(torch.tensor([1, 2, 3]))), draft=(2, 3)),
         replace(step(to_wire(torch.tensor([1, 2]))), loop="127.0.0.1:7002", until=63, stops=(2,)),
+        replace(step(to_wire(torch.tensor([1, 2, 3]))), loop="127.0.0.1:7", draft=(3,), drafts=8),
         replace(step(to_wire(torch.randn(1, 16))), loop="127.0.0.1:7002", until=63, head=24576),
         PickFrame(E, "s", 5, 49151, -3.25, attempt=1),
         PickFrame(E, "s", 5, 0, 1e30),
@@ -156,11 +157,12 @@ def raw_step(**changes: object) -> bytes:
         (raw_step(draft=[5], sample=False), "a draft must end a sampled frame"),
         (raw_step(draft=list(range(17))), "0 to 16 token ids"),
         (raw_step(draft=[-1]), "draft must be an integer"),
-        # A step the chain feeds itself says where to, and carries no draft to verify.
+        # A step the chain feeds itself says where to; its first stage drafts at most 16.
         (raw_step(loop="nowhere"), "host:port"),
         (raw_step(loop="127.0.0.1:7002", until=-1), "until"),
         (raw_step(loop="127.0.0.1:7002", stops=list(range(17))), "0 to 16 token ids"),
-        (raw_step(loop="127.0.0.1:7002", draft=[5], tensor=ids(2)), "carries no draft"),
+        (raw_step(drafts=17), r"drafts must be an integer in \[0, 17\)"),
+        (raw_step(drafts=True), "drafts must be an integer"),
         # A split head's step carries one hidden state, and feeds the chain.
         (raw_step(head=48), "one hidden state"),
         (raw_step(loop="127.0.0.1:7002", head=48, tensor=ids(1)), "one hidden state"),
@@ -170,6 +172,10 @@ def raw_step(**changes: object) -> bytes:
         (raw_step(k="pick", token=2**31, logit=1.0), "token must be an integer"),
         (raw_step(k="token", tokens=[]), "1 to 17 token ids"),
         (raw_step(k="token", tokens=[2**31]), "tokens must be an integer"),
+        # A pass confirms at most what it verified, and one token of its own.
+        (raw_step(k="token", tokens=[1, 2]), "2 tokens from a pass that verified 0"),
+        (raw_step(k="token", tokens=[1, 2, 3], drafted=1), "3 tokens from a pass that verified 1"),
+        (raw_step(k="token", tokens=[1], drafted=17), "drafted must be an integer"),
         (b"\x00" * (MAX_FRAME_BYTES + 1), "exceeds"),
     ],
 )

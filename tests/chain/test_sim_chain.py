@@ -360,15 +360,19 @@ async def test_frames_to_oneself_never_touch_the_network(
         await until(mesh.idle, 5, "every cache freed, its own too")
 
 
-async def test_without_drafts_tokens_go_round_the_chain_without_the_origin(
-    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+@pytest.mark.parametrize("speculate", [0, 8], ids=["plain", "speculating"])
+async def test_tokens_go_round_the_chain_without_the_origin(
+    model: Path,
+    memory: float,
+    reference: Callable[[Sequence[int], int], list[int]],
+    speculate: int,
 ) -> None:
     """Whether the origin runs no stage or one (here the middle one): the last stage sends
     each token straight to the first as the next step (and a copy to the origin), so the
     origin sends the first stage the prompt and nothing per token: about as many bytes for
     24 tokens as for 4 (the numbers in the prompt's step differ; a step frame of its own is
-    over 100 bytes)."""
-    async with SimMesh(model, memory, speculate=0) as mesh:
+    over 100 bytes). An answer that speculates goes round too: the first stage drafts."""
+    async with SimMesh(model, memory, speculate=speculate) as mesh:
         plan = await three_stages(mesh, "abcd")
         first, middle, last = (mesh.peers[s.device] for s in plan.stages)
         spare = next(mesh.peers[p] for p in "abcd" if plan.stage_of(NodeId(p)) is None)
@@ -387,6 +391,8 @@ async def test_without_drafts_tokens_go_round_the_chain_without_the_origin(
         for origin in (spare, middle):
             a, b = sent[origin.name]
             assert 0 < a <= b < a + 16, origin.name
+            stats = origin.service.stats
+            assert (stats.kept > 0) == bool(speculate), stats  # drafts the first stage made
         assert fed[1] > fed[0] > 0 and fed[3] > fed[2] > 0  # the last stage fed the first
 
 
@@ -443,3 +449,26 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         assert splits() - before < 12  # the seeded answer none; the two only steps alone
         await until(mesh.idle, 5, "every cache freed")
         assert not first.service.follower.stage._picks  # no half left waiting
+
+
+async def test_a_speculating_lone_answer_splits_the_passes_it_drafts_nothing_for(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    """The first stage drafts for an answer the chain feeds itself; a pass with a draft
+    verifies it with the whole head at the last stage, a pass without one splits the head.
+    Tokens are one process's either way."""
+    async with SimMesh(model, memory, speculate=8) as mesh:
+        plan = await three_stages(mesh, "abc")
+        first, last = mesh.peers[plan.stages[0].device], mesh.peers[plan.stages[-1].device]
+        for prompt in PROMPTS:
+            got: list[int] = []
+            await answer(mesh, first.name, prompt, 24, got)
+            assert got == reference(prompt, 24)
+        stage = last.service.follower.stage
+        stats = first.service.stats
+        assert stage is not None and stats.kept > 0
+        # Past each prompt's pass, passes split the head, but those that verified a draft
+        # and each answer's last (it feeds nothing on).
+        decodes = stats.passes - len(PROMPTS)
+        assert 0 < stage.split_steps < decodes - len(PROMPTS)
+        await until(mesh.idle, 5, "every cache freed")
