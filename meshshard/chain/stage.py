@@ -136,6 +136,17 @@ def _one_token(frame: StepFrame) -> bool:
     return frame.tensor.shape[0] - len(frame.draft) == 1
 
 
+def _decoding(batch: list[StepFrame]) -> bool:
+    return all(f.tensor.shape[0] == 1 for f in batch)
+
+
+def _verifying(batch: list[StepFrame]) -> int | None:
+    """The rows of a pass of decode steps that verifies drafts (None: it verifies none)."""
+    if not any(f.draft for f in batch) or not all(_one_token(f) for f in batch):
+        return None
+    return sum(f.tensor.shape[0] for f in batch)
+
+
 def _followed(frame: StepFrame, tokens: tuple[int, ...]) -> StepFrame | None:
     """The step after `frame` that the last stage sends to the first itself, when the origin
     asked for it (`loop`) and the answer goes on: tokens then go round the chain without a
@@ -205,6 +216,7 @@ class StageWorker:
         self.holds = 0  # batches held for rows due soon
         self.pass_ms: dict[int, float] = {}  # decode passes by rows: whether holding pays
         self.passes: Counter[int] = Counter()  # ... how many of each ran
+        self.verify_ms: dict[int, float] = {}  # passes of decode steps with drafts, by rows
         self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue(
             OUTBOX
         )
@@ -510,10 +522,12 @@ class StageWorker:
         self.batches += 1
         # A pass without its head is no measure of a decode pass here (the profile's pace,
         # prompt slices): it counts with the others only in forward_s.
-        decode = all(f.tensor.shape[0] == 1 for f in batch) and not split
+        decode = _decoding(batch) and not split
         ms = seconds * 1000
         if split:
             self.split_ms = _moved(self.split_ms, ms)
+        elif (rows_ := _verifying(batch)) is not None:
+            self.verify_ms[rows_] = _moved(self.verify_ms.get(rows_, 0.0), ms)
         prompts = [f for f in batch if not _one_token(f)]
         prompt_rows = sum(f.tensor.shape[0] for f in prompts)
         logger.debug(
@@ -541,15 +555,18 @@ class StageWorker:
 
     def _short(self, batch: list[StepFrame], split: bool) -> bool:
         """Whether the batch is decode steps whose passes of its size (or without the head,
-        `split`) took at most INLINE_MS, with every output before it sent: a pass on the
-        loop would hold up what is still going out (the rest of the last wave, behind one
-        send that had to wait)."""
-        took = (self.split_ms or self.step_ms) if split else self.pass_ms.get(len(batch), 0.0)
-        return (
-            not self._unsent
-            and 0 < took <= INLINE_MS
-            and all(f.tensor.shape[0] == 1 for f in batch)
-        )
+        `split`; or of its rows, verifying drafts) took at most INLINE_MS, with every output
+        before it sent: a pass on the loop would hold up what is still going out (the rest
+        of the last wave, behind one send that had to wait). On the loop, the peer's other
+        work waits for the pass: an origin's on the tokens of the step that started it
+        would otherwise share the interpreter lock with it (docs/data-plane.md)."""
+        if (rows_ := _verifying(batch)) is not None:
+            took = self.verify_ms.get(rows_, 0.0)
+        elif split:
+            took = self.split_ms or self.step_ms
+        else:
+            took = self.pass_ms.get(len(batch), 0.0) if _decoding(batch) else 0.0
+        return not self._unsent and 0 < took <= INLINE_MS
 
     async def _send_outputs(self) -> None:
         while True:

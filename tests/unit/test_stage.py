@@ -449,6 +449,37 @@ async def test_decode_passes_measured_short_run_on_the_event_loop(tiny_model: Pa
     assert tuple(tokens) == greedy(tiny_model, PROMPTS[0], 3)
 
 
+async def test_passes_verifying_drafts_measured_short_run_on_the_event_loop(
+    tiny_model: Path,
+) -> None:
+    """A pass that verifies a draft is measured by its rows: one of as many rows as a pass
+    measured short runs on the loop (an origin on this peer then handles the tokens of the
+    step that started it after the pass, not beside it); one of other rows, in the thread
+    first. Each gives the tokens its own pass gives alone."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    shard.prefill("s0", torch.tensor(PROMPTS[0]))
+    threads = passes_by_thread(shard)
+    worker, _sizes, got = last_stage(shard)
+    task = asyncio.create_task(worker.run())
+    start = len(PROMPTS[0])
+    frames = [step("s0", start, [3], (4, 5)), step("s0", start, [3], (4, 6))]
+    frames.append(step("s0", start, [3], (4, 5, 6)))
+    tokens = []
+    try:
+        for i, frame in enumerate(frames):
+            await worker.put(frame)  # each from the same position: the cache is cut back
+            while worker.batches <= i:
+                await asyncio.sleep(0.01)
+            tokens.append(got["s0"])
+    finally:
+        await worker.close("done")
+        await task
+    loop_thread = threading.get_ident()
+    assert [t == loop_thread for t in threads] == [False, True, False]
+    assert set(worker.verify_ms) == {3, 4}
+    assert tokens == [alone(tiny_model, PROMPTS[0], f) for f in frames]
+
+
 async def test_a_pass_goes_to_the_model_thread_while_outputs_wait_to_be_sent(
     tiny_model: Path,
 ) -> None:
