@@ -12,6 +12,7 @@ start from there (drafts never change a token, only how many a pass confirms).
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
@@ -28,7 +29,9 @@ MOST_ANSWERS = 256  # answers kept: one whose drop was lost must not stay for ev
 class _Answer:
     base: int  # position of history[0]
     speculator: Speculator
-    history: list[int] = field(default_factory=list)
+    # Ids by position, 8 bytes each (a list of ints takes 36): up to a context's worth for
+    # each of MOST_ANSWERS answers.
+    history: array[int] = field(default_factory=lambda: array("q"))
     drafted_at: int = -1  # position of the step whose draft is out, and its length
     drafted: int = 0
 

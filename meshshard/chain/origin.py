@@ -322,8 +322,9 @@ class Origin:
                 start = action.position
                 looping = False
                 continue
-            # A stage cannot confirm what was not drafted.
-            drafted = action.drafted if loops else len(draft)
+            # A stage cannot confirm what was not drafted, nor the first stage draft more
+            # than it was told.
+            drafted = min(action.drafted, self.speculate) if loops else len(draft)
             tokens = action.tokens[: drafted + 1]
             if not loops:
                 speculator.passed(drafted, len(tokens) - 1)

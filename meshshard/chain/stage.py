@@ -310,8 +310,11 @@ class StageWorker:
                 or before.tensor.shape[1:] != frame.tensor.shape[1:]
             ):
                 return False
-            tensor = joined(before.tensor, frame.tensor)
-            self._queue[i] = replace(before, tensor=tensor, sample=frame.sample, draft=frame.draft)
+            # What ends the prompt is the last chunk's: its sampling, draft and feeding on.
+            self._queue[i] = replace(
+                before, tensor=joined(before.tensor, frame.tensor), sample=frame.sample,
+                draft=frame.draft, loop=frame.loop, until=frame.until, stops=frame.stops,
+            )  # fmt: skip
             return True
         return False
 

@@ -14,7 +14,7 @@ import torch
 from conftest import build_tiny
 from support.simchain import SIM_TIMINGS, SimMesh
 
-from meshshard.chain.origin import MeshTooSmall
+from meshshard.chain.origin import PREFILL_CHUNK, MeshTooSmall
 from meshshard.chain.tensors import to_wire
 from meshshard.mesh.report import plan_flow, predicted_now
 from meshshard.model.costs import unit_costs
@@ -471,4 +471,26 @@ async def test_a_speculating_lone_answer_splits_the_passes_it_drafts_nothing_for
         # and each answer's last (it feeds nothing on).
         decodes = stats.passes - len(PROMPTS)
         assert 0 < stage.split_steps < decodes - len(PROMPTS)
+        await until(mesh.idle, 5, "every cache freed")
+
+
+@pytest.mark.parametrize("speculate", [0, 8], ids=["plain", "speculating"])
+async def test_a_prompt_of_many_chunks_goes_on_round_the_chain(
+    model: Path,
+    memory: float,
+    reference: Callable[[Sequence[int], int], list[int]],
+    speculate: int,
+) -> None:
+    """A prompt sent in several frames (PREFILL_CHUNK tokens each) may wait at the first
+    stage as one (its chunks joined): the chain still feeds itself after it, so the answer
+    goes on without a replay or a wait for the step timeout."""
+    async with SimMesh(model, memory, speculate=speculate) as mesh:
+        plan = await three_stages(mesh, "abc")
+        origin = plan.stages[0].device
+        prompt = [(7 * i) % 90 + 1 for i in range(3 * PREFILL_CHUNK + 40)]
+        got: list[int] = []
+        await asyncio.wait_for(answer(mesh, origin, prompt, 12, got), 20)
+        assert got == reference(prompt, 12)
+        stats = mesh.peers[origin].service.stats
+        assert stats.replays == 0
         await until(mesh.idle, 5, "every cache freed")
