@@ -45,7 +45,7 @@ class Drafter:
     def fed(self, frame: StepFrame) -> StepFrame:
         """Keep the ids of a frame fed to the first stage; a decode step the chain feeds
         itself comes back with a draft of the next tokens, where the history offers one."""
-        if not frame.drafts:
+        if not frame.drafts or frame.tensor.dtype != "int64":  # not ids: the stage refuses it
             return frame
         answer = self._answer(frame)
         if answer.drafted and frame.start > answer.drafted_at:

@@ -61,6 +61,8 @@ def test_answers_that_do_not_speculate_or_feed_from_the_origin_get_no_draft() ->
     assert drafter.fed(from_origin) == from_origin  # recorded, not drafted
     drafted = fed(9, [4, 5], step=2, draft=(5,))
     assert drafter.fed(drafted) == drafted  # the origin's draft stands
+    hidden = replace(fed(10, [3], step=3), tensor=to_wire(torch.zeros(1, 8)))
+    assert drafter.fed(hidden) == hidden  # not ids: left to the stage to refuse
 
 
 def test_a_draft_never_runs_past_the_answers_last_step() -> None:
