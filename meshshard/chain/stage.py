@@ -310,11 +310,10 @@ class StageWorker:
                 or before.tensor.shape[1:] != frame.tensor.shape[1:]
             ):
                 return False
-            # What ends the prompt is the last chunk's: its sampling, draft and feeding on.
-            self._queue[i] = replace(
-                before, tensor=joined(before.tensor, frame.tensor), sample=frame.sample,
-                draft=frame.draft, loop=frame.loop, until=frame.until, stops=frame.stops,
-            )  # fmt: skip
+            # The last chunk, reaching back to where the first starts: what ends the prompt
+            # (its sampling, draft, feeding on) is the last chunk's.
+            tensor = joined(before.tensor, frame.tensor)
+            self._queue[i] = replace(frame, start=before.start, tensor=tensor)
             return True
         return False
 
