@@ -85,6 +85,13 @@ class FrameCodec:
         """The largest WebSocket message to read at all (checked before reading it)."""
         return self.record_bytes + 1 + _NUMBER + OVERHEAD
 
+    @property
+    def socket_limit(self) -> int:
+        """aiohttp's max_msg_size for a data-plane socket: one more than the largest record,
+        as aiohttp refuses a message of exactly its limit (a full record then closed the
+        socket with 1009, and the frame was lost, under a long prompt's rows)."""
+        return self.max_message + 1
+
     def channel(self, token: bytes, outbound: bool) -> Channel:
         return Channel(self, token, outbound)
 
@@ -269,6 +276,8 @@ class Links:
                 await ws.send_bytes(record)
                 self.sent_bytes[addr] += len(record)
         except (ConnectionError, aiohttp.ClientError, RuntimeError) as e:
+            why = closed_why(ws)
+            logger.warning("%s socket to %s failed a write: %s (%s)", key[1], addr, e, why)
             self._sockets.pop(key, None)
             self._watch.unreachable(addr)
             raise LinkError(f"{addr}: {e}") from None
@@ -290,7 +299,7 @@ class Links:
                 ws = await self._session.ws_connect(
                     f"http://{addr}/chain/ws",
                     headers=headers,
-                    max_msg_size=self._codec.max_message,
+                    max_msg_size=self._codec.socket_limit,
                     heartbeat=10,
                     compress=0,
                 )
@@ -310,7 +319,14 @@ class Links:
         if not self._closing:
             # Closed under us: the peer left (its record says so), or crashed, whose sockets
             # its kernel closes at once. The control plane tells the two apart.
+            logger.warning("%s socket to %s closed: %s", key[1], addr, closed_why(ws))
             self._watch.unreachable(addr)
+
+
+def closed_why(ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> str:
+    """What a peer's log says of a socket that closed: its close code, and the error that
+    closed it where one did (a missed heartbeat, a message over the limit)."""
+    return f"close code {ws.close_code}, {ws.exception() or 'no error'}"
 
 
 async def read_frames(
@@ -360,7 +376,7 @@ class SocketServer:
             request, self._codec.sealer, names_of(request, self._address())
         )
         ws = web.WebSocketResponse(
-            max_msg_size=self._codec.max_message, heartbeat=10, compress=False
+            max_msg_size=self._codec.socket_limit, heartbeat=10, compress=False
         )
         await ws.prepare(request)
         self._inbound.add(ws)
@@ -372,6 +388,7 @@ class SocketServer:
             )  # fmt: skip
         finally:
             self._inbound.discard(ws)
+        logger.info("socket from %s closed: %s", sender or request.remote, closed_why(ws))
         return ws
 
     async def close(self) -> None:
