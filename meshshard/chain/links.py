@@ -9,7 +9,8 @@ and a record cannot be replayed on another socket. Compression is off (a small c
 message can inflate a thousandfold before any check).
 
 Both ends of a socket may send frames; whatever arrives is handed to one dispatcher, so a
-stage's error comes back the same way a token does.
+stage's error comes back the same way a token does. Should a socket close under frames it
+carried, their answers' origins are told (inflight.py): the frames may be lost unseen.
 
 Two sockets go to each peer: one for bulk (a prompt's activations, a feed after a replay, a
 handed-off cache, a session's drop) and one for the rest (decode steps, tokens, errors). On
@@ -36,12 +37,14 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
+from meshshard.chain.inflight import InFlight
 from meshshard.edge.serve import names_of
 from meshshard.security import CHANNEL, DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import (
     MAX_FRAME_BYTES,
     DataFrame,
     DropFrame,
+    ErrorFrame,
     KVFrame,
     StepFrame,
     WireError,
@@ -254,6 +257,7 @@ class Links:
         self._dispatch = dispatch
         self._tg = tg
         self._sockets: dict[_Key, tuple[aiohttp.ClientWebSocketResponse, Channel]] = {}
+        self._carried: dict[aiohttp.ClientWebSocketResponse, InFlight] = {}
         self._locks: dict[_Key, asyncio.Lock] = {}
         self.sent_bytes: Counter[str] = Counter()  # per next hop
 
@@ -271,6 +275,8 @@ class Links:
             records = channel.seal(frame)
         except WireError as e:
             raise LinkError(f"{addr}: {e}") from None
+        if (carried := self._carried.get(ws)) is not None:
+            carried.sent(addr, frame)  # before: a close under the write loses it too
         try:
             for record in records:
                 await ws.send_bytes(record)
@@ -279,6 +285,7 @@ class Links:
             why = closed_why(ws)
             logger.warning("%s socket to %s failed a write: %s (%s)", key[1], addr, e, why)
             self._sockets.pop(key, None)
+            self._lost(ws, f"next hop failed: {addr}: {e}")
             self._watch.unreachable(addr)
             raise LinkError(f"{addr}: {e}") from None
 
@@ -287,6 +294,7 @@ class Links:
         for ws, _ in list(self._sockets.values()):
             await ws.close()
         self._sockets.clear()
+        self._carried.clear()
 
     async def _socket(self, key: _Key) -> tuple[aiohttp.ClientWebSocketResponse, Channel]:
         addr = key[0]
@@ -308,6 +316,7 @@ class Links:
             raise LinkError(f"cannot reach {addr}: {e or type(e).__name__}") from None
         channel = self._codec.channel(token, outbound=True)
         self._sockets[key] = (ws, channel)
+        self._carried[ws] = InFlight()
         self._tg.create_task(self._read(key, ws, channel))
         return ws, channel
 
@@ -316,11 +325,33 @@ class Links:
         await read_frames(ws, channel, self._refusals, addr, self._dispatch, self._watch.heard)
         if (known := self._sockets.get(key)) is not None and known[0] is ws:
             del self._sockets[key]
-        if not self._closing:
-            # Closed under us: the peer left (its record says so), or crashed, whose sockets
-            # its kernel closes at once. The control plane tells the two apart.
-            logger.warning("%s socket to %s closed: %s", key[1], addr, closed_why(ws))
-            self._watch.unreachable(addr)
+        if self._closing:
+            self._carried.pop(ws, None)
+            return
+        # Closed under us: the peer left (its record says so), or crashed, whose sockets its
+        # kernel closes at once. The control plane tells the two apart.
+        why = closed_why(ws)
+        logger.info("%s socket to %s closed: %s", key[1], addr, why)
+        self._lost(ws, f"the socket to {addr} closed under this answer's frames: {why}")
+        self._watch.unreachable(addr)
+
+    def _lost(self, ws: aiohttp.ClientWebSocketResponse, why: str) -> None:
+        """Tell the origin of each answer that `ws` carried that its frames may be lost."""
+        carried = self._carried.pop(ws, None)
+        errors = carried.lost(why) if carried is not None else []
+        if errors:
+            logger.warning("telling the origins of %d answers: %s", len(errors), why)
+        for origin, error in errors:
+            self._tg.create_task(self._tell(origin, error))
+
+    async def _tell(self, origin: str, error: ErrorFrame) -> None:
+        try:
+            if origin == self._codec.me:
+                await self._dispatch(error)
+            else:
+                await self.send(origin, error)
+        except LinkError as e:
+            logger.warning("could not tell %s of a lost frame of %s: %s", origin, error.session, e)
 
 
 def closed_why(ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> str:

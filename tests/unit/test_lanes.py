@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from types import SimpleNamespace
 
 import aiohttp
@@ -28,19 +29,27 @@ from meshshard.chain.links import (
 from meshshard.chain.tensors import to_wire
 from meshshard.security import Keyring, Sealer, new_key
 from meshshard.types import Epoch
-from meshshard.wire import DataFrame, DropFrame, KVFrame, Sampling, StepFrame, TokenFrame
+from meshshard.wire import (
+    DataFrame,
+    DropFrame,
+    ErrorCode,
+    ErrorFrame,
+    KVFrame,
+    Sampling,
+    StepFrame,
+    TokenFrame,
+)
 
 EPOCH = Epoch(1, "a")
 HIDDEN = 8
 PORT = 7598
 ADDR = f"127.0.0.1:{PORT}"
+ORIGIN = "127.0.0.1:1"
 
 
 def step(session: str, rows: int, draft: tuple[int, ...] = (), hidden: int = HIDDEN) -> StepFrame:
     tensor = to_wire(torch.randn(rows + len(draft), hidden))
-    return StepFrame(
-        EPOCH, session, 0, 0, tensor, "127.0.0.1:1", True, Sampling(0.0, 1.0, 0), draft=draft
-    )
+    return StepFrame(EPOCH, session, 0, 0, tensor, ORIGIN, True, Sampling(0.0, 1.0, 0), draft=draft)
 
 
 def test_prompts_and_caches_go_by_the_bulk_socket_and_steps_by_the_other() -> None:
@@ -49,7 +58,7 @@ def test_prompts_and_caches_go_by_the_bulk_socket_and_steps_by_the_other() -> No
     assert lane(step("s", 1, draft=(4, 5, 6))) == STEPS  # ... with a draft to verify
     assert lane(TokenFrame(EPOCH, "s", 3, (7,))) == STEPS
     cache = to_wire(torch.zeros(1, 1, 4, 2))
-    assert lane(KVFrame(EPOCH, "s", 0, 1, cache, cache, "127.0.0.1:1", True)) == BULK
+    assert lane(KVFrame(EPOCH, "s", 0, 1, cache, cache, ORIGIN, True)) == BULK
     assert lane(DropFrame(EPOCH, "s")) == BULK  # behind the session's prompt, never before it
 
 
@@ -103,10 +112,49 @@ async def test_a_frame_of_whole_records_crosses_a_socket_intact() -> None:
     assert sorted(arrived, key=lambda f: f.session) == frames  # by two sockets, any order
 
 
+async def test_a_socket_closed_under_its_frames_tells_their_origins() -> None:
+    """The receiver refuses a message and closes the socket: the frame is gone, and with it
+    whatever its buffers held. Every answer the socket carried hears "internal" for its
+    latest try, as when a send fails, and its origin feeds it again (before, it waited for
+    its step timeout and failed)."""
+    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN, me=ORIGIN)
+    strict = replace(codec, max_frame_bytes=1 << 16)  # reads no message past 64 KiB
+    sessions: list[str] = []
+    told: list[ErrorFrame] = []
+    closed = asyncio.Event()
+
+    async def dispatch(frame: DataFrame) -> None:
+        sessions.append(frame.session)
+
+    async def back(frame: DataFrame) -> None:  # frames for this peer, the answers' origin
+        assert isinstance(frame, ErrorFrame)
+        told.append(frame)
+        if len(told) == 2:
+            closed.set()
+
+    async with linked(codec, dispatch, receiver=strict, back=back) as links:
+        await links.send(ADDR, replace(step("delivered", 2), attempt=2))  # by bulk too
+        await links.send(ADDR, replace(step("refused", 4000), attempt=5))
+        await asyncio.wait_for(closed.wait(), 5)
+    assert sessions == ["delivered"]
+    assert sorted((e.session, e.attempt, e.code) for e in told) == [
+        ("delivered", 2, ErrorCode.INTERNAL),
+        ("refused", 5, ErrorCode.INTERNAL),
+    ]
+    assert all("closed under" in e.message and "1009" in e.message for e in told)
+
+
 @asynccontextmanager
-async def linked(codec: FrameCodec, dispatch: Dispatch) -> AsyncIterator[Links]:
-    """Links whose frames reach `dispatch` through a SocketServer on ADDR, real sockets."""
-    server = SocketServer(codec, Refusals(), lambda: ADDR, dispatch, Unwatched())
+async def linked(
+    codec: FrameCodec,
+    dispatch: Dispatch,
+    receiver: FrameCodec | None = None,
+    back: Dispatch = ignore,
+) -> AsyncIterator[Links]:
+    """Links whose frames reach `dispatch` through a SocketServer on ADDR (reading with
+    `receiver`'s limits), real sockets; frames for the sender go to `back`."""
+    receiving = receiver or codec
+    server = SocketServer(receiving, Refusals(), lambda: ADDR, dispatch, Unwatched())
     app = web.Application()
     app.add_routes([web.get("/chain/ws", server.handle_ws)])
     runner = web.AppRunner(app)
@@ -114,7 +162,7 @@ async def linked(codec: FrameCodec, dispatch: Dispatch) -> AsyncIterator[Links]:
     await web.TCPSite(runner, "127.0.0.1", PORT).start()
     try:
         async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
-            links = Links(http, ignore, Unwatched(), tg, codec, Refusals(), 5.0)
+            links = Links(http, back, Unwatched(), tg, codec, Refusals(), 5.0)
             yield links
             await links.close()
     finally:
