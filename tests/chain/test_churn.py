@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.procs import Peer, wait_for, wait_for_chain
+from support.procs import Peer, chain_of, wait_for, wait_for_chain
 from support.reference import greedy_answer
+from support.relay import Relay
 
 pytestmark = pytest.mark.slow
 
@@ -195,6 +196,35 @@ def test_graceful_leave_hands_over_without_replaying(peers: list[Peer]) -> None:
     assert after is not None
     assert leaver.name not in {s["device"] for s in after["plan"]["stages"]}
     assert after["origin"]["handoffs"] >= 1 and after["origin"]["replays"] == 0
+
+
+def test_an_answer_survives_its_frames_lost_where_a_path_resets(
+    tmp_path: Path, reference: str
+) -> None:
+    """The path to a stage loses what it carries for a moment, then resets its connections
+    (a NAT or a firewall that lost its state): the frames in flight are gone, and only the
+    sockets closing under them say so. Their origins are told and feed the answer again at
+    once; before, it waited out its step timeout and failed. The peer stays in the mesh."""
+    with Relay(7871, 7881) as relay:
+        peers = [
+            Peer("path-a", 7870, tmp_path, "--memory", "600MB", "--threads", "1"),
+            Peer("path-b", 7871, tmp_path, "--memory", "600MB", "--threads", "1",
+                 "--announce", relay.addr),
+        ]  # fmt: skip
+        with chain_of(peers, 2):
+            origin = peers[0]
+            before = origin.status()
+            assert before is not None
+            answer = Answer(origin)
+            answer.wait_for_tokens(10, "the loss")
+            relay.blackhole(0.3)
+            cut = time.monotonic()
+            assert answer.finish() == reference
+            assert time.monotonic() - cut < 30  # the step timeout is 60 s
+            assert "closed under this answer's frames" in origin.tail(200)  # then went on
+            after = origin.status()
+            assert after is not None
+            assert after["plan"]["epoch"] == before["plan"]["epoch"]  # nobody left
 
 
 # Answers without near-ties (greedy_answer checks): batching must not be able to flip a token.

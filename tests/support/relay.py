@@ -1,6 +1,8 @@
 """A TCP relay on loopback that behaves like a real network path: it cuts what passes into
-small pieces with pauses between them (a body then arrives in many TCP segments), and can
-delay every piece. It runs on a thread of its own, so sync tests and real processes can use it.
+small pieces with pauses between them (a body then arrives in many TCP segments), can delay
+every piece, and can lose what it carries and then reset every connection (a NAT or firewall
+that lost its state). It runs on a thread of its own, so sync tests and real processes can
+use it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class Relay:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._open: set[asyncio.StreamWriter] = set()
+        self._losing = False
 
     @property
     def addr(self) -> str:
@@ -40,6 +44,19 @@ class Relay:
         self._thread.join(10)
         self._loop.close()
 
+    def blackhole(self, seconds: float) -> None:
+        """Lose everything that crosses for `seconds`, then reset every open connection;
+        new ones pass again."""
+        asyncio.run_coroutine_threadsafe(self._blackhole(seconds), self._loop).result(seconds + 10)
+
+    async def _blackhole(self, seconds: float) -> None:
+        self._losing = True
+        await asyncio.sleep(seconds)
+        for writer in list(self._open):
+            writer.transport.abort()
+        self._open.clear()
+        self._losing = False
+
     async def _listen(self) -> asyncio.Server:
         return await asyncio.start_server(self._serve, "127.0.0.1", self.listen_port)
 
@@ -57,6 +74,7 @@ class Relay:
         except OSError:
             writer.close()
             return
+        self._open.update((writer, up_w))
         for src, dst in ((reader, up_w), (up_r, writer)):
             task = asyncio.ensure_future(self._pump(src, dst))
             self._tasks.add(task)
@@ -69,10 +87,12 @@ class Relay:
                 for i in range(0, len(data), self.piece):
                     if self.pause:
                         await asyncio.sleep(self.pause)
-                    dst.write(data[i : i + self.piece])
+                    if not self._losing:
+                        dst.write(data[i : i + self.piece])
                     await dst.drain()
                     self.pieces += 1
         except (ConnectionError, OSError):
             pass
         finally:
             dst.close()
+            self._open.discard(dst)
