@@ -8,7 +8,8 @@ plan's shards in a ring of pipes (tools/bench_layers.py: the floor under any cha
 processes on this machine, with nothing of a mesh); for meshes of 2 and 3 real `meshshard up`
 peers of one thread each (as the demo runs them), and 3 peers of torch's default threads
 (each offering too little memory to hold the model, so the chain has 2 or 3 stages): one
-session's tokens/s and time to first token, and
+session's tokens/s and time to first token (its ratio against the single process of one
+thread measured in turns with it, answer for answer, in the same minutes), and
 aggregate tokens/s with 1, 4 and 8 concurrent sessions; where one answer's time per token
 goes (each stage's passes, wall and CPU); bytes sent per token per hop; and
 on the 2-peer mesh, the longest gap between the tokens of answers that are decoding while a
@@ -60,31 +61,40 @@ def embedded_model() -> Path:
     return resolve_model(config.model, config.cache_dir)
 
 
-def single_process(tokens: int, repeats: int, threads: int) -> tuple[float, float]:
-    import torch
+class Single:
+    """The single process (`meshshard generate`'s loop), its model kept loaded in this one:
+    measured in turns with each mesh's lone answers, so a ratio compares the same minutes of
+    a host whose speed drifts (single-process runs an hour apart differed by a fifth)."""
 
-    from meshshard.model.generate import LocalChain, generate
-    from meshshard.model.text import TextCodec
+    def __init__(self) -> None:
+        from meshshard.model.generate import LocalChain
+        from meshshard.model.text import TextCodec
 
-    torch.set_num_threads(threads)
+        model_dir = embedded_model()
+        self.chain = LocalChain.load(model_dir)
+        self.ids = TextCodec.load(model_dir).encode(PROMPT, chat=True)
 
-    model_dir = embedded_model()
-    chain = LocalChain.load(model_dir)
-    codec = TextCodec.load(model_dir)
-    ids = codec.encode(PROMPT, chat=True)
-    rates, ttfts = [], []
-    for _ in range(repeats):
+    def answer(self, tokens: int, threads: int = 1) -> tuple[float, float]:
+        """One greedy answer's decode rate after the first token, and its time to it."""
+        import torch
+
+        from meshshard.model.generate import generate
+
+        torch.set_num_threads(threads)
         start = time.perf_counter()
         first = 0.0
         n = 0
-        for _ in generate(chain, ids, tokens):
+        for _ in generate(self.chain, self.ids, tokens):
             n += 1
             if n == 1:
                 first = time.perf_counter()
         end = time.perf_counter()
-        ttfts.append(first - start)
-        rates.append((n - 1) / (end - first))
-    return statistics.median(rates), statistics.median(ttfts)
+        torch.set_num_threads(1)
+        return (n - 1) / (end - first), first - start
+
+    def median(self, tokens: int, repeats: int, threads: int = 1) -> tuple[float, float]:
+        runs = [self.answer(tokens, threads) for _ in range(repeats)]
+        return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def ask(url: str, tokens: int) -> dict:
@@ -177,14 +187,20 @@ def running(
             p.kill()
 
 
-def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dict[str, Any]:
+def mesh(
+    peers: int, tokens: int, repeats: int, logs: Path, threads: int, single: Single
+) -> dict[str, Any]:
     with running(peers, {2: "450MB", 3: "300MB"}[peers], logs, threads) as procs:
         url = procs[0].url
         stages = procs[0].status()["plan"]["stages"]
         before = stage_counts(procs)
-        one = [ask(url, tokens)["meshshard"] for _ in range(repeats)]
+        one, beside = [], []
+        for _ in range(repeats):  # in turns (the peers idle while the single process runs)
+            beside.append(single.answer(tokens)[0])
+            one.append(ask(url, tokens)["meshshard"])
         after = stage_counts(procs)
         out = {
+            "single_beside": statistics.median(beside),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in one),
             "ttft_s": statistics.median(r["ttft_s"] for r in one),
             # Where a lone answer's time goes: each stage's passes (wall, and the CPU
@@ -216,12 +232,17 @@ def mesh(peers: int, tokens: int, repeats: int, logs: Path, threads: int) -> dic
         return out
 
 
-def floor(cuts: list[int], tokens: int, repeats: int) -> float:
+def floor(cuts: list[int], tokens: int, repeats: int, single: Single) -> tuple[float, float]:
     """Tokens/s of the floor under any chain of three processes on this machine: the 3-peer
-    plan's shards in a ring of pipes, nothing of the mesh (tools/bench_layers.py)."""
+    plan's shards in a ring of pipes, nothing of the mesh (tools/bench_layers.py); and of
+    the single process measured in turns with it."""
     from bench_layers import pipe_chain
 
-    return 1000 / statistics.median(pipe_chain("fused", tokens, cuts)[1] for _ in range(repeats))
+    ms, beside = [], []
+    for _ in range(repeats):
+        beside.append(single.answer(tokens)[0])
+        ms.append(pipe_chain("fused", tokens, cuts)[1])
+    return 1000 / statistics.median(ms), statistics.median(beside)
 
 
 def per_pass(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -253,10 +274,12 @@ def main() -> None:
     # Each peer computes with one thread (--threads 1, as the demo runs them): the chain's
     # own cost shows against one process with as many; against one with every core, what a
     # user of one machine gives up. Peers of two threads show what one answer gets back.
-    local = {t: single_process(args.tokens, args.repeats, t) for t in sorted({1, cores})}
+    single = Single()
+    local = {t: single.median(args.tokens, args.repeats, t) for t in sorted({1, cores})}
     local_rate = local[1][0]
     print(f"SmolLM2-135M float32, {args.tokens} new tokens, greedy; median of {args.repeats}; "
-          f"ratios against the single process with 1 thread")  # fmt: skip
+          f"ratios against the single process with 1 thread, each mesh's (and the ring's) "
+          f"against its runs in turns with it")  # fmt: skip
     head = ("setup", "tok/s 1 session", "ratio", "TTFT s", "agg 1", "agg 4", "agg 8", "8 vs 1")
     print("{:<22} {:>16} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7}".format(*head))
     groups = {}
@@ -266,21 +289,25 @@ def main() -> None:
         groups[name] = {"1 session": rate}
     batches: list[str] = []
     passes: list[str] = []
+    besides: list[str] = []
     with tempfile.TemporaryDirectory() as logs:
         for peers, threads in [(2, 1), (3, 1), (3, cores)] if cores > 1 else [(2, 1), (3, 1)]:
-            r = mesh(peers, args.tokens, args.repeats, Path(logs), threads)
+            r = mesh(peers, args.tokens, args.repeats, Path(logs), threads, single)
             name = f"{peers} peers, {threads} thread{'s' * (threads > 1)}"
+            besides.append(f"{name} {r['single_beside']:.1f}")
             print(
                 f"{name:<22} {r['tokens_per_s']:>16.1f} "
-                f"{r['tokens_per_s'] / local_rate:>6.2f} {r['ttft_s']:>7.3f} "
+                f"{r['tokens_per_s'] / r['single_beside']:>6.2f} {r['ttft_s']:>7.3f} "
                 f"{r['aggregate_1']:>7.1f} {r['aggregate_4']:>7.1f} {r['aggregate_8']:>7.1f} "
                 f"{r['aggregate_8'] / r['aggregate_1']:>7.2f}",
                 flush=True,
             )
             groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
             if (peers, threads) == (3, 1):
-                ring, cuts = floor(r["cuts"], args.tokens, args.repeats), r["cuts"]
-                print(f"{'3 processes, pipes':<22} {ring:>16.1f} {ring / local_rate:>6.2f}")
+                cuts = r["cuts"]
+                ring, ring_beside = floor(cuts, args.tokens, args.repeats, single)
+                besides.append(f"the ring {ring_beside:.1f}")
+                print(f"{'3 processes, pipes':<22} {ring:>16.1f} {ring / ring_beside:>6.2f}")
             batches.append(f"{name}: " + ", ".join(f"{b:.2f}" for b in r["mean_batch_8"]))
             passes.append(
                 f"{name}: {1000 / r['tokens_per_s']:.1f} ms a token; passes "
@@ -289,6 +316,7 @@ def main() -> None:
                 + " + ".join(f"{p['cpu_ms']:.1f}" for p in r["one_passes"])
                 + f" = {sum(p['cpu_ms'] for p in r['one_passes']):.1f})"
             )
+        print("the single process in turns with each (tokens/s):", ", ".join(besides))
         print("rows per forward pass with 8 answers at once, stage by stage:", "; ".join(batches))
         print(f"one answer, stage by stage (single process, 1 thread: {1000 / local_rate:.1f} "
               f"ms a token; 3 processes in a ring of pipes, units cut at "
