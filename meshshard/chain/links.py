@@ -26,18 +26,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import itertools
 import logging
 import secrets
 import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
 from meshshard.chain.inflight import InFlight
+from meshshard.chain.tensors import rows
 from meshshard.edge.serve import names_of
 from meshshard.security import CHANNEL, DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import (
@@ -61,6 +63,7 @@ TOKEN_BYTES = 16
 MAX_ADDRESS = 255  # bytes of the sender's address an upgrade may name
 _MORE, _LAST = b"\x00", b"\x01"
 _NUMBER = 8  # bytes of a record's frame number
+_HEADER_ROOM = 4096  # more than a step's fields take encoded, beside its tensor
 
 
 class LinkError(Exception):
@@ -237,6 +240,31 @@ def lane(frame: DataFrame) -> str:
     return STEPS
 
 
+def fitted(frame: DataFrame, most: int) -> list[DataFrame]:
+    """`frame` as frames of at most `most` bytes encoded: a step of many rows (a long
+    prompt's activations on a large model, or under a low --max-frame) as steps of
+    consecutive rows, which the next stage joins again; only the last samples, drafts and
+    feeds the chain on, as a stage's slices do (the rows it samples stay together in it).
+    Anything else, or a step that cannot be cut to fit, goes whole (and is refused whole)."""
+    if not isinstance(frame, StepFrame) or len(frame.tensor.data) + _HEADER_ROOM <= most:
+        return [frame]
+    total = frame.tensor.shape[0]
+    header = len(encode_frame(replace(frame, tensor=rows(frame.tensor, 0, 0)))) + 16
+    row = len(frame.tensor.data) // total if total else 0
+    per = (most - header) // row if row else 0
+    last = max(len(frame.draft) + 1, per)
+    if per < 1 or last >= total:
+        return [frame]
+    cuts = [*range(0, total - last, per), total - last, total]
+    head = replace(frame, sample=False, draft=())
+    return [
+        replace(
+            head if b < total else frame, start=frame.start + a, tensor=rows(frame.tensor, a, b)
+        )
+        for a, b in itertools.pairwise(cuts)
+    ]
+
+
 class Links:
     def __init__(
         self,
@@ -266,7 +294,8 @@ class Links:
         while that socket's buffers are full (backpressure)."""
         key = (addr, lane(frame))
         async with self._locks.setdefault(key, asyncio.Lock()):
-            await self._write(key, frame)
+            for piece in fitted(frame, self._codec.max_frame_bytes):
+                await self._write(key, piece)
 
     async def _write(self, key: _Key, frame: DataFrame) -> None:
         addr = key[0]

@@ -57,8 +57,8 @@ def reference() -> str:
     return greedy_answer(PROMPT, NEW)
 
 
-def chat(peer: Peer, token: str | None = None) -> str:
-    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": NEW, "temperature": 0}
+def chat(peer: Peer, token: str | None = None, prompt: str = PROMPT, new: int = NEW) -> str:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": new, "temperature": 0}
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -246,6 +246,20 @@ def test_a_flood_of_garbage_leaves_the_mesh_answering(
     assert rss_mb(first) - rss < 100
     assert all(member_ids(p) == {"peer-a", "peer-b", "peer-c"} for p in mesh)
     assert chat(first) == reference
+
+
+def test_a_prompt_whose_activations_pass_the_frame_limit_crosses_in_pieces(
+    mesh: list[Peer],
+) -> None:
+    """The peers take frames of at most 1 MB (--max-frame): an 800-token prompt runs at a
+    stage in passes of hundreds of rows (its chunks join while the first runs), whose
+    activations, 2,304 bytes a row, pass that. They cross as steps of rows that fit, and the
+    answer is the single process's. Before, the frame was refused whole on every replay."""
+    notes = " ".join(
+        f"Note {n}: the keeper logged the weather, the ships and the light." for n in range(50)
+    )
+    prompt = f"Summarise these notes. {notes}"
+    assert chat(mesh[0], prompt=prompt, new=8) == greedy_answer(prompt, 8)
 
 
 def test_the_api_is_loopback_by_default_and_takes_a_token(tmp_path: Path) -> None:

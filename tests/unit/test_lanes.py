@@ -4,6 +4,7 @@ so a step never waits behind a prompt's bytes (real sockets on loopback)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -23,6 +24,7 @@ from meshshard.chain.links import (
     Links,
     Refusals,
     SocketServer,
+    fitted,
     lane,
     read_frames,
 )
@@ -38,6 +40,7 @@ from meshshard.wire import (
     Sampling,
     StepFrame,
     TokenFrame,
+    encode_frame,
 )
 
 EPOCH = Epoch(1, "a")
@@ -196,3 +199,27 @@ async def test_frames_read_together_are_all_handled_before_what_they_set_off() -
     await read_frames(messages(), receiver, Refusals(), "x", dispatch)
     await asyncio.sleep(0)
     assert handled == ["a", "copy", "b", "pass", "pass"]
+
+
+def test_a_step_past_the_frame_limit_goes_as_steps_of_its_rows_that_fit() -> None:
+    """A long prompt's activations (a large model's, or under a low --max-frame) past the
+    link's frame limit: steps of consecutive rows, each within it, which the next stage
+    joins; only the last samples and carries the draft (the rows it samples, together).
+    Before, the frame was refused whole and the answer broke on every replay."""
+    frame = replace(step("long", 1000, draft=(4, 5, 6)), start=40)
+    most = 10_000  # about 300 rows of 8 float32s: the step holds 1,003
+    pieces = fitted(frame, most)
+    assert len(pieces) > 2 and all(len(encode_frame(p)) <= most for p in pieces)
+    assert all(isinstance(p, StepFrame) for p in pieces)
+    steps = [p for p in pieces if isinstance(p, StepFrame)]
+    assert [p.start for p in steps] == list(
+        itertools.accumulate((p.tensor.shape[0] for p in steps[:-1]), initial=40)
+    )
+    assert b"".join(p.tensor.data for p in steps) == frame.tensor.data
+    assert [(p.sample, p.draft) for p in steps[:-1]] == [(False, ())] * (len(steps) - 1)
+    assert steps[-1] == replace(frame, start=steps[-1].start, tensor=steps[-1].tensor)
+    assert steps[-1].tensor.shape[0] >= len(frame.draft) + 1
+    small = step("short", 10)
+    assert fitted(small, most) == [small]  # within the limit: itself
+    drop = DropFrame(EPOCH, "s")
+    assert fitted(drop, 10) == [drop]  # only steps are cut
