@@ -409,14 +409,16 @@ class PlanFollower:
             return
         try:
             keys, values = from_wire(frame.keys), from_wire(frame.values)
-            await run_model(shard.install, frame.session, frame.layer, keys, values)
+            install = shard.install
+            await run_model(install, frame.session, frame.layer, keys, values, frame.start)
         except (ValueError, WireError) as e:
             await self._tell(frame.origin, replace(refusal, message=f"bad handoff: {e}"))
             return
-        self.stats.kv_layers_received += 1
         self._seen[frame.session] = (frame.origin, self.clock.now())
         key = (frame.session, frame.attempt)
-        self._kv_in[key] = self._kv_in.get(key, 0) + 1
+        if frame.start == 0:  # a layer's first piece (of one, mostly)
+            self.stats.kv_layers_received += 1
+            self._kv_in[key] = self._kv_in.get(key, 0) + 1
         if frame.final:
             done = HandoffDone(frame.epoch, frame.session, frame.attempt, self._kv_in.pop(key))
             await self._tell(frame.origin, done)

@@ -39,7 +39,7 @@ import aiohttp
 from aiohttp import web
 
 from meshshard.chain.inflight import InFlight
-from meshshard.chain.tensors import rows
+from meshshard.chain.tensors import positions, rows
 from meshshard.edge.serve import names_of
 from meshshard.security import CHANNEL, DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import (
@@ -241,28 +241,57 @@ def lane(frame: DataFrame) -> str:
 
 
 def fitted(frame: DataFrame, most: int) -> list[DataFrame]:
-    """`frame` as frames of at most `most` bytes encoded: a step of many rows (a long
-    prompt's activations on a large model, or under a low --max-frame) as steps of
+    """`frame` as frames of at most `most` bytes encoded. A step of many rows (a long
+    prompt's activations on a large model, or under a low --max-frame) goes as steps of
     consecutive rows, which the next stage joins again; only the last samples, drafts and
-    feeds the chain on, as a stage's slices do (the rows it samples stay together in it).
-    Anything else, or a step that cannot be cut to fit, goes whole (and is refused whole)."""
-    if not isinstance(frame, StepFrame) or len(frame.tensor.data) + _HEADER_ROOM <= most:
-        return [frame]
-    total = frame.tensor.shape[0]
-    header = len(encode_frame(replace(frame, tensor=rows(frame.tensor, 0, 0)))) + 16
-    row = len(frame.tensor.data) // total if total else 0
-    per = (most - header) // row if row else 0
-    last = max(len(frame.draft) + 1, per)
-    if per < 1 or last >= total:
-        return [frame]
-    cuts = [*range(0, total - last, per), total - last, total]
-    head = replace(frame, sample=False, draft=())
-    return [
-        replace(
-            head if b < total else frame, start=frame.start + a, tensor=rows(frame.tensor, a, b)
-        )
-        for a, b in itertools.pairwise(cuts)
-    ]
+    feeds the chain on, as a stage's slices do (the rows it samples stay together in it). A
+    layer's handed-off cache goes as pieces of consecutive positions, each appended to the
+    last; only the last piece of the last layer is `final`. Anything else, or what cannot be
+    cut to fit, goes whole (and is refused whole)."""
+    match frame:
+        case StepFrame() if len(frame.tensor.data) + _HEADER_ROOM > most:
+            total = frame.tensor.shape[0]
+            header = replace(frame, tensor=rows(frame.tensor, 0, 0))
+            per = _per_piece(header, len(frame.tensor.data), total, most)
+            last = max(len(frame.draft) + 1, per)
+            if per < 1 or last >= total:
+                return [frame]
+            head = replace(frame, sample=False, draft=())
+            cuts = [*range(0, total - last, per), total - last, total]
+            return [
+                replace(
+                    head if b < total else frame,
+                    start=frame.start + a,
+                    tensor=rows(frame.tensor, a, b),
+                )
+                for a, b in itertools.pairwise(cuts)
+            ]
+        case KVFrame() if len(frame.keys.data) + len(frame.values.data) + _HEADER_ROOM > most:
+            total = frame.keys.shape[2]
+            empty = replace(
+                frame, keys=positions(frame.keys, 0, 0), values=positions(frame.values, 0, 0)
+            )
+            per = _per_piece(empty, len(frame.keys.data) + len(frame.values.data), total, most)
+            if per < 1 or per >= total:
+                return [frame]
+            return [
+                replace(
+                    frame,
+                    start=frame.start + a,
+                    keys=positions(frame.keys, a, b),
+                    values=positions(frame.values, a, b),
+                    final=frame.final and b == total,
+                )
+                for a, b in itertools.pairwise([*range(0, total, per), total])
+            ]
+    return [frame]
+
+
+def _per_piece(empty: DataFrame, size: int, count: int, most: int) -> int:
+    """How many of `count` rows or positions (`size` bytes together) fit in a frame of `most`
+    bytes beside the fields of `empty`, the frame with none."""
+    each = size // count if count else 0
+    return (most - len(encode_frame(empty)) - 16) // each if each else 0
 
 
 class Links:

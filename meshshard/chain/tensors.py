@@ -46,3 +46,14 @@ def joined(first: TensorData, then: TensorData) -> TensorData:
         raise ValueError("only tensors of one dtype and row shape join")
     shape = (first.shape[0] + then.shape[0], *first.shape[1:])
     return TensorData(first.dtype, shape, first.data + then.data)
+
+
+def positions(data: TensorData, start: int, stop: int) -> TensorData:
+    """Positions start..stop of a cache layer's tensor [1, heads, length, head_dim], by its
+    bytes (each head's positions lie together)."""
+    _, heads, length, dim = data.shape
+    row = len(data.data) // (heads * length) if heads * length else 0  # one head's position
+    parts = [
+        data.data[(h * length + start) * row : (h * length + stop) * row] for h in range(heads)
+    ]
+    return TensorData(data.dtype, (1, heads, stop - start, dim), b"".join(parts))

@@ -66,7 +66,11 @@ class KVCache:
         return self._keys[layer_idx][:, :, :end], self._values[layer_idx][:, :, :end]
 
     def has(self, layer_idx: int) -> bool:
-        return self._lengths.get(layer_idx, 0) > 0
+        return self.held(layer_idx) > 0
+
+    def held(self, layer_idx: int) -> int:
+        """Positions cached in one layer."""
+        return self._lengths.get(layer_idx, 0)
 
     def put(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Replace one layer's cache (a handoff arriving)."""

@@ -191,8 +191,11 @@ class Shard:
         keys, values = cache.layer(layer, length)
         return keys.clone(), values.clone()
 
-    def install(self, session: str, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Take one layer's cache for a session from its previous owner."""
+    def install(
+        self, session: str, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int = 0
+    ) -> None:
+        """Take one layer's cache for a session from its previous owner: its positions from
+        `start` on (a layer past the frame limit comes in pieces, each after the last)."""
         if layer not in self.layer_ids:
             raise ValueError(f"layer {layer} is not in this shard")
         want = (1, self.spec.num_kv_heads, keys.shape[2], self.spec.head_dim)
@@ -200,7 +203,13 @@ class Shard:
             raise ValueError(f"KV of shape {list(keys.shape)}, expected {list(want)}")
         # From a peer of another dtype or device (a mixed mesh): ours from now on.
         keys, values = (t.to(self.device, self.dtype) for t in (keys, values))
-        self._sessions.setdefault(session, self.new_cache()).put(layer, keys, values)
+        cache = self._sessions.setdefault(session, self.new_cache())
+        if start == 0:
+            cache.put(layer, keys, values)
+        elif (held := cache.held(layer)) != start:
+            raise ValueError(f"positions from {start} of layer {layer}, which holds {held}")
+        else:
+            cache.update(keys, values, layer)
 
     def take_caches(self) -> dict[str, KVCache]:
         """Every session's cache, leaving this shard with none (it is being replaced)."""

@@ -160,6 +160,9 @@ class KVFrame:
     values: TensorData
     origin: str
     final: bool
+    # Where these positions start in the layer's cache: a layer past the frame limit goes in
+    # pieces of consecutive positions (chain/links.py, fitted), each appended to the last.
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,8 @@ def encode_frame(frame: DataFrame) -> bytes:
                 "origin": frame.origin,
                 "final": frame.final,
             }
+            if frame.start:
+                body |= {"start": frame.start}
         case HandoffDone():
             body |= {"k": "handoff-done", "attempt": frame.attempt, "layers": frame.layers}
     return bytes(cbor2.dumps(body))
@@ -364,6 +369,7 @@ def decode_frame(
                 values,
                 checks.address(m.get("origin"), "origin"),
                 checks.boolean(m.get("final"), "final"),
+                checks.integer(m.get("start", 0), "start"),
             )
         case "handoff-done":
             return HandoffDone(epoch, session, attempt, checks.integer(m.get("layers"), "layers"))

@@ -70,6 +70,7 @@ def test_other_frames_round_trip() -> None:
         PickFrame(E, "s", 5, 0, 1e30),
         HandoffRequest(E, "s", 3, 5, 12, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
         KVFrame(E, "s", 3, 9, kv, kv, "127.0.0.1:7000", final=True),
+        KVFrame(E, "s", 3, 9, kv, kv, "127.0.0.1:7000", final=False, start=40),  # a piece
         HandoffDone(E, "s", 3, 7),
     ):
         assert decode_frame(encode_frame(frame)) == frame

@@ -237,6 +237,30 @@ async def test_a_graceful_leave_hands_caches_over_without_replaying(
         assert stats.handoffs > 0 and stats.replays == 0
 
 
+async def test_frames_past_the_limit_cross_in_pieces_prompts_and_handed_off_caches(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    """Links that carry frames of at most 1,500 bytes (as --max-frame sets; a large model's
+    long prompt, or a layer of a long answer's cache, passes 64 MB): a prompt's activations
+    go as steps of a few rows, each handed-off layer as pieces of a few positions appended in
+    turn. The answer is one process's, and its caches were handed over, not replayed."""
+    async with SimMesh(model, memory, speculate=0) as mesh:
+        mesh.data.max_frame = 1500
+        plan = await three_stages(mesh, "abcd")
+        origin, leaving = plan.stages[0].device, plan.stages[1].device
+        mesh.data.delay = 0.01  # so the answer is still going when the new chain is ready
+        prompt = list(range(3, 60))
+        got: list[int] = []
+        task = asyncio.create_task(answer(mesh, origin, prompt, 64, got))
+        await until(lambda: len(got) >= 5, 20, "the answer under way")
+        assert await mesh.leave(leaving)
+        await asyncio.wait_for(task, 60)
+        assert got == reference(prompt, 64)
+        stats = mesh.peers[origin].service.stats
+        assert stats.handoffs > 0 and stats.replays == 0
+        assert mesh.data.cut["StepFrame"] > 0 and mesh.data.cut["KVFrame"] > 0
+
+
 @pytest.mark.parametrize("speculate", [8, 0], ids=["speculating", "chain feeding itself"])
 async def test_twenty_answers_through_a_crash_and_a_join_leave_nothing_behind(
     model: Path,

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from meshshard.chain.links import Dispatch, LinkError, LinkWatch, Refusals
+from meshshard.chain.links import Dispatch, LinkError, LinkWatch, Refusals, fitted
 from meshshard.chain.service import ChainService
 from meshshard.config import TEST_TIMINGS, Config, Timings
 from meshshard.events import EventLog
@@ -44,6 +44,10 @@ class DataNet:
         self.delivered = 0
         self.links: list[MemoryLinks] = []
         self.watches: dict[str, LinkWatch] = {}  # who hears of frames arriving at each address
+        # The largest frame a link carries, as --max-frame sets it (None: any): larger ones go
+        # in pieces, as on a socket (links.fitted); frames so cut, by kind.
+        self.max_frame: int | None = None
+        self.cut: Counter[str] = Counter()
 
     def crash(self, addr: str) -> None:
         """A process crashed: its kernel closes its sockets, so every peer with a link to it
@@ -85,9 +89,16 @@ class MemoryLinks:
             except RuntimeError:  # the service's task group ended: no link opens now
                 raise LinkError(f"links of {self._me} are closing") from None
             self._queues[addr] = queue
-        data = encode_frame(frame)  # what goes on the wire, and back through its decoder
-        self.sent_bytes[addr] += len(data)
-        await queue.put(decode_frame(data))
+        most = self._net.max_frame
+        pieces = fitted(frame, most) if most is not None else [frame]
+        if len(pieces) > 1:
+            self._net.cut[type(frame).__name__] += 1
+        for piece in pieces:
+            data = encode_frame(piece)  # what goes on the wire, and back through its decoder
+            if most is not None and len(data) > most:
+                raise LinkError(f"{addr}: frame of {len(data)} bytes exceeds {most}")
+            self.sent_bytes[addr] += len(data)
+            await queue.put(decode_frame(data))
 
     async def _carry(self, addr: str, queue: asyncio.Queue[DataFrame]) -> None:
         while True:

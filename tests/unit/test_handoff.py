@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from meshshard.chain.handoff import LeftBehind, Move, moves
+from meshshard.chain.links import fitted
+from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.model.generate import LocalChain
 from meshshard.model.kvcache import KVCache
 from meshshard.model.shard import Shard, load_spec
 from meshshard.types import Epoch, NodeId, PlanRecord, PlanStage
+from meshshard.wire import KVFrame
 
 PROMPT = [5, 17, 3, 42, 8, 60, 11]
 
@@ -99,6 +102,32 @@ def test_caches_moved_between_shards_continue_the_answer_exactly(tiny_llama: Pat
     cached = len(history) - 1
     assert [s.cache_length("s") for s in new] == [cached, cached]
     tokens = run(LocalChain(new), "s", history, 8, pos=cached)
+    assert first + tokens == want
+
+
+def test_a_layer_handed_over_in_pieces_continues_the_answer_exactly(tiny_llama: Path) -> None:
+    """A layer past the frame limit crosses as pieces of consecutive positions (links.fitted),
+    each appended to the last; a piece that does not follow what is held is refused."""
+    n = load_spec(tiny_llama).num_units
+    want = run(LocalChain.load(tiny_llama), "s", PROMPT, 12)
+    old = LocalChain.load(tiny_llama, (3,))
+    first = run(old, "s", PROMPT, 4)
+    new = [Shard.load(tiny_llama, 0, 2), Shard.load(tiny_llama, 2, n)]
+    rest = new[0].adopt(old.shards[0].take_caches())
+    new[1].adopt(old.shards[1].take_caches())
+    keys, values = rest["s"].layer(1)
+    whole = KVFrame(Epoch(1, "a"), "s", 0, 1, to_wire(keys), to_wire(values), "o:1", True)
+    pieces = fitted(whole, 550)
+    assert len(pieces) >= 3 and [p.final for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    with pytest.raises(ValueError, match="positions from"):  # the second before the first
+        new[1].install("s", 1, from_wire(pieces[1].keys), from_wire(pieces[1].values), 4)
+    for piece in pieces:
+        assert isinstance(piece, KVFrame)
+        k, v = from_wire(piece.keys), from_wire(piece.values)
+        new[1].install("s", 1, k, v, piece.start)
+    cached = len(PROMPT) + len(first) - 1
+    assert [s.cache_length("s") for s in new] == [cached, cached]
+    tokens = run(LocalChain(new), "s", PROMPT + first, 8, pos=cached)
     assert first + tokens == want
 
 
