@@ -213,8 +213,6 @@ def test_an_answer_survives_its_frames_lost_where_a_path_resets(
         ]  # fmt: skip
         with chain_of(peers, 2):
             origin = peers[0]
-            before = origin.status()
-            assert before is not None
             answer = Answer(origin)
             answer.wait_for_tokens(10, "the loss")
             relay.blackhole(0.3)
@@ -224,7 +222,7 @@ def test_an_answer_survives_its_frames_lost_where_a_path_resets(
             assert "closed under this answer's frames" in origin.tail(200)  # then went on
             after = origin.status()
             assert after is not None
-            assert after["plan"]["epoch"] == before["plan"]["epoch"]  # nobody left
+            assert {s["device"] for s in after["plan"]["stages"]} == {"path-a", "path-b"}
 
 
 # Answers without near-ties (greedy_answer checks): batching must not be able to flip a token.
