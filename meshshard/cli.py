@@ -386,7 +386,8 @@ def _bytes_option(value: str | None) -> float | None:
     default="64MB",
     show_default=True,
     envvar="MESHSHARD_MAX_FRAME",
-    help="Largest data-plane frame accepted (checked before it is read).",
+    help="Largest data-plane frame accepted (checked before it is read); the profile says it, "
+    "and peers cut what they send here to fit.",
 )
 @click.option(
     "--profile-dir",

@@ -95,7 +95,7 @@ class Daemon:
         logger.info("running on %s, offering %.0f MB", placement.describe(), memory / 1e6)
         profile = Profile(
             node_id, 1, spec.name, memory, estimated_ms(units), measured=False,
-            device=placement.describe(),
+            device=placement.describe(), frame=config.max_frame_bytes,
         )  # fmt: skip
         self.placement = placement
         # A restarted peer must outrank its own old records: a time-based incarnation does.

@@ -91,6 +91,8 @@ class Profile:
     # them: a profile is kept for days, the host's speed moves within an hour.
     pace: float = 1.0
     device: str = ""  # where it runs its shard, as people read it: "cuda:0 bfloat16 int8"
+    # The largest data-plane frame it takes (--max-frame): others cut theirs to fit. 0: not said.
+    frame: int = 0
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from meshshard.edge.serve import names_of
 from meshshard.security import CHANNEL, DATA, OVERHEAD, AuthError, Sealer
 from meshshard.wire import (
     MAX_FRAME_BYTES,
+    MAX_FRAME_LIMIT,
     DataFrame,
     DropFrame,
     ErrorFrame,
@@ -205,11 +206,14 @@ class Refusals:
 
 class LinkWatch(Protocol):
     """Who hears what the links learn of other peers: a link to a peer lost (a socket that
-    closed under us, a connection refused), and frames arriving from one."""
+    closed under us, a connection refused), and frames arriving from one; and who knows the
+    largest frame each takes (0: unknown)."""
 
     def unreachable(self, address: str) -> None: ...
 
     def heard(self, address: str) -> None: ...
+
+    def frame_limit(self, address: str) -> int: ...
 
 
 class DataLinks(Protocol):
@@ -322,8 +326,10 @@ class Links:
         """Send one frame to `addr` in order with earlier frames of its lane to it; waits
         while that socket's buffers are full (backpressure)."""
         key = (addr, lane(frame))
+        # Cut to the smaller of our limit and the receiver's: a peer set lower refuses more.
+        most = min(self._codec.max_frame_bytes, self._watch.frame_limit(addr) or MAX_FRAME_LIMIT)
         async with self._locks.setdefault(key, asyncio.Lock()):
-            for piece in fitted(frame, self._codec.max_frame_bytes):
+            for piece in fitted(frame, most):
                 await self._write(key, piece)
 
     async def _write(self, key: _Key, frame: DataFrame) -> None:

@@ -54,6 +54,11 @@ class ControlPlane(Protocol):
         """A frame arrived from the peer at `address`: evidence that it is alive."""
         ...
 
+    def frame_limit(self, address: str) -> int:
+        """The largest data-plane frame the member at `address` takes, as its profile says
+        (0: unknown)."""
+        ...
+
     def plan_possible(self) -> bool:
         """Whether the serving members can run the model without the ones leaving."""
         ...

@@ -9,6 +9,7 @@ unpickled. The wire imports nothing of the protocols' state, only the shared typ
 from meshshard.wire.checks import (
     MAX_CONTROL_BYTES,
     MAX_COUNT,
+    MAX_FRAME_LIMIT,
     MAX_INCARNATION,
     MAX_ITEMS,
     MAX_TERM,
@@ -50,7 +51,8 @@ from meshshard.wire.data import (
 )
 
 __all__ = [
-    "MAX_CONTROL_BYTES", "MAX_COUNT", "MAX_FRAME_BYTES", "MAX_INCARNATION", "MAX_ITEMS",
+    "MAX_CONTROL_BYTES", "MAX_COUNT", "MAX_FRAME_BYTES", "MAX_FRAME_LIMIT", "MAX_INCARNATION",
+    "MAX_ITEMS",
     "MAX_KV_DIM", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TERM", "MAX_TOKENS_PER_FRAME",
     "MAX_VERSION", "PROTOCOL", "TENSOR_DTYPES", "Ack", "ControlMessage", "DataFrame",
     "DropFrame", "ErrorCode", "ErrorFrame", "HandoffDone", "HandoffRequest", "KVFrame", "Nack",

@@ -21,6 +21,7 @@ MAX_TERM = 2**40  # seconds since 2025, plus replans
 MAX_VERSION = 2**53  # profile versions
 MAX_COUNT = 2**31  # steps, positions, tokens, attempts, layers, units
 MAX_MEMORY = 1e15  # bytes
+MAX_FRAME_LIMIT = 1 << 40  # the largest --max-frame a profile may say, bytes
 MAX_MS = 1e7  # any time in milliseconds
 MIN_MBPS, MAX_MBPS = 1e-3, 1e6  # a link's rate (a smaller one turns hop times infinite)
 MAX_LOAD = 1e6  # sessions

@@ -21,6 +21,7 @@ from meshshard.wire import checks
 from meshshard.wire.checks import (
     MAX_CONTROL_BYTES,
     MAX_COUNT,
+    MAX_FRAME_LIMIT,
     MAX_INCARNATION,
     MAX_LOAD,
     MAX_MBPS,
@@ -199,6 +200,7 @@ def _profile_out(p: Profile) -> dict[str, Any]:
         "ovh": p.overhead_ms,
         "pace": p.pace,
         "dev": p.device,
+        "frame": p.frame,
     }
 
 
@@ -238,6 +240,7 @@ def _profile_in(raw: object, what: str) -> Profile:
         overhead_ms=checks.number(m.get("ovh", 0.0), f"{what}.ovh", MAX_MS),
         pace=checks.number(m.get("pace", 1.0), f"{what}.pace", MAX_PACE, low=MIN_PACE),
         device=checks.text(m.get("dev", ""), f"{what}.dev", empty=True),
+        frame=checks.integer(m.get("frame", 0), f"{what}.frame", high=MAX_FRAME_LIMIT),
     )
 
 

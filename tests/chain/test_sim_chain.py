@@ -53,10 +53,11 @@ async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
     assert check(), what
 
 
-async def three_stages(mesh: SimMesh, names: str) -> PlanRecord:
-    """Start the named peers and wait for them to agree on a ready 3-stage chain."""
+async def three_stages(mesh: SimMesh, names: str, frame: int = 0) -> PlanRecord:
+    """Start the named peers (each taking frames of at most `frame` bytes, 0: any) and wait
+    for them to agree on a ready 3-stage chain."""
     for name in names:
-        mesh.add(name)
+        mesh.add(name, frame=frame)
     await until(lambda: mesh.agreed(3), 20, "a 3-stage chain")
     plan = mesh.peers[names[0]].node.book.current
     assert plan is not None
@@ -237,16 +238,19 @@ async def test_a_graceful_leave_hands_caches_over_without_replaying(
         assert stats.handoffs > 0 and stats.replays == 0
 
 
+@pytest.mark.parametrize("said", [False, True], ids=["links' own limit", "receivers' profiles"])
 async def test_frames_past_the_limit_cross_in_pieces_prompts_and_handed_off_caches(
-    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]], said: bool
 ) -> None:
-    """Links that carry frames of at most 1,500 bytes (as --max-frame sets; a large model's
-    long prompt, or a layer of a long answer's cache, passes 64 MB): a prompt's activations
-    go as steps of a few rows, each handed-off layer as pieces of a few positions appended in
-    turn. The answer is one process's, and its caches were handed over, not replayed."""
+    """Frames of at most 1,500 bytes (as --max-frame sets; a large model's long prompt, or a
+    layer of a long answer's cache, passes 64 MB): a prompt's activations go as steps of a
+    few rows, each handed-off layer as pieces of a few positions appended in turn. The
+    answer is one process's, and its caches were handed over, not replayed. The limit is the
+    links' own, or what each receiver takes, which only its profile tells the senders."""
     async with SimMesh(model, memory, speculate=0) as mesh:
-        mesh.data.max_frame = 1500
-        plan = await three_stages(mesh, "abcd")
+        if not said:
+            mesh.data.max_frame = 1500
+        plan = await three_stages(mesh, "abcd", frame=1500 if said else 0)
         origin, leaving = plan.stages[0].device, plan.stages[1].device
         mesh.data.delay = 0.01  # so the answer is still going when the new chain is ready
         prompt = list(range(3, 60))

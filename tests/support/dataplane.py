@@ -61,6 +61,9 @@ class Unwatched:
     def unreachable(self, address: str) -> None:
         pass
 
+    def frame_limit(self, address: str) -> int:
+        return 0
+
     def heard(self, address: str) -> None:
         pass
 

@@ -20,7 +20,7 @@ from meshshard.mesh.seam import NodeSeam
 from meshshard.model.costs import read_spec, unit_costs
 from meshshard.model.device import Device, Placement
 from meshshard.types import Member, NodeId, Profile, State
-from meshshard.wire import DataFrame, decode_frame, encode_frame
+from meshshard.wire import MAX_FRAME_LIMIT, DataFrame, decode_frame, encode_frame
 from support.simnet import SimNet, SimTransport
 
 # Shrunk further than the tests' preset: nothing here waits on a real network.
@@ -44,9 +44,11 @@ class DataNet:
         self.delivered = 0
         self.links: list[MemoryLinks] = []
         self.watches: dict[str, LinkWatch] = {}  # who hears of frames arriving at each address
-        # The largest frame a link carries, as --max-frame sets it (None: any): larger ones go
-        # in pieces, as on a socket (links.fitted); frames so cut, by kind.
+        # The largest frame a link carries (None: any), and the largest each peer takes (its
+        # --max-frame, which its profile says): larger ones go in pieces, as on a socket
+        # (links.fitted), and a piece still larger is refused. Frames so cut, by kind.
         self.max_frame: int | None = None
+        self.takes: dict[str, int] = {}
         self.cut: Counter[str] = Counter()
 
     def crash(self, addr: str) -> None:
@@ -89,14 +91,15 @@ class MemoryLinks:
             except RuntimeError:  # the service's task group ended: no link opens now
                 raise LinkError(f"links of {self._me} are closing") from None
             self._queues[addr] = queue
-        most = self._net.max_frame
-        pieces = fitted(frame, most) if most is not None else [frame]
+        carried = self._net.max_frame or MAX_FRAME_LIMIT
+        pieces = fitted(frame, min(carried, self._watch.frame_limit(addr) or carried))
         if len(pieces) > 1:
             self._net.cut[type(frame).__name__] += 1
+        takes = min(carried, self._net.takes.get(addr, carried))
         for piece in pieces:
             data = encode_frame(piece)  # what goes on the wire, and back through its decoder
-            if most is not None and len(data) > most:
-                raise LinkError(f"{addr}: frame of {len(data)} bytes exceeds {most}")
+            if len(data) > takes:
+                raise LinkError(f"{addr}: frame of {len(data)} bytes exceeds {takes}")
             self.sent_bytes[addr] += len(data)
             await queue.put(decode_frame(data))
 
@@ -173,15 +176,20 @@ class SimMesh:
             await self._stop(peer)
         await self._tg.__aexit__(None, None, None)
 
-    def add(self, name: str, priority: int = 0, memory: float | None = None) -> SimPeer:
-        """Start a peer and introduce it to the first one."""
+    def add(
+        self, name: str, priority: int = 0, memory: float | None = None, frame: int = 0
+    ) -> SimPeer:
+        """Start a peer and introduce it to the first one; `frame`: the largest data-plane
+        frame it takes (0: any), as its profile says."""
         self._added += 1
         addr = f"10.7.0.{self._added}:7000"  # never reused, as a restarted peer's port may be
         node_id = NodeId(name)
         mem = self.memory if memory is None else memory
         me = Member(node_id, addr, 1, State.ALIVE, priority)
         ms = tuple(0.1 for _ in self.units)
-        profile = Profile(node_id, 1, self.spec.name, mem, ms, measured=True)
+        profile = Profile(node_id, 1, self.spec.name, mem, ms, measured=True, frame=frame)
+        if frame:
+            self.data.takes[addr] = frame
         node = ControlNode(
             me=me,
             profile=profile,

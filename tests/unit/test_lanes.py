@@ -22,6 +22,7 @@ from meshshard.chain.links import (
     Dispatch,
     FrameCodec,
     Links,
+    LinkWatch,
     Refusals,
     SocketServer,
     fitted,
@@ -147,12 +148,37 @@ async def test_a_socket_closed_under_its_frames_tells_their_origins() -> None:
     assert all("closed under" in e.message and "1009" in e.message for e in told)
 
 
+async def test_frames_to_a_peer_that_takes_less_are_cut_to_its_limit() -> None:
+    """The receiver takes frames of at most 64 KiB (its --max-frame, said in its profile);
+    the sender, set to 64 MiB, cuts a prompt's 128 KiB of activations to fit it. Cut only to
+    its own limit, it sent them whole: refused, and the answer waited for nothing."""
+    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN, me=ORIGIN)
+    strict = replace(codec, max_frame_bytes=1 << 16)
+    frame = step("long", 4000)
+    arrived: list[StepFrame] = []
+    done = asyncio.Event()
+
+    async def dispatch(got: DataFrame) -> None:
+        assert isinstance(got, StepFrame)
+        arrived.append(got)
+        if got.sample:
+            done.set()
+
+    watch = Unwatched()
+    watch.frame_limit = lambda address: strict.max_frame_bytes  # type: ignore[method-assign]
+    async with linked(codec, dispatch, receiver=strict, watch=watch) as links:
+        await links.send(ADDR, frame)
+        await asyncio.wait_for(done.wait(), 5)
+    assert len(arrived) > 1 and b"".join(f.tensor.data for f in arrived) == frame.tensor.data
+
+
 @asynccontextmanager
 async def linked(
     codec: FrameCodec,
     dispatch: Dispatch,
     receiver: FrameCodec | None = None,
     back: Dispatch = ignore,
+    watch: LinkWatch | None = None,
 ) -> AsyncIterator[Links]:
     """Links whose frames reach `dispatch` through a SocketServer on ADDR (reading with
     `receiver`'s limits), real sockets; frames for the sender go to `back`."""
@@ -165,7 +191,7 @@ async def linked(
     await web.TCPSite(runner, "127.0.0.1", PORT).start()
     try:
         async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
-            links = Links(http, back, Unwatched(), tg, codec, Refusals(), 5.0)
+            links = Links(http, back, watch or Unwatched(), tg, codec, Refusals(), 5.0)
             yield links
             await links.close()
     finally:

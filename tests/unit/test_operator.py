@@ -145,13 +145,26 @@ PLAN = PlanRecord(
     "b gone",
     left_out=((NodeId("c"), "its 10 Mbit/s link costs more than its compute saves"),),
 )
-PROFILE = Profile(NodeId("a"), 3, "m", 1e9, (1.0,) * 4, True, load=2.0, step_ms=12.5, used=3e8)
+PROFILE = Profile(
+    NodeId("a"), 3, "m", 1e9, (1.0,) * 4, True, load=2.0, step_ms=12.5, used=3e8, frame=10**6
+)
 
 
 def test_left_out_reasons_and_load_cross_the_wire() -> None:
     back = decode(encode(_sync(PLAN, PROFILE)))
     assert isinstance(back, Sync)
     assert back.plan == PLAN and back.profiles == (PROFILE,)
+
+
+def test_a_profile_saying_no_frame_limit_or_an_impossible_one() -> None:
+    """A profile of an older peer says no limit (0: unknown); a negative one is refused."""
+    raw = cbor2.loads(encode(_sync(PLAN, PROFILE)))
+    del raw["profiles"][0]["frame"]
+    back = decode(cbor2.dumps(raw))
+    assert isinstance(back, Sync) and back.profiles[0].frame == 0
+    raw["profiles"][0]["frame"] = -1
+    with pytest.raises(WireError, match="frame"):
+        decode(cbor2.dumps(raw))
 
 
 def test_a_malformed_left_out_is_refused() -> None:
