@@ -409,8 +409,7 @@ class PlanFollower:
             return
         try:
             keys, values = from_wire(frame.keys), from_wire(frame.values)
-            install = shard.install
-            await run_model(install, frame.session, frame.layer, keys, values, frame.start)
+            await run_model(shard.install, frame.session, frame.layer, keys, values, frame.start)
         except (ValueError, WireError) as e:
             await self._tell(frame.origin, replace(refusal, message=f"bad handoff: {e}"))
             return

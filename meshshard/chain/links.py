@@ -255,8 +255,8 @@ def fitted(frame: DataFrame, most: int) -> list[DataFrame]:
     match frame:
         case StepFrame() if len(frame.tensor.data) + _HEADER_ROOM > most:
             total = frame.tensor.shape[0]
-            header = replace(frame, tensor=rows(frame.tensor, 0, 0))
-            per = _per_piece(header, len(frame.tensor.data), total, most)
+            no_rows = replace(frame, tensor=rows(frame.tensor, 0, 0))
+            per = _per_piece(no_rows, len(frame.tensor.data), total, most)
             last = max(len(frame.draft) + 1, per)
             if per < 1 or last >= total:
                 return [frame]
@@ -272,10 +272,11 @@ def fitted(frame: DataFrame, most: int) -> list[DataFrame]:
             ]
         case KVFrame() if len(frame.keys.data) + len(frame.values.data) + _HEADER_ROOM > most:
             total = frame.keys.shape[2]
-            empty = replace(
+            none_held = replace(
                 frame, keys=positions(frame.keys, 0, 0), values=positions(frame.values, 0, 0)
             )
-            per = _per_piece(empty, len(frame.keys.data) + len(frame.values.data), total, most)
+            size = len(frame.keys.data) + len(frame.values.data)
+            per = _per_piece(none_held, size, total, most)
             if per < 1 or per >= total:
                 return [frame]
             return [

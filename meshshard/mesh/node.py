@@ -414,6 +414,13 @@ class ControlNode:
             await self._probe(member)
             self._notify()
 
+    def frame_limit(self, addr: str) -> int:
+        """The largest data-plane frame the member at `addr` takes, as its profile says (0:
+        unknown)."""
+        member = self._by_addr(addr)
+        profile = self.profiles.get(member.id) if member is not None else None
+        return profile.frame if profile is not None else 0
+
     def _by_addr(self, addr: str) -> Member | None:
         return next((m for m in self.membership.others() if m.addr == addr), None)
 

@@ -47,9 +47,7 @@ class NodeSeam:
         self._node.heard(address)
 
     def frame_limit(self, address: str) -> int:
-        member = next((m for m in self._node.membership.live() if m.addr == address), None)
-        profile = self._node.profiles.get(member.id) if member is not None else None
-        return profile.frame if profile is not None else 0
+        return self._node.frame_limit(address)
 
     def why_no_plan(self) -> str:
         return self._node.why_unplannable() or self._node.plan_error

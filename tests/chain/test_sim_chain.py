@@ -15,6 +15,7 @@ from conftest import build_tiny
 from support.simchain import SIM_TIMINGS, SimMesh
 
 from meshshard.chain.origin import PREFILL_CHUNK, MeshTooSmall
+from meshshard.chain.stats import ChainStats
 from meshshard.chain.tensors import to_wire
 from meshshard.mesh.report import plan_flow, predicted_now
 from meshshard.model.costs import unit_costs
@@ -226,16 +227,24 @@ async def test_a_graceful_leave_hands_caches_over_without_replaying(
 ) -> None:
     async with SimMesh(model, memory, speculate=speculate) as mesh:
         plan = await three_stages(mesh, "abcd")
-        origin, leaving = plan.stages[0].device, plan.stages[1].device
-        mesh.data.delay = 0.01  # so the answer is still going when the new chain is ready
-        got: list[int] = []
-        task = asyncio.create_task(answer(mesh, origin, PROMPTS[3], 64, got))
-        await until(lambda: len(got) >= 5, 20, "the answer under way")
-        assert await mesh.leave(leaving)
-        await asyncio.wait_for(task, 60)
+        got, stats = await answer_through_a_leave(mesh, plan, PROMPTS[3])
         assert got == reference(PROMPTS[3], 64)
-        stats = mesh.peers[origin].service.stats
         assert stats.handoffs > 0 and stats.replays == 0
+
+
+async def answer_through_a_leave(
+    mesh: SimMesh, plan: PlanRecord, prompt: Sequence[int]
+) -> tuple[list[int], ChainStats]:
+    """A 64-token answer from the plan's first stage while its second leaves gracefully:
+    its tokens, and its origin's counts."""
+    origin, leaving = plan.stages[0].device, plan.stages[1].device
+    mesh.data.delay = 0.01  # so the answer is still going when the new chain is ready
+    got: list[int] = []
+    task = asyncio.create_task(answer(mesh, origin, prompt, 64, got))
+    await until(lambda: len(got) >= 5, 20, "the answer under way")
+    assert await mesh.leave(leaving)
+    await asyncio.wait_for(task, 60)
+    return got, mesh.peers[origin].service.stats
 
 
 @pytest.mark.parametrize("said", [False, True], ids=["links' own limit", "receivers' profiles"])
@@ -251,16 +260,9 @@ async def test_frames_past_the_limit_cross_in_pieces_prompts_and_handed_off_cach
         if not said:
             mesh.data.max_frame = 1500
         plan = await three_stages(mesh, "abcd", frame=1500 if said else 0)
-        origin, leaving = plan.stages[0].device, plan.stages[1].device
-        mesh.data.delay = 0.01  # so the answer is still going when the new chain is ready
         prompt = list(range(3, 60))
-        got: list[int] = []
-        task = asyncio.create_task(answer(mesh, origin, prompt, 64, got))
-        await until(lambda: len(got) >= 5, 20, "the answer under way")
-        assert await mesh.leave(leaving)
-        await asyncio.wait_for(task, 60)
+        got, stats = await answer_through_a_leave(mesh, plan, prompt)
         assert got == reference(prompt, 64)
-        stats = mesh.peers[origin].service.stats
         assert stats.handoffs > 0 and stats.replays == 0
         assert mesh.data.cut["StepFrame"] > 0 and mesh.data.cut["KVFrame"] > 0
 
