@@ -10,7 +10,9 @@ message can inflate a thousandfold before any check).
 
 Both ends of a socket may send frames; whatever arrives is handed to one dispatcher, so a
 stage's error comes back the same way a token does. Should a socket close under frames it
-carried, their answers' origins are told (inflight.py): the frames may be lost unseen.
+carried, their answers' origins are told (inflight.py): the frames may be lost unseen. A peer
+closes a socket on the first frame or record it refuses (too large for it, malformed, not
+opening), so its sender's origins hear of a refused frame the same way.
 
 Two sockets go to each peer: one for bulk (a prompt's activations, a feed after a replay, a
 handed-off cache, a session's drop) and one for the rest (decode steps, tokens, errors). On
@@ -433,8 +435,9 @@ async def read_frames(
     dispatch: Dispatch,
     heard: Callable[[str], None] | None = None,
 ) -> None:
-    """Hand every frame that arrives on `ws` to `dispatch` until it closes; refuse the rest.
-    `heard(source)` is told of each frame from a peer whose address we know."""
+    """Hand every frame that arrives on `ws` to `dispatch` until it closes, or until a frame
+    or record is refused: that closes the socket. `heard(source)` is told of each frame from
+    a peer whose address we know."""
     async for msg in ws:
         if msg.type != aiohttp.WSMsgType.BINARY:
             continue
@@ -442,7 +445,12 @@ async def read_frames(
             frame = channel.open(msg.data)
         except (WireError, AuthError) as e:
             refusals.note(source, e)
-            continue
+            # Its sender cannot tell a refused frame from a delivered one, and the answer it
+            # carried would wait out its step timeout. A socket closing under frames it can
+            # tell: their origins hear of it and feed the answers again (inflight.py).
+            why = f"refused: {e}".encode("ascii", "replace")[:120]
+            await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=why)
+            return
         if frame is not None:
             if heard is not None and source:
                 heard(source)

@@ -148,6 +148,41 @@ async def test_a_socket_closed_under_its_frames_tells_their_origins() -> None:
     assert all("closed under" in e.message and "1009" in e.message for e in told)
 
 
+async def test_a_frame_refused_by_its_receiver_tells_the_origins() -> None:
+    """The receiver takes frames of at most 2 MiB; the sender does not know (a peer whose
+    profile says no limit): a prompt's 3 MiB goes as records the socket reads, and the frame
+    is refused at its third. The receiver closes the socket, so the answers it carried are
+    fed again. Before, it skipped the frame's records and kept the socket: nobody told the
+    origin, whose answer waited out its step timeout."""
+    hidden = 576
+    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=hidden, me=ORIGIN)
+    receiver = replace(codec, max_frame_bytes=2 << 20)
+    arrived: list[str] = []
+    told: list[ErrorFrame] = []
+    done = asyncio.Event()
+
+    async def dispatch(frame: DataFrame) -> None:
+        arrived.append(frame.session)
+
+    async def back(frame: DataFrame) -> None:
+        assert isinstance(frame, ErrorFrame)
+        told.append(frame)
+        if len(told) == 2:
+            done.set()
+
+    rows = 3 * RECORD_BYTES // (4 * hidden)
+    async with linked(codec, dispatch, receiver=receiver, back=back) as links:
+        await links.send(ADDR, replace(step("delivered", 2, hidden=hidden), attempt=1))
+        await links.send(ADDR, replace(step("refused", rows, hidden=hidden), attempt=3))
+        await asyncio.wait_for(done.wait(), 5)
+    assert arrived == ["delivered"]
+    assert sorted((e.session, e.attempt, e.code) for e in told) == [
+        ("delivered", 1, ErrorCode.INTERNAL),
+        ("refused", 3, ErrorCode.INTERNAL),
+    ]
+    assert all("1008" in e.message for e in told)
+
+
 async def test_frames_to_a_peer_that_takes_less_are_cut_to_its_limit() -> None:
     """The receiver takes frames of at most 64 KiB (its --max-frame, said in its profile);
     the sender, set to 64 MiB, cuts a prompt's 128 KiB of activations to fit it. Cut only to
