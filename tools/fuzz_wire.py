@@ -91,7 +91,7 @@ def seeds() -> tuple[list[bytes], list[bytes]]:
         HandoffRequest(e, "a/1", 1, 3, 9, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
         KVFrame(e, "a/1", 1, 5, kv, kv, "127.0.0.1:7000", True),
         replace(split, head=24576),
-        PickFrame(e, "a/1", 5, 30000, 17.5, 1),
+        PickFrame(e, "a/1", 5, (30000, 7), (17.5, 2.0), 1),
     ]
     member = Member(NodeId("peer-b"), "127.0.0.1:7001", 5, State.ALIVE, 1, 2, e)
     stages = (PlanStage(NodeId("peer-b"), 0, 32),)

@@ -1,10 +1,12 @@
-"""A split head's two picks of a token, matched (planner/headsplit.py says when it pays).
+"""A split head's two picks of a pass's tokens, matched (planner/headsplit.py says when it
+pays).
 
-The last stage sends a lone greedy step's normed hidden state to the first stage (a StepFrame
-with `head` rows), then scores the vocabulary from there on and sends its best (a PickFrame);
-the first stage scores rows [0, head) of the embedding it shares with the head meanwhile.
-Each logit is the dot product the whole head computes for that row, so the better of the two
-picks, ties to the lower id as argmax breaks them, is the whole head's token.
+The last stage sends a lone greedy step's normed hidden states (a row for its token and one
+for each drafted token) to the first stage (a StepFrame with `head` rows), then scores the
+vocabulary from there on and sends its best token of each row (a PickFrame); the first stage
+scores rows [0, head) of the embedding it shares with the head meanwhile. Each logit is the
+dot product the whole head computes for that row, so the better of the two picks of a row,
+ties to the lower id as argmax breaks them, is the whole head's token there.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ MOST_WAITING = 256  # halves held for their other half: a lost one must not pile
 
 @dataclass(frozen=True)
 class Pick:
-    logit: float
-    token: int
+    """One end's best token of each row over its share of the vocabulary, and its logit."""
+
+    logits: tuple[float, ...]
+    tokens: tuple[int, ...]
 
 
 def split_rows(share: float, vocab: int) -> int:
@@ -35,9 +39,11 @@ def split_rows(share: float, vocab: int) -> int:
     return n if 0 < n < vocab else 0
 
 
-def better(a: Pick, b: Pick) -> int:
-    """The token of the higher logit; of equal ones the lower id."""
-    return min((-a.logit, a.token), (-b.logit, b.token))[1]
+def better(a: Pick, b: Pick) -> tuple[int, ...]:
+    """Row by row, the token of the higher logit; of equal ones the lower id. (Picks of
+    unequal rows, from a peer that misbehaves, give the rows both have.)"""
+    rows = zip(a.logits, a.tokens, b.logits, b.tokens, strict=False)
+    return tuple(min((-la, ta), (-lb, tb))[1] for la, ta, lb, tb in rows)
 
 
 _Key = tuple[str, int, int]  # session, step, attempt
@@ -52,18 +58,19 @@ class Picks:
         self._ours: OrderedDict[_Key, tuple[StepFrame, Pick]] = OrderedDict()
         self._theirs: OrderedDict[_Key, Pick] = OrderedDict()
 
-    def ours(self, frame: StepFrame, pick: Pick) -> int | None:
-        """This stage's pick for a split step: the token, if the last stage's came first."""
+    def ours(self, frame: StepFrame, pick: Pick) -> tuple[int, ...] | None:
+        """This stage's pick for a split step: the picked tokens, if the last stage's came
+        first."""
         key = (frame.session, frame.step, frame.attempt)
         if (theirs := self._theirs.pop(key, None)) is not None:
             return better(pick, theirs)
         _hold(self._ours, key, (frame, pick))
         return None
 
-    def theirs(self, frame: PickFrame) -> tuple[StepFrame, int] | None:
-        """The last stage's pick: the step and its token, if this stage's came first."""
+    def theirs(self, frame: PickFrame) -> tuple[StepFrame, tuple[int, ...]] | None:
+        """The last stage's pick: the step and the picked tokens, if this stage's came first."""
         key = (frame.session, frame.step, frame.attempt)
-        pick = Pick(frame.logit, frame.token)
+        pick = Pick(frame.logits, frame.tokens)
         if (held := self._ours.pop(key, None)) is not None:
             step, ours = held
             return step, better(ours, pick)

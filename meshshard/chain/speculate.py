@@ -10,7 +10,7 @@ that position's sample, and greedy or seeded answers are those of plain decoding
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +49,14 @@ def confirmed(
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.shape[0] != len(draft) + 1:
         raise ValueError(f"{rows.shape[0]} rows of logits for a draft of {len(draft)}")
+    return accepted((sample(row, step + j) for j, row in enumerate(rows)), draft)
+
+
+def accepted(picked: Iterable[int], draft: Sequence[int]) -> tuple[int, ...]:
+    """Each position's token for as long as it equals the draft's there, then the first that
+    does not (or the one after the whole draft); `picked` is read no further."""
     tokens = []
-    for j, row in enumerate(rows):
-        token = sample(row, step + j)
+    for j, token in enumerate(picked):
         tokens.append(token)
         if j == len(draft) or token != draft[j]:
             break

@@ -29,7 +29,7 @@ import torch
 from meshshard.chain.drafts import Drafter
 from meshshard.chain.links import BULK, lane
 from meshshard.chain.picks import Pick, Picks, split_rows
-from meshshard.chain.speculate import confirmed
+from meshshard.chain.speculate import accepted, confirmed
 from meshshard.chain.tensors import from_wire, joined, rows, to_wire
 from meshshard.chain.waves import Arrivals, wave_rows
 from meshshard.chain.worker import run_inline, run_model
@@ -55,8 +55,8 @@ Send = Callable[[str, DataFrame], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Normed:
-    """A lone greedy step's normed hidden state [1, hidden], whose head is split between
-    the last stage and the first (chain/picks.py)."""
+    """A lone greedy step's normed hidden states [rows, hidden] (its token's, and its
+    draft's), whose head is split between the last stage and the first (chain/picks.py)."""
 
     hidden: torch.Tensor
 
@@ -192,7 +192,7 @@ class StageWorker:
         tied = next_addr is None and spec.tied_embeddings and not shard.is_first
         self.head_rows = split_rows(head_share, spec.vocab_size) if tied else 0
         self.split_steps = 0  # steps whose head was split (here, at the last stage)
-        self.split_ms = 0.0  # ... and the moving average of their passes
+        self.split_ms: dict[int, float] = {}  # ... and their passes' averages, by rows
         self._picks = Picks()  # ... halves waiting for their other half (the first stage)
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
@@ -250,15 +250,15 @@ class StageWorker:
 
     async def _pick_ours(self, frame: StepFrame) -> None:
         """A split step's rows [0, head) of the vocabulary, scored as it arrives (a few ms,
-        while the last stage scores the rest): its token once both picks are in."""
+        while the last stage scores the rest): its tokens once both picks are in."""
         vocab = self.shard.spec.vocab_size
         if not self.shard.is_first or self.shard.head_weight is None or frame.head >= vocab:
             message = f"this stage cannot score rows [0, {frame.head}) of a split head"
             await self._error(frame, ErrorCode.BAD_FRAME, message)
             return
         hidden = from_wire(frame.tensor)
-        logit, token = await run_inline(self._pick, hidden, 0, frame.head)
-        if (picked := self._picks.ours(frame, Pick(logit, token))) is not None:
+        logits, tokens = await run_inline(self._pick, hidden, 0, frame.head)
+        if (picked := self._picks.ours(frame, Pick(logits, tokens))) is not None:
             await self._picked(frame, picked)
 
     async def take_pick(self, frame: PickFrame) -> None:
@@ -266,19 +266,23 @@ class StageWorker:
         if (got := self._picks.theirs(frame)) is not None:
             await self._picked(*got)
 
-    async def _picked(self, frame: StepFrame, token: int) -> None:
-        """A split step's token: into the chain as the step it feeds (what the chain waits
-        for), unless it ends the answer, and to its origin."""
-        if token not in frame.stops:
-            ids = to_wire(torch.tensor([token], dtype=torch.int64))
-            await self.put(replace(frame, tensor=ids, head=0))
-        tokens = TokenFrame(frame.epoch, frame.session, frame.step - 1, (token,), frame.attempt)
+    async def _picked(self, frame: StepFrame, picked: tuple[int, ...]) -> None:
+        """A split step's tokens, those of its picks the draft confirms: into the chain as
+        the step they feed (what the chain waits for), unless they end the answer, and to
+        its origin, as the last stage sends them unsplit."""
+        tokens = accepted(picked, frame.draft)
+        if (follow := _followed(replace(frame, head=0), tokens)) is not None:
+            await self.put(follow)
+        drafted = len(frame.draft)
+        copy = TokenFrame(frame.epoch, frame.session, frame.step, tokens, frame.attempt, drafted)
         try:
-            await self._send(frame.origin, tokens)
+            await self._send(frame.origin, copy)
         except Exception as e:
-            logger.warning("could not send %s's token to its origin: %s", frame.session, e)
+            logger.warning("could not send %s's tokens to its origin: %s", frame.session, e)
 
-    def _pick(self, hidden: torch.Tensor, start: int, end: int) -> tuple[float, int]:
+    def _pick(
+        self, hidden: torch.Tensor, start: int, end: int
+    ) -> tuple[tuple[float, ...], tuple[int, ...]]:
         """A pick, counted with the forward passes (it is the head's share of one), so the
         step-cost meter does not take it for work beside them."""
         wall, cpu = time.perf_counter(), time.thread_time()
@@ -526,10 +530,12 @@ class StageWorker:
         # prompt slices): it counts with the others only in forward_s.
         decode = _decoding(batch) and not split
         ms = seconds * 1000
+        verifying = _verifying(batch)
         if split:
-            self.split_ms = _moved(self.split_ms, ms)
-        elif (rows_ := _verifying(batch)) is not None:
-            self.verify_ms[rows_] = _moved(self.verify_ms.get(rows_, 0.0), ms)
+            rows_ = verifying or 1
+            self.split_ms[rows_] = _moved(self.split_ms.get(rows_, 0.0), ms)
+        elif verifying is not None:
+            self.verify_ms[verifying] = _moved(self.verify_ms.get(verifying, 0.0), ms)
         prompts = [f for f in batch if not _one_token(f)]
         prompt_rows = sum(f.tensor.shape[0] for f in prompts)
         logger.debug(
@@ -562,10 +568,11 @@ class StageWorker:
         of the last wave, behind one send that had to wait). On the loop, the peer's other
         work waits for the pass: an origin's on the tokens of the step that started it
         would otherwise share the interpreter lock with it (docs/data-plane.md)."""
-        if (rows_ := _verifying(batch)) is not None:
+        rows_ = _verifying(batch)
+        if split:  # a pass of one row without its head: a decode pass's time till measured
+            took = self.split_ms.get(rows_ or 1, 0.0) or (0.0 if rows_ else self.step_ms)
+        elif rows_ is not None:
             took = self.verify_ms.get(rows_, 0.0)
-        elif split:
-            took = self.split_ms or self.step_ms
         else:
             took = self.pass_ms.get(len(batch), 0.0) if _decoding(batch) else 0.0
         return not self._unsent and 0 < took <= INLINE_MS
@@ -596,7 +603,7 @@ class StageWorker:
     def _pass(self, batch: list[StepFrame], split: bool = False) -> Sequence[Output]:
         """The batch's forward pass, and what it passes on: hidden states as wire bytes, or
         at the last stage the tokens each step confirmed (greedy rows picked in one call),
-        or the normed hidden state of a step whose head is `split`."""
+        or the normed hidden states of a step whose head is `split`."""
         cpu = time.thread_time()
         try:
             outs = self._forward(batch, head=not split)
@@ -610,12 +617,13 @@ class StageWorker:
             self.forward_cpu_s += time.thread_time() - cpu
 
     def _splits(self, batch: list[StepFrame]) -> bool:
-        """Whether to split the head of this batch: one greedy decode step of the only
-        session here, whose next step the chain feeds itself (the other stages then wait)."""
+        """Whether to split the head of this batch: one greedy decode step (verifying a
+        draft or not) of the only session here, whose next step the chain feeds itself (the
+        other stages then wait)."""
         if not self.head_rows or len(batch) != 1 or len(self.shard.sessions) != 1:
             return False
         (f,) = batch
-        greedy = f.sample and f.sampling.temperature == 0 and not f.draft
+        greedy = f.sample and f.sampling.temperature == 0
         return greedy and bool(f.loop) and _one_token(f) and f.step + 1 <= f.until
 
     def _forward(self, batch: list[StepFrame], head: bool = True) -> list[torch.Tensor]:
@@ -670,17 +678,14 @@ class StageWorker:
             await self._error(frame, ErrorCode.INTERNAL, f"next hop failed: {e}")
 
     async def _split(self, frame: StepFrame, hidden: torch.Tensor) -> None:
-        """The hidden state to the first stage first, then this stage's pick of the rest of
-        the vocabulary: the two are scored at once. (The pick may run on the loop: a send
+        """The hidden states to the first stage first, then this stage's picks of the rest
+        of the vocabulary: the two are scored at once. (The pick may run on the loop: a send
         has written its frame to the socket when it returns. In the model thread it ran
         later, 61.2 ms a token against 59.3 on the loop, chain-runs.txt.)"""
-        step = frame.step + 1
-        start = frame.start + frame.tensor.shape[0]
-        ask = replace(frame, step=step, start=start, tensor=to_wire(hidden), head=self.head_rows)
-        await self._send(frame.loop, ask)
+        await self._send(frame.loop, replace(frame, tensor=to_wire(hidden), head=self.head_rows))
         vocab = self.shard.spec.vocab_size
-        logit, token = await run_inline(self._pick, hidden, self.head_rows, vocab)
-        pick = PickFrame(frame.epoch, frame.session, step, token, logit, frame.attempt)
+        logits, tokens = await run_inline(self._pick, hidden, self.head_rows, vocab)
+        pick = PickFrame(frame.epoch, frame.session, frame.step, tokens, logits, frame.attempt)
         await self._send(frame.loop, pick)
 
     async def _error(self, frame: StepFrame, code: ErrorCode, message: str, have: int = 0) -> None:

@@ -240,7 +240,7 @@ class Shard:
         """Start (or continue, for chunked prefill) a session with several tokens. The last
         shard returns the logits of the last position, or [logits, vocab] of the last
         `logits` positions (to verify a draft), or nothing (logits=0); without the `head`,
-        the last position's normed hidden state [1, hidden], for `pick`s."""
+        those positions' normed hidden states [logits, hidden], for `pick`s."""
         cache = self._sessions.setdefault(session, self.new_cache())
         if positions is None:
             positions = torch.arange(cache.length, cache.length + x.shape[0])
@@ -293,7 +293,7 @@ class Shard:
             if not logits:  # a prompt's chunk before its last: nothing is sampled from it
                 return h.new_empty((0,))
             if not head:
-                return self.norm(h[0, -1:])
+                return self.norm(h[0, -logits:])
             out = self._head(h[0, -logits:])
             clock.lap(unit)
             return out[-1] if logits == 1 else out
@@ -359,16 +359,19 @@ class Shard:
         return weight
 
     @torch.inference_mode()
-    def pick(self, h: torch.Tensor, start: int, end: int) -> tuple[float, int]:
-        """The best token of vocabulary rows [start, end) for a normed hidden state h
-        [1, hidden], and its float32 logit: the numbers the whole head gives those rows
-        (each is the same dot product), so the best of two picks is the whole head's."""
+    def pick(
+        self, h: torch.Tensor, start: int, end: int
+    ) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """The best token of vocabulary rows [start, end) for each normed hidden state of h
+        [rows, hidden], and their float32 logits: the numbers the whole head gives those
+        rows (each is the same dot product), so the best of two picks is the whole head's."""
         weight = self.head_weight
         if weight is None:
             raise ValueError("this shard holds no head matrix to pick from")
-        scores = F.linear(self._onto_device(h).to(weight.dtype), weight[start:end]).float()[0]
-        best = int(torch.argmax(scores))
-        return float(scores[best]), start + best
+        scores = F.linear(self._onto_device(h).to(weight.dtype), weight[start:end]).float()
+        at = torch.argmax(scores, dim=-1)  # ties to the lower id, as the whole head's pick
+        best = scores.gather(-1, at.unsqueeze(-1)).squeeze(-1)
+        return tuple(best.tolist()), tuple(start + i for i in at.tolist())
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab] of hidden states [rows, hidden]."""

@@ -82,10 +82,11 @@ class StepFrame:
     # The answer speculates: the first stage keeps its ids, and drafts up to this many tokens
     # onto each decode step the chain feeds itself (chain/drafts.py). 0: it does not.
     drafts: int = 0
-    # A split head (chain/headsplit.py): the tensor is the last stage's normed hidden state
-    # [1, hidden] of the step before; this first stage scores vocabulary rows [0, head) of
-    # its tied embedding, and the best of those and the last stage's PickFrame is the token
-    # this step feeds. 0: the tensor holds the token.
+    # A split head (chain/picks.py): the tensor is the last stage's normed hidden states of
+    # this step's pass, a row for its token and one for each drafted token; this first
+    # stage scores vocabulary rows [0, head) of its tied embedding for each, and the better
+    # of those and the last stage's PickFrame, row by row, are the pass's picks. 0: the
+    # tensor holds the step's input.
     head: int = 0
 
 
@@ -103,13 +104,14 @@ class TokenFrame:
 
 @dataclass(frozen=True)
 class PickFrame:
-    """The last stage's best token over its share of a split head, and its logit."""
+    """The last stage's best tokens over its share of a split head, and their logits: one
+    for each row of the step's pass."""
 
     epoch: Epoch
     session: str
     step: int
-    token: int
-    logit: float
+    tokens: tuple[int, ...]
+    logits: tuple[float, ...]
     attempt: int = 0
 
 
@@ -227,8 +229,8 @@ def encode_frame(frame: DataFrame) -> bytes:
                 "k": "pick",
                 "attempt": frame.attempt,
                 "step": frame.step,
-                "token": frame.token,
-                "logit": frame.logit,
+                "tokens": list(frame.tokens),
+                "logits": list(frame.logits),
             }
         case ErrorFrame():
             body |= {
@@ -287,8 +289,8 @@ def decode_frame(
                 raise WireError("a draft must end a sampled frame, after at least one token")
             loop = checks.address(m["loop"], "loop") if "loop" in m else ""
             head = checks.integer(m.get("head", 0), "head", high=MAX_TOKEN_ID)
-            if head and (not loop or tensor.dtype == "int64" or tensor.shape[0] != 1):
-                raise WireError("a split head's step feeds the chain one hidden state")
+            if head and (not loop or tensor.dtype == "int64" or tensor.shape[0] != len(draft) + 1):
+                raise WireError("a split head's step holds a hidden state for each row it picks")
             return StepFrame(
                 epoch=epoch,
                 session=session,
@@ -315,14 +317,13 @@ def decode_frame(
                 raise WireError(f"{len(tokens)} tokens from a pass that verified {drafted} drafted")
             return TokenFrame(epoch, session, step, tokens, attempt, drafted)
         case "pick":
-            return PickFrame(
-                epoch,
-                session,
-                checks.integer(m.get("step"), "step"),
-                checks.integer(m.get("token"), "token", high=MAX_TOKEN_ID),
-                checks.number(m.get("logit"), "logit", MAX_LOGIT, -MAX_LOGIT),
-                attempt,
-            )
+            tokens = _token_ids(m.get("tokens"), "tokens", 1, MAX_DRAFT + 1)
+            raw = checks.a_list(m.get("logits"), "logits")
+            if len(raw) != len(tokens):
+                raise WireError(f"{len(raw)} logits for {len(tokens)} picked tokens")
+            logits = tuple(checks.number(v, "logit", MAX_LOGIT, -MAX_LOGIT) for v in raw)
+            step = checks.integer(m.get("step"), "step")
+            return PickFrame(epoch, session, step, tokens, logits, attempt)
         case "error":
             try:
                 code = ErrorCode(checks.text(m.get("code"), "code"))

@@ -66,8 +66,9 @@ def test_other_frames_round_trip() -> None:
         replace(step(to_wire(torch.tensor([1, 2]))), loop="127.0.0.1:7002", until=63, stops=(2,)),
         replace(step(to_wire(torch.tensor([1, 2, 3]))), loop="127.0.0.1:7", draft=(3,), drafts=8),
         replace(step(to_wire(torch.randn(1, 16))), loop="127.0.0.1:7002", until=63, head=24576),
-        PickFrame(E, "s", 5, 49151, -3.25, attempt=1),
-        PickFrame(E, "s", 5, 0, 1e30),
+        replace(step(to_wire(torch.randn(3, 16))), loop="127.0.0.1:7", draft=(4, 5), head=128),
+        PickFrame(E, "s", 5, (49151,), (-3.25,), attempt=1),
+        PickFrame(E, "s", 5, (0, 7, 9), (1e30, -1.0, 0.5)),
         HandoffRequest(E, "s", 3, 5, 12, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
         KVFrame(E, "s", 3, 9, kv, kv, "127.0.0.1:7000", final=True),
         KVFrame(E, "s", 3, 9, kv, kv, "127.0.0.1:7000", final=False, start=40),  # a piece
@@ -118,6 +119,10 @@ def ids(n: int) -> dict:
     return {"dtype": "int64", "shape": [n], "data": bytes(8 * n)}
 
 
+def hidden(n: int) -> dict:
+    return {"dtype": "float32", "shape": [n, 4], "data": bytes(16 * n)}
+
+
 def raw_step(**changes: object) -> bytes:
     body = {
         "v": PROTOCOL,
@@ -164,13 +169,18 @@ def raw_step(**changes: object) -> bytes:
         (raw_step(loop="127.0.0.1:7002", stops=list(range(17))), "0 to 16 token ids"),
         (raw_step(drafts=17), r"drafts must be an integer in \[0, 17\)"),
         (raw_step(drafts=True), "drafts must be an integer"),
-        # A split head's step carries one hidden state, and feeds the chain.
-        (raw_step(head=48), "one hidden state"),
-        (raw_step(loop="127.0.0.1:7002", head=48, tensor=ids(1)), "one hidden state"),
+        # A split head's step carries a hidden state for its token and each drafted one,
+        # and feeds the chain; a pick, a token and a logit for each.
+        (raw_step(head=48), "a hidden state for each row"),
+        (raw_step(loop="127.0.0.1:7002", head=48, tensor=ids(1)), "a hidden state for each row"),
+        (raw_step(loop="127.0.0.1:7002", head=48, draft=[5], tensor=hidden(3)), "for each row"),
         (raw_step(loop="127.0.0.1:7002", head=-1), "head must be an integer"),
-        (raw_step(k="pick", token=3, logit=float("nan")), "logit must be a finite"),
-        (raw_step(k="pick", token=3, logit="high"), "logit must be a number"),
-        (raw_step(k="pick", token=2**31, logit=1.0), "token must be an integer"),
+        (raw_step(k="pick", tokens=[3], logits=[float("nan")]), "logit must be a finite"),
+        (raw_step(k="pick", tokens=[3], logits=["high"]), "logit must be a number"),
+        (raw_step(k="pick", tokens=[2**31], logits=[1.0]), "tokens must be an integer"),
+        (raw_step(k="pick", tokens=[3, 4], logits=[1.0]), "1 logits for 2 picked tokens"),
+        (raw_step(k="pick", tokens=[], logits=[]), "1 to 17 token ids"),
+        (raw_step(k="pick", token=3, logit=1.0), "tokens must be a list"),  # protocol 2's
         (raw_step(k="token", tokens=[]), "1 to 17 token ids"),
         (raw_step(k="token", tokens=[2**31]), "tokens must be an integer"),
         # A pass confirms at most what it verified, and one token of its own.

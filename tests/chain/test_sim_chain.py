@@ -457,7 +457,7 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         assert splits() >= len(PROMPTS) * 14  # every step but the prompt's and the last
         # A pass without its head measures no decode pass (the profile's pace, slices).
         stage = last.service.follower.stage
-        assert stage is not None and stage.split_ms > 0
+        assert stage is not None and list(stage.split_ms) == [1]  # one row each
         assert sum(stage.passes.values()) <= 2 * len(PROMPTS)
         full = reference(PROMPTS[3], 16)
         stop = next(t for t in full if full.index(t) >= 4)  # a token met first a few steps in
@@ -481,12 +481,12 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         assert not first.service.follower.stage._picks  # no half left waiting
 
 
-async def test_a_speculating_lone_answer_splits_the_passes_it_drafts_nothing_for(
+async def test_a_speculating_lone_answer_splits_the_head_of_its_passes_drafts_and_all(
     model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
 ) -> None:
-    """The first stage drafts for an answer the chain feeds itself; a pass with a draft
-    verifies it with the whole head at the last stage, a pass without one splits the head.
-    Tokens are one process's either way."""
+    """The first stage drafts for an answer the chain feeds itself; each pass, with a draft
+    to verify or not, splits the head: the two ends pick every row, the first stage keeps
+    the picks the draft confirms and feeds the next step. Tokens are one process's."""
     async with SimMesh(model, memory, speculate=8) as mesh:
         plan = await three_stages(mesh, "abc")
         first, last = mesh.peers[plan.stages[0].device], mesh.peers[plan.stages[-1].device]
@@ -497,11 +497,13 @@ async def test_a_speculating_lone_answer_splits_the_passes_it_drafts_nothing_for
         stage = last.service.follower.stage
         stats = first.service.stats
         assert stage is not None and stats.kept > 0
-        # Past each prompt's pass, passes split the head, but those that verified a draft
-        # and each answer's last (it feeds nothing on).
+        # Past each prompt's pass, every pass splits the head but maybe each answer's last
+        # (one at its last step feeds nothing on); some of them verified drafts.
         decodes = stats.passes - len(PROMPTS)
-        assert 0 < stage.split_steps < decodes - len(PROMPTS)
+        assert decodes - len(PROMPTS) <= stage.split_steps <= decodes
+        assert 1 in stage.split_ms and max(stage.split_ms) > 1
         await until(mesh.idle, 5, "every cache freed")
+        assert not first.service.follower.stage._picks  # no half left waiting
 
 
 @pytest.mark.parametrize("speculate", [0, 8], ids=["plain", "speculating"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from meshshard.chain.picks import MOST_WAITING, Pick, Picks, better, split_rows
+from meshshard.chain.speculate import accepted
 from meshshard.chain.tensors import to_wire
 from meshshard.model.shard import Shard
 from meshshard.planner import Instance, Stage
@@ -80,10 +81,24 @@ def test_split_rows_are_whole_blocks_of_a_large_vocabulary() -> None:
     assert split_rows(0.4, 96) == 32
 
 
+def pick(logit: float, token: int) -> Pick:
+    return Pick((logit,), (token,))
+
+
 def test_the_better_pick_is_the_higher_logit_and_of_equal_ones_the_lower_id() -> None:
-    assert better(Pick(2.0, 10), Pick(3.0, 900)) == 900
-    assert better(Pick(3.0, 10), Pick(3.0, 900)) == 10
-    assert better(Pick(3.0, 900), Pick(3.0, 10)) == 10
+    assert better(pick(2.0, 10), pick(3.0, 900)) == (900,)
+    assert better(pick(3.0, 10), pick(3.0, 900)) == (10,)
+    assert better(pick(3.0, 900), pick(3.0, 10)) == (10,)
+    # Row by row, for a pass that verified a draft.
+    ours, theirs = Pick((2.0, 5.0, 1.0), (10, 11, 12)), Pick((3.0, 4.0, 1.0), (900, 901, 902))
+    assert better(ours, theirs) == better(theirs, ours) == (900, 11, 12)
+
+
+def test_a_passs_picks_give_the_tokens_its_draft_confirms() -> None:
+    assert accepted((7,), ()) == (7,)
+    assert accepted((4, 5, 9), (4, 5)) == (4, 5, 9)  # the whole draft, and the next
+    assert accepted((4, 8, 9), (4, 5)) == (4, 8)  # the first that differs ends them
+    assert accepted((3, 5, 6), (4, 5)) == (3,)
 
 
 E = Epoch(2, "c")
@@ -99,12 +114,12 @@ def split_step(session: str, step: int, attempt: int = 0) -> StepFrame:
 
 def test_picks_meet_whichever_half_comes_first_by_session_step_and_attempt() -> None:
     picks = Picks()
-    assert picks.ours(split_step("s", 3), Pick(1.0, 7)) is None
-    assert picks.theirs(PickFrame(E, "s", 3, 60, 0.5, attempt=1)) is None  # another attempt
-    got = picks.theirs(PickFrame(E, "s", 3, 60, 2.5))
-    assert got is not None and got[1] == 60 and got[0].step == 3
-    assert picks.theirs(PickFrame(E, "t", 4, 61, 0.5)) is None
-    assert picks.ours(split_step("t", 4), Pick(1.0, 8)) == 8
+    assert picks.ours(split_step("s", 3), pick(1.0, 7)) is None
+    assert picks.theirs(PickFrame(E, "s", 3, (60,), (0.5,), attempt=1)) is None  # another try
+    got = picks.theirs(PickFrame(E, "s", 3, (60,), (2.5,)))
+    assert got is not None and got[1] == (60,) and got[0].step == 3
+    assert picks.theirs(PickFrame(E, "t", 4, (61,), (0.5,))) is None
+    assert picks.ours(split_step("t", 4), pick(1.0, 8)) == (8,)
     assert len(picks) == 1  # attempt 1's pick, until its session is forgotten
     picks.forget("s")
     assert len(picks) == 0
@@ -113,10 +128,10 @@ def test_picks_meet_whichever_half_comes_first_by_session_step_and_attempt() -> 
 def test_halves_whose_other_half_never_comes_do_not_pile_up() -> None:
     picks = Picks()
     for i in range(MOST_WAITING + 50):
-        picks.theirs(PickFrame(E, f"s{i}", 1, 60, 0.5))
-        picks.ours(split_step(f"t{i}", 1), Pick(1.0, 7))
+        picks.theirs(PickFrame(E, f"s{i}", 1, (60,), (0.5,)))
+        picks.ours(split_step(f"t{i}", 1), pick(1.0, 7))
     assert len(picks) == 2 * MOST_WAITING
-    assert picks.ours(split_step("s0", 1), Pick(1.0, 7)) is None  # the oldest went first
+    assert picks.ours(split_step("s0", 1), pick(1.0, 7)) is None  # the oldest went first
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +153,32 @@ def test_two_picks_over_the_rows_give_the_whole_heads_token_and_logit(
         assert normed.shape == (1, last.spec.hidden_size)
         for rows in (16, 32, vocab // 2, vocab - 16):
             ours, theirs = first.pick(normed, 0, rows), last.pick(normed, rows, vocab)
-            token = better(Pick(*ours), Pick(*theirs))
-            assert token == int(logits.argmax())
-            assert ours[0] == float(logits[ours[1]]) and theirs[0] == float(logits[theirs[1]])
+            assert better(Pick(*ours), Pick(*theirs)) == (int(logits.argmax()),)
+            for (logit,), (token,) in (ours, theirs):
+                assert logit == float(logits[token])
+
+
+def test_picks_of_a_passs_rows_give_the_whole_heads_tokens_and_logits(
+    ends: tuple[Shard, Shard],
+) -> None:
+    """A pass that verifies a draft: a row for its token and each drafted one, each row's
+    two picks the whole head's best and logit there."""
+    first, last = ends
+    vocab = last.spec.vocab_size
+    torch.manual_seed(4)
+    for i in range(20):
+        x = torch.randint(0, vocab, (4 + i,))
+        h = first.prefill(f"d{i}", x)
+        read = 1 + i % 6  # the last token's row and up to 5 drafted ones
+        logits = last.prefill(f"dw{i}", h.clone(), logits=read)
+        normed = last.prefill(f"dh{i}", h.clone(), logits=read, head=False)
+        assert normed.shape == (read, last.spec.hidden_size)
+        whole = logits.reshape(read, vocab)
+        for rows in (16, vocab // 2, vocab - 16):
+            ours, theirs = first.pick(normed, 0, rows), last.pick(normed, rows, vocab)
+            assert better(Pick(*ours), Pick(*theirs)) == tuple(whole.argmax(dim=-1).tolist())
+            for logits_, tokens in (ours, theirs):
+                assert list(logits_) == [float(whole[j, t]) for j, t in enumerate(tokens)]
 
 
 def test_a_middle_shard_holds_no_head_to_pick_from(tiny_llama: Path) -> None:

@@ -34,7 +34,7 @@ def test_each_answer_carried_is_told_once_of_its_latest_try_by_its_origin() -> N
     carried.sent(NEXT, step("a", 5, attempt=1))  # a's newer try replaces its older
     carried.sent(NEXT, TokenFrame(EPOCH, "c", 7, (9,), 2))  # a token: to its origin, NEXT
     carried.sent(NEXT, DropFrame(EPOCH, "d"))  # nobody waits on a drop
-    carried.sent(NEXT, PickFrame(EPOCH, "e", 2, 5, 0.5))  # ... nor on a pick alone
+    carried.sent(NEXT, PickFrame(EPOCH, "e", 2, (5,), (0.5,)))  # ... nor on a pick alone
     lost = carried.lost("closed: 1009")
     assert lost == [
         (ORIGIN, ErrorFrame(EPOCH, "b", 1, ErrorCode.INTERNAL, "closed: 1009", 0)),
