@@ -77,6 +77,13 @@ class Product:
         flat = x.reshape(rows, x.shape[-1])
         return self.run(form, flat).reshape(*x.shape[:-1], self.weight.shape[0])
 
+    def part(self, start: int, end: int) -> Product:
+        """The product of W's rows [start, end), in the forms chosen for all of W (cut at
+        whole blocks, its blocked form runs the blocks W's does: the same numbers)."""
+        part = Product(self.weight[start:end])
+        part.forms = self.forms
+        return part
+
     def run(self, form: str, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] through `form`."""
         if form == TURNED:

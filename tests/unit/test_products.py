@@ -12,6 +12,7 @@ from torch import nn
 
 from meshshard.model import products
 from meshshard.model.products import (
+    BLOCK,
     BLOCKED,
     FORMS,
     LINEAR,
@@ -94,6 +95,26 @@ def test_every_form_gives_linears_values(shape: tuple[int, ...]) -> None:
         p = Product(weight, parts=(100, 150, 50))
         p.forms = (form,) * len(ROWS)
         torch.testing.assert_close(p(x), want)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_part_cut_at_whole_blocks_gives_the_wholes_numbers_in_its_form(form: str) -> None:
+    """A split head's pick scores vocabulary rows [start, end) in the form the whole head
+    runs its rows in, so each logit is the whole head's; blocked, bit for bit."""
+    weight = torch.randn(5 * BLOCK, 64)
+    whole = Product(weight)
+    whole.forms = (form,) * len(ROWS)
+    for rows in (1, 2, 6, 9):
+        x = torch.randn(rows, 64)
+        want = whole(x)
+        for start, end in ((0, 2 * BLOCK), (2 * BLOCK, 5 * BLOCK)):
+            part = whole.part(start, end)
+            assert part.forms == whole.forms and part.weight.data_ptr() == weight[start].data_ptr()
+            got = part(x)
+            if form == BLOCKED:
+                assert torch.equal(got, want[:, start:end])
+            else:
+                torch.testing.assert_close(got, want[:, start:end])
 
 
 def test_a_shards_fused_layers_share_one_choice_per_shape(tiny_llama_shard: object) -> None:
