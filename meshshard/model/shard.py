@@ -70,7 +70,8 @@ class Shard:
             fused.choose_products([f for f in self._fused if f is not None])
         self._sessions: dict[str, KVCache] = {}
         # A split head's picks score several rows (a draft's) in the form the whole head
-        # would: through linear, 6 rows took 2.6x one here, blocked far less (products.py).
+        # would: through linear, 9 rows over half of SmolLM2's vocabulary took 15.9 ms
+        # here, blocked 8.2 (docs/benchmarks/speculation-runs.txt).
         self._picker = self._head_product()
         self._pickers: dict[tuple[int, int], products.Product] = {}
 

@@ -139,46 +139,26 @@ def ends(tiny_llama: Path) -> tuple[Shard, Shard]:
     return Shard.load(tiny_llama, 0, 2), Shard.load(tiny_llama, 2, 6)
 
 
-def test_two_picks_over_the_rows_give_the_whole_heads_token_and_logit(
+def test_two_picks_over_the_rows_give_the_whole_heads_tokens_and_logits(
     ends: tuple[Shard, Shard],
 ) -> None:
+    """A pass's row for its token, and one for each drafted token where it verifies a
+    draft: each row's two picks give the whole head's best and its logit there."""
     first, last = ends
     vocab = last.spec.vocab_size
     torch.manual_seed(3)
-    for i in range(20):
-        x = torch.randint(0, vocab, (3 + i,))
+    for i in range(24):
+        x = torch.randint(0, vocab, (4 + i,))
         h = first.prefill(f"s{i}", x)
-        logits = last.prefill(f"w{i}", h.clone())
-        normed = last.prefill(f"h{i}", h.clone(), head=False)
-        assert normed.shape == (1, last.spec.hidden_size)
+        read = 1 + i % 6  # the last token's row and up to 5 drafted ones
+        whole = last.prefill(f"w{i}", h.clone(), logits=read).reshape(read, vocab)
+        normed = last.prefill(f"h{i}", h.clone(), logits=read, head=False)
+        assert normed.shape == (read, last.spec.hidden_size)
         for rows in (16, 32, vocab // 2, vocab - 16):
             ours, theirs = first.pick(normed, 0, rows), last.pick(normed, rows, vocab)
-            assert better(Pick(*ours), Pick(*theirs)) == (int(logits.argmax()),)
-            for (logit,), (token,) in (ours, theirs):
-                assert logit == float(logits[token])
-
-
-def test_picks_of_a_passs_rows_give_the_whole_heads_tokens_and_logits(
-    ends: tuple[Shard, Shard],
-) -> None:
-    """A pass that verifies a draft: a row for its token and each drafted one, each row's
-    two picks the whole head's best and logit there."""
-    first, last = ends
-    vocab = last.spec.vocab_size
-    torch.manual_seed(4)
-    for i in range(20):
-        x = torch.randint(0, vocab, (4 + i,))
-        h = first.prefill(f"d{i}", x)
-        read = 1 + i % 6  # the last token's row and up to 5 drafted ones
-        logits = last.prefill(f"dw{i}", h.clone(), logits=read)
-        normed = last.prefill(f"dh{i}", h.clone(), logits=read, head=False)
-        assert normed.shape == (read, last.spec.hidden_size)
-        whole = logits.reshape(read, vocab)
-        for rows in (16, vocab // 2, vocab - 16):
-            ours, theirs = first.pick(normed, 0, rows), last.pick(normed, rows, vocab)
             assert better(Pick(*ours), Pick(*theirs)) == tuple(whole.argmax(dim=-1).tolist())
-            for logits_, tokens in (ours, theirs):
-                assert list(logits_) == [float(whole[j, t]) for j, t in enumerate(tokens)]
+            for logits, tokens in (ours, theirs):
+                assert list(logits) == [float(whole[j, t]) for j, t in enumerate(tokens)]
 
 
 def test_a_middle_shard_holds_no_head_to_pick_from(tiny_llama: Path) -> None:
