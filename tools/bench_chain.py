@@ -1,6 +1,6 @@
 """Data-plane speed: single process vs 2- and 3-peer meshes on loopback, and concurrency.
 
-    python tools/bench_chain.py [--tokens 64] [--repeats 3]
+    python tools/bench_chain.py [--tokens 64] [--repeats 3] [--logs DIR]
 
 All on this machine, in one run: single-process tokens/s (`meshshard generate`'s loop) with
 one thread and with torch's default (every core); three bare processes holding the 3-peer
@@ -16,7 +16,8 @@ on the 2-peer mesh, the longest gap between the tokens of answers that are decod
 2,000-token prompt is prefilled, against their usual gap. Peers decode one token per pass
 (`--speculate 0`), as the single process does, and keep the mesh's default (LAN) timings, as
 `meshshard up` and the demo do (the tests' shrunk timings probe and gossip several times as
-often).
+often). The peers' logs go to a temporary folder, removed at the end, or are kept in `--logs`
+(a peer's log, by name, holds every mesh it was part of, one after another: the gap's last).
 """
 
 from __future__ import annotations
@@ -269,7 +270,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--logs", type=Path, help="keep the peers' logs in this folder")
     args = parser.parse_args()
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
     cores = torch_threads()
     # Each peer computes with one thread (--threads 1, as the demo runs them): the chain's
     # own cost shows against one process with as many; against one with every core, what a
@@ -290,7 +294,8 @@ def main() -> None:
     batches: list[str] = []
     passes: list[str] = []
     besides: list[str] = []
-    with tempfile.TemporaryDirectory() as logs:
+    kept = contextlib.nullcontext(str(args.logs)) if args.logs else None
+    with kept or tempfile.TemporaryDirectory() as logs:
         for peers, threads in [(2, 1), (3, 1), (3, cores)] if cores > 1 else [(2, 1), (3, 1)]:
             r = mesh(peers, args.tokens, args.repeats, Path(logs), threads, single)
             name = f"{peers} peers, {threads} thread{'s' * (threads > 1)}"
