@@ -119,7 +119,8 @@ def _instance(node: ControlNode, plan: PlanRecord) -> Instance | None:
 
 class PlanFlow(NamedTuple):
     """A plan as the flow model takes it: its cost, its stages, the token's way back, and
-    the stages as one answer alone runs them (with the head split where the plan says so)."""
+    the stages as one answer alone runs them (with the head split where the plan says so,
+    its passes verifying drafts too)."""
 
     cost: Cost
     flow: tuple[FlowStage, ...]
@@ -138,14 +139,14 @@ def plan_flow(node: ControlNode, plan: PlanRecord) -> PlanFlow | None:
     except InstanceError:
         return None
     pace: dict[str, float] = {n: p.pace for n, p in node.profiles.items()}
+    batch_ms: dict[str, Sequence[Sequence[float]]] = {
+        n: p.batch_ms for n, p in node.profiles.items()
+    }
     flow, back = flow_stages(
-        inst,
-        stages,
-        {n: p.batch_ms for n, p in node.profiles.items()},
-        {n: p.overhead_ms for n, p in node.profiles.items()},
-        pace,
+        inst, stages, batch_ms, {n: p.overhead_ms for n, p in node.profiles.items()}, pace
     )
-    lone = alone(flow, head_saving_ms(inst, stages, pace)) if plan.head_share else flow
+    saving = head_saving_ms(inst, stages, pace, batch_ms) if plan.head_share else ()
+    lone = alone(flow, saving) if saving else flow
     return PlanFlow(cost, flow, back, lone)
 
 
@@ -178,7 +179,7 @@ def predicted_now(
     one answer's rate at passes of `spec`'s positions and tokens."""
     if plan is None or (got := plan_flow(node, plan)) is None:
         return None
-    cost, flow, back, lone = got  # lone: one answer alone, one token a pass
+    cost, flow, back, lone = got  # lone: one answer alone
     waves = plan.waves  # what the stages run
     return {
         "latency_ms": round(latency_ms(lone, back), 3),
@@ -202,8 +203,8 @@ def predicted_now(
         else {
             "positions_per_pass": round(spec.positions, 2),
             "tokens_per_pass": round(spec.tokens, 2),
-            "latency_ms": round(latency_ms(flow, back, spec), 3),
-            "tokens_per_s": round(tokens_per_s(flow, back, 1, spec=spec), 2),
+            "latency_ms": round(latency_ms(lone, back, spec), 3),
+            "tokens_per_s": round(tokens_per_s(lone, back, 1, spec=spec), 2),
         },
     }
 

@@ -80,13 +80,17 @@ class FlowStage:
         return times[-1] * sessions / sizes[-1]
 
 
-def alone(stages: tuple[FlowStage, ...], saving_ms: float) -> tuple[FlowStage, ...]:
+def alone(stages: tuple[FlowStage, ...], saving_ms: Sequence[float]) -> tuple[FlowStage, ...]:
     """The stages as a lone answer runs them where the head is split: the last stage's pass
-    of one session shorter by what the split saves a round (planner/headsplit.py)."""
-    if not saving_ms or not stages:
+    of one row, and of each of BATCHES rows (a draft's verification), shorter by what the
+    split saves it (planner/headsplit.py)."""
+    if not any(saving_ms) or not stages:
         return stages
     last = stages[-1]
-    return (*stages[:-1], replace(last, one_ms=max(last.one_ms - saving_ms, 0.0)))
+    one, *several = (
+        max(ms - cut, 0.0) for ms, cut in zip((last.one_ms, *last.batch_ms), saving_ms, strict=True)
+    )
+    return (*stages[:-1], replace(last, one_ms=one, batch_ms=tuple(several)))
 
 
 def profiled(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from meshshard.model.batching import BATCHES
 from meshshard.planner.cost import Stage
 from meshshard.planner.instance import Instance
 
@@ -33,16 +34,61 @@ def head_share(
 
 
 def head_saving_ms(
-    inst: Instance, stages: Sequence[Stage], pace: Mapping[str, float] | None = None
+    inst: Instance,
+    stages: Sequence[Stage],
+    pace: Mapping[str, float] | None = None,
+    batch_ms: Mapping[str, Sequence[Sequence[float]]] | None = None,
+) -> tuple[float, ...]:
+    """What the split takes off a lone answer's pass of one row, then of each of BATCHES rows
+    (a pass verifying a draft splits at the same share), in ms; zeros where there is no
+    split. batch_ms: per device, per size in BATCHES, per unit, as profiles time them
+    (without it, a head of k rows costs k heads: no gain from batching)."""
+    share, _ = _split(inst, stages, pace)
+    if not share:
+        return (0.0,) * (1 + len(BATCHES))
+    first, last = stages[0], stages[-1]
+    link = inst.link(last.device, first.device)
+    out = []
+    for k, rows in enumerate((1, *BATCHES)):
+        head_last = _head_ms(inst, last.device, k, pace, batch_ms)
+        head_first = _head_ms(inst, first.device, k, pace, batch_ms)
+        send = link.hop_ms(rows * inst.units[-2].out_bytes)
+        out.append(
+            _saving(share, head_last, head_first, send, link.hop_ms(rows * inst.return_bytes))
+        )
+    return tuple(out)
+
+
+def _head_ms(
+    inst: Instance,
+    device: str,
+    k: int,
+    pace: Mapping[str, float] | None,
+    batch_ms: Mapping[str, Sequence[Sequence[float]]] | None,
 ) -> float:
-    """What the split takes off a lone answer's round, in ms (0: no split)."""
-    return _split(inst, stages, pace)[1]
+    """The device's head for a pass of one row (k = 0) or of BATCHES[k - 1] rows."""
+    one = inst.device(device).ms[-1]
+    timed = (batch_ms or {}).get(device) or ()
+    if k == 0:
+        got = one
+    elif len(timed) == len(BATCHES) and timed[k - 1]:
+        got = timed[k - 1][-1]
+    else:
+        got = one * BATCHES[k - 1]
+    return got * (pace or {}).get(device, 1.0)
+
+
+def _saving(share: float, head_last: float, head_first: float, send: float, back: float) -> float:
+    """A pass's time at the last stage whole (its head, then the token's hop) less its time
+    split: the later of the two shares' ends. Negative where the hidden states' trip costs
+    more than the share saves (a long draft on a slow link)."""
+    return head_last + back - max(send + share * head_first, (1 - share) * head_last + back)
 
 
 def _split(
     inst: Instance, stages: Sequence[Stage], pace: Mapping[str, float] | None
 ) -> tuple[float, float]:
-    """The first stage's share, and the ms it saves a round."""
+    """The first stage's share, and the ms it saves a round of one row."""
     if len(stages) < 2:
         return 0.0, 0.0
     first, last = stages[0], stages[-1]
@@ -60,8 +106,7 @@ def _split(
     share = min((head_last + back - send) / (head_last + head_first), 0.9)
     if share <= 0:
         return 0.0, 0.0
-    split_ms = max(send + share * head_first, (1 - share) * head_last + back)
-    saving = head_last + back - split_ms
+    saving = _saving(share, head_last, head_first, send, back)
     if saving < MIN_SAVING * head_last:
         return 0.0, 0.0
     return round(share, 3), saving

@@ -21,7 +21,7 @@ from meshshard.mesh.report import plan_flow, predicted_now
 from meshshard.model.costs import unit_costs
 from meshshard.model.device import Device, Placement
 from meshshard.model.generate import LocalChain, generate
-from meshshard.planner.flow import latency_ms, tokens_per_s
+from meshshard.planner.flow import Speculation, latency_ms, tokens_per_s
 from meshshard.types import Epoch, NodeId, PlanRecord
 from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, Sampling, StepFrame
 
@@ -504,6 +504,12 @@ async def test_a_speculating_lone_answer_splits_the_head_of_its_passes_drafts_an
         assert 1 in stage.split_ms and max(stage.split_ms) > 1
         await until(mesh.idle, 5, "every cache freed")
         assert not first.service.follower.stage._picks  # no half left waiting
+        # The status prices such passes split too, by their rows' heads.
+        spec = Speculation(positions=4.0, tokens=2.0)
+        now, got = predicted_now(first.node, plan, spec), plan_flow(first.node, plan)
+        assert now is not None and got is not None
+        _, flow, back, _ = got
+        assert now["speculating"]["latency_ms"] < latency_ms(flow, back, spec)
 
 
 @pytest.mark.parametrize("speculate", [0, 8], ids=["plain", "speculating"])

@@ -13,7 +13,7 @@ from meshshard.chain.speculate import accepted
 from meshshard.chain.tensors import to_wire
 from meshshard.model.shard import Shard
 from meshshard.planner import Instance, Stage
-from meshshard.planner.flow import alone, flow_stages, latency_ms, tokens_per_s
+from meshshard.planner.flow import Speculation, alone, flow_stages, latency_ms, tokens_per_s
 from meshshard.planner.headsplit import head_saving_ms, head_share
 from meshshard.planner.instance import Device, Link, Unit
 from meshshard.types import Epoch
@@ -171,11 +171,30 @@ def test_a_middle_shard_holds_no_head_to_pick_from(tiny_llama: Path) -> None:
 def test_a_lone_answers_round_is_shorter_by_what_the_split_saves() -> None:
     inst = chain(8.6, 8.6, LOOPBACK)
     saving = head_saving_ms(inst, STAGES)
-    assert 4.0 < saving < 4.4  # half the head, less the hidden state's bytes
-    assert head_saving_ms(chain(8.6, 8.6, Link(1, 3.0)), STAGES) == 0.0  # no split
+    assert 4.0 < saving[0] < 4.4  # half the head, less the hidden state's bytes
+    assert not any(head_saving_ms(chain(8.6, 8.6, Link(1, 3.0)), STAGES))  # no split
     flow, back = flow_stages(inst, STAGES, {}, {})
     lone = alone(flow, saving)
-    assert lone[:-1] == flow[:-1] and lone[-1].batch_ms == flow[-1].batch_ms
-    assert latency_ms(lone, back) == pytest.approx(latency_ms(flow, back) - saving)
+    assert lone[:-1] == flow[:-1]
+    assert latency_ms(lone, back) == pytest.approx(latency_ms(flow, back) - saving[0])
     assert tokens_per_s(lone, back, 1) > tokens_per_s(flow, back, 1)
-    assert alone(flow, 0.0) == flow
+    assert alone(flow, (0.0,) * len(saving)) == flow
+
+
+def test_a_pass_verifying_a_draft_saves_by_its_rows_heads() -> None:
+    # Heads timed by rows as a profile times them: 4 rows for the price of 2, 8 of 3.
+    inst = chain(8.6, 8.6, LOOPBACK)
+    timed = {d: [[0.1, 5, 5, 8.6 * k] for k in (1.5, 1.8, 2.0, 3.0, 5.0)] for d in "ac"}
+    saving = head_saving_ms(inst, STAGES, batch_ms=timed)
+    assert saving[3] == pytest.approx(2 * saving[0], rel=0.05)  # BATCHES[2]: 4 rows
+    assert saving[4] > saving[3]  # 8 rows
+    untimed = head_saving_ms(inst, STAGES)  # a head of k rows costs k heads
+    assert untimed[3] == pytest.approx(4 * untimed[0], rel=0.05)
+    # A long draft's hidden states on a slow link cost more than the share saves.
+    slow = head_saving_ms(chain(8.6, 8.6, Link(10, 3.0)), STAGES, batch_ms=timed)
+    assert slow[0] > 0 > slow[-1]
+    flow, back = flow_stages(inst, STAGES, timed, {})
+    lone = alone(flow, saving)
+    spec = Speculation(positions=4.0, tokens=2.5)
+    whole, split = latency_ms(flow, back, spec), latency_ms(lone, back, spec)
+    assert whole - split == pytest.approx(saving[3] / spec.tokens)
