@@ -8,7 +8,8 @@ with `--speculate 8` (the default) and once with `--speculate 0`; then the edge-
 namespace testbed (peers/edge-cloud.toml, needs root) both ways. Copy-heavy prompts (repeat
 or edit a given text) and free-form ones, greedy: the answers must be the same both ways.
 Decode tokens/s after the first token as each answer reports it, median of the repeats per
-prompt, then the median over a kind's prompts. Every run goes to
+prompt, then the median over a kind's prompts; beside it, what the mesh's status predicted for
+one answer speculating at the passes it had seen (a speculating mesh per kind). Every run goes to
 docs/benchmarks/speculation.json; the table and docs/benchmarks/speculation.png are made from it.
 
 With --concurrent N: the loopback mesh only, N answers at once (a kind's prompts in turn),
@@ -59,20 +60,26 @@ PROMPTS = {
     ],
 }
 Ask = Callable[[str, int], dict[str, Any]]
-Stats = Callable[[], dict[str, Any]]
+Status = Callable[[], dict[str, Any] | None]
 
 
-def runs(ask: Ask, stats: Stats, tokens: int, repeats: int) -> list[dict[str, Any]]:
-    """Every answer of every prompt, with the chain's passes and kept drafts during it."""
-    ask(PROMPTS["free"][0], 4)  # warm-up
+def runs(
+    ask: Ask, status: Status, tokens: int, repeats: int, kinds: tuple[str, ...] = tuple(PROMPTS)
+) -> list[dict[str, Any]]:
+    """Every answer of every prompt of `kinds`, with the chain's passes and kept drafts during
+    it, and what the status predicted for one answer at the passes so far once a kind's
+    answers were in (a mesh of its own per kind: the status prices the origin's passes since
+    it started; the warm-up is of the kind measured)."""
+    ask(PROMPTS[kinds[0]][0], 4)  # warm-up
     out = []
-    for kind, prompts in PROMPTS.items():
-        for p, prompt in enumerate(prompts):
+    for kind in kinds:
+        mine = []
+        for p, prompt in enumerate(PROMPTS[kind]):
             for r in range(repeats):
-                before = stats()
+                before = spec_stats(status())
                 got = ask(prompt, tokens)
-                after = stats()
-                out.append(
+                after = spec_stats(status())
+                mine.append(
                     {
                         "kind": kind,
                         "prompt": p,
@@ -85,22 +92,24 @@ def runs(ask: Ask, stats: Stats, tokens: int, repeats: int) -> list[dict[str, An
                         "kept": after["kept"] - before["kept"],
                     }
                 )
+        priced = ((status() or {}).get("predicted_now") or {}).get("speculating") or {}
+        out += [r | {"predicted_tokens_per_s": priced.get("tokens_per_s")} for r in mine]
     return out
 
 
-def concurrent(ask: Ask, stats: Stats, n: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
+def concurrent(ask: Ask, status: Status, n: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
     """Rounds of n answers at once per kind: aggregate tokens/s, and every answer."""
     ask(PROMPTS["free"][0], 4)  # warm-up
     out = []
     for kind, prompts in PROMPTS.items():
         for r in range(repeats):
-            before = stats()
+            before = spec_stats(status())
             started = time.perf_counter()
             asked = [prompts[i % len(prompts)] for i in range(n)]
             with ThreadPoolExecutor(n) as pool:
                 answers = list(pool.map(lambda p: ask(p, tokens), asked))
             wall = time.perf_counter() - started
-            after = stats()
+            after = spec_stats(status())
             total = sum(a["completion_tokens"] for a in answers)
             out.append(
                 {
@@ -116,7 +125,7 @@ def concurrent(ask: Ask, stats: Stats, n: int, tokens: int, repeats: int) -> lis
 
 
 def loopback(
-    speculate: int, logs: Path, measure: Callable[[Ask, Stats], list[dict[str, Any]]]
+    speculate: int, logs: Path, measure: Callable[[Ask, Status], list[dict[str, Any]]]
 ) -> list[dict[str, Any]]:
     procs = [
         Peer(f"spec-{i}", 7700 + i, logs, "--memory", "300MB", "--threads", "1",
@@ -132,7 +141,7 @@ def loopback(
 
         wait_for(ready, 180, "a 3-stage chain", 0.2)
         time.sleep(2)  # start-up replans settle
-        return measure(lambda p, n: http_ask(first.url, p, n), lambda: spec_stats(first.status()))
+        return measure(lambda p, n: http_ask(first.url, p, n), first.status)
     finally:
         for p in procs:
             p.kill()
@@ -158,7 +167,9 @@ def spec_stats(status: dict[str, Any] | None) -> dict[str, Any]:
     return dict(status["origin"]["speculation"])
 
 
-def on_testbed(speculate: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
+def on_testbed(
+    speculate: int, tokens: int, repeats: int, kinds: tuple[str, ...]
+) -> list[dict[str, Any]]:
     tb = testbed.Testbed.load(ROOT / "peers" / "edge-cloud.toml")
     testbed.up(tb, extra=("--speculate", str(speculate)))
     try:
@@ -171,7 +182,7 @@ def on_testbed(speculate: int, tokens: int, repeats: int) -> list[dict[str, Any]
                 raise SystemExit(f"ask failed: {out.stderr.strip()}")
             return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
-        return runs(ask, lambda: spec_stats(testbed.status(tb, 0)), tokens, repeats)
+        return runs(ask, lambda: testbed.status(tb, 0), tokens, repeats, kinds)
     finally:
         testbed.down(tb)
 
@@ -190,8 +201,10 @@ def summary(on: list[dict[str, Any]], off: list[dict[str, Any]], kind: str) -> d
         a["answer"] == b["answer"] for a, b in zip(on, off, strict=True) if a["kind"] == kind
     )
     with_spec, without = rate(on), rate(off)
+    predicted = next((r.get("predicted_tokens_per_s") for r in mine), None)
     return {
         "with": with_spec,
+        "predicted": predicted,
         "without": without,
         "ratio": with_spec / without,
         "tokens_per_pass": (passes + kept) / passes if passes else 0.0,
@@ -210,18 +223,19 @@ def main() -> None:
         return at_once(args.concurrent, args.tokens, args.repeats)
     setups: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
-    def measure(ask: Ask, stats: Stats) -> list[dict[str, Any]]:
-        return runs(ask, stats, args.tokens, args.repeats)
+    def measure(*kinds: str) -> Callable[[Ask, Status], list[dict[str, Any]]]:
+        return lambda ask, status: runs(ask, status, args.tokens, args.repeats, kinds)
 
+    # Speculating, a mesh per kind: what the status predicts is priced at its passes so far.
     with tempfile.TemporaryDirectory() as logs:
         setups["3 peers, loopback"] = {
-            "on": loopback(8, Path(logs), measure),
-            "off": loopback(0, Path(logs), measure),
+            "on": [r for kind in PROMPTS for r in loopback(8, Path(logs), measure(kind))],
+            "off": loopback(0, Path(logs), measure(*PROMPTS)),
         }
     if not args.no_testbed:
         setups["edge-cloud testbed"] = {
-            "on": on_testbed(8, args.tokens, args.repeats),
-            "off": on_testbed(0, args.tokens, args.repeats),
+            "on": [r for k in PROMPTS for r in on_testbed(8, args.tokens, args.repeats, (k,))],
+            "off": on_testbed(0, args.tokens, args.repeats, tuple(PROMPTS)),
         }
     rows = {
         (setup, kind): summary(r["on"], r["off"], kind)
@@ -242,11 +256,14 @@ def main() -> None:
     )
     print(f"SmolLM2-135M float32, greedy, {args.tokens} new tokens; decode tokens/s, median of "
           f"{args.repeats} per prompt, median over {len(PROMPTS['copy'])} prompts")  # fmt: skip
-    head = ("setup", "prompts", "speculate 8", "speculate 0", "ratio", "tok/pass", "same")
-    print("{:<20} {:<8} {:>11} {:>11} {:>6} {:>8} {:>5}".format(*head))
+    head = ("setup", "prompts", "speculate 8", "predicted", "meas/pred", "speculate 0", "ratio",
+            "tok/pass", "same")  # fmt: skip
+    print("{:<20} {:<8} {:>11} {:>9} {:>9} {:>11} {:>6} {:>8} {:>5}".format(*head))
     for (setup, kind), v in rows.items():
+        pred = v["predicted"]
+        priced = f"{pred:>9.1f} {v['with'] / pred:>9.2f}" if pred else f"{'-':>9} {'-':>9}"
         print(
-            f"{setup:<20} {kind:<8} {v['with']:>11.1f} {v['without']:>11.1f} "
+            f"{setup:<20} {kind:<8} {v['with']:>11.1f} {priced} {v['without']:>11.1f} "
             f"{v['ratio']:>6.2f} {v['tokens_per_pass']:>8.2f} {v['same_answers']!s:>5}"
         )
     groups = {
@@ -257,8 +274,8 @@ def main() -> None:
 
 
 def at_once(n: int, tokens: int, repeats: int) -> None:
-    def measure(ask: Ask, stats: Stats) -> list[dict[str, Any]]:
-        return concurrent(ask, stats, n, tokens, repeats)
+    def measure(ask: Ask, status: Status) -> list[dict[str, Any]]:
+        return concurrent(ask, status, n, tokens, repeats)
 
     with tempfile.TemporaryDirectory() as logs:
         on, off = loopback(8, Path(logs), measure), loopback(0, Path(logs), measure)
