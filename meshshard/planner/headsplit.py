@@ -67,14 +67,14 @@ def _head_ms(
     batch_ms: Mapping[str, Sequence[Sequence[float]]] | None,
 ) -> float:
     """The device's head for a pass of one row (k = 0) or of BATCHES[k - 1] rows."""
-    one = inst.device(device).ms[-1]
+    units = inst.device(device).ms
     timed = (batch_ms or {}).get(device) or ()
     if k == 0:
-        got = one
-    elif len(timed) == len(BATCHES) and timed[k - 1]:
+        got = units[-1]
+    elif len(timed) == len(BATCHES) and len(timed[k - 1]) == len(units):  # as flow.profiled
         got = timed[k - 1][-1]
     else:
-        got = one * BATCHES[k - 1]
+        got = units[-1] * BATCHES[k - 1]
     return got * (pace or {}).get(device, 1.0)
 
 

@@ -190,6 +190,8 @@ def test_a_pass_verifying_a_draft_saves_by_its_rows_heads() -> None:
     assert saving[4] > saving[3]  # 8 rows
     untimed = head_saving_ms(inst, STAGES)  # a head of k rows costs k heads
     assert untimed[3] == pytest.approx(4 * untimed[0], rel=0.05)
+    short = {d: [[8.6]] * 5 for d in "ac"}  # timings not of the profile's units: not used
+    assert head_saving_ms(inst, STAGES, batch_ms=short) == untimed
     # A long draft's hidden states on a slow link cost more than the share saves.
     slow = head_saving_ms(chain(8.6, 8.6, Link(10, 3.0)), STAGES, batch_ms=timed)
     assert slow[0] > 0 > slow[-1]
