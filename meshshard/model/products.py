@@ -38,19 +38,25 @@ LINEAR, TURNED, BLOCKED, PARTS = "linear", "turned", "blocked", "parts"
 FORMS = (LINEAR, TURNED, BLOCKED)
 BLOCK = 128  # rows of W a blocked product takes at a time (295 KB of float32 at 576 inputs)
 FASTER = 0.9  # another form is used where it takes at most this share of linear's time
-RUNS = 3  # of each form, in turns; the fastest counts (other work on the host only adds time)
-# A shape is timed over its first matrices holding this much (all, if fewer): more than a
-# core's L2, as a pass reads them, in a fraction of the time all of them would take.
-SWEEP_BYTES = 8 * 2**20
+RUNS = 2  # of each form, in turns; the fastest counts (other work on the host only adds time)
+# A shape is timed over its first matrices holding this much (all, if fewer): more than this
+# host's last-level cache (48 MB), as a pass reads its weights from memory. Timed over 8 MB,
+# in that cache, by the wall clock, 2 choices of 3 kept linear for gate/up's 4 and 6 rows,
+# which blocked took 0.77 and 0.74 of linear's time over 14 layers' matrices; passes of 4 to 7
+# rows ran 1.12-1.24x as long for them (docs/benchmarks/forms.txt).
+SWEEP_BYTES = 64 * 2**20
 
 Timer = Callable[[Callable[[], object]], float]
 _chosen: dict[tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]], tuple[str, ...]] = {}
 
 
 def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    """fn's CPU time where torch computes on this thread alone (a CPU quota's pauses and other
+    processes' turns on the core are not the form's), else its wall time."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 class Product:

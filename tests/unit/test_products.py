@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -77,6 +78,18 @@ def test_a_shape_is_timed_over_its_matrices_up_to_the_sweep_size(
     assert [f for f, rows, _ in seen if rows == ROWS[0]] == [LINEAR, BLOCKED] * products.RUNS
     assert all(p.forms == many[0].forms for p in many)
     assert many[0].forms[ROWS.index(3)] == BLOCKED
+
+
+def test_a_single_threaded_form_is_timed_by_its_cpu_not_by_pauses() -> None:
+    """A CPU quota pauses a process mid-product; the pause is not the form's."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert products._seconds(lambda: time.sleep(0.05)) < 0.01
+        torch.set_num_threads(2)  # torch's other threads would go uncounted: the wall clock
+        assert products._seconds(lambda: time.sleep(0.05)) >= 0.05
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_layers_with_a_bias_and_other_devices_keep_torchs_linear() -> None:
