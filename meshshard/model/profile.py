@@ -76,12 +76,13 @@ class DeviceProfile:
 # Bumped when the way of measuring changes, or what is measured runs differently (batched
 # passes: 7, row attention and the head's product form timed at load; fused Llama layers: 8;
 # every product's form timed at load, blocked products: 9; batches at the profile's context
-# rather than 16 positions: 10; batched passes by CPU time on a CPU: 11),
+# rather than 16 positions: 10; batched passes by CPU time on a CPU: 11; products' forms
+# timed over 64 MB by CPU time, which chooses them differently for 4-7 rows: 12),
 # so profiles kept from before are measured again. (lan-3's profiles of version 6, kept from
 # before those changes, priced 4-row passes on its desk at 61 ms where they then took 41; its
 # version 7, from before the fused layers, 3.8-row passes on its laptop at 111 where they
 # took 129, lan-3 run 15.)
-VERSION = 11
+VERSION = 12
 SUSTAIN_SECONDS = 0.6
 BATCH_REPEATS = 3
 # The quick profile runs at least this many bytes of distinct decoder layers: more than the
