@@ -193,7 +193,8 @@ def mesh(
 ) -> dict[str, Any]:
     with running(peers, {2: "450MB", 3: "300MB"}[peers], logs, threads) as procs:
         url = procs[0].url
-        stages = procs[0].status()["plan"]["stages"]
+        plan = procs[0].status()["plan"]
+        stages = plan["stages"]
         before = stage_counts(procs)
         one, beside = [], []
         for _ in range(repeats):  # in turns (the peers idle while the single process runs)
@@ -208,6 +209,7 @@ def mesh(
             # of the thread that ran them), per pass, prompts included.
             "one_passes": [per_pass(b, a) for b, a in zip(before, after, strict=True)],
             "cuts": [s["start"] for s in stages] + [stages[-1]["end"]],
+            "waves": plan.get("waves", 1),
         }
         for sessions in (1, 4, 8):
             results: list[dict] = []
@@ -313,7 +315,8 @@ def main() -> None:
                 ring, ring_beside = floor(cuts, args.tokens, args.repeats, single)
                 besides.append(f"the ring {ring_beside:.1f}")
                 print(f"{'3 processes, pipes':<22} {ring:>16.1f} {ring / ring_beside:>6.2f}")
-            batches.append(f"{name}: " + ", ".join(f"{b:.2f}" for b in r["mean_batch_8"]))
+            rows = ", ".join(f"{b:.2f}" for b in r["mean_batch_8"])
+            batches.append(f"{name} ({r['waves']} waves): {rows}")
             passes.append(
                 f"{name}: {1000 / r['tokens_per_s']:.1f} ms a token; passes "
                 + " + ".join(f"{p['pass_ms']:.1f}" for p in r["one_passes"])
