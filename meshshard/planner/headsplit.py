@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from meshshard.model.batching import BATCHES
 from meshshard.planner.cost import Stage
+from meshshard.planner.flow import profiled
 from meshshard.planner.instance import Instance
 
 # A split must save this share of the head's time at the last stage: less is within what a
@@ -48,34 +49,27 @@ def head_saving_ms(
         return (0.0,) * (1 + len(BATCHES))
     first, last = stages[0], stages[-1]
     link = inst.link(last.device, first.device)
+    heads_last, heads_first = (_heads(inst, d, pace, batch_ms) for d in (last.device, first.device))
     out = []
     for k, rows in enumerate((1, *BATCHES)):
-        head_last = _head_ms(inst, last.device, k, pace, batch_ms)
-        head_first = _head_ms(inst, first.device, k, pace, batch_ms)
         send = link.hop_ms(rows * inst.units[-2].out_bytes)
-        out.append(
-            _saving(share, head_last, head_first, send, link.hop_ms(rows * inst.return_bytes))
-        )
+        back = link.hop_ms(rows * inst.return_bytes)
+        out.append(_saving(share, heads_last[k], heads_first[k], send, back))
     return tuple(out)
 
 
-def _head_ms(
+def _heads(
     inst: Instance,
     device: str,
-    k: int,
     pace: Mapping[str, float] | None,
     batch_ms: Mapping[str, Sequence[Sequence[float]]] | None,
-) -> float:
-    """The device's head for a pass of one row (k = 0) or of BATCHES[k - 1] rows."""
+) -> tuple[float, ...]:
+    """The device's head for a pass of one row, then of each of BATCHES rows, as the flow
+    model prices the head unit's passes (flow.profiled), at the device's pace."""
     units = inst.device(device).ms
-    timed = (batch_ms or {}).get(device) or ()
-    if k == 0:
-        got = units[-1]
-    elif len(timed) == len(BATCHES) and len(timed[k - 1]) == len(units):  # as flow.profiled
-        got = timed[k - 1][-1]
-    else:
-        got = units[-1] * BATCHES[k - 1]
-    return got * (pace or {}).get(device, 1.0)
+    one, several = profiled(units, (batch_ms or {}).get(device) or (), len(units) - 1, len(units))
+    scale = (pace or {}).get(device, 1.0)
+    return tuple(ms * scale for ms in (one, *several))
 
 
 def _saving(share: float, head_last: float, head_first: float, send: float, back: float) -> float:
