@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import torch  # noqa: E402
 from bench_chain import embedded_model  # noqa: E402
+from bench_layers import all_products  # noqa: E402
 
+from meshshard.model import fused  # noqa: E402
 from meshshard.model import products as P  # noqa: E402
 from meshshard.model.shard import Shard  # noqa: E402
 
@@ -62,17 +64,15 @@ def main() -> None:
     shard = Shard.load(embedded_model(), 17, 32)
     layers = [f for f in shard._fused if f is not None]
     kinds = {"qkv": "qkv", "gate/up": "gate_up", "o": "o", "down": "down"}
-    products = [getattr(f, k) for f in layers for k in kinds.values()] + [shard.lm_head.product]
+    products = all_products(shard)
     new = (P.SWEEP_BYTES, P._seconds, P.RUNS)
 
     def choose(sweep: int, timer: P.Timer, runs: int) -> tuple[list[tuple[str, ...]], float]:
         P._chosen.clear()
         P.SWEEP_BYTES, P.RUNS = sweep, runs
         start = time.perf_counter()
-        joined = [p for f in layers for p in (f.qkv, f.gate_up)]
-        P.choose(joined, (P.LINEAR, P.PARTS, P.BLOCKED), timer)
-        P.choose([p for f in layers for p in (f.o, f.down)], timer=timer)
-        P.choose([shard.lm_head.product], P.FORMS, timer)
+        fused.choose_products(layers, timer)
+        P.choose([shard.lm_head.product], P.FORMS, timer)  # as Shard.load's head
         return [p.forms for p in products], time.perf_counter() - start
 
     print(f"forms for rows {P.ROWS} (l linear, b blocked, p parts, t turned), layer 0 and head")

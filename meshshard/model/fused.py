@@ -88,10 +88,11 @@ class FusedLayer:
         return h + self.down(F.silu(gate) * up)
 
 
-def choose_products(layers: list[FusedLayer]) -> None:
+def choose_products(layers: list[FusedLayer], timer: products.Timer = products._seconds) -> None:
     """Time the forms of the layers' products, all of a shape together (once a process)."""
-    products.choose([p for f in layers for p in (f.qkv, f.gate_up)], (LINEAR, PARTS, BLOCKED))
-    products.choose([p for f in layers for p in (f.o, f.down)])
+    joined = [p for f in layers for p in (f.qkv, f.gate_up)]
+    products.choose(joined, (LINEAR, PARTS, BLOCKED), timer)
+    products.choose([p for f in layers for p in (f.o, f.down)], timer=timer)
 
 
 def _join(module: nn.Module, names: tuple[str, ...]) -> Product:
