@@ -10,10 +10,11 @@ peers of one thread each (as the demo runs them), and 3 peers of torch's default
 (each offering too little memory to hold the model, so the chain has 2 or 3 stages): one
 session's tokens/s and time to first token (its ratio against the single process of one
 thread measured in turns with it, answer for answer, in the same minutes), and
-aggregate tokens/s with 1, 4 and 8 concurrent sessions; where one answer's time per token
-goes (each stage's passes, wall and CPU); bytes sent per token per hop; and
-on the 2-peer mesh, the longest gap between the tokens of answers that are decoding while a
-2,000-token prompt is prefilled, against their usual gap. Peers decode one token per pass
+aggregate tokens/s with 4 concurrent sessions, and with 1 and 8 in turns (`--repeats` pairs;
+8 vs 1 is the median of the pairs' ratios, each pair measured within seconds); where one
+answer's time per token goes (each stage's passes, wall and CPU); bytes sent per token per
+hop; and on the 2-peer mesh, the longest gap between the tokens of answers that are decoding
+while a 2,000-token prompt is prefilled, against their usual gap. Peers decode one token per pass
 (`--speculate 0`), as the single process does, and keep the mesh's default (LAN) timings, as
 `meshshard up` and the demo do (the tests' shrunk timings probe and gossip several times as
 often). The peers' logs go to a temporary folder, removed at the end, or are kept in `--logs`
@@ -211,28 +212,48 @@ def mesh(
             "cuts": [s["start"] for s in stages] + [stages[-1]["end"]],
             "waves": plan.get("waves", 1),
         }
-        for sessions in (1, 4, 8):
-            results: list[dict] = []
-
-            def one_answer(into: list[dict] = results) -> None:
-                into.append(ask(url, tokens))
-
-            callers = [threading.Thread(target=one_answer) for _ in range(sessions)]
-            before = stage_counts(procs)
-            start = time.perf_counter()
-            for t in callers:
-                t.start()
-            for t in callers:
-                t.join()
-            took = time.perf_counter() - start
-            total = sum(r["usage"]["completion_tokens"] for r in results)
-            out[f"aggregate_{sessions}"] = total / took
-        # Rows per forward pass at each stage, over the 8 answers at once.
-        after = stage_counts(procs)
-        out["mean_batch_8"] = [
-            per_pass(b, a)["rows_per_pass"] for b, a in zip(before, after, strict=True)
-        ]
+        out["aggregate_4"] = burst(url, 4, tokens)
+        # One answer and 8 at once in turns, `repeats` pairs, the order alternating: the
+        # host's speed moves by a quarter within minutes, and a pair shares its moment.
+        ones, eights, ratios = [], [], []
+        rows: list[dict[str, float]] = [{"steps": 0, "batches": 0} for _ in procs]
+        for i in range(repeats):
+            for sessions in (1, 8) if i % 2 == 0 else (8, 1):
+                before = stage_counts(procs)
+                rate = burst(url, sessions, tokens)
+                if sessions == 1:
+                    ones.append(rate)
+                    continue
+                eights.append(rate)
+                for got, b, a in zip(rows, before, stage_counts(procs), strict=True):
+                    for key in got:
+                        got[key] += a[key] - b[key]
+            ratios.append(eights[-1] / ones[-1])
+        out |= {
+            "aggregate_1": statistics.median(ones),
+            "aggregate_8": statistics.median(eights),
+            "eight_vs_one": statistics.median(ratios),
+            "eight_vs_one_pairs": ratios,
+            # Rows per forward pass at each stage, over the 8 answers at once.
+            "mean_batch_8": [round(r["steps"] / max(1, r["batches"]), 2) for r in rows],
+        }
         return out
+
+
+def burst(url: str, sessions: int, tokens: int) -> float:
+    """Aggregate tokens/s of `sessions` answers asked at once: all their tokens over the wall
+    time from the first request to the last answer."""
+    results: list[dict] = []
+    callers = [
+        threading.Thread(target=lambda: results.append(ask(url, tokens))) for _ in range(sessions)
+    ]
+    start = time.perf_counter()
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    took = time.perf_counter() - start
+    return sum(r["usage"]["completion_tokens"] for r in results) / took
 
 
 def floor(cuts: list[int], tokens: int, repeats: int, single: Single) -> tuple[float, float]:
@@ -294,6 +315,7 @@ def main() -> None:
         print(f"{name:<22} {rate:>16.1f} {rate / local_rate:>6.2f} {ttft:>7.3f}", flush=True)
         groups[name] = {"1 session": rate}
     batches: list[str] = []
+    pairs: list[str] = []
     passes: list[str] = []
     besides: list[str] = []
     kept = contextlib.nullcontext(str(args.logs)) if args.logs else None
@@ -306,7 +328,7 @@ def main() -> None:
                 f"{name:<22} {r['tokens_per_s']:>16.1f} "
                 f"{r['tokens_per_s'] / r['single_beside']:>6.2f} {r['ttft_s']:>7.3f} "
                 f"{r['aggregate_1']:>7.1f} {r['aggregate_4']:>7.1f} {r['aggregate_8']:>7.1f} "
-                f"{r['aggregate_8'] / r['aggregate_1']:>7.2f}",
+                f"{r['eight_vs_one']:>7.2f}",
                 flush=True,
             )
             groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
@@ -317,6 +339,7 @@ def main() -> None:
                 print(f"{'3 processes, pipes':<22} {ring:>16.1f} {ring / ring_beside:>6.2f}")
             rows = ", ".join(f"{b:.2f}" for b in r["mean_batch_8"])
             batches.append(f"{name} ({r['waves']} waves): {rows}")
+            pairs.append(f"{name} " + ", ".join(f"{x:.2f}" for x in r["eight_vs_one_pairs"]))
             passes.append(
                 f"{name}: {1000 / r['tokens_per_s']:.1f} ms a token; passes "
                 + " + ".join(f"{p['pass_ms']:.1f}" for p in r["one_passes"])
@@ -326,6 +349,7 @@ def main() -> None:
             )
         print("the single process in turns with each (tokens/s):", ", ".join(besides))
         print("rows per forward pass with 8 answers at once, stage by stage:", "; ".join(batches))
+        print("8 vs 1, each pair (in turns, seconds apart):", "; ".join(pairs))
         print(f"one answer, stage by stage (single process, 1 thread: {1000 / local_rate:.1f} "
               f"ms a token; 3 processes in a ring of pipes, units cut at "
               f"{', '.join(map(str, cuts))}: {1000 / ring:.1f}):",
