@@ -12,6 +12,8 @@ in cache and run up to twice as fast as a chain of layers that streams its weigh
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import math
@@ -77,14 +79,15 @@ class DeviceProfile:
 # passes: 7, row attention and the head's product form timed at load; fused Llama layers: 8;
 # every product's form timed at load, blocked products: 9; batches at the profile's context
 # rather than 16 positions: 10; batched passes by CPU time on a CPU: 11; products' forms
-# timed over 64 MB by CPU time, which chooses them differently for 4-7 rows: 12),
+# timed over 64 MB by CPU time, which chooses them differently for 4-7 rows: 12; batches
+# timed in rounds beside one session's step: 13),
 # so profiles kept from before are measured again. (lan-3's profiles of version 6, kept from
 # before those changes, priced 4-row passes on its desk at 61 ms where they then took 41; its
 # version 7, from before the fused layers, 3.8-row passes on its laptop at 111 where they
 # took 129, lan-3 run 15.)
-VERSION = 12
+VERSION = 13
 SUSTAIN_SECONDS = 0.6
-BATCH_REPEATS = 3
+BATCH_ROUNDS = 5  # rounds of one pass of each size
 # The quick profile runs at least this many bytes of distinct decoder layers: more than the
 # last-level cache of any device we target, so no layer finds its weights still cached.
 CACHE_FLUSH_BYTES = 256 * 2**20
@@ -101,7 +104,7 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
     decode: dict[int, list[float]] = defaultdict(list)
     batch: dict[tuple[int, int], list[float]] = defaultdict(list)  # (unit, size): seconds
     weights: dict[int, int] = {}
-    steps = repeats + len(BATCHES) * BATCH_REPEATS + 3
+    steps = repeats + BATCH_ROUNDS + 3
     with progress("profiling this device", len(shards) * steps) as advance:
         for shard in shards:
             hidden = torch.randn(context, spec.hidden_size).to(shard.dtype)
@@ -114,14 +117,14 @@ def profile(shards: Sequence[Shard], context: int = 64, repeats: int = 15) -> De
                 position = torch.tensor([context + step])
                 shard.forward(cache, x[-1:], position, lambda u, s: decode[u].append(s))
                 advance(1)
-            clock = _clock(shard)
-            one = _sustain(shard, cache, x[-1:], context + repeats, decode, clock)
+            _sustain(shard, cache, x[-1:], context + repeats, decode)
             advance(1)
-            # A batch pass costs its shard the share of a step it took by `clock` beside one,
-            # at the sustained speed, shared by the units as their single steps are.
-            for size, took in _batched(shard, x, advance, clock).items():
+            # A batch pass costs its shard what it took beside one session's step, at the
+            # sustained speed, shared by the units as their single steps are.
+            single = _single(shard, x)
+            for size, ratio in _batched(shard, x, single, advance, _clock(shard)).items():
                 for u in range(shard.start, shard.end):
-                    batch[u, size] = [t * took / one for t in decode[u]]
+                    batch[u, size] = [t * ratio for t in decode[u]]
             for unit in range(shard.start, shard.end):
                 weights[unit] = shard.unit_weight_bytes(unit)
     return DeviceProfile(
@@ -185,15 +188,30 @@ def _clock(shard: Shard) -> Callable[[], float]:
     return time.process_time if shard.device.type == "cpu" else time.perf_counter
 
 
+def _single(shard: Shard, x: torch.Tensor) -> Callable[[], object]:
+    """One session's next decode step, each call, as a stage runs a lone step, after the
+    prompt `x` (the batches' sessions hold the same)."""
+    cache = shard.new_cache()
+    shard.forward(cache, x, torch.arange(x.shape[0]))
+    steps = itertools.count(x.shape[0])
+    return lambda: shard.forward(cache, x[-1:], torch.tensor([next(steps)]))
+
+
 def _batched(
-    shard: Shard, x: torch.Tensor, advance: Callable[[int], None], clock: Callable[[], float]
+    shard: Shard,
+    x: torch.Tensor,
+    single: Callable[[], object],
+    advance: Callable[[int], None],
+    clock: Callable[[], float],
 ) -> dict[int, float]:
-    """Median `clock` seconds of the shard's decode steps of BATCHES sessions at once, by
-    size, each session holding the profile's context: a row's attention to its cache is an
-    eighth to a sixth of a pass of 8 to 16 rows on a CPU (SmolLM2's first 17 units on this
-    project's test host, sessions of 80 positions against 16: passes of 4 to 16 rows
-    +8-16%)."""
-    out = {}
+    """The shard's decode steps of BATCHES sessions at once over one session's step (`single`),
+    by size (medians by `clock`), each session holding the profile's context: a row's
+    attention to its cache is an eighth to a sixth of a pass of 8 to 16 rows on a CPU
+    (SmolLM2's first 17 units on this project's test host, sessions of 80 positions against
+    16: passes of 4 to 16 rows +8-16%). Timed in rounds of one step of each size, the single
+    one's included, so both sides of a ratio share the host's moments: timed apart, seconds
+    of drift went into the ratios (this project's test host, version 12: a pass of 3 rows
+    1.17-1.60 of one in four profiles taken back to back)."""
     sessions = [f"profile-{i}" for i in range(max(BATCHES))]
     positions = torch.arange(x.shape[0])
     shard.prefill(sessions[0], x, positions, logits=0)
@@ -206,41 +224,36 @@ def _batched(
             shard.install(session, layer, *copied)
     shard.decode_batch(sessions, [x[-1:]] * len(sessions))  # caches grow once, untimed
     advance(1)
+    steps: dict[int, Callable[[], object]] = {1: single}
     for size in BATCHES:
-        inputs = [x[-1:]] * size
-        times = []
-        for _ in range(BATCH_REPEATS):
+        steps[size] = functools.partial(shard.decode_batch, sessions[:size], [x[-1:]] * size)
+    times: dict[int, list[float]] = {size: [] for size in steps}
+    for _ in range(BATCH_ROUNDS):
+        for size, step in steps.items():
             start = clock()
-            shard.decode_batch(sessions[:size], inputs)
-            times.append(clock() - start)
-            advance(1)
-        out[size] = statistics.median(times)
+            step()
+            times[size].append(clock() - start)
+        advance(1)
     for session in sessions:
         shard.drop(session)
-    return out
+    one = statistics.median(times[1])
+    return {size: statistics.median(times[size]) / one for size in BATCHES}
 
 
 def _sustain(
-    shard: Shard,
-    cache: KVCache,
-    x: torch.Tensor,
-    position: int,
-    decode: dict[int, list[float]],
-    clock: Callable[[], float],
-) -> float:
-    """Scale the shard's unit times to its sustained speed; returns the `clock` seconds of one
-    step meanwhile. Medians of short bursts miss what a CPU quota (a cgroup, a slower share
-    of a machine) takes back over time: steps run back to back for SUSTAIN_SECONDS show it."""
-    steps, start, clock_start = 0, time.perf_counter(), clock()
+    shard: Shard, cache: KVCache, x: torch.Tensor, position: int, decode: dict[int, list[float]]
+) -> None:
+    """Scale the shard's unit times to its sustained speed. Medians of short bursts miss what
+    a CPU quota (a cgroup, a slower share of a machine) takes back over time: steps run back
+    to back for SUSTAIN_SECONDS show it."""
+    steps, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < SUSTAIN_SECONDS and steps < 2000:
         shard.forward(cache, x, torch.tensor([position + steps]))
         steps += 1
-    clocked = clock() - clock_start
     burst = sum(statistics.median(decode[u]) for u in range(shard.start, shard.end))
     scale = (elapsed / steps) / burst if burst > 0 else 1.0
     for u in range(shard.start, shard.end):
         decode[u] = [t * scale for t in decode[u]]
-    return clocked / steps
 
 
 def compute_budget() -> str:
