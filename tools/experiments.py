@@ -3,10 +3,11 @@
     python tools/experiments.py prediction    # 1: predicted vs measured, each testbed, objective
     python tools/experiments.py compare       # 2: ours vs the baselines, measured, each testbed
     python tools/experiments.py sweep         # 3: edge-cloud, the cloud link at 1..100 Mbit/s
-    python tools/experiments.py concurrency   # 4: lan-3, 1/4/8/16 sessions at once, one
-                                              #    process in the first host's CPU share, and
-                                              #    2 answers' longest gap while a 2,000-token
-                                              #    prompt is prefilled
+    python tools/experiments.py concurrency   # 4: lan-3, 1/4/8/16 sessions at once (predicted
+                                              #    once at the start, and again right before
+                                              #    each level), one process in the first
+                                              #    host's CPU share, and 2 answers' longest
+                                              #    gap while a 2,000-token prompt is prefilled
     python tools/experiments.py prediction --testbeds office,campus --out prediction-oos
                                               # 1 out of sample: testbeds never tuned on
 
@@ -187,7 +188,7 @@ def same_plan(tb: Testbed, status: dict[str, Any]) -> None:
                          f"{describe(status['plan'])} -> {describe(now)}")  # fmt: skip
 
 
-def predicted(status: dict[str, Any]) -> dict[str, float]:
+def predicted(status: dict[str, Any]) -> dict[str, Any]:
     """The coordinator's prediction for the plan in force under the links as now measured
     (a plan's own record keeps the numbers it was made on)."""
     return dict(status.get("predicted_now") or status["plan"])
@@ -336,18 +337,24 @@ def concurrency(testbeds: list[str], levels: list[int], rows: list[dict[str, Any
             print(f"{name}, plan {describe(plan)}; one process, one thread, in "
                   f"{tb.hosts[0].name}'s {tb.hosts[0].cpu} core: {alone:.1f} tokens/s")  # fmt: skip
             print(f"{'sessions':>8} {'pred t/s':>9} {'tokens/s':>9} {'ratio':>6} {'vs one':>7} "
-                  f"{'ms/token':>9}")  # fmt: skip
+                  f"{'ms/token':>9} {'pred then':>9} {'ratio':>6}")  # fmt: skip
             first = len(rows)
             for n in levels:
+                # Also the prediction as the coordinator makes it right before this level:
+                # its passes priced at the pace measured serving so far (the host moves
+                # within minutes; the first prediction is read before any level ran).
+                then = predicted(wait_ready(tb))
                 m = measure(tb, n) | {
                     "testbed": name, "predicted_tps": now["tokens_per_s_at"][str(n)],
-                    "single_tokens_per_s": alone, "predicted": now,
+                    "predicted_tps_then": then["tokens_per_s_at"][str(n)],
+                    "single_tokens_per_s": alone, "predicted": now, "predicted_then": then,
                 }  # fmt: skip
                 rows.append(m)
                 ratio = m["tokens_per_s"] / rows[first]["tokens_per_s"]
                 print(f"{n:>8} {m['predicted_tps']:>9.1f} {m['tokens_per_s']:>9.1f} "
                       f"{m['tokens_per_s'] / m['predicted_tps']:>6.2f} {ratio:>7.2f} "
-                      f"{m['per_token_ms']:>9.1f}  "
+                      f"{m['per_token_ms']:>9.1f} {m['predicted_tps_then']:>9.1f} "
+                      f"{m['tokens_per_s'] / m['predicted_tps_then']:>6.2f}  "
                       + ", ".join(f"{p['host']} {p['rows_per_pass']} rows {p['pass_ms']:.0f} ms "
                                   f"(cpu {p['cpu_ms']:.0f})" for p in m["stages"]))  # fmt: skip
             print(f"one answer through the mesh: {rows[first]['tokens_per_s'] / alone:.2f} of the "
@@ -422,6 +429,9 @@ def plot(kind: str, rows: list[dict[str, Any]], name: str) -> Path:
             line = ax.plot(n, [r["tokens_per_s"] for r in mine], "o-", label=f"{bed} measured")
             ax.plot(n, [r["predicted_tps"] for r in mine], "o--", color=line[0].get_color(),
                     label=f"{bed} predicted")  # fmt: skip
+            if all("predicted_tps_then" in r for r in mine):
+                then = [r["predicted_tps_then"] for r in mine]
+                ax.plot(n, then, "x:", color=line[0].get_color(), label=f"{bed} predicted then")
         ax.set_xlabel("concurrent sessions")
         ax.set_ylabel("aggregate tokens/s")
     ax.legend()
