@@ -184,8 +184,19 @@ def _clock(shard: Shard) -> Callable[[], float]:
     """What a pass is timed by: CPU time on a CPU, where other work on the host, or a quota's
     pauses (a cgroup, a slower share of a machine), lengthen a few passes' wall time or not by
     when they fall (lan-3's desk, a whole core, profiled passes of 4 rows at 39.3 ms and of 8
-    at 39.5 by the wall clock); the wall clock elsewhere."""
-    return time.process_time if shard.device.type == "cpu" else time.perf_counter
+    at 39.5 by the wall clock); the wall clock elsewhere, on CUDA once the device's queued
+    kernels are done (a pass returns when its kernels are queued)."""
+    device = shard.device
+    if device.type == "cpu":
+        return time.process_time
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def synced() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return synced
 
 
 def _single(shard: Shard, x: torch.Tensor) -> Callable[[], object]:

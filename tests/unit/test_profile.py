@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import time
+import types
 
 import pytest
 import torch
 
 from meshshard.model.batching import BATCHES
-from meshshard.model.profile import _batched
+from meshshard.model.profile import _batched, _clock
 
 # A pass of n rows costs what it costs at the host's speed of the moment; the host slows and
 # speeds up between rounds (this project's test host swings by a quarter within minutes).
@@ -73,3 +75,16 @@ def test_batched_passes_are_timed_against_one_step_of_the_same_rounds() -> None:
     # Each round's passes share its speed, so the medians' ratios are the costs' own, however
     # the host moved between rounds (timed apart, a round's speed entered a ratio whole).
     assert ratios == {size: pytest.approx(COST[size] / COST[1]) for size in BATCHES}
+
+
+def test_passes_on_cuda_are_timed_once_their_kernels_are_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waited: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    clock = _clock(gpu)  # type: ignore[arg-type]
+    before = clock()
+    assert clock() >= before and waited == [torch.device("cuda", 0)] * 2
+    cpu = types.SimpleNamespace(device=torch.device("cpu"))
+    assert _clock(cpu) is time.process_time  # type: ignore[arg-type]
