@@ -1,4 +1,5 @@
-"""How a profile times batched passes against one session's step: pure, on a virtual clock."""
+"""How a profile times passes: batched ones against one session's step of the same rounds (on a
+virtual clock), and by which clock on each device."""
 
 from __future__ import annotations
 
