@@ -216,7 +216,8 @@ def mesh(
         # One answer and 8 at once in turns, `repeats` pairs, the order alternating: the
         # host's speed moves by a quarter within minutes, and a pair shares its moment.
         ones, eights, ratios = [], [], []
-        rows: list[dict[str, float]] = [{"steps": 0, "batches": 0} for _ in procs]
+        zero = [dict.fromkeys(c, 0.0) for c in stage_counts(procs)]
+        rows = [dict(z) for z in zero]  # each stage's counters summed over the 8-answer bursts
         for i in range(repeats):
             for sessions in (1, 8) if i % 2 == 0 else (8, 1):
                 before = stage_counts(procs)
@@ -235,7 +236,9 @@ def mesh(
             "eight_vs_one": statistics.median(ratios),
             "eight_vs_one_pairs": ratios,
             # Rows per forward pass at each stage, over the 8 answers at once.
-            "mean_batch_8": [round(r["steps"] / max(1, r["batches"]), 2) for r in rows],
+            "mean_batch_8": [
+                per_pass(z, r)["rows_per_pass"] for z, r in zip(zero, rows, strict=True)
+            ],
         }
         return out
 
