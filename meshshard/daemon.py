@@ -325,6 +325,9 @@ class Daemon:
                 # quota or a busy machine shows as the first outgrowing the second.
                 "forward_s": round(stage.forward_s, 3),
                 "forward_cpu_s": round(stage.forward_cpu_s, 3),
+                # Decode passes by rows, how many and their (moving) ms: how batches form.
+                "passes": {str(rows): n for rows, n in sorted(stage.passes.items())},
+                "pass_ms": {str(rows): round(ms, 2) for rows, ms in sorted(stage.pass_ms.items())},
             }
             if stage
             else None

@@ -127,6 +127,10 @@ def test_eight_concurrent_sessions_get_their_own_answers(
         assert text == reference[PROMPTS[i % len(PROMPTS)]], i
     stage = mesh[1].status()["stage"]  # type: ignore[index]
     assert stage["batches"] < stage["steps"], "concurrent decode steps were never batched"
+    # Status counts the decode passes by rows: some of several rows, every one of 1-16 rows.
+    by_rows = {int(rows): n for rows, n in stage["passes"].items()}
+    assert max(by_rows) > 1 and all(1 <= rows <= 16 and n > 0 for rows, n in by_rows.items())
+    assert set(stage["pass_ms"]) == set(stage["passes"])
 
     def freed() -> bool:  # drops are sent in the background once an answer is complete
         return all(p.status()["stage"]["sessions"] == 0 for p in mesh)  # type: ignore[index]
