@@ -75,11 +75,15 @@ MIN_BESIDE = 4
 # Past this many positions a prompt is a long one (a document, not a chat turn): its slices
 # beside decode steps cost LONG_SHARE of a decode pass, so answers it holds up for seconds keep
 # within 3x their usual gap though a pass runs long (lan-3: 8 and then 9 prompt rows beside
-# two steps in 126 and 223 ms, testbed.md). Shorter prompts, and a long one's first
-# positions, take a whole pass's worth, so answers asked together start together: at half,
-# 16 asked at once on lan-3 were never all decoding at the same time (run 22).
+# two steps in 126 and 223 ms, testbed.md). A short prompt's rows beside decode steps cost up
+# to SHORT_SHARE of a pass (the pass then takes at most 3x its usual time, once for a prompt
+# of a few hundred ms), so answers asked together start together: at half, 16 asked at once
+# on lan-3 were never all decoding at the same time (run 22); at one pass, the 7 prompts that
+# reached a 3-peer mesh's last stage a moment after an 8th answer's first step took 2.6 s
+# (about 20 passes) to get through, beside that answer's steps (data-plane.md).
 LONG_PROMPT = 256
 LONG_SHARE = 0.5
+SHORT_SHARE = 2.0
 # A decode pass measured at most this long runs on the event loop (worker.run_inline): a probe
 # arriving meanwhile waits for it, well inside probe timeouts (150-200 ms).
 INLINE_MS = 40.0
@@ -439,7 +443,7 @@ class StageWorker:
         """Prompt rows to run beside decode steps: a slice (less, deep in a long `prompt`),
         the least one before it is measured."""
         deep = prompt is not None and prompt.start + prompt.tensor.shape[0] > LONG_PROMPT
-        return self._slice_rows(LONG_SHARE if deep else 1.0) or MIN_SLICE
+        return self._slice_rows(LONG_SHARE if deep else SHORT_SHARE) or MIN_SLICE
 
     def _room(self, waiting: set[str]) -> tuple[int, float] | None:
         """Prompt rows a pass can run before the next decode step due here, and how long to
@@ -456,7 +460,7 @@ class StageWorker:
         room = int(((due - now) * 1000 - self.step_ms) / self.row_ms)
         # No more than a slice even so: a row costs more as the prompt's context grows, and
         # the rhythm the steps are due by is a guess. Waited for until a pass after it is due.
-        most = min(room, max(self._busy_rows(), MIN_SLICE))
+        most = min(room, max(self._slice_rows() or 0, MIN_SLICE))
         return max(0, most), max(due - now, 0.0) + self.step_ms / 1000
 
     def _hold(self, waiting: set[str]) -> float:
@@ -548,9 +552,12 @@ class StageWorker:
             self.step_ms = _moved(self.step_ms, ms)
             self.pass_ms[len(batch)] = _moved(self.pass_ms.get(len(batch), 0.0), ms)
             self.passes[len(batch)] += 1
-        elif self.step_ms and prompt_rows >= MIN_BESIDE:
+        elif self.step_ms and prompt_rows >= MIN_SLICE:
             # A pass with a prompt's rows costs what its decode steps (or one, for the
-            # weights' reading) would, plus the rows: what slices are cut by.
+            # weights' reading) would, plus the rows: what slices are cut by. Not read from a
+            # few rows: a pass's own swing over them (a head row more or less, the host)
+            # priced a row at 4-8 ms where 43 rows alone took 1.3 ms each, and slices shrank
+            # with the price until a burst's prompts crawled through in slices of 6.
             steps = len(batch) - len(prompts)
             base = self.pass_ms.get(steps, self.step_ms) if steps else self.step_ms
             self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows)

@@ -145,14 +145,14 @@ async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Pat
         assert got[f"s{i}"] == alone(tiny_model, prompt, frame)
 
 
-@pytest.mark.parametrize(("long_prompt", "rows"), [(256, 16), (30, 8)])
-async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long_prompt(
+@pytest.mark.parametrize(("long_prompt", "rows"), [(256, 32), (30, 8)])
+async def test_a_slice_beside_decode_steps_costs_two_decode_passes_or_half_one_in_a_long_prompt(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch, long_prompt: int, rows: int
 ) -> None:
-    """Where a prompt row costs a sixteenth of a decode pass (a slow stage late in a long
-    prompt), the slice beside the decode steps holds 16 rows, not a pass of prompts' least
-    (the steps pay for the weights, the rows are all the slice adds); half that once the
-    prompt reaches past LONG_PROMPT positions."""
+    """Where a prompt row costs a sixteenth of a decode pass (a slow stage), the slice of a
+    short prompt beside the decode steps holds 32 rows, two passes' worth, not a pass of
+    prompts' least (the steps pay for the weights, the rows are all the slice adds); a
+    quarter of that, half a pass, where the prompt reaches past LONG_PROMPT positions."""
     monkeypatch.setattr(stage_module, "LONG_PROMPT", long_prompt)
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS):
@@ -176,6 +176,30 @@ async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long
     await run(worker, frames, got)
     assert held[0] == rows
     assert got["long"] == greedy(tiny_model, long, 1)
+
+
+@pytest.mark.parametrize(
+    ("prompt_rows", "priced"), [(stage_module.MIN_SLICE - 1, False), (40, True)]
+)
+async def test_a_prompt_row_is_priced_only_from_passes_of_many_rows(
+    tiny_model: Path, prompt_rows: int, priced: bool
+) -> None:
+    """What a prompt row adds to a pass is read from passes with at least MIN_SLICE prompt
+    rows: over a few, a pass's own swing would be most of the price (slices then shrink with
+    it). Either way each session gets the token it would get alone."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    for i, prompt in enumerate(PROMPTS):
+        shard.prefill(f"s{i}", torch.tensor(prompt))
+    worker, sizes, got = last_stage(shard)
+    worker.step_ms, worker.row_ms = 100.0, 1.0  # any short prompt goes whole beside steps
+    prompt = [(7 * i) % 50 + 1 for i in range(prompt_rows)]
+    frames = [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
+    await run(worker, [*frames, step("new", 0, prompt, ())], got)
+    assert sizes == [len(PROMPTS) + 1]  # the steps and the whole prompt, in one pass
+    assert (worker.row_ms != 1.0) is priced
+    assert got["new"] == greedy(tiny_model, prompt, 1)
+    for i, (p, frame) in enumerate(zip(PROMPTS, frames, strict=True)):
+        assert got[f"s{i}"] == alone(tiny_model, p, frame)
 
 
 async def test_the_next_batch_runs_while_the_last_is_sent(tiny_model: Path) -> None:
