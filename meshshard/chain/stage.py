@@ -75,12 +75,12 @@ MIN_BESIDE = 4
 # Past this many positions a prompt is a long one (a document, not a chat turn): its slices
 # beside decode steps cost LONG_SHARE of a decode pass, so answers it holds up for seconds keep
 # within 3x their usual gap though a pass runs long (lan-3: 8 and then 9 prompt rows beside
-# two steps in 126 and 223 ms, testbed.md). A short prompt's rows beside decode steps cost up
-# to SHORT_SHARE of a pass (the pass then takes at most 3x its usual time, once for a prompt
-# of a few hundred ms), so answers asked together start together: at half, 16 asked at once
-# on lan-3 were never all decoding at the same time (run 22); at one pass, the 7 prompts that
-# reached a 3-peer mesh's last stage a moment after an 8th answer's first step took 2.6 s
-# (about 20 passes) to get through, beside that answer's steps (data-plane.md).
+# two steps in 126 and 223 ms, testbed.md); its first chunk's, one pass. A short prompt (all of
+# it within LONG_PROMPT) beside decode steps takes up to SHORT_SHARE of a pass (a pass then
+# takes at most 3x its usual time, once, for a chat turn), so answers asked together start
+# together: at half a pass, 16 asked at once on lan-3 were never all decoding at the same time
+# (run 22); at one, the 7 prompts that reached a 3-peer mesh's last stage just after an 8th
+# answer's first step took 2.6 s to get through beside its steps (chain-runs.txt).
 LONG_PROMPT = 256
 LONG_SHARE = 0.5
 SHORT_SHARE = 2.0
@@ -169,8 +169,8 @@ def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], in
     return lambda _, k: tokens[k - step]
 
 
-def _moved(average: float, sample: float) -> float:
-    return sample if not average else average + STEP_WEIGHT * (sample - average)
+def _moved(average: float, sample: float, weight: float = STEP_WEIGHT) -> float:
+    return sample if not average else average + weight * (sample - average)
 
 
 class StageWorker:
@@ -439,11 +439,13 @@ class StageWorker:
             return None
         return max(MIN_BESIDE, round(share * self.step_ms / self.row_ms))
 
-    def _busy_rows(self, prompt: StepFrame | None = None) -> int:
-        """Prompt rows to run beside decode steps: a slice (less, deep in a long `prompt`),
-        the least one before it is measured."""
-        deep = prompt is not None and prompt.start + prompt.tensor.shape[0] > LONG_PROMPT
-        return self._slice_rows(LONG_SHARE if deep else SHORT_SHARE) or MIN_SLICE
+    def _busy_rows(self, prompt: StepFrame) -> int:
+        """Prompt rows to run beside decode steps: a slice (more for a short `prompt`, less
+        deep in a long one), the least one before it is measured."""
+        end = prompt.start + prompt.tensor.shape[0]
+        # A prompt's last chunk samples: one that ends within LONG_PROMPT is all of it.
+        share = LONG_SHARE if end > LONG_PROMPT else SHORT_SHARE if prompt.sample else 1.0
+        return self._slice_rows(share) or MIN_SLICE
 
     def _room(self, waiting: set[str]) -> tuple[int, float] | None:
         """Prompt rows a pass can run before the next decode step due here, and how long to
@@ -552,15 +554,18 @@ class StageWorker:
             self.step_ms = _moved(self.step_ms, ms)
             self.pass_ms[len(batch)] = _moved(self.pass_ms.get(len(batch), 0.0), ms)
             self.passes[len(batch)] += 1
-        elif self.step_ms and prompt_rows >= MIN_SLICE:
+        elif self.step_ms and prompt_rows >= MIN_BESIDE:
             # A pass with a prompt's rows costs what its decode steps (or one, for the
-            # weights' reading) would, plus the rows: what slices are cut by. Not read from a
-            # few rows: a pass's own swing over them (a head row more or less, the host)
-            # priced a row at 4-8 ms where 43 rows alone took 1.3 ms each, and slices shrank
-            # with the price until a burst's prompts crawled through in slices of 6.
+            # weights' reading) would, plus the rows: what slices are cut by. Over a few rows
+            # a pass's own swing (the host; a head row more or less) is most of the price:
+            # taken at full weight it put a row at 4-8 ms where 43 rows alone took 1.3 ms
+            # each, and slices shrank with it until a burst's prompts crawled through in
+            # slices of 6. A pass moves the price by its rows' share of MIN_SLICE, so a few
+            # rows move it little, and it still follows a long prompt's rows as they grow.
             steps = len(batch) - len(prompts)
             base = self.pass_ms.get(steps, self.step_ms) if steps else self.step_ms
-            self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows)
+            weight = STEP_WEIGHT * min(1.0, prompt_rows / MIN_SLICE)
+            self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows, weight)
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)
         self._unsent += 1
