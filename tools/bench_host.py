@@ -12,10 +12,10 @@ greedily with `Shard.decode_batch`, as a stage batches, in these arrangements, i
 - two processes at once, one thread each, 4 answers each in one pass (two waves on the two
   cores, each a pass of 4 rows, no bubbles: what a chain's 2 waves would run at best);
 - two processes at once, one thread each, one answer each (what the two cores give against
-  one: the memory both share).
+  one).
 
 The best of the 8-answer rows is a ceiling on what 8 answers get from any arrangement of
-these passes on this host; the mesh adds the hops and the pipeline's bubbles.
+these passes on this host; a mesh adds its hops, its per-step work and its pipeline's gaps.
 
     python tools/bench_host.py [--tokens 64] [--repeats 3]
 """

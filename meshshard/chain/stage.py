@@ -75,8 +75,8 @@ MIN_BESIDE = 4
 # Past this many positions a prompt is a long one (a document, not a chat turn): its slices
 # beside decode steps cost LONG_SHARE of a decode pass, so answers it holds up for seconds keep
 # within 3x their usual gap though a pass runs long (lan-3: 8 and then 9 prompt rows beside
-# two steps in 126 and 223 ms, testbed.md); its first chunk's, one pass. A short prompt (all of
-# it within LONG_PROMPT) beside decode steps takes up to SHORT_SHARE of a pass (a pass then
+# two steps in 126 and 223 ms, testbed.md); its first chunk's, one pass's worth. A short prompt
+# (all of it within LONG_PROMPT) beside decode steps takes up to SHORT_SHARE of a pass (a pass then
 # takes at most 3x its usual time, once, for a chat turn), so answers asked together start
 # together: at half a pass, 16 asked at once on lan-3 were never all decoding at the same time
 # (run 22); at one, the 7 prompts that reached a 3-peer mesh's last stage just after an 8th
