@@ -169,6 +169,12 @@ def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], in
     return lambda _, k: tokens[k - step]
 
 
+def _short(prompt: StepFrame) -> bool:
+    """Whether a prompt is all within LONG_PROMPT positions: its last chunk (which samples)
+    ends there."""
+    return prompt.sample and prompt.start + prompt.tensor.shape[0] <= LONG_PROMPT
+
+
 def _moved(average: float, sample: float, weight: float = STEP_WEIGHT) -> float:
     return sample if not average else average + weight * (sample - average)
 
@@ -442,9 +448,8 @@ class StageWorker:
     def _busy_rows(self, prompt: StepFrame) -> int:
         """Prompt rows to run beside decode steps: a slice (more for a short `prompt`, less
         deep in a long one), the least one before it is measured."""
-        end = prompt.start + prompt.tensor.shape[0]
-        # A prompt's last chunk samples: one that ends within LONG_PROMPT is all of it.
-        share = LONG_SHARE if end > LONG_PROMPT else SHORT_SHARE if prompt.sample else 1.0
+        deep = prompt.start + prompt.tensor.shape[0] > LONG_PROMPT
+        share = LONG_SHARE if deep else SHORT_SHARE if _short(prompt) else 1.0
         return self._slice_rows(share) or MIN_SLICE
 
     def _room(self, waiting: set[str]) -> tuple[int, float] | None:
@@ -556,15 +561,17 @@ class StageWorker:
             self.passes[len(batch)] += 1
         elif self.step_ms and prompt_rows >= MIN_BESIDE:
             # A pass with a prompt's rows costs what its decode steps (or one, for the
-            # weights' reading) would, plus the rows: what slices are cut by. Over a few rows
-            # a pass's own swing (the host; a head row more or less) is most of the price:
-            # taken at full weight it put a row at 4-8 ms where 43 rows alone took 1.3 ms
-            # each, and slices shrank with it until a burst's prompts crawled through in
-            # slices of 6. A pass moves the price by its rows' share of MIN_SLICE, so a few
-            # rows move it little, and it still follows a long prompt's rows as they grow.
+            # weights' reading) would, plus the rows: what slices are cut by. Rows past
+            # LONG_PROMPT positions cost more the deeper they are, and the price follows them
+            # at full weight. Rows within it cost alike, and over a few of them a pass's own
+            # swing (the host; a head row more or less) is most of the price: at full weight
+            # it put a row at 4-8 ms where 43 rows alone took 1.3 ms each, and slices shrank
+            # with it until a burst's prompts crawled through in slices of 6. Such a pass
+            # moves the price by its rows' share of MIN_SLICE.
             steps = len(batch) - len(prompts)
             base = self.pass_ms.get(steps, self.step_ms) if steps else self.step_ms
-            weight = STEP_WEIGHT * min(1.0, prompt_rows / MIN_SLICE)
+            shallow = all(f.start + f.tensor.shape[0] <= LONG_PROMPT for f in prompts)
+            weight = STEP_WEIGHT * (min(1.0, prompt_rows / MIN_SLICE) if shallow else 1.0)
             self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows, weight)
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)

@@ -186,13 +186,22 @@ async def test_a_slice_beside_decode_steps_costs_two_passes_for_a_short_prompt(
         assert got["long"] == greedy(tiny_model, long, 1)
 
 
-@pytest.mark.parametrize("prompt_rows", [stage_module.MIN_BESIDE, 40])
+@pytest.mark.parametrize(
+    ("prompt_rows", "long_prompt", "share"),
+    [(stage_module.MIN_BESIDE, 256, 0.25), (40, 256, 1.0), (stage_module.MIN_BESIDE, 2, 1.0)],
+)
 async def test_a_pass_moves_a_prompt_rows_price_by_its_rows_share(
-    tiny_model: Path, prompt_rows: int
+    tiny_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    prompt_rows: int,
+    long_prompt: int,
+    share: float,
 ) -> None:
-    """What a prompt row adds to a pass moves by the pass's rows' share of MIN_SLICE: over
-    a few rows, a pass's own swing would be most of the price (slices then shrink with it).
-    Each session gets the token it would get alone."""
+    """What a prompt row adds to a pass moves by the pass's rows' share of MIN_SLICE where
+    they lie within LONG_PROMPT positions (over a few rows a pass's own swing would be most
+    of the price, and slices shrink with it); past it, rows cost more the deeper they are,
+    and the price follows at full weight. Each session gets the token it would get alone."""
+    monkeypatch.setattr(stage_module, "LONG_PROMPT", long_prompt)
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS):
         shard.prefill(f"s{i}", torch.tensor(prompt))
@@ -204,7 +213,6 @@ async def test_a_pass_moves_a_prompt_rows_price_by_its_rows_share(
     frames = [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
     await run(worker, [*frames, step("new", 0, prompt, ())], got)
     assert sizes == [len(PROMPTS) + 1]  # the steps and the whole prompt, in one pass
-    share = min(1.0, prompt_rows / stage_module.MIN_SLICE)
     assert worker.row_ms == pytest.approx(1.0 - stage_module.STEP_WEIGHT * share)
     assert got["new"] == greedy(tiny_model, prompt, 1)
     for i, (p, frame) in enumerate(zip(PROMPTS, frames, strict=True)):
