@@ -75,15 +75,11 @@ MIN_BESIDE = 4
 # Past this many positions a prompt is a long one (a document, not a chat turn): its slices
 # beside decode steps cost LONG_SHARE of a decode pass, so answers it holds up for seconds keep
 # within 3x their usual gap though a pass runs long (lan-3: 8 and then 9 prompt rows beside
-# two steps in 126 and 223 ms, testbed.md); its first chunk's, one pass's worth. A short prompt
-# (all of it within LONG_PROMPT) beside decode steps takes up to SHORT_SHARE of a pass (a pass then
-# takes at most 3x its usual time, once, for a chat turn), so answers asked together start
-# together: at half a pass, 16 asked at once on lan-3 were never all decoding at the same time
-# (run 22); at one, the 7 prompts that reached a 3-peer mesh's last stage just after an 8th
-# answer's first step took 2.6 s to get through beside its steps (chain-runs.txt).
+# two steps in 126 and 223 ms, testbed.md). Shorter prompts, and a long one's first
+# positions, take a whole pass's worth, so answers asked together start together: at half,
+# 16 asked at once on lan-3 were never all decoding at the same time (run 22).
 LONG_PROMPT = 256
 LONG_SHARE = 0.5
-SHORT_SHARE = 2.0
 # A decode pass measured at most this long runs on the event loop (worker.run_inline): a probe
 # arriving meanwhile waits for it, well inside probe timeouts (150-200 ms).
 INLINE_MS = 40.0
@@ -169,14 +165,8 @@ def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], in
     return lambda _, k: tokens[k - step]
 
 
-def _short(prompt: StepFrame) -> bool:
-    """Whether a prompt is all within LONG_PROMPT positions: its last chunk (which samples)
-    ends there."""
-    return prompt.sample and prompt.start + prompt.tensor.shape[0] <= LONG_PROMPT
-
-
-def _moved(average: float, sample: float, weight: float = STEP_WEIGHT) -> float:
-    return sample if not average else average + weight * (sample - average)
+def _moved(average: float, sample: float) -> float:
+    return sample if not average else average + STEP_WEIGHT * (sample - average)
 
 
 class StageWorker:
@@ -445,12 +435,11 @@ class StageWorker:
             return None
         return max(MIN_BESIDE, round(share * self.step_ms / self.row_ms))
 
-    def _busy_rows(self, prompt: StepFrame) -> int:
-        """Prompt rows to run beside decode steps: a slice (more for a short `prompt`, less
-        deep in a long one), the least one before it is measured."""
-        deep = prompt.start + prompt.tensor.shape[0] > LONG_PROMPT
-        share = LONG_SHARE if deep else SHORT_SHARE if _short(prompt) else 1.0
-        return self._slice_rows(share) or MIN_SLICE
+    def _busy_rows(self, prompt: StepFrame | None = None) -> int:
+        """Prompt rows to run beside decode steps: a slice (less, deep in a long `prompt`),
+        the least one before it is measured."""
+        deep = prompt is not None and prompt.start + prompt.tensor.shape[0] > LONG_PROMPT
+        return self._slice_rows(LONG_SHARE if deep else 1.0) or MIN_SLICE
 
     def _room(self, waiting: set[str]) -> tuple[int, float] | None:
         """Prompt rows a pass can run before the next decode step due here, and how long to
@@ -467,7 +456,7 @@ class StageWorker:
         room = int(((due - now) * 1000 - self.step_ms) / self.row_ms)
         # No more than a slice even so: a row costs more as the prompt's context grows, and
         # the rhythm the steps are due by is a guess. Waited for until a pass after it is due.
-        most = min(room, max(self._slice_rows() or 0, MIN_SLICE))
+        most = min(room, max(self._busy_rows(), MIN_SLICE))
         return max(0, most), max(due - now, 0.0) + self.step_ms / 1000
 
     def _hold(self, waiting: set[str]) -> float:
@@ -561,18 +550,10 @@ class StageWorker:
             self.passes[len(batch)] += 1
         elif self.step_ms and prompt_rows >= MIN_BESIDE:
             # A pass with a prompt's rows costs what its decode steps (or one, for the
-            # weights' reading) would, plus the rows: what slices are cut by. Rows past
-            # LONG_PROMPT positions cost more the deeper they are, and the price follows them
-            # at full weight. Rows within it cost alike, and over a few of them a pass's own
-            # swing (the host; a head row more or less) is most of the price: at full weight
-            # it put a row at 4-8 ms where 43 rows alone took 1.3 ms each, and slices shrank
-            # with it until a burst's prompts crawled through in slices of 6. Such a pass
-            # moves the price by its rows' share of MIN_SLICE.
+            # weights' reading) would, plus the rows: what slices are cut by.
             steps = len(batch) - len(prompts)
             base = self.pass_ms.get(steps, self.step_ms) if steps else self.step_ms
-            shallow = all(f.start + f.tensor.shape[0] <= LONG_PROMPT for f in prompts)
-            weight = STEP_WEIGHT * (min(1.0, prompt_rows / MIN_SLICE) if shallow else 1.0)
-            self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows, weight)
+            self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows)
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)
         self._unsent += 1

@@ -145,21 +145,14 @@ async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Pat
         assert got[f"s{i}"] == alone(tiny_model, prompt, frame)
 
 
-@pytest.mark.parametrize(
-    ("long_prompt", "last_chunk", "rows"), [(256, True, 32), (256, False, 16), (30, True, 8)]
-)
-async def test_a_slice_beside_decode_steps_costs_two_passes_for_a_short_prompt(
-    tiny_model: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    long_prompt: int,
-    last_chunk: bool,
-    rows: int,
+@pytest.mark.parametrize(("long_prompt", "rows"), [(256, 16), (30, 8)])
+async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long_prompt(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, long_prompt: int, rows: int
 ) -> None:
-    """Where a prompt row costs a sixteenth of a decode pass (a slow stage), the slice of a
-    short prompt (all of it within LONG_PROMPT) beside the decode steps holds 32 rows, two
-    passes' worth, not a pass of prompts' least (the steps pay for the weights, the rows are
-    all the slice adds); a long prompt's first chunk, one pass's worth; past LONG_PROMPT
-    positions, half of one."""
+    """Where a prompt row costs a sixteenth of a decode pass (a slow stage late in a long
+    prompt), the slice beside the decode steps holds 16 rows, not a pass of prompts' least
+    (the steps pay for the weights, the rows are all the slice adds); half that once the
+    prompt reaches past LONG_PROMPT positions."""
     monkeypatch.setattr(stage_module, "LONG_PROMPT", long_prompt)
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS):
@@ -178,45 +171,11 @@ async def test_a_slice_beside_decode_steps_costs_two_passes_for_a_short_prompt(
     worker = StageWorker(shard, EPOCH, None, send, observe)
     worker.step_ms, worker.row_ms = 4.0, 0.25
     long = [(7 * i) % 50 + 1 for i in range(40)]
-    frames = [replace(step("long", 0, long, ()), sample=last_chunk)]
+    frames = [step("long", 0, long, ())]
     frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
-    await run(worker, frames, got, len(frames) if last_chunk else len(PROMPTS))
+    await run(worker, frames, got)
     assert held[0] == rows
-    if last_chunk:
-        assert got["long"] == greedy(tiny_model, long, 1)
-
-
-@pytest.mark.parametrize(
-    ("prompt_rows", "long_prompt", "share"),
-    [(stage_module.MIN_BESIDE, 256, 0.25), (40, 256, 1.0), (stage_module.MIN_BESIDE, 2, 1.0)],
-)
-async def test_a_pass_moves_a_prompt_rows_price_by_its_rows_share(
-    tiny_model: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    prompt_rows: int,
-    long_prompt: int,
-    share: float,
-) -> None:
-    """What a prompt row adds to a pass moves by the pass's rows' share of MIN_SLICE where
-    they lie within LONG_PROMPT positions (over a few rows a pass's own swing would be most
-    of the price, and slices shrink with it); past it, rows cost more the deeper they are,
-    and the price follows at full weight. Each session gets the token it would get alone."""
-    monkeypatch.setattr(stage_module, "LONG_PROMPT", long_prompt)
-    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
-    for i, prompt in enumerate(PROMPTS):
-        shard.prefill(f"s{i}", torch.tensor(prompt))
-    worker, sizes, got = last_stage(shard)
-    # Any short prompt goes whole beside the steps; a tiny pass costs under the 100 ms
-    # priced for the steps alone, so its rows add nothing: the price moves towards 0.
-    worker.step_ms, worker.row_ms = 100.0, 1.0
-    prompt = [(7 * i) % 50 + 1 for i in range(prompt_rows)]
-    frames = [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
-    await run(worker, [*frames, step("new", 0, prompt, ())], got)
-    assert sizes == [len(PROMPTS) + 1]  # the steps and the whole prompt, in one pass
-    assert worker.row_ms == pytest.approx(1.0 - stage_module.STEP_WEIGHT * share)
-    assert got["new"] == greedy(tiny_model, prompt, 1)
-    for i, (p, frame) in enumerate(zip(PROMPTS, frames, strict=True)):
-        assert got[f"s{i}"] == alone(tiny_model, p, frame)
+    assert got["long"] == greedy(tiny_model, long, 1)
 
 
 async def test_the_next_batch_runs_while_the_last_is_sent(tiny_model: Path) -> None:
