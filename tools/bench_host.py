@@ -75,23 +75,20 @@ def decode(shard: Any, ids: list[int], rows: int, tokens: int) -> float:
     burst of answers)."""
     import torch
 
+    from meshshard.model.generate import LocalChain, generate
+
+    start = time.perf_counter()
+    if rows == 1:  # the single process: `meshshard generate`'s own loop
+        done = sum(1 for _ in generate(LocalChain([shard]), ids, tokens))
+        return done / (time.perf_counter() - start)
     sessions = [f"s{time.perf_counter_ns()}-{i}" for i in range(rows)]
-    prompt = torch.tensor(ids)
     with torch.inference_mode():
-        start = time.perf_counter()
-        if rows == 1:  # the single process's path (`meshshard generate`)
-            nxt = [int(shard.prefill(sessions[0], prompt).argmax())]
-        else:
-            first = shard.decode_batch(sessions, [prompt] * rows, [1] * rows)
-            nxt = [int(o.argmax()) for o in first]
-        for step in range(tokens - 1):
-            if rows == 1:
-                at = len(ids) + step
-                out = [shard.decode(sessions[0], torch.tensor(nxt), at)]
-            else:
-                out = shard.decode_batch(sessions, [torch.tensor([t]) for t in nxt])
+        first = shard.decode_batch(sessions, [torch.tensor(ids)] * rows, [1] * rows)
+        nxt = [int(o.argmax()) for o in first]
+        for _ in range(tokens - 1):
+            out = shard.decode_batch(sessions, [torch.tensor([t]) for t in nxt])
             nxt = [int(o.argmax()) for o in out]
-        spent = time.perf_counter() - start
+    spent = time.perf_counter() - start
     for s in sessions:
         shard.drop(s)
     return rows * tokens / spent
