@@ -408,8 +408,13 @@ async def test_a_prompt_waits_for_a_decode_step_due_and_runs_beside_it(tiny_mode
     assert got["s0"] == alone(tiny_model, PROMPTS[0] + [3, 3, 3], last)
 
 
-def passes_by_thread(shard: Shard) -> list[int]:
-    """The threads the shard's passes run on, in order, as they run."""
+def passes_by_thread(
+    shard: Shard, monkeypatch: pytest.MonkeyPatch, inline_ms: float = float("inf")
+) -> list[int]:
+    """The threads the shard's passes run on, in order, as they run. A pass measured within
+    `inline_ms` counts as short: by default any (a tiny model's pass took over INLINE_MS
+    once, on a host busy with other work)."""
+    monkeypatch.setattr(stage_module, "INLINE_MS", inline_ms)
     threads: list[int] = []
 
     def noting(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -424,12 +429,16 @@ def passes_by_thread(shard: Shard) -> list[int]:
     return threads
 
 
-async def test_decode_passes_measured_short_run_on_the_event_loop(tiny_model: Path) -> None:
+@pytest.mark.parametrize("inline_ms, on_loop", [(float("inf"), True), (1e-6, False)])
+async def test_decode_passes_measured_short_run_on_the_event_loop(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, inline_ms: float, on_loop: bool
+) -> None:
     """Once passes of a decode batch's size are measured short, the next runs on the loop
-    itself (no handoff, no interpreter lock shared with the loop); a prompt's pass, and a
-    decode pass of a size not measured yet, in the model thread. The tokens do not change."""
+    itself (no handoff, no interpreter lock shared with the loop); a prompt's pass, a decode
+    pass of a size not measured yet, and one measured longer, in the model thread. The tokens
+    do not change."""
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
-    threads = passes_by_thread(shard)
+    threads = passes_by_thread(shard, monkeypatch, inline_ms)
     worker, _sizes, got = last_stage(shard)
     task = asyncio.create_task(worker.run())
     tokens: list[int] = []
@@ -445,12 +454,12 @@ async def test_decode_passes_measured_short_run_on_the_event_loop(tiny_model: Pa
         await worker.close("done")
         await task
     loop_thread = threading.get_ident()
-    assert [t == loop_thread for t in threads] == [False, False, True]
+    assert [t == loop_thread for t in threads] == [False, False, on_loop]
     assert tuple(tokens) == greedy(tiny_model, PROMPTS[0], 3)
 
 
 async def test_passes_verifying_drafts_measured_short_run_on_the_event_loop(
-    tiny_model: Path,
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pass that verifies a draft is measured by its rows: one of as many rows as a pass
     measured short runs on the loop (an origin on this peer then handles the tokens of the
@@ -458,7 +467,7 @@ async def test_passes_verifying_drafts_measured_short_run_on_the_event_loop(
     first. Each gives the tokens its own pass gives alone."""
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     shard.prefill("s0", torch.tensor(PROMPTS[0]))
-    threads = passes_by_thread(shard)
+    threads = passes_by_thread(shard, monkeypatch)
     worker, _sizes, got = last_stage(shard)
     task = asyncio.create_task(worker.run())
     start = len(PROMPTS[0])
@@ -481,13 +490,13 @@ async def test_passes_verifying_drafts_measured_short_run_on_the_event_loop(
 
 
 async def test_a_pass_goes_to_the_model_thread_while_outputs_wait_to_be_sent(
-    tiny_model: Path,
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On the loop, a pass would hold up what is still going out (a slow link's send)."""
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS[:2]):
         shard.prefill(f"s{i}", torch.tensor(prompt))
-    threads = passes_by_thread(shard)
+    threads = passes_by_thread(shard, monkeypatch)
     release = asyncio.Event()
 
     async def send(addr: str, frame: DataFrame) -> None:
