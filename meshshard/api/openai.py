@@ -12,12 +12,13 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from meshshard.api.choices import Choices
 from meshshard.api.stops import StopMatcher
 from meshshard.chain.origin import ChainBusy, ChainError, MeshTooSmall, Origin, Usage
 from meshshard.edge.bodies import request_body
@@ -29,6 +30,25 @@ MAX_TOKENS = 4096
 DEFAULT_MAX_TOKENS = 256
 MAX_MESSAGES = 1024
 MAX_STOP_CHARS = 256
+MAX_CHOICES = 8  # answers one request may ask for at once (`n`)
+# Fields that would change an answer in ways this mesh does not do: refused, not ignored, so
+# a client never takes an answer for what it did not ask. Each with the values that ask for
+# nothing (what clients send by default).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+}
 
 
 class BadRequest(Exception):
@@ -44,6 +64,7 @@ class Request:
     seed: int | None
     stops: list[str]
     stream: bool
+    n: int = 1
 
 
 class OpenAIApi:
@@ -127,88 +148,98 @@ class OpenAIApi:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
-        usage = Usage()
-        # Closed on every way out, a client hanging up included: its session ends at once.
-        async with contextlib.aclosing(self._text(req, usage)) as pieces:
+        usages = [Usage() for _ in range(req.n)]
+        choices = Choices([self._text(req, i, u) for i, u in enumerate(usages)])
+        try:  # closed on every way out, a client hanging up included: its sessions end at once
             try:
-                # The first piece decides the status: a chain with no room refuses before any.
-                first = await anext(pieces)
+                # The first pieces decide the status: a chain with no room refuses before any.
+                await choices.started()
             except ChainBusy as e:
                 retry = {"Retry-After": str(math.ceil(e.retry_after))}
                 return _error(429, f"the mesh is busy: {e}", "mesh_busy", retry)
             except ChainError as e:
                 return _unavailable(e)
-            if not req.stream:
-                text, finish = first[0], first[1] or "length"
-                try:
-                    async for piece, reason in pieces:
-                        text += piece
-                        finish = reason or finish
-                except ChainError as e:
-                    return _unavailable(e)
-                choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": text}
-                else:
-                    choice["text"] = text
-                return web.json_response(
-                    {
-                        "id": rid,
-                        "object": kind,
-                        "created": created,
-                        "model": self.model,
-                        "choices": [choice],
-                        "usage": _usage(usage),
-                        "meshshard": _extra(usage),
-                    }
-                )
-            resp = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-            )
-            await resp.prepare(request)
-            chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-
-            async def event(choice: dict[str, Any], **extra: Any) -> None:
-                data = {"id": rid, "object": chunk_kind, "created": created, "model": self.model}
-                data |= {"choices": [choice], **extra}
-                await resp.write(f"data: {json.dumps(data)}\n\n".encode())
-
-            if chat:
-                await event(
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "finish_reason": None,
-                    }
-                )
-            finish = "length"
+            if req.stream:
+                return await self._stream(request, choices, usages, rid, created, chat)
+            texts, finish = [""] * req.n, ["length"] * req.n
             try:
-                async for piece, reason in _chain(first, pieces):
-                    finish = reason or finish
-                    if piece:
-                        delta = {"delta": {"content": piece}} if chat else {"text": piece}
-                        await event({"index": 0, **delta, "finish_reason": None})
+                async for i, piece, reason in choices.pieces():
+                    texts[i] += piece
+                    finish[i] = reason or finish[i]
             except ChainError as e:
-                error = {"error": {"message": str(e), "type": "mesh_unavailable"}}
-                await resp.write(f"data: {json.dumps(error)}\n\n".encode())
-                await resp.write(b"data: [DONE]\n\n")
-                return resp
-            last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
-            await event(
-                {"index": 0, **last, "finish_reason": finish},
-                usage=_usage(usage),
-                meshshard=_extra(usage),
+                return _unavailable(e)
+            out: list[dict[str, Any]] = []
+            for i, (text, reason) in enumerate(zip(texts, finish, strict=True)):
+                said = {"role": "assistant", "content": text}
+                body = {"message": said} if chat else {"text": text}
+                out.append({"index": i, "finish_reason": reason, **body})
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": kind,
+                    "created": created,
+                    "model": self.model,
+                    "choices": out,
+                    "usage": _usage(usages),
+                    "meshshard": _extra(usages),
+                }
             )
+        finally:
+            await choices.aclose()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        choices: Choices,
+        usages: list[Usage],
+        rid: str,
+        created: int,
+        chat: bool,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        async def event(choice: dict[str, Any], **extra: Any) -> None:
+            data = {"id": rid, "object": chunk_kind, "created": created, "model": self.model}
+            data |= {"choices": [choice], **extra}
+            await resp.write(f"data: {json.dumps(data)}\n\n".encode())
+
+        if chat:
+            for i in range(len(usages)):
+                role = {"role": "assistant", "content": ""}
+                await event({"index": i, "delta": role, "finish_reason": None})
+        finish = ["length"] * len(usages)
+        try:
+            async for i, piece, reason in choices.pieces():
+                finish[i] = reason or finish[i]
+                if piece:
+                    delta = {"delta": {"content": piece}} if chat else {"text": piece}
+                    await event({"index": i, **delta, "finish_reason": None})
+        except ChainError as e:
+            error = {"error": {"message": str(e), "type": "mesh_unavailable"}}
+            await resp.write(f"data: {json.dumps(error)}\n\n".encode())
             await resp.write(b"data: [DONE]\n\n")
             return resp
+        last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+        for i, reason in enumerate(finish[:-1]):
+            await event({"index": i, **last, "finish_reason": reason})
+        end = {"index": len(finish) - 1, **last, "finish_reason": finish[-1]}
+        await event(end, usage=_usage(usages), meshshard=_extra(usages))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
 
     async def _text(
-        self, req: Request, usage: Usage
+        self, req: Request, index: int, usage: Usage
     ) -> AsyncGenerator[tuple[str, str | None], None]:
-        """(text piece, finish reason or None); stop strings are applied here."""
+        """Choice `index`'s (text piece, finish reason or None); stop strings are applied
+        here. With a seed, choice i samples with seed + i: each reproducible, none alike."""
         stream = self.codec.stream()
         stops = StopMatcher(req.stops)
-        sampling = (req.temperature, req.top_p, req.seed)
+        seed = None if req.seed is None else (req.seed + index) % MAX_SEED
+        sampling = (req.temperature, req.top_p, seed)
         count = 0
         tokens = self.origin.generate(
             req.prompt_ids, req.max_tokens, sampling, self.codec.stop_ids, usage
@@ -236,17 +267,12 @@ async def _json(request: web.Request, timeout: float) -> dict[str, Any]:
     return body
 
 
-async def _chain(
-    first: tuple[str, str | None], rest: AsyncIterator[tuple[str, str | None]]
-) -> AsyncIterator[tuple[str, str | None]]:
-    yield first
-    async for item in rest:
-        yield item
-
-
 def _parse(body: dict[str, Any], prompt_ids: list[int], context: int) -> Request:
     """The request's fields within what the mesh carries (the wire's ranges, the context a
     session may hold), or BadRequest saying which is not."""
+    for name, nothing in UNSUPPORTED.items():
+        if body.get(name) not in nothing:
+            raise BadRequest(f"{name} is not supported by this mesh")
     if not prompt_ids:
         raise BadRequest("the prompt is empty")
     if len(prompt_ids) >= context:
@@ -285,7 +311,10 @@ def _parse(body: dict[str, Any], prompt_ids: list[int], context: int) -> Request
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be a boolean")
-    return Request(prompt_ids, max_tokens, temperature, top_p, seed, stops, stream)
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"n must be an integer in 1..{MAX_CHOICES}")
+    return Request(prompt_ids, max_tokens, temperature, top_p, seed, stops, stream, n)
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
@@ -298,15 +327,25 @@ def _number(value: Any, name: str, low: float, high: float) -> float:
     return float(value)
 
 
-def _usage(u: Usage) -> dict[str, int]:
+def _usage(usages: list[Usage]) -> dict[str, int]:
+    """The prompt once, as OpenAI counts it, and every choice's tokens."""
+    prompt, completion = usages[0].prompt_tokens, sum(u.completion_tokens for u in usages)
     return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
 
 
-def _extra(u: Usage) -> dict[str, Any]:
+def _extra(usages: list[Usage]) -> dict[str, Any]:
+    """The first choice's epoch and timing; with several, each choice's too."""
+    out = _timing(usages[0])
+    if len(usages) > 1:
+        out["choices"] = [_timing(u) for u in usages]
+    return out
+
+
+def _timing(u: Usage) -> dict[str, Any]:
     decode = u.elapsed_s - u.ttft_s
     rate = (u.completion_tokens - 1) / decode if u.completion_tokens > 1 and decode > 0 else 0.0
     return {

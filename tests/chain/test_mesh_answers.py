@@ -157,18 +157,21 @@ def test_ask_cli_from_every_peer(mesh: list[Peer], reference: dict[str, str]) ->
         assert result["ttft_s"] > 0 and result["tokens_per_s"] > 0 and result["epoch"]
 
 
+def streamed(client: Any, prompt: str, **extra: Any) -> Any:
+    """A greedy answer streamed through the openai client."""
+    messages = [{"role": "user", "content": prompt}]
+    return client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=messages, max_tokens=NEW, temperature=0,
+        stream=True, **extra,
+    )  # fmt: skip
+
+
 def test_openai_client_streams(mesh: list[Peer], reference: dict[str, str]) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=mesh[2].url + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
-    stream = client.chat.completions.create(
-        model="SmolLM2-135M-Instruct",
-        messages=[{"role": "user", "content": PROMPTS[1]}],
-        max_tokens=NEW,
-        temperature=0,
-        stream=True,
-    )
+    stream = streamed(client, PROMPTS[1])
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len([p for p in pieces if p]) > 3, "the answer should arrive in pieces"
     assert "".join(pieces) == reference[PROMPTS[1]]
@@ -186,6 +189,34 @@ def test_seeded_sampling_is_reproducible(mesh: list[Peer]) -> None:
     b = chat(mesh[1], PROMPTS[1], temperature=1.0, seed=7)["choices"][0]["message"]["content"]
     c = chat(mesh[1], PROMPTS[1], temperature=1.0, seed=8)["choices"][0]["message"]["content"]
     assert a == b and a != c
+    # n choices at once: choice i samples with seed + i, as its own request would.
+    both = chat(mesh[2], PROMPTS[1], temperature=1.0, seed=7, n=2)
+    assert [ch["message"]["content"] for ch in both["choices"]] == [a, c]
+    assert [ch["index"] for ch in both["choices"]] == [0, 1]
+
+
+def test_n_choices_run_at_once_and_each_answers_whole(
+    mesh: list[Peer], reference: dict[str, str]
+) -> None:
+    from openai import OpenAI
+
+    got = chat(mesh[0], PROMPTS[0], n=3)
+    assert [ch["message"]["content"] for ch in got["choices"]] == [reference[PROMPTS[0]]] * 3
+    one = chat(mesh[0], PROMPTS[0])["usage"]
+    assert got["usage"]["prompt_tokens"] == one["prompt_tokens"]  # the prompt counts once
+    assert got["usage"]["completion_tokens"] == 3 * one["completion_tokens"]
+    assert len(got["meshshard"]["choices"]) == 3
+    client = OpenAI(base_url=mesh[1].url + "/v1", api_key="unused")
+    stream = streamed(client, PROMPTS[3], n=2)
+    pieces: dict[int, str] = {0: "", 1: ""}
+    finished: dict[int, str | None] = {}
+    for chunk in stream:
+        for ch in chunk.choices:
+            pieces[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finished[ch.index] = ch.finish_reason
+    assert pieces == {0: reference[PROMPTS[3]], 1: reference[PROMPTS[3]]}
+    assert set(finished) == {0, 1}
 
 
 @pytest.mark.parametrize(
@@ -195,6 +226,10 @@ def test_seeded_sampling_is_reproducible(mesh: list[Peer]) -> None:
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n must"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1}, "presence"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "x"}]}, "tools"),
     ],
 )
 def test_bad_api_requests_get_a_400(mesh: list[Peer], body: dict[str, Any], message: str) -> None:
