@@ -98,17 +98,19 @@ class OpenAIApi:
             web.post("/v1/chat/completions", self.handle_chat),
             web.post("/v1/completions", self.handle_completion),
             web.get("/v1/models", self.handle_models),
+            web.get("/v1/models/{model}", self.handle_model),
         ]
 
+    def _card(self) -> dict[str, Any]:
+        return {"id": self.model, "object": "model", "created": 0, "owned_by": "meshshard"}
+
     async def handle_models(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {"id": self.model, "object": "model", "created": 0, "owned_by": "meshshard"}
-                ],
-            }
-        )
+        return web.json_response({"object": "list", "data": [self._card()]})
+
+    async def handle_model(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != self.model:
+            return _error(404, f"this mesh serves {self.model} only", "model_not_found")
+        return web.json_response(self._card())
 
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -121,8 +123,10 @@ class OpenAIApi:
                 if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
                     raise BadRequest("each message needs a role: system, user or assistant")
                 content = m.get("content")
-                if isinstance(content, list):  # content parts: keep the text ones
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                if isinstance(content, list):  # content parts: text only (no images, audio)
+                    if not all(_text_part(p) for p in content):
+                        raise BadRequest("message content parts must be text: the model reads text")
+                    content = "".join(p["text"] for p in content)
                 if not isinstance(content, str):
                     raise BadRequest("message content must be a string")
                 clean.append({"role": m["role"], "content": content})
@@ -315,6 +319,13 @@ def _parse(body: dict[str, Any], prompt_ids: list[int], context: int) -> Request
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise BadRequest(f"n must be an integer in 1..{MAX_CHOICES}")
     return Request(prompt_ids, max_tokens, temperature, top_p, seed, stops, stream, n)
+
+
+def _text_part(part: Any) -> bool:
+    """A content part of text: the only kind the model reads."""
+    if not isinstance(part, dict):
+        return False
+    return part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:

@@ -167,10 +167,13 @@ def streamed(client: Any, prompt: str, **extra: Any) -> Any:
 
 
 def test_openai_client_streams(mesh: list[Peer], reference: dict[str, str]) -> None:
-    from openai import OpenAI
+    from openai import NotFoundError, OpenAI
 
     client = OpenAI(base_url=mesh[2].url + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+    assert client.models.retrieve("SmolLM2-135M-Instruct").owned_by == "meshshard"
+    with pytest.raises(NotFoundError):
+        client.models.retrieve("gpt-4")
     stream = streamed(client, PROMPTS[1])
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len([p for p in pieces if p]) > 3, "the answer should arrive in pieces"
@@ -230,6 +233,8 @@ def test_n_choices_run_at_once_and_each_answers_whole(
         ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1}, "presence"),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "x"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "parts"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "parts"),
     ],
 )
 def test_bad_api_requests_get_a_400(mesh: list[Peer], body: dict[str, Any], message: str) -> None:
