@@ -373,3 +373,10 @@ def test_requests_past_the_mesh_limits_get_clear_refusals_and_429(
 
     wait_for(released, 60, "the hung-up answers' reservations to be released", 0.5)
     assert answer(mesh[0]) == reference
+    # The n choices of one request are admitted all or none: eight such in one get a 429,
+    # and the choices admitted before the refusal give their reservations back.
+    status, headers, data = post(url, chat_body(max_tokens=1900, n=8))
+    assert status == 429 and int(headers["Retry-After"]) > 0, data
+    wait_for(released, 60, "the refused request's admitted choices to be released", 0.5)
+    status, _, data = post(url, chat_body(n=2))
+    assert status == 200 and [c["message"]["content"] for c in data["choices"]] == [reference] * 2
