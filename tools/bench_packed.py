@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_chain import embedded_model  # noqa: E402
-from bench_forms import best_ms  # noqa: E402
+from bench_forms import best_ms, timed_pass  # noqa: E402
 from bench_layers import all_products  # noqa: E402
 
 from meshshard.model import products as P  # noqa: E402
@@ -93,12 +92,7 @@ def main() -> None:
         for _ in range(6):
             for on in (False, True):
                 use["packed"] = on
-                for n in names:
-                    shard.truncate(n, 24)
-                xs = [torch.randn(1, hidden) for _ in names]
-                start = time.thread_time()
-                shard.decode_batch(names, xs, [1] * rows)
-                took[on].append((time.thread_time() - start) * 1000)
+                took[on].append(timed_pass(shard, names))
         a, b = min(took[False]), min(took[True])
         print(f"{rows:>4} {a:>8.1f} {b:>9.1f} {b / a:>6.2f}")
         for n in names:
