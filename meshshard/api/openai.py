@@ -35,7 +35,7 @@ MAX_CHOICES = 8  # answers one request may ask for at once (`n`)
 # a client never takes an answer for what it did not ask. Each with the values that ask for
 # nothing (what clients send by default).
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
+    "logprobs": (None, False),  # 0 == False here too
     "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
