@@ -419,8 +419,8 @@ def passes_by_thread(
     shard: Shard, monkeypatch: pytest.MonkeyPatch, inline_ms: float = float("inf")
 ) -> list[int]:
     """The threads the shard's passes run on, in order, as they run. A pass measured within
-    `inline_ms` counts as short: by default any (a tiny model's pass took over INLINE_MS
-    once, on a host busy with other work)."""
+    `inline_ms` counts as short: by default any, so that a host busy with other work, where
+    a tiny model's pass could take longer than INLINE_MS, does not decide the test."""
     monkeypatch.setattr(stage_module, "INLINE_MS", inline_ms)
     threads: list[int] = []
 
