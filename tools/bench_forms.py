@@ -17,7 +17,8 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from meshshard.model import products as P  # noqa: E402
 from meshshard.model.shard import Shard  # noqa: E402
 
 OLD_SWEEP, OLD_RUNS = 8 * 2**20, 3
+POSITIONS = 24  # each timed pass's sessions hold this many positions before it
+KINDS = {"qkv": "qkv", "gate/up": "gate_up", "o": "o", "down": "down"}  # label: attribute
 
 
 def wall(fn: Callable[[], object]) -> float:
@@ -52,11 +55,24 @@ def best_ms(fn: Callable[[], object], runs: int = 5) -> float:
     return min(took) * 1000
 
 
+@contextmanager
+def sessions(shard: Shard, rows: int) -> Iterator[list[str]]:
+    """`rows` sessions of POSITIONS positions on the shard, for timed_pass; dropped after."""
+    names = [f"r{rows}s{i}" for i in range(rows)]
+    for n in names:
+        shard.prefill(n, torch.randn(POSITIONS, shard.spec.hidden_size), logits=1)
+    try:
+        yield names
+    finally:
+        for n in names:
+            shard.drop(n)
+
+
 def timed_pass(shard: Shard, names: list[str]) -> float:
-    """One decode pass of the sessions `names`, each cut back to 24 positions first: ms of the
+    """One decode pass of the sessions `names`, each cut back to POSITIONS first: ms of the
     thread's CPU."""
     for n in names:
-        shard.truncate(n, 24)
+        shard.truncate(n, POSITIONS)
     xs = [torch.randn(1, shard.spec.hidden_size) for _ in names]
     start = time.thread_time()
     shard.decode_batch(names, xs, [1] * len(names))
@@ -74,7 +90,6 @@ def main() -> None:
     torch.set_num_threads(1)
     shard = Shard.load(embedded_model(), 17, 32)
     layers = [f for f in shard._fused if f is not None]
-    kinds = {"qkv": "qkv", "gate/up": "gate_up", "o": "o", "down": "down"}
     products = all_products(shard)
     new = (P.SWEEP_BYTES, P._seconds, P.RUNS)
 
@@ -92,29 +107,24 @@ def main() -> None:
         for name, how in (("8 MB wall", (OLD_SWEEP, wall, OLD_RUNS)), ("now", new)):
             forms, took = choose(*how)
             sets[f"{name} #{trial + 1}"] = forms
-            first = {k: letters(getattr(layers[0], v).forms) for k, v in kinds.items()}
+            first = {k: letters(getattr(layers[0], v).forms) for k, v in KINDS.items()}
             head = letters(shard.lm_head.product.forms)
             print(f"{name + ' #' + str(trial + 1):<13} chosen in {took:.2f} s: "
                   + " ".join(f"{k} {v}" for k, v in first.items()) + f" head {head}")  # fmt: skip
     P.SWEEP_BYTES, P.RUNS = new[0], new[2]
-    hidden = shard.spec.hidden_size
     print("a pass of k rows, ms of CPU (best of 6, every set in turns):")
     print(f"{'rows':>4}  " + "  ".join(f"{k:>13}" for k in sets))
     for rows in (3, 4, 6, 7, 8):
-        names = [f"r{rows}s{i}" for i in range(rows)]
-        for n in names:
-            shard.prefill(n, torch.randn(24, hidden), logits=1)
         took: dict[str, list[float]] = {k: [] for k in sets}
-        for _ in range(6):
-            for key, forms in sets.items():
-                for p, f in zip(products, forms, strict=True):
-                    p.forms = f
-                took[key].append(timed_pass(shard, names))
+        with sessions(shard, rows) as names:
+            for _ in range(6):
+                for key, forms in sets.items():
+                    for p, f in zip(products, forms, strict=True):
+                        p.forms = f
+                    took[key].append(timed_pass(shard, names))
         print(f"{rows:>4}  " + "  ".join(f"{min(v):>13.1f}" for v in took.values()))
-        for n in names:
-            shard.drop(n)
     print("blocked/linear time, each shape's products, over 8 MB of its matrices | all 14 layers':")
-    for label, attr in kinds.items():
+    for label, attr in KINDS.items():
         same = [getattr(f, attr) for f in layers]
         weight = same[0].weight
         few = same[: max(1, OLD_SWEEP // (weight.numel() * weight.element_size()))]

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_chain import embedded_model  # noqa: E402
-from bench_forms import best_ms, timed_pass  # noqa: E402
+from bench_forms import KINDS, best_ms, sessions, timed_pass  # noqa: E402
 from bench_layers import all_products  # noqa: E402
 
 from meshshard.model import products as P  # noqa: E402
@@ -56,10 +56,9 @@ def main() -> None:
     shard = Shard.load(embedded_model(), 17, 32)
     layers = [f for f in shard._fused if f is not None]
     packed = {id(p): prepacked(p.weight) for p in all_products(shard)}
-    kinds = {"qkv": "qkv", "gate/up": "gate_up", "o": "o", "down": "down"}
     print("a product over all 14 layers' matrices (the head: its one), ms of CPU each, best of 5:")
     print(f"{'shape':<8} {'rows':>4} {'linear':>8} {'chosen':>8} {'prepacked':>9} {'ratio':>6}")
-    groups = {k: [getattr(f, a) for f in layers] for k, a in kinds.items()}
+    groups = {k: [getattr(f, a) for f in layers] for k, a in KINDS.items()}
     groups["head"] = [shard.lm_head.product]
     for label, same in groups.items():
         for rows in PRODUCT_ROWS:
@@ -70,7 +69,6 @@ def main() -> None:
             pre = best_ms(lambda x=x, ours=ours: [through(w, x) for w in ours]) / len(same)
             print(f"{label:<8} {rows:>4} {linear:>8.3f} {chosen:>8.3f} {pre:>9.3f} "
                   f"{pre / chosen:>6.2f}")  # fmt: skip
-    hidden = shard.spec.hidden_size
     original = P.Product.__call__
     use = {"packed": False}
 
@@ -85,18 +83,14 @@ def main() -> None:
     print("a decode pass of k rows, ms of CPU (best of 6, in turns):")
     print(f"{'rows':>4} {'chosen':>8} {'prepacked':>9} {'ratio':>6}")
     for rows in PASS_ROWS:
-        names = [f"r{rows}s{i}" for i in range(rows)]
-        for n in names:
-            shard.prefill(n, torch.randn(24, hidden), logits=1)
         took: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(6):
-            for on in (False, True):
-                use["packed"] = on
-                took[on].append(timed_pass(shard, names))
+        with sessions(shard, rows) as names:
+            for _ in range(6):
+                for on in (False, True):
+                    use["packed"] = on
+                    took[on].append(timed_pass(shard, names))
         a, b = min(took[False]), min(took[True])
         print(f"{rows:>4} {a:>8.1f} {b:>9.1f} {b / a:>6.2f}")
-        for n in names:
-            shard.drop(n)
     use["packed"] = False
     moved, alone = 0.0, 0.0
     for p in all_products(shard):
