@@ -31,7 +31,7 @@ from meshshard.chain.links import (
     Refusals,
     SocketServer,
 )
-from meshshard.chain.meter import StepCostMeter, pace
+from meshshard.chain.meter import Passes, StepCostMeter, pace
 from meshshard.chain.service import ChainService
 from meshshard.chain.stage import StageWorker
 from meshshard.chain.worker import run_imports, run_setup
@@ -328,6 +328,9 @@ class Daemon:
                 # Decode passes by rows, how many and their (moving) ms: how batches form.
                 "passes": {str(rows): n for rows, n in sorted(stage.passes.items())},
                 "pass_ms": {str(rows): round(ms, 2) for rows, ms in sorted(stage.pass_ms.items())},
+                # ... and a lone answer's at a last stage whose head is split (split_steps).
+                "split_passes": {str(r): n for r, n in sorted(stage.split_passes.items())},
+                "split_ms": {str(r): round(ms, 2) for r, ms in sorted(stage.split_ms.items())},
             }
             if stage
             else None
@@ -444,13 +447,24 @@ def _load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Aw
 
 
 def _pace(me: Profile, stage: StageWorker | None) -> float | None:
-    """Our stage's passes over what our profile says they cost (None: none ran yet)."""
+    """Our stage's passes over what our profile says they cost (None: none ran yet). A lone
+    answer's passes at a last stage whose head is split stop before the head (its share is
+    scored apart, chain/stage.py `_split`): they are priced without it, as a lone answer's
+    passes there are all of that kind."""
     if stage is None or len(me.unit_ms) < stage.shard.end:
         return None
-    one, several = profiled(me.unit_ms, me.batch_ms, stage.shard.start, stage.shard.end)
-    shape = FlowStage(one, several, 0.0, 0.0)
-    got = pace(stage.pass_ms, stage.passes, shape.step_ms)
+    start, end = stage.shard.start, stage.shard.end
+    kinds: list[Passes] = [(stage.pass_ms, stage.passes, _passes(me, start, end))]
+    if stage.split_passes and end - start > 1:
+        kinds.append((stage.split_ms, stage.split_passes, _passes(me, start, end - 1)))
+    got = pace(*kinds)
     return None if got is None else min(max(got, MIN_PACE), MAX_PACE)
+
+
+def _passes(me: Profile, start: int, end: int) -> Callable[[float], float]:
+    """What our profile says a pass of some rows over units [start, end) costs."""
+    one, several = profiled(me.unit_ms, me.batch_ms, start, end)
+    return FlowStage(one, several, 0.0, 0.0).step_ms
 
 
 def _join(node: ControlNode) -> Any:

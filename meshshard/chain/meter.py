@@ -97,12 +97,20 @@ def _average(old: float, new: float, weight: float) -> float:
     return old + (new - old) * weight if old else new
 
 
-def pace(
-    pass_ms: Mapping[int, float], passes: Mapping[int, int], profiled: Callable[[int], float]
-) -> float | None:
+Passes = tuple[Mapping[int, float], Mapping[int, int], Callable[[float], float]]
+
+
+def pace(*kinds: Passes) -> float | None:
     """A stage's decode passes as it measured them (by rows) over what its profile says
     passes of those rows cost, each size weighted by how often it ran; None before any ran.
+    kinds: per kind of pass (whole, or a lone answer's with its head split), its average
+    ms by rows, how many of each ran, and what the profile says one of that kind costs.
     The flow model scales the profile by it (planner/flow.py)."""
-    ran = [(n, pass_ms[rows], profiled(rows)) for rows, n in passes.items() if rows in pass_ms]
+    ran = [
+        (n, pass_ms[rows], profiled(rows))
+        for pass_ms, passes, profiled in kinds
+        for rows, n in passes.items()
+        if rows in pass_ms
+    ]
     expected = sum(n * want for n, _, want in ran)
     return sum(n * got for n, got, _ in ran) / expected if expected > 0 else None

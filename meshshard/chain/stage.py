@@ -193,6 +193,7 @@ class StageWorker:
         self.head_rows = split_rows(head_share, spec.vocab_size) if tied else 0
         self.split_steps = 0  # steps whose head was split (here, at the last stage)
         self.split_ms: dict[int, float] = {}  # ... and their passes' averages, by rows
+        self.split_passes: Counter[int] = Counter()  # ... how many of each ran
         self._picks = Picks()  # ... halves waiting for their other half (the first stage)
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
@@ -526,14 +527,15 @@ class StageWorker:
         self.forward_s += seconds
         self.steps += len(batch)
         self.batches += 1
-        # A pass without its head is no measure of a decode pass here (the profile's pace,
-        # prompt slices): it counts with the others only in forward_s.
+        # A pass without its head is no measure of a decode pass here (holds, prompt
+        # slices): its pace is measured apart (split_ms).
         decode = _decoding(batch) and not split
         ms = seconds * 1000
         verifying = _verifying(batch)
         if split:
             rows_ = verifying or 1
             self.split_ms[rows_] = _moved(self.split_ms.get(rows_, 0.0), ms)
+            self.split_passes[rows_] += 1
         elif verifying is not None:
             self.verify_ms[verifying] = _moved(self.verify_ms.get(verifying, 0.0), ms)
         prompts = [f for f in batch if not _one_token(f)]

@@ -145,7 +145,8 @@ def plan_flow(node: ControlNode, plan: PlanRecord) -> PlanFlow | None:
     flow, back = flow_stages(
         inst, stages, batch_ms, {n: p.overhead_ms for n, p in node.profiles.items()}, pace
     )
-    saving = head_saving_ms(inst, stages, pace, batch_ms) if plan.head_share else ()
+    share = plan.head_share
+    saving = head_saving_ms(inst, stages, pace, batch_ms, share) if share else ()
     lone = alone(flow, saving) if saving else flow
     return PlanFlow(cost, flow, back, lone)
 

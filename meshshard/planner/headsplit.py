@@ -39,12 +39,15 @@ def head_saving_ms(
     stages: Sequence[Stage],
     pace: Mapping[str, float] | None = None,
     batch_ms: Mapping[str, Sequence[Sequence[float]]] | None = None,
+    share: float | None = None,
 ) -> tuple[float, ...]:
     """What the split takes off a lone answer's pass of one row, then of each of BATCHES rows
     (a pass verifying a draft splits at the same share), in ms; zeros where there is no
     split. batch_ms: per device, per size in BATCHES, per unit, as profiles time them
-    (without it, a head of k rows costs k heads: no gain from batching)."""
-    share, _ = _split(inst, stages, pace)
+    (without it, a head of k rows costs k heads: no gain from batching). share: the one the
+    stages run (a plan's, chosen on the paces of its day), else the best one now."""
+    if share is None:
+        share, _ = _split(inst, stages, pace)
     if not share:
         return (0.0,) * (1 + len(BATCHES))
     first, last = stages[0], stages[-1]

@@ -181,6 +181,18 @@ def test_a_lone_answers_round_is_shorter_by_what_the_split_saves() -> None:
     assert alone(flow, (0.0,) * len(saving)) == flow
 
 
+def test_a_lone_answer_is_priced_at_the_share_its_stages_run() -> None:
+    # The plan's share was chosen on the paces of its day; the stages keep it until the
+    # next plan, so the prediction prices that share, not the best one now.
+    inst = chain(8.6, 8.6, LOOPBACK)
+    best = head_share(inst, STAGES)
+    assert head_saving_ms(inst, STAGES, share=best) == head_saving_ms(inst, STAGES)
+    kept = head_saving_ms(inst, STAGES, share=0.2)
+    assert 0 < kept[0] < head_saving_ms(inst, STAGES)[0]
+    assert kept[0] == pytest.approx(0.2 * 8.6)  # the last stage still scores 0.8 of it
+    assert not any(head_saving_ms(inst, STAGES, share=0.0))
+
+
 def test_a_pass_verifying_a_draft_saves_by_its_rows_heads() -> None:
     # Heads timed by rows as a profile times them: 4 rows for the price of 2, 8 of 3.
     inst = chain(8.6, 8.6, LOOPBACK)

@@ -82,20 +82,40 @@ def test_step_cost_meter_counts_cpu_beyond_forward_passes_at_the_peers_speed() -
 
 def test_pace_is_the_passes_as_measured_over_the_profile_weighted_by_how_often_they_ran() -> None:
     profiled = {1: 10.0, 4: 20.0}.__getitem__
-    assert pace({}, {}, profiled) is None
+    assert pace(({}, {}, profiled)) is None
     # 90 passes of one row at 12 ms, 10 of four rows at 30: 1380 ms where 1100 were said.
-    assert pace({1: 12.0, 4: 30.0}, {1: 90, 4: 10}, profiled) == pytest.approx(1380 / 1100)
+    assert pace(({1: 12.0, 4: 30.0}, {1: 90, 4: 10}, profiled)) == pytest.approx(1380 / 1100)
+    # Passes of another kind, priced their own way, weigh in by how often they ran.
+    other = {1: 5.0}.__getitem__
+    got = pace(({1: 12.0}, {1: 90}, profiled), ({1: 6.0}, {1: 30}, other))
+    assert got == pytest.approx((1080 + 180) / (900 + 150))
+
+
+def _stage(**kw: object) -> SimpleNamespace:
+    counts = {"pass_ms": {}, "passes": Counter(), "split_ms": {}, "split_passes": Counter()}
+    return SimpleNamespace(shard=SimpleNamespace(start=1, end=4), **(counts | kw))
 
 
 def test_a_peer_publishes_its_stages_pace_against_its_own_units() -> None:
     me = Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0, 4.0, 8.0), True)
-    shard = SimpleNamespace(start=1, end=3)
-    stage = SimpleNamespace(shard=shard, pass_ms={1: 9.0}, passes=Counter({1: 5}))
-    assert _pace(me, stage) == pytest.approx(9.0 / 6.0)  # type: ignore[arg-type]
-    idle = SimpleNamespace(shard=shard, pass_ms={}, passes=Counter())
-    assert _pace(me, idle) is None and _pace(me, None) is None  # type: ignore[arg-type]
-    fast = SimpleNamespace(shard=shard, pass_ms={1: 1e-6}, passes=Counter({1: 5}))
+    stage = _stage(pass_ms={1: 21.0}, passes=Counter({1: 5}))
+    assert _pace(me, stage) == pytest.approx(21.0 / 14.0)  # type: ignore[arg-type]
+    assert _pace(me, _stage()) is None and _pace(me, None) is None  # type: ignore[arg-type]
+    fast = _stage(pass_ms={1: 1e-6}, passes=Counter({1: 5}))
     assert _pace(me, fast) == MIN_PACE  # type: ignore[arg-type]  # what the wire takes
+
+
+def test_a_split_heads_passes_are_priced_without_the_head() -> None:
+    # Units 1-3 of a profile whose last unit, the head, costs 8 ms: a lone answer's pass
+    # stops before it (its share is scored apart), so the profile says 2 + 4 = 6 ms.
+    me = Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0, 4.0, 8.0), True)
+    lone = _stage(split_ms={1: 9.0}, split_passes=Counter({1: 40}))
+    assert _pace(me, lone) == pytest.approx(9.0 / 6.0)  # type: ignore[arg-type]
+    # Beside whole passes (14 ms said) each kind counts as often as it ran.
+    both = _stage(
+        pass_ms={1: 21.0}, passes=Counter({1: 10}), split_ms={1: 9.0}, split_passes=Counter({1: 40})
+    )
+    assert _pace(me, both) == pytest.approx((210 + 360) / (140 + 240))  # type: ignore[arg-type]
 
 
 def test_json_log_lines_carry_node_and_epoch() -> None:
