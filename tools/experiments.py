@@ -152,6 +152,23 @@ def single(tb: Testbed, i: int, repeats: int = 3) -> float:
     return statistics.median(rates)
 
 
+def in_turns(tb: Testbed, pairs: int = 3) -> list[dict[str, float]]:
+    """One answer through the mesh and the single process in the first host's share, in
+    turns seconds apart (which goes first alternating), each pair's ratio: the host's speed
+    moves within minutes (testbed.md, run 50), and the single process measured once before
+    the levels carries its moment into the ratio."""
+    out = []
+    for k in range(pairs):
+        got: dict[str, float] = {}
+        for which in ("mesh", "one") if k % 2 == 0 else ("one", "mesh"):
+            if which == "mesh":
+                got[which] = in_namespace(tb, "_client", "1", str(TOKENS))["tokens_per_s"]
+            else:
+                got[which] = single(tb, 0, repeats=1)
+        out.append(got | {"ratio": got["mesh"] / got["one"]})
+    return out
+
+
 def bring_up(tb: Testbed, objective: str) -> dict[str, Any]:
     """Up, settled and warmed up by one answer: peers measure what a step costs them beyond
     its forward pass while they serve, and gossip it every couple of seconds."""
@@ -359,6 +376,12 @@ def concurrency(testbeds: list[str], levels: list[int], rows: list[dict[str, Any
                                   f"(cpu {p['cpu_ms']:.0f})" for p in m["stages"]))  # fmt: skip
             print(f"one answer through the mesh: {rows[first]['tokens_per_s'] / alone:.2f} of the "
                   f"single process")  # fmt: skip
+            turns = in_turns(tb)
+            rows[first]["in_turns"] = turns
+            print(f"one answer through the mesh in turns with the single process: "
+                  f"{statistics.median(t['ratio'] for t in turns):.2f} (pairs "
+                  + ", ".join(f"{t['mesh']:.1f}/{t['one']:.1f}" for t in turns)
+                  + " tokens/s)")  # fmt: skip
             gap = in_namespace(tb, "_gap")
             rows[first]["prefill_gap"] = gap
             print(f"2 answers decoding while a {gap['prompt_tokens']}-token prompt is prefilled "
