@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -167,6 +167,19 @@ def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], in
 
 def _moved(average: float, sample: float) -> float:
     return sample if not average else average + STEP_WEIGHT * (sample - average)
+
+
+def _row_price(
+    row_ms: float, ms: float, steps: int, rows_: int, pass_ms: Mapping[int, float], step_ms: float
+) -> float:
+    """The price of a prompt row, moved by a pass of `steps` decode steps and `rows_` prompt
+    rows that took `ms`: what the steps (or one, for the weights' reading) cost alone, plus
+    the rows. Beside a count of steps not yet timed alone, what the rows added is not known:
+    a pass of fewer steps taken for theirs charged the rows with the rest, and the price rose
+    as a burst's answers joined, cutting its later prompts into ever smaller slices (lan-3,
+    docs/experiments/burst-16.txt: 31 rows a pass shrinking to 4)."""
+    base = pass_ms.get(steps) if steps else step_ms
+    return row_ms if base is None else _moved(row_ms, max(ms - base, 0.0) / rows_)
 
 
 class StageWorker:
@@ -551,11 +564,9 @@ class StageWorker:
             self.pass_ms[len(batch)] = _moved(self.pass_ms.get(len(batch), 0.0), ms)
             self.passes[len(batch)] += 1
         elif self.step_ms and prompt_rows >= MIN_BESIDE:
-            # A pass with a prompt's rows costs what its decode steps (or one, for the
-            # weights' reading) would, plus the rows: what slices are cut by.
-            steps = len(batch) - len(prompts)
-            base = self.pass_ms.get(steps, self.step_ms) if steps else self.step_ms
-            self.row_ms = _moved(self.row_ms, max(ms - base, 0.0) / prompt_rows)
+            self.row_ms = _row_price(
+                self.row_ms, ms, len(batch) - len(prompts), prompt_rows, self.pass_ms, self.step_ms
+            )
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)
         self._unsent += 1

@@ -565,3 +565,18 @@ async def test_a_session_cache_is_allocated_once_for_what_it_reserved(
     errors = [f for f in sent if isinstance(f, ErrorFrame)]
     assert [e.code for e in errors] == [ErrorCode.UNKNOWN_SESSION]
     assert shard.sessions == ["s0"]
+
+
+def test_a_prompt_rows_price_is_read_only_against_decode_steps_timed_alone() -> None:
+    price = stage_module._row_price
+    timed = {1: 70.0, 4: 160.0}
+    # 4 decode steps (160 ms alone) and 20 prompt rows in 200 ms: 2 ms a row.
+    assert price(0.0, 200.0, 4, 20, timed, 70.0) == pytest.approx(2.0)
+    # A prompt alone pays one decode pass's weights (step_ms) and its rows.
+    assert price(0.0, 130.0, 0, 30, timed, 70.0) == pytest.approx(2.0)
+    # Beside 6 steps, never timed alone: taking the 1-step pass (or step_ms) for theirs would
+    # charge 4 rows with 5 more steps' work (200 - 70 = 130 ms: 32.5 ms a row, slices of 2).
+    assert price(2.0, 200.0, 6, 4, timed, 70.0) == 2.0
+    # A known count moves the price by STEP_WEIGHT of what this pass says.
+    step = stage_module.STEP_WEIGHT
+    assert price(2.0, 180.0, 4, 4, timed, 70.0) == pytest.approx(2.0 + step * (5.0 - 2.0))
