@@ -204,9 +204,10 @@ class StageWorker:
         spec = shard.spec
         tied = next_addr is None and spec.tied_embeddings and not shard.is_first
         self.head_rows = split_rows(head_share, spec.vocab_size) if tied else 0
-        self.split_steps = 0  # steps whose head was split (here, at the last stage)
-        self.split_ms: dict[int, float] = {}  # ... and their passes' averages, by rows
-        self.split_passes: Counter[int] = Counter()  # ... how many of each ran
+        # Passes whose head was split (here, at the last stage), by rows: their averages and
+        # how many of each ran (a split pass is one step: split_steps).
+        self.split_ms: dict[int, float] = {}
+        self.split_passes: Counter[int] = Counter()
         self._picks = Picks()  # ... halves waiting for their other half (the first stage)
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
@@ -238,6 +239,11 @@ class StageWorker:
         # hold up the decode steps computed after them (links.py sends them by another socket).
         self._bulk: asyncio.Queue[tuple[StepFrame, Output]] = asyncio.Queue()
         self._unsent = 0  # batches and bulk frames computed and not yet sent
+
+    @property
+    def split_steps(self) -> int:
+        """Steps whose head was split here: one a split pass."""
+        return sum(self.split_passes.values())
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
@@ -623,7 +629,6 @@ class StageWorker:
             if self.next_addr is not None:
                 return [to_wire(out) for out in outs]
             if split:
-                self.split_steps += 1
                 return [Normed(outs[0])]
             return _sampled(batch, outs)
         finally:

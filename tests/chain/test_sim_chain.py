@@ -455,7 +455,7 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
             await answer(mesh, first.name, prompt, 16, got)
             assert got == reference(prompt, 16)
         assert splits() >= len(PROMPTS) * 14  # every step but the prompt's and the last
-        # A pass without its head measures no decode pass (the profile's pace, slices).
+        # A pass without its head measures no whole decode pass (holds, slices): apart.
         stage = last.service.follower.stage
         assert stage is not None and list(stage.split_ms) == [1]  # one row each
         assert sum(stage.passes.values()) <= 2 * len(PROMPTS)
