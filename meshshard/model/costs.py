@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+from meshshard.errors import MeshShardError
 from meshshard.model.source import model_name
 from meshshard.model.spec import ModelSpec
 from meshshard.types import UnitCost
@@ -17,6 +18,8 @@ from meshshard.types import UnitCost
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Until a device is profiled, assume it streams weights at this rate (decode is memory-bound).
 ESTIMATE_BYTES_PER_S = 10e9
+# Weights that share an int4 scale: torch's int4 kernel takes groups of 32 to 256.
+INT4_GROUPS = (128, 64, 32)
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -47,6 +50,7 @@ def unit_costs(model_dir: Path, dtype: str, quantize: str = "none") -> list[Unit
     size = DTYPE_BYTES[dtype]
     weights = [0] * spec.num_units
     head = spec.num_units - 1
+    group = int4_group(spec.linear_inputs) if quantize == "int4" else 0
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="numpy") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
@@ -56,7 +60,7 @@ def unit_costs(model_dir: Path, dtype: str, quantize: str = "none") -> list[Unit
                     numel *= dim
                 for unit in _units_of(key, spec):
                     if quantize != "none" and _LAYER.match(key) and key.endswith("_proj.weight"):
-                        weights[unit] += quantized_bytes(quantize, shape[0], numel)
+                        weights[unit] += quantized_bytes(quantize, shape[0], numel, group)
                     else:
                         weights[unit] += numel * size
     if spec.tied_embeddings:
@@ -72,14 +76,28 @@ def unit_costs(model_dir: Path, dtype: str, quantize: str = "none") -> list[Unit
     ]
 
 
-def quantized_bytes(quantize: str, rows: int, numel: int) -> int:
+def int4_group(widths: tuple[int, ...]) -> int:
+    """The most weights a scale can cover in int4, dividing every linear layer's input width
+    (SmolLM2's 576 takes 64), or a one-line error."""
+    for group in INT4_GROUPS:
+        if all(width % group == 0 for width in widths):
+            return group
+    raise MeshShardError(
+        f"--quantize int4 needs layer widths that are multiples of 32, not {sorted(set(widths))}"
+    )
+
+
+def quantized_bytes(quantize: str, rows: int, numel: int, group: int = 0) -> int:
     """Bytes of a [rows, numel / rows] linear weight quantized by torchao: int8 keeps one
-    byte a weight and a float32 scale and an int8 zero point a row (measured); int4 packs two
-    weights a byte with a bfloat16 scale and zero point per group of 128."""
+    byte a weight and a float32 scale and an int8 zero point a row (measured); int4, in
+    torch's tinygemm layout, pads the inputs to a multiple of 1024 and the outputs to one of 8,
+    then packs two weights a byte with a bfloat16 scale and zero point per `group` inputs."""
     if quantize == "int8":
         return numel + rows * 5
     if quantize == "int4":
-        return numel // 2 + (numel // 128) * 4
+        cols = -(-(numel // rows) // 1024) * 1024
+        rows = -(-rows // 8) * 8
+        return rows * cols // 2 + rows * (cols // group) * 4
     raise ValueError(f"unknown quantization {quantize!r}")
 
 

@@ -92,7 +92,15 @@ def place(device: str, dtype: str | None, quantize: str, hw: Hardware | None = N
         )
     if dtype == "bfloat16" and chosen.kind == "cuda" and not hw.bf16_cuda:
         raise MeshShardError(f"--dtype bfloat16: {chosen} does not run bfloat16; use float16")
-    return Placement(chosen, dtype or default_dtype(chosen, hw), quantize)
+    dtype = dtype or default_dtype(chosen, hw)
+    if quantize == "int4" and dtype != "bfloat16":
+        # torch's int4 kernel (tinygemm) takes bfloat16 activations on a bfloat16 GPU only.
+        raise MeshShardError(
+            f"--quantize int4 runs in bfloat16 only, which {chosen} does not run natively"
+            if not hw.bf16_cuda
+            else f"--quantize int4 runs in bfloat16 only: drop --dtype {dtype}"
+        )
+    return Placement(chosen, dtype, quantize)
 
 
 def default_dtype(device: Device, hw: Hardware) -> str:

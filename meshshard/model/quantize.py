@@ -27,7 +27,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
 QUANTIZE = ("none", "int8", "int4")
 
 
-def check_quantize(quantize: str, device: torch.device) -> None:
+def check_quantize(quantize: str, device: torch.device, dtype: torch.dtype) -> None:
     """A one-line error where the device cannot run `quantize`, before any weight is read."""
     if quantize == "none":
         return
@@ -36,15 +36,18 @@ def check_quantize(quantize: str, device: torch.device) -> None:
             f"--quantize int4 runs on CUDA only (torchao's int4 weight-only kernels); "
             f"this peer runs on {device.type}: use int8"
         )
+    if quantize == "int4" and dtype != torch.bfloat16:
+        raise MeshShardError(
+            f"--quantize int4 runs in bfloat16 only (torch's int4 kernel); not {dtype}"
+        )
     if quantize not in ("int8", "int4"):
         raise MeshShardError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
 
 
-def quantize_layers(layers: list[nn.Module], quantize: str, device: torch.device) -> None:
+def quantize_layers(layers: list[nn.Module], quantize: str, group: int = 0) -> None:
     """Weight-only quantization of the decoder layers' linear weights with torchao (the
-    embedding and a head tied to it stay as they are); a one-line error where the library
-    or the device cannot."""
-    check_quantize(quantize, device)
+    embedding and a head tied to it stay as they are), after check_quantize; int4 in groups
+    of `group` inputs (costs.int4_group); a one-line error where the library is missing."""
     if quantize == "none":
         return
     with _quiet_torchao():
@@ -58,8 +61,12 @@ def quantize_layers(layers: list[nn.Module], quantize: str, device: torch.device
             raise MeshShardError(
                 f"--quantize {quantize} needs torchao (pip install torchao)"
             ) from None
+        # int4 in torch's own tinygemm layout: torchao's default int4 layout needs a
+        # separate kernel package (mslk) that a plain torch install lacks.
         config: Any = (
-            Int8WeightOnlyConfig() if quantize == "int8" else Int4WeightOnlyConfig(group_size=128)
+            Int8WeightOnlyConfig()
+            if quantize == "int8"
+            else Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
         )
         for layer in layers:
             quantize_(layer, config)

@@ -10,6 +10,7 @@ which no other module should touch.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from torch import nn
 
 from meshshard.errors import MeshShardError
 from meshshard.model import fused, products, rowcache
+from meshshard.model.costs import int4_group
 from meshshard.model.kvcache import KVCache
 from meshshard.model.quantize import check_quantize, quantize_layers, tensor_bytes
 from meshshard.model.source import model_name
@@ -66,6 +68,7 @@ class Shard:
         self.layer_ids = tuple(_layer_index(layer) for layer in layers)
         # transformers' own layers where fuse is False (to compare) or a layer is not plain.
         self._fused = [fused.fuse(layer, config) if fuse else None for layer in layers]
+        self._cache_keyword = _cache_keyword(layers[0]) if layers else "cache"
         if self.device.type == "cpu":
             fused.choose_products([f for f in self._fused if f is not None])
         self._sessions: dict[str, KVCache] = {}
@@ -91,10 +94,11 @@ class Shard:
         plain Llama layers run fused (meshshard.model.fused) unless `fuse` is False."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         target = torch.device(device)
-        check_quantize(quantize, target)
+        check_quantize(quantize, target, torch_dtype)
         config = load_config(model_dir)
         spec = ModelSpec.from_config(config, name=model_name(model_dir))
         spec.check_range(start, end)
+        group = int4_group(spec.linear_inputs) if quantize == "int4" else 0
         skeleton = _skeleton(config)
         first_layer, last_layer = max(start - 1, 0), min(end - 1, spec.num_layers)
         embed = skeleton.model.embed_tokens if start == 0 else None
@@ -123,7 +127,7 @@ class Shard:
             # the planner put it.
             for layer, wanted in zip(layers, per_layer, strict=True):
                 _load_weights(model_dir, wanted, torch_dtype, advance)
-                quantize_layers([layer.to(target).eval()], quantize, target)
+                quantize_layers([layer.to(target).eval()], quantize, group)
         if lm_head is not None and embed is not None and spec.tied_embeddings:
             # One shard holds both ends of a tied model: share the matrix, as the model does.
             lm_head.weight = embed.weight
@@ -417,7 +421,7 @@ class Shard:
                     attention_mask=mask,
                     position_ids=pos,
                     position_embeddings=embeddings,
-                    cache=cache,
+                    **{self._cache_keyword: cache},
                 )
             if after_layer is not None:
                 after_layer(i)
@@ -490,6 +494,13 @@ def _load_weights(
             f"weights missing in {model_dir}: {', '.join(sorted(remaining)[:3])}"
             + (" …" if len(remaining) > 3 else "")
         )
+
+
+def _cache_keyword(layer: nn.Module) -> str:
+    """The name a decoder layer takes its cache by: `cache` in recent transformers releases,
+    `past_key_values` before (5.17 has only that, and ignores any other name silently)."""
+    params = inspect.signature(type(layer).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _layer_index(layer: nn.Module) -> int:

@@ -29,7 +29,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 NAME_FILE = "meshshard.json"
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # Bumped when the converted layout changes, so old caches are rebuilt rather than misread.
-_CONVERSION_VERSION = 2
+_CONVERSION_VERSION = 3
 
 
 def resolve_model(model: str, cache_dir: Path) -> Path:
@@ -136,6 +136,12 @@ def _convert_gguf(gguf: Path, out: Path, step: Callable[[int], None]) -> None:
     config_dict["_name_or_path"] = DEFAULT_MODEL
     config = AutoConfig.for_model(**config_dict)
     config.save_pretrained(out)
+    # transformers 5.17 reads this GGUF's end of text into the tokenizer as <|im_start|>, and
+    # answers stop on the tokenizer's: the config (read from the same GGUF) has each right.
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -44,6 +44,12 @@ class ModelSpec:
         )
 
     @property
+    def linear_inputs(self) -> tuple[int, ...]:
+        """The input widths of a decoder layer's linear layers (q/k/v and gate/up read the
+        hidden state, o the heads, down the MLP's inner width)."""
+        return (self.hidden_size, self.num_heads * self.head_dim, self.intermediate_size)
+
+    @property
     def num_units(self) -> int:
         return self.num_layers + 2
 

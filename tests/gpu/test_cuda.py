@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.model.costs import unit_costs
 from meshshard.model.generate import LocalChain, generate
 from meshshard.model.shard import Shard, load_spec
 
@@ -50,6 +51,16 @@ def test_quantized_cuda_shards_chain_as_one_process(tiny_llama: Path, quantize: 
     whole = LocalChain.load(tiny_llama, (), "bfloat16", "cuda", quantize)
     split = LocalChain.load(tiny_llama, (2,), "bfloat16", "cuda", quantize)
     assert list(generate(split, PROMPT, 16)) == list(generate(whole, PROMPT, 16))
+    weight = whole.shards[0].layers[0].mlp.down_proj.weight
+    assert type(weight).__name__ != "Parameter"  # quantized, not silently skipped
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_planned_unit_sizes_are_what_loading_makes_on_cuda(tiny_llama: Path, quantize: str) -> None:
+    n = load_spec(tiny_llama).num_units
+    shard = Shard.load(tiny_llama, 0, n, "bfloat16", "cuda", quantize)
+    planned = [c.weight_bytes for c in unit_costs(tiny_llama, "bfloat16", quantize)]
+    assert planned == [shard.unit_weight_bytes(u) for u in range(n)]
 
 
 def test_a_cuda_stage_and_a_cpu_stage_chain(tiny_llama: Path) -> None:

@@ -58,6 +58,13 @@ def reference(model_dir: Path) -> dict[str, tuple[list[int], list[int], torch.Te
     return out
 
 
+def test_the_converted_tokenizer_stops_where_the_model_ends_a_turn(model_dir: Path) -> None:
+    codec = TextCodec.load(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert codec.stop_ids == {config["eos_token_id"]}
+    assert codec.tokenizer.convert_ids_to_tokens(config["eos_token_id"]) == "<|im_end|>"
+
+
 @pytest.mark.parametrize("cuts", [(16,), (11, 21), (1, 31)])
 def test_shards_match_unsplit_model(
     model_dir: Path, reference: dict, cuts: tuple[int, ...]

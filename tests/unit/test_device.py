@@ -70,6 +70,10 @@ def test_a_placement_takes_what_is_asked_and_refuses_what_cannot_run() -> None:
     assert place("cuda", None, "int4", ONE_GPU).quantize == "int4"
     with pytest.raises(MeshShardError, match="int4 runs on CUDA only"):
         place("cpu", None, "int4", ONE_GPU)
+    with pytest.raises(MeshShardError, match="int4 runs in bfloat16 only: drop --dtype float16"):
+        place("cuda", "float16", "int4", ONE_GPU)
+    with pytest.raises(MeshShardError, match="int4 runs in bfloat16 only, which cuda:0 does not"):
+        place("cuda", None, "int4", OLD_GPU)
     with pytest.raises(MeshShardError, match="does not run bfloat16"):
         place("cuda:1", "bfloat16", "none", OLD_GPU)
     with pytest.raises(MeshShardError, match="expected none, int8 or int4"):

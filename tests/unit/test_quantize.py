@@ -12,7 +12,7 @@ import torch
 
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.errors import MeshShardError
-from meshshard.model.costs import unit_costs
+from meshshard.model.costs import int4_group, quantized_bytes, unit_costs
 from meshshard.model.generate import LocalChain, generate
 from meshshard.model.shard import Shard, load_spec
 
@@ -89,3 +89,14 @@ def test_a_quantized_shard_holds_one_layer_at_full_precision_at_most(
     assert events == ["load"] + ["load", "quantize 1"] * len(shard.layers)
     with pytest.raises(MeshShardError, match="int4 runs on CUDA only"):
         Shard.load(tiny_llama, 0, 2, "float32", "cpu", "int4")
+
+
+def test_int4_groups_divide_every_layer_width_and_sizes_count_the_kernels_padding() -> None:
+    assert int4_group((4096, 4096, 11008)) == 128  # Llama-2-7B
+    assert int4_group((576, 576, 1536)) == 64  # SmolLM2-135M: 576 is 4.5 groups of 128
+    assert int4_group((32, 32, 64)) == 32
+    with pytest.raises(MeshShardError, match="multiples of 32, not \\[48, 96\\]"):
+        int4_group((48, 48, 96))
+    # SmolLM2's down projection: 576 rows of 1536 inputs, padded to 2048, 32 groups of 64;
+    # half a byte a weight, then a bfloat16 scale and zero a row a group.
+    assert quantized_bytes("int4", 576, 576 * 1536, 64) == 576 * 2048 // 2 + 576 * 32 * 4
