@@ -128,6 +128,7 @@ def measure(flags: list[str], tokens: int, base: int, logs: Path) -> dict[str, A
         "chain_peak_mb": mesh["peak_mb"],
         "chain_anon_mb": mesh["anon_mb"],
         "text": one["text"],
+        "chain_text": mesh["text"],
         "chain_same_as_one_process": mesh["text"] == one["text"],
     }
 
@@ -193,6 +194,12 @@ def main() -> int:
             same = r["chain_same_as_one_process"]
             print(f"check {name}: the chain's answer is its one process's: {same}")
             print(f"  {name}: {r['text'][:100]!r}")
+            if not same:
+                one, two = r["text"], r["chain_text"]
+                pairs = zip(one, two, strict=False)
+                at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(one), len(two)))
+                print(f"  the chain's parts from it after {at} characters: ", end="")
+                print(repr(r["chain_text"][at : at + 60]))
     if args.json:
         out = {"device": args.device, "tokens": args.tokens, "results": results}
         out |= {"failed": failed} if failed else {}

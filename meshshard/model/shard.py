@@ -95,6 +95,11 @@ class Shard:
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         target = torch.device(device)
         check_quantize(quantize, target, torch_dtype)
+        if target.type == "cuda":
+            # cuDNN's attention, torch's first choice in half precision on recent GPUs, builds
+            # a plan for each new key length, so for every decode step: on an H200 it held
+            # SmolLM2 in bfloat16 to 15 tokens/s, 73 without it (docs/benchmarks/gpu-runs.txt).
+            torch.backends.cuda.enable_cudnn_sdp(False)
         config = load_config(model_dir)
         spec = ModelSpec.from_config(config, name=model_name(model_dir))
         spec.check_range(start, end)

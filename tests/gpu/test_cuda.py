@@ -63,6 +63,12 @@ def test_planned_unit_sizes_are_what_loading_makes_on_cuda(tiny_llama: Path, qua
     assert planned == [shard.unit_weight_bytes(u) for u in range(n)]
 
 
+def test_a_cuda_shard_keeps_attention_off_cudnn(tiny_llama: Path) -> None:
+    """cuDNN's attention plans each new key length anew: every decode step (gpu-runs.txt)."""
+    Shard.load(tiny_llama, 0, 2, "bfloat16", "cuda")
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_a_cuda_stage_and_a_cpu_stage_chain(tiny_llama: Path) -> None:
     n = load_spec(tiny_llama).num_units
     gpu, cpu = Shard.load(tiny_llama, 0, 3, "bfloat16", "cuda"), Shard.load(tiny_llama, 3, n)
