@@ -413,7 +413,7 @@ class StageWorker:
         prompts: list[StepFrame] = []
         if others:
             # Beside decode steps, a slice's rows; alone, what ends before decode steps due.
-            most = self._busy_rows(others[0]) if decodes else None
+            most = self._busy_rows(others[0], len(decodes)) if decodes else None
             if not decodes and (room := self._room(seen)) is not None:
                 most, pause = room
                 if most < MIN_SLICE:
@@ -449,17 +449,29 @@ class StageWorker:
             return frame.start == 0
         return not self.shard.layers or self.shard.cache_length(frame.session) >= frame.start
 
-    def _slice_rows(self, share: float = 1.0) -> int | None:
-        """Prompt rows that cost `share` of a decode batch here (None: not measured)."""
+    def _slice_rows(self, share: float = 1.0, steps: int = 1) -> int | None:
+        """Prompt rows that cost `share` of a pass of `steps` decode steps here (None: not
+        measured)."""
         if not self.row_ms:
             return None
-        return max(MIN_BESIDE, round(share * self.step_ms / self.row_ms))
+        return max(MIN_BESIDE, round(share * self._decode_ms(steps) / self.row_ms))
 
-    def _busy_rows(self, prompt: StepFrame | None = None) -> int:
-        """Prompt rows to run beside decode steps: a slice (less, deep in a long `prompt`),
-        the least one before it is measured."""
+    def _decode_ms(self, steps: int) -> float:
+        """A pass of `steps` decode steps here: as timed, else one step's pass and a prompt
+        row's price for each step more. Through a burst, prompts go beside every pass, so the
+        counts its later answers decode at are not timed alone; slices sized by one step's
+        pass stayed small as they joined, and the last prompts crawled in (lan-3,
+        docs/experiments/burst-16.txt)."""
+        timed = self.pass_ms.get(steps)
+        if timed:
+            return timed
+        return (self.pass_ms.get(1) or self.step_ms) + (steps - 1) * self.row_ms
+
+    def _busy_rows(self, prompt: StepFrame | None = None, steps: int = 1) -> int:
+        """Prompt rows to run beside `steps` decode steps: a slice (less, deep in a long
+        `prompt`), the least one before it is measured."""
         deep = prompt is not None and prompt.start + prompt.tensor.shape[0] > LONG_PROMPT
-        return self._slice_rows(LONG_SHARE if deep else 1.0) or MIN_SLICE
+        return self._slice_rows(LONG_SHARE if deep else 1.0, steps) or MIN_SLICE
 
     def _room(self, waiting: set[str]) -> tuple[int, float] | None:
         """Prompt rows a pass can run before the next decode step due here, and how long to

@@ -145,14 +145,15 @@ async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Pat
         assert got[f"s{i}"] == alone(tiny_model, prompt, frame)
 
 
-@pytest.mark.parametrize(("long_prompt", "rows"), [(256, 16), (30, 8)])
+@pytest.mark.parametrize(("long_prompt", "rows"), [(256, 18), (30, 9)])
 async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long_prompt(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch, long_prompt: int, rows: int
 ) -> None:
-    """Where a prompt row costs a sixteenth of a decode pass (a slow stage late in a long
-    prompt), the slice beside the decode steps holds 16 rows, not a pass of prompts' least
-    (the steps pay for the weights, the rows are all the slice adds); half that once the
-    prompt reaches past LONG_PROMPT positions."""
+    """Where a prompt row costs a sixteenth of a one-step decode pass (a slow stage late in a
+    long prompt), the slice beside the three decode steps holds 18 rows, what their pass costs
+    (4 ms, and a row's 0.25 for each step more), not a pass of prompts' least (the steps pay
+    for the weights, the rows are all the slice adds); half that once the prompt reaches past
+    LONG_PROMPT positions."""
     monkeypatch.setattr(stage_module, "LONG_PROMPT", long_prompt)
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS):
@@ -176,6 +177,21 @@ async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long
     await run(worker, frames, got)
     assert held[0] == rows
     assert got["long"] == greedy(tiny_model, long, 1)
+
+
+def test_a_slice_costs_what_the_decode_pass_beside_it_costs(tiny_model: Path) -> None:
+    """As timed for that count of steps, else one step's pass and a row's price a step more:
+    a burst's later answers, whose counts are never timed alone, get slices their size."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    worker = StageWorker(shard, EPOCH, None, lambda _a, _f: asyncio.sleep(0))
+    assert worker._slice_rows(1.0, 3) is None  # nothing measured yet
+    worker.step_ms, worker.row_ms = 4.0, 0.25
+    assert [worker._slice_rows(1.0, n) for n in (1, 3, 8)] == [16, 18, 23]
+    worker.pass_ms[1] = 5.0  # one step's pass as timed, over the average of all
+    assert worker._slice_rows(1.0, 3) == 22
+    worker.pass_ms[3] = 8.0
+    assert worker._slice_rows(1.0, 3) == 32
+    assert worker._slice_rows(0.5, 3) == 16
 
 
 async def test_the_next_batch_runs_while_the_last_is_sent(tiny_model: Path) -> None:
