@@ -9,7 +9,7 @@ import torch
 
 from meshshard.model.generate import LocalChain, generate
 from meshshard.model.kvcache import KVCache
-from meshshard.model.shard import Shard, UnknownSession, load_spec
+from meshshard.model.shard import Shard, UnknownSession, _cache_keyword, load_spec
 
 PROMPT = [5, 17, 3, 42, 8, 60, 11]
 NEW = 16
@@ -261,3 +261,19 @@ def test_fused_layers_equal_transformers_layers_and_hold_no_weight_twice(
         out[fuse] = [*prompts, one, *packed]
     for got, want in zip(out[True], out[False], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_layer_gets_its_cache_by_the_name_its_transformers_release_takes() -> None:
+    """Releases up to 5.17 take `past_key_values` and ignore `cache=` without a word (no
+    cache, wrong answers: the GPU machine's release, gpu-runs.txt); later ones take `cache`."""
+
+    class Old(torch.nn.Module):
+        def forward(self, h: torch.Tensor, past_key_values: object = None, **kwargs: object):
+            return h
+
+    class New(torch.nn.Module):
+        def forward(self, h: torch.Tensor, cache: object = None, **kwargs: object):
+            return h
+
+    assert _cache_keyword(Old()) == "past_key_values"
+    assert _cache_keyword(New()) == "cache"
