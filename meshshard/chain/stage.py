@@ -449,12 +449,13 @@ class StageWorker:
             return frame.start == 0
         return not self.shard.layers or self.shard.cache_length(frame.session) >= frame.start
 
-    def _slice_rows(self, share: float = 1.0, steps: int = 1) -> int | None:
-        """Prompt rows that cost `share` of a pass of `steps` decode steps here (None: not
-        measured)."""
+    def _slice_rows(self, share: float = 1.0, steps: int | None = None) -> int | None:
+        """Prompt rows that cost `share` of a pass of `steps` decode steps here, or of the
+        decode passes' average where the count is not known (None: not measured)."""
         if not self.row_ms:
             return None
-        return max(MIN_BESIDE, round(share * self._decode_ms(steps) / self.row_ms))
+        ms = self.step_ms if steps is None else self._decode_ms(steps)
+        return max(MIN_BESIDE, round(share * ms / self.row_ms))
 
     def _decode_ms(self, steps: int) -> float:
         """A pass of `steps` decode steps here: as timed, else one step's pass and a prompt
@@ -467,7 +468,7 @@ class StageWorker:
             return timed
         return (self.pass_ms.get(1) or self.step_ms) + (steps - 1) * self.row_ms
 
-    def _busy_rows(self, prompt: StepFrame | None = None, steps: int = 1) -> int:
+    def _busy_rows(self, prompt: StepFrame | None = None, steps: int | None = None) -> int:
         """Prompt rows to run beside `steps` decode steps: a slice (less, deep in a long
         `prompt`), the least one before it is measured."""
         deep = prompt is not None and prompt.start + prompt.tensor.shape[0] > LONG_PROMPT

@@ -189,6 +189,7 @@ def test_a_slice_costs_what_the_decode_pass_beside_it_costs(tiny_model: Path) ->
     assert [worker._slice_rows(1.0, n) for n in (1, 3, 8)] == [16, 18, 23]
     worker.pass_ms[1] = 5.0  # one step's pass as timed, over the average of all
     assert worker._slice_rows(1.0, 3) == 22
+    assert worker._slice_rows() == 16  # no count beside it: the decode passes' average
     worker.pass_ms[3] = 8.0
     assert worker._slice_rows(1.0, 3) == 32
     assert worker._slice_rows(0.5, 3) == 16
