@@ -142,6 +142,9 @@ def _convert_gguf(gguf: Path, out: Path, step: Callable[[int], None]) -> None:
         token_id = getattr(config, f"{role}_token_id", None)
         if isinstance(token_id, int):
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    # 5.17 also marks it to clean up spaces after decoding, which is for WordPiece, not this
+    # BPE: every later load then warns that it ignores the mark.
+    tokenizer.clean_up_tokenization_spaces = False
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

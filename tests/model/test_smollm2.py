@@ -63,6 +63,7 @@ def test_the_converted_tokenizer_stops_where_the_model_ends_a_turn(model_dir: Pa
     config = json.loads((model_dir / "config.json").read_text())
     assert codec.stop_ids == {config["eos_token_id"]}
     assert codec.tokenizer.convert_ids_to_tokens(config["eos_token_id"]) == "<|im_end|>"
+    assert not codec.tokenizer.clean_up_tokenization_spaces  # for WordPiece, not this BPE
 
 
 @pytest.mark.parametrize("cuts", [(16,), (11, 21), (1, 31)])
