@@ -1,6 +1,7 @@
 """Speed and memory by dtype and quantization, one process and a 3-peer chain.
 
     python tools/bench_quant.py [--device cpu] [--tokens 64] [--json FILE] [--check]
+                                [--cases float32,int8] [--speculate N]
 
 For float32, bfloat16, int8 (float32 activations) and, on CUDA, int4 (bfloat16): one
 process (`meshshard generate`: its tokens/s and peak resident memory) and a chain of three
@@ -8,7 +9,10 @@ real peers on loopback, each offering 40% of what the model needs so that the ch
 all three (`meshshard ask`: decode tokens/s; the largest peer's peak resident set, which
 counts the weights file's mapped pages, and its own anonymous memory after the answer,
 which is what it holds: weights, caches and the runtime). Prints a table
-and the ratios to float32, writes a JSON file and a plot (docs/benchmarks/quant*.png).
+and the ratios to float32; with --json, writes it and a plot named after it
+(docs/benchmarks/STEM.png). --cases runs some of the cases (float32, the baseline, always);
+--speculate N sets the chain's peers' drafting (their default otherwise: they verify drafts
+in passes of several rows, which one process never runs; 0 decodes a token a pass).
 
 --check compares the chain's greedy answer with the single-process float32 answer on the CPU:
 the same tokens in float32, the same first tokens otherwise (reported, not judged: a lower
@@ -79,9 +83,11 @@ def ask(url: str, tokens: int) -> dict[str, Any]:
         return dict(json.loads(resp.read()))
 
 
-def chain(flags: list[str], offer: float, tokens: int, base: int, logs: Path) -> dict[str, Any]:
+def chain(
+    flags: list[str], offer: float, tokens: int, base: int, logs: Path, extra: list[str]
+) -> dict[str, Any]:
     peers = [
-        Peer(f"q-{c}", base + i, logs, "--memory", f"{offer:.0f}", "--threads", "1", *flags)
+        Peer(f"q-{c}", base + i, logs, "--memory", f"{offer:.0f}", "--threads", "1", *flags, *extra)
         for i, c in enumerate("abc")
     ]
     try:
@@ -112,13 +118,16 @@ def chain(flags: list[str], offer: float, tokens: int, base: int, logs: Path) ->
             p.kill()
 
 
-def measure(flags: list[str], tokens: int, base: int, logs: Path) -> dict[str, Any]:
-    """One case: its sizes, one process's answer and speed, then a 3-peer chain's."""
+def measure(
+    flags: list[str], tokens: int, base: int, logs: Path, extra: list[str]
+) -> dict[str, Any]:
+    """One case: its sizes, one process's answer and speed, then a 3-peer chain's (its peers
+    started with `extra` flags too)."""
     info = cli("model", "info", "--json", *flags)
     units = info["unit_weight_bytes"]
     kv = (4 if "float32" in flags else 2) * 2 * 3 * 64 * CONTEXT * info["layers"]
     one = cli("generate", PROMPT, "--chat", "--max-tokens", str(tokens), "--json", *flags)
-    mesh = chain(flags, 0.4 * (info["weight_bytes"] + kv), tokens, base, logs)
+    mesh = chain(flags, 0.4 * (info["weight_bytes"] + kv), tokens, base, logs, extra)
     return {
         "weight_mb": info["weight_bytes"] / 1e6,
         "layer_mb": units["L0"] / 1e6,
@@ -139,6 +148,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--cases", default="", help="comma-separated; default: all")
+    parser.add_argument("--speculate", type=int, default=None)
     args = parser.parse_args()
     cases = {
         "float32": ["--dtype", "float32"],
@@ -148,6 +159,12 @@ def main() -> int:
     if args.device.startswith("cuda"):
         cases["int8"] = ["--dtype", "bfloat16", "--quantize", "int8"]
         cases["int4"] = ["--dtype", "bfloat16", "--quantize", "int4"]
+    if args.cases:
+        wanted = {"float32", *args.cases.split(",")}
+        if unknown := wanted - set(cases):
+            parser.error(f"--cases: no case {', '.join(sorted(unknown))} on {args.device}")
+        cases = {n: f for n, f in cases.items() if n in wanted}
+    extra = [] if args.speculate is None else ["--speculate", str(args.speculate)]
     logs = Path(tempfile.mkdtemp(prefix="bench-quant-"))
     results: dict[str, dict[str, Any]] = {}
     reference = cli("generate", PROMPT, "--chat", "--max-tokens", str(args.tokens), "--json",
@@ -156,7 +173,7 @@ def main() -> int:
     for i, (name, flags) in enumerate(cases.items()):
         flags = [*flags, "--device", args.device]
         try:
-            results[name] = measure(flags, args.tokens, 7200 + 10 * i, logs)
+            results[name] = measure(flags, args.tokens, 7200 + 10 * i, logs, extra)
         except (SystemExit, AssertionError, OSError) as e:
             # One case's failure is reported and the others still run: a GPU machine is lent
             # for minutes, and each case says something of its own.
@@ -201,16 +218,15 @@ def main() -> int:
                 print(f"  the chain's parts from it after {at} characters: ", end="")
                 print(repr(r["chain_text"][at : at + 60]))
     if args.json:
-        out = {"device": args.device, "tokens": args.tokens, "results": results}
-        out |= {"failed": failed} if failed else {}
+        out = {"device": args.device, "tokens": args.tokens, "speculate": args.speculate}
+        out |= {"results": results} | ({"failed": failed} if failed else {})
         args.json.write_text(json.dumps(out, indent=2) + "\n")
-        suffix = "" if args.device == "cpu" else "-" + args.device.replace(":", "")
         speeds = {
             n: {"one process": r["one_tokens_per_s"], "3-peer chain": r["chain_tokens_per_s"]}
             for n, r in results.items()
         }
         plots.bars(
-            f"quant{suffix}", f"tokens/s by dtype and quantization ({args.device})", "tokens/s",
+            args.json.stem, f"tokens/s by dtype and quantization ({args.device})", "tokens/s",
             speeds,
         )  # fmt: skip
     ok = not failed and all(r["chain_same_as_one_process"] for r in results.values())

@@ -8,17 +8,24 @@
 #           chain on CUDA, the chain's answer against its one process and against the CPU's
 #           float32, and their speeds (tools/bench_quant.py --device cuda), written to
 #           docs/benchmarks/quant-cuda.json and .png;
-#   all     both (the default).
+#   plain   the model step's quantized cases again with the chain's peers decoding a token a
+#           pass (--speculate 0), to docs/benchmarks/quant-cuda-plain.json: whether an int8 or
+#           int4 chain that parted from its one process did so in passes verifying drafts
+#           (several rows a product, where one process runs one);
+#   all     tests and model (the default).
 # Where .device/ is here (tools/device_bundle.sh made it for a lent machine with no package
-# index), the carried wheels and model parts are used, kept between calls in $KEEP; else .venv
-# is set up as ./dev does. Prints everything; exits non-zero if a check fails.
+# index), the carried wheels and model parts are used, kept between calls in $KEEP (a call
+# that carries none uses what is kept); else .venv is set up as ./dev does. Prints
+# everything; exits non-zero if a check fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-all}
-if [[ -d .device ]]; then
-    keep=${KEEP:-/root/meshshard-device}
+keep=${KEEP:-/root/meshshard-device}
+if [[ -d .device || -d $keep/site ]]; then
+    # A later call on the same warm machine may carry nothing: what earlier calls unpacked
+    # is still in $keep.
     mkdir -p "$keep"
-    cp -r .device/. "$keep/"
+    [[ -d .device ]] && cp -r .device/. "$keep/"
     site=$keep/site
     if [[ -d $keep/a/wheels && ! -d $site ]]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -47,9 +54,16 @@ if [[ $step == tests || $step == all ]]; then
     echo "== the GPU-marked tests"
     $py -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider
 fi
-if [[ $step == model || $step == all ]]; then
+if [[ $step == model || $step == plain || $step == all ]]; then
     [[ $py == .venv/bin/python ]] || [[ -d $package ]] ||
         { echo "device_check: the model's parts are not both here: carry .device/b" >&2; exit 1; }
+fi
+if [[ $step == model || $step == all ]]; then
     echo "== SmolLM2 on CUDA: one process and a 3-peer chain per dtype, against the CPU"
     $py tools/bench_quant.py --device cuda --check --tokens 128 --json docs/benchmarks/quant-cuda.json
+fi
+if [[ $step == plain ]]; then
+    echo "== SmolLM2 on CUDA, the chain decoding a token a pass"
+    $py tools/bench_quant.py --device cuda --check --tokens 128 --cases int8,int4 --speculate 0 \
+        --json docs/benchmarks/quant-cuda-plain.json
 fi
