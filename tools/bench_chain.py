@@ -5,7 +5,9 @@
 All on this machine, in one run: single-process tokens/s (`meshshard generate`'s loop) with
 one thread and with torch's default (every core); three bare processes holding the 3-peer
 plan's shards in a ring of pipes (tools/bench_layers.py: the floor under any chain of three
-processes on this machine, with nothing of a mesh); for meshes of 2 and 3 real `meshshard up`
+processes on this machine, with nothing of a mesh), and that ring with the head split at the
+plan's share as the mesh splits a lone answer's (what the mesh's hops cost shows against
+it); for meshes of 2 and 3 real `meshshard up`
 peers of one thread each (as the demo runs them), and 3 peers of torch's default threads
 (each offering too little memory to hold the model, so the chain has 2 or 3 stages): one
 session's tokens/s and time to first token (its ratio against the single process of one
@@ -210,6 +212,7 @@ def mesh(
             # of the thread that ran them), per pass, prompts included.
             "one_passes": [per_pass(b, a) for b, a in zip(before, after, strict=True)],
             "cuts": [s["start"] for s in stages] + [stages[-1]["end"]],
+            "head_share": plan.get("head_share", 0.0),
             "waves": plan.get("waves", 1),
         }
         out["aggregate_4"] = burst(url, 4, tokens)
@@ -259,17 +262,26 @@ def burst(url: str, sessions: int, tokens: int) -> float:
     return sum(r["usage"]["completion_tokens"] for r in results) / took
 
 
-def floor(cuts: list[int], tokens: int, repeats: int, single: Single) -> tuple[float, float]:
+def floor(
+    cuts: list[int], share: float, tokens: int, repeats: int, single: Single
+) -> tuple[float, float, float]:
     """Tokens/s of the floor under any chain of three processes on this machine: the 3-peer
-    plan's shards in a ring of pipes, nothing of the mesh (tools/bench_layers.py); and of
-    the single process measured in turns with it."""
+    plan's shards in a ring of pipes, nothing of the mesh (tools/bench_layers.py); of the
+    same ring with the head split at the plan's `share`, as the mesh runs a lone answer; and
+    of the single process measured in turns with them."""
     from bench_layers import pipe_chain
 
-    ms, beside = [], []
+    from meshshard.chain.picks import split_rows
+
+    config = json.loads((embedded_model() / "config.json").read_text())
+    head = split_rows(share, config["vocab_size"])
+    ms, split, beside = [], [], []
     for _ in range(repeats):
         beside.append(single.answer(tokens)[0])
         ms.append(pipe_chain("fused", tokens, cuts)[1])
-    return 1000 / statistics.median(ms), statistics.median(beside)
+        split.append(pipe_chain("fused", tokens, cuts, head)[1] if head else float("nan"))
+    per_s = [1000 / statistics.median(m) for m in (ms, split)]
+    return per_s[0], per_s[1], statistics.median(beside)
 
 
 def per_pass(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -336,10 +348,11 @@ def main() -> None:
             )
             groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
             if (peers, threads) == (3, 1):
-                cuts = r["cuts"]
-                ring, ring_beside = floor(cuts, args.tokens, args.repeats, single)
-                besides.append(f"the ring {ring_beside:.1f}")
+                cuts, share = r["cuts"], r["head_share"]
+                ring, split, ring_beside = floor(cuts, share, args.tokens, args.repeats, single)
+                besides.append(f"the rings {ring_beside:.1f}")
                 print(f"{'3 processes, pipes':<22} {ring:>16.1f} {ring / ring_beside:>6.2f}")
+                print(f"{'pipes, head split':<22} {split:>16.1f} {split / ring_beside:>6.2f}")
             rows = ", ".join(f"{b:.2f}" for b in r["mean_batch_8"])
             batches.append(f"{name} ({r['waves']} waves): {rows}")
             pairs.append(f"{name} " + ", ".join(f"{x:.2f}" for x in r["eight_vs_one_pairs"]))
@@ -355,7 +368,8 @@ def main() -> None:
         print("8 vs 1, each pair (in turns, seconds apart):", "; ".join(pairs))
         print(f"one answer, stage by stage (single process, 1 thread: {1000 / local_rate:.1f} "
               f"ms a token; 3 processes in a ring of pipes, units cut at "
-              f"{', '.join(map(str, cuts))}: {1000 / ring:.1f}):",
+              f"{', '.join(map(str, cuts))}: {1000 / ring:.1f}, the head split at "
+              f"{share:.2f}: {1000 / split:.1f}):",
               "; ".join(passes))  # fmt: skip
         print(
             "activation bytes per token per hop: 2304 (float32, hidden 576); "

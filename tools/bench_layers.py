@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from meshshard.chain.picks import Pick, better  # noqa: E402
 from meshshard.model.products import LINEAR, ROWS, Product  # noqa: E402
 from meshshard.model.shard import Shard  # noqa: E402
 
@@ -113,14 +114,20 @@ def products_alone(shard: Shard, tokens: int) -> float:
     return statistics.median(times) * 1e3 / len(shard.layers)
 
 
-def stage(index: int, mode: str, rfd: int, wfd: int, tokens: int, cuts: Sequence[int]) -> None:
+def stage(
+    index: int, mode: str, rfd: int, wfd: int, tokens: int, cuts: Sequence[int], head: int = 0
+) -> None:
     """One process of the ring: read a step, run its shard, pass the result on; the last
-    stage's token goes straight back to the first, as in a mesh. Prints the median pass CPU
-    (ms), and at the last stage the ms a token, once the ring stops."""
+    stage's token goes straight back to the first, as in a mesh. With `head` rows of the
+    vocabulary for the first stage (a split head, as a mesh's lone answer has), the last
+    stage sends its decode steps' normed hidden state to the first instead, then its pick of
+    the rest; the first scores its rows meanwhile and takes the better pick. Prints the
+    median pass CPU (ms), and at the last stage the ms a token, once the ring stops."""
     shard = load(cuts[index], cuts[index + 1], mode)
     reader, writer = os.fdopen(rfd, "rb", buffering=0), os.fdopen(wfd, "wb", buffering=0)
     times: list[float] = []
     stamps: list[float] = []
+    vocab = shard.spec.vocab_size
     while True:
         position, size = struct.unpack("<ii", _read(reader, 8))
         if position < 0:  # stop, passed round the ring once
@@ -128,10 +135,17 @@ def stage(index: int, mode: str, rfd: int, wfd: int, tokens: int, cuts: Sequence
                 writer.write(struct.pack("<ii", -1, 0))
             break
         body = _read(reader, size)
+        if index == 0 and head and times and size == 4 * shard.spec.hidden_size:  # a hidden state
+            ours = Pick(*shard.pick(torch.frombuffer(bytearray(body), dtype=torch.float32)
+                                    .view(1, -1), 0, head))  # fmt: skip
+            _, size = struct.unpack("<ii", _read(reader, 8))
+            logit, token = struct.unpack("<fi", _read(reader, size))
+            body = torch.tensor(better(ours, Pick((logit,), (token,)))).numpy().tobytes()
         x = torch.frombuffer(bytearray(body), dtype=torch.int64 if index == 0 else torch.float32)
         x = x if index == 0 else x.view(-1, shard.spec.hidden_size)
         start = time.thread_time()
-        out = shard.prefill("s", x, torch.arange(position, position + x.shape[0]))
+        split = bool(head) and shard.is_last and x.shape[0] == 1
+        out = shard.prefill("s", x, torch.arange(position, position + x.shape[0]), head=not split)
         if x.shape[0] == 1:
             times.append(time.thread_time() - start)
         if not shard.is_last:
@@ -142,8 +156,15 @@ def stage(index: int, mode: str, rfd: int, wfd: int, tokens: int, cuts: Sequence
         if len(stamps) > tokens:
             writer.write(struct.pack("<ii", -1, 0))
             continue
+        after = position + x.shape[0]
+        if split:
+            data = out.reshape(1, -1).numpy().tobytes()
+            writer.write(struct.pack("<ii", after, len(data)) + data)
+            (logit,), (token,) = shard.pick(out.reshape(1, -1), head, vocab)
+            writer.write(struct.pack("<ii", after, 8) + struct.pack("<fi", logit, token))
+            continue
         data = torch.tensor([int(out.argmax())]).numpy().tobytes()
-        writer.write(struct.pack("<ii", position + x.shape[0], len(data)) + data)
+        writer.write(struct.pack("<ii", after, len(data)) + data)
     per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3 if stamps else 0.0
     print(f"{statistics.median(times) * 1e3:.3f} {per_token:.3f}", flush=True)
 
@@ -158,15 +179,19 @@ def _read(reader: Any, n: int) -> bytes:
     return data
 
 
-def pipe_chain(mode: str, tokens: int, cuts: Sequence[int] = CUTS) -> tuple[list[float], float]:
+def pipe_chain(
+    mode: str, tokens: int, cuts: Sequence[int] = CUTS, head: int = 0
+) -> tuple[list[float], float]:
     """Three stage processes in a ring of pipes, each the units between two `cuts`, this one
-    only starting it: each stage's median pass CPU (ms), and ms a token."""
+    only starting it (the head split at `head` rows, if any): each stage's median pass CPU
+    (ms), and ms a token."""
     pipes = [os.pipe() for _ in range(3)]  # into stage 0, 1, 2
     ends = [(pipes[k][0], pipes[(k + 1) % 3][1]) for k in range(3)]  # each stage's in, out
     at = ",".join(map(str, cuts))
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--stage", str(k), mode, *map(str, fds), str(tokens), at],
+            [sys.executable, __file__, "--stage", str(k), mode, *map(str, fds), str(tokens), at,
+             str(head)],
             pass_fds=fds, stdout=subprocess.PIPE, text=True,
         )
         for k, fds in enumerate(ends)
@@ -186,12 +211,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--stage", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.stage:
-        index, mode, rfd, wfd, tokens, cuts = args.stage
-        stage(int(index), mode, int(rfd), int(wfd), int(tokens), [int(c) for c in cuts.split(",")])
+        index, mode, rfd, wfd, tokens, cuts, head = args.stage
+        at = [int(c) for c in cuts.split(",")]
+        stage(int(index), mode, int(rfd), int(wfd), int(tokens), at, int(head))
         return
     whole = {m: [load(0, 32, m)] for m in MODES}
     split = {m: [load(a, b, m) for a, b in itertools.pairwise(CUTS)] for m in MODES}
