@@ -320,7 +320,7 @@ def main() -> None:
     local = {t: single.median(args.tokens, args.repeats, t) for t in sorted({1, cores})}
     local_rate = local[1][0]
     print(f"SmolLM2-135M float32, {args.tokens} new tokens, greedy; median of {args.repeats}; "
-          f"ratios against the single process with 1 thread, each mesh's (and the ring's) "
+          f"ratios against the single process with 1 thread, each mesh's (and the rings') "
           f"against its runs in turns with it")  # fmt: skip
     head = ("setup", "tok/s 1 session", "ratio", "TTFT s", "agg 1", "agg 4", "agg 8", "8 vs 1")
     print("{:<22} {:>16} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7}".format(*head))
