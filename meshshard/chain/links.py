@@ -474,15 +474,23 @@ class SocketServer:
         self._codec, self._refusals, self._address = codec, refusals, address
         self._dispatch, self._watch = dispatch, watch
         self._inbound: set[web.WebSocketResponse] = set()
+        self._closing = False
 
     async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
         token, sender = accept_token(
             request, self._codec.sealer, names_of(request, self._address())
         )
+        # A peer whose socket to us we closed opens another at once, to tell us of frames
+        # the first carried: open, it held our exit until its heartbeat failed (~16 s).
+        if self._closing:
+            raise web.HTTPServiceUnavailable(text="this peer is leaving the mesh")
         ws = web.WebSocketResponse(
             max_msg_size=self._codec.socket_limit, heartbeat=10, compress=False
         )
         await ws.prepare(request)
+        if self._closing:  # closed while the upgrade was answered
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+            return ws
         self._inbound.add(ws)
         channel = self._codec.channel(token, outbound=False)
         try:
@@ -496,6 +504,8 @@ class SocketServer:
         return ws
 
     async def close(self) -> None:
-        """Close every socket open to us (the HTTP server waits for them to end)."""
+        """Close every socket open to us (the HTTP server waits for them to end), and open no
+        more."""
+        self._closing = True
         for ws in list(self._inbound):
             await ws.close()

@@ -11,6 +11,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import aiohttp
+import pytest
 import torch
 from aiohttp import web
 from support.dataplane import Unwatched, ignore
@@ -21,6 +22,7 @@ from meshshard.chain.links import (
     STEPS,
     Dispatch,
     FrameCodec,
+    LinkError,
     Links,
     LinkWatch,
     Refusals,
@@ -232,6 +234,42 @@ async def linked(
     finally:
         await server.close()
         await runner.cleanup()
+
+
+async def test_a_closed_server_opens_no_new_socket_and_its_app_stops_at_once() -> None:
+    """A leaving peer closes the sockets open to it, and a peer at their other end opens one
+    back at once, to tell it of frames the closed one carried. Accepted, that socket stayed
+    open until its heartbeat failed, and the leaving peer's exit waited about 16 s for it
+    (every graceful stop of an origin in the suite). Refused, the sender hears so at once."""
+    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN)
+    arrived: list[str] = []
+
+    async def dispatch(frame: DataFrame) -> None:
+        arrived.append(frame.session)
+
+    server = SocketServer(codec, Refusals(), lambda: ADDR, dispatch, Unwatched())
+    app = web.Application()
+    app.add_routes([web.get("/chain/ws", server.handle_ws)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", PORT).start()
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
+            links = Links(http, ignore, Unwatched(), tg, codec, Refusals(), 5.0)
+            await links.send(ADDR, step("before", 1))
+            while not arrived:
+                await asyncio.sleep(0.01)
+            await server.close()
+            with pytest.raises(LinkError, match="cannot reach"):
+                for _ in range(50):  # until the sender sees its socket closed and opens one
+                    await links.send(ADDR, step("after", 1))
+                    await asyncio.sleep(0.02)
+            async with asyncio.timeout(3):
+                await runner.cleanup()
+            await links.close()
+    finally:
+        await runner.cleanup()
+    assert arrived == ["before"]
 
 
 async def test_frames_read_together_are_all_handled_before_what_they_set_off() -> None:
