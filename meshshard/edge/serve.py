@@ -61,7 +61,11 @@ class ConnectionGate:
             peer = transport.get_extra_info("peername")
             host = str(peer[0]) if peer else "?"
             if not self.admit(handler, host):
-                transport.abort()
+                # On the loop's next turn: aiohttp starts the handler's task after this
+                # returns, and one whose connection was already lost fails an assertion,
+                # an error with a traceback in the log for every refused connection. Its
+                # bytes still reach no handler: the abort runs before any read polled after.
+                asyncio.get_running_loop().call_soon(transport.abort)
                 return
             made(handler, transport)
 
