@@ -219,18 +219,30 @@ async def linked(
 ) -> AsyncIterator[Links]:
     """Links whose frames reach `dispatch` through a SocketServer on ADDR (reading with
     `receiver`'s limits), real sockets; frames for the sender go to `back`."""
-    receiving = receiver or codec
-    server = SocketServer(receiving, Refusals(), lambda: ADDR, dispatch, Unwatched())
+    async with (
+        serving(receiver or codec, dispatch),
+        aiohttp.ClientSession() as http,
+        asyncio.TaskGroup() as tg,
+    ):
+        links = Links(http, back, watch or Unwatched(), tg, codec, Refusals(), 5.0)
+        yield links
+        await links.close()
+
+
+@asynccontextmanager
+async def serving(
+    codec: FrameCodec, dispatch: Dispatch
+) -> AsyncIterator[tuple[SocketServer, web.AppRunner]]:
+    """A SocketServer on ADDR reading with `codec`'s limits, its frames to `dispatch`, and
+    the runner of its app."""
+    server = SocketServer(codec, Refusals(), lambda: ADDR, dispatch, Unwatched())
     app = web.Application()
     app.add_routes([web.get("/chain/ws", server.handle_ws)])
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", PORT).start()
     try:
-        async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
-            links = Links(http, back, watch or Unwatched(), tg, codec, Refusals(), 5.0)
-            yield links
-            await links.close()
+        yield server, runner
     finally:
         await server.close()
         await runner.cleanup()
@@ -247,28 +259,23 @@ async def test_a_closed_server_opens_no_new_socket_and_its_app_stops_at_once() -
     async def dispatch(frame: DataFrame) -> None:
         arrived.append(frame.session)
 
-    server = SocketServer(codec, Refusals(), lambda: ADDR, dispatch, Unwatched())
-    app = web.Application()
-    app.add_routes([web.get("/chain/ws", server.handle_ws)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", PORT).start()
-    try:
-        async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
-            links = Links(http, ignore, Unwatched(), tg, codec, Refusals(), 5.0)
-            await links.send(ADDR, step("before", 1))
-            while not arrived:
-                await asyncio.sleep(0.01)
-            await server.close()
-            with pytest.raises(LinkError, match="cannot reach"):
-                for _ in range(50):  # until the sender sees its socket closed and opens one
-                    await links.send(ADDR, step("after", 1))
-                    await asyncio.sleep(0.02)
-            async with asyncio.timeout(3):
-                await runner.cleanup()
-            await links.close()
-    finally:
-        await runner.cleanup()
+    async with (
+        serving(codec, dispatch) as (server, runner),
+        aiohttp.ClientSession() as http,
+        asyncio.TaskGroup() as tg,
+    ):
+        links = Links(http, ignore, Unwatched(), tg, codec, Refusals(), 5.0)
+        await links.send(ADDR, step("before", 1))
+        while not arrived:
+            await asyncio.sleep(0.01)
+        await server.close()
+        with pytest.raises(LinkError, match="cannot reach"):
+            for _ in range(50):  # until the sender sees its socket closed and opens one
+                await links.send(ADDR, step("after", 1))
+                await asyncio.sleep(0.02)
+        async with asyncio.timeout(3):
+            await runner.cleanup()
+        await links.close()
     assert arrived == ["before"]
 
 
