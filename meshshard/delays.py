@@ -119,5 +119,8 @@ class DelayedLinks:
             except LinkError as e:
                 logger.warning("delayed frame to %s lost: %s", addr, e)
 
+    def forget(self, session: str) -> None:
+        self._inner.forget(session)
+
     async def close(self) -> None:
         await self._inner.close()

@@ -7,7 +7,9 @@ frames still in them are gone, and nobody says so. The answer would wait for a t
 never comes, until its step timeout fails it. So each socket remembers, for every answer it
 carried, the origin and the latest try, and when it closes under them each origin hears
 "internal" for that try, as when a send fails: it feeds the answer again (recovery.py). An
-answer whose frames did arrive pays one needless replay; none loses its tokens.
+answer whose frames did arrive pays one needless replay; none loses its tokens. An answer
+that is over (its drop came) is forgotten: a peer's every graceful leave closed sockets that
+had carried hundreds of finished answers, and each was "lost" in a warning, its origin told.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class InFlight:
         self._carried[key] = error
         while len(self._carried) > MOST_ANSWERS:
             self._carried.popitem(last=False)
+
+    def forget(self, session: str) -> None:
+        for key in [k for k in self._carried if k[1] == session]:
+            del self._carried[key]
 
     def lost(self, why: str) -> list[tuple[str, ErrorFrame]]:
         """The socket closed under its frames: an error for each answer it carried, with

@@ -228,6 +228,11 @@ class DataLinks(Protocol):
         """Send one frame to `addr`, in order with earlier ones to it; LinkError if it fails."""
         ...
 
+    def forget(self, session: str) -> None:
+        """The answer is over (its drop came): a socket that closes later need not tell its
+        origin of its frames."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -334,6 +339,8 @@ class Links:
         async with self._locks.setdefault(key, asyncio.Lock()):
             for piece in fitted(frame, most):
                 await self._write(key, piece)
+        if isinstance(frame, DropFrame):  # its origin ends the answer
+            self.forget(frame.session)
 
     async def _write(self, key: _Key, frame: DataFrame) -> None:
         addr = key[0]
@@ -355,6 +362,10 @@ class Links:
             self._lost(ws, f"next hop failed: {addr}: {e}")
             self._watch.unreachable(addr)
             raise LinkError(f"{addr}: {e}") from None
+
+    def forget(self, session: str) -> None:
+        for carried in self._carried.values():
+            carried.forget(session)
 
     async def close(self) -> None:
         self._closing = True

@@ -137,6 +137,8 @@ class ChainService:
             case PickFrame():
                 await self.follower.take_pick(frame)
             case DropFrame():
+                if self._links is not None:
+                    self._links.forget(frame.session)
                 await self.follower.forget(frame.session)
             case HandoffRequest():
                 assert self._tg is not None

@@ -82,6 +82,9 @@ async def test_a_simulated_mesh_answers_as_one_process(
             await answer(mesh, "a", prompt, 16, got)
             assert got == reference(prompt, 16)
         await until(mesh.idle, 5, "every cache freed")
+        # Each peer's links forgot each answer once its drop came (its origin's own included):
+        # a socket closing later tells no origin of answers that are over.
+        assert [len(set(links.forgotten)) for links in mesh.data.links] == [len(PROMPTS)] * 3
 
 
 async def test_a_quantized_mesh_answers_as_the_quantized_single_process(

@@ -69,12 +69,17 @@ class MemoryLinks:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.sent_bytes: Counter[str] = Counter()
+        self.forgotten: list[str] = []  # sessions whose drop came, in order
         net.links.append(self)
         net.watches[me] = watch
 
     def lost(self, addr: str) -> None:
         if addr in self._queues and self._me not in self._net.down:
             self._watch.unreachable(addr)
+
+    def forget(self, session: str) -> None:
+        """Frames between services in memory are not lost unseen: only noted."""
+        self.forgotten.append(session)
 
     async def send(self, addr: str, frame: DataFrame) -> None:
         if self._closed:  # as a socket closed under its writer: the frame is lost, said so

@@ -51,3 +51,16 @@ def test_a_socket_remembers_a_bounded_number_of_answers_the_latest_kept() -> Non
     sessions = [error.session for _, error in carried.lost("gone")]
     assert len(sessions) == MOST_ANSWERS and sessions[-1] == f"s{MOST_ANSWERS + 9}"
     assert "s9" not in sessions and "s10" in sessions
+
+
+def test_an_answer_that_is_over_is_not_told_of_its_frames() -> None:
+    """Its drop came (the origin ended it): a socket closing later is no loss of its. Before,
+    a peer's graceful leave closed sockets that had carried every recent answer, each then
+    'lost' in a warning and its origin told."""
+    carried = InFlight()
+    carried.sent(NEXT, step("over", 8))
+    carried.sent(NEXT, TokenFrame(EPOCH, "over", 9, (4,)))  # its last token, to NEXT
+    carried.sent(NEXT, step("live", 3))
+    carried.forget("over")
+    carried.forget("never carried")
+    assert [(origin, e.session) for origin, e in carried.lost("closed")] == [(ORIGIN, "live")]

@@ -150,6 +150,32 @@ async def test_a_socket_closed_under_its_frames_tells_their_origins() -> None:
     assert all("closed under" in e.message and "1009" in e.message for e in told)
 
 
+async def test_an_answer_its_origin_ended_is_not_told_of_a_socket_closing_later() -> None:
+    """The origin's drop ends an answer, here sent by these links (an origin's), or arriving
+    at a stage's peer (the service tells its links to forget it): a socket that carried its
+    frames and closes later says nothing of it, but still of the answers that go on."""
+    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN, me=ORIGIN)
+    strict = replace(codec, max_frame_bytes=1 << 16)
+    told: list[ErrorFrame] = []
+    closed = asyncio.Event()
+
+    async def back(frame: DataFrame) -> None:
+        assert isinstance(frame, ErrorFrame)
+        told.append(frame)
+        closed.set()
+
+    async with linked(codec, ignore, receiver=strict, back=back) as links:
+        for session in ("ended", "dropped here", "live"):
+            await links.send(ADDR, step(session, 1))
+        await links.send(ADDR, DropFrame(EPOCH, "ended"))
+        links.forget("dropped here")
+        # A decode step past the receiver's limit: refused, it closes the steps socket.
+        await links.send(ADDR, step("refused", 1, hidden=20_000))
+        await asyncio.wait_for(closed.wait(), 5)
+        await asyncio.sleep(0.2)
+    assert sorted(e.session for e in told) == ["live", "refused"]
+
+
 async def test_a_frame_refused_by_its_receiver_tells_the_origins() -> None:
     """The receiver takes frames of at most 2 MiB; the sender does not know (a peer whose
     profile says no limit): a prompt's 3 MiB goes as records the socket reads, and the frame
