@@ -272,9 +272,9 @@ def floor(
     from bench_layers import pipe_chain
 
     from meshshard.chain.picks import split_rows
+    from meshshard.model.costs import read_spec
 
-    config = json.loads((embedded_model() / "config.json").read_text())
-    head = split_rows(share, config["vocab_size"])
+    head = split_rows(share, read_spec(embedded_model()).vocab_size)
     ms, split, beside = [], [], []
     for _ in range(repeats):
         beside.append(single.answer(tokens)[0])
