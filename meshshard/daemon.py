@@ -316,21 +316,23 @@ class Daemon:
                 "sessions": len(stage.shard.sessions),
                 "steps": stage.steps,
                 "batches": stage.batches,
-                "holds": stage.holds,
-                "split_steps": stage.split_steps,
+                "holds": stage.schedule.holds,
+                "split_steps": stage.costs.split_steps,
                 "weight_bytes": stage.shard.weight_bytes(),
                 "kv_bytes": stage.shard.kv_bytes(),
-                "step_ms": round(stage.step_ms, 3),
+                "step_ms": round(stage.costs.step_ms, 3),
                 # Wall time of all passes, and the CPU time of the thread that ran them: a CPU
                 # quota or a busy machine shows as the first outgrowing the second.
                 "forward_s": round(stage.forward_s, 3),
                 "forward_cpu_s": round(stage.forward_cpu_s, 3),
                 # Decode passes by rows, how many and their (moving) ms: how batches form.
-                "passes": {str(rows): n for rows, n in sorted(stage.passes.items())},
-                "pass_ms": {str(rows): round(ms, 2) for rows, ms in sorted(stage.pass_ms.items())},
+                "passes": {str(rows): n for rows, n in sorted(stage.costs.passes.items())},
+                "pass_ms": {str(r): round(ms, 2) for r, ms in sorted(stage.costs.pass_ms.items())},
                 # ... and a lone answer's at a last stage whose head is split (split_steps).
-                "split_passes": {str(r): n for r, n in sorted(stage.split_passes.items())},
-                "split_ms": {str(r): round(ms, 2) for r, ms in sorted(stage.split_ms.items())},
+                "split_passes": {str(r): n for r, n in sorted(stage.costs.split_passes.items())},
+                "split_ms": {
+                    str(r): round(ms, 2) for r, ms in sorted(stage.costs.split_ms.items())
+                },
             }
             if stage
             else None
@@ -417,7 +419,7 @@ def _load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Aw
         me = node.profiles[node.id]
         stage = service.follower.stage
         load = float(len(stage.shard.sessions)) if stage else 0.0
-        step = stage.step_ms if stage else 0.0
+        step = stage.costs.step_ms if stage else 0.0
         used = float(stage.shard.weight_bytes() + stage.shard.kv_bytes()) if stage else 0.0
         if (standby := service.follower.standby) is not None:
             used += standby.weight_bytes()
@@ -454,9 +456,10 @@ def _pace(me: Profile, stage: StageWorker | None) -> float | None:
     if stage is None or len(me.unit_ms) < stage.shard.end:
         return None
     start, end = stage.shard.start, stage.shard.end
-    kinds: list[Passes] = [(stage.pass_ms, stage.passes, _passes(me, start, end))]
-    if stage.split_passes and end - start > 1:
-        kinds.append((stage.split_ms, stage.split_passes, _passes(me, start, end - 1)))
+    costs = stage.costs
+    kinds: list[Passes] = [(costs.pass_ms, costs.passes, _passes(me, start, end))]
+    if costs.split_passes and end - start > 1:
+        kinds.append((costs.split_ms, costs.split_passes, _passes(me, start, end - 1)))
     got = pace(*kinds)
     return None if got is None else min(max(got, MIN_PACE), MAX_PACE)
 

@@ -451,7 +451,7 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         def splits() -> int:
             stage = last.service.follower.stage
             assert stage is not None and stage.head_rows > 0
-            return stage.split_steps
+            return stage.costs.split_steps
 
         for prompt in PROMPTS:
             got: list[int] = []
@@ -460,8 +460,8 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         assert splits() >= len(PROMPTS) * 14  # every step but the prompt's and the last
         # A pass without its head measures no whole decode pass (holds, slices): apart.
         stage = last.service.follower.stage
-        assert stage is not None and list(stage.split_ms) == [1]  # one row each
-        assert sum(stage.passes.values()) <= 2 * len(PROMPTS)
+        assert stage is not None and list(stage.costs.split_ms) == [1]  # one row each
+        assert sum(stage.costs.passes.values()) <= 2 * len(PROMPTS)
         full = reference(PROMPTS[3], 16)
         stop = next(t for t in full if full.index(t) >= 4)  # a token met first a few steps in
         stopped: list[int] = []
@@ -503,8 +503,8 @@ async def test_a_speculating_lone_answer_splits_the_head_of_its_passes_drafts_an
         # Past each prompt's pass, every pass splits the head but maybe each answer's last
         # (one at its last step feeds nothing on); some of them verified drafts.
         decodes = stats.passes - len(PROMPTS)
-        assert decodes - len(PROMPTS) <= stage.split_steps <= decodes
-        assert 1 in stage.split_ms and max(stage.split_ms) > 1
+        assert decodes - len(PROMPTS) <= stage.costs.split_steps <= decodes
+        assert 1 in stage.costs.split_ms and max(stage.costs.split_ms) > 1
         await until(mesh.idle, 5, "every cache freed")
         assert not first.service.follower.stage._picks  # no half left waiting
         # The status prices such passes split too, by their rows' heads.

@@ -93,7 +93,9 @@ def test_pace_is_the_passes_as_measured_over_the_profile_weighted_by_how_often_t
 
 def _stage(**kw: object) -> SimpleNamespace:
     counts = {"pass_ms": {}, "passes": Counter(), "split_ms": {}, "split_passes": Counter()}
-    return SimpleNamespace(shard=SimpleNamespace(start=1, end=4), **(counts | kw))
+    return SimpleNamespace(
+        shard=SimpleNamespace(start=1, end=4), costs=SimpleNamespace(**(counts | kw))
+    )
 
 
 def test_a_peer_publishes_its_stages_pace_against_its_own_units() -> None:

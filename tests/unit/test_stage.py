@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import torch
 
+from meshshard.chain import passes
+from meshshard.chain import schedule as schedule_module
 from meshshard.chain import stage as stage_module
 from meshshard.chain.speculate import confirmed
 from meshshard.chain.stage import StageWorker
@@ -132,7 +134,7 @@ async def test_decoding_goes_between_the_slices_of_a_long_prompt(tiny_model: Pat
 
     sizes: list[int] = []
     worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
-    worker.step_ms, worker.row_ms = 2.0, 0.1  # as measured: a slice of 20 rows
+    worker.costs.step_ms, worker.costs.row_ms = 2.0, 0.1  # as measured: a slice of 20 rows
     long = [(7 * i) % 50 + 1 for i in range(70)]
     frames = [step("long", 0, long, ())]
     frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
@@ -154,7 +156,7 @@ async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long
     (4 ms, and a row's 0.25 for each step more), not a pass of prompts' least (the steps pay
     for the weights, the rows are all the slice adds); half that once the prompt reaches past
     LONG_PROMPT positions."""
-    monkeypatch.setattr(stage_module, "LONG_PROMPT", long_prompt)
+    monkeypatch.setattr(schedule_module, "LONG_PROMPT", long_prompt)
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS):
         shard.prefill(f"s{i}", torch.tensor(prompt))
@@ -170,7 +172,7 @@ async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long
         held.append(shard.cache_length("long") if "long" in shard.sessions else 0)
 
     worker = StageWorker(shard, EPOCH, None, send, observe)
-    worker.step_ms, worker.row_ms = 4.0, 0.25
+    worker.costs.step_ms, worker.costs.row_ms = 4.0, 0.25
     long = [(7 * i) % 50 + 1 for i in range(40)]
     frames = [step("long", 0, long, ())]
     frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]
@@ -184,15 +186,15 @@ def test_a_slice_costs_what_the_decode_pass_beside_it_costs(tiny_model: Path) ->
     a burst's later answers, whose counts are never timed alone, get slices their size."""
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     worker = StageWorker(shard, EPOCH, None, lambda _a, _f: asyncio.sleep(0))
-    assert worker._slice_rows(1.0, 3) is None  # nothing measured yet
-    worker.step_ms, worker.row_ms = 4.0, 0.25
-    assert [worker._slice_rows(1.0, n) for n in (1, 3, 8)] == [16, 18, 23]
-    worker.pass_ms[1] = 5.0  # one step's pass as timed, over the average of all
-    assert worker._slice_rows(1.0, 3) == 22
-    assert worker._slice_rows() == 16  # no count beside it: the decode passes' average
-    worker.pass_ms[3] = 8.0
-    assert worker._slice_rows(1.0, 3) == 32
-    assert worker._slice_rows(0.5, 3) == 16
+    assert worker.schedule.slice_rows(1.0, 3) is None  # nothing measured yet
+    worker.costs.step_ms, worker.costs.row_ms = 4.0, 0.25
+    assert [worker.schedule.slice_rows(1.0, n) for n in (1, 3, 8)] == [16, 18, 23]
+    worker.costs.pass_ms[1] = 5.0  # one step's pass as timed, over the average of all
+    assert worker.schedule.slice_rows(1.0, 3) == 22
+    assert worker.schedule.slice_rows() == 16  # no count beside it: the decode passes' average
+    worker.costs.pass_ms[3] = 8.0
+    assert worker.schedule.slice_rows(1.0, 3) == 32
+    assert worker.schedule.slice_rows(0.5, 3) == 16
 
 
 async def test_the_next_batch_runs_while_the_last_is_sent(tiny_model: Path) -> None:
@@ -295,8 +297,8 @@ async def two_answers_in_rhythm(
         sent.append(frame)
 
     worker = StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n))
-    worker.step_ms, worker.row_ms = 200.0, 10.0  # a slice of 20 rows
-    worker.pass_ms = _Said(pass_ms)
+    worker.costs.step_ms, worker.costs.row_ms = 200.0, 10.0  # a slice of 20 rows
+    worker.costs.pass_ms = _Said(pass_ms)
     task = asyncio.create_task(worker.run())
     try:
         for r in range(4):
@@ -310,7 +312,7 @@ async def two_answers_in_rhythm(
     finally:
         await worker.close("done")
         await task
-    return sizes, worker.holds
+    return sizes, worker.schedule.holds
 
 
 async def test_a_decode_batch_waits_for_a_session_due_within_a_pass(tiny_model: Path) -> None:
@@ -395,8 +397,8 @@ async def test_a_stage_spreads_its_sessions_over_the_waves_it_is_told(tiny_model
     await run(decoding, steps, sizes, answers=4)
     assert sizes[1:] == [3, 3, 2]
     # Decode passes by rows, what the peer's pace is measured from; prompts are not counted.
-    assert not first.passes and decoding.passes == {3: 2, 2: 1}
-    assert set(decoding.pass_ms) == {2, 3}
+    assert not first.costs.passes and decoding.costs.passes == {3: 2, 2: 1}
+    assert set(decoding.costs.pass_ms) == {2, 3}
     for i, prompt in enumerate(prompts):
         assert got[f"p{i}"] == greedy(tiny_model, prompt, 2)
 
@@ -409,7 +411,7 @@ async def test_a_prompt_waits_for_a_decode_step_due_and_runs_beside_it(tiny_mode
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     shard.prefill("s0", torch.tensor(PROMPTS[0]))
     worker, sizes, got = last_stage(shard)
-    worker.step_ms, worker.row_ms = 20.0, 1.0  # as measured: a slice of 20 rows
+    worker.costs.step_ms, worker.costs.row_ms = 20.0, 1.0  # as measured: a slice of 20 rows
     long = [(7 * i) % 50 + 1 for i in range(70)]
     n = len(PROMPTS[0])
     last = step("s0", n + 3, [3], ())
@@ -509,7 +511,7 @@ async def test_passes_verifying_drafts_measured_short_run_on_the_event_loop(
         await task
     loop_thread = threading.get_ident()
     assert [t == loop_thread for t in threads] == [False, True, False]
-    assert set(worker.verify_ms) == {3, 4}
+    assert set(worker.costs.verify_ms) == {3, 4}
     assert tokens == [alone(tiny_model, PROMPTS[0], f) for f in frames]
 
 
@@ -585,7 +587,7 @@ async def test_a_session_cache_is_allocated_once_for_what_it_reserved(
 
 
 def test_a_prompt_rows_price_is_read_only_against_decode_steps_timed_alone() -> None:
-    price = stage_module._row_price
+    price = passes.row_price
     timed = {1: 70.0, 4: 160.0}
     # 4 decode steps (160 ms alone) and 20 prompt rows in 200 ms: 2 ms a row.
     assert price(0.0, 200.0, 4, 20, timed, 70.0) == pytest.approx(2.0)
@@ -595,5 +597,5 @@ def test_a_prompt_rows_price_is_read_only_against_decode_steps_timed_alone() -> 
     # charge 4 rows with 5 more steps' work (200 - 70 = 130 ms: 32.5 ms a row, slices of 2).
     assert price(2.0, 200.0, 6, 4, timed, 70.0) == 2.0
     # A known count moves the price by STEP_WEIGHT of what this pass says.
-    step = stage_module.STEP_WEIGHT
+    step = passes.STEP_WEIGHT
     assert price(2.0, 180.0, 4, 4, timed, 70.0) == pytest.approx(2.0 + step * (5.0 - 2.0))

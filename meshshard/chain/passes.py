@@ -1,0 +1,113 @@
+"""What a stage's forward passes cost, as it measured them: moving averages by kind and rows.
+
+The stage's schedule cuts batches and prompt slices by them (schedule.py), the stage decides
+by them which passes may run on the event loop, and the peer's status and profile show them
+(the coordinator prices this stage's passes by the pace they imply, daemon.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from meshshard.wire import StepFrame
+
+STEP_WEIGHT = 0.2  # of the newest pass in an average
+# The least prompt rows a slice beside decode steps holds (schedule.py), and that price a row:
+# those steps pay the weights' reading. At a long prompt's end on a slow stage a row costs a
+# tenth of a decode pass there, and 16 rows held every answer for two (lan-3's half-core
+# laptop, testbed.md); fewer would spread a prompt over too many passes.
+MIN_BESIDE = 4
+
+
+def one_token(frame: StepFrame) -> bool:
+    """Whether the frame feeds one new token (maybe with a draft after it): a decode step."""
+    return frame.tensor.shape[0] - len(frame.draft) == 1
+
+
+def decoding(batch: Sequence[StepFrame]) -> bool:
+    return all(f.tensor.shape[0] == 1 for f in batch)
+
+
+def verifying(batch: Sequence[StepFrame]) -> int | None:
+    """The rows of a pass of decode steps that verifies drafts (None: it verifies none)."""
+    if not any(f.draft for f in batch) or not all(one_token(f) for f in batch):
+        return None
+    return sum(f.tensor.shape[0] for f in batch)
+
+
+def moved(average: float, sample: float) -> float:
+    return sample if not average else average + STEP_WEIGHT * (sample - average)
+
+
+def row_price(
+    row_ms: float, ms: float, steps: int, rows_: int, pass_ms: Mapping[int, float], step_ms: float
+) -> float:
+    """The price of a prompt row, moved by a pass of `steps` decode steps and `rows_` prompt
+    rows that took `ms`: what the steps (or one, for the weights' reading) cost alone, plus
+    the rows. Beside a count of steps not yet timed alone, what the rows added is not known:
+    a pass of fewer steps taken for theirs charged the rows with the rest, and the price rose
+    as a burst's answers joined, cutting its later prompts into ever smaller slices (lan-3,
+    docs/experiments/burst-16.txt: 31 rows a pass shrinking to 4)."""
+    base = pass_ms.get(steps) if steps else step_ms
+    return row_ms if base is None else moved(row_ms, max(ms - base, 0.0) / rows_)
+
+
+class PassCosts:
+    def __init__(self) -> None:
+        self.step_ms = 0.0  # one decode pass, whatever its rows
+        self.row_ms = 0.0  # what one more prompt row adds to a pass
+        self.pass_ms: dict[int, float] = {}  # decode passes by rows: whether holding pays
+        self.passes: Counter[int] = Counter()  # ... how many of each ran
+        self.verify_ms: dict[int, float] = {}  # passes of decode steps with drafts, by rows
+        # Passes whose head was split (at a last stage), by rows: no measure of a decode
+        # pass here, so apart; and how many of each ran (a split pass is one step).
+        self.split_ms: dict[int, float] = {}
+        self.split_passes: Counter[int] = Counter()
+
+    @property
+    def split_steps(self) -> int:
+        return sum(self.split_passes.values())
+
+    def record(self, batch: Sequence[StepFrame], ms: float, split: bool) -> bool:
+        """A pass of `batch` (its head `split` or not) took `ms`; whether it was a decode
+        pass, the kind the peer's step-cost meter takes (a prefill costs more a step and
+        would hide the decode time)."""
+        decode = decoding(batch) and not split
+        rows_ = verifying(batch)
+        if split:
+            self.split_ms[rows_ or 1] = moved(self.split_ms.get(rows_ or 1, 0.0), ms)
+            self.split_passes[rows_ or 1] += 1
+        elif rows_ is not None:
+            self.verify_ms[rows_] = moved(self.verify_ms.get(rows_, 0.0), ms)
+        prompts = [f for f in batch if not one_token(f)]
+        prompt_rows = sum(f.tensor.shape[0] for f in prompts)
+        if decode:
+            self.step_ms = moved(self.step_ms, ms)
+            self.pass_ms[len(batch)] = moved(self.pass_ms.get(len(batch), 0.0), ms)
+            self.passes[len(batch)] += 1
+        elif self.step_ms and prompt_rows >= MIN_BESIDE:
+            steps = len(batch) - len(prompts)
+            self.row_ms = row_price(self.row_ms, ms, steps, prompt_rows, self.pass_ms, self.step_ms)
+        return decode
+
+    def took(self, batch: Sequence[StepFrame], split: bool) -> float:
+        """What a pass of decode steps like `batch` took: of its size, or without the head
+        (`split`), or of its rows verifying drafts; 0 where not measured or not decoding."""
+        rows_ = verifying(batch)
+        if split:  # a pass of one row without its head: a decode pass's time till measured
+            return self.split_ms.get(rows_ or 1, 0.0) or (0.0 if rows_ else self.step_ms)
+        if rows_ is not None:
+            return self.verify_ms.get(rows_, 0.0)
+        return self.pass_ms.get(len(batch), 0.0) if decoding(batch) else 0.0
+
+    def decode_ms(self, steps: int) -> float:
+        """A pass of `steps` decode steps here: as timed, else one step's pass and a prompt
+        row's price for each step more. Through a burst, prompts go beside every pass, so the
+        counts its later answers decode at are not timed alone; slices sized by one step's
+        pass stayed small as they joined, and the last prompts crawled in (lan-3,
+        docs/experiments/burst-16.txt)."""
+        timed = self.pass_ms.get(steps)
+        if timed:
+            return timed
+        return (self.pass_ms.get(1) or self.step_ms) + (steps - 1) * self.row_ms

@@ -1,0 +1,184 @@
+"""Which steps a stage's next pass runs (chain/schedule.py), without a model or a loop: frames
+of token ids at a first stage whose caches are said, times given by the test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from meshshard.chain import passes
+from meshshard.chain.passes import PassCosts
+from meshshard.chain.schedule import Schedule
+from meshshard.chain.tensors import to_wire
+from meshshard.model.batching import MAX_BATCH
+from meshshard.types import Epoch
+from meshshard.wire import Sampling, StepFrame
+
+EPOCH = Epoch(1, "a")
+GREEDY = Sampling(temperature=0.0, top_p=1.0, seed=0)
+
+
+@dataclass
+class Caches:
+    """A shard's caches as the test says them: session -> positions held."""
+
+    held: dict[str, int] = field(default_factory=dict)
+    layer_ids: tuple[int, ...] = (0, 1)
+
+    @property
+    def sessions(self) -> list[str]:
+        return list(self.held)
+
+    def cache_length(self, session: str) -> int:
+        return self.held.get(session, 0)
+
+
+def frame(
+    session: str, start: int, rows: int, *, sample: bool = True, draft: int = 0, step: int = 0
+) -> StepFrame:
+    ids = torch.arange(rows + draft) % 50
+    drafted = tuple(range(draft))
+    return StepFrame(
+        EPOCH, session, step, start, to_wire(ids), "origin", sample, GREEDY, draft=drafted
+    )
+
+
+def schedule(held: dict[str, int], step_ms: float = 0.0, row_ms: float = 0.0) -> Schedule:
+    costs = PassCosts()
+    costs.step_ms, costs.row_ms = step_ms, row_ms
+    return Schedule(Caches(held), costs)
+
+
+def take(s: Schedule, now: float = 0.0) -> list[tuple[str, int, int]]:
+    """The next batch, each frame as (session, start, rows), run: the caches then hold it."""
+    batch = s.take(now)
+    assert isinstance(batch, list)
+    for f in batch:
+        s.shard.held[f.session] = f.start + f.tensor.shape[0] - len(f.draft)
+    return [(f.session, f.start, f.tensor.shape[0]) for f in batch]
+
+
+def test_decode_steps_go_first_with_a_slice_of_a_prompt_priced_beside_them() -> None:
+    """Three steps cost 4 ms and a row's 0.25 for each step more: 18 prompt rows beside them
+    cost as much again; the rest of the prompt waits in its place, then goes a slice at a
+    time (16 rows: one pass's worth while others decode here)."""
+    s = schedule({"s0": 5, "s1": 3, "s2": 8}, step_ms=4.0, row_ms=0.25)
+    s.add(frame("long", 0, 40), 0.0)
+    for name, n in (("s0", 5), ("s1", 3), ("s2", 8)):
+        s.add(frame(name, n, 1), 0.0)
+    assert take(s) == [("s0", 5, 1), ("s1", 3, 1), ("s2", 8, 1), ("long", 0, 18)]
+    assert take(s) == [("long", 18, 16)]
+    assert take(s) == [("long", 34, 6)]
+    assert not s.queue
+
+
+def test_a_slice_deep_in_a_long_prompt_costs_half_a_decode_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("meshshard.chain.schedule.LONG_PROMPT", 30)
+    s = schedule({"s0": 5, "s1": 3, "s2": 8}, step_ms=4.0, row_ms=0.25)
+    s.add(frame("long", 0, 40), 0.0)
+    for name, n in (("s0", 5), ("s1", 3), ("s2", 8)):
+        s.add(frame(name, n, 1), 0.0)
+    assert take(s)[-1] == ("long", 0, 9)
+
+
+def test_a_sessions_frames_keep_their_order_and_the_chunks_of_a_prompt_join() -> None:
+    s = schedule({"s0": 4})
+    s.add(frame("p", 0, 6, sample=False), 0.0)
+    s.add(frame("p", 6, 4), 0.0)  # the prompt's last chunk: one frame of 10 rows now
+    s.add(frame("s0", 4, 1), 0.0)
+    s.add(frame("s0", 5, 1, step=1), 0.0)  # its next step cannot go before this one
+    assert [(f.session, f.start, f.tensor.shape[0]) for f in s.queue] == [
+        ("p", 0, 10),
+        ("s0", 4, 1),
+        ("s0", 5, 1),
+    ]
+    assert s.queue[0].sample  # what ends the prompt is the last chunk's
+    assert take(s) == [("s0", 4, 1), ("p", 0, 10)]
+    assert take(s) == [("s0", 5, 1)]
+
+
+def test_a_step_this_stage_cannot_continue_goes_alone_to_meet_its_miss() -> None:
+    """Packed with others it would start afresh at position 0; alone, its pass says where
+    this stage's cache ends (or that the session is unknown)."""
+    s = schedule({"s0": 4, "s1": 2})
+    s.add(frame("s0", 4, 1), 0.0)
+    s.add(frame("s1", 7, 3, sample=False), 0.0)  # the cache holds 2 positions, not 7
+    s.add(frame("gone", 3, 1), 0.0)
+    assert take(s) == [("s1", 7, 3)]
+    assert take(s) == [("gone", 3, 1)]
+    assert take(s) == [("s0", 4, 1)]
+
+
+def test_a_shard_without_layers_continues_any_session_it_holds() -> None:
+    s = Schedule(Caches({"s0": 0}, layer_ids=()), PassCosts())
+    s.add(frame("s0", 9, 1), 0.0)
+    assert take(s) == [("s0", 9, 1)]
+
+
+def test_short_prompts_asked_together_share_one_pass_up_to_a_slice() -> None:
+    s = schedule({})
+    for i, rows in enumerate((5, 3, 8)):
+        s.add(frame(f"p{i}", 0, rows), 0.0)
+    assert take(s) == [("p0", 0, 5), ("p1", 0, 3), ("p2", 0, 8)]
+    # Beside a decode step, at most a slice's rows (here 16): whole prompts while they fit.
+    s = schedule({"s0": 4}, step_ms=4.0, row_ms=0.25)
+    for i, rows in enumerate((7, 6, 8)):
+        s.add(frame(f"p{i}", 0, rows), 0.0)
+    s.add(frame("s0", 4, 1), 0.0)
+    assert take(s) == [("s0", 4, 1), ("p0", 0, 7), ("p1", 0, 6)]
+
+
+def test_a_prompt_waits_for_a_decode_step_due_before_its_pass_would_end() -> None:
+    """s0 decodes every 150 ms and a pass costs 20 ms: 10 ms before its step is due, a
+    prompt does not start a pass the step would wait for; it goes with the step."""
+    s = schedule({"s0": 4}, step_ms=20.0, row_ms=1.0)
+    for i in range(3):
+        s.add(frame("s0", 4 + i, 1, step=i), 0.15 * i)
+        assert take(s, 0.15 * i) == [("s0", 4 + i, 1)]
+    s.add(frame("p", 0, 70), 0.44)
+    wait = s.take(0.44)
+    assert wait == pytest.approx(0.01 + 0.02)
+    s.add(frame("s0", 7, 1, step=3), 0.45)
+    assert take(s, 0.45) == [("s0", 7, 1), ("p", 0, 20)]
+    # With room before the next step, a prompt alone runs what ends before it is due.
+    s = schedule({"s0": 4}, step_ms=20.0, row_ms=1.0)
+    for i in range(2):
+        s.add(frame("s0", 4 + i, 1, step=i), 0.15 * i)
+        take(s, 0.15 * i)
+    s.add(frame("p", 0, 70), 0.16)
+    # 120 ms of room, but a slice at most: what a decode pass costs, 20 rows.
+    assert take(s, 0.16) == [("p", 0, 20)]
+
+
+def test_a_batch_of_drafts_runs_no_more_positions_than_a_full_batch_of_steps() -> None:
+    held = {f"s{i}": 10 for i in range(MAX_BATCH)}
+    s = schedule(held)
+    s.add(frame("s0", 10, 1, draft=MAX_BATCH), 0.0)
+    s.add(frame("s1", 10, 1), 0.0)
+    batch = s.take(0.0)
+    assert isinstance(batch, list)
+    assert [len(f.draft) for f in batch] == [MAX_BATCH // 2 - 1, 0]
+    assert [f.tensor.shape[0] for f in batch] == [1 + len(batch[0].draft), 1]
+
+
+def test_pass_costs_take_decode_passes_by_rows_and_price_prompt_rows_beside_them() -> None:
+    costs = PassCosts()
+    steps = [frame(f"s{i}", 4, 1) for i in range(3)]
+    assert costs.record(steps, 30.0, split=False)
+    assert (costs.step_ms, costs.pass_ms, costs.passes) == (30.0, {3: 30.0}, {3: 1})
+    assert not costs.record([*steps, frame("p", 0, 20)], 50.0, split=False)
+    assert costs.row_ms == pytest.approx(1.0)  # 20 ms more than the 3 steps, for 20 rows
+    assert costs.took(steps, split=False) == 30.0
+    assert costs.took(steps[:1], split=False) == 0.0  # a pass of one row: not timed yet
+    assert costs.decode_ms(4) == pytest.approx(30.0 + 3 * 1.0)  # one step's pass, rows more
+    # A split pass (the head scored apart) is measured apart, not as a decode pass.
+    assert not costs.record(steps[:1], 20.0, split=True)
+    assert (costs.split_ms, costs.split_steps, costs.step_ms) == ({1: 20.0}, 1, 30.0)
+    assert costs.took(steps[:1], split=True) == 20.0
+    moved = passes.moved(30.0, 40.0)
+    costs.record(steps, 40.0, split=False)
+    assert costs.pass_ms[3] == pytest.approx(moved)
