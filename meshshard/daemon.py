@@ -22,10 +22,10 @@ from meshshard import __version__
 from meshshard.api.guard import BrowserGuard
 from meshshard.api.openai import OpenAIApi
 from meshshard.api.operator import OperatorApi
+from meshshard.chain.channel import FrameCodec
 from meshshard.chain.links import (
     DataLinks,
     Dispatch,
-    FrameCodec,
     Links,
     LinkWatch,
     Refusals,

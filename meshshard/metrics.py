@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from meshshard.events import Event
 
 if TYPE_CHECKING:
-    from meshshard.chain.links import FrameCodec
+    from meshshard.chain.channel import FrameCodec
     from meshshard.chain.service import ChainService
     from meshshard.edge.serve import ConnectionGate
     from meshshard.mesh.node import ControlNode

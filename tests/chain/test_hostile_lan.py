@@ -36,7 +36,7 @@ from support.relay import Relay
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from meshshard.chain.links import CHANNEL_HEADER, open_request
+from meshshard.chain.channel import CHANNEL_HEADER, open_request
 from meshshard.mesh.discovery import SERVICE
 from meshshard.mesh.sanity import FUTURE_SECONDS, incarnation_at, term_at
 from meshshard.security import CONTROL, Keyring, Sealer

@@ -23,7 +23,7 @@ from support.dataplane import channel_to, origin_at
 from support.procs import Peer, chain_of, mesh_key, wait_for
 from support.reference import greedy_answer
 
-from meshshard.chain.links import CHANNEL_HEADER, Channel, FrameCodec, open_request
+from meshshard.chain.channel import CHANNEL_HEADER, Channel, FrameCodec, open_request
 from meshshard.chain.tensors import to_wire
 from meshshard.security import CONTROL, Keyring, Sealer, new_key, write_key_file
 from meshshard.types import Epoch, Member, NodeId, State

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import aiohttp
 from aiohttp import web
 
-from meshshard.chain.links import Channel, FrameCodec, accept_token, open_request
+from meshshard.chain.channel import Channel, FrameCodec, accept_token, open_request
 from meshshard.wire import DataFrame
 
 

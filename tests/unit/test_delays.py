@@ -9,7 +9,8 @@ import aiohttp
 import pytest
 from support.dataplane import Unwatched, ignore, origin_at
 
-from meshshard.chain.links import FrameCodec, Links, Refusals
+from meshshard.chain.channel import FrameCodec
+from meshshard.chain.links import Links, Refusals
 from meshshard.delays import ENV, DelayedLinks, Delays
 from meshshard.security import Keyring, Sealer, new_key
 from meshshard.types import Epoch

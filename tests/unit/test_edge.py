@@ -16,7 +16,7 @@ from aiohttp import web
 from support.relay import Relay
 
 from meshshard.api.guard import BrowserGuard, host_name
-from meshshard.chain.links import RECORD_BYTES, FrameCodec
+from meshshard.chain.channel import RECORD_BYTES, FrameCodec
 from meshshard.edge.bodies import BodyError, read_body, request_body, response_body
 from meshshard.edge.serve import ConnectionGate, serve
 from meshshard.security import AuthError, Keyring, Sealer

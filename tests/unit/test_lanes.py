@@ -16,12 +16,11 @@ import torch
 from aiohttp import web
 from support.dataplane import Unwatched, ignore
 
+from meshshard.chain.channel import RECORD_BYTES, FrameCodec
 from meshshard.chain.links import (
     BULK,
-    RECORD_BYTES,
     STEPS,
     Dispatch,
-    FrameCodec,
     LinkError,
     Links,
     LinkWatch,
