@@ -1,6 +1,6 @@
 """One stage of the chain: runs its shard over incoming steps, each session's in order, batching
-decode steps of different sessions into one forward pass (which, schedule.py), and passes
-results on.
+decode steps of different sessions into one forward pass (schedule.py says which steps a pass
+runs), and passes results on.
 
 Forward passes run in the model thread so the peer's event loop (gossip, sockets) stays
 responsive, except decode passes short enough to run on the loop itself while that thread is
@@ -137,7 +137,7 @@ class StageWorker:
         spec = shard.spec
         tied = next_addr is None and spec.tied_embeddings and not shard.is_first
         self.head_rows = split_rows(head_share, spec.vocab_size) if tied else 0
-        self._picks = Picks()  # ... halves waiting for their other half (the first stage)
+        self._picks = Picks()  # split steps' halves waiting for the other (at a first stage)
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
         self._send = send
