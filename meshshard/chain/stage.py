@@ -302,7 +302,11 @@ class StageWorker:
         self.steps += len(batch)
         self.batches += 1
         decode = self.costs.record(batch, seconds * 1000, split)
-        logger.debug("pass: %d steps, %.1f ms", len(batch), seconds * 1000)
+        if logger.isEnabledFor(logging.DEBUG):
+            prompts = [f for f in batch if not one_token(f)]
+            rows_, ms = sum(f.tensor.shape[0] for f in prompts), seconds * 1000
+            steps = len(batch) - len(prompts)
+            logger.debug("pass: %d decode steps, %d prompt rows, %.1f ms", steps, rows_, ms)
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)
         self._unsent += 1
