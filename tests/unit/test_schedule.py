@@ -182,3 +182,33 @@ def test_pass_costs_take_decode_passes_by_rows_and_price_prompt_rows_beside_them
     moved = passes.moved(30.0, 40.0)
     costs.record(steps, 40.0, split=False)
     assert costs.pass_ms[3] == pytest.approx(moved)
+
+
+def test_a_slice_costs_what_the_decode_pass_beside_it_costs() -> None:
+    """As timed for that count of steps, else one step's pass and a row's price a step more:
+    a burst's later answers, whose counts are never timed alone, get slices their size."""
+    s = schedule({})
+    assert s.slice_rows(1.0, 3) is None  # nothing measured yet
+    s.costs.step_ms, s.costs.row_ms = 4.0, 0.25
+    assert [s.slice_rows(1.0, n) for n in (1, 3, 8)] == [16, 18, 23]
+    s.costs.pass_ms[1] = 5.0  # one step's pass as timed, over the average of all
+    assert s.slice_rows(1.0, 3) == 22
+    assert s.slice_rows() == 16  # no count beside it: the decode passes' average
+    s.costs.pass_ms[3] = 8.0
+    assert s.slice_rows(1.0, 3) == 32
+    assert s.slice_rows(0.5, 3) == 16
+
+
+def test_a_prompt_rows_price_is_read_only_against_decode_steps_timed_alone() -> None:
+    price = passes.row_price
+    timed = {1: 70.0, 4: 160.0}
+    # 4 decode steps (160 ms alone) and 20 prompt rows in 200 ms: 2 ms a row.
+    assert price(0.0, 200.0, 4, 20, timed, 70.0) == pytest.approx(2.0)
+    # A prompt alone pays one decode pass's weights (step_ms) and its rows.
+    assert price(0.0, 130.0, 0, 30, timed, 70.0) == pytest.approx(2.0)
+    # Beside 6 steps, never timed alone: taking the 1-step pass (or step_ms) for theirs would
+    # charge 4 rows with 5 more steps' work (200 - 70 = 130 ms: 32.5 ms a row, slices of 2).
+    assert price(2.0, 200.0, 6, 4, timed, 70.0) == 2.0
+    # A known count moves the price by STEP_WEIGHT of what this pass says.
+    step = passes.STEP_WEIGHT
+    assert price(2.0, 180.0, 4, 4, timed, 70.0) == pytest.approx(2.0 + step * (5.0 - 2.0))

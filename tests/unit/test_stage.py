@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 
-from meshshard.chain import passes
 from meshshard.chain import schedule as schedule_module
 from meshshard.chain import stage as stage_module
 from meshshard.chain.speculate import confirmed
@@ -179,22 +178,6 @@ async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long
     await run(worker, frames, got)
     assert held[0] == rows
     assert got["long"] == greedy(tiny_model, long, 1)
-
-
-def test_a_slice_costs_what_the_decode_pass_beside_it_costs(tiny_model: Path) -> None:
-    """As timed for that count of steps, else one step's pass and a row's price a step more:
-    a burst's later answers, whose counts are never timed alone, get slices their size."""
-    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
-    worker = StageWorker(shard, EPOCH, None, lambda _a, _f: asyncio.sleep(0))
-    assert worker.schedule.slice_rows(1.0, 3) is None  # nothing measured yet
-    worker.costs.step_ms, worker.costs.row_ms = 4.0, 0.25
-    assert [worker.schedule.slice_rows(1.0, n) for n in (1, 3, 8)] == [16, 18, 23]
-    worker.costs.pass_ms[1] = 5.0  # one step's pass as timed, over the average of all
-    assert worker.schedule.slice_rows(1.0, 3) == 22
-    assert worker.schedule.slice_rows() == 16  # no count beside it: the decode passes' average
-    worker.costs.pass_ms[3] = 8.0
-    assert worker.schedule.slice_rows(1.0, 3) == 32
-    assert worker.schedule.slice_rows(0.5, 3) == 16
 
 
 async def test_the_next_batch_runs_while_the_last_is_sent(tiny_model: Path) -> None:
@@ -584,18 +567,3 @@ async def test_a_session_cache_is_allocated_once_for_what_it_reserved(
     errors = [f for f in sent if isinstance(f, ErrorFrame)]
     assert [e.code for e in errors] == [ErrorCode.UNKNOWN_SESSION]
     assert shard.sessions == ["s0"]
-
-
-def test_a_prompt_rows_price_is_read_only_against_decode_steps_timed_alone() -> None:
-    price = passes.row_price
-    timed = {1: 70.0, 4: 160.0}
-    # 4 decode steps (160 ms alone) and 20 prompt rows in 200 ms: 2 ms a row.
-    assert price(0.0, 200.0, 4, 20, timed, 70.0) == pytest.approx(2.0)
-    # A prompt alone pays one decode pass's weights (step_ms) and its rows.
-    assert price(0.0, 130.0, 0, 30, timed, 70.0) == pytest.approx(2.0)
-    # Beside 6 steps, never timed alone: taking the 1-step pass (or step_ms) for theirs would
-    # charge 4 rows with 5 more steps' work (200 - 70 = 130 ms: 32.5 ms a row, slices of 2).
-    assert price(2.0, 200.0, 6, 4, timed, 70.0) == 2.0
-    # A known count moves the price by STEP_WEIGHT of what this pass says.
-    step = passes.STEP_WEIGHT
-    assert price(2.0, 180.0, 4, 4, timed, 70.0) == pytest.approx(2.0 + step * (5.0 - 2.0))
