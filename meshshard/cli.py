@@ -390,6 +390,15 @@ def _bytes_option(value: str | None) -> float | None:
     "and peers cut what they send here to fit.",
 )
 @click.option(
+    "--raw-port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(-1, 65535),
+    envvar="MESHSHARD_RAW_PORT",
+    help="Port of the raw TCP links that carry decode steps (0: any free port, none with "
+    "--announce; -1: none, WebSockets only).",
+)
+@click.option(
     "--profile-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -442,6 +451,7 @@ def up(
     api_token: str | None,
     api_allow_hosts: tuple[str, ...],
     max_frame: str,
+    raw_port: int,
     profile_dir: Path | None,
     timings: str,
     speculate: int,
@@ -487,6 +497,7 @@ def up(
         api_token=api_token,
         api_allow_hosts=tuple(h for hosts in api_allow_hosts for h in hosts.split(",") if h),
         max_frame_bytes=int(frame_limit or 0) or 64 * 1024 * 1024,
+        raw_port=raw_port,
         profile_dir=profile_dir,
         timings=TEST_TIMINGS if timings == "test" else LAN_TIMINGS,
         speculate=speculate,

@@ -151,6 +151,10 @@ class Config:
     insecure: bool = False
     # The mesh's name, bound into every sealed message: two meshes never cross-talk.
     mesh: str = "meshshard"
+    # Port of the raw links that carry decode steps (chain/rawlinks.py); 0: any free one,
+    # -1: none (WebSockets only). With `announce`, 0 means none: a relay or port forward
+    # would not pass it.
+    raw_port: int = 0
     # Largest data-plane frame accepted; checked before the frame is read.
     max_frame_bytes: int = 64 * 1024 * 1024
     # Address to bind and announce on; mDNS is sent on this interface only. None: all.

@@ -32,6 +32,7 @@ from meshshard.chain.links import (
     SocketServer,
 )
 from meshshard.chain.meter import Passes, StepCostMeter, pace
+from meshshard.chain.rawlinks import RawListener, listening
 from meshshard.chain.service import ChainService
 from meshshard.chain.stage import StageWorker
 from meshshard.chain.worker import run_imports, run_setup
@@ -81,6 +82,18 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
+        _sealer(config)  # a bad key file fails before anything else
+        raw = None
+        if config.raw_port > 0 or (config.raw_port == 0 and config.announce is None):
+            raw = listening(config.interface or "0.0.0.0", config.raw_port)
+        try:
+            await self._run(raw)
+        finally:
+            if raw is not None:
+                raw.close()
+
+    async def _run(self, raw: socket.socket | None) -> None:
+        config = self.config
         sealer = _sealer(config)  # a bad key file fails before anything slow starts
         delays = Delays.from_env()
         if delays:
@@ -96,6 +109,7 @@ class Daemon:
         profile = Profile(
             node_id, 1, spec.name, memory, estimated_ms(units), measured=False,
             device=placement.describe(), frame=config.max_frame_bytes,
+            raw=raw.getsockname()[1] if raw is not None else 0,
         )  # fmt: skip
         self.placement = placement
         # A restarted peer must outrank its own old records: a time-based incarnation does.
@@ -135,11 +149,19 @@ class Daemon:
                 frames, service.refusals, lambda: seam.address, service.handle_frame, seam
             )
             self.service = service
+            peer_gate = ConnectionGate(config.connections_per_host, config.connections)
+            raws = None
+            if raw is not None:
+                raws = RawListener(
+                    raw, frames, lambda: seam.address, service.handle_frame,
+                    service.handle_now, seam.heard, service.refusals.note, peer_gate.admit,
+                    peer_gate.release, config.timings.connect_timeout,
+                )  # fmt: skip
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             body_timeout = config.timings.body_timeout
             api = OpenAIApi(service.origin, codec, spec.name, body_timeout, config.context_tokens)
             self.gates = {
-                "peer": ConnectionGate(config.connections_per_host, config.connections),
+                "peer": peer_gate,
                 "api": ConnectionGate(config.connections_per_host, config.connections),
             }
             metrics = Metrics(node, service, frames, self.gates)
@@ -213,6 +235,8 @@ class Daemon:
                         # Two probe timeouts: a stall that long costs at least one probe.
                         tg.create_task(self.stalls.run(asyncio.sleep)),
                     ]
+                    if raws is not None:
+                        tasks.append(tg.create_task(raws.run()))
                     if discovery is not None:
                         tasks.append(
                             tg.create_task(

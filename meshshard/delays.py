@@ -119,6 +119,9 @@ class DelayedLinks:
             except LinkError as e:
                 logger.warning("delayed frame to %s lost: %s", addr, e)
 
+    def send_now(self, addr: str, frame: DataFrame) -> bool:
+        return not self._delays.to(addr) and self._inner.send_now(addr, frame)
+
     def forget(self, session: str) -> None:
         self._inner.forget(session)
 

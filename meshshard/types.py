@@ -93,6 +93,8 @@ class Profile:
     device: str = ""  # where it runs its shard, as people read it: "cuda:0 bfloat16 int8"
     # The largest data-plane frame it takes (--max-frame): others cut theirs to fit. 0: not said.
     frame: int = 0
+    # The port of its raw links for decode steps (chain/rawlinks.py). 0: WebSockets only.
+    raw: int = 0
 
 
 @dataclass(frozen=True)

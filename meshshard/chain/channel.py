@@ -125,11 +125,29 @@ class Channel:
         return self.token + (b">" if outbound else b"<")
 
 
+def sealed_token(sealer: Sealer, addr: str, me: str = "") -> tuple[bytes, bytes]:
+    """A new connection token, and it sealed for `addr` with the sender's address `me`."""
+    token = secrets.token_bytes(TOKEN_BYTES)
+    return token, sealer.seal(CHANNEL, token + me.encode(), addr.encode())
+
+
+def opened_token(sealer: Sealer, sealed: bytes, names: Sequence[bytes]) -> tuple[bytes, str]:
+    """The connection token sealed for one of `names`, and the sender's address; AuthError
+    for one that does not open."""
+    plain = sealer.open(CHANNEL, sealed, names)
+    try:
+        sender = plain[TOKEN_BYTES:].decode()
+    except UnicodeDecodeError as e:
+        raise AuthError(f"a connection token's address: {e}") from None
+    if len(plain) < TOKEN_BYTES or len(sender) > MAX_ADDRESS:
+        raise AuthError("a connection token is 16 bytes and an address")
+    return plain[:TOKEN_BYTES], sender
+
+
 def open_request(sealer: Sealer, addr: str, me: str = "") -> tuple[bytes, dict[str, str]]:
     """A new connection token, and the upgrade header that carries it sealed for `addr`,
     with the sender's address `me`."""
-    token = secrets.token_bytes(TOKEN_BYTES)
-    sealed = sealer.seal(CHANNEL, token + me.encode(), addr.encode())
+    token, sealed = sealed_token(sealer, addr, me)
     return token, {CHANNEL_HEADER: base64.b64encode(sealed).decode()}
 
 
@@ -141,10 +159,6 @@ def accept_token(request: web.Request, sealer: Sealer, names: Sequence[bytes]) -
     if raw is None:
         raise web.HTTPUnauthorized(text=f"a data-plane socket needs a sealed {CHANNEL_HEADER}")
     try:
-        plain = sealer.open(CHANNEL, base64.b64decode(raw, validate=True), names)
-        sender = plain[TOKEN_BYTES:].decode()
-    except (binascii.Error, AuthError, UnicodeDecodeError) as e:
+        return opened_token(sealer, base64.b64decode(raw, validate=True), names)
+    except (binascii.Error, AuthError) as e:
         raise web.HTTPForbidden(text=f"refused: {e}") from None
-    if len(plain) < TOKEN_BYTES or len(sender) > MAX_ADDRESS:
-        raise web.HTTPForbidden(text="refused: a connection token is 16 bytes and an address")
-    return plain[:TOKEN_BYTES], sender

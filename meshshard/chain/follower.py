@@ -34,7 +34,7 @@ from meshshard.chain.following import (
 )
 from meshshard.chain.handoff import LeftBehind
 from meshshard.chain.seam import ControlPlane
-from meshshard.chain.stage import Observe, StageWorker
+from meshshard.chain.stage import Observe, SendNow, StageWorker
 from meshshard.chain.stats import ChainStats
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import run_model, run_setup
@@ -91,8 +91,10 @@ class PlanFollower:
         clock: Clock,
         timings: Timings,
         observe: Observe | None = None,
+        send_now: SendNow | None = None,
     ) -> None:
         self.control, self.model_dir, self.placement = control, model_dir, placement
+        self._send_now = send_now
         self.spec = spec
         self.memory = memory  # bytes this peer offers: its stage's KV budget is what is left
         self._send, self._tell = send, tell  # `tell`: a send whose failure is only logged
@@ -241,7 +243,7 @@ class PlanFollower:
                 assert self._tg is not None
                 self.stage = StageWorker(
                     pending.shard, plan.epoch, pending.next_addr, self._send, self.observe,
-                    plan.waves, plan.head_share, self.drafter,
+                    plan.waves, plan.head_share, self.drafter, self._send_now,
                 )  # fmt: skip
                 self._stage_task = self._tg.create_task(self.stage.run())
             shard = pending.shard
@@ -315,6 +317,36 @@ class PlanFollower:
             return
         self._seen[frame.session] = (frame.origin, self.clock.now())
         await stage.put(frame)
+
+    def serve_now(self, frame: StepFrame) -> bool:
+        """`serve` a step of the epoch this peer serves, with no switch under way, without
+        waiting; False (nothing done) where it would wait or refuse: `serve` it then."""
+        stage, pending, plan = self.stage, self._pending, self.control.plan()
+        if stage is None or self._switch.locked():
+            return False
+        verdict = step_verdict(
+            frame.epoch,
+            stage.epoch,
+            pending.plan.epoch if pending is not None else None,
+            plan.epoch if plan is not None else None,
+        )
+        if verdict != Step.SERVE:
+            return False
+        if self._superseded(frame):
+            return True
+        # A session's first step may be refused for room; the others reserve what they add.
+        positions = max(frame.reserve, frame.start + frame.tensor.shape[0])
+        if frame.start == 0 and frame.attempt == 0 and frame.step == 0:
+            return False
+        self.budget.admit(frame.session, positions, new=False)
+        if not stage.put_now(frame):
+            return False
+        self._seen[frame.session] = (frame.origin, self.clock.now())
+        return True
+
+    def take_pick_now(self, frame: PickFrame) -> None:
+        if self.stage is not None and self.stage.epoch == frame.epoch:
+            self.stage.take_pick_now(frame)
 
     async def take_pick(self, frame: PickFrame) -> None:
         """The last stage's pick of a split head: for the stage of its epoch (one of an

@@ -30,8 +30,15 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from meshshard.chain.channel import Channel, FrameCodec, accept_token, open_request
+from meshshard.chain.channel import (
+    Channel,
+    FrameCodec,
+    accept_token,
+    open_request,
+    sealed_token,
+)
 from meshshard.chain.inflight import InFlight
+from meshshard.chain.rawlinks import RawOut
 from meshshard.chain.tensors import positions, rows
 from meshshard.edge.serve import names_of
 from meshshard.security import AuthError
@@ -79,6 +86,10 @@ class LinkWatch(Protocol):
 
     def frame_limit(self, address: str) -> int: ...
 
+    def raw_port(self, address: str) -> int:
+        """The port of the peer's raw links (rawlinks.py); 0: it has none."""
+        ...
+
 
 class DataLinks(Protocol):
     """Where a peer's data plane sends frames: sockets to other peers (Links), or in tests
@@ -88,6 +99,11 @@ class DataLinks(Protocol):
 
     async def send(self, addr: str, frame: DataFrame) -> None:
         """Send one frame to `addr`, in order with earlier ones to it; LinkError if it fails."""
+        ...
+
+    def send_now(self, addr: str, frame: DataFrame) -> bool:
+        """Send one frame to `addr` without waiting, where it can go so; False: nothing was
+        sent, `send` it."""
         ...
 
     def forget(self, session: str) -> None:
@@ -100,6 +116,7 @@ class DataLinks(Protocol):
 
 BULK, STEPS = "bulk", "steps"  # a link's two sockets
 _Key = tuple[str, str]  # a socket's address and lane
+Socket = aiohttp.ClientWebSocketResponse | RawOut  # the steps socket may be a raw link
 
 
 def lane(frame: DataFrame) -> str:
@@ -187,9 +204,11 @@ class Links:
         self._refusals = refusals
         self._dispatch = dispatch
         self._tg = tg
-        self._sockets: dict[_Key, tuple[aiohttp.ClientWebSocketResponse, Channel]] = {}
-        self._carried: dict[aiohttp.ClientWebSocketResponse, InFlight] = {}
+        self._sockets: dict[_Key, tuple[Socket, Channel]] = {}
+        self._carried: dict[Socket, InFlight] = {}
         self._locks: dict[_Key, asyncio.Lock] = {}
+        self._sending: Counter[_Key] = Counter()  # senders writing or waiting to, per socket
+        self._no_raw: set[tuple[str, int]] = set()  # raw links that would not open
         self.sent_bytes: Counter[str] = Counter()  # per next hop
 
     async def send(self, addr: str, frame: DataFrame) -> None:
@@ -197,12 +216,43 @@ class Links:
         while that socket's buffers are full (backpressure)."""
         key = (addr, lane(frame))
         # Cut to the smaller of our limit and the receiver's: a peer set lower refuses more.
-        most = min(self._codec.max_frame_bytes, self._watch.frame_limit(addr) or MAX_FRAME_LIMIT)
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            for piece in fitted(frame, most):
-                await self._write(key, piece)
+        most = self._most(addr)
+        self._sending[key] += 1
+        try:
+            async with self._locks.setdefault(key, asyncio.Lock()):
+                for piece in fitted(frame, most):
+                    await self._write(key, piece)
+        finally:
+            self._sending[key] -= 1
         if isinstance(frame, DropFrame):  # its origin ends the answer
             self.forget(frame.session)
+
+    def send_now(self, addr: str, frame: DataFrame) -> bool:
+        """`send` without waiting, where the frame's socket is an open raw link with room
+        that no sender is writing to, and the frame goes whole; False otherwise (nothing was
+        sent)."""
+        key = (addr, lane(frame))
+        known = self._sockets.get(key)
+        if known is None or self._sending[key] or isinstance(frame, DropFrame):
+            return False
+        raw, channel = known
+        if not isinstance(raw, RawOut) or not raw.writable:
+            return False
+        if len(fitted(frame, self._most(addr))) != 1:
+            return False
+        try:
+            records = channel.seal(frame)
+        except WireError:
+            return False  # send() says why
+        if (carried := self._carried.get(raw)) is not None:
+            carried.sent(addr, frame)
+        raw.write(records)
+        self.sent_bytes[addr] += sum(len(r) for r in records)
+        return True
+
+    def _most(self, addr: str) -> int:
+        # Cut to the smaller of our limit and the receiver's: a peer set lower refuses more.
+        return min(self._codec.max_frame_bytes, self._watch.frame_limit(addr) or MAX_FRAME_LIMIT)
 
     async def _write(self, key: _Key, frame: DataFrame) -> None:
         addr = key[0]
@@ -236,11 +286,16 @@ class Links:
         self._sockets.clear()
         self._carried.clear()
 
-    async def _socket(self, key: _Key) -> tuple[aiohttp.ClientWebSocketResponse, Channel]:
+    async def _socket(self, key: _Key) -> tuple[Socket, Channel]:
         addr = key[0]
         known = self._sockets.get(key)
         if known is not None and not known[0].closed:
             return known
+        port = self._watch.raw_port(addr) if key[1] == STEPS else 0
+        if port and (addr, port) not in self._no_raw:
+            raw = await self._raw(key, port)
+            if raw is not None:
+                return raw
         token, headers = open_request(self._codec.sealer, addr, self._codec.me)
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -260,9 +315,39 @@ class Links:
         self._tg.create_task(self._read(key, ws, channel))
         return ws, channel
 
+    async def _raw(self, key: _Key, port: int) -> tuple[RawOut, Channel] | None:
+        """A raw link to the peer at key's address; None (and WebSockets to it while it
+        listens on that port) if it does not open: a firewall may pass the peer's HTTP port
+        and not this one."""
+        addr = key[0]
+        host = addr.rpartition(":")[0].strip("[]")
+        token, sealed = sealed_token(self._codec.sealer, addr, self._codec.me)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, raw = await loop.create_connection(RawOut, host, port)
+        except (TimeoutError, OSError) as e:
+            logger.warning("no raw link to %s (port %d): %s; WebSockets then", addr, port, e)
+            self._no_raw.add((addr, port))
+            return None
+        channel = self._codec.channel(token, outbound=True)
+        raw.write([sealed])
+        self._sockets[key] = (raw, channel)
+        self._carried[raw] = InFlight()
+        self._tg.create_task(self._watch_raw(key, raw))
+        return raw, channel
+
+    async def _watch_raw(self, key: _Key, raw: RawOut) -> None:
+        await raw.ended.wait()
+        self._ended(key, raw)
+
     async def _read(self, key: _Key, ws: aiohttp.ClientWebSocketResponse, channel: Channel) -> None:
         addr = key[0]
         await read_frames(ws, channel, self._refusals, addr, self._dispatch, self._watch.heard)
+        self._ended(key, ws)
+
+    def _ended(self, key: _Key, ws: Socket) -> None:
+        addr = key[0]
         if (known := self._sockets.get(key)) is not None and known[0] is ws:
             del self._sockets[key]
         if self._closing:
@@ -275,7 +360,7 @@ class Links:
         self._lost(ws, f"the socket to {addr} closed under this answer's frames: {why}")
         self._watch.unreachable(addr)
 
-    def _lost(self, ws: aiohttp.ClientWebSocketResponse, why: str) -> None:
+    def _lost(self, ws: Socket, why: str) -> None:
         """Tell the origin of each answer that `ws` carried that its frames may be lost."""
         carried = self._carried.pop(ws, None)
         errors = carried.lost(why) if carried is not None else []
@@ -294,9 +379,11 @@ class Links:
             logger.warning("could not tell %s of a lost frame of %s: %s", origin, error.session, e)
 
 
-def closed_why(ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> str:
+def closed_why(ws: Socket | web.WebSocketResponse) -> str:
     """What a peer's log says of a socket that closed: its close code, and the error that
     closed it where one did (a missed heartbeat, a message over the limit)."""
+    if isinstance(ws, RawOut):
+        return f"raw link, {ws.why}"
     return f"close code {ws.close_code}, {ws.exception() or 'no error'}"
 
 

@@ -89,7 +89,7 @@ class Schedule:
             if frame.session in seen:
                 continue
             seen.add(frame.session)
-            if not self._decodable(frame):
+            if not self.decodable(frame):
                 others.append(frame)
             elif len(decodes) < wave:
                 decodes.append(frame)
@@ -231,6 +231,6 @@ class Schedule:
         self.queue[self.queue.index(frame)] = rest
         return head
 
-    def _decodable(self, frame: StepFrame) -> bool:
+    def decodable(self, frame: StepFrame) -> bool:
         # A cache may hold more than the step continues from: a draft's unconfirmed tokens.
         return one_token(frame) and frame.session in self.shard.sessions and self.continues(frame)

@@ -59,6 +59,10 @@ class ControlPlane(Protocol):
         (0: unknown)."""
         ...
 
+    def raw_port(self, address: str) -> int:
+        """The port of the raw links of the member at `address` (0: it has none)."""
+        ...
+
     def plan_possible(self) -> bool:
         """Whether the serving members can run the model without the ones leaving."""
         ...

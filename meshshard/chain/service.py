@@ -65,7 +65,7 @@ class ChainService:
         self._local: asyncio.Queue[DataFrame] = asyncio.Queue(LOCAL_FRAMES)
         self.follower = PlanFollower(
             control, model_dir, placement, spec, memory, self._send, self._tell, events,
-            self.stats, self.pulse, clock, timings,
+            self.stats, self.pulse, clock, timings, send_now=self._send_now,
         )  # fmt: skip
         self.origin = Origin(
             control, spec, self._send, events, self.stats, self.pulse, clock, timings, speculate
@@ -147,6 +147,31 @@ class ChainService:
                 await self.follower.take_kv(frame)
             case TokenFrame() | ErrorFrame() | HandoffDone():
                 self.origin.deliver(frame)
+
+    def handle_now(self, frame: DataFrame) -> bool:
+        """`handle_frame` without waiting, from the callback that read the frame (a raw
+        link's): a step whose pass is short runs here. False: nothing done, `handle_frame`
+        it."""
+        match frame:
+            case StepFrame() if self.follower.ended(frame.session):
+                return True
+            case StepFrame():
+                return self.follower.serve_now(frame)
+            case PickFrame():
+                self.follower.take_pick_now(frame)
+                return True
+            case TokenFrame() | ErrorFrame():
+                self.origin.deliver(frame)
+                return True
+        return False
+
+    def _send_now(self, addr: str, frame: DataFrame) -> bool:
+        if addr == self.control.address:
+            if self._local.full():
+                return False
+            self._local.put_nowait(frame)
+            return True
+        return self._links is not None and self._links.send_now(addr, frame)
 
     async def _send(self, addr: str, frame: DataFrame) -> None:
         if addr == self.control.address:

@@ -6,6 +6,12 @@ Forward passes run in the model thread so the peer's event loop (gossip, sockets
 responsive, except decode passes short enough to run on the loop itself while that thread is
 idle (worker.run_inline: they then do not share the GIL with the loop's work); whatever else
 touches a cache (drops, handoffs) runs in the model thread too, so never under a forward pass.
+
+A step that arrives while the stage is idle, and whose pass is short, runs at once where it
+arrives (`put_now`, from a raw link's reading callback, or `put`), and what it gives goes out
+at once where its link can take it (`send_now`): no task wakes between a frame's arrival and
+its pass, or between the pass and the next frame's writing. Anything else goes by the compute
+task and the senders, in order behind what they hold.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from meshshard.chain.picks import Pick, Picks, split_rows
 from meshshard.chain.schedule import Schedule
 from meshshard.chain.speculate import accepted, confirmed
 from meshshard.chain.tensors import from_wire, to_wire
-from meshshard.chain.worker import run_inline, run_model
+from meshshard.chain.worker import model_idle, run_inline, run_model
 from meshshard.model.sampling import Sampler, SamplingParams
 from meshshard.model.shard import Shard, UnknownSession
 from meshshard.types import Epoch
@@ -44,6 +50,7 @@ from meshshard.wire import (
 logger = logging.getLogger(__name__)
 
 Send = Callable[[str, DataFrame], Awaitable[None]]
+SendNow = Callable[[str, DataFrame], bool]  # a send that cannot wait: False if it did not
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,24 @@ class Normed:
     hidden: torch.Tensor
 
 
-Output = TensorData | tuple[int, ...] | Normed  # what a pass gives a step: hidden states, or tokens
+@dataclass(frozen=True)
+class Failed:
+    """A step its pass could not run, to tell its origin of."""
+
+    code: ErrorCode
+    message: str
+    have: int = 0
+
+
+@dataclass(frozen=True)
+class Later:
+    """Frames of a step's output still to send, in order (those before went at once)."""
+
+    sends: tuple[tuple[str, DataFrame], ...]
+
+
+# What a pass gives a step: hidden states, or tokens, or what is left to send of either
+Output = TensorData | tuple[int, ...] | Normed | Failed | Later
 # (steps in a batch, seconds its forward pass took, whether all were single-token decodes)
 Observe = Callable[[int, float, bool], None]
 MAX_QUEUE = 64  # steps waiting here before senders are made to wait
@@ -125,6 +149,7 @@ class StageWorker:
         waves: int = 1,
         head_share: float = 0.0,
         drafter: Drafter | None = None,
+        send_now: SendNow | None = None,
     ) -> None:
         self.shard = shard
         # Drafts for answers the chain feeds itself are made where it feeds them: here, at
@@ -141,6 +166,7 @@ class StageWorker:
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
         self._send = send
+        self._send_now = send_now or (lambda _addr, _frame: False)
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
@@ -152,13 +178,16 @@ class StageWorker:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue(
-            OUTBOX
-        )
+        # Batches computed and not sent (at most OUTBOX from the compute task; the rest of
+        # what went out at once may join them).
+        self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue()
+        self._out_room = asyncio.Event()
+        self._out_room.set()
         # A prompt's activations go out by a sender of their own: on a slow link they would
         # hold up the decode steps computed after them (links.py sends them by another socket).
         self._bulk: asyncio.Queue[tuple[StepFrame, Output]] = asyncio.Queue()
         self._unsent = 0  # batches and bulk frames computed and not yet sent
+        self._sending = False  # the senders run (`run`)
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
@@ -168,7 +197,10 @@ class StageWorker:
 
     async def put(self, frame: StepFrame) -> None:
         if frame.head:
-            await self._pick_ours(frame)
+            if not self._pick_ours_now(frame):
+                hidden = from_wire(frame.tensor)
+                logits, tokens = await run_inline(self._pick, hidden, 0, frame.head)
+                self._ours(frame, Pick(logits, tokens))
             return
         while len(self.schedule.queue) >= MAX_QUEUE and not self._closing:
             self._has_room.clear()
@@ -176,42 +208,101 @@ class StageWorker:
         if self._closing:
             await self._error(frame, ErrorCode.STALE_EPOCH, "this stage moved to a new plan")
             return
+        self._accept(frame)
+
+    def put_now(self, frame: StepFrame) -> bool:
+        """`put` without waiting: False (and nothing done) where it would wait, for room in
+        the queue or for the model thread."""
+        if frame.head:
+            return self._pick_ours_now(frame)
+        if len(self.schedule.queue) >= MAX_QUEUE or self._closing:
+            return False
+        self._accept(frame)
+        return True
+
+    def _accept(self, frame: StepFrame) -> None:
+        """Queue a step, and run it at once where it can (`_run_now`)."""
+        if self._closing:
+            self._later(frame, [(frame.origin, self._refusal(frame))])
+            return
         if self._drafter is not None:
             frame = self._drafter.fed(frame)
         self.schedule.add(frame, time.perf_counter())
-        self._has_work.set()
+        if not self._run_now(frame):
+            self._has_work.set()
 
-    async def _pick_ours(self, frame: StepFrame) -> None:
+    def _run_now(self, frame: StepFrame) -> bool:
+        """Run `frame`'s pass here and now, and send what it gives where that can go at
+        once: when it is the only step waiting, a decode step whose pass is short
+        (`_short`), the compute task idle and the model thread too. The pass then starts
+        without a task's wake, as on the loop it runs anyway."""
+        if (
+            len(self.schedule.queue) != 1
+            or self._has_work.is_set()
+            or not self._idle.is_set()
+            or not model_idle()
+            or not self.schedule.decodable(frame)
+        ):
+            return False
+        split = self._splits([frame])
+        if not self._short([frame], split):
+            return False
+        batch = self.schedule.take(time.perf_counter())
+        if isinstance(batch, float):  # held for steps due soon: the compute task holds it
+            return False
+        started = time.perf_counter()
+        seconds = None
+        try:
+            outputs = self._pass(batch, split)
+        except Exception as e:
+            outputs = self._failed(batch, e)
+        else:
+            seconds = time.perf_counter() - started
+        for i, (f, out) in enumerate(zip(batch, outputs, strict=True)):
+            if not self._emit_now(f, out):
+                self._queue_out(batch[i:], outputs[i:])
+                break
+        if seconds is not None:  # after the sends: they are what the chain waits for
+            self._count(batch, split, seconds)
+        return True
+
+    def _pick_ours_now(self, frame: StepFrame) -> bool:
         """A split step's rows [0, head) of the vocabulary, scored as it arrives (a few ms,
-        while the last stage scores the rest): its tokens once both picks are in."""
+        while the last stage scores the rest): its tokens once both picks are in. False
+        while the model thread is busy (`put` waits for it)."""
         vocab = self.shard.spec.vocab_size
         if not self.shard.is_first or self.shard.head_weight is None or frame.head >= vocab:
             message = f"this stage cannot score rows [0, {frame.head}) of a split head"
-            await self._error(frame, ErrorCode.BAD_FRAME, message)
-            return
-        hidden = from_wire(frame.tensor)
-        logits, tokens = await run_inline(self._pick, hidden, 0, frame.head)
-        if (picked := self._picks.ours(frame, Pick(logits, tokens))) is not None:
-            await self._picked(frame, picked)
+            self._later(frame, [(frame.origin, self._refusal(frame, ErrorCode.BAD_FRAME, message))])
+            return True
+        if not model_idle():
+            return False
+        logits, tokens = self._pick(from_wire(frame.tensor), 0, frame.head)
+        self._ours(frame, Pick(logits, tokens))
+        return True
+
+    def _ours(self, frame: StepFrame, pick: Pick) -> None:
+        if (picked := self._picks.ours(frame, pick)) is not None:
+            self._picked(frame, picked)
 
     async def take_pick(self, frame: PickFrame) -> None:
+        self.take_pick_now(frame)
+
+    def take_pick_now(self, frame: PickFrame) -> None:
         """The last stage's pick of a split step."""
         if (got := self._picks.theirs(frame)) is not None:
-            await self._picked(*got)
+            self._picked(*got)
 
-    async def _picked(self, frame: StepFrame, picked: tuple[int, ...]) -> None:
+    def _picked(self, frame: StepFrame, picked: tuple[int, ...]) -> None:
         """A split step's tokens, those of its picks the draft confirms: into the chain as
-        the step they feed (what the chain waits for), unless they end the answer, and to
-        its origin, as the last stage sends them unsplit."""
+        the step they feed (what the chain waits for: its pass may run at once), unless they
+        end the answer, then to its origin, as the last stage sends them unsplit."""
         tokens = accepted(picked, frame.draft)
         if (follow := _followed(replace(frame, head=0), tokens)) is not None:
-            await self.put(follow)
+            self._accept(follow)
         drafted = len(frame.draft)
         copy = TokenFrame(frame.epoch, frame.session, frame.step, tokens, frame.attempt, drafted)
-        try:
-            await self._send(frame.origin, copy)
-        except Exception as e:
-            logger.warning("could not send %s's tokens to its origin: %s", frame.session, e)
+        self._send_or_later(frame, [(frame.origin, copy)])
 
     def _pick(
         self, hidden: torch.Tensor, start: int, end: int
@@ -233,8 +324,12 @@ class StageWorker:
         the last one's frames go out."""
         async with asyncio.TaskGroup() as tg:
             senders = [tg.create_task(self._send_outputs()), tg.create_task(self._send_bulk())]
-            await self._compute()
-            await self._sent()
+            self._sending = True
+            try:
+                await self._compute()
+                await self._sent()
+            finally:
+                self._sending = False
             for sender in senders:
                 sender.cancel()
 
@@ -276,28 +371,33 @@ class StageWorker:
         run = run_inline if self._short(batch, split) else run_model
         try:
             outputs = await run(self._pass, batch, split)
-        except CacheMiss as e:
-            session = batch[0].session
-            if session in self.shard.sessions:
-                await self._error(batch[0], ErrorCode.CACHE_MISS, str(e), e.have)
-            else:
-                await self._error(
-                    batch[0], ErrorCode.UNKNOWN_SESSION, f"unknown session {session!r}"
-                )
-            return
-        except (ValueError, WireError, UnknownSession) as e:
-            code = (
-                ErrorCode.UNKNOWN_SESSION if isinstance(e, UnknownSession) else ErrorCode.BAD_FRAME
-            )
-            for frame in batch:
-                await self._error(frame, code, str(e))
-            return
-        except Exception as e:  # a bug must cost these steps, not the peer
-            logger.exception("stage failed on %d steps", len(batch))
-            for frame in batch:
-                await self._error(frame, ErrorCode.INTERNAL, f"stage failed: {e}")
-            return
-        seconds = time.perf_counter() - started
+        except Exception as e:
+            outputs = self._failed(batch, e)
+        else:
+            self._count(batch, split, time.perf_counter() - started)
+        self._queue_out(batch, outputs)
+        # The sender goes first, then whatever else waits (a pass on the loop did not yield).
+        await asyncio.sleep(0)
+        while self._outbox.qsize() >= OUTBOX:
+            self._out_room.clear()
+            await self._out_room.wait()
+
+    def _failed(self, batch: list[StepFrame], e: Exception) -> list[Output]:
+        """What to tell the origins of a batch whose pass raised `e`."""
+        if isinstance(e, CacheMiss):  # only a lone step's pass checks where its cache ends
+            if batch[0].session in self.shard.sessions:
+                return [Failed(ErrorCode.CACHE_MISS, str(e), e.have)] * len(batch)
+            unknown = f"unknown session {batch[0].session!r}"
+            return [Failed(ErrorCode.UNKNOWN_SESSION, unknown)] * len(batch)
+        if isinstance(e, UnknownSession):
+            return [Failed(ErrorCode.UNKNOWN_SESSION, str(e))] * len(batch)
+        if isinstance(e, ValueError | WireError):
+            return [Failed(ErrorCode.BAD_FRAME, str(e))] * len(batch)
+        # A bug must cost these steps, not the peer.
+        logger.error("stage failed on %d steps", len(batch), exc_info=e)
+        return [Failed(ErrorCode.INTERNAL, f"stage failed: {e}")] * len(batch)
+
+    def _count(self, batch: list[StepFrame], split: bool, seconds: float) -> None:
         self.forward_s += seconds
         self.steps += len(batch)
         self.batches += 1
@@ -309,10 +409,6 @@ class StageWorker:
             logger.debug("pass: %d decode steps, %d prompt rows, %.1f ms", steps, rows_, ms)
         if self._observe is not None:
             self._observe(len(batch), seconds, decode)
-        self._unsent += 1
-        await self._outbox.put((batch, outputs))
-        # The sender goes first, then whatever else waits (a pass on the loop did not yield).
-        await asyncio.sleep(0)
 
     def _short(self, batch: list[StepFrame], split: bool) -> bool:
         """Whether the batch is decode steps whose passes of its size (or without the head,
@@ -322,6 +418,19 @@ class StageWorker:
         work waits for the pass: an origin's on the tokens of the step that started it
         would otherwise share the interpreter lock with it (docs/data-plane.md)."""
         return not self._unsent and 0 < self.costs.took(batch, split) <= INLINE_MS
+
+    def _queue_out(self, batch: list[StepFrame], outputs: Sequence[Output]) -> None:
+        self._unsent += 1
+        self._outbox.put_nowait((batch, outputs))
+
+    def _later(self, frame: StepFrame, sends: list[tuple[str, DataFrame]]) -> None:
+        if self._sending:
+            self._queue_out([frame], [Later(tuple(sends))])
+            return
+        # The senders have stopped (a pick that came after the stage closed): at once or never.
+        for addr, f in sends:
+            if not self._send_now(addr, f):
+                logger.warning("stage stopped: could not send %s to %s", type(f).__name__, addr)
 
     async def _send_outputs(self) -> None:
         while True:
@@ -336,6 +445,7 @@ class StageWorker:
             finally:
                 self._unsent -= 1
                 self._outbox.task_done()
+                self._out_room.set()
 
     async def _send_bulk(self) -> None:
         while True:
@@ -396,48 +506,99 @@ class StageWorker:
         logits = len(frame.draft) + 1 if frame.sample else 0  # a draft's positions are sampled
         return [self.shard.prefill(frame.session, x, positions, logits=logits, head=head)]
 
+    def _sends(self, frame: StepFrame, out: Output) -> list[tuple[str, DataFrame]]:
+        """What a step's output sends where, in order (all but a split head's)."""
+        if isinstance(out, Later):
+            return list(out.sends)
+        if isinstance(out, Failed):
+            return [(frame.origin, self._refusal(frame, out.code, out.message, out.have))]
+        if isinstance(out, TensorData):
+            assert self.next_addr is not None
+            return [(self.next_addr, replace(frame, tensor=out))]
+        if not frame.sample or isinstance(out, Normed):
+            return []
+        # The next step first (it is what the chain waits for), then the origin's copy.
+        drafted = len(frame.draft)
+        copy = TokenFrame(frame.epoch, frame.session, frame.step, out, frame.attempt, drafted)
+        follow = _followed(frame, out)
+        return [(follow.loop, follow), (frame.origin, copy)] if follow else [(frame.origin, copy)]
+
     async def _emit(self, frame: StepFrame, out: Output) -> None:
-        try:
-            if isinstance(out, TensorData):
-                assert self.next_addr is not None
-                await self._send(self.next_addr, replace(frame, tensor=out))
-            elif isinstance(out, Normed):
+        if isinstance(out, Normed):
+            try:
                 await self._split(frame, out.hidden)
-            elif frame.sample:
-                # The next step first (it is what the chain waits for), then the origin's copy.
-                follow, failed = _followed(frame, out), None
-                if follow is not None:
-                    try:
-                        await self._send(follow.loop, follow)
-                    except Exception as e:
-                        failed = e
-                drafted = len(frame.draft)
-                tokens = TokenFrame(
-                    frame.epoch, frame.session, frame.step, out, frame.attempt, drafted
-                )
-                await self._send(frame.origin, tokens)
-                if follow is not None and failed is not None:
-                    await self._error(follow, ErrorCode.INTERNAL, f"first stage failed: {failed}")
-        except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
-            logger.warning("stage could not pass on %s step %d: %s", frame.session, frame.step, e)
-            await self._error(frame, ErrorCode.INTERNAL, f"next hop failed: {e}")
+            except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
+                self._undelivered(frame, e)
+                await self._error(frame, ErrorCode.INTERNAL, f"next hop failed: {e}")
+            return
+        failed: list[tuple[DataFrame, Exception]] = []
+        for addr, f in self._sends(frame, out):
+            try:
+                await self._send(addr, f)
+            except Exception as e:
+                failed.append((f, e))
+        for f, error in failed:  # after the rest: an origin hears of a step after its tokens
+            self._undelivered(frame, error)
+            if not isinstance(f, ErrorFrame):
+                failing = f if isinstance(f, StepFrame) else frame
+                await self._error(failing, ErrorCode.INTERNAL, f"next hop failed: {error}")
+
+    def _emit_now(self, frame: StepFrame, out: Output) -> bool:
+        """Send a step's output where its links take it at once; the rest is queued for the
+        sender. False: nothing went (the sender takes all of it)."""
+        if isinstance(out, Normed):
+            # The hidden states first: the first stage scores its rows while this one does.
+            if not self._send_now(frame.loop, self._ahead(frame, out.hidden)):
+                return False
+            sends: list[tuple[str, DataFrame]] = [
+                (frame.loop, self._pick_theirs(frame, out.hidden))
+            ]
+        else:
+            sends = self._sends(frame, out)
+        self._send_or_later(frame, sends)
+        return True
+
+    def _send_or_later(self, frame: StepFrame, sends: list[tuple[str, DataFrame]]) -> None:
+        for i, (addr, f) in enumerate(sends):
+            if not self._send_now(addr, f):
+                self._later(frame, sends[i:])
+                return
+
+    def _undelivered(self, frame: StepFrame, e: Exception) -> None:
+        logger.warning("stage could not pass on %s step %d: %s", frame.session, frame.step, e)
+
+    def _ahead(self, frame: StepFrame, hidden: torch.Tensor) -> StepFrame:
+        return replace(frame, tensor=to_wire(hidden), head=self.head_rows)
+
+    def _pick_theirs(self, frame: StepFrame, hidden: torch.Tensor) -> PickFrame:
+        logits, tokens = self._pick(hidden, self.head_rows, self.shard.spec.vocab_size)
+        return PickFrame(frame.epoch, frame.session, frame.step, tokens, logits, frame.attempt)
 
     async def _split(self, frame: StepFrame, hidden: torch.Tensor) -> None:
         """The hidden states to the first stage first, then this stage's picks of the rest
         of the vocabulary: the two are scored at once. (The pick may run on the loop: a send
         has written its frame to the socket when it returns. In the model thread it ran
         later, 61.2 ms a token against 59.3 on the loop, chain-runs.txt.)"""
-        await self._send(frame.loop, replace(frame, tensor=to_wire(hidden), head=self.head_rows))
-        vocab = self.shard.spec.vocab_size
-        logits, tokens = await run_inline(self._pick, hidden, self.head_rows, vocab)
-        pick = PickFrame(frame.epoch, frame.session, frame.step, tokens, logits, frame.attempt)
+        await self._send(frame.loop, self._ahead(frame, hidden))
+        if model_idle():
+            pick = self._pick_theirs(frame, hidden)
+        else:
+            pick = await run_model(self._pick_theirs, frame, hidden)
         await self._send(frame.loop, pick)
 
-    async def _error(self, frame: StepFrame, code: ErrorCode, message: str, have: int = 0) -> None:
-        error = ErrorFrame(
+    def _refusal(
+        self,
+        frame: StepFrame,
+        code: ErrorCode = ErrorCode.STALE_EPOCH,
+        message: str = "this stage moved to a new plan",
+        have: int = 0,
+    ) -> ErrorFrame:
+        return ErrorFrame(
             frame.epoch, frame.session, frame.step, code, message, frame.attempt, have
         )
+
+    async def _error(self, frame: StepFrame, code: ErrorCode, message: str, have: int = 0) -> None:
         try:
-            await self._send(frame.origin, error)
+            await self._send(frame.origin, self._refusal(frame, code, message, have))
         except Exception as e:
             logger.warning("could not report %s to %s: %s", code, frame.origin, e)

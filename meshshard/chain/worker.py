@@ -96,6 +96,11 @@ async def run_model(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
             _count_out()
 
 
+def model_idle() -> bool:
+    """Whether the model thread has nothing to do: model work may then run on the loop."""
+    return not _handed
+
+
 async def run_inline(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """`run_model` for short work, on the event loop while the model thread is idle: model
     work stays one call at a time (nothing can be handed to the thread while the loop runs

@@ -26,13 +26,13 @@ class ConnectionGate:
         self.per_host, self.total = per_host, total
         self.refused = 0
         self._open: Counter[str] = Counter()
-        self._hosts: dict[RequestHandler, str] = {}
+        self._hosts: dict[object, str] = {}  # a connection's protocol, and its host
 
     @property
     def open(self) -> int:
         return len(self._hosts)
 
-    def admit(self, handler: RequestHandler, host: str) -> bool:
+    def admit(self, handler: object, host: str) -> bool:
         if len(self._hosts) >= self.total or self._open[host] >= self.per_host:
             self.refused += 1
             if self.refused <= 3 or self.refused % 1000 == 0:
@@ -45,7 +45,7 @@ class ConnectionGate:
         self._hosts[handler] = host
         return True
 
-    def release(self, handler: RequestHandler) -> None:
+    def release(self, handler: object) -> None:
         host = self._hosts.pop(handler, None)
         if host is not None:
             self._open[host] -= 1

@@ -421,6 +421,12 @@ class ControlNode:
         profile = self.profiles.get(member.id) if member is not None else None
         return profile.frame if profile is not None else 0
 
+    def raw_port(self, addr: str) -> int:
+        """The port of the raw links of the member at `addr`, as its profile says (0: none)."""
+        member = self._by_addr(addr)
+        profile = self.profiles.get(member.id) if member is not None else None
+        return profile.raw if profile is not None else 0
+
     def _by_addr(self, addr: str) -> Member | None:
         return next((m for m in self.membership.others() if m.addr == addr), None)
 

@@ -49,6 +49,9 @@ class NodeSeam:
     def frame_limit(self, address: str) -> int:
         return self._node.frame_limit(address)
 
+    def raw_port(self, address: str) -> int:
+        return self._node.raw_port(address)
+
     def why_no_plan(self) -> str:
         return self._node.why_unplannable() or self._node.plan_error
 

@@ -201,6 +201,7 @@ def _profile_out(p: Profile) -> dict[str, Any]:
         "pace": p.pace,
         "dev": p.device,
         "frame": p.frame,
+        "raw": p.raw,
     }
 
 
@@ -241,6 +242,7 @@ def _profile_in(raw: object, what: str) -> Profile:
         pace=checks.number(m.get("pace", 1.0), f"{what}.pace", MAX_PACE, low=MIN_PACE),
         device=checks.text(m.get("dev", ""), f"{what}.dev", empty=True),
         frame=checks.integer(m.get("frame", 0), f"{what}.frame", high=MAX_FRAME_LIMIT),
+        raw=checks.integer(m.get("raw", 0), f"{what}.raw", high=65535),
     )
 
 

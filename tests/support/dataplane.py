@@ -64,6 +64,9 @@ class Unwatched:
     def frame_limit(self, address: str) -> int:
         return 0
 
+    def raw_port(self, address: str) -> int:
+        return 0
+
     def heard(self, address: str) -> None:
         pass
 

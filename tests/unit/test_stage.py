@@ -567,3 +567,48 @@ async def test_a_session_cache_is_allocated_once_for_what_it_reserved(
     errors = [f for f in sent if isinstance(f, ErrorFrame)]
     assert [e.code for e in errors] == [ErrorCode.UNKNOWN_SESSION]
     assert shard.sessions == ["s0"]
+
+
+async def test_a_lone_step_at_an_idle_stage_runs_and_goes_out_where_it_arrives(
+    tiny_model: Path,
+) -> None:
+    """Once a lone step's pass is measured short, the next one runs inside `put_now` (a raw
+    link's reading callback) and its tokens are written before it returns; where the link
+    cannot take them at once, the sender sends them, and the answer is the same."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    prompt = PROMPTS[0]
+    shard.prefill("s", torch.tensor(prompt))
+    truth = greedy(tiny_model, prompt, 4)
+    later: list[DataFrame] = []
+    now: list[DataFrame] = []
+    taking = True
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        later.append(frame)
+
+    def send_now(addr: str, frame: DataFrame) -> bool:
+        if taking:
+            now.append(frame)
+        return taking
+
+    def tokens(frames: list[DataFrame]) -> list[tuple[int, ...]]:
+        return [f.tokens for f in frames if isinstance(f, TokenFrame)]
+
+    worker = StageWorker(shard, EPOCH, None, send, send_now=send_now)
+    task = asyncio.create_task(worker.run())
+    try:
+        await worker.put(replace(step("s", len(prompt), [truth[0]], ()), step=1))
+        while not later:  # not measured yet: by the compute task and the sender
+            await asyncio.sleep(0.01)
+        assert worker.put_now(replace(step("s", len(prompt) + 1, [truth[1]], ()), step=2))
+        assert tokens(now) == [(truth[2],)]  # written before put_now returned
+        taking = False
+        assert worker.put_now(replace(step("s", len(prompt) + 2, [truth[2]], ()), step=3))
+        while len(later) < 2:
+            await asyncio.sleep(0.01)
+    finally:
+        await worker.close("done")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert tokens(later) == [(truth[1],), (truth[3],)]
+    assert worker.batches == 3
