@@ -33,8 +33,9 @@ from meshshard.chain.following import (
     switch_now,
 )
 from meshshard.chain.handoff import LeftBehind
+from meshshard.chain.outbox import SendNow
 from meshshard.chain.seam import ControlPlane
-from meshshard.chain.stage import Observe, SendNow, StageWorker
+from meshshard.chain.stage import Observe, StageWorker
 from meshshard.chain.stats import ChainStats
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import run_model, run_setup

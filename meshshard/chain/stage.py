@@ -20,122 +20,32 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
 from meshshard.chain.drafts import Drafter
-from meshshard.chain.links import BULK, lane
+from meshshard.chain.outbox import Outbox, Send, SendNow
+from meshshard.chain.outputs import CacheMiss, Normed, Output, failed, followed, refusal, sampled
 from meshshard.chain.passes import PassCosts, one_token
 from meshshard.chain.picks import Pick, Picks, split_rows
 from meshshard.chain.schedule import Schedule
-from meshshard.chain.speculate import accepted, confirmed
+from meshshard.chain.speculate import accepted
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.chain.worker import model_idle, run_inline, run_model
-from meshshard.model.sampling import Sampler, SamplingParams
-from meshshard.model.shard import Shard, UnknownSession
+from meshshard.model.shard import Shard
 from meshshard.types import Epoch
-from meshshard.wire import (
-    DataFrame,
-    ErrorCode,
-    ErrorFrame,
-    PickFrame,
-    StepFrame,
-    TensorData,
-    TokenFrame,
-    WireError,
-)
+from meshshard.wire import ErrorCode, PickFrame, StepFrame, TokenFrame
 
 logger = logging.getLogger(__name__)
 
-Send = Callable[[str, DataFrame], Awaitable[None]]
-SendNow = Callable[[str, DataFrame], bool]  # a send that cannot wait: False if it did not
-
-
-@dataclass(frozen=True)
-class Normed:
-    """A lone greedy step's normed hidden states [rows, hidden] (its token's, and its
-    draft's), whose head is split between the last stage and the first (chain/picks.py)."""
-
-    hidden: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A step its pass could not run, to tell its origin of."""
-
-    code: ErrorCode
-    message: str
-    have: int = 0
-
-
-@dataclass(frozen=True)
-class Later:
-    """Frames of a step's output still to send, in order (those before went at once)."""
-
-    sends: tuple[tuple[str, DataFrame], ...]
-
-
-# What a pass gives a step: hidden states, or tokens, or what is left to send of either
-Output = TensorData | tuple[int, ...] | Normed | Failed | Later
 # (steps in a batch, seconds its forward pass took, whether all were single-token decodes)
 Observe = Callable[[int, float, bool], None]
 MAX_QUEUE = 64  # steps waiting here before senders are made to wait
-OUTBOX = 2  # batches computed ahead of their sending
 # A decode pass measured at most this long runs on the event loop (worker.run_inline): a probe
 # arriving meanwhile waits for it, well inside probe timeouts (150-200 ms).
 INLINE_MS = 40.0
-
-
-class CacheMiss(Exception):
-    """A step continues from a position this stage's cache does not reach."""
-
-    def __init__(self, have: int) -> None:
-        super().__init__(f"this stage holds {have} positions of the session")
-        self.have = have
-
-
-def _sampled(batch: list[StepFrame], outs: list[torch.Tensor]) -> list[tuple[int, ...]]:
-    """The tokens each step's logits confirm. Greedy steps' rows are picked by one argmax
-    over all of them (one copy off the device); others sample with their seeds, row by row."""
-    greedy = [i for i, f in enumerate(batch) if f.sample and f.sampling.temperature == 0]
-    logits = [outs[i].reshape(-1, outs[i].shape[-1]) for i in greedy]
-    best = torch.argmax(torch.cat(logits), dim=-1).tolist() if logits else []
-    picked: dict[int, list[int]] = {}
-    for i, rows_of_i in zip(greedy, logits, strict=True):
-        n = rows_of_i.shape[0]
-        picked[i], best = best[:n], best[n:]
-    tokens: list[tuple[int, ...]] = []
-    for i, (f, out) in enumerate(zip(batch, outs, strict=True)):
-        if not f.sample:
-            tokens.append(())
-            continue
-        if i in picked:
-            sample = _looked_up(picked[i], f.step)
-        else:
-            s = f.sampling
-            sample = Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed))
-        tokens.append(confirmed(sample, out.cpu(), f.draft, f.step))
-    return tokens
-
-
-def _followed(frame: StepFrame, tokens: tuple[int, ...]) -> StepFrame | None:
-    """The step after `frame` that the last stage sends to the first itself, when the origin
-    asked for it (`loop`) and the answer goes on: tokens then go round the chain without a
-    hop through the origin. It feeds the last token at its position: a draft's positions
-    past it were not confirmed, and the first stage drafts anew (chain/drafts.py)."""
-    step = frame.step + len(tokens)
-    if not frame.loop or step > frame.until or set(tokens) & set(frame.stops):
-        return None
-    ids = torch.tensor(tokens[-1:], dtype=torch.int64)
-    start = frame.start + frame.tensor.shape[0] - len(frame.draft) + len(tokens) - 1
-    return replace(frame, step=step, start=start, tensor=to_wire(ids), sample=True, draft=())
-
-
-def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], int]:
-    """A sampler that answers from tokens picked already: step + j's is tokens[j]."""
-    return lambda _, k: tokens[k - step]
 
 
 class StageWorker:
@@ -165,8 +75,10 @@ class StageWorker:
         self._picks = Picks()  # split steps' halves waiting for the other (at a first stage)
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
-        self._send = send
-        self._send_now = send_now or (lambda _addr, _frame: False)
+        self.outbox = Outbox(
+            send, send_now or (lambda _addr, _frame: False), next_addr, self.head_rows,
+            self._pick_theirs,
+        )  # fmt: skip
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
@@ -178,21 +90,11 @@ class StageWorker:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
-        # Batches computed and not sent (at most OUTBOX from the compute task; the rest of
-        # what went out at once may join them).
-        self._outbox: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue()
-        self._out_room = asyncio.Event()
-        self._out_room.set()
-        # A prompt's activations go out by a sender of their own: on a slow link they would
-        # hold up the decode steps computed after them (links.py sends them by another socket).
-        self._bulk: asyncio.Queue[tuple[StepFrame, Output]] = asyncio.Queue()
-        self._unsent = 0  # batches and bulk frames computed and not yet sent
-        self._sending = False  # the senders run (`run`)
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
         while self.schedule.queue:
-            await self._error(self.schedule.queue.popleft(), ErrorCode.STALE_EPOCH, message)
+            await self.outbox.error(self.schedule.queue.popleft(), ErrorCode.STALE_EPOCH, message)
         self._has_room.set()
 
     async def put(self, frame: StepFrame) -> None:
@@ -206,7 +108,7 @@ class StageWorker:
             self._has_room.clear()
             await self._has_room.wait()
         if self._closing:
-            await self._error(frame, ErrorCode.STALE_EPOCH, "this stage moved to a new plan")
+            await self.outbox.error(frame, ErrorCode.STALE_EPOCH, "this stage moved to a new plan")
             return
         self._accept(frame)
 
@@ -223,7 +125,7 @@ class StageWorker:
     def _accept(self, frame: StepFrame) -> None:
         """Queue a step, and run it at once where it can (`_run_now`)."""
         if self._closing:
-            self._later(frame, [(frame.origin, self._refusal(frame))])
+            self.outbox.later(frame, [(frame.origin, refusal(frame))])
             return
         if self._drafter is not None:
             frame = self._drafter.fed(frame)
@@ -255,12 +157,12 @@ class StageWorker:
         try:
             outputs = self._pass(batch, split)
         except Exception as e:
-            outputs = self._failed(batch, e)
+            outputs = failed(batch, e, self.shard.sessions)
         else:
             seconds = time.perf_counter() - started
         for i, (f, out) in enumerate(zip(batch, outputs, strict=True)):
-            if not self._emit_now(f, out):
-                self._queue_out(batch[i:], outputs[i:])
+            if not self.outbox.emit_now(f, out):
+                self.outbox.put(batch[i:], outputs[i:])
                 break
         if seconds is not None:  # after the sends: they are what the chain waits for
             self._count(batch, split, seconds)
@@ -273,7 +175,7 @@ class StageWorker:
         vocab = self.shard.spec.vocab_size
         if not self.shard.is_first or self.shard.head_weight is None or frame.head >= vocab:
             message = f"this stage cannot score rows [0, {frame.head}) of a split head"
-            self._later(frame, [(frame.origin, self._refusal(frame, ErrorCode.BAD_FRAME, message))])
+            self.outbox.later(frame, [(frame.origin, refusal(frame, ErrorCode.BAD_FRAME, message))])
             return True
         if not model_idle():
             return False
@@ -298,11 +200,11 @@ class StageWorker:
         the step they feed (what the chain waits for: its pass may run at once), unless they
         end the answer, then to its origin, as the last stage sends them unsplit."""
         tokens = accepted(picked, frame.draft)
-        if (follow := _followed(replace(frame, head=0), tokens)) is not None:
+        if (follow := followed(replace(frame, head=0), tokens)) is not None:
             self._accept(follow)
         drafted = len(frame.draft)
         copy = TokenFrame(frame.epoch, frame.session, frame.step, tokens, frame.attempt, drafted)
-        self._send_or_later(frame, [(frame.origin, copy)])
+        self.outbox.send_or_later(frame, [(frame.origin, copy)])
 
     def _pick(
         self, hidden: torch.Tensor, start: int, end: int
@@ -323,19 +225,10 @@ class StageWorker:
         """Forward passes, with their outputs sent beside them: the next batch starts while
         the last one's frames go out."""
         async with asyncio.TaskGroup() as tg:
-            senders = [tg.create_task(self._send_outputs()), tg.create_task(self._send_bulk())]
-            self._sending = True
-            try:
-                await self._compute()
-                await self._sent()
-            finally:
-                self._sending = False
-            for sender in senders:
-                sender.cancel()
-
-    async def _sent(self) -> None:
-        await self._outbox.join()
-        await self._bulk.join()
+            senders = tg.create_task(self.outbox.run())
+            await self._compute()
+            await self.outbox.sent()
+            senders.cancel()
 
     async def _compute(self) -> None:
         while not self._closing:
@@ -362,7 +255,7 @@ class StageWorker:
         self._closing = True
         self._has_work.set()
         await self._idle.wait()
-        await self._sent()
+        await self.outbox.sent()
         await self.refuse_queued(message)
 
     async def _run_batch(self, batch: list[StepFrame]) -> None:
@@ -372,30 +265,13 @@ class StageWorker:
         try:
             outputs = await run(self._pass, batch, split)
         except Exception as e:
-            outputs = self._failed(batch, e)
+            outputs = failed(batch, e, self.shard.sessions)
         else:
             self._count(batch, split, time.perf_counter() - started)
-        self._queue_out(batch, outputs)
+        self.outbox.put(batch, outputs)
         # The sender goes first, then whatever else waits (a pass on the loop did not yield).
         await asyncio.sleep(0)
-        while self._outbox.qsize() >= OUTBOX:
-            self._out_room.clear()
-            await self._out_room.wait()
-
-    def _failed(self, batch: list[StepFrame], e: Exception) -> list[Output]:
-        """What to tell the origins of a batch whose pass raised `e`."""
-        if isinstance(e, CacheMiss):  # only a lone step's pass checks where its cache ends
-            if batch[0].session in self.shard.sessions:
-                return [Failed(ErrorCode.CACHE_MISS, str(e), e.have)] * len(batch)
-            unknown = f"unknown session {batch[0].session!r}"
-            return [Failed(ErrorCode.UNKNOWN_SESSION, unknown)] * len(batch)
-        if isinstance(e, UnknownSession):
-            return [Failed(ErrorCode.UNKNOWN_SESSION, str(e))] * len(batch)
-        if isinstance(e, ValueError | WireError):
-            return [Failed(ErrorCode.BAD_FRAME, str(e))] * len(batch)
-        # A bug must cost these steps, not the peer.
-        logger.error("stage failed on %d steps", len(batch), exc_info=e)
-        return [Failed(ErrorCode.INTERNAL, f"stage failed: {e}")] * len(batch)
+        await self.outbox.room()
 
     def _count(self, batch: list[StepFrame], split: bool, seconds: float) -> None:
         self.forward_s += seconds
@@ -417,44 +293,7 @@ class StageWorker:
         of the last wave, behind one send that had to wait). On the loop, the peer's other
         work waits for the pass: an origin's on the tokens of the step that started it
         would otherwise share the interpreter lock with it (docs/data-plane.md)."""
-        return not self._unsent and 0 < self.costs.took(batch, split) <= INLINE_MS
-
-    def _queue_out(self, batch: list[StepFrame], outputs: Sequence[Output]) -> None:
-        self._unsent += 1
-        self._outbox.put_nowait((batch, outputs))
-
-    def _later(self, frame: StepFrame, sends: list[tuple[str, DataFrame]]) -> None:
-        if self._sending:
-            self._queue_out([frame], [Later(tuple(sends))])
-            return
-        # The senders have stopped (a pick that came after the stage closed): at once or never.
-        for addr, f in sends:
-            if not self._send_now(addr, f):
-                logger.warning("stage stopped: could not send %s to %s", type(f).__name__, addr)
-
-    async def _send_outputs(self) -> None:
-        while True:
-            batch, outputs = await self._outbox.get()
-            try:
-                for frame, out in zip(batch, outputs, strict=True):
-                    if isinstance(out, TensorData) and lane(frame) == BULK:
-                        self._unsent += 1
-                        self._bulk.put_nowait((frame, out))
-                    else:
-                        await self._emit(frame, out)
-            finally:
-                self._unsent -= 1
-                self._outbox.task_done()
-                self._out_room.set()
-
-    async def _send_bulk(self) -> None:
-        while True:
-            frame, out = await self._bulk.get()
-            try:
-                await self._emit(frame, out)
-            finally:
-                self._unsent -= 1
-                self._bulk.task_done()
+        return not self.outbox.unsent and 0 < self.costs.took(batch, split) <= INLINE_MS
 
     def _pass(self, batch: list[StepFrame], split: bool = False) -> Sequence[Output]:
         """The batch's forward pass, and what it passes on: hidden states as wire bytes, or
@@ -467,7 +306,7 @@ class StageWorker:
                 return [to_wire(out) for out in outs]
             if split:
                 return [Normed(outs[0])]
-            return _sampled(batch, outs)
+            return sampled(batch, outs)
         finally:
             self.forward_cpu_s += time.thread_time() - cpu
 
@@ -506,99 +345,7 @@ class StageWorker:
         logits = len(frame.draft) + 1 if frame.sample else 0  # a draft's positions are sampled
         return [self.shard.prefill(frame.session, x, positions, logits=logits, head=head)]
 
-    def _sends(self, frame: StepFrame, out: Output) -> list[tuple[str, DataFrame]]:
-        """What a step's output sends where, in order (all but a split head's)."""
-        if isinstance(out, Later):
-            return list(out.sends)
-        if isinstance(out, Failed):
-            return [(frame.origin, self._refusal(frame, out.code, out.message, out.have))]
-        if isinstance(out, TensorData):
-            assert self.next_addr is not None
-            return [(self.next_addr, replace(frame, tensor=out))]
-        if not frame.sample or isinstance(out, Normed):
-            return []
-        # The next step first (it is what the chain waits for), then the origin's copy.
-        drafted = len(frame.draft)
-        copy = TokenFrame(frame.epoch, frame.session, frame.step, out, frame.attempt, drafted)
-        follow = _followed(frame, out)
-        return [(follow.loop, follow), (frame.origin, copy)] if follow else [(frame.origin, copy)]
-
-    async def _emit(self, frame: StepFrame, out: Output) -> None:
-        if isinstance(out, Normed):
-            try:
-                await self._split(frame, out.hidden)
-            except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
-                self._undelivered(frame, e)
-                await self._error(frame, ErrorCode.INTERNAL, f"next hop failed: {e}")
-            return
-        failed: list[tuple[DataFrame, Exception]] = []
-        for addr, f in self._sends(frame, out):
-            try:
-                await self._send(addr, f)
-            except Exception as e:
-                failed.append((f, e))
-        for f, error in failed:  # after the rest: an origin hears of a step after its tokens
-            self._undelivered(frame, error)
-            if not isinstance(f, ErrorFrame):
-                failing = f if isinstance(f, StepFrame) else frame
-                await self._error(failing, ErrorCode.INTERNAL, f"next hop failed: {error}")
-
-    def _emit_now(self, frame: StepFrame, out: Output) -> bool:
-        """Send a step's output where its links take it at once; the rest is queued for the
-        sender. False: nothing went (the sender takes all of it)."""
-        if isinstance(out, Normed):
-            # The hidden states first: the first stage scores its rows while this one does.
-            if not self._send_now(frame.loop, self._ahead(frame, out.hidden)):
-                return False
-            sends: list[tuple[str, DataFrame]] = [
-                (frame.loop, self._pick_theirs(frame, out.hidden))
-            ]
-        else:
-            sends = self._sends(frame, out)
-        self._send_or_later(frame, sends)
-        return True
-
-    def _send_or_later(self, frame: StepFrame, sends: list[tuple[str, DataFrame]]) -> None:
-        for i, (addr, f) in enumerate(sends):
-            if not self._send_now(addr, f):
-                self._later(frame, sends[i:])
-                return
-
-    def _undelivered(self, frame: StepFrame, e: Exception) -> None:
-        logger.warning("stage could not pass on %s step %d: %s", frame.session, frame.step, e)
-
-    def _ahead(self, frame: StepFrame, hidden: torch.Tensor) -> StepFrame:
-        return replace(frame, tensor=to_wire(hidden), head=self.head_rows)
-
     def _pick_theirs(self, frame: StepFrame, hidden: torch.Tensor) -> PickFrame:
+        """The last stage's pick of a split step: the rows from head_rows on."""
         logits, tokens = self._pick(hidden, self.head_rows, self.shard.spec.vocab_size)
         return PickFrame(frame.epoch, frame.session, frame.step, tokens, logits, frame.attempt)
-
-    async def _split(self, frame: StepFrame, hidden: torch.Tensor) -> None:
-        """The hidden states to the first stage first, then this stage's picks of the rest
-        of the vocabulary: the two are scored at once. (The pick may run on the loop: a send
-        has written its frame to the socket when it returns. In the model thread it ran
-        later, 61.2 ms a token against 59.3 on the loop, chain-runs.txt.)"""
-        await self._send(frame.loop, self._ahead(frame, hidden))
-        if model_idle():
-            pick = self._pick_theirs(frame, hidden)
-        else:
-            pick = await run_model(self._pick_theirs, frame, hidden)
-        await self._send(frame.loop, pick)
-
-    def _refusal(
-        self,
-        frame: StepFrame,
-        code: ErrorCode = ErrorCode.STALE_EPOCH,
-        message: str = "this stage moved to a new plan",
-        have: int = 0,
-    ) -> ErrorFrame:
-        return ErrorFrame(
-            frame.epoch, frame.session, frame.step, code, message, frame.attempt, have
-        )
-
-    async def _error(self, frame: StepFrame, code: ErrorCode, message: str, have: int = 0) -> None:
-        try:
-            await self._send(frame.origin, self._refusal(frame, code, message, have))
-        except Exception as e:
-            logger.warning("could not report %s to %s: %s", code, frame.origin, e)
