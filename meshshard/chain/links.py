@@ -233,7 +233,7 @@ class Links:
         sent)."""
         key = (addr, lane(frame))
         known = self._sockets.get(key)
-        if known is None or self._sending[key] or isinstance(frame, DropFrame):
+        if known is None or self._sending[key]:
             return False
         raw, channel = known
         if not isinstance(raw, RawOut) or not raw.writable:
