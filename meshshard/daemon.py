@@ -76,6 +76,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._started = time.time()
         self.stalls = StallWatch(2 * config.timings.probe_timeout)
+        self.raw_port = 0  # where this peer's raw links come in (0: none)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -94,7 +95,10 @@ class Daemon:
 
     async def _run(self, raw: socket.socket | None) -> None:
         config = self.config
-        sealer = _sealer(config)  # a bad key file fails before anything slow starts
+        sealer = _sealer(config)
+        self.raw_port = (
+            raw.getsockname()[1] if raw is not None else 0
+        )  # a bad key file fails before anything slow starts
         delays = Delays.from_env()
         if delays:
             logger.warning("test-only link delays in force: %s", delays)
@@ -109,7 +113,7 @@ class Daemon:
         profile = Profile(
             node_id, 1, spec.name, memory, estimated_ms(units), measured=False,
             device=placement.describe(), frame=config.max_frame_bytes,
-            raw=raw.getsockname()[1] if raw is not None else 0,
+            raw=self.raw_port,
         )  # fmt: skip
         self.placement = placement
         # A restarted peer must outrank its own old records: a time-based incarnation does.
@@ -296,6 +300,7 @@ class Daemon:
             "version": __version__,
             "model": self.node.model,
             "uptime_s": round(time.time() - self._started, 1),
+            "raw_port": self.raw_port,
             "loop_stalls": {"count": self.stalls.count, "longest_s": round(self.stalls.longest, 2)},
         }
         if self.service is not None and self.sealer is not None:

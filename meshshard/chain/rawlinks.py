@@ -26,7 +26,8 @@ import logging
 import socket
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from meshshard.chain.channel import Channel, FrameCodec, opened_token
 from meshshard.errors import MeshShardError
@@ -168,10 +169,12 @@ class RawListener:
             for link in list(self._open):
                 link.close()
 
-    def spawn(self, work: Awaitable[None]) -> asyncio.Task[None] | None:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+        """A task of this listener's (its links' dispatchers), cancelled when it stops."""
         if self._tg is None:
+            work.close()
             return None
-        return self._tg.create_task(work)  # type: ignore[arg-type]
+        return self._tg.create_task(work)
 
     def opened(self, link: RawIn) -> None:
         self._open.add(link)

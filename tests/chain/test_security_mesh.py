@@ -23,7 +23,8 @@ from support.dataplane import channel_to, origin_at
 from support.procs import Peer, chain_of, mesh_key, wait_for
 from support.reference import greedy_answer
 
-from meshshard.chain.channel import CHANNEL_HEADER, Channel, FrameCodec, open_request
+from meshshard.chain.channel import CHANNEL_HEADER, Channel, FrameCodec, open_request, sealed_token
+from meshshard.chain.rawlinks import LENGTH
 from meshshard.chain.tensors import to_wire
 from meshshard.security import CONTROL, Keyring, Sealer, new_key, write_key_file
 from meshshard.types import Epoch, Member, NodeId, State
@@ -216,6 +217,22 @@ def rss_mb(peer: Peer) -> float:
     raise AssertionError("no VmRSS")
 
 
+async def strangers(host: str, port: int, messages: list[bytes]) -> int:
+    """Each message on a connection of its own to a raw port; how many the peer closed."""
+    closed = 0
+    for data in messages:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(data)
+            async with asyncio.timeout(10):
+                closed += await reader.read() == b""
+        except ConnectionError:
+            closed += 1  # reset under our write: closed as well
+        finally:
+            writer.close()
+    return closed
+
+
 def test_a_flood_of_garbage_leaves_the_mesh_answering(
     mesh: list[Peer], reference: str, logs: Path
 ) -> None:
@@ -251,6 +268,18 @@ def test_a_flood_of_garbage_leaves_the_mesh_answering(
     # The stage closes with 1009; when it closes with our bytes still unread, its kernel
     # resets the connection and the close frame may be lost with it (1006).
     assert code in (aiohttp.WSCloseCode.MESSAGE_TOO_BIG, aiohttp.WSCloseCode.ABNORMAL_CLOSURE)
+    # The raw port: a stranger's bytes in place of a connection token, a token sealed for
+    # another peer, a length past any limit: each connection closed before it carries a
+    # frame, and counted.
+    status = first.status()
+    assert status is not None and status["raw_port"] > 0
+    garbage = [rng.randbytes(rng.randint(1, 1024)) for _ in range(150)]
+    garbage.append(sealed_token(codec.sealer, "10.9.9.9:7117")[1])
+    raw = [LENGTH.pack(len(g)) + g for g in garbage] + [LENGTH.pack(1 << 31)] * 10
+    refused = security(first)["refused_frames"]
+    host = first.addr.rpartition(":")[0]
+    assert asyncio.run(strangers(host, status["raw_port"], raw)) == len(raw)
+    wait_for(lambda: security(first)["refused_frames"] >= refused + len(raw), 30, "the raw flood")
     # Garbage gossip: refused with 403, nothing learnt.
     url = f"http://{first.addr}/mesh/control"
     for _ in range(300):
