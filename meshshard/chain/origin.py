@@ -53,6 +53,9 @@ MAX_REPLAYS = 8  # chain breaks one answer survives
 Send = Callable[[str, DataFrame], Awaitable[None]]
 
 
+MAX_EARLY = 64  # tokens of later steps kept for an answer while it waits for one before them
+
+
 class ChainError(Exception):
     """An answer could not complete: no chain, a stage refused it, or a peer vanished."""
 
@@ -287,6 +290,9 @@ class Origin:
         drafts = self.speculate if loops else 0
         looping = False  # the chain is feeding itself the steps we wait for
         draft: tuple[int, ...] = ()
+        # Tokens of later steps that came before the one awaited: the first stage of a split
+        # head sends its copy after the next step's pass, which may come round sooner.
+        early: dict[int, TokenFrame] = {}
         while True:
             if (newer := self._newer_ready(plan)) is not None:
                 why = f"moving to the ready chain of epoch {newer}"
@@ -311,8 +317,9 @@ class Origin:
                     except Exception as e:  # the first stage's link failed
                         raise _Left(Leave(str(e), self.timings.same_plan_grace)) from None
                 looping = loops
-            action = await self._next_token(queue, plan, attempt, step, start)
+            action = await self._next_token(queue, plan, attempt, step, start, early)
             if isinstance(action, FeedFrom):
+                early.clear()
                 self.events.add(
                     "replay",
                     f"session {session}: a stage holds {action.position} of {start} positions; "
@@ -351,9 +358,12 @@ class Origin:
         attempt: int,
         step: int,
         start: int,
+        early: dict[int, TokenFrame],
     ) -> TokenFrame | FeedFrom:
         """The tokens from `step` on, or where to feed again from; raises what recovery
-        decides."""
+        decides. Tokens of later steps that arrive first wait in `early`."""
+        if (kept := early.pop(step, None)) is not None:
+            return kept
         started = self.clock.now()
         while True:
             seen = self.pulse.version
@@ -369,6 +379,9 @@ class Origin:
                     continue  # the mesh changed, or time ran out: look again
                 case TokenFrame(attempt=a, step=s) if a == attempt and s == step:
                     return frame
+                case TokenFrame(attempt=a, step=s) if a == attempt and s > step:
+                    if len(early) < MAX_EARLY:
+                        early[s] = frame
                 case ErrorFrame(attempt=a) if a == attempt:
                     action = after_error(frame.code, frame.message, frame.have, start, self.timings)
                     if isinstance(action, FeedFrom):

@@ -47,17 +47,16 @@ class Outbox:
         self._room.set()
         self._bulk: asyncio.Queue[tuple[StepFrame, Output]] = asyncio.Queue()
         self.unsent = 0  # batches and bulk frames computed and not yet sent
-        self._running = False
+        self._stopped = False  # the senders ran and stopped: nothing queued now goes out
 
     async def run(self) -> None:
         """Send what is queued, until cancelled."""
-        self._running = True
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._send_bulk())
                 await self._send_batches()
         finally:
-            self._running = False
+            self._stopped = True
 
     async def sent(self) -> None:
         """Until everything queued has been sent."""
@@ -94,7 +93,7 @@ class Outbox:
                 return
 
     def later(self, frame: StepFrame, todo: Sends) -> None:
-        if self._running:
+        if not self._stopped:
             self.put([frame], [Later(tuple(todo))])
             return
         # The senders have stopped (a pick that came after the stage closed): at once or never.

@@ -535,3 +535,24 @@ async def test_a_prompt_of_many_chunks_goes_on_round_the_chain(
         stats = mesh.peers[origin].service.stats
         assert stats.replays == 0
         await until(mesh.idle, 5, "every cache freed")
+
+
+async def test_a_token_that_overtakes_the_one_before_it_waits_for_it(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    """Two stages, the origin the last: the first stage sends its copy of a split step's
+    token after the next step's pass, behind that step on their one link, and the last
+    stage answers the next step itself at once. The later token reaches the origin first;
+    it waits there for the earlier one (before, it was dropped, and the answer waited out
+    its step timeout for it: bench_chain's 2-peer mesh, 503 "no token 63")."""
+    async with SimMesh(model, 1.6 * memory, speculate=0) as mesh:
+        for name in "ab":
+            mesh.add(name)
+        await until(lambda: mesh.agreed(2), 20, "a 2-stage chain")
+        plan = mesh.peers["a"].node.book.current
+        assert plan is not None and 0 < plan.head_share < 1
+        mesh.data.delay = 0.002  # a link that yields between frames, as a socket's reads do
+        for prompt in PROMPTS[:3]:
+            got: list[int] = []
+            await answer(mesh, plan.stages[-1].device, prompt, 8, got)
+            assert got == reference(prompt, 8)
