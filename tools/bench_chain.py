@@ -179,6 +179,11 @@ def running(
     try:
 
         def ready() -> bool:
+            # A peer that exited (its port in use, say) must not leave the answering to a
+            # stranger on that port: a run once measured another run's leftover peers.
+            for p in procs:
+                if p.proc is not None and p.proc.poll() is not None:
+                    raise SystemExit(f"{p.name} exited: {p.tail(3)}")
             s = procs[0].status()
             return bool(s and s.get("chain_ready") and len(s["plan"]["stages"]) == peers)
 
