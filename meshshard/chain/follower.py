@@ -336,9 +336,9 @@ class PlanFollower:
         if self._superseded(frame):
             return True
         # A session's first step may be refused for room; the others reserve what they add.
-        positions = max(frame.reserve, frame.start + frame.tensor.shape[0])
         if frame.start == 0 and frame.attempt == 0 and frame.step == 0:
             return False
+        positions = max(frame.reserve, frame.start + frame.tensor.shape[0])
         self.budget.admit(frame.session, positions, new=False)
         if not stage.put_now(frame):
             return False
