@@ -40,7 +40,9 @@ LENGTH = struct.Struct(">I")
 HELLO_BYTES = 1024  # more than a sealed token and the longest address it may name
 BACKLOG = 64  # frames read and waiting for the dispatcher before reading pauses
 KEEPALIVE = (10, 2, 3)  # idle seconds, seconds between probes, probes: a vanished peer's
-# connection closes in about 16 s, as a WebSocket's missed heartbeat closes it
+# connection closes in about 16 s, as a WebSocket's missed heartbeat closes it; and as long
+# for bytes written and not acknowledged (TCP_USER_TIMEOUT), which keepalive does not cover
+UNACKED_MS = 16_000
 
 DispatchNow = Callable[[DataFrame], bool]
 Dispatch = Callable[[DataFrame], Awaitable[None]]
@@ -66,6 +68,7 @@ def _keepalive(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKED_MS)
 
 
 class RawOut(asyncio.Protocol):
