@@ -83,22 +83,19 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
-        _sealer(config)  # a bad key file fails before anything else
+        sealer = _sealer(config)  # a bad key file fails before anything slow starts
         raw = None
         if config.raw_port > 0 or (config.raw_port == 0 and config.announce is None):
             raw = listening(config.interface or "0.0.0.0", config.raw_port)
         try:
-            await self._run(raw)
+            await self._run(sealer, raw)
         finally:
             if raw is not None:
                 raw.close()
 
-    async def _run(self, raw: socket.socket | None) -> None:
+    async def _run(self, sealer: Sealer, raw: socket.socket | None) -> None:
         config = self.config
-        sealer = _sealer(config)
-        self.raw_port = (
-            raw.getsockname()[1] if raw is not None else 0
-        )  # a bad key file fails before anything slow starts
+        self.raw_port = raw.getsockname()[1] if raw is not None else 0
         delays = Delays.from_env()
         if delays:
             logger.warning("test-only link delays in force: %s", delays)
