@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -55,6 +56,8 @@ def listening(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family)
     except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise MeshShardError(f"port {port} (raw links) is in use on {host}") from None
         raise MeshShardError(f"cannot listen on {host}:{port} (raw links): {e.strerror}") from None
 
 
