@@ -156,6 +156,19 @@ def test_port_in_use_is_a_one_line_error(peers: list[Peer], tmp_path: Path) -> N
     assert clash.returncode == 2
     assert "port 7360 (peer) is in use" in clash.stderr
     assert "Traceback" not in clash.stderr
+    status = a.status()
+    assert status is not None and status["raw_port"] > 0
+    raw = str(status["raw_port"])
+    clash = subprocess.run(
+        [sys.executable, "-m", "meshshard", "up", "--name", "peer-x", "--port", "7361"]
+        + ["--raw-port", raw, "--interface", "127.0.0.1", "--no-mdns", "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert clash.returncode == 2
+    assert f"port {raw} (raw links) is in use" in clash.stderr
+    assert "Traceback" not in clash.stderr
 
 
 def test_status_of_nobody_is_a_one_line_error() -> None:
