@@ -76,6 +76,12 @@ class _Prepared:
     next_addr: str | None
 
 
+def _reserves(frame: StepFrame) -> tuple[int, bool]:
+    """The positions a step's session may reach (its admission), and whether it starts it."""
+    positions = max(frame.reserve, frame.start + frame.tensor.shape[0])
+    return positions, frame.start == 0 and frame.attempt == 0 and frame.step == 0
+
+
 class PlanFollower:
     def __init__(
         self,
@@ -290,12 +296,7 @@ class PlanFollower:
             async with self._switch:  # a switch under way: serve from its outcome
                 pass
         pending, plan = self._pending, self.control.plan()
-        verdict = step_verdict(
-            frame.epoch,
-            self.stage.epoch if self.stage is not None else None,
-            pending.plan.epoch if pending is not None else None,
-            plan.epoch if plan is not None else None,
-        )
+        verdict = self._verdict(frame, pending, plan)
         if verdict == Step.SWITCH_AND_SERVE:
             assert pending is not None
             await self._switch_to(pending.plan)  # the origin saw the new chain ready
@@ -308,8 +309,7 @@ class PlanFollower:
         if stage is None or stage.epoch != frame.epoch:  # the switch did not come to pass
             await self._refuse(frame, ErrorCode.NOT_READY, "this peer is between plans")
             return
-        positions = max(frame.reserve, frame.start + frame.tensor.shape[0])
-        new = frame.start == 0 and frame.attempt == 0 and frame.step == 0
+        positions, new = _reserves(frame)
         if not self.budget.admit(frame.session, positions, new):
             self.stats.busy += 1
             held = f"{self.budget.reserved} of {self.budget.tokens}"
@@ -322,28 +322,32 @@ class PlanFollower:
     def serve_now(self, frame: StepFrame) -> bool:
         """`serve` a step of the epoch this peer serves, with no switch under way, without
         waiting; False (nothing done) where it would wait or refuse: `serve` it then."""
-        stage, pending, plan = self.stage, self._pending, self.control.plan()
+        stage = self.stage
         if stage is None or self._switch.locked():
             return False
-        verdict = step_verdict(
-            frame.epoch,
-            stage.epoch,
-            pending.plan.epoch if pending is not None else None,
-            plan.epoch if plan is not None else None,
-        )
-        if verdict != Step.SERVE:
+        if self._verdict(frame, self._pending, self.control.plan()) != Step.SERVE:
             return False
         if self._superseded(frame):
             return True
         # A session's first step may be refused for room; the others reserve what they add.
-        if frame.start == 0 and frame.attempt == 0 and frame.step == 0:
+        positions, new = _reserves(frame)
+        if new:
             return False
-        positions = max(frame.reserve, frame.start + frame.tensor.shape[0])
-        self.budget.admit(frame.session, positions, new=False)
+        self.budget.admit(frame.session, positions, new)
         if not stage.put_now(frame):
             return False
         self._seen[frame.session] = (frame.origin, self.clock.now())
         return True
+
+    def _verdict(
+        self, frame: StepFrame, pending: _Prepared | None, plan: PlanRecord | None
+    ) -> Step:
+        return step_verdict(
+            frame.epoch,
+            self.stage.epoch if self.stage is not None else None,
+            pending.plan.epoch if pending is not None else None,
+            plan.epoch if plan is not None else None,
+        )
 
     def take_pick_now(self, frame: PickFrame) -> None:
         if self.stage is not None and self.stage.epoch == frame.epoch:

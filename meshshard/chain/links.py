@@ -215,7 +215,6 @@ class Links:
         """Send one frame to `addr` in order with earlier frames of its lane to it; waits
         while that socket's buffers are full (backpressure)."""
         key = (addr, lane(frame))
-        # Cut to the smaller of our limit and the receiver's: a peer set lower refuses more.
         most = self._most(addr)
         self._sending[key] += 1
         try:

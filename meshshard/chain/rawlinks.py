@@ -276,18 +276,17 @@ class RawIn(asyncio.Protocol):
             return
         if frame is None:
             return
-        if not self._backlog:
+        taken = False
+        if not self._backlog:  # frames behind one that waits wait behind it
             try:
                 taken = self._listener.dispatch_now(frame)
             except Exception:  # a bug must cost this frame, not the peer
                 logger.exception("a frame from %s failed", self._sender or self._source)
                 taken = True
-            if self._sender:  # after: a step's pass may have run, and the chain waits for it
-                self._listener.heard(self._sender)
-            if taken:
-                return
-        elif self._sender:
+        if self._sender:  # after: a step's pass may have run, and the chain waits for it
             self._listener.heard(self._sender)
+        if taken:
+            return
         self._backlog.append(frame)
         if self._draining is None:
             self._draining = self._listener.spawn(self._drain())

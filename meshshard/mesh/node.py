@@ -417,15 +417,17 @@ class ControlNode:
     def frame_limit(self, addr: str) -> int:
         """The largest data-plane frame the member at `addr` takes, as its profile says (0:
         unknown)."""
-        member = self._by_addr(addr)
-        profile = self.profiles.get(member.id) if member is not None else None
+        profile = self._profile_at(addr)
         return profile.frame if profile is not None else 0
 
     def raw_port(self, addr: str) -> int:
         """The port of the raw links of the member at `addr`, as its profile says (0: none)."""
-        member = self._by_addr(addr)
-        profile = self.profiles.get(member.id) if member is not None else None
+        profile = self._profile_at(addr)
         return profile.raw if profile is not None else 0
+
+    def _profile_at(self, addr: str) -> Profile | None:
+        member = self._by_addr(addr)
+        return self.profiles.get(member.id) if member is not None else None
 
     def _by_addr(self, addr: str) -> Member | None:
         return next((m for m in self.membership.others() if m.addr == addr), None)
