@@ -10,6 +10,7 @@
                                               #    gap while a 2,000-token prompt is prefilled
     python tools/experiments.py prediction --testbeds office,campus --out prediction-oos
                                               # 1 out of sample: testbeds never tuned on
+    ... --fresh-profiles                      # each host's profile measured again first
 
 Each prints a table and writes a PNG and a JSON of its results next to the docs
 (docs/experiments/). Per-token latency is measured as (answer time - time to first token) /
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +41,7 @@ from bench_chain import per_pass  # noqa: E402
 from testbed import (  # noqa: E402
     CGROUP,
     READY_TIMEOUT,
+    STATE,
     Testbed,
     api_url,
     down,
@@ -48,6 +51,12 @@ from testbed import (  # noqa: E402
 )
 
 OUT = ROOT / "docs" / "experiments"
+# Measure each host's profile again at every bring-up (--fresh-profiles). The testbed keeps
+# them otherwise, and this host's speed moves by a fifth within hours, not evenly over a
+# pass's sizes: lan-3's laptop's profile, kept a day, priced its one-row passes at 1.44 of what
+# they took in service and its 16-row ones at 1.12; scaled by the pace the one-row passes
+# gave, 16-row ones at 0.78 (testbed.md, after run 59).
+FRESH_PROFILES = False
 PROMPT = "Write a short story about a lighthouse keeper."
 TOKENS = 64
 
@@ -171,7 +180,11 @@ def in_turns(tb: Testbed, pairs: int = 3) -> list[dict[str, float]]:
 
 def bring_up(tb: Testbed, objective: str) -> dict[str, Any]:
     """Up, settled and warmed up by one answer: peers measure what a step costs them beyond
-    its forward pass while they serve, and gossip it every couple of seconds."""
+    its forward pass while they serve, and gossip it every couple of seconds. With
+    FRESH_PROFILES each host's kept profile is dropped first, so it is measured again."""
+    if FRESH_PROFILES:
+        for folder in (STATE / tb.name).glob("profiles-*"):
+            shutil.rmtree(folder)
     up(tb, objective)
     settled(tb)
     measure(tb, 1, repeats=1)
@@ -489,7 +502,13 @@ def main() -> None:
         "--speculate", type=int, default=0,
         help="Peers' --speculate (default 0: plain decoding, the one the predictions price).",
     )  # fmt: skip
+    parser.add_argument(
+        "--fresh-profiles", action="store_true",
+        help="Measure every host's profile again at each bring-up (default: the kept ones).",
+    )  # fmt: skip
     args = parser.parse_args()
+    global FRESH_PROFILES
+    FRESH_PROFILES = args.fresh_profiles
     name = args.out or args.experiment
     # Peers inherit our environment (launch.PeerCommand).
     os.environ["MESHSHARD_SPECULATE"] = str(args.speculate)
@@ -508,6 +527,7 @@ def main() -> None:
     finally:  # what was measured is kept, also when a later part fails
         for row in rows:
             row["speculate"] = args.speculate
+            row["profiles"] = "fresh" if FRESH_PROFILES else "kept"
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / f"{name}.json").write_text(json.dumps(rows, indent=1))
         measured = [r for r in rows if "error" not in r]
