@@ -53,9 +53,8 @@ from testbed import (  # noqa: E402
 OUT = ROOT / "docs" / "experiments"
 # Measure each host's profile again at every bring-up (--fresh-profiles). The testbed keeps
 # them otherwise, and this host's speed moves by a fifth within hours, not evenly over a
-# pass's sizes: lan-3's laptop's profile, kept a day, priced its one-row passes at 1.44 of what
-# they took in service and its 16-row ones at 1.12; scaled by the pace the one-row passes
-# gave, 16-row ones at 0.78 (testbed.md, after run 59).
+# pass's sizes (testbed.md, after run 59). Fresh ones did not bring the prediction read at
+# the start within 15% at 16 answers (run 60).
 FRESH_PROFILES = False
 PROMPT = "Write a short story about a lighthouse keeper."
 TOKENS = 64
