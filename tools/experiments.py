@@ -10,7 +10,7 @@
                                               #    gap while a 2,000-token prompt is prefilled
     python tools/experiments.py prediction --testbeds office,campus --out prediction-oos
                                               # 1 out of sample: testbeds never tuned on
-    ... --fresh-profiles                      # each host's profile measured again first
+    ... --fresh-profiles                      # each host's profile measured again
 
 Each prints a table and writes a PNG and a JSON of its results next to the docs
 (docs/experiments/). Per-token latency is measured as (answer time - time to first token) /
@@ -51,11 +51,6 @@ from testbed import (  # noqa: E402
 )
 
 OUT = ROOT / "docs" / "experiments"
-# Measure each host's profile again at every bring-up (--fresh-profiles). The testbed keeps
-# them otherwise, and this host's speed moves by a fifth within hours, not evenly over a
-# pass's sizes (testbed.md, after run 59). Fresh ones did not bring the prediction read at
-# the start within 15% at 16 answers (run 60).
-FRESH_PROFILES = False
 PROMPT = "Write a short story about a lighthouse keeper."
 TOKENS = 64
 
@@ -179,11 +174,7 @@ def in_turns(tb: Testbed, pairs: int = 3) -> list[dict[str, float]]:
 
 def bring_up(tb: Testbed, objective: str) -> dict[str, Any]:
     """Up, settled and warmed up by one answer: peers measure what a step costs them beyond
-    its forward pass while they serve, and gossip it every couple of seconds. With
-    FRESH_PROFILES each host's kept profile is dropped first, so it is measured again."""
-    if FRESH_PROFILES:
-        for folder in (STATE / tb.name).glob("profiles-*"):
-            shutil.rmtree(folder)
+    its forward pass while they serve, and gossip it every couple of seconds."""
     up(tb, objective)
     settled(tb)
     measure(tb, 1, repeats=1)
@@ -503,11 +494,16 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--fresh-profiles", action="store_true",
-        help="Measure every host's profile again at each bring-up (default: the kept ones).",
+        help="Measure every host's profile again (default: those kept from earlier runs).",
     )  # fmt: skip
     args = parser.parse_args()
-    global FRESH_PROFILES
-    FRESH_PROFILES = args.fresh_profiles
+    if args.fresh_profiles:
+        # The testbeds keep each host's profile from run to run, and this host's speed moves
+        # by a fifth within hours, not evenly over a pass's sizes (testbed.md, after run 59);
+        # fresh ones did not bring lan-3's prediction read at the start within 15% at 16
+        # answers (run 60).
+        for folder in STATE.glob("*/profiles-*"):
+            shutil.rmtree(folder)
     name = args.out or args.experiment
     # Peers inherit our environment (launch.PeerCommand).
     os.environ["MESHSHARD_SPECULATE"] = str(args.speculate)
@@ -526,7 +522,7 @@ def main() -> None:
     finally:  # what was measured is kept, also when a later part fails
         for row in rows:
             row["speculate"] = args.speculate
-            row["profiles"] = "fresh" if FRESH_PROFILES else "kept"
+            row["profiles"] = "fresh" if args.fresh_profiles else "kept"
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / f"{name}.json").write_text(json.dumps(rows, indent=1))
         measured = [r for r in rows if "error" not in r]
