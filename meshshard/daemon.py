@@ -459,35 +459,48 @@ def _load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Aw
                 stage.steps,
             )
         overhead = round(costs.overhead_ms, 3)
-        speed = round(_pace(me, stage) or me.pace, 3)
+        one, several = _paces(me, stage)
+        speed, bulk = round(one or me.pace, 3), round(several or me.batch_pace, 3)
         if (
             load != me.load
             or abs(step - me.step_ms) > 0.2 * max(me.step_ms, 1.0)
             or abs(used - me.used) > 0.1 * max(me.used, 1e6)
             or abs(overhead - me.overhead_ms) > 0.2 * max(me.overhead_ms, 0.1)
             or abs(speed - me.pace) > 0.05 * me.pace
+            or abs(bulk - me.batch_pace) > 0.05 * me.batch_pace
         ):
             node.set_profile(
-                replace(me, load=load, step_ms=step, used=used, overhead_ms=overhead, pace=speed)
+                replace(
+                    me,
+                    load=load,
+                    step_ms=step,
+                    used=used,
+                    overhead_ms=overhead,
+                    pace=speed,
+                    batch_pace=bulk,
+                )
             )
 
     return publish
 
 
-def _pace(me: Profile, stage: StageWorker | None) -> float | None:
-    """Our stage's passes over what our profile says they cost (None: none ran yet). A lone
-    answer's passes at a last stage whose head is split stop before the head (its share is
-    scored apart, chain/stage.py `_split`): they are priced without it, as a lone answer's
-    passes there are all of that kind."""
+def _paces(me: Profile, stage: StageWorker | None) -> tuple[float | None, float | None]:
+    """Our stage's passes of one row, and of several, over what our profile says they cost
+    (None: none of that kind ran yet). A lone answer's passes at a last stage whose head is
+    split stop before the head (its share is scored apart, chain/stage.py `_split`): they
+    are priced without it, as a lone answer's passes there are all of that kind."""
     if stage is None or len(me.unit_ms) < stage.shard.end:
-        return None
+        return None, None
     start, end = stage.shard.start, stage.shard.end
     costs = stage.costs
     kinds: list[Passes] = [(costs.pass_ms, costs.passes, _passes(me, start, end))]
     if costs.split_passes and end - start > 1:
         kinds.append((costs.split_ms, costs.split_passes, _passes(me, start, end - 1)))
-    got = pace(*kinds)
-    return None if got is None else min(max(got, MIN_PACE), MAX_PACE)
+    return _bounded(pace(*kinds, several=False)), _bounded(pace(*kinds, several=True))
+
+
+def _bounded(pace: float | None) -> float | None:
+    return None if pace is None else min(max(pace, MIN_PACE), MAX_PACE)
 
 
 def _passes(me: Profile, start: int, end: int) -> Callable[[float], float]:

@@ -45,7 +45,7 @@ def render_status(data: dict[str, Any]) -> str:
                 _mb(m.get("used")),
                 f"{m['sessions']:.0f}" if m.get("sessions") is not None else "-",
                 {True: "measured", False: "estimate", None: "-"}[m.get("measured")]
-                + _pace(m.get("pace")),
+                + _pace(m.get("pace"), m.get("batch_pace")),
             )
         )
     lines.append(_table(rows, state_col=1))
@@ -135,6 +135,12 @@ def _chain(stages: list[dict[str, Any]]) -> str:
     return " -> ".join(f"{s['device']}[{s['start']}:{s['end']})" for s in stages)
 
 
-def _pace(pace: float | None) -> str:
-    """How far its passes run from what its profile says, where they do."""
-    return f", x{pace:.2f} now" if pace and round(pace, 2) != 1.0 else ""
+def _pace(one: float | None, several: float | None) -> str:
+    """How far its passes of one row, and of several, run from what its profile says, where
+    they do."""
+    shown = [
+        f"x{pace:.2f}{kind}"
+        for pace, kind in ((one, ""), (several, " batched"))
+        if pace and round(pace, 2) != 1.0
+    ]
+    return f", {', '.join(shown)} now" if shown else ""

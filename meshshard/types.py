@@ -87,9 +87,13 @@ class Profile:
     step_ms: float = 0.0  # recent mean time of its stage's forward steps
     used: float = 0.0  # bytes of weights and KV caches held
     overhead_ms: float = 0.0  # a step's cost beyond the forward pass, as measured serving
-    # Its stage's decode passes as measured serving over what unit_ms and batch_ms say for
-    # them: a profile is kept for days, the host's speed moves within an hour.
+    # Its stage's decode passes of one row as measured serving over what unit_ms says for
+    # them, and of several rows over what batch_ms says (1.0: none of that kind ran yet): a
+    # profile is kept for days, the host's speed moves within an hour, and not evenly over a
+    # pass's sizes; a lone answer's passes, the only ones before a burst, run on the event
+    # loop, a burst's beside it on the model thread (docs/testbed.md, after run 59).
     pace: float = 1.0
+    batch_pace: float = 1.0
     device: str = ""  # where it runs its shard, as people read it: "cuda:0 bfloat16 int8"
     # The largest data-plane frame it takes (--max-frame): others cut theirs to fit. 0: not said.
     frame: int = 0

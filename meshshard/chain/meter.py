@@ -100,17 +100,17 @@ def _average(old: float, new: float, weight: float) -> float:
 Passes = tuple[Mapping[int, float], Mapping[int, int], Callable[[float], float]]
 
 
-def pace(*kinds: Passes) -> float | None:
-    """A stage's decode passes as it measured them (by rows) over what its profile says
-    passes of those rows cost, each size weighted by how often it ran; None before any ran.
-    kinds: per kind of pass (whole, or a lone answer's with its head split), its average
-    ms by rows, how many of each ran, and what the profile says one of that kind costs.
-    The flow model scales the profile by it (planner/flow.py)."""
+def pace(*kinds: Passes, several: bool) -> float | None:
+    """A stage's decode passes of one row (or, `several`, of more) as it measured them, by
+    rows, over what its profile says passes of those rows cost, each size weighted by how
+    often it ran; None before any ran. kinds: per kind of pass (whole, or a lone answer's
+    with its head split), its average ms by rows, how many of each ran, and what the profile
+    says one of that kind costs. The flow model scales the profile by it (planner/flow.py)."""
     ran = [
         (n, pass_ms[rows], profiled(rows))
         for pass_ms, passes, profiled in kinds
         for rows, n in passes.items()
-        if rows in pass_ms
+        if rows in pass_ms and (rows > 1) == several
     ]
     expected = sum(n * want for n, _, want in ran)
     return sum(n * got for n, got, _ in ran) / expected if expected > 0 else None

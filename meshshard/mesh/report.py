@@ -13,6 +13,7 @@ from meshshard.planner.cost import SESSIONS, Cost, per_token_ms
 from meshshard.planner.flow import (
     PLAIN,
     FlowStage,
+    Pace,
     Speculation,
     alone,
     best_waves,
@@ -138,7 +139,7 @@ def plan_flow(node: ControlNode, plan: PlanRecord) -> PlanFlow | None:
         cost = evaluate(inst, stages)
     except InstanceError:
         return None
-    pace: dict[str, float] = {n: p.pace for n, p in node.profiles.items()}
+    pace = _paces(node)
     batch_ms: dict[str, Sequence[Sequence[float]]] = {
         n: p.batch_ms for n, p in node.profiles.items()
     }
@@ -157,7 +158,11 @@ def plan_head_share(node: ControlNode, plan: PlanRecord) -> float:
     if (inst := _instance(node, plan)) is None:
         return 0.0
     stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
-    return head_share(inst, stages, {n: p.pace for n, p in node.profiles.items()})
+    return head_share(inst, stages, _paces(node))
+
+
+def _paces(node: ControlNode) -> dict[str, Pace]:
+    return {n: Pace(p.pace, p.batch_pace) for n, p in node.profiles.items()}
 
 
 def plan_waves(node: ControlNode, plan: PlanRecord) -> int:
@@ -240,6 +245,7 @@ def _load(profile: Profile | None) -> dict[str, Any]:
             "used": None,
             "overhead_ms": None,
             "pace": None,
+            "batch_pace": None,
         }
     return {
         "sessions": profile.load,
@@ -247,4 +253,5 @@ def _load(profile: Profile | None) -> dict[str, Any]:
         "used": profile.used,
         "overhead_ms": round(profile.overhead_ms, 3),
         "pace": round(profile.pace, 3),
+        "batch_pace": round(profile.batch_pace, 3),
     }

@@ -59,6 +59,16 @@ PLAIN = Speculation()
 
 
 @dataclass(frozen=True)
+class Pace:
+    """A device's passes as measured serving over what its profile says: of one row, and of
+    several rows (1.0: none of that kind ran). Apart, as a profile kept for days is off
+    by a different share at each size, and the only passes before a burst are one row's."""
+
+    one: float = 1.0
+    several: float = 1.0
+
+
+@dataclass(frozen=True)
 class FlowStage:
     one_ms: float  # forward pass of one session's step
     batch_ms: tuple[float, ...]  # ... of BATCHES[k] sessions' steps at once
@@ -109,7 +119,7 @@ def flow_stages(
     stages: Sequence[Stage],
     batch_ms: Mapping[str, Sequence[Sequence[float]]],
     overhead_ms: Mapping[str, float],
-    pace: Mapping[str, float] | None = None,
+    pace: Mapping[str, Pace] | None = None,
 ) -> tuple[tuple[FlowStage, ...], float]:
     """The plan's stages as the model needs them, and the return hop of a token. batch_ms:
     per device, per size in BATCHES, per unit. overhead_ms: per device, a step's cost beyond
@@ -120,15 +130,15 @@ def flow_stages(
         one, several = profiled(
             inst.device(s.device).ms, batch_ms.get(s.device) or (), s.start, s.end
         )
-        scale = (pace or {}).get(s.device, 1.0)
+        scale = (pace or {}).get(s.device, Pace())
         hop = frame = 0.0
         if i and s.device != stages[i - 1].device:
             link = inst.link(stages[i - 1].device, s.device)
             hop, frame = link.ms, inst.units[s.start - 1].out_bytes * 8 / (link.mbps * 1000)
         out.append(
             FlowStage(
-                one * scale,
-                tuple(x * scale for x in several),
+                one * scale.one,
+                tuple(x * scale.several for x in several),
                 hop,
                 frame,
                 overhead_ms.get(s.device, 0.0),

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from meshshard.model.batching import BATCHES
 from meshshard.planner.cost import Stage
-from meshshard.planner.flow import profiled
+from meshshard.planner.flow import Pace, profiled
 from meshshard.planner.instance import Instance
 
 # A split must save this share of the head's time at the last stage: less is within what a
@@ -27,7 +27,7 @@ MIN_SAVING = 0.1
 
 
 def head_share(
-    inst: Instance, stages: Sequence[Stage], pace: Mapping[str, float] | None = None
+    inst: Instance, stages: Sequence[Stage], pace: Mapping[str, Pace] | None = None
 ) -> float:
     """The share of the vocabulary the first stage scores (0: the last stage scores it all).
     pace: per device, its passes as measured serving over what its profile says."""
@@ -37,7 +37,7 @@ def head_share(
 def head_saving_ms(
     inst: Instance,
     stages: Sequence[Stage],
-    pace: Mapping[str, float] | None = None,
+    pace: Mapping[str, Pace] | None = None,
     batch_ms: Mapping[str, Sequence[Sequence[float]]] | None = None,
     share: float | None = None,
 ) -> tuple[float, ...]:
@@ -64,15 +64,15 @@ def head_saving_ms(
 def _heads(
     inst: Instance,
     device: str,
-    pace: Mapping[str, float] | None,
+    pace: Mapping[str, Pace] | None,
     batch_ms: Mapping[str, Sequence[Sequence[float]]] | None,
 ) -> tuple[float, ...]:
     """The device's head for a pass of one row, then of each of BATCHES rows, as the flow
     model prices the head unit's passes (flow.profiled), at the device's pace."""
     units = inst.device(device).ms
     one, several = profiled(units, (batch_ms or {}).get(device) or (), len(units) - 1, len(units))
-    scale = (pace or {}).get(device, 1.0)
-    return tuple(ms * scale for ms in (one, *several))
+    scale = (pace or {}).get(device, Pace())
+    return (one * scale.one, *(ms * scale.several for ms in several))
 
 
 def _saving(share: float, head_last: float, head_first: float, send: float, back: float) -> float:
@@ -83,7 +83,7 @@ def _saving(share: float, head_last: float, head_first: float, send: float, back
 
 
 def _split(
-    inst: Instance, stages: Sequence[Stage], pace: Mapping[str, float] | None
+    inst: Instance, stages: Sequence[Stage], pace: Mapping[str, Pace] | None
 ) -> tuple[float, float]:
     """The first stage's share, and the ms it saves a round of one row."""
     if len(stages) < 2:
@@ -92,8 +92,8 @@ def _split(
     if first.device == last.device or first.start != 0 or last.end != inst.n or inst.n < 2:
         return 0.0, 0.0
     scale = pace or {}
-    head_last = inst.device(last.device).ms[-1] * scale.get(last.device, 1.0)
-    head_first = inst.device(first.device).ms[-1] * scale.get(first.device, 1.0)
+    head_last = inst.device(last.device).ms[-1] * scale.get(last.device, Pace()).one
+    head_first = inst.device(first.device).ms[-1] * scale.get(first.device, Pace()).one
     link = inst.link(last.device, first.device)
     send = link.hop_ms(inst.units[-2].out_bytes)  # the hidden state, to the first stage
     back = link.hop_ms(inst.return_bytes)  # a pick (or, unsplit, the token) after it

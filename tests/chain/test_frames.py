@@ -224,11 +224,13 @@ def test_a_plan_travels_with_its_fallbacks_waves_and_head_share() -> None:
     assert decode(encode(sync)) == sync
 
 
-def test_a_profile_travels_with_its_pace() -> None:
+def test_a_profile_travels_with_its_paces() -> None:
     sync = decode(raw_sync())
-    assert isinstance(sync, Sync) and sync.profiles[0].pace == 1.0  # older peers send none
-    sync = decode(raw_sync(profile={"pace": 1.25}))
-    assert isinstance(sync, Sync) and sync.profiles[0].pace == 1.25
+    assert isinstance(sync, Sync)  # older peers send none
+    assert sync.profiles[0].pace == sync.profiles[0].batch_pace == 1.0
+    sync = decode(raw_sync(profile={"pace": 1.25, "bpace": 0.9}))
+    assert isinstance(sync, Sync)
+    assert (sync.profiles[0].pace, sync.profiles[0].batch_pace) == (1.25, 0.9)
     assert decode(encode(sync)) == sync
 
 

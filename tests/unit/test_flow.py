@@ -8,6 +8,7 @@ from meshshard.planner import Stage
 from meshshard.planner.flow import (
     BATCHES,
     FlowStage,
+    Pace,
     Speculation,
     best_waves,
     flow_stages,
@@ -120,10 +121,17 @@ def test_flow_stages_read_the_plan_its_links_and_the_batched_profile() -> None:
     assert back == pytest.approx(3.004)
     # Measured serving at 1.5 the profile's time: every pass takes that much longer.
     paced, _ = flow_stages(
-        inst, [Stage("a", 0, 2), Stage("b", 2, 4)], {"b": per_size}, {}, pace={"b": 1.5}
+        inst, [Stage("a", 0, 2), Stage("b", 2, 4)], {"b": per_size}, {}, pace={"b": Pace(1.5, 1.5)}
     )
     assert paced[0].one_ms == 3.0
     assert paced[1].one_ms == 21.0 and paced[1].batch_ms == tuple(24.0 + 1.5 * n for n in BATCHES)
+    # One row's passes at 0.8 of their price, several rows' at theirs (none ran yet): each
+    # size by its own.
+    apart, _ = flow_stages(
+        inst, [Stage("a", 0, 2), Stage("b", 2, 4)], {"b": per_size}, {}, pace={"b": Pace(0.8)}
+    )
+    assert apart[1].one_ms == pytest.approx(14.0 * 0.8)
+    assert apart[1].batch_ms == stages[1].batch_ms
 
 
 def test_per_session_work_runs_while_a_stage_waits_and_lengthens_only_a_busy_stage() -> None:

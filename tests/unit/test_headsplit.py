@@ -13,7 +13,14 @@ from meshshard.chain.speculate import accepted
 from meshshard.chain.tensors import to_wire
 from meshshard.model.shard import Shard
 from meshshard.planner import Instance, Stage
-from meshshard.planner.flow import Speculation, alone, flow_stages, latency_ms, tokens_per_s
+from meshshard.planner.flow import (
+    Pace,
+    Speculation,
+    alone,
+    flow_stages,
+    latency_ms,
+    tokens_per_s,
+)
 from meshshard.planner.headsplit import head_saving_ms, head_share
 from meshshard.planner.instance import Device, Link, Unit
 from meshshard.types import Epoch
@@ -66,10 +73,12 @@ def test_no_split_where_it_saves_little_or_the_ends_are_one_device() -> None:
 def test_pace_scales_the_profiles_head_times() -> None:
     inst = chain(8.6, 8.6, LOOPBACK)
     assert (
-        head_share(inst, STAGES, {"a": 2.0})
+        head_share(inst, STAGES, {"a": Pace(2.0)})
         < head_share(inst, STAGES)
-        < head_share(inst, STAGES, {"c": 2.0})
+        < head_share(inst, STAGES, {"c": Pace(2.0)})
     )
+    # A lone answer's one-row head: the pace of several rows' passes does not move it.
+    assert head_share(inst, STAGES, {"a": Pace(several=2.0)}) == head_share(inst, STAGES)
 
 
 def test_split_rows_are_whole_blocks_of_a_large_vocabulary() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from meshshard.api.operator import _plan_request
 from meshshard.chain.meter import StepCostMeter, TokenMeter, pace
-from meshshard.daemon import _pace
+from meshshard.daemon import _paces
 from meshshard.events import KEPT, EventLog
 from meshshard.logs import JsonFormatter
 from meshshard.status import render_status
@@ -81,13 +81,17 @@ def test_step_cost_meter_counts_cpu_beyond_forward_passes_at_the_peers_speed() -
 
 
 def test_pace_is_the_passes_as_measured_over_the_profile_weighted_by_how_often_they_ran() -> None:
-    profiled = {1: 10.0, 4: 20.0}.__getitem__
-    assert pace(({}, {}, profiled)) is None
-    # 90 passes of one row at 12 ms, 10 of four rows at 30: 1380 ms where 1100 were said.
-    assert pace(({1: 12.0, 4: 30.0}, {1: 90, 4: 10}, profiled)) == pytest.approx(1380 / 1100)
+    profiled = {1: 10.0, 2: 12.0, 4: 20.0}.__getitem__
+    assert pace(({}, {}, profiled), several=False) is None
+    # One row's passes and several rows' apart: 90 of one row at 12 ms where 10 were said;
+    # 10 of two rows at 15 and 10 of four at 30, 450 ms where 320 were said.
+    ran = ({1: 12.0, 2: 15.0, 4: 30.0}, {1: 90, 2: 10, 4: 10}, profiled)
+    assert pace(ran, several=False) == pytest.approx(12.0 / 10.0)
+    assert pace(ran, several=True) == pytest.approx(450 / 320)
+    assert pace(({1: 12.0}, {1: 90}, profiled), several=True) is None  # none of several ran
     # Passes of another kind, priced their own way, weigh in by how often they ran.
     other = {1: 5.0}.__getitem__
-    got = pace(({1: 12.0}, {1: 90}, profiled), ({1: 6.0}, {1: 30}, other))
+    got = pace(({1: 12.0}, {1: 90}, profiled), ({1: 6.0}, {1: 30}, other), several=False)
     assert got == pytest.approx((1080 + 180) / (900 + 150))
 
 
@@ -98,13 +102,16 @@ def _stage(**kw: object) -> SimpleNamespace:
     )
 
 
-def test_a_peer_publishes_its_stages_pace_against_its_own_units() -> None:
+def test_a_peer_publishes_its_stages_paces_against_its_own_units() -> None:
     me = Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0, 4.0, 8.0), True)
     stage = _stage(pass_ms={1: 21.0}, passes=Counter({1: 5}))
-    assert _pace(me, stage) == pytest.approx(21.0 / 14.0)  # type: ignore[arg-type]
-    assert _pace(me, _stage()) is None and _pace(me, None) is None  # type: ignore[arg-type]
+    assert _paces(me, stage) == (pytest.approx(21.0 / 14.0), None)  # type: ignore[arg-type]
+    assert _paces(me, _stage()) == _paces(me, None) == (None, None)  # type: ignore[arg-type]
     fast = _stage(pass_ms={1: 1e-6}, passes=Counter({1: 5}))
-    assert _pace(me, fast) == MIN_PACE  # type: ignore[arg-type]  # what the wire takes
+    assert _paces(me, fast)[0] == MIN_PACE  # type: ignore[arg-type]  # what the wire takes
+    # Without batched timings a profile prices 2 rows at twice one: 28 ms said for 35.
+    both = _stage(pass_ms={1: 21.0, 2: 35.0}, passes=Counter({1: 5, 2: 3}))
+    assert _paces(me, both) == (pytest.approx(1.5), pytest.approx(35.0 / 28.0))  # type: ignore[arg-type]
 
 
 def test_a_split_heads_passes_are_priced_without_the_head() -> None:
@@ -112,12 +119,12 @@ def test_a_split_heads_passes_are_priced_without_the_head() -> None:
     # stops before it (its share is scored apart), so the profile says 2 + 4 = 6 ms.
     me = Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0, 4.0, 8.0), True)
     lone = _stage(split_ms={1: 9.0}, split_passes=Counter({1: 40}))
-    assert _pace(me, lone) == pytest.approx(9.0 / 6.0)  # type: ignore[arg-type]
+    assert _paces(me, lone)[0] == pytest.approx(9.0 / 6.0)  # type: ignore[arg-type]
     # Beside whole passes (14 ms said) each kind counts as often as it ran.
     both = _stage(
         pass_ms={1: 21.0}, passes=Counter({1: 10}), split_ms={1: 9.0}, split_passes=Counter({1: 40})
     )
-    assert _pace(me, both) == pytest.approx((210 + 360) / (140 + 240))  # type: ignore[arg-type]
+    assert _paces(me, both)[0] == pytest.approx((210 + 360) / (140 + 240))  # type: ignore[arg-type]
 
 
 def test_json_log_lines_carry_node_and_epoch() -> None:
@@ -215,6 +222,7 @@ def test_status_table_shows_stages_reasons_and_events() -> None:
                 "used": 3e8,
                 "sessions": 2.0,
                 "pace": 1.27,
+                "batch_pace": 0.94,
             },
             {
                 "id": "c",
@@ -241,7 +249,7 @@ def test_status_table_shows_stages_reasons_and_events() -> None:
     text = render_status(status)
     needles = ["12.5 ms", "300 MB", "draining", "left out c: its 10 Mbit/s link", "[b gone]",
                "measured here 11.0 ms/token", "10 Mbit/s", "b alive -> dead",
-               "measured, x1.27 now"]  # fmt: skip
+               "measured, x1.27, x0.94 batched now"]  # fmt: skip
     for needle in needles:
         assert needle in text, needle
     assert text.count(" now") == 1  # a member without a pace shows none
