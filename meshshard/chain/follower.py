@@ -333,7 +333,7 @@ class PlanFollower:
         positions, new = _reserves(frame)
         if new:
             return False
-        self.budget.admit(frame.session, positions, new)
+        self.budget.admit(frame.session, positions, new=False)
         if not stage.put_now(frame):
             return False
         self._seen[frame.session] = (frame.origin, self.clock.now())
