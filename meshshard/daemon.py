@@ -344,6 +344,7 @@ class Daemon:
                 "batches": stage.batches,
                 "holds": stage.schedule.holds,
                 "split_steps": stage.costs.split_steps,
+                "picks_moved": stage.picks_moved,
                 "weight_bytes": stage.shard.weight_bytes(),
                 "kv_bytes": stage.shard.kv_bytes(),
                 "step_ms": round(stage.costs.step_ms, 3),

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from meshshard.chain import cores
 from meshshard.chain.links import BULK, lane
 from meshshard.chain.outputs import Later, Normed, Output, Sends, refusal, sends
 from meshshard.chain.tensors import to_wire
@@ -160,7 +161,7 @@ class Outbox:
         await self._send(frame.loop, await run_inline(self._pick, frame, hidden))
 
     def _ahead(self, frame: StepFrame, hidden: torch.Tensor) -> StepFrame:
-        return replace(frame, tensor=to_wire(hidden), head=self._head_rows)
+        return replace(frame, tensor=to_wire(hidden), head=self._head_rows, core=cores.here())
 
 
 def _undelivered(frame: StepFrame, e: Exception) -> None:

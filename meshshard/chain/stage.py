@@ -25,6 +25,7 @@ from dataclasses import replace
 
 import torch
 
+from meshshard.chain import cores
 from meshshard.chain.drafts import Drafter
 from meshshard.chain.outbox import Outbox, Send, SendNow
 from meshshard.chain.outputs import CacheMiss, Normed, Output, failed, followed, refusal, sampled
@@ -86,6 +87,7 @@ class StageWorker:
         self.batches = 0
         self.forward_s = 0.0  # wall time of all forward passes
         self.forward_cpu_s = 0.0  # ... and the CPU time of the thread that ran them
+        self.picks_moved = 0  # split picks scored off the last stage's core (cores.py)
         self._observe = observe
         self._closing = False
         self._idle = asyncio.Event()
@@ -100,9 +102,7 @@ class StageWorker:
     async def put(self, frame: StepFrame) -> None:
         if frame.head:
             if not self._pick_ours_now(frame):
-                hidden = from_wire(frame.tensor)
-                logits, tokens = await run_inline(self._pick, hidden, 0, frame.head)
-                self._ours(frame, Pick(logits, tokens))
+                self._ours(frame, await run_inline(self._pick_first, frame))
             return
         while len(self.schedule.queue) >= MAX_QUEUE and not self._closing:
             self._has_room.clear()
@@ -179,9 +179,16 @@ class StageWorker:
             return True
         if not model_idle():
             return False
-        logits, tokens = self._pick(from_wire(frame.tensor), 0, frame.head)
-        self._ours(frame, Pick(logits, tokens))
+        self._ours(frame, self._pick_first(frame))
         return True
+
+    def _pick_first(self, frame: StepFrame) -> Pick:
+        """This first stage's share of a split step, scored off the last stage's core where
+        the two share a host (chain/cores.py)."""
+        with cores.apart(frame.core) as moved:
+            logits, tokens = self._pick(from_wire(frame.tensor), 0, frame.head)
+        self.picks_moved += moved
+        return Pick(logits, tokens)
 
     def _ours(self, frame: StepFrame, pick: Pick) -> None:
         if (picked := self._picks.ours(frame, pick)) is not None:
@@ -200,7 +207,7 @@ class StageWorker:
         the step they feed (what the chain waits for: its pass may run at once), unless they
         end the answer, then to its origin, as the last stage sends them unsplit."""
         tokens = accepted(picked, frame.draft)
-        if (follow := followed(replace(frame, head=0), tokens)) is not None:
+        if (follow := followed(replace(frame, head=0, core=None), tokens)) is not None:
             self._accept(follow)
         drafted = len(frame.draft)
         copy = TokenFrame(frame.epoch, frame.session, frame.step, tokens, frame.attempt, drafted)

@@ -39,6 +39,8 @@ MAX_KV_DIM = 4096  # heads or head size in a handed-off KV cache
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**63
 MAX_LOGIT = 3.4e38  # float32's range
+MAX_HOST = 2**60  # a host's tag, from its boot id (chain/cores.py)
+MAX_CORE = 2**16
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class StepFrame:
     # of those and the last stage's PickFrame, row by row, are the pass's picks. 0: the
     # tensor holds the step's input.
     head: int = 0
+    # Where the sender of a split head's hidden states scores its own share, (host, core):
+    # a first stage woken on that core of that host moves off it for its pick (chain/cores.py).
+    core: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,8 @@ def encode_frame(frame: DataFrame) -> bytes:
                 body |= {"drafts": frame.drafts}
             if frame.head:
                 body |= {"head": frame.head}
+            if frame.core is not None:
+                body |= {"core": list(frame.core)}
         case TokenFrame():
             body |= {
                 "k": "token",
@@ -291,6 +298,9 @@ def decode_frame(
             head = checks.integer(m.get("head", 0), "head", high=MAX_TOKEN_ID)
             if head and (not loop or tensor.dtype == "int64" or tensor.shape[0] != len(draft) + 1):
                 raise WireError("a split head's step holds a hidden state for each row it picks")
+            core = _core(m["core"]) if "core" in m else None
+            if core is not None and not head:
+                raise WireError("only a split head's hidden states name the core they left")
             return StepFrame(
                 epoch=epoch,
                 session=session,
@@ -308,6 +318,7 @@ def decode_frame(
                 stops=_token_ids(m.get("stops", []), "stops", 0, MAX_STOPS) if loop else (),
                 drafts=checks.integer(m.get("drafts", 0), "drafts", high=MAX_DRAFT + 1),
                 head=head,
+                core=core,
             )
         case "token":
             step = checks.integer(m.get("step"), "step")
@@ -423,6 +434,14 @@ def _tensor_in(raw: object, what: str) -> TensorData:
     if len(data) != expected:
         raise WireError(f"{what}.data has {len(data)} bytes, dtype x shape needs {expected}")
     return TensorData(dtype, shape, data)
+
+
+def _core(raw: object) -> tuple[int, int]:
+    pair = checks.a_list(raw, "core")
+    if len(pair) != 2:
+        raise WireError("core must be [host, core]")
+    host = checks.integer(pair[0], "core's host", low=1, high=MAX_HOST)
+    return host, checks.integer(pair[1], "core", high=MAX_CORE)
 
 
 def _sampling(raw: object) -> Sampling:

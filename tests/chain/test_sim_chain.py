@@ -6,6 +6,7 @@ answer token for token that of one process, in seconds."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from conftest import build_tiny
 from support.simchain import SIM_TIMINGS, SimMesh
 
+from meshshard.chain import cores
 from meshshard.chain.origin import PREFILL_CHUNK, MeshTooSmall
 from meshshard.chain.stats import ChainStats
 from meshshard.chain.tensors import to_wire
@@ -458,6 +460,10 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
             await answer(mesh, first.name, prompt, 16, got)
             assert got == reference(prompt, 16)
         assert splits() >= len(PROMPTS) * 14  # every step but the prompt's and the last
+        if cores.here() is not None and len(os.sched_getaffinity(0)) > 1:
+            # The peers share this thread: the last stage names the core it scores its
+            # share on, and the first, finding itself there, scores its own on another.
+            assert first.service.follower.stage.picks_moved > 0  # type: ignore[union-attr]
         # A pass without its head measures no whole decode pass (holds, slices): apart.
         stage = last.service.follower.stage
         assert stage is not None and list(stage.costs.split_ms) == [1]  # one row each
