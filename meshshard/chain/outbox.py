@@ -18,7 +18,7 @@ from meshshard.chain import cores
 from meshshard.chain.links import BULK, lane
 from meshshard.chain.outputs import Later, Normed, Output, Sends, refusal, sends
 from meshshard.chain.tensors import to_wire
-from meshshard.chain.worker import run_inline
+from meshshard.chain.worker import model_idle, run_inline
 from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, PickFrame, StepFrame, TensorData
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,10 @@ class Outbox:
         await self._send(frame.loop, await run_inline(self._pick, frame, hidden))
 
     def _ahead(self, frame: StepFrame, hidden: torch.Tensor) -> StepFrame:
-        return replace(frame, tensor=to_wire(hidden), head=self._head_rows, core=cores.here())
+        # Our pick runs on this thread unless the model thread is busy (`run_inline`): only
+        # then is this thread's core where it runs.
+        core = cores.here() if model_idle() else None
+        return replace(frame, tensor=to_wire(hidden), head=self._head_rows, core=core)
 
 
 def _undelivered(frame: StepFrame, e: Exception) -> None:
