@@ -98,6 +98,7 @@ def _average(old: float, new: float, weight: float) -> float:
 
 
 Passes = tuple[Mapping[int, float], Mapping[int, int], Callable[[float], float]]
+MIN_PRICED_MS = 1.0  # a pass priced at less says nothing of its device's pace
 
 
 def pace(*kinds: Passes, several: bool) -> float | None:
@@ -105,7 +106,11 @@ def pace(*kinds: Passes, several: bool) -> float | None:
     rows, over what its profile says passes of those rows cost, each size weighted by how
     often it ran; None before any ran. kinds: per kind of pass (whole, or a lone answer's
     with its head split), its average ms by rows, how many of each ran, and what the profile
-    says one of that kind costs. The flow model scales the profile by it (planner/flow.py)."""
+    says one of that kind costs. The flow model scales the profile by it (planner/flow.py).
+    None too for passes priced under MIN_PRICED_MS on average: what they measure is what
+    any pass costs beside its products, and under a CPU quota the wait for the next period,
+    not the device's speed (campus's kiosk, which only embeds, priced at 0.08 ms a pass,
+    published paces of 3-9, and the flow model scaled its share of a split head by them)."""
     ran = [
         (n, pass_ms[rows], profiled(rows))
         for pass_ms, passes, profiled in kinds
@@ -113,4 +118,6 @@ def pace(*kinds: Passes, several: bool) -> float | None:
         if rows in pass_ms and (rows > 1) == several
     ]
     expected = sum(n * want for n, _, want in ran)
-    return sum(n * got for n, got, _ in ran) / expected if expected > 0 else None
+    if expected < MIN_PRICED_MS * sum(n for n, _, _ in ran) or expected <= 0:
+        return None
+    return sum(n * got for n, got, _ in ran) / expected

@@ -93,6 +93,15 @@ def test_pace_is_the_passes_as_measured_over_the_profile_weighted_by_how_often_t
     other = {1: 5.0}.__getitem__
     got = pace(({1: 12.0}, {1: 90}, profiled), ({1: 6.0}, {1: 30}, other), several=False)
     assert got == pytest.approx((1080 + 180) / (900 + 150))
+    # Passes priced under a millisecond (a stage that only embeds) measure their fixed
+    # costs, not the device: no pace from them, alone or on average with others.
+    tiny = {1: 0.08}.__getitem__
+    assert pace(({1: 0.6}, {1: 90}, tiny), several=False) is None
+    small = ({1: 1.2}, {1: 10}, {1: 1.1}.__getitem__)
+    assert pace(({1: 0.6}, {1: 90}, tiny), small, several=False) is None
+    assert pace(({1: 0.6}, {1: 10}, tiny), ({1: 12.0}, {1: 90}, profiled), several=False) == (
+        pytest.approx((6 + 1080) / (0.8 + 900))
+    )
 
 
 def _stage(**kw: object) -> SimpleNamespace:
