@@ -282,10 +282,23 @@ def test_gossip_fields_out_of_range_are_refused(data: bytes, message: str) -> No
         decode(data)
 
 
-def test_non_finite_activations_are_refused() -> None:
-    bad = torch.tensor([[1.0, float("nan")]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_activations_are_refused(dtype: torch.dtype, bad: float) -> None:
+    activations = torch.randn(3, 8).to(dtype)
+    activations[1, 5] = bad
     with pytest.raises(WireError, match="NaN"):
-        from_wire(to_wire(bad))
+        from_wire(to_wire(activations))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_activations_pass_whatever_their_size(dtype: torch.dtype) -> None:
+    # The largest finite values share their top byte with NaN and infinity (tensors.py's
+    # screen), the smallest are subnormal: each must arrive as it went.
+    info = torch.finfo(dtype)
+    values = torch.tensor([[info.max, -info.max, info.tiny, -info.tiny, 0.0, -0.0, 1.0, 2.0**-149]])
+    activations = values.to(dtype)
+    assert torch.equal(from_wire(to_wire(activations)), activations)
 
 
 @settings(max_examples=2000, deadline=None)
