@@ -354,3 +354,6 @@ def test_a_step_past_the_frame_limit_goes_as_steps_of_its_rows_that_fit() -> Non
     assert fitted(small, most) == [small]  # within the limit: itself
     drop = DropFrame(EPOCH, "s")
     assert fitted(drop, 10) == [drop]  # only steps are cut
+    # Nothing of the steps lane is (a raw link's send_now writes its frames whole unasked).
+    for lone in (step("s", 1), step("s", 1, draft=(4, 5, 6)), TokenFrame(EPOCH, "s", 3, (9,))):
+        assert lane(lone) == STEPS and fitted(lone, 10) == [lone]
