@@ -10,7 +10,7 @@
                                               #    gap while a 2,000-token prompt is prefilled
     python tools/experiments.py prediction --testbeds office,campus --out prediction-oos
                                               # 1 out of sample: testbeds never tuned on
-    ... --fresh-profiles                      # each host's profile measured again
+    ... --fresh-profiles                      # the profiles of the testbeds run measured again
 
 Each prints a table and writes a PNG and a JSON of its results next to the docs
 (docs/experiments/). Per-token latency is measured as (answer time - time to first token) /
@@ -469,6 +469,15 @@ def plot(kind: str, rows: list[dict[str, Any]], name: str) -> Path:
     return path
 
 
+def forget_profiles(state: Path, testbeds: list[str]) -> list[Path]:
+    """Drop the profiles kept for these testbeds' hosts (only theirs: the others keep what
+    their next run would reuse); the folders removed."""
+    gone = [f for tb in testbeds for f in sorted((state / tb).glob("profiles-*"))]
+    for folder in gone:
+        shutil.rmtree(folder)
+    return gone
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "_client":
         print(json.dumps(client(int(sys.argv[2]), int(sys.argv[3]))))
@@ -494,21 +503,22 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--fresh-profiles", action="store_true",
-        help="Measure every host's profile again (default: those kept from earlier runs).",
+        help="Measure the profiles of the hosts of the testbeds run again (default: those "
+        "kept from earlier runs).",
     )  # fmt: skip
     args = parser.parse_args()
-    if args.fresh_profiles:
-        # The testbeds keep each host's profile from run to run, and this host's speed moves
-        # by a fifth within hours, not evenly over a pass's sizes (testbed.md, after run 59);
-        # fresh ones did not bring lan-3's prediction read at the start within 15% at 16
-        # answers (run 60).
-        for folder in STATE.glob("*/profiles-*"):
-            shutil.rmtree(folder)
     name = args.out or args.experiment
     # Peers inherit our environment (launch.PeerCommand).
     os.environ["MESHSHARD_SPECULATE"] = str(args.speculate)
     default = "lan-3" if args.experiment == "concurrency" else "lan-3,home-wifi,edge-cloud"
     testbeds = (args.testbeds or default).split(",")
+    if args.fresh_profiles:
+        # The testbeds keep each host's profile from run to run, and this host's speed moves
+        # by a fifth within hours, not evenly over a pass's sizes (testbed.md, after run 59);
+        # fresh ones did not bring lan-3's prediction read at the start within 15% at 16
+        # answers (run 60).
+        used = ["edge-cloud"] if args.experiment == "sweep" else testbeds
+        forget_profiles(STATE, [Testbed.load(ROOT / "peers" / f"{t}.toml").name for t in used])
     rows: list[dict[str, Any]] = []
     try:
         if args.experiment == "prediction":
