@@ -16,10 +16,8 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from meshshard.chain.speculate import Speculator
-from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.chain.tensors import ids_from_wire, ids_to_wire
 from meshshard.wire import StepFrame
 
 MOST_ANSWERS = 256  # answers kept: one whose drop was lost must not stay for ever
@@ -54,7 +52,7 @@ class Drafter:
             answer.speculator.passed(answer.drafted, kept)
         answer.drafted = 0
         del answer.history[frame.start - answer.base :]
-        ids = from_wire(frame.tensor).tolist()
+        ids = ids_from_wire(frame.tensor)
         answer.history.extend(ids)
         if not frame.loop or frame.draft or len(ids) != 1:
             return frame
@@ -63,7 +61,7 @@ class Drafter:
             return frame
         answer.history.extend(draft)
         answer.drafted_at, answer.drafted = frame.start, len(draft)
-        tensor = to_wire(torch.tensor(ids + list(draft), dtype=torch.int64))
+        tensor = ids_to_wire(ids + list(draft))
         return replace(frame, tensor=tensor, draft=draft)
 
     def _answer(self, frame: StepFrame) -> _Answer:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from meshshard.chain.speculate import confirmed
-from meshshard.chain.tensors import to_wire
+from meshshard.chain.tensors import ids_to_wire
 from meshshard.model.sampling import Sampler, SamplingParams
 from meshshard.model.shard import UnknownSession
 from meshshard.wire import (
@@ -143,9 +143,9 @@ def followed(frame: StepFrame, tokens: tuple[int, ...]) -> StepFrame | None:
     step = frame.step + len(tokens)
     if not frame.loop or step > frame.until or set(tokens) & set(frame.stops):
         return None
-    ids = torch.tensor(tokens[-1:], dtype=torch.int64)
     start = frame.start + frame.tensor.shape[0] - len(frame.draft) + len(tokens) - 1
-    return replace(frame, step=step, start=start, tensor=to_wire(ids), sample=True, draft=())
+    tensor = ids_to_wire(tokens[-1:])
+    return replace(frame, step=step, start=start, tensor=tensor, sample=True, draft=())
 
 
 def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], int]:

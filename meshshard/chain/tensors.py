@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
+
 import torch
 
 from meshshard.wire import TensorData, WireError
@@ -49,6 +52,17 @@ def from_wire(data: TensorData) -> torch.Tensor:
     if _maybe_not_finite(data) and not bool(torch.isfinite(t).all()):
         raise WireError("tensor holds NaN or infinity")
     return t
+
+
+def ids_to_wire(ids: Sequence[int]) -> TensorData:
+    """Token ids as `to_wire` gives them, without torch: a step's next token is made on the
+    critical path, where a tensor and its copy cost 0.05-0.1 ms after a pass."""
+    return TensorData("int64", (len(ids),), array("q", ids).tobytes())
+
+
+def ids_from_wire(data: TensorData) -> list[int]:
+    """The ids of a wire tensor of token ids (int64, its shape checked where it was read)."""
+    return array("q", data.data).tolist()
 
 
 def _maybe_not_finite(data: TensorData) -> bool:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshshard.api.stops import StopMatcher
-from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.chain.tensors import from_wire, ids_from_wire, ids_to_wire, to_wire
 from meshshard.types import Epoch, Fallback, NodeId, PlanStage
 from meshshard.wire import (
     MAX_FRAME_BYTES,
@@ -289,6 +289,13 @@ def test_non_finite_activations_are_refused(dtype: torch.dtype, bad: float) -> N
     activations[1, 5] = bad
     with pytest.raises(WireError, match="NaN"):
         from_wire(to_wire(activations))
+
+
+def test_token_ids_go_as_torch_would_send_them() -> None:
+    for ids in ([7], [0, 49151, 2**40, 3]):
+        wire = ids_to_wire(ids)
+        assert wire == to_wire(torch.tensor(ids, dtype=torch.int64))
+        assert ids_from_wire(wire) == ids == from_wire(wire).tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
