@@ -16,6 +16,7 @@ _TORCH = {
     "int64": torch.int64,
 }
 _NAMES = {v: k for k, v in _TORCH.items()}
+_NUMPY = {torch.float32, torch.float16, torch.int64}
 
 
 def _suspect(exponent: int) -> bytes:
@@ -42,7 +43,8 @@ def to_wire(t: torch.Tensor) -> TensorData:
         t = t.detach().to("cpu").contiguous()
     if t.dtype not in _NAMES:
         raise ValueError(f"cannot send a {t.dtype} tensor")
-    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    # numpy holds float32, float16 and int64 as they are; bfloat16 it knows not, so as bytes.
+    data = (t if t.dtype in _NUMPY else t.view(torch.uint8)).numpy().tobytes() if t.numel() else b""
     return TensorData(_NAMES[t.dtype], tuple(t.shape), data)
 
 
