@@ -321,8 +321,11 @@ def compare(testbeds: list[str], rows: list[dict[str, Any]]) -> None:
             down(tb)
 
 
+SWEPT = "edge-cloud"  # the testbed whose cloud link sweep() varies
+
+
 def sweep(rates: list[float], rows: list[dict[str, Any]]) -> None:
-    base = Testbed.load(ROOT / "peers" / "edge-cloud.toml")
+    base = Testbed.load(ROOT / "peers" / f"{SWEPT}.toml")
     print(f"{'cloud Mbit/s':>12} {'uses cloud':>10} {'pred ms':>8} {'meas ms':>8}  plan")
     for mbps in rates:
         tb = base.with_rate("cloud", mbps)
@@ -517,7 +520,7 @@ def main() -> None:
         # by a fifth within hours, not evenly over a pass's sizes (testbed.md, after run 59);
         # fresh ones did not bring lan-3's prediction read at the start within 15% at 16
         # answers (run 60).
-        used = ["edge-cloud"] if args.experiment == "sweep" else testbeds
+        used = [SWEPT] if args.experiment == "sweep" else testbeds
         forget_profiles(STATE, [Testbed.load(ROOT / "peers" / f"{t}.toml").name for t in used])
     rows: list[dict[str, Any]] = []
     try:

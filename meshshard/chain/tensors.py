@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from meshshard.wire import TensorData, WireError
+from meshshard.wire import TENSOR_DTYPES, TensorData, WireError
 
 _TORCH = {
     "float32": torch.float32,
@@ -30,11 +30,7 @@ def _suspect(exponent: int) -> bytes:
 # own check costs 0.15-0.2 ms after a pass has flushed the caches (three kernels' code), on
 # the critical path of every hop of hidden states (docs/data-plane.md, *Where the mesh's
 # hops go*); it runs only where the screen cannot tell (|x| >= 2**127; float16's is exact).
-_SCREENS = {
-    "float32": (4, _suspect(0x7F)),
-    "bfloat16": (2, _suspect(0x7F)),
-    "float16": (2, _suspect(0x7C)),
-}
+_SCREENS = {"float32": _suspect(0x7F), "bfloat16": _suspect(0x7F), "float16": _suspect(0x7C)}
 
 
 def to_wire(t: torch.Tensor) -> TensorData:
@@ -68,10 +64,10 @@ def ids_from_wire(data: TensorData) -> list[int]:
 
 
 def _maybe_not_finite(data: TensorData) -> bool:
-    screen = _SCREENS.get(data.dtype)
-    if screen is None:  # integers
+    suspect = _SCREENS.get(data.dtype)
+    if suspect is None:  # integers
         return False
-    size, suspect = screen
+    size = TENSOR_DTYPES[data.dtype]
     return b"\x01" in data.data[size - 1 :: size].translate(suspect)
 
 
