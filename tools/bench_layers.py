@@ -115,18 +115,20 @@ def products_alone(shard: Shard, tokens: int) -> float:
 
 
 def stage(
-    index: int, mode: str, rfd: int, wfd: int, tokens: int, cuts: Sequence[int], head: int = 0
+    index: int, mode: str, reader: Any, writer: Any, tokens: int, cuts: Sequence[int], head: int = 0
 ) -> None:
-    """One process of the ring: read a step, run its shard, pass the result on; the last
+    """One process of the ring (`reader.read(n)` up to n bytes of its input, `writer.write`
+    all of its output): read a step, run its shard, pass the result on; the last
     stage's token goes straight back to the first, as in a mesh. With `head` rows of the
     vocabulary for the first stage (a split head, as a mesh's lone answer has), the last
     stage sends its decode steps' normed hidden state to the first instead, then its pick of
     the rest; the first scores its rows meanwhile and takes the better pick. Prints the
-    median pass CPU (ms), and at the last stage the ms a token, once the ring stops."""
+    median pass CPU (ms), the ms a token at the last stage (0 elsewhere), and at the first
+    the tokens it was fed, once the ring stops."""
     shard = load(cuts[index], cuts[index + 1], mode)
-    reader, writer = os.fdopen(rfd, "rb", buffering=0), os.fdopen(wfd, "wb", buffering=0)
     times: list[float] = []
     stamps: list[float] = []
+    fed: list[int] = []
     vocab = shard.spec.vocab_size
     while True:
         position, size = struct.unpack("<ii", _read(reader, 8))
@@ -143,6 +145,8 @@ def stage(
             body = torch.tensor(better(ours, Pick((logit,), (token,)))).numpy().tobytes()
         x = torch.frombuffer(bytearray(body), dtype=torch.int64 if index == 0 else torch.float32)
         x = x if index == 0 else x.view(-1, shard.spec.hidden_size)
+        if index == 0 and x.shape[0] == 1:
+            fed.append(int(x))
         start = time.thread_time()
         split = bool(head) and shard.is_last and x.shape[0] == 1
         out = shard.prefill("s", x, torch.arange(position, position + x.shape[0]), head=not split)
@@ -166,7 +170,8 @@ def stage(
         data = torch.tensor([int(out.argmax())]).numpy().tobytes()
         writer.write(struct.pack("<ii", after, len(data)) + data)
     per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3 if stamps else 0.0
-    print(f"{statistics.median(times) * 1e3:.3f} {per_token:.3f}", flush=True)
+    print(f"{statistics.median(times) * 1e3:.3f} {per_token:.3f} {','.join(map(str, fed))}",
+          flush=True)  # fmt: skip
 
 
 def _read(reader: Any, n: int) -> bytes:
@@ -217,7 +222,8 @@ def main() -> None:
     if args.stage:
         index, mode, rfd, wfd, tokens, cuts, head = args.stage
         at = [int(c) for c in cuts.split(",")]
-        stage(int(index), mode, int(rfd), int(wfd), int(tokens), at, int(head))
+        reader, writer = os.fdopen(int(rfd), "rb", buffering=0), os.fdopen(int(wfd), "wb", 0)
+        stage(int(index), mode, reader, writer, int(tokens), at, int(head))
         return
     whole = {m: [load(0, 32, m)] for m in MODES}
     split = {m: [load(a, b, m) for a, b in itertools.pairwise(CUTS)] for m in MODES}

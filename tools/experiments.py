@@ -6,8 +6,10 @@
     python tools/experiments.py concurrency   # 4: lan-3, 1/4/8/16 sessions at once (predicted
                                               #    once at the start, and again right before
                                               #    each level), one process in the first
-                                              #    host's CPU share, and 2 answers' longest
-                                              #    gap while a 2,000-token prompt is prefilled
+                                              #    host's CPU share, the plan's shards as a
+                                              #    ring of bare processes (tools/ring.py), and
+                                              #    2 answers' longest gap while a 2,000-token
+                                              #    prompt is prefilled
     python tools/experiments.py prediction --testbeds office,campus --out prediction-oos
                                               # 1 out of sample: testbeds never tuned on
     ... --fresh-profiles                      # the profiles of the testbeds run measured again
@@ -37,7 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_chain import per_pass  # noqa: E402
+from bench_chain import embedded_model, per_pass  # noqa: E402
+from ring import ring  # noqa: E402
 from testbed import (  # noqa: E402
     CGROUP,
     READY_TIMEOUT,
@@ -49,6 +52,9 @@ from testbed import (  # noqa: E402
     up,
     wait_ready,
 )
+
+from meshshard.chain.picks import split_rows  # noqa: E402
+from meshshard.model.costs import read_spec  # noqa: E402
 
 OUT = ROOT / "docs" / "experiments"
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -155,20 +161,28 @@ def single(tb: Testbed, i: int, repeats: int = 3) -> float:
     return statistics.median(rates)
 
 
-def in_turns(tb: Testbed, pairs: int = 3) -> list[dict[str, float]]:
-    """One answer through the mesh and the single process in the first host's share, in
-    turns seconds apart (which goes first alternating), each pair's ratio: the host's speed
-    moves within minutes (testbed.md, run 50), and the single process measured once before
-    the levels carries its moment into the ratio."""
+def in_turns(tb: Testbed, plan: dict[str, Any], rounds: int = 3) -> list[dict[str, float]]:
+    """One answer through the mesh, the single process in the first host's share, and the
+    plan's shards as a ring of bare processes in their hosts' shares (tools/ring.py: what the
+    testbed's hardware allows one answer, the head split as the plan splits it), in turns
+    seconds apart (the order rotating), each round's ratios: the host's speed moves within
+    minutes (testbed.md, run 50), and the single process measured once before the levels
+    carries its moment into the ratio."""
+    stages = [(s["device"], s["start"], s["end"]) for s in plan["stages"]]
+    head = split_rows(plan.get("head_share", 0.0), read_spec(embedded_model()).vocab_size)
     out = []
-    for k in range(pairs):
+    for k in range(rounds):
         got: dict[str, float] = {}
-        for which in ("mesh", "one") if k % 2 == 0 else ("one", "mesh"):
+        order = ("mesh", "one", "ring")
+        for which in order[k % 3 :] + order[: k % 3]:
             if which == "mesh":
                 got[which] = in_namespace(tb, "_client", "1", str(TOKENS))["tokens_per_s"]
-            else:
+            elif which == "one":
                 got[which] = single(tb, 0, repeats=1)
-        out.append(got | {"ratio": got["mesh"] / got["one"]})
+            else:
+                got[which] = 1000 / ring(tb, stages, head, TOKENS)[1]
+        out.append(got | {"ratio": got["mesh"] / got["one"], "vs_ring": got["mesh"] / got["ring"],
+                          "ring_ratio": got["ring"] / got["one"]})  # fmt: skip
     return out
 
 
@@ -382,12 +396,14 @@ def concurrency(testbeds: list[str], levels: list[int], rows: list[dict[str, Any
                                   f"(cpu {p['cpu_ms']:.0f})" for p in m["stages"]))  # fmt: skip
             print(f"one answer through the mesh: {rows[first]['tokens_per_s'] / alone:.2f} of the "
                   f"single process")  # fmt: skip
-            turns = in_turns(tb)
+            turns = in_turns(tb, plan)
             rows[first]["in_turns"] = turns
-            print(f"one answer through the mesh in turns with the single process: "
-                  f"{statistics.median(t['ratio'] for t in turns):.2f} (pairs "
-                  + ", ".join(f"{t['mesh']:.1f}/{t['one']:.1f}" for t in turns)
-                  + " tokens/s)")  # fmt: skip
+            print(f"one answer in turns: the mesh {median_of(turns, 'ratio'):.2f} of the single "
+                  f"process and {median_of(turns, 'vs_ring'):.2f} of the plan's ring of bare "
+                  f"processes, the ring {median_of(turns, 'ring_ratio'):.2f} of the single "
+                  "process (mesh/one/ring tokens/s: "
+                  + ", ".join(f"{t['mesh']:.1f}/{t['one']:.1f}/{t['ring']:.1f}" for t in turns)
+                  + ")")  # fmt: skip
             gap = in_namespace(tb, "_gap")
             rows[first]["prefill_gap"] = gap
             print(f"2 answers decoding while a {gap['prompt_tokens']}-token prompt is prefilled "
@@ -396,6 +412,10 @@ def concurrency(testbeds: list[str], levels: list[int], rows: list[dict[str, Any
             same_plan(tb, status)
         finally:
             down(tb)
+
+
+def median_of(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
 
 
 def in_namespace(tb: Testbed, *args: str) -> Any:
