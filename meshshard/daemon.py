@@ -37,7 +37,14 @@ from meshshard.chain.service import ChainService
 from meshshard.chain.stage import StageWorker
 from meshshard.chain.worker import run_imports, run_setup
 from meshshard.config import Config
-from meshshard.delays import DelayedLinks, Delays, answer_delays, request_delays
+from meshshard.delays import (
+    Alarms,
+    DelayedLinks,
+    Delays,
+    LateReading,
+    answer_delays,
+    request_delays,
+)
 from meshshard.edge.serve import ConnectionGate, serve
 from meshshard.errors import MeshShardError
 from meshshard.events import EventLog
@@ -96,7 +103,7 @@ class Daemon:
     async def _run(self, sealer: Sealer, raw: socket.socket | None) -> None:
         config = self.config
         self.raw_port = raw.getsockname()[1] if raw is not None else 0
-        delays = Delays.from_env()
+        delays, alarms = Delays.from_env(), Alarms()
         if delays:
             logger.warning("test-only link delays in force: %s", delays)
         placement = await asyncio.to_thread(config.placement)  # a bad device fails early too
@@ -139,7 +146,7 @@ class Daemon:
                 dispatch: Dispatch, watch: LinkWatch, tg: asyncio.TaskGroup, refusals: Refusals
             ) -> DataLinks:
                 links = Links(http, dispatch, watch, tg, frames, refusals, timings.connect_timeout)
-                return DelayedLinks(links, delays, tg) if delays else links
+                return DelayedLinks(links, delays, tg, alarms) if delays else links
 
             seam = NodeSeam(node)
             service = ChainService(
@@ -157,6 +164,7 @@ class Daemon:
                     raw, frames, lambda: seam.address, service.handle_frame,
                     service.handle_now, seam.heard, service.refusals.note, peer_gate.admit,
                     peer_gate.release, config.timings.connect_timeout,
+                    *([lambda link: LateReading(link, delays, alarms)] if delays else []),
                 )  # fmt: skip
             codec: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             body_timeout = config.timings.body_timeout
@@ -264,6 +272,7 @@ class Daemon:
                     await discovery.stop()
                 for runner in runners:
                     await runner.cleanup()
+                alarms.close()
         logger.info("peer %s stopped", node_id)
 
     async def _profile(self, node: ControlNode, model_dir: Any) -> None:

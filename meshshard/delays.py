@@ -14,16 +14,22 @@ HTTP client (`request_delays`), answers of a server (`answer_delays`) and data-p
 from __future__ import annotations
 
 import asyncio
+import functools
+import heapq
+import itertools
 import logging
 import os
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from meshshard.chain.links import DataLinks, LinkError, lane
+from meshshard.chain.links import LinkError, Links, lane
 from meshshard.wire import DataFrame
 
 logger = logging.getLogger(__name__)
@@ -90,40 +96,141 @@ def answer_delays(delays: Delays) -> Any:
     return delay
 
 
+class Alarms:
+    """Callbacks on the event loop after sub-millisecond waits, which the loop's own timers
+    do not keep: its poll waits whole milliseconds, rounded up, so a 0.2 ms delay would hold
+    a frame 1 ms or more whenever nothing else wakes the loop. A thread sleeps until each
+    is due (condition waits keep microseconds) and hands it to the loop; alarms fire in the
+    order they are due, those due together in the order they were set."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._set = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def after(self, seconds: float, callback: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="delays", daemon=True)
+            self._thread.start()
+        with self._wake:
+            heapq.heappush(self._due, (time.monotonic() + seconds, next(self._set), callback))
+            self._wake.notify()
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        while True:
+            with self._wake:
+                while not self._closed and (
+                    not self._due or (wait := self._due[0][0] - time.monotonic()) > 0
+                ):
+                    self._wake.wait(wait if self._due else None)
+                if self._closed:
+                    return
+                _, _, callback = heapq.heappop(self._due)
+            self._loop.call_soon_threadsafe(callback)
+
+    def close(self) -> None:
+        """Stop: alarms not yet due never fire."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class LateReading(asyncio.Protocol):
+    """A raw link's reading protocol (rawlinks.RawIn) served its bytes the link's delay after
+    they arrive, in order, and its end after them. The delay is the reader's to keep: the
+    writer's bytes leave at once, as on a real link, whatever its event loop does next (a
+    pick of the head, say, which would hold a frame waiting there for the loop)."""
+
+    def __init__(self, inner: asyncio.Protocol, delays: Delays, alarms: Alarms) -> None:
+        self._inner, self._delays, self._alarms = inner, delays, alarms
+        self._delay = 0.0
+        self._due = 0  # bytes still held
+        self._lost: list[Exception | None] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._delay = self._delays.to(peer[0]) if peer else 0.0
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._delay:
+            self._inner.data_received(data)
+            return
+        self._due += 1
+        self._alarms.after(self._delay, functools.partial(self._arrived, data))
+
+    def _arrived(self, data: bytes) -> None:
+        self._due -= 1
+        self._inner.data_received(data)
+        if not self._due and self._lost:
+            self._inner.connection_lost(self._lost[0])
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._due:
+            self._lost.append(exc)  # after the bytes still on their way
+            return
+        self._inner.connection_lost(exc)
+
+
 class DelayedLinks:
     """Data-plane links whose frames wait the link's delay. The delay holds the frame, not
     the sender: on a real link with that latency the sender is free as soon as the bytes are
     in the socket (and a frame lost on the way is for the origin to notice). Frames to one
     address keep their order within their lane (links.py): a step does not wait here behind
-    a prompt's activations any more than on the sockets."""
+    a prompt's activations any more than on the sockets. A frame whose socket is a raw link
+    goes at once, as undelayed: its reader holds it (`LateReading`). (A frame that opens a
+    raw link waits here, then there too: once a link.)"""
 
-    def __init__(self, inner: DataLinks, delays: Delays, tg: asyncio.TaskGroup) -> None:
-        self._inner, self._delays, self._tg = inner, delays, tg
+    def __init__(self, inner: Links, delays: Delays, tg: asyncio.TaskGroup, alarms: Alarms) -> None:
+        self._inner, self._delays, self._tg, self._alarms = inner, delays, tg, alarms
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._held: Counter[tuple[str, str]] = Counter()  # frames waiting here, by socket
         self.sent_bytes: Counter[str] = inner.sent_bytes
 
     async def send(self, addr: str, frame: DataFrame) -> None:
-        delay = self._delays.to(addr)
-        if not delay:
+        key = (addr, lane(frame))
+        if not self._delays.to(addr) or (self._inner.raw(addr, frame) and not self._held[key]):
             await self._inner.send(addr, frame)
             return
-        # Tasks take the lock in the order they were made, so frames keep their order.
-        due = asyncio.get_running_loop().time() + delay
-        self._tg.create_task(self._later(addr, due, frame))
+        ready = asyncio.get_running_loop().create_future()
+        self._alarms.after(self._delays.to(addr), functools.partial(_settle, ready))
+        self._held[key] += 1
+        self._tg.create_task(self._later(key, ready, frame))
 
-    async def _later(self, addr: str, due: float, frame: DataFrame) -> None:
-        async with self._locks.setdefault((addr, lane(frame)), asyncio.Lock()):
-            await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
-            try:
-                await self._inner.send(addr, frame)
-            except LinkError as e:
-                logger.warning("delayed frame to %s lost: %s", addr, e)
+    async def _later(
+        self, key: tuple[str, str], ready: asyncio.Future[None], frame: DataFrame
+    ) -> None:
+        # Tasks take the lock in the order they were made, so frames keep their order.
+        try:
+            async with self._locks.setdefault(key, asyncio.Lock()):
+                await ready
+                await self._inner.send(key[0], frame)
+        except LinkError as e:
+            logger.warning("delayed frame to %s lost: %s", key[0], e)
+        finally:
+            self._held[key] -= 1
 
     def send_now(self, addr: str, frame: DataFrame) -> bool:
-        return not self._delays.to(addr) and self._inner.send_now(addr, frame)
+        # Only a raw link takes a frame at once, and its reader holds it; never past one here.
+        return not self._held[(addr, lane(frame))] and self._inner.send_now(addr, frame)
 
     def forget(self, session: str) -> None:
         self._inner.forget(session)
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def _settle(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)

@@ -247,6 +247,11 @@ class Links:
         self.sent_bytes[addr] += sum(len(r) for r in records)
         return True
 
+    def raw(self, addr: str, frame: DataFrame) -> bool:
+        """Whether the frame's socket to `addr` is an open raw link (as `send` would find it)."""
+        known = self._sockets.get((addr, lane(frame)))
+        return known is not None and isinstance(known[0], RawOut) and not known[0].closed
+
     def _most(self, addr: str) -> int:
         # Cut to the smaller of our limit and the receiver's: a peer set lower refuses more.
         return min(self._codec.max_frame_bytes, self._watch.frame_limit(addr) or MAX_FRAME_LIMIT)

@@ -152,8 +152,12 @@ class RawListener:
         admit: Callable[[object, str], bool],
         release: Callable[[object], None],
         hello_timeout: float,
+        wrap: Callable[[asyncio.Protocol], asyncio.Protocol] = lambda link: link,
     ) -> None:
+        """wrap: what each link's reading protocol is served through (a testbed's link
+        delay, delays.py)."""
         self._sock, self.codec, self.address = sock, codec, address
+        self._wrap = wrap
         self.dispatch, self.dispatch_now, self.heard = dispatch, dispatch_now, heard
         self.note_refused, self.admit, self.release = note_refused, admit, release
         self.hello_timeout = hello_timeout
@@ -164,7 +168,7 @@ class RawListener:
     async def run(self) -> None:
         """Serve until cancelled; then accept no more and close every raw link open to us."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: RawIn(self), sock=self._sock)
+        server = await loop.create_server(lambda: self._wrap(RawIn(self)), sock=self._sock)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
