@@ -125,7 +125,7 @@ class Daemon:
         # Our idle connections close before the other side's header timeout closes them
         # under a request we are about to send.
         connector = aiohttp.TCPConnector(keepalive_timeout=config.timings.header_timeout / 2)
-        traces = [request_delays(delays)] if delays else []
+        traces = [request_delays(delays, alarms)] if delays else []
         async with aiohttp.ClientSession(connector=connector, trace_configs=traces) as http:
             events = EventLog(node_id)
             node = ControlNode(
@@ -178,7 +178,7 @@ class Daemon:
             self.sealer = sealer
             peer_app = web.Application(
                 client_max_size=MAX_REQUEST_BYTES,
-                middlewares=[answer_delays(delays)] if delays else [],
+                middlewares=[answer_delays(delays, alarms)] if delays else [],
             )
             peer_app.add_routes(control_routes(node, sealer, config.timings))
             peer_app.add_routes([web.get("/chain/ws", sockets.handle_ws)])

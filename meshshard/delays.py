@@ -7,8 +7,11 @@ its sender, so a link behaves like one with that latency. A host not in the tabl
 itself) is reached without a link, so without delay. Unset (real use), nothing waits.
 
 The delays wrap the transports from outside, where the testbed asks for them: requests of an
-HTTP client (`request_delays`), answers of a server (`answer_delays`) and data-plane frames
-(`DelayedLinks`); the transports themselves know nothing of them.
+HTTP client (`request_delays`), answers of a server (`answer_delays`), data-plane frames
+(`DelayedLinks`), and what a raw link's reader reads (`LateReading`: a frame written to a raw
+link leaves at once, as on a real link, and its reader takes it the delay late); the
+transports themselves know nothing of them. Every wait is kept by a thread (`Alarms`): the
+event loop's timers round up to whole milliseconds, five times a LAN's delay.
 """
 
 from __future__ import annotations
@@ -71,31 +74,6 @@ class Delays:
 NONE = Delays()
 
 
-def request_delays(delays: Delays) -> aiohttp.TraceConfig:
-    """For an HTTP client: every request waits the link's delay before it leaves."""
-    trace = aiohttp.TraceConfig()
-
-    async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
-        if wait := delays.to(f"{params.url.host}:{params.url.port}"):
-            await asyncio.sleep(wait)
-
-    trace.on_request_start.append(on_start)
-    return trace
-
-
-def answer_delays(delays: Delays) -> Any:
-    """For a server: answers wait the link's delay back to the asker, as requests do."""
-
-    @web.middleware
-    async def delay(request: web.Request, handler: Any) -> web.StreamResponse:
-        response: web.StreamResponse = await handler(request)
-        if wait := delays.to(request.remote):
-            await asyncio.sleep(wait)
-        return response
-
-    return delay
-
-
 class Alarms:
     """Callbacks on the event loop after sub-millisecond waits, which the loop's own timers
     do not keep: its poll waits whole milliseconds, rounded up, so a 0.2 ms delay would hold
@@ -120,6 +98,12 @@ class Alarms:
             heapq.heappush(self._due, (time.monotonic() + seconds, next(self._set), callback))
             self._wake.notify()
 
+    def ready_in(self, seconds: float) -> asyncio.Future[None]:
+        """A future done `seconds` from now."""
+        ready = asyncio.get_running_loop().create_future()
+        self.after(seconds, functools.partial(_settle, ready))
+        return ready
+
     def _run(self) -> None:
         assert self._loop is not None
         while True:
@@ -140,6 +124,31 @@ class Alarms:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+
+
+def request_delays(delays: Delays, alarms: Alarms) -> aiohttp.TraceConfig:
+    """For an HTTP client: every request waits the link's delay before it leaves."""
+    trace = aiohttp.TraceConfig()
+
+    async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        if wait := delays.to(f"{params.url.host}:{params.url.port}"):
+            await alarms.ready_in(wait)
+
+    trace.on_request_start.append(on_start)
+    return trace
+
+
+def answer_delays(delays: Delays, alarms: Alarms) -> Any:
+    """For a server: answers wait the link's delay back to the asker, as requests do."""
+
+    @web.middleware
+    async def delay(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if wait := delays.to(request.remote):
+            await alarms.ready_in(wait)
+        return response
+
+    return delay
 
 
 class LateReading(asyncio.Protocol):
@@ -202,8 +211,7 @@ class DelayedLinks:
         if not self._delays.to(addr) or (self._inner.raw(addr, frame) and not self._held[key]):
             await self._inner.send(addr, frame)
             return
-        ready = asyncio.get_running_loop().create_future()
-        self._alarms.after(self._delays.to(addr), functools.partial(_settle, ready))
+        ready = self._alarms.ready_in(self._delays.to(addr))
         self._held[key] += 1
         self._tg.create_task(self._later(key, ready, frame))
 
