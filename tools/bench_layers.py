@@ -46,6 +46,9 @@ CUTS = (0, 8, 21, 32)  # a 3-peer plan of bench_chain's (the one it got on profi
 PROMPT = list(range(100, 130))
 MODES = ("transformers", "fused")
 BATCH_ROWS = (1, 2, 4, 8)
+# A ring message's header: position, body size, and when it was sent (perf_counter, one
+# clock for every process of a host).
+HEADER = struct.Struct("<iid")
 
 
 def load(start: int, end: int, mode: str) -> Shard:
@@ -115,33 +118,39 @@ def products_alone(shard: Shard, tokens: int) -> float:
 
 
 def stage(
-    index: int, mode: str, reader: Any, writer: Any, tokens: int, cuts: Sequence[int], head: int = 0
+    index: int,
+    mode: str,
+    reader: Any,
+    writer: Any,
+    tokens: int,
+    cuts: Sequence[int],
+    head: int = 0,
+    delay: float = 0.0,
 ) -> None:
     """One process of the ring (`reader.read(n)` up to n bytes of its input, `writer.write`
     all of its output): read a step, run its shard, pass the result on; the last
     stage's token goes straight back to the first, as in a mesh. With `head` rows of the
     vocabulary for the first stage (a split head, as a mesh's lone answer has), the last
     stage sends its decode steps' normed hidden state to the first instead, then its pick of
-    the rest; the first scores its rows meanwhile and takes the better pick. Prints the
-    median pass CPU (ms), the ms a token at the last stage (0 elsewhere), and at the first
-    the tokens it was fed, once the ring stops."""
+    the rest; the first scores its rows meanwhile and takes the better pick. A message is
+    taken `delay` seconds after it was sent (a link's latency). Prints the median pass CPU
+    (ms), the ms a token at the last stage (0 elsewhere), and at the first the tokens it was
+    fed, once the ring stops."""
     shard = load(cuts[index], cuts[index + 1], mode)
     times: list[float] = []
     stamps: list[float] = []
     fed: list[int] = []
     vocab = shard.spec.vocab_size
     while True:
-        position, size = struct.unpack("<ii", _read(reader, 8))
+        position, body = receive(reader, delay)
         if position < 0:  # stop, passed round the ring once
             if not shard.is_last:
-                writer.write(struct.pack("<ii", -1, 0))
+                writer.write(message(-1, b""))
             break
-        body = _read(reader, size)
-        if index == 0 and head and times and size == 4 * shard.spec.hidden_size:  # a hidden state
+        if index == 0 and head and times and len(body) == 4 * shard.spec.hidden_size:  # hidden
             ours = Pick(*shard.pick(torch.frombuffer(bytearray(body), dtype=torch.float32)
                                     .view(1, -1), 0, head))  # fmt: skip
-            _, size = struct.unpack("<ii", _read(reader, 8))
-            logit, token = struct.unpack("<fi", _read(reader, size))
+            logit, token = struct.unpack("<fi", receive(reader, delay)[1])
             body = torch.tensor(better(ours, Pick((logit,), (token,)))).numpy().tobytes()
         x = torch.frombuffer(bytearray(body), dtype=torch.int64 if index == 0 else torch.float32)
         x = x if index == 0 else x.view(-1, shard.spec.hidden_size)
@@ -153,25 +162,36 @@ def stage(
         if x.shape[0] == 1:
             times.append(time.thread_time() - start)
         if not shard.is_last:
-            data = out.numpy().tobytes()
-            writer.write(struct.pack("<ii", position, len(data)) + data)
+            writer.write(message(position, out.numpy().tobytes()))
             continue
         stamps.append(time.perf_counter())
         if len(stamps) > tokens:
-            writer.write(struct.pack("<ii", -1, 0))
+            writer.write(message(-1, b""))
             continue
         after = position + x.shape[0]
         if split:
-            data = out.reshape(1, -1).numpy().tobytes()
-            writer.write(struct.pack("<ii", after, len(data)) + data)
+            writer.write(message(after, out.reshape(1, -1).numpy().tobytes()))
             (logit,), (token,) = shard.pick(out.reshape(1, -1), head, vocab)
-            writer.write(struct.pack("<ii", after, 8) + struct.pack("<fi", logit, token))
+            writer.write(message(after, struct.pack("<fi", logit, token)))
             continue
-        data = torch.tensor([int(out.argmax())]).numpy().tobytes()
-        writer.write(struct.pack("<ii", after, len(data)) + data)
+        writer.write(message(after, torch.tensor([int(out.argmax())]).numpy().tobytes()))
     per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3 if stamps else 0.0
     print(f"{statistics.median(times) * 1e3:.3f} {per_token:.3f} {','.join(map(str, fed))}",
           flush=True)  # fmt: skip
+
+
+def message(position: int, body: bytes) -> bytes:
+    """A ring's message: its header (position, size, when sent) and body."""
+    return HEADER.pack(position, len(body), time.perf_counter()) + body
+
+
+def receive(reader: Any, delay: float) -> tuple[int, bytes]:
+    """The next message's position and body, `delay` seconds after it was sent at least."""
+    position, size, sent = HEADER.unpack(_read(reader, HEADER.size))
+    body = _read(reader, size)
+    if (wait := sent + delay - time.perf_counter()) > 0:
+        time.sleep(wait)
+    return position, body
 
 
 def _read(reader: Any, n: int) -> bytes:
@@ -207,7 +227,7 @@ def pipe_chain(
             os.close(w)
     body = torch.tensor(PROMPT, dtype=torch.int64).numpy().tobytes()
     with os.fdopen(pipes[0][1], "wb", buffering=0) as ring:
-        ring.write(struct.pack("<ii", 0, len(body)) + body)
+        ring.write(message(0, body))
         printed = [p.communicate(timeout=600)[0].split() for p in procs]
     return [float(out[0]) for out in printed], float(printed[-1][1])
 

@@ -3,9 +3,10 @@ and CPU share: what the testbed's own hardware allows one answer, with nothing o
 
 The stages are tools/bench_layers.py's (the last stage's token goes straight to the first;
 with a split head, its hidden state, then its pick of the rest), here over sockets between
-the hosts' addresses, so through the testbed's shaped links. The delay the testbed adds to a
-link in a mesh's transport is not added, so the ring is, if anything, faster than the links
-allow. Needs root and the testbed up (`tools/testbed.py up`); the peers idle meanwhile.
+the hosts' addresses, so through the testbed's shaped links, each message taken by its
+reader the link's delay after it was sent (the testbed's `delay_ms` of both hosts, as a
+mesh's raw links are delayed there). Needs root and the testbed up (`tools/testbed.py up`);
+the peers idle meanwhile.
 
     python tools/ring.py peers/lan-3.toml desk:0:17,laptop:17:32 [--head ROWS] [--tokens 64]
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -52,11 +52,14 @@ class _Sender:
         self.sock.sendall(data)
 
 
-def run_stage(index: int, cuts: Sequence[int], head: int, tokens: int, me: str, after: str) -> None:
+def run_stage(
+    index: int, cuts: Sequence[int], head: int, tokens: int, me: str, after: str, delay: float
+) -> None:
     """One stage, in its host's namespace: listen at `me`, connect to the next stage at
-    `after`, take the previous stage's connection, then run bench_layers' stage over them."""
+    `after`, take the previous stage's connection, then run bench_layers' stage over them,
+    each message taken `delay` seconds after it was sent (the link from the previous)."""
     import torch
-    from bench_layers import PROMPT, stage
+    from bench_layers import PROMPT, message, stage
 
     torch.set_num_threads(1)
     listener = socket.create_server((me, PORT))
@@ -76,16 +79,18 @@ def run_stage(index: int, cuts: Sequence[int], head: int, tokens: int, me: str, 
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     body = torch.tensor(PROMPT, dtype=torch.int64).numpy().tobytes()
-    reader = _Prefixed(struct.pack("<ii", 0, len(body)) + body if index == 0 else b"", into)
-    stage(index, "fused", reader, _Sender(out), tokens, cuts, head)
+    reader = _Prefixed(message(0, body) if index == 0 else b"", into)
+    stage(index, "fused", reader, _Sender(out), tokens, cuts, head, delay)
 
 
 def ring(
     tb: Testbed, stages: Sequence[tuple[str, int, int]], head: int = 0, tokens: int = 64
 ) -> tuple[list[float], float, list[int]]:
     """The stages (host name, first unit, end) as a ring of bare processes, each in its host's
-    namespace and CPU share (the head split at `head` rows, if any): each stage's median
-    pass CPU (ms), ms a token, and the greedy tokens the first stage was fed."""
+    namespace and CPU share (the head split at `head` rows, if any), a message between two
+    hosts taken their two delays after it was sent, as the testbed's transport delays a
+    mesh's: each stage's median pass CPU (ms), ms a token, and the greedy tokens the first
+    stage was fed."""
     index = {h.name: i for i, h in enumerate(tb.hosts)}
     hosts = [index[name] for name, _, _ in stages]
     cuts = ",".join(map(str, [s[1] for s in stages] + [stages[-1][2]]))
@@ -93,9 +98,11 @@ def ring(
     try:
         for k, i in enumerate(hosts):
             after = tb.address(hosts[(k + 1) % len(hosts)])
+            before = hosts[k - 1]
+            ms = tb.hosts[before].delay_ms + tb.hosts[i].delay_ms if before != i else 0.0
             procs.append(subprocess.Popen(
                 ["ip", "netns", "exec", tb.namespace(i), sys.executable, __file__, "--stage",
-                 str(k), cuts, str(head), str(tokens), tb.address(i), after],
+                 str(k), cuts, str(head), str(tokens), tb.address(i), after, str(ms / 1000)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                 env=os.environ | {"OMP_NUM_THREADS": "1"},
             ))  # fmt: skip
@@ -129,12 +136,12 @@ def main() -> None:
     parser.add_argument("stages", nargs="?", type=parse_stages)
     parser.add_argument("--head", type=int, default=0, help="vocabulary rows the first scores")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--stage", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
-        index, cuts, head, tokens, me, after = args.stage
+        index, cuts, head, tokens, me, after, delay = args.stage
         at = [int(c) for c in cuts.split(",")]
-        run_stage(int(index), at, int(head), int(tokens), me, after)
+        run_stage(int(index), at, int(head), int(tokens), me, after, float(delay))
         return
     if args.testbed is None or args.stages is None:
         parser.error("name a testbed and its plan's stages")
