@@ -160,7 +160,7 @@ class LateReading(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol, delays: Delays, alarms: Alarms) -> None:
         self._inner, self._delays, self._alarms = inner, delays, alarms
         self._delay = 0.0
-        self._due = 0  # bytes still held
+        self._due = 0  # chunks read and still on their way
         self._lost: list[Exception | None] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
