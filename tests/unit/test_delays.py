@@ -138,7 +138,7 @@ class Reader(asyncio.Protocol):
         self.lost.append(exc)
 
 
-class Peer:
+class TransportFrom:
     """A transport's one fact LateReading reads: who is at the other end."""
 
     def __init__(self, host: str) -> None:
@@ -151,7 +151,7 @@ class Peer:
 async def test_a_raw_links_reader_takes_its_bytes_the_delay_late_and_its_end_after_them() -> None:
     alarms, inner = Alarms(), Reader()
     late = LateReading(inner, Delays(1, {"10.0.0.2": 2}), alarms)
-    late.connection_made(Peer("10.0.0.2"))  # type: ignore[arg-type]
+    late.connection_made(TransportFrom("10.0.0.2"))  # type: ignore[arg-type]
     start = time.monotonic()
     for chunk in (b"ab", b"cd", b"ef"):
         late.data_received(chunk)
@@ -164,7 +164,7 @@ async def test_a_raw_links_reader_takes_its_bytes_the_delay_late_and_its_end_aft
     local = Reader()
     here = LateReading(local, Delays(1, {"10.0.0.2": 2}), alarms)
     # A host not in the table (this peer): no link, no delay.
-    here.connection_made(Peer("127.0.0.1"))  # type: ignore[arg-type]
+    here.connection_made(TransportFrom("127.0.0.1"))  # type: ignore[arg-type]
     here.data_received(b"x")
     assert [d for d, _ in local.got] == [b"x"]
     alarms.close()
