@@ -143,29 +143,35 @@ def test_clean_leave_and_status_cli(peers: list[Peer], tmp_path: Path) -> None:
     assert wait_for(left, 5, "the leave to be seen") < 1.0
 
 
+def clashing(a: Peer, *ports: str) -> subprocess.CompletedProcess[str]:
+    """A second peer started on a port `a` holds: it must exit at once. (Once in CI it ran
+    on instead, with a raw port `a` held; what `a` logged and what listened then say why.)"""
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "meshshard", "up", "--name", "peer-x", *ports]
+            + ["--interface", "127.0.0.1", "--no-mdns", "--insecure"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        held = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+        raise AssertionError(
+            f"peer-x with {ports} ran on\n{a.name}'s log:\n{a.tail()}\nlistening:\n{held}"
+        ) from None
+
+
 def test_port_in_use_is_a_one_line_error(peers: list[Peer], tmp_path: Path) -> None:
     (a,) = launch(peers, tmp_path, ["peer-a"], 7360)
     wait_for(lambda: a.status() is not None, 60, "peer-a to answer")
-    clash = subprocess.run(
-        [sys.executable, "-m", "meshshard", "up", "--name", "peer-x", "--port", "7360"]
-        + ["--interface", "127.0.0.1", "--no-mdns", "--insecure"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    clash = clashing(a, "--port", "7360")
     assert clash.returncode == 2
     assert "port 7360 (peer) is in use" in clash.stderr
     assert "Traceback" not in clash.stderr
     status = a.status()
     assert status is not None and status["raw_port"] > 0
     raw = str(status["raw_port"])
-    clash = subprocess.run(
-        [sys.executable, "-m", "meshshard", "up", "--name", "peer-x", "--port", "7361"]
-        + ["--raw-port", raw, "--interface", "127.0.0.1", "--no-mdns", "--insecure"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    clash = clashing(a, "--port", "7361", "--raw-port", raw)
     assert clash.returncode == 2
     assert f"port {raw} (raw links) is in use" in clash.stderr
     assert "Traceback" not in clash.stderr
