@@ -300,7 +300,7 @@ class Links:
         if not rate or not SO_MAX_PACING_RATE or self._paced.get(ws) == rate:
             return
         self._paced[ws] = rate
-        logger.debug("prompts to %s paced at %.1f Mbit/s", addr, rate * 8 / 1e6)
+        logger.info("prompts to %s paced at %.1f Mbit/s", addr, rate * 8 / 1e6)
         sock = ws.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, rate)
