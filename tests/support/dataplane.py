@@ -56,11 +56,7 @@ async def origin_at(
 
 
 class Unwatched:
-    """A LinkWatch that listens to nothing: links in a test without a control plane (a link
-    measured at `mbps`, 0: not measured)."""
-
-    def __init__(self, mbps: float = 0.0) -> None:
-        self.mbps = mbps
+    """A LinkWatch that listens to nothing: links in a test without a control plane."""
 
     def unreachable(self, address: str) -> None:
         pass
@@ -70,9 +66,6 @@ class Unwatched:
 
     def raw_port(self, address: str) -> int:
         return 0
-
-    def link_mbps(self, address: str) -> float:
-        return self.mbps
 
     def heard(self, address: str) -> None:
         pass

@@ -8,7 +8,6 @@ import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from socket import SOL_SOCKET
 from types import SimpleNamespace
 
 import aiohttp
@@ -20,8 +19,6 @@ from support.dataplane import Unwatched, ignore
 from meshshard.chain.channel import RECORD_BYTES, FrameCodec
 from meshshard.chain.links import (
     BULK,
-    PACE_SHARE,
-    SO_MAX_PACING_RATE,
     STEPS,
     Dispatch,
     LinkError,
@@ -360,26 +357,3 @@ def test_a_step_past_the_frame_limit_goes_as_steps_of_its_rows_that_fit() -> Non
     # Nothing of the steps lane is (a raw link's send_now writes its frames whole unasked).
     for lone in (step("s", 1), step("s", 1, draft=(4, 5, 6)), TokenFrame(EPOCH, "s", 3, (9,))):
         assert lane(lone) == STEPS and fitted(lone, 10) == [lone]
-
-
-@pytest.mark.skipif(not SO_MAX_PACING_RATE, reason="no kernel pacing on this platform")
-async def test_a_prompts_activations_leave_paced_below_the_links_measured_rate() -> None:
-    """On a slow link, a prompt's activations sent as fast as TCP goes queue ahead of the
-    decode steps on the other socket; the kernel paces the bulk socket instead."""
-    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN)
-    arrived: list[DataFrame] = []
-
-    async def dispatch(frame: DataFrame) -> None:
-        arrived.append(frame)
-
-    async with linked(codec, dispatch, watch=Unwatched(mbps=20)) as links:
-        await links.send(ADDR, step("s", 64))  # a prompt's rows: the bulk socket
-        await links.send(ADDR, step("s", 1))  # a decode step: the steps socket
-        while len(arrived) < 2:
-            await asyncio.sleep(0.01)
-        paced = {
-            key[1]: ws.get_extra_info("socket").getsockopt(SOL_SOCKET, SO_MAX_PACING_RATE)
-            for key, (ws, _) in links._sockets.items()
-        }
-    assert paced[BULK] == 20 * 1e6 / 8 * PACE_SHARE  # 80% of the link
-    assert paced[STEPS] & 0xFFFFFFFF == 0xFFFFFFFF  # unpaced: the kernel's ~0
