@@ -42,12 +42,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_chain import embedded_model, per_pass  # noqa: E402
 from ring import ring  # noqa: E402
 from testbed import (  # noqa: E402
-    CGROUP,
     READY_TIMEOUT,
     STATE,
     Testbed,
     api_url,
     down,
+    in_share,
     status,
     up,
     wait_ready,
@@ -142,18 +142,12 @@ def single(tb: Testbed, i: int, repeats: int = 3) -> float:
     """Decode tokens/s of `meshshard generate` (one process, one thread, the whole model) in
     host i's namespace and CPU share (not its memory limit: its peer holds that), the median
     of `repeats`: what one answer through the mesh is compared with."""
-    procs = CGROUP / "cpu" / f"{tb.tag}h{i}" / "cgroup.procs"
     rates = []
     for _ in range(repeats):
-        # `ip netns exec` execs the command (same pid) and mounts its own /sys: the process is
-        # put in the CPU share from here, before it has loaded the model.
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", tb.namespace(i), sys.executable, "-m", "meshshard",
-             "generate", "--chat", "--json", "--max-tokens", str(TOKENS), PROMPT],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env=os.environ | {"OMP_NUM_THREADS": "1"},
+        proc = in_share(
+            tb, i, "-m", "meshshard", "generate", "--chat", "--json", "--max-tokens", str(TOKENS),
+            PROMPT,
         )  # fmt: skip
-        procs.write_text(str(proc.pid))
         out, err = proc.communicate(timeout=900)
         if proc.returncode != 0:
             raise SystemExit(f"error: the single process failed: {err.strip()[-500:]}")

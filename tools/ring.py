@@ -14,9 +14,7 @@ the peers idle meanwhile.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from testbed import CGROUP, Testbed  # noqa: E402
+from testbed import Testbed, in_share  # noqa: E402
 
 PORT = 7170  # beside the peers' ports, on the testbed's own addresses
 CONNECT_S = 120  # a stage on a quarter core takes a while to start
@@ -100,15 +98,10 @@ def ring(
             after = tb.address(hosts[(k + 1) % len(hosts)])
             before = hosts[k - 1]
             ms = tb.hosts[before].delay_ms + tb.hosts[i].delay_ms if before != i else 0.0
-            procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", tb.namespace(i), sys.executable, __file__, "--stage",
-                 str(k), cuts, str(head), str(tokens), tb.address(i), after, str(ms / 1000)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                env=os.environ | {"OMP_NUM_THREADS": "1"},
+            procs.append(in_share(
+                tb, i, __file__, "--stage", str(k), cuts, str(head), str(tokens),
+                tb.address(i), after, str(ms / 1000),
             ))  # fmt: skip
-            # `ip netns exec` execs the command (same pid): into the host's share before it
-            # has loaded its shard, as the single process is (tools/experiments.py).
-            (CGROUP / "cpu" / tb.namespace(i) / "cgroup.procs").write_text(str(procs[-1].pid))
         printed = [p.communicate(timeout=600) for p in procs]
     finally:
         for p in procs:

@@ -221,6 +221,20 @@ def in_host(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def in_share(tb: Testbed, i: int, *args: str) -> subprocess.Popen[str]:
+    """Python running `args` in host i's namespace and CPU share (not its memory limit: its
+    peer holds that), one thread, its output piped."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", tb.namespace(i), sys.executable, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    # `ip netns exec` execs the command (same pid) and mounts its own /sys: the process is
+    # put in the CPU share from here, before it has loaded a model.
+    (CGROUP / "cpu" / tb.namespace(i) / "cgroup.procs").write_text(str(proc.pid))
+    return proc
+
+
 def api_url() -> str:
     return f"http://127.0.0.1:{PORT + API_PORT_OFFSET}"
 
