@@ -207,11 +207,11 @@ class DelayedLinks:
         self.sent_bytes: Counter[str] = inner.sent_bytes
 
     async def send(self, addr: str, frame: DataFrame) -> None:
-        key = (addr, lane(frame))
-        if not self._delays.to(addr) or (self._inner.raw(addr, frame) and not self._held[key]):
+        key, delay = (addr, lane(frame)), self._delays.to(addr)
+        if not delay or (self._inner.raw(addr, frame) and not self._held[key]):
             await self._inner.send(addr, frame)
             return
-        ready = self._alarms.ready_in(self._delays.to(addr))
+        ready = self._alarms.ready_in(delay)
         self._held[key] += 1
         self._tg.create_task(self._later(key, ready, frame))
 

@@ -65,6 +65,14 @@ def embedded_model() -> Path:
     return resolve_model(config.model, config.cache_dir)
 
 
+def head_rows(share: float) -> int:
+    """The vocabulary rows a first stage scores at a plan's head share."""
+    from meshshard.chain.picks import split_rows
+    from meshshard.model.costs import read_spec
+
+    return split_rows(share, read_spec(embedded_model()).vocab_size)
+
+
 class Single:
     """The single process (`meshshard generate`'s loop), its model kept loaded in this one:
     measured in turns with each mesh's lone answers, so a ratio compares the same minutes of
@@ -276,10 +284,7 @@ def floor(
     of the single process measured in turns with them."""
     from bench_layers import pipe_chain
 
-    from meshshard.chain.picks import split_rows
-    from meshshard.model.costs import read_spec
-
-    head = split_rows(share, read_spec(embedded_model()).vocab_size)
+    head = head_rows(share)
     ms, split, beside = [], [], []
     for _ in range(repeats):
         beside.append(single.answer(tokens)[0])

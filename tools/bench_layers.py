@@ -180,6 +180,11 @@ def stage(
           flush=True)  # fmt: skip
 
 
+def prompt_message() -> bytes:
+    """The message that starts a ring: PROMPT's ids at position 0."""
+    return message(0, torch.tensor(PROMPT, dtype=torch.int64).numpy().tobytes())
+
+
 def message(position: int, body: bytes) -> bytes:
     """A ring's message: its header (position, size, when sent) and body."""
     return HEADER.pack(position, len(body), time.perf_counter()) + body
@@ -225,9 +230,8 @@ def pipe_chain(
         os.close(r)
         if k > 0:
             os.close(w)
-    body = torch.tensor(PROMPT, dtype=torch.int64).numpy().tobytes()
     with os.fdopen(pipes[0][1], "wb", buffering=0) as ring:
-        ring.write(message(0, body))
+        ring.write(prompt_message())
         printed = [p.communicate(timeout=600)[0].split() for p in procs]
     return [float(out[0]) for out in printed], float(printed[-1][1])
 

@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_chain import embedded_model, per_pass  # noqa: E402
+from bench_chain import head_rows, per_pass  # noqa: E402
 from ring import ring  # noqa: E402
 from testbed import (  # noqa: E402
     READY_TIMEOUT,
@@ -52,9 +52,6 @@ from testbed import (  # noqa: E402
     up,
     wait_ready,
 )
-
-from meshshard.chain.picks import split_rows  # noqa: E402
-from meshshard.model.costs import read_spec  # noqa: E402
 
 OUT = ROOT / "docs" / "experiments"
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -163,7 +160,7 @@ def in_turns(tb: Testbed, plan: dict[str, Any], rounds: int = 3) -> list[dict[st
     minutes (testbed.md, run 50), and the single process measured once before the levels
     carries its moment into the ratio."""
     stages = [(s["device"], s["start"], s["end"]) for s in plan["stages"]]
-    head = split_rows(plan.get("head_share", 0.0), read_spec(embedded_model()).vocab_size)
+    head = head_rows(plan.get("head_share", 0.0))
     out = []
     for k in range(rounds):
         got: dict[str, float] = {}

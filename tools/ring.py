@@ -57,7 +57,7 @@ def run_stage(
     `after`, take the previous stage's connection, then run bench_layers' stage over them,
     each message taken `delay` seconds after it was sent (the link from the previous)."""
     import torch
-    from bench_layers import PROMPT, message, stage
+    from bench_layers import prompt_message, stage
 
     torch.set_num_threads(1)
     listener = socket.create_server((me, PORT))
@@ -76,8 +76,7 @@ def run_stage(
     for s in (out, into):
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    body = torch.tensor(PROMPT, dtype=torch.int64).numpy().tobytes()
-    reader = _Prefixed(message(0, body) if index == 0 else b"", into)
+    reader = _Prefixed(prompt_message() if index == 0 else b"", into)
     stage(index, "fused", reader, _Sender(out), tokens, cuts, head, delay)
 
 
