@@ -63,6 +63,10 @@ class ControlPlane(Protocol):
         """The port of the raw links of the member at `address` (0: it has none)."""
         ...
 
+    def link_mbps(self, address: str) -> float:
+        """The measured rate of the link to the member at `address` (0: not measured)."""
+        ...
+
     def plan_possible(self) -> bool:
         """Whether the serving members can run the model without the ones leaving."""
         ...

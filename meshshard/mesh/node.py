@@ -425,6 +425,18 @@ class ControlNode:
         profile = self._profile_at(addr)
         return profile.raw if profile is not None else 0
 
+    def link_mbps(self, addr: str) -> float:
+        """The measured rate of the link between this peer and the member at `addr`, by
+        either end's measurement, ours first (0: not measured)."""
+        member = self._by_addr(addr)
+        if member is None:
+            return 0.0
+        theirs = self.profiles.get(member.id)
+        stat = self.profiles[self.id].links.get(member.id) or (
+            theirs.links.get(self.id) if theirs is not None else None
+        )
+        return stat.mbps if stat is not None else 0.0
+
     def _profile_at(self, addr: str) -> Profile | None:
         member = self._by_addr(addr)
         return self.profiles.get(member.id) if member is not None else None

@@ -52,6 +52,9 @@ class NodeSeam:
     def raw_port(self, address: str) -> int:
         return self._node.raw_port(address)
 
+    def link_mbps(self, address: str) -> float:
+        return self._node.link_mbps(address)
+
     def why_no_plan(self) -> str:
         return self._node.why_unplannable() or self._node.plan_error
 

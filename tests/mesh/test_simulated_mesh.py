@@ -287,3 +287,19 @@ async def test_a_crash_the_data_plane_saw_is_confirmed_dead_within_a_round_trip(
         await until(everyone_told, 5, "every peer told")
     finally:
         await stop(tg, [n for n in nodes if n is not victim] + [victim])
+
+
+async def test_the_data_plane_reads_a_links_measured_rate_by_address() -> None:
+    """What paces a prompt's activations (chain/links.py): the rate either end measured."""
+    net = SimNet(seed=3)
+    plans: dict[NodeId, list[Epoch]] = {}
+    nodes = [make_node(net, i, plans) for i in range(3)]
+    tg = await start(net, nodes)
+    try:
+        await until(lambda: agreed(nodes), 20, "agreement")
+        other = nodes[1].membership.me.addr
+        await until(lambda: nodes[0].link_mbps(other) > 0, 20, "a measured link")
+        assert nodes[0].link_mbps(other) == 1000.0  # what SimTransport measures
+        assert nodes[0].link_mbps("10.9.9.9:7000") == 0.0  # no such member
+    finally:
+        await stop(tg, nodes)

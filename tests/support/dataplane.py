@@ -56,7 +56,11 @@ async def origin_at(
 
 
 class Unwatched:
-    """A LinkWatch that listens to nothing: links in a test without a control plane."""
+    """A LinkWatch that listens to nothing: links in a test without a control plane (a link
+    measured at `mbps`, 0: not measured)."""
+
+    def __init__(self, mbps: float = 0.0) -> None:
+        self.mbps = mbps
 
     def unreachable(self, address: str) -> None:
         pass
@@ -66,6 +70,9 @@ class Unwatched:
 
     def raw_port(self, address: str) -> int:
         return 0
+
+    def link_mbps(self, address: str) -> float:
+        return self.mbps
 
     def heard(self, address: str) -> None:
         pass

@@ -8,6 +8,7 @@ import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from socket import SOL_SOCKET
 from types import SimpleNamespace
 
 import aiohttp
@@ -16,9 +17,12 @@ import torch
 from aiohttp import web
 from support.dataplane import Unwatched, ignore
 
+from meshshard.chain import links as links_module
 from meshshard.chain.channel import RECORD_BYTES, FrameCodec
 from meshshard.chain.links import (
     BULK,
+    PACE_SHARE,
+    SO_MAX_PACING_RATE,
     STEPS,
     Dispatch,
     LinkError,
@@ -28,6 +32,7 @@ from meshshard.chain.links import (
     SocketServer,
     fitted,
     lane,
+    pace_rate,
     read_frames,
 )
 from meshshard.chain.tensors import to_wire
@@ -357,3 +362,45 @@ def test_a_step_past_the_frame_limit_goes_as_steps_of_its_rows_that_fit() -> Non
     # Nothing of the steps lane is (a raw link's send_now writes its frames whole unasked).
     for lone in (step("s", 1), step("s", 1, draft=(4, 5, 6)), TokenFrame(EPOCH, "s", 3, (9,))):
         assert lane(lone) == STEPS and fitted(lone, 10) == [lone]
+
+
+def test_prompts_are_paced_below_a_links_measured_rate_and_never_on_loopback() -> None:
+    assert pace_rate("10.0.0.2:7000", 20) == 20e6 / 8 * PACE_SHARE
+    assert pace_rate("peer.lan:7000", 100) == 100e6 / 8 * PACE_SHARE  # a name: elsewhere
+    assert pace_rate("10.0.0.2:7000", 0) == 0  # not measured yet
+    for here in ("127.0.0.1:7000", "127.3.0.9:7000", "[::1]:7000", "localhost:7000"):
+        assert pace_rate(here, 20) == 0, here
+
+
+async def paced_lanes(watch: Unwatched) -> dict[str, int]:
+    """The kernel's pacing rate of each lane's socket once a prompt's rows and a decode step
+    have gone over a link watched by `watch`."""
+    codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN)
+    arrived: list[DataFrame] = []
+
+    async def dispatch(frame: DataFrame) -> None:
+        arrived.append(frame)
+
+    async with linked(codec, dispatch, watch=watch) as links:
+        await links.send(ADDR, step("s", 64))  # a prompt's rows: the bulk socket
+        await links.send(ADDR, step("s", 1))  # a decode step: the steps socket
+        while len(arrived) < 2:
+            await asyncio.sleep(0.01)
+        return {
+            key[1]: ws.get_extra_info("socket").getsockopt(SOL_SOCKET, SO_MAX_PACING_RATE)
+            & 0xFFFFFFFF  # unpaced reads as the kernel's ~0 (unsigned)
+            for key, (ws, _) in links._sockets.items()
+        }
+
+
+@pytest.mark.skipif(not SO_MAX_PACING_RATE, reason="no kernel pacing on this platform")
+async def test_a_prompts_activations_leave_paced_by_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a slow link, a prompt's activations sent as fast as TCP goes queue ahead of the
+    decode steps on the other socket; the kernel paces the bulk socket instead. The test's
+    peer listens on loopback, which is never paced: here it stands for one elsewhere."""
+    unpaced = 0xFFFFFFFF
+    assert await paced_lanes(Unwatched(mbps=20)) == {BULK: unpaced, STEPS: unpaced}
+    monkeypatch.setattr(links_module, "pace_rate", lambda _, mbps: pace_rate("10.0.0.2:1", mbps))
+    assert await paced_lanes(Unwatched(mbps=20)) == {BULK: 20e6 / 8 * PACE_SHARE, STEPS: unpaced}

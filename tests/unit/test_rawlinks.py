@@ -36,6 +36,7 @@ class Received:
 
 class Watch(Unwatched):
     def __init__(self, port: int) -> None:
+        super().__init__()
         self.port = port
 
     def raw_port(self, address: str) -> int:
