@@ -66,20 +66,25 @@ _HEADER_ROOM = 4096  # more than a step's fields take encoded, beside its tensor
 # steps' frames on the other socket, and a step waits about 200 ms more (campus, 20 Mbit/s:
 # gaps 2.5-4.1x the usual unpaced, 1.7-2.3x paced, docs/experiments/campus-pacing.txt).
 PACE_SHARE = 0.8
+# Python passes the option as a C int; a link measured faster than this (17 Gbit/s: veth
+# pairs, a probe timed on an idle burst) has no queue a prompt could fill, and goes unpaced.
+MAX_PACE = 2**31 - 1
+UNPACED = -1  # the kernel's ~0U
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47 if sys.platform == "linux" else 0)
 
 
 def pace_rate(addr: str, mbps: float) -> int:
     """Bytes/s to pace prompts to the peer at `addr` over a link measured at `mbps`; 0:
-    unpaced. Never on loopback: there is no network queue there for a prompt to fill, and
-    what a probe measures is the two ends' CPU, which a busy host pulls far below what the
-    socket moves."""
+    unpaced. Never past MAX_PACE, and never on loopback: there is no network queue there for
+    a prompt to fill, and what a probe measures is the two ends' CPU, which a busy host pulls
+    far below what the socket moves."""
     host = addr.rpartition(":")[0].strip("[]")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:  # a name: a peer elsewhere
         loopback = False
-    return 0 if loopback else int(mbps * 1e6 / 8 * PACE_SHARE)
+    rate = int(mbps * 1e6 / 8 * PACE_SHARE)
+    return 0 if loopback or rate > MAX_PACE else rate
 
 
 class LinkError(Exception):
@@ -311,13 +316,13 @@ class Links:
         """Pace a bulk socket at PACE_SHARE of the link's measured rate, as measured now
         (unpaced till it is measured, and on loopback)."""
         rate = pace_rate(addr, self._watch.link_mbps(addr))
-        if not rate or not SO_MAX_PACING_RATE or self._paced.get(ws) == rate:
+        if not SO_MAX_PACING_RATE or self._paced.get(ws, 0) == rate:
             return
         self._paced[ws] = rate
-        logger.debug("prompts to %s paced at %.1f Mbit/s", addr, rate * 8 / 1e6)
+        logger.debug("prompts to %s paced at %.1f Mbit/s (0: unpaced)", addr, rate * 8 / 1e6)
         sock = ws.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, rate)
+            sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, rate or UNPACED)
 
     def forget(self, session: str) -> None:
         for carried in self._carried.values():

@@ -21,6 +21,7 @@ from meshshard.chain import links as links_module
 from meshshard.chain.channel import RECORD_BYTES, FrameCodec
 from meshshard.chain.links import (
     BULK,
+    MAX_PACE,
     PACE_SHARE,
     SO_MAX_PACING_RATE,
     STEPS,
@@ -368,23 +369,27 @@ def test_prompts_are_paced_below_a_links_measured_rate_and_never_on_loopback() -
     assert pace_rate("10.0.0.2:7000", 20) == 20e6 / 8 * PACE_SHARE
     assert pace_rate("peer.lan:7000", 100) == 100e6 / 8 * PACE_SHARE  # a name: elsewhere
     assert pace_rate("10.0.0.2:7000", 0) == 0  # not measured yet
+    assert 0 < pace_rate("10.0.0.2:7000", 21_000) <= MAX_PACE  # 16.8 Gbit/s paced
+    assert pace_rate("10.0.0.2:7000", 30_000) == 0  # past what the option takes: a veth pair
     for here in ("127.0.0.1:7000", "127.3.0.9:7000", "[::1]:7000", "localhost:7000"):
         assert pace_rate(here, 20) == 0, here
 
 
-async def paced_lanes(watch: Unwatched) -> dict[str, int]:
-    """The kernel's pacing rate of each lane's socket once a prompt's rows and a decode step
-    have gone over a link watched by `watch`."""
+async def paced_lanes(*rates: float) -> dict[str, int]:
+    """The kernel's pacing rate of each lane's socket once a prompt's rows have gone over a
+    link measured at each of `rates` in turn, and a decode step after them."""
     codec = FrameCodec(Sealer(Keyring((new_key(),)), "m"), hidden_size=HIDDEN)
     arrived: list[DataFrame] = []
 
     async def dispatch(frame: DataFrame) -> None:
         arrived.append(frame)
 
+    watch = Unwatched()
     async with linked(codec, dispatch, watch=watch) as links:
-        await links.send(ADDR, step("s", 64))  # a prompt's rows: the bulk socket
+        for watch.mbps in rates:
+            await links.send(ADDR, step("s", 64))  # a prompt's rows: the bulk socket
         await links.send(ADDR, step("s", 1))  # a decode step: the steps socket
-        while len(arrived) < 2:
+        while len(arrived) < len(rates) + 1:
             await asyncio.sleep(0.01)
         return {
             key[1]: ws.get_extra_info("socket").getsockopt(SOL_SOCKET, SO_MAX_PACING_RATE)
@@ -401,6 +406,9 @@ async def test_a_prompts_activations_leave_paced_by_the_kernel(
     decode steps on the other socket; the kernel paces the bulk socket instead. The test's
     peer listens on loopback, which is never paced: here it stands for one elsewhere."""
     unpaced = 0xFFFFFFFF
-    assert await paced_lanes(Unwatched(mbps=20)) == {BULK: unpaced, STEPS: unpaced}
+    assert await paced_lanes(20) == {BULK: unpaced, STEPS: unpaced}
     monkeypatch.setattr(links_module, "pace_rate", lambda _, mbps: pace_rate("10.0.0.2:1", mbps))
-    assert await paced_lanes(Unwatched(mbps=20)) == {BULK: 20e6 / 8 * PACE_SHARE, STEPS: unpaced}
+    assert await paced_lanes(20) == {BULK: 20e6 / 8 * PACE_SHARE, STEPS: unpaced}
+    fastest = pace_rate("10.0.0.2:1", 21_000)  # the option's range, end to end
+    assert await paced_lanes(21_000) == {BULK: fastest, STEPS: unpaced}
+    assert await paced_lanes(20, 30_000) == {BULK: unpaced, STEPS: unpaced}  # measured fast
