@@ -66,8 +66,8 @@ _HEADER_ROOM = 4096  # more than a step's fields take encoded, beside its tensor
 # steps' frames on the other socket, and a step waits about 200 ms more (campus, 20 Mbit/s:
 # gaps 2.5-4.1x the usual unpaced, 1.7-2.3x paced, docs/experiments/campus-pacing.txt).
 PACE_SHARE = 0.8
-# Python passes the option as a C int; a link measured faster than this (17 Gbit/s: veth
-# pairs, a probe timed on an idle burst) has no queue a prompt could fill, and goes unpaced.
+# Python passes the option as a C int; a link whose pace would pass it (17 Gbit/s, measured
+# past 21: a veth pair, a probe timed on an idle burst) has no queue a prompt could fill.
 MAX_PACE = 2**31 - 1
 UNPACED = -1  # the kernel's ~0U
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47 if sys.platform == "linux" else 0)
