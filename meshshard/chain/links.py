@@ -319,7 +319,8 @@ class Links:
         if not SO_MAX_PACING_RATE or self._paced.get(ws, 0) == rate:
             return
         self._paced[ws] = rate
-        logger.debug("prompts to %s paced at %.1f Mbit/s (0: unpaced)", addr, rate * 8 / 1e6)
+        # Once a socket and once a material change in the link's published rate (estimates.py).
+        logger.info("prompts to %s paced at %.1f Mbit/s (0: unpaced)", addr, rate * 8 / 1e6)
         sock = ws.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, rate or UNPACED)
