@@ -251,15 +251,6 @@ def profile_cmd(config: Config, context: int, repeats: int, as_json: bool) -> No
     click.echo(f"{'total':<6} {result.decode_ms:>10.3f}")
 
 
-def _loopback(address: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return address == "localhost"
-
-
 def _address_option(flag: str, value: str) -> str:
     """host:port with the host resolved to an IPv4 address: a message for a peer is sealed
     for the address it is sent to, which the peer knows only by number."""
@@ -470,8 +461,9 @@ def up(
 
     from meshshard.config import API_PORT_OFFSET, LAN_TIMINGS, TEST_TIMINGS
     from meshshard.daemon import Daemon
+    from meshshard.wire.checks import loopback
 
-    if api_token is None and not _loopback(api_bind):
+    if api_token is None and not loopback(api_bind):
         raise MeshShardError(f"an API on {api_bind} (not loopback) needs --api-token")
     if api_port is None and port + API_PORT_OFFSET > 65535:
         raise MeshShardError(f"--port {port} leaves no default API port: give --api-port")

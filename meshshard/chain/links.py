@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import logging
 import socket
@@ -56,6 +55,7 @@ from meshshard.wire import (
     WireError,
     encode_frame,
 )
+from meshshard.wire.checks import loopback
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +78,8 @@ def pace_rate(addr: str, mbps: float) -> int:
     unpaced. Never past MAX_PACE, and never on loopback: there is no network queue there for
     a prompt to fill, and what a probe measures is the two ends' CPU, which a busy host pulls
     far below what the socket moves."""
-    host = addr.rpartition(":")[0].strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name: a peer elsewhere
-        loopback = False
     rate = int(mbps * 1e6 / 8 * PACE_SHARE)
-    return 0 if loopback or rate > MAX_PACE else rate
+    return 0 if loopback(addr.rpartition(":")[0]) or rate > MAX_PACE else rate
 
 
 class LinkError(Exception):

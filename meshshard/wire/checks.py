@@ -3,6 +3,7 @@ limits, and validators that give each field a type and a range or raise WireErro
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from typing import Any
 
@@ -101,6 +102,14 @@ def address(raw: object, what: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise WireError(f"{what} must be host:port, got {addr!r}")
     return addr
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` (an address, or the name "localhost") is this machine's loopback."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def boolean(raw: object, what: str) -> bool:
