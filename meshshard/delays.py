@@ -32,7 +32,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from meshshard.chain.links import LinkError, Links, lane
+from meshshard.chain.lanes import lane
+from meshshard.chain.links import LinkError, Links
 from meshshard.wire import DataFrame
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class DelayedLinks:
     """Data-plane links whose frames wait the link's delay. The delay holds the frame, not
     the sender: on a real link with that latency the sender is free as soon as the bytes are
     in the socket (and a frame lost on the way is for the origin to notice). Frames to one
-    address keep their order within their lane (links.py): a step does not wait here behind
+    address keep their order within their lane (lanes.py): a step does not wait here behind
     a prompt's activations any more than on the sockets. A frame whose socket is a raw link
     goes at once, as undelayed: its reader holds it (`LateReading`). (A frame that opens a
     raw link waits here, then there too: once a link.)"""

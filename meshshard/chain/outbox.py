@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from meshshard.chain import cores
-from meshshard.chain.links import BULK, lane
+from meshshard.chain.lanes import BULK, lane
 from meshshard.chain.outputs import Later, Normed, Output, Sends, refusal, sends
 from meshshard.chain.tensors import to_wire
 from meshshard.chain.worker import model_idle, run_inline

@@ -168,7 +168,7 @@ class KVFrame:
     origin: str
     final: bool
     # Where these positions start in the layer's cache: a layer past the frame limit goes in
-    # pieces of consecutive positions (chain/links.py, fitted), each appended to the last.
+    # pieces of consecutive positions (chain/lanes.py, fitted), each appended to the last.
     start: int = 0
 
 

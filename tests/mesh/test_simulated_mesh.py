@@ -290,7 +290,7 @@ async def test_a_crash_the_data_plane_saw_is_confirmed_dead_within_a_round_trip(
 
 
 async def test_the_data_plane_reads_a_links_measured_rate_by_address() -> None:
-    """What paces a prompt's activations (chain/links.py): the rate either end measured."""
+    """What paces a prompt's activations (chain/lanes.py): the rate either end measured."""
     net = SimNet(seed=3)
     plans: dict[NodeId, list[Epoch]] = {}
     nodes = [make_node(net, i, plans) for i in range(3)]

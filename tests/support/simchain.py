@@ -11,7 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from meshshard.chain.links import Dispatch, LinkError, LinkWatch, Refusals, fitted
+from meshshard.chain.lanes import fitted
+from meshshard.chain.links import Dispatch, LinkError, LinkWatch, Refusals
 from meshshard.chain.service import ChainService
 from meshshard.config import TEST_TIMINGS, Config, Timings
 from meshshard.events import EventLog
@@ -46,7 +47,7 @@ class DataNet:
         self.watches: dict[str, LinkWatch] = {}  # who hears of frames arriving at each address
         # The largest frame a link carries (None: any), and the largest each peer takes (its
         # --max-frame, which its profile says): larger ones go in pieces, as on a socket
-        # (links.fitted), and a piece still larger is refused. Frames so cut, by kind.
+        # (lanes.fitted), and a piece still larger is refused. Frames so cut, by kind.
         self.max_frame: int | None = None
         self.takes: dict[str, int] = {}
         self.cut: Counter[str] = Counter()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meshshard.chain.handoff import LeftBehind, Move, moves
-from meshshard.chain.links import fitted
+from meshshard.chain.lanes import fitted
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.model.generate import LocalChain
 from meshshard.model.kvcache import KVCache
@@ -106,7 +106,7 @@ def test_caches_moved_between_shards_continue_the_answer_exactly(tiny_llama: Pat
 
 
 def test_a_layer_handed_over_in_pieces_continues_the_answer_exactly(tiny_llama: Path) -> None:
-    """A layer past the frame limit crosses as pieces of consecutive positions (links.fitted),
+    """A layer past the frame limit crosses as pieces of consecutive positions (lanes.fitted),
     each appended to the last; a piece that does not follow what is held is refused."""
     n = load_spec(tiny_llama).num_units
     want = run(LocalChain.load(tiny_llama), "s", PROMPT, 12)

@@ -19,21 +19,23 @@ from support.dataplane import Unwatched, ignore
 
 from meshshard.chain import links as links_module
 from meshshard.chain.channel import RECORD_BYTES, FrameCodec
-from meshshard.chain.links import (
+from meshshard.chain.lanes import (
     BULK,
     MAX_PACE,
     PACE_SHARE,
     SO_MAX_PACING_RATE,
     STEPS,
+    fitted,
+    lane,
+    pace_rate,
+)
+from meshshard.chain.links import (
     Dispatch,
     LinkError,
     Links,
     LinkWatch,
     Refusals,
     SocketServer,
-    fitted,
-    lane,
-    pace_rate,
     read_frames,
 )
 from meshshard.chain.tensors import to_wire
