@@ -80,14 +80,21 @@ class DeviceProfile:
 # every product's form timed at load, blocked products: 9; batches at the profile's context
 # rather than 16 positions: 10; batched passes by CPU time on a CPU: 11; products' forms
 # timed over 64 MB by CPU time, which chooses them differently for 4-7 rows: 12; batches
-# timed in rounds beside one session's step: 13),
+# timed in rounds beside one session's step: 13; timed again where implausible, by the model
+# thread's own CPU time with one torch thread: 14),
 # so profiles kept from before are measured again. (lan-3's profiles of version 6, kept from
 # before those changes, priced 4-row passes on its desk at 61 ms where they then took 41; its
 # version 7, from before the fused layers, 3.8-row passes on its laptop at 111 where they
 # took 129, lan-3 run 15.)
-VERSION = 13
+VERSION = 14
 SUSTAIN_SECONDS = 0.6
 BATCH_ROUNDS = 5  # rounds of one pass of each size
+# A pass of more rows does one row's work and more, so a size timed under this share of one
+# row's had its single steps slowed by something else: timed again, up to TIMINGS times in all,
+# the timing whose least ratio is largest kept (lan-3's desk, version 13: 2 rows at 0.73 of
+# one, 16 at 1.57, where a profile of it an hour later timed 1.15 and 2.89).
+PLAUSIBLE = 0.9
+TIMINGS = 3
 # The quick profile runs at least this many bytes of distinct decoder layers: more than the
 # last-level cache of any device we target, so no layer finds its weights still cached.
 CACHE_FLUSH_BYTES = 256 * 2**20
@@ -184,11 +191,14 @@ def _clock(shard: Shard) -> Callable[[], float]:
     """What a pass is timed by: CPU time on a CPU, where other work on the host, or a quota's
     pauses (a cgroup, a slower share of a machine), lengthen a few passes' wall time or not by
     when they fall (lan-3's desk, a whole core, profiled passes of 4 rows at 39.3 ms and of 8
-    at 39.5 by the wall clock); the wall clock elsewhere, on CUDA once the device's queued
-    kernels are done (a pass returns when its kernels are queued)."""
+    at 39.5 by the wall clock); the calling thread's alone where torch computes on it alone
+    (one thread): a peer profiles on its model thread while its event loop answers gossip and
+    link probes, whose work the whole process's CPU time would count in whichever pass it
+    fell. The wall clock elsewhere, on CUDA once the device's queued kernels are done (a pass
+    returns when its kernels are queued)."""
     device = shard.device
     if device.type == "cpu":
-        return time.process_time
+        return time.thread_time if torch.get_num_threads() == 1 else time.process_time
     if device.type != "cuda":
         return time.perf_counter
 
@@ -222,7 +232,8 @@ def _batched(
     16: passes of 4 to 16 rows +8-16%). Timed in rounds of one step of each size, the single
     one's included, so both sides of a ratio share the host's moments: timed apart, seconds
     of drift went into the ratios (this project's test host, version 12: a pass of 3 rows
-    1.17-1.60 of one in four profiles taken back to back)."""
+    1.17-1.60 of one in four profiles taken back to back). A timing that puts a size under
+    PLAUSIBLE of one row's is taken again, TIMINGS in all at most."""
     sessions = [f"profile-{i}" for i in range(max(BATCHES))]
     positions = torch.arange(x.shape[0])
     shard.prefill(sessions[0], x, positions, logits=0)
@@ -238,6 +249,27 @@ def _batched(
     steps: dict[int, Callable[[], object]] = {1: single}
     for size in BATCHES:
         steps[size] = functools.partial(shard.decode_batch, sessions[:size], [x[-1:]] * size)
+    best: dict[int, float] = {}
+    for timing in range(TIMINGS):
+        ratios = _rounds(steps, clock, advance if timing == 0 else lambda _: None)
+        if not best or min(ratios.values()) > min(best.values()):
+            best = ratios
+        if min(ratios.values()) >= PLAUSIBLE:
+            break
+        shown = ", ".join(f"{size} rows {ratio:.2f}" for size, ratio in ratios.items())
+        then = "timed again" if timing + 1 < TIMINGS else "the timing nearest it kept"
+        logger.info("passes timed at %s of one row's, under %s: %s", shown, PLAUSIBLE, then)
+    for session in sessions:
+        shard.drop(session)
+    return best
+
+
+def _rounds(
+    steps: dict[int, Callable[[], object]],
+    clock: Callable[[], float],
+    advance: Callable[[int], None],
+) -> dict[int, float]:
+    """BATCH_ROUNDS rounds of one step of each size: each size's median over one row's."""
     times: dict[int, list[float]] = {size: [] for size in steps}
     for _ in range(BATCH_ROUNDS):
         for size, step in steps.items():
@@ -245,8 +277,6 @@ def _batched(
             step()
             times[size].append(clock() - start)
         advance(1)
-    for session in sessions:
-        shard.drop(session)
     one = statistics.median(times[1])
     return {size: statistics.median(times[size]) / one for size in BATCHES}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from meshshard.model.batching import BATCHES
-from meshshard.model.profile import _batched, _clock
+from meshshard.model.profile import BATCH_ROUNDS, PLAUSIBLE, TIMINGS, _batched, _clock
 
 # A pass of n rows costs what it costs at the host's speed of the moment; the host slows and
 # speeds up between rounds (this project's test host swings by a quarter within minutes).
@@ -78,6 +78,43 @@ def test_batched_passes_are_timed_against_one_step_of_the_same_rounds() -> None:
     assert ratios == {size: pytest.approx(COST[size] / COST[1]) for size in BATCHES}
 
 
+def _timed(host: _Host, slowed: list[float]) -> tuple[dict[int, float], int]:
+    """_batched's ratios where the single steps of each timing take `slowed[k]` times their
+    cost (another process's burst on the host), and how many single steps it took."""
+    singles = 0
+
+    def single() -> None:
+        nonlocal singles
+        before = host.now
+        host.run(1)
+        timing = singles // BATCH_ROUNDS
+        host.now += (host.now - before) * (slowed[timing] - 1 if timing < len(slowed) else 0)
+        singles += 1
+
+    ratios = _batched(
+        _Shard(host),  # type: ignore[arg-type]
+        torch.zeros(4, 8),
+        single,
+        lambda _: None,
+        lambda: host.now,
+    )
+    return ratios, singles
+
+
+def test_passes_timed_under_one_rows_are_timed_again() -> None:
+    ratios, singles = _timed(_Host(), [2.0])
+    # Slowed twice over, the first timing put 2 rows at 0.55 of one: timed again, as they cost.
+    assert COST[2] / (2 * COST[1]) < PLAUSIBLE
+    assert singles == 2 * BATCH_ROUNDS
+    assert ratios == {size: pytest.approx(COST[size] / COST[1]) for size in BATCHES}
+
+
+def test_a_host_that_keeps_slowing_one_row_keeps_the_least_implausible_timing() -> None:
+    ratios, singles = _timed(_Host(), [2.0, 1.3, 1.5, 1.0])
+    assert singles == TIMINGS * BATCH_ROUNDS  # no more timings than that
+    assert ratios == {size: pytest.approx(COST[size] / (1.3 * COST[1])) for size in BATCHES}
+
+
 def test_passes_on_cuda_are_timed_once_their_kernels_are_done(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -88,4 +125,12 @@ def test_passes_on_cuda_are_timed_once_their_kernels_are_done(
     before = clock()
     assert clock() >= before and waited == [torch.device("cuda", 0)] * 2
     cpu = types.SimpleNamespace(device=torch.device("cpu"))
-    assert _clock(cpu) is time.process_time  # type: ignore[arg-type]
+    threads = torch.get_num_threads()
+    try:
+        # One torch thread: the model thread's own CPU time, not the event loop's beside it.
+        torch.set_num_threads(1)
+        assert _clock(cpu) is time.thread_time  # type: ignore[arg-type]
+        torch.set_num_threads(2)
+        assert _clock(cpu) is time.process_time  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(threads)
