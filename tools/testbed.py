@@ -52,6 +52,7 @@ MIN_QUOTA_US = 1_000  # the kernel's least quota; smaller shares get longer peri
 RUNTIME_MB = 700  # what a peer process needs beside the shard it is offered for
 # A 0.15-core host on a slow machine takes minutes to import, load and profile.
 READY_TIMEOUT = 900
+PROFILE_TIMEOUT = 300  # a peer's start and its profile, on a host of a quarter core
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,26 @@ def up(tb: Testbed, objective: str | None = None, extra: tuple[str, ...] = ()) -
             make_cgroup(tb, i, host)
         for i, host in enumerate(tb.hosts):
             pids.append(start_peer(tb, i, host, state, key, objective or tb.objective, extra))
+            profiled(tb, i, pids[-1])
     except Exception:
         down(tb)
         raise
     (state / "state.json").write_text(json.dumps({"testbed": tb.name, "pids": pids}))
     return state
+
+
+def profiled(tb: Testbed, i: int, pid: int, timeout: float = PROFILE_TIMEOUT) -> None:
+    """Wait until host i's peer has its profile (kept, or measured now) before the next one
+    starts. Devices apart do not see each other start; peers sharing this machine's cores do,
+    and one profiling while the next ones import torch and read weights times its passes as
+    they run then: lan-3 run 71's desk and laptop, profiled while the others started, priced
+    a pass of one row 1.4x what it took serving. (A peer that exited is not waited for.)"""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and Path(f"/proc/{pid}").exists():
+        me = status(tb, i) or {}
+        if any(m["id"] == me.get("id") and m["measured"] for m in me.get("members", ())):
+            return
+        time.sleep(1)
 
 
 def down(tb: Testbed | None) -> list[str]:
