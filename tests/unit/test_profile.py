@@ -1,5 +1,5 @@
 """How a profile times passes: batched ones against one session's step of the same rounds (on a
-virtual clock), and by which clock on each device."""
+virtual clock), again where a timing is implausible, and by which clock on each device."""
 
 from __future__ import annotations
 
