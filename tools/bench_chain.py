@@ -16,11 +16,13 @@ aggregate tokens/s with 4 concurrent sessions, and with 1 and 8 in turns (`--rep
 8 vs 1 is the median of the pairs' ratios, each pair measured within seconds); where one
 answer's time per token goes (each stage's passes, wall and CPU); bytes sent per token per
 hop; and on the 2-peer mesh, the longest gap between the tokens of answers that are decoding
-while a 2,000-token prompt is prefilled, against their usual gap. Peers decode one token per pass
-(`--speculate 0`), as the single process does, and keep the mesh's default (LAN) timings, as
-`meshshard up` and the demo do (the tests' shrunk timings probe and gossip several times as
-often). The peers' logs go to a temporary folder, removed at the end, or are kept in `--logs`
-(a peer's log, by name, holds every mesh it was part of, one after another: the gap's last).
+while a 2,000-token prompt is prefilled, against their usual gap; and the CPU time the
+hypervisor gave to other guests while each kind of run ran (tools/steal.py). Peers decode
+one token per pass (`--speculate 0`), as the single process does, and keep the mesh's
+default (LAN) timings, as `meshshard up` and the demo do (the tests' shrunk timings probe
+and gossip several times as often). The peers' logs go to a temporary folder, removed at the
+end, or are kept in `--logs` (a peer's log, by name, holds every mesh it was part of, one
+after another: the gap's last).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import plots  # noqa: E402
+from steal import Stolen  # noqa: E402
 from support.procs import Peer, wait_for  # noqa: E402
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
@@ -213,9 +216,13 @@ def mesh(
         stages = plan["stages"]
         before = stage_counts(procs)
         one, beside = [], []
+        # What the hypervisor took while each kind of run ran (tools/steal.py).
+        stolen = {k: Stolen() for k in ("beside", "one", "burst 1", "burst 8")}
         for _ in range(repeats):  # in turns (the peers idle while the single process runs)
-            beside.append(single.answer(tokens)[0])
-            one.append(ask(url, tokens)["meshshard"])
+            with stolen["beside"].watch():
+                beside.append(single.answer(tokens)[0])
+            with stolen["one"].watch():
+                one.append(ask(url, tokens)["meshshard"])
         after = stage_counts(procs)
         out = {
             "single_beside": statistics.median(beside),
@@ -237,7 +244,8 @@ def mesh(
         for i in range(repeats):
             for sessions in (1, 8) if i % 2 == 0 else (8, 1):
                 before = stage_counts(procs)
-                rate = burst(url, sessions, tokens)
+                with stolen[f"burst {sessions}"].watch():
+                    rate = burst(url, sessions, tokens)
                 if sessions == 1:
                     ones.append(rate)
                     continue
@@ -255,6 +263,7 @@ def mesh(
             "mean_batch_8": [
                 per_pass(z, r)["rows_per_pass"] for z, r in zip(zero, rows, strict=True)
             ],
+            "stolen": {k: str(v) for k, v in stolen.items()},
         }
         return out
 
@@ -341,6 +350,7 @@ def main() -> None:
         groups[name] = {"1 session": rate}
     batches: list[str] = []
     pairs: list[str] = []
+    steals: list[str] = []
     passes: list[str] = []
     besides: list[str] = []
     kept = contextlib.nullcontext(str(args.logs)) if args.logs else None
@@ -366,6 +376,11 @@ def main() -> None:
             rows = ", ".join(f"{b:.2f}" for b in r["mean_batch_8"])
             batches.append(f"{name} ({r['waves']} waves): {rows}")
             pairs.append(f"{name} " + ", ".join(f"{x:.2f}" for x in r["eight_vs_one_pairs"]))
+            st = r["stolen"]
+            steals.append(
+                f"{name}: one answer {st['one']} (the single process beside it "
+                f"{st['beside']}), 1 at once {st['burst 1']}, 8 at once {st['burst 8']}"
+            )
             passes.append(
                 f"{name}: {1000 / r['tokens_per_s']:.1f} ms a token; passes "
                 + " + ".join(f"{p['pass_ms']:.1f}" for p in r["one_passes"])
@@ -376,6 +391,10 @@ def main() -> None:
         print("the single process in turns with each (tokens/s):", ", ".join(besides))
         print("rows per forward pass with 8 answers at once, stage by stage:", "; ".join(batches))
         print("8 vs 1, each pair (in turns, seconds apart):", "; ".join(pairs))
+        print(
+            "CPU time the hypervisor gave to others (steal, /proc/stat) while each ran:",
+            "; ".join(steals),
+        )
         print(f"one answer, stage by stage (single process, 1 thread: {1000 / local_rate:.1f} "
               f"ms a token; 3 processes in a ring of pipes, units cut at "
               f"{', '.join(map(str, cuts))}: {1000 / ring:.1f}, the head split at "

@@ -17,7 +17,9 @@
 Each prints a table and writes a PNG and a JSON of its results next to the docs
 (docs/experiments/). Per-token latency is measured as (answer time - time to first token) /
 (tokens - 1) of greedy 64-token answers, the median of three; throughput as the aggregate
-tokens/s of concurrent answers while all of them decode.
+tokens/s of concurrent answers while all of them decode. Concurrency's levels also show the
+share of the host's CPU time its hypervisor gave to other guests while each ran
+(tools/steal.py): the testbeds' hosts are namespaces of this one machine.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_chain import head_rows, per_pass  # noqa: E402
 from ring import ring  # noqa: E402
+from steal import Stolen  # noqa: E402
 from testbed import (  # noqa: E402
     READY_TIMEOUT,
     STATE,
@@ -109,7 +112,9 @@ def measure(tb: Testbed, sessions: int, repeats: int = 3) -> dict[str, Any]:
     """Median of `repeats` runs of the client in the first host's namespace; and each stage's
     passes over the runs: rows per pass, wall and CPU ms per pass."""
     before = stage_counters(tb)
-    runs = [in_namespace(tb, "_client", str(sessions), str(TOKENS)) for _ in range(repeats)]
+    stolen = Stolen()
+    with stolen.watch():
+        runs = [in_namespace(tb, "_client", str(sessions), str(TOKENS)) for _ in range(repeats)]
     after = stage_counters(tb)
     passes = [
         {"host": host, "units": now["units"]} | per_pass(before[host], now)
@@ -122,6 +127,7 @@ def measure(tb: Testbed, sessions: int, repeats: int = 3) -> dict[str, Any]:
         "per_token_ms": statistics.median(r["per_token_ms"] for r in runs),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
         "overall_tokens_per_s": statistics.median(r["overall_tokens_per_s"] for r in runs),
+        "stolen": stolen.share,  # what the hypervisor gave other guests meanwhile
     }
 
 
@@ -384,7 +390,8 @@ def concurrency(testbeds: list[str], levels: list[int], rows: list[dict[str, Any
                       f"{m['per_token_ms']:>9.1f} {m['predicted_tps_then']:>9.1f} "
                       f"{m['tokens_per_s'] / m['predicted_tps_then']:>6.2f}  "
                       + ", ".join(f"{p['host']} {p['rows_per_pass']} rows {p['pass_ms']:.0f} ms "
-                                  f"(cpu {p['cpu_ms']:.0f})" for p in m["stages"]))  # fmt: skip
+                                  f"(cpu {p['cpu_ms']:.0f})" for p in m["stages"])
+                      + f"; steal {Stolen.percent(m['stolen'])}")  # fmt: skip
             print(f"one answer through the mesh: {rows[first]['tokens_per_s'] / alone:.2f} of the "
                   f"single process")  # fmt: skip
             turns = in_turns(tb, plan)
