@@ -5,10 +5,8 @@ prompt inside it (chunked prefill mixed with decoding, as in Sarathi-Serve: the 
 every session's positions without padding, so the slice costs its own rows and the weights
 are read once for both). A slice is cut to cost about one more decode batch (half of one
 deep in a long prompt), so an answer that is decoding waits for at most that much more per
-stage while a long prompt goes through. Short prompts of more sessions than are decoding
-here go whole and together instead (answers asked at once, the first already decoding):
-cut to a slice each, they would start one answer a round. Batches are sized by the passes'
-measured costs (passes.py) and the rhythm decode steps arrive in (waves.py).
+stage while a long prompt goes through. Batches are sized by the passes' measured costs
+(passes.py) and the rhythm decode steps arrive in (waves.py).
 
 No I/O and no clock of its own: the stage hands it frames and the time.
 """
@@ -34,11 +32,6 @@ MIN_SLICE = 16  # prompt rows a pass of prompts alone holds at least: fewer wast
 # 16 asked at once on lan-3 were never all decoding at the same time (run 22).
 LONG_PROMPT = 256
 LONG_SHARE = 0.5
-# Rows of short prompts a pass takes beside fewer decode steps than their sessions. A slice
-# each started bench_chain's 8 answers asked at once a round apart, the eighth's first token
-# 1.5-1.9 s in; together, 0.8-1.0 s, the answer already decoding waiting one longer pass
-# (docs/benchmarks/chain-runs.txt, after run 88).
-TOGETHER_ROWS = 2 * LONG_PROMPT
 
 
 class Cached(Protocol):
@@ -111,7 +104,7 @@ class Schedule:
         prompts: list[StepFrame] = []
         if others:
             # Beside decode steps, a slice's rows; alone, what ends before decode steps due.
-            most = self._beside(others, len(decodes)) if decodes else None
+            most = self.busy_rows(others[0], len(decodes)) if decodes else None
             if not decodes and (room := self._room(seen, now)) is not None:
                 most, pause = room
                 if most < MIN_SLICE:
@@ -147,16 +140,6 @@ class Schedule:
         `prompt`), the least one before it is measured."""
         deep = prompt is not None and prompt.start + prompt.tensor.shape[0] > LONG_PROMPT
         return self.slice_rows(LONG_SHARE if deep else 1.0, steps) or MIN_SLICE
-
-    def _beside(self, prompts: list[StepFrame], steps: int) -> int:
-        """Prompt rows to run beside `steps` decode steps: a slice, or TOGETHER_ROWS where
-        more sessions than that wait with short prompts, each whole here (its last chunk,
-        within LONG_PROMPT: not the first slice of a long one)."""
-        if len(prompts) > steps and all(
-            f.sample and f.start + f.tensor.shape[0] <= LONG_PROMPT for f in prompts
-        ):
-            return max(TOGETHER_ROWS, self.busy_rows(prompts[0], steps))
-        return self.busy_rows(prompts[0], steps)
 
     def _joined(self, frame: StepFrame) -> bool:
         """Join a prompt's chunk to the one before it if that still waits here: a prompt

@@ -119,47 +119,17 @@ def test_a_shard_without_layers_continues_any_session_it_holds() -> None:
     assert take(s) == [("s0", 9, 1)]
 
 
-def test_short_prompts_asked_together_share_one_pass() -> None:
+def test_short_prompts_asked_together_share_one_pass_up_to_a_slice() -> None:
     s = schedule({})
     for i, rows in enumerate((5, 3, 8)):
         s.add(frame(f"p{i}", 0, rows), 0.0)
     assert take(s) == [("p0", 0, 5), ("p1", 0, 3), ("p2", 0, 8)]
-
-
-def test_beside_as_many_decode_steps_short_prompts_take_a_slice() -> None:
-    """Two prompts beside two decode steps: whole prompts while they fit a slice's rows
-    (here 16 beside 2 steps), the rest in later passes."""
-    s = schedule({"s0": 4, "s1": 6}, step_ms=4.0, row_ms=0.25)
-    for i, rows in enumerate((7, 12)):
+    # Beside a decode step, at most a slice's rows (here 16): whole prompts while they fit.
+    s = schedule({"s0": 4}, step_ms=4.0, row_ms=0.25)
+    for i, rows in enumerate((7, 6, 8)):
         s.add(frame(f"p{i}", 0, rows), 0.0)
     s.add(frame("s0", 4, 1), 0.0)
-    s.add(frame("s1", 6, 1), 0.0)
-    assert take(s) == [("s0", 4, 1), ("s1", 6, 1), ("p0", 0, 7)]
-
-
-def test_short_prompts_of_more_sessions_than_decode_go_together_beside_them(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Answers asked at once, the first already decoding: their prompts go whole in one pass
-    (a slice each would start one answer a round), up to TOGETHER_ROWS rows."""
-    monkeypatch.setattr("meshshard.chain.schedule.TOGETHER_ROWS", 30)
-    s = schedule({"s0": 4}, step_ms=4.0, row_ms=0.25)
-    for i, rows in enumerate((7, 6, 8, 12)):
-        s.add(frame(f"p{i}", 0, rows), 0.0)
-    s.add(frame("s0", 4, 1), 0.0)
-    assert take(s) == [("s0", 4, 1), ("p0", 0, 7), ("p1", 0, 6), ("p2", 0, 8)]
-    # Once as many are decoding as wait, a slice again; a long prompt never goes whole.
-    s = schedule({"s0": 4}, step_ms=4.0, row_ms=0.25)
-    s.add(frame("long", 0, 300), 0.0)
-    s.add(frame("p0", 0, 7), 0.0)
-    s.add(frame("s0", 4, 1), 0.0)
-    assert take(s) == [("s0", 4, 1), ("long", 0, 8)]  # half a pass: it is a long one
-    # A long prompt's first slice, cut by the stage before, is not a short prompt either.
-    s = schedule({"s0": 4}, step_ms=4.0, row_ms=0.25)
-    s.add(frame("long", 0, 20, sample=False), 0.0)
-    s.add(frame("p0", 0, 7), 0.0)
-    s.add(frame("s0", 4, 1), 0.0)
-    assert take(s) == [("s0", 4, 1), ("long", 0, 16)]
+    assert take(s) == [("s0", 4, 1), ("p0", 0, 7), ("p1", 0, 6)]
 
 
 def test_a_prompt_waits_for_a_decode_step_due_before_its_pass_would_end() -> None:
