@@ -137,6 +137,9 @@ class PlanRecord:
     # The share of a tied head's vocabulary the first stage scores for a lone answer's step
     # (planner/headsplit.py); 0: the last stage scores it all.
     head_share: float = 0.0
+    # Whether a one-wave chain's last stage sends a whole wave's normed hidden states for the
+    # first stage to score all of the tied head in one product (planner/headsplit.py).
+    wave_head: bool = False
 
     def stage_of(self, node: NodeId) -> PlanStage | None:
         return next((s for s in self.stages if s.device == node), None)

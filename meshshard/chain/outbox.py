@@ -38,9 +38,11 @@ class Outbox:
         next_addr: str | None,
         head_rows: int,
         pick: PickTheirs,
+        vocab: int = 0,
     ) -> None:
         self._send, self._send_now = send, send_now
         self._next_addr, self._head_rows, self._pick = next_addr, head_rows, pick
+        self._vocab = vocab  # rows of the whole head, which a wave's first stage scores
         # Batches computed and not sent (at most OUTBOX from the compute task; what is left
         # of outputs that went out at once may join them).
         self._batches: asyncio.Queue[tuple[list[StepFrame], Sequence[Output]]] = asyncio.Queue()
@@ -77,6 +79,8 @@ class Outbox:
     def emit_now(self, frame: StepFrame, out: Output) -> bool:
         """Send a step's output where its links take it at once; the rest is queued. False:
         nothing went (`put` it all)."""
+        if isinstance(out, Normed) and out.together:
+            return self._send_now(frame.loop, self._whole(frame, out))
         if isinstance(out, Normed):
             # The hidden states first: the first stage scores its rows while this one does.
             if not self._send_now(frame.loop, self._ahead(frame, out.hidden)):
@@ -135,7 +139,10 @@ class Outbox:
     async def _emit(self, frame: StepFrame, out: Output) -> None:
         if isinstance(out, Normed):
             try:
-                await self._split(frame, out.hidden)
+                if out.together:
+                    await self._send(frame.loop, self._whole(frame, out))
+                else:
+                    await self._split(frame, out.hidden)
             except Exception as e:  # a peer gone mid-send: tell the origin, keep serving others
                 _undelivered(frame, e)
                 await self.error(frame, ErrorCode.INTERNAL, f"next hop failed: {e}")
@@ -165,6 +172,9 @@ class Outbox:
         # then is this thread's core where it runs.
         core = cores.here() if model_idle() else None
         return replace(frame, tensor=to_wire(hidden), head=self._head_rows, core=core)
+
+    def _whole(self, frame: StepFrame, out: Normed) -> StepFrame:
+        return replace(frame, tensor=to_wire(out.hidden), head=self._vocab, together=out.together)
 
 
 def _undelivered(frame: StepFrame, e: Exception) -> None:

@@ -31,9 +31,11 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Normed:
     """A lone greedy step's normed hidden states [rows, hidden] (its token's, and its
-    draft's), whose head is split between the last stage and the first (chain/picks.py)."""
+    draft's), whose head is split between the last stage and the first; or one step's of a
+    wave of `together`, whose whole head the first stage scores (chain/picks.py)."""
 
     hidden: torch.Tensor
+    together: int = 0
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,9 @@ class PassCosts:
         self.pass_ms: dict[int, float] = {}  # decode passes by rows: whether holding pays
         self.passes: Counter[int] = Counter()  # ... how many of each ran
         self.verify_ms: dict[int, float] = {}  # passes of decode steps with drafts, by rows
-        # Passes whose head was split (at a last stage), by rows: no measure of a decode
-        # pass here, so apart; and how many of each ran (a split pass is one step).
+        # Passes whose head was split, or went whole to the first stage (a wave's), at a
+        # last stage, by rows: no measure of a decode pass here, so apart; and how many of
+        # each ran (a lone answer's split pass is one step, a wave's one step a row).
         self.split_ms: dict[int, float] = {}
         self.split_passes: Counter[int] = Counter()
 
@@ -76,8 +77,9 @@ class PassCosts:
         decode = decoding(batch) and not split
         rows_ = verifying(batch)
         if split:
-            self.split_ms[rows_ or 1] = moved(self.split_ms.get(rows_ or 1, 0.0), ms)
-            self.split_passes[rows_ or 1] += 1
+            rows_ = rows_ or len(batch)
+            self.split_ms[rows_] = moved(self.split_ms.get(rows_, 0.0), ms)
+            self.split_passes[rows_] += 1
         elif rows_ is not None:
             self.verify_ms[rows_] = moved(self.verify_ms.get(rows_, 0.0), ms)
         prompts = [f for f in batch if not one_token(f)]
@@ -95,8 +97,8 @@ class PassCosts:
         """What a pass of decode steps like `batch` took: of its size, or without the head
         (`split`), or of its rows verifying drafts; 0 where not measured or not decoding."""
         rows_ = verifying(batch)
-        if split:  # a pass of one row without its head: a decode pass's time till measured
-            return self.split_ms.get(rows_ or 1, 0.0) or (0.0 if rows_ else self.step_ms)
+        if split:  # a pass without its head: a decode pass's time till measured
+            return self.split_ms.get(rows_ or len(batch), 0.0) or (0.0 if rows_ else self.step_ms)
         if rows_ is not None:
             return self.verify_ms.get(rows_, 0.0)
         return self.pass_ms.get(len(batch), 0.0) if decoding(batch) else 0.0

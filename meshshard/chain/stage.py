@@ -34,6 +34,7 @@ from meshshard.chain.picks import Pick, Picks, split_rows
 from meshshard.chain.schedule import Schedule
 from meshshard.chain.speculate import accepted
 from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.chain.wavehead import WaveHead
 from meshshard.chain.worker import model_idle, run_inline, run_model
 from meshshard.model.shard import Shard
 from meshshard.types import Epoch
@@ -61,6 +62,7 @@ class StageWorker:
         head_share: float = 0.0,
         drafter: Drafter | None = None,
         send_now: SendNow | None = None,
+        wave_head: bool = False,
     ) -> None:
         self.shard = shard
         # Drafts for answers the chain feeds itself are made where it feeds them: here, at
@@ -73,12 +75,14 @@ class StageWorker:
         spec = shard.spec
         tied = next_addr is None and spec.tied_embeddings and not shard.is_first
         self.head_rows = split_rows(head_share, spec.vocab_size) if tied else 0
+        self.wave_head = wave_head and tied  # a whole wave's head to the first stage
         self._picks = Picks()  # split steps' halves waiting for the other (at a first stage)
+        self._wave = WaveHead(self._score_wave, self._fed)  # at a first stage
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
         self.outbox = Outbox(
             send, send_now or (lambda _addr, _frame: False), next_addr, self.head_rows,
-            self._pick_theirs,
+            self._pick_theirs, spec.vocab_size,
         )  # fmt: skip
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
@@ -88,6 +92,7 @@ class StageWorker:
         self.forward_s = 0.0  # wall time of all forward passes
         self.forward_cpu_s = 0.0  # ... and the CPU time of the thread that ran them
         self.picks_moved = 0  # split picks scored off the last stage's core (cores.py)
+        self.wave_rows = 0  # rows of waves whose head this first stage scored
         self._observe = observe
         self._closing = False
         self._idle = asyncio.Event()
@@ -95,11 +100,17 @@ class StageWorker:
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
+        for frame in self._wave.take():
+            await self.outbox.error(frame, ErrorCode.STALE_EPOCH, message)
         while self.schedule.queue:
             await self.outbox.error(self.schedule.queue.popleft(), ErrorCode.STALE_EPOCH, message)
         self._has_room.set()
 
     async def put(self, frame: StepFrame) -> None:
+        if frame.together:
+            if not self._wave_refused(frame):
+                await self._wave.add(frame)
+            return
         if frame.head:
             if not self._pick_ours_now(frame):
                 self._ours(frame, await run_inline(self._pick_first, frame))
@@ -115,6 +126,12 @@ class StageWorker:
     def put_now(self, frame: StepFrame) -> bool:
         """`put` without waiting: False (and nothing done) where it would wait, for room in
         the queue or for the model thread."""
+        if frame.together:
+            if not model_idle():
+                return False
+            if not self._wave_refused(frame):
+                self._wave.add_now(frame)
+            return True
         if frame.head:
             return self._pick_ours_now(frame)
         if len(self.schedule.queue) >= MAX_QUEUE or self._closing:
@@ -122,15 +139,16 @@ class StageWorker:
         self._accept(frame)
         return True
 
-    def _accept(self, frame: StepFrame) -> None:
-        """Queue a step, and run it at once where it can (`_run_now`)."""
+    def _accept(self, frame: StepFrame, at_once: bool = True) -> None:
+        """Queue a step, and run it at once where it can (`_run_now`; not `at_once`: a wave's
+        steps wait for each other)."""
         if self._closing:
             self.outbox.later(frame, [(frame.origin, refusal(frame))])
             return
         if self._drafter is not None:
             frame = self._drafter.fed(frame)
         self.schedule.add(frame, time.perf_counter())
-        if not self._run_now(frame):
+        if not at_once or not self._run_now(frame):
             self._has_work.set()
 
     def _run_now(self, frame: StepFrame) -> bool:
@@ -182,6 +200,27 @@ class StageWorker:
         self._ours(frame, self._pick_first(frame))
         return True
 
+    def _wave_refused(self, frame: StepFrame) -> bool:
+        """Refuse a wave's row this stage cannot score (not a first stage of the tied head,
+        or not the whole head asked of it), as the origin hears of any refused step."""
+        shard = self.shard
+        if shard.is_first and shard.head_weight is not None and frame.head == shard.spec.vocab_size:
+            return False
+        message = "this stage cannot score a wave's whole head"
+        self.outbox.later(frame, [(frame.origin, refusal(frame, ErrorCode.BAD_FRAME, message))])
+        return True
+
+    def _score_wave(self, rows: list[StepFrame]) -> tuple[int, ...]:
+        """The whole head's token of each row, in one product."""
+        hidden = torch.cat([from_wire(f.tensor) for f in rows])
+        self.wave_rows += len(rows)
+        return self._pick(hidden, 0, self.shard.spec.vocab_size)[1]
+
+    def _fed(self, rows: list[StepFrame], tokens: tuple[int, ...]) -> None:
+        """A wave's tokens into the chain, all queued before any runs."""
+        for frame, token in zip(rows, tokens, strict=True):
+            self._picked(frame, (token,), at_once=False)
+
     def _pick_first(self, frame: StepFrame) -> Pick:
         """This first stage's share of a split step, scored off the last stage's core where
         the two share a host (chain/cores.py)."""
@@ -202,13 +241,14 @@ class StageWorker:
         if (got := self._picks.theirs(frame)) is not None:
             self._picked(*got)
 
-    def _picked(self, frame: StepFrame, picked: tuple[int, ...]) -> None:
+    def _picked(self, frame: StepFrame, picked: tuple[int, ...], at_once: bool = True) -> None:
         """A split step's tokens, those of its picks the draft confirms: into the chain as
         the step they feed (what the chain waits for: its pass may run at once), unless they
         end the answer, then to its origin, as the last stage sends them unsplit."""
         tokens = accepted(picked, frame.draft)
-        if (follow := followed(replace(frame, head=0, core=None), tokens)) is not None:
-            self._accept(follow)
+        plain = replace(frame, head=0, core=None, together=0)
+        if (follow := followed(plain, tokens)) is not None:
+            self._accept(follow, at_once)
         drafted = len(frame.draft)
         copy = TokenFrame(frame.epoch, frame.session, frame.step, tokens, frame.attempt, drafted)
         self.outbox.send_or_later(frame, [(frame.origin, copy)])
@@ -227,6 +267,7 @@ class StageWorker:
 
     def forget_picks(self, session: str) -> None:
         self._picks.forget(session)
+        self._wave.rows.forget(session)
 
     async def run(self) -> None:
         """Forward passes, with their outputs sent beside them: the next batch starts while
@@ -311,6 +352,8 @@ class StageWorker:
             outs = self._forward(batch, head=not split)
             if self.next_addr is not None:
                 return [to_wire(out) for out in outs]
+            if split and len(batch) > 1:
+                return [Normed(out, together=len(batch)) for out in outs]
             if split:
                 return [Normed(outs[0])]
             return sampled(batch, outs)
@@ -318,14 +361,16 @@ class StageWorker:
             self.forward_cpu_s += time.thread_time() - cpu
 
     def _splits(self, batch: list[StepFrame]) -> bool:
-        """Whether to split the head of this batch: one greedy decode step (verifying a
-        draft or not) of the only session here, whose next step the chain feeds itself (the
-        other stages then wait)."""
-        if not self.head_rows or len(batch) != 1 or len(self.shard.sessions) != 1:
+        """Whether to leave the head of this batch to the first stage, the other stages
+        then waiting: to split it, one greedy decode step (verifying a draft or not) of the
+        only session here, whose next step the chain feeds itself; whole, where the plan
+        says, a wave of such steps without drafts, one of every session here."""
+        if len(batch) > 1:
+            whole = self.wave_head and len(batch) == len(self.shard.sessions)
+            return whole and all(_fed_greedy(f) and not f.draft for f in batch)
+        if not self.head_rows or len(self.shard.sessions) != 1:
             return False
-        (f,) = batch
-        greedy = f.sample and f.sampling.temperature == 0
-        return greedy and bool(f.loop) and one_token(f) and f.step + 1 <= f.until
+        return _fed_greedy(batch[0])
 
     def _forward(self, batch: list[StepFrame], head: bool = True) -> list[torch.Tensor]:
         for f in batch:
@@ -338,7 +383,7 @@ class StageWorker:
                 self.shard.truncate(f.session, f.start)
             xs = [from_wire(f.tensor) for f in batch]
             read = [len(f.draft) + 1 if f.sample else 0 for f in batch]
-            return self.shard.decode_batch([f.session for f in batch], xs, read)
+            return self.shard.decode_batch([f.session for f in batch], xs, read, head)
         (frame,) = batch
         if self.shard.layers:
             # A resumed session continues from what the origin believes is cached: shorter
@@ -356,3 +401,9 @@ class StageWorker:
         """The last stage's pick of a split step: the rows from head_rows on."""
         logits, tokens = self._pick(hidden, self.head_rows, self.shard.spec.vocab_size)
         return PickFrame(frame.epoch, frame.session, frame.step, tokens, logits, frame.attempt)
+
+
+def _fed_greedy(f: StepFrame) -> bool:
+    """A greedy decode step whose next step the chain feeds itself."""
+    greedy = f.sample and f.sampling.temperature == 0
+    return greedy and bool(f.loop) and one_token(f) and f.step + 1 <= f.until

@@ -576,8 +576,10 @@ class ControlNode:
 
     def _shaped(self, plan: PlanRecord, epoch: Epoch, reason: str) -> PlanRecord:
         """A new plan, with what the data plane runs it by under today's profiles and links."""
-        waves, share = plan_waves(self, plan), plan_head_share(self, plan)
-        return replace(plan, epoch=epoch, reason=reason, waves=waves, head_share=share)
+        (waves, wave_head), share = plan_waves(self, plan), plan_head_share(self, plan)
+        return replace(
+            plan, epoch=epoch, reason=reason, waves=waves, head_share=share, wave_head=wave_head
+        )
 
     async def _link_round(self) -> None:
         """Measure the link to every member, soon after start and then every link_interval

@@ -5,6 +5,7 @@ numbers, why idle members are idle, history, events)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from meshshard.mesh.coordinator import mesh_instance
@@ -20,8 +21,9 @@ from meshshard.planner.flow import (
     flow_stages,
     latency_ms,
     tokens_per_s,
+    waved,
 )
-from meshshard.planner.headsplit import head_saving_ms, head_share
+from meshshard.planner.headsplit import head_saving_ms, head_share, wave_head, wave_saving_ms
 from meshshard.planner.instance import Instance
 from meshshard.types import PlanRecord, PlanStage, Profile, State
 
@@ -119,9 +121,9 @@ def _instance(node: ControlNode, plan: PlanRecord) -> Instance | None:
 
 
 class PlanFlow(NamedTuple):
-    """A plan as the flow model takes it: its cost, its stages, the token's way back, and
-    the stages as one answer alone runs them (with the head split where the plan says so,
-    its passes verifying drafts too)."""
+    """A plan as the flow model takes it: its cost, its stages (a wave's head at the first
+    stage where the plan says so), the token's way back, and the stages as one answer alone
+    runs them (with the head split where the plan says so, its passes verifying drafts too)."""
 
     cost: Cost
     flow: tuple[FlowStage, ...]
@@ -139,16 +141,15 @@ def plan_flow(node: ControlNode, plan: PlanRecord) -> PlanFlow | None:
         cost = evaluate(inst, stages)
     except InstanceError:
         return None
-    pace = _paces(node)
-    batch_ms: dict[str, Sequence[Sequence[float]]] = {
-        n: p.batch_ms for n, p in node.profiles.items()
-    }
+    pace, batch_ms = _paces(node), _batch_ms(node)
     flow, back = flow_stages(
         inst, stages, batch_ms, {n: p.overhead_ms for n, p in node.profiles.items()}, pace
     )
     share = plan.head_share
     saving = head_saving_ms(inst, stages, pace, batch_ms, share) if share else ()
     lone = alone(flow, saving) if saving else flow
+    if plan.wave_head:
+        flow = waved(flow, wave_saving_ms(inst, stages, pace, batch_ms))
     return PlanFlow(cost, flow, back, lone)
 
 
@@ -161,20 +162,30 @@ def plan_head_share(node: ControlNode, plan: PlanRecord) -> float:
     return head_share(inst, stages, _paces(node))
 
 
+def _batch_ms(node: ControlNode) -> dict[str, Sequence[Sequence[float]]]:
+    return {n: p.batch_ms for n, p in node.profiles.items()}
+
+
 def _paces(node: ControlNode) -> dict[str, Pace]:
     return {n: Pace(p.pace, p.batch_pace) for n, p in node.profiles.items()}
 
 
-def plan_waves(node: ControlNode, plan: PlanRecord) -> int:
+def plan_waves(node: ControlNode, plan: PlanRecord) -> tuple[int, bool]:
     """The waves a new plan's stages spread their sessions over, under today's profiles: the
-    fastest for the answers in flight its throughput is for (tens of ms of the flow model).
+    fastest for the answers in flight its throughput is for (tens of ms of the flow model);
+    and whether its first stage scores a wave's head, in one wave only (else the first stage
+    has waves of its own to run), where that saves the round enough (planner/headsplit.py).
     One count a plan, not one a load: waves once apart stay apart (a stage holds a batch for
     a pass's time at most), so a count that changed with the sessions present would leave
     the waves where the first answers of a burst put them."""
-    got = plan_flow(node, plan)
-    if got is None:
-        return 1
-    return best_waves(got.flow, got.back, got.cost.sessions)
+    got = plan_flow(node, replace(plan, wave_head=False))
+    if got is None or (inst := _instance(node, plan)) is None:
+        return 1, False
+    stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
+    head = wave_head(inst, stages, got.cost.sessions, _paces(node), _batch_ms(node))
+    one = plan_flow(node, replace(plan, wave_head=True)) if head else None
+    waves = best_waves(got.flow, got.back, got.cost.sessions, one_wave=one.flow if one else None)
+    return waves, head and waves == 1
 
 
 def predicted_now(
@@ -204,6 +215,7 @@ def predicted_now(
             for n in FLOW_SESSIONS
         },
         "waves": waves,
+        "wave_head": plan.wave_head,
         "speculating": None
         if spec == PLAIN
         else {
@@ -230,6 +242,7 @@ def plan_json(plan: PlanRecord) -> dict[str, Any]:
         "fallbacks": {f.lost: _stages_json(f.stages) for f in plan.fallbacks},
         "waves": plan.waves,
         "head_share": plan.head_share,
+        "wave_head": plan.wave_head,
     }
 
 

@@ -314,7 +314,11 @@ class Shard:
 
     @torch.inference_mode()
     def decode_batch(
-        self, sessions: list[str], xs: list[torch.Tensor], logits: list[int] | None = None
+        self,
+        sessions: list[str],
+        xs: list[torch.Tensor],
+        logits: list[int] | None = None,
+        head: bool = True,
     ) -> list[torch.Tensor]:
         """Several sessions' next positions in one forward pass: a token each, a token and
         the draft to verify after it, or a prompt's tokens, so rows may differ in length.
@@ -322,7 +326,8 @@ class Shard:
         xs: per session [T] ids or [T, hidden], continuing at its own cache length (a session
         new here starts one). Returns per session what a single pass gives: [T, hidden];
         logits of its last logits[i] positions (all T unless told): [vocab] for one position,
-        [n, vocab] for several, nothing for none.
+        [n, vocab] for several, nothing for none; without the `head`, those positions' normed
+        hidden states [n, hidden] (another stage scores them).
         """
         caches = [self._sessions.setdefault(s, self.new_cache()) for s in sessions]
         if len({id(c) for c in caches}) != len(caches):
@@ -354,6 +359,8 @@ class Shard:
         # The head only where logits are read: it is the widest matrix of the model.
         wanted = widths if logits is None else logits
         read = [r[r.shape[0] - n :] for r, n in zip(real, wanted, strict=True)]
+        if not head:
+            return list(torch.split(self.norm(torch.cat(read)), wanted))
         out = torch.split(self._head(torch.cat(read)), wanted) if sum(wanted) else read
         return [
             o[0] if n == 1 else o if n else o.new_empty((0,))

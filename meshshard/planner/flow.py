@@ -81,13 +81,18 @@ class FlowStage:
         return self.step_ms(sessions * spec.positions)
 
     def step_ms(self, sessions: float) -> float:
-        """Measured sizes as they are, sizes between them on the line joining them."""
-        sizes, times = (1, *BATCHES), (self.one_ms, *self.batch_ms)
-        for k in range(1, len(sizes)):
-            if sessions <= sizes[k]:
-                a, b = sizes[k - 1], sizes[k]
-                return times[k - 1] + (sessions - a) * (times[k] - times[k - 1]) / (b - a)
-        return times[-1] * sessions / sizes[-1]
+        return at_size(sessions, self.one_ms, self.batch_ms)
+
+
+def at_size(rows: float, one_ms: float, batch_ms: Sequence[float]) -> float:
+    """A pass of `rows` from passes of one row and of each of BATCHES rows: measured sizes as
+    they are, sizes between them on the line joining them."""
+    sizes, times = (1, *BATCHES), (one_ms, *batch_ms)
+    for k in range(1, len(sizes)):
+        if rows <= sizes[k]:
+            a, b = sizes[k - 1], sizes[k]
+            return times[k - 1] + (rows - a) * (times[k] - times[k - 1]) / (b - a)
+    return times[-1] * rows / sizes[-1]
 
 
 def alone(stages: tuple[FlowStage, ...], saving_ms: Sequence[float]) -> tuple[FlowStage, ...]:
@@ -96,10 +101,24 @@ def alone(stages: tuple[FlowStage, ...], saving_ms: Sequence[float]) -> tuple[Fl
     split saves it (planner/headsplit.py)."""
     if not any(saving_ms) or not stages:
         return stages
+    return _last_shorter(stages, saving_ms[0], saving_ms[1:])
+
+
+def waved(stages: tuple[FlowStage, ...], saving_ms: Sequence[float]) -> tuple[FlowStage, ...]:
+    """The stages as one wave runs them where the first stage scores the wave's head: the
+    last stage's passes of each of BATCHES rows shorter by what that saves a round
+    (planner/headsplit.py wave_saving_ms; a lone answer's pass keeps its own)."""
+    if not any(saving_ms) or not stages:
+        return stages
+    return _last_shorter(stages, 0.0, saving_ms)
+
+
+def _last_shorter(
+    stages: tuple[FlowStage, ...], one_cut: float, batch_cuts: Sequence[float]
+) -> tuple[FlowStage, ...]:
     last = stages[-1]
-    one, *several = (
-        max(ms - cut, 0.0) for ms, cut in zip((last.one_ms, *last.batch_ms), saving_ms, strict=True)
-    )
+    one = max(last.one_ms - one_cut, 0.0)
+    several = (max(ms - cut, 0.0) for ms, cut in zip(last.batch_ms, batch_cuts, strict=True))
     return (*stages[:-1], replace(last, one_ms=one, batch_ms=tuple(several)))
 
 
@@ -187,14 +206,19 @@ def tokens_per_s(
 
 
 def best_waves(
-    stages: tuple[FlowStage, ...], return_ms: float, sessions: int, spec: Speculation = PLAIN
+    stages: tuple[FlowStage, ...],
+    return_ms: float,
+    sessions: int,
+    spec: Speculation = PLAIN,
+    one_wave: tuple[FlowStage, ...] | None = None,
 ) -> int:
     """How many waves (at most one a stage) `sessions` answers at once go round fastest in:
     more waves keep more stages busy at once, each with a pass of fewer rows, which costs
     more a row (docs/benchmarks/layers.txt: on a CPU, a pass of 4 rows of SmolLM2 cost 0.8
     of one of 8). Fewer waves where it is as fast (within MARGIN): they hold the steps of
-    more answers together."""
-    best, rate = 1, tokens_per_s(stages, return_ms, sessions, spec=spec)
+    more answers together. `one_wave`: the stages as one wave runs them, if not as more do
+    (its head at the first stage, `waved`)."""
+    best, rate = 1, tokens_per_s(one_wave or stages, return_ms, sessions, spec=spec)
     for waves in range(2, min(len(stages), sessions) + 1):
         got = tokens_per_s(stages, return_ms, sessions, spec=spec, waves=waves)
         if got > rate * MARGIN:

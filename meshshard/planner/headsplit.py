@@ -1,4 +1,5 @@
-"""How much of the head the first stage scores for a lone answer's step.
+"""How much of the head the first stage scores for a lone answer's step, and whether it
+scores a whole wave's.
 
 One answer alone keeps one stage busy at a time; the head (SmolLM2's widest matrix, a fifth of
 a token's work) is the last thing a step computes before its token goes to the first stage,
@@ -8,6 +9,12 @@ rest of the vocabulary while the first stage scores its share, and the better of
 picks is the token (chain/picks.py). That pays where the share's time saved outweighs the
 hidden state's trip (a few KB, where a token is 8 bytes) and one more message.
 
+Answers that go round in one wave keep the first stage idle too while the last one runs.
+There the whole head of a wave's rows, scored in one product at the first stage, takes the
+head off a slower last stage (lan-3's laptop, half a core, scores it in twice the desk's
+time), for the rows' trip there in place of their tokens'. No share: each side's product of
+a wave's rows costs a good part of the whole one's, and the last stage would send a pick a row.
+
 Pure: the shares both stages finish at the same time by, from profiled head times and the
 link between the two.
 """
@@ -16,9 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from meshshard.model.batching import BATCHES
+from meshshard.model.batching import BATCHES, MAX_BATCH
 from meshshard.planner.cost import Stage
-from meshshard.planner.flow import Pace, profiled
+from meshshard.planner.flow import Pace, at_size, profiled
 from meshshard.planner.instance import Instance
 
 # A split must save this share of the head's time at the last stage: less is within what a
@@ -61,6 +68,55 @@ def head_saving_ms(
     return tuple(out)
 
 
+def wave_saving_ms(
+    inst: Instance,
+    stages: Sequence[Stage],
+    pace: Mapping[str, Pace] | None = None,
+    batch_ms: Mapping[str, Sequence[Sequence[float]]] | None = None,
+) -> tuple[float, ...]:
+    """What a one-wave round saves where the first stage scores the wave's whole head, for a
+    wave of each of BATCHES rows, in ms: the last stage's head of those rows and their
+    tokens' hop, less the normed hidden states' hop and the first stage's head of them.
+    Negative where the first stage is the slower at it; zeros where the head cannot move."""
+    if not _ends_apart(inst, stages):
+        return (0.0,) * len(BATCHES)
+    first, last = stages[0], stages[-1]
+    link = inst.link(last.device, first.device)
+    heads_last, heads_first = (_heads(inst, d, pace, batch_ms) for d in (last.device, first.device))
+    out = []
+    for k, rows in enumerate(BATCHES, start=1):
+        send = link.hop_ms(rows * inst.units[-2].out_bytes)
+        back = link.hop_ms(rows * inst.return_bytes)
+        out.append(heads_last[k] + back - send - heads_first[k])
+    return tuple(out)
+
+
+def wave_head(
+    inst: Instance,
+    stages: Sequence[Stage],
+    sessions: int,
+    pace: Mapping[str, Pace] | None = None,
+    batch_ms: Mapping[str, Sequence[Sequence[float]]] | None = None,
+) -> bool:
+    """Whether the first stage should score the head of a wave of `sessions` answers: where
+    that saves MIN_SAVING of the last stage's head of the wave's rows, or more."""
+    if sessions < 2 or not _ends_apart(inst, stages):
+        return False
+    rows = min(sessions, MAX_BATCH)
+    saving = at_size(rows, 0.0, wave_saving_ms(inst, stages, pace, batch_ms))
+    heads = _heads(inst, stages[-1].device, pace, batch_ms)
+    return saving >= MIN_SAVING * at_size(rows, heads[0], heads[1:])
+
+
+def _ends_apart(inst: Instance, stages: Sequence[Stage]) -> bool:
+    """Whether the chain's first and last stages are two devices, the first from the
+    embedding on and the last to the head."""
+    if len(stages) < 2 or inst.n < 2:
+        return False
+    first, last = stages[0], stages[-1]
+    return first.device != last.device and first.start == 0 and last.end == inst.n
+
+
 def _heads(
     inst: Instance,
     device: str,
@@ -86,11 +142,9 @@ def _split(
     inst: Instance, stages: Sequence[Stage], pace: Mapping[str, Pace] | None
 ) -> tuple[float, float]:
     """The first stage's share, and the ms it saves a round of one row."""
-    if len(stages) < 2:
+    if not _ends_apart(inst, stages):
         return 0.0, 0.0
     first, last = stages[0], stages[-1]
-    if first.device == last.device or first.start != 0 or last.end != inst.n or inst.n < 2:
-        return 0.0, 0.0
     scale = pace or {}
     head_last = inst.device(last.device).ms[-1] * scale.get(last.device, Pace()).one
     head_first = inst.device(first.device).ms[-1] * scale.get(first.device, Pace()).one

@@ -18,6 +18,7 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024  # one activation frame; checked before it is
 MAX_TOKENS_PER_FRAME = 8192
 MAX_DRAFT = 16  # drafted tokens one step may ask the chain to verify
 MAX_STOPS = 16  # token ids that end an answer, as a self-feeding step carries them
+MAX_TOGETHER = 64  # rows of one pass a first stage scores together (a wave's head)
 MAX_TOKEN_ID = 2**31
 TENSOR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
 
@@ -93,6 +94,10 @@ class StepFrame:
     # Where the sender of a split head's hidden states scores its own share, (host, core):
     # a first stage woken on that core of that host moves off it for its pick (chain/cores.py).
     core: tuple[int, int] | None = None
+    # A wave's head (chain/picks.py WaveRows): this step's normed hidden state is one of the
+    # `together` rows of the last stage's pass, whose whole head (`head` the vocabulary) the
+    # first stage scores in one product once all have come; no PickFrame follows. 0: not.
+    together: int = 0
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,8 @@ def encode_frame(frame: DataFrame) -> bytes:
                 body |= {"head": frame.head}
             if frame.core is not None:
                 body |= {"core": list(frame.core)}
+            if frame.together:
+                body |= {"together": frame.together}
         case TokenFrame():
             body |= {
                 "k": "token",
@@ -301,6 +308,9 @@ def decode_frame(
             core = _core(m["core"]) if "core" in m else None
             if core is not None and not head:
                 raise WireError("only a split head's hidden states name the core they left")
+            together = checks.integer(m.get("together", 0), "together", high=MAX_TOGETHER + 1)
+            if together and (not head or draft):
+                raise WireError("a wave's head holds one hidden state to score, without a draft")
             return StepFrame(
                 epoch=epoch,
                 session=session,
@@ -319,6 +329,7 @@ def decode_frame(
                 drafts=checks.integer(m.get("drafts", 0), "drafts", high=MAX_DRAFT + 1),
                 head=head,
                 core=core,
+                together=together,
             )
         case "token":
             step = checks.integer(m.get("step"), "step")

@@ -68,6 +68,7 @@ def test_other_frames_round_trip() -> None:
         replace(step(to_wire(torch.randn(1, 16))), loop="127.0.0.1:7002", until=63, head=24576),
         replace(step(to_wire(torch.randn(3, 16))), loop="127.0.0.1:7", draft=(4, 5), head=128),
         replace(step(to_wire(torch.randn(1, 16))), loop="127.0.0.1:7", head=9, core=(2**60 - 1, 3)),
+        replace(step(to_wire(torch.randn(1, 16))), loop="127.0.0.1:7", head=96, together=8),
         PickFrame(E, "s", 5, (49151,), (-3.25,), attempt=1),
         PickFrame(E, "s", 5, (0, 7, 9), (1e30, -1.0, 0.5)),
         HandoffRequest(E, "s", 3, 5, 12, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
@@ -183,6 +184,14 @@ def raw_step(**changes: object) -> bytes:
         (raw_step(loop="127.0.0.1:7002", head=48, core=[2**60, 1]), "core's host must be"),
         (raw_step(loop="127.0.0.1:7002", head=48, core=[5, 2**16]), "core must be an integer"),
         (raw_step(loop="127.0.0.1:7002", head=48, core="5:1"), "core must be a list"),
+        # A wave's row holds one hidden state whose whole head the first stage scores.
+        (raw_step(loop="127.0.0.1:7002", together=8, tensor=hidden(1)), "a wave's head holds"),
+        (
+            raw_step(loop="127.0.0.1:7002", head=48, together=2, draft=[5], tensor=hidden(2)),
+            "a wave's head holds",
+        ),
+        (raw_step(loop="127.0.0.1:7002", head=48, together=65), "together must be an integer"),
+        (raw_step(loop="127.0.0.1:7002", head=48, together=-1), "together must be an integer"),
         (raw_step(k="pick", tokens=[3], logits=[float("nan")]), "logit must be a finite"),
         (raw_step(k="pick", tokens=[3], logits=["high"]), "logit must be a number"),
         (raw_step(k="pick", tokens=[2**31], logits=[1.0]), "tokens must be an integer"),
@@ -221,9 +230,13 @@ FALLBACK = [["y", 0, 1]]
 def test_a_plan_travels_with_its_fallbacks_waves_and_head_share() -> None:
     assert decode(raw_sync(plan=PLAN)).plan.waves == 1  # type: ignore[union-attr]
     assert decode(raw_sync(plan=PLAN)).plan.head_share == 0  # type: ignore[union-attr]
-    split = decode(raw_sync(plan=PLAN | {"head": 0.45}))
+    assert decode(raw_sync(plan=PLAN)).plan.wave_head is False  # type: ignore[union-attr]
+    split = decode(raw_sync(plan=PLAN | {"head": 0.45, "wave_head": True}))
     assert isinstance(split, Sync) and split.plan is not None and split.plan.head_share == 0.45
+    assert split.plan.wave_head
     assert decode(encode(split)) == split
+    with pytest.raises(WireError, match=r"plan\.wave_head"):
+        decode(raw_sync(plan=PLAN | {"wave_head": 1}))
     sync = decode(raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK]], "waves": 1}))
     assert isinstance(sync, Sync) and sync.plan is not None
     assert sync.plan.fallbacks == (Fallback(NodeId("x"), (PlanStage(NodeId("y"), 0, 1),)),)

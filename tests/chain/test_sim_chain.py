@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -488,6 +489,36 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         assert splits() - before < 12  # the seeded answer none; the two only steps alone
         await until(mesh.idle, 5, "every cache freed")
         assert not first.service.follower.stage._picks  # no half left waiting
+
+
+async def test_answers_in_one_wave_have_their_heads_scored_at_a_faster_first_stage(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    """Two peers, the first five times as fast by its profile, batching well: one wave, and
+    the plan has the first stage score each wave's head. Answers asked together are one
+    process's token for token, their heads scored at the first stage in passes of several."""
+    async with SimMesh(model, 1.5 * memory, speculate=0) as mesh:
+        mesh.add("a", priority=1, unit_ms=2.0, batches=True)
+        mesh.add("b", unit_ms=10.0, batches=True)
+        await until(lambda: mesh.agreed(2), 20, "a 2-stage chain")
+        plan = mesh.peers["a"].node.book.current
+        assert plan is not None and [s.device for s in plan.stages] == ["a", "b"]
+        assert plan.waves == 1 and plan.wave_head
+        now = predicted_now(mesh.peers["a"].node, plan)
+        got = plan_flow(mesh.peers["a"].node, replace(plan, wave_head=False))
+        assert now is not None and got is not None and now["wave_head"]
+        assert now["tokens_per_s_at"]["8"] > round(tokens_per_s(got.flow, got.back, 8), 2)
+        answers: list[list[int]] = [[] for _ in PROMPTS]
+        await asyncio.gather(
+            *(answer(mesh, "a", p, 12, g) for p, g in zip(PROMPTS, answers, strict=True))
+        )
+        assert answers == [reference(p, 12) for p in PROMPTS]
+        first = mesh.peers["a"].service.follower.stage
+        last = mesh.peers["b"].service.follower.stage
+        assert first is not None and last is not None
+        assert first.wave_rows > 0 and max(last.costs.split_passes) > 1
+        await until(mesh.idle, 5, "every cache freed")
+        assert not first._wave.rows
 
 
 async def test_a_speculating_lone_answer_splits_the_head_of_its_passes_drafts_and_all(

@@ -18,6 +18,7 @@ from meshshard.config import TEST_TIMINGS, Config, Timings
 from meshshard.events import EventLog
 from meshshard.mesh.node import ControlNode
 from meshshard.mesh.seam import NodeSeam
+from meshshard.model.batching import BATCHES
 from meshshard.model.costs import read_spec, unit_costs
 from meshshard.model.device import Device, Placement
 from meshshard.types import Member, NodeId, Profile, State
@@ -186,17 +187,27 @@ class SimMesh:
         await self._tg.__aexit__(None, None, None)
 
     def add(
-        self, name: str, priority: int = 0, memory: float | None = None, frame: int = 0
+        self,
+        name: str,
+        priority: int = 0,
+        memory: float | None = None,
+        frame: int = 0,
+        unit_ms: float = 0.1,
+        batches: bool = False,
     ) -> SimPeer:
         """Start a peer and introduce it to the first one; `frame`: the largest data-plane
-        frame it takes (0: any), as its profile says."""
+        frame it takes (0: any), as its profile says; each unit's step `unit_ms` in its
+        profile, and passes of several rows (`batches`) timed at little more than one's."""
         self._added += 1
         addr = f"10.7.0.{self._added}:7000"  # never reused, as a restarted peer's port may be
         node_id = NodeId(name)
         mem = self.memory if memory is None else memory
         me = Member(node_id, addr, 1, State.ALIVE, priority)
-        ms = tuple(0.1 for _ in self.units)
-        profile = Profile(node_id, 1, self.spec.name, mem, ms, measured=True, frame=frame)
+        ms = tuple(unit_ms for _ in self.units)
+        batch_ms = tuple(tuple(x * (1 + n / 64) for x in ms) for n in BATCHES) if batches else ()
+        profile = Profile(
+            node_id, 1, self.spec.name, mem, ms, measured=True, frame=frame, batch_ms=batch_ms
+        )
         if frame:
             self.data.takes[addr] = frame
         node = ControlNode(

@@ -14,6 +14,7 @@ from meshshard.planner.flow import (
     flow_stages,
     latency_ms,
     tokens_per_s,
+    waved,
 )
 from meshshard.planner.instance import parse_instance
 
@@ -75,6 +76,19 @@ def test_more_waves_only_where_they_model_faster() -> None:
     assert one > two
     assert best_waves((first, second), 0.5, 8) == 1
     assert best_waves((first, second), 0.5, 1) == 1
+
+
+def test_a_waves_head_at_the_first_stage_is_priced_in_one_wave_only() -> None:
+    """lan-3's stages (the desk's, the laptop's half core). With the laptop's head taken off
+    every pass, two waves would balance the two and model faster; but the first stage scores
+    a wave's head in one wave only, and two waves keep their heads: one wave."""
+    desk = FlowStage(35.2, (35.4, 39.3, 44.4, 58.7, 81.0), 0.0, 0.0)
+    laptop = FlowStage(75.5, (74.1, 79.7, 95.2, 124.5, 182.1), 1.56, 0.0)
+    plain, waves = (desk, laptop), waved((desk, laptop), (15.0, 18.0, 21.0, 30.0, 54.0))
+    assert best_waves(plain, 1.55, 8) == 1
+    assert best_waves(waves, 1.55, 8) == 2  # were the saving every wave's
+    assert best_waves(plain, 1.55, 8, one_wave=waves) == 1
+    assert tokens_per_s(waves, 1.55, 8) > 1.15 * tokens_per_s(plain, 1.55, 8)
 
 
 def test_a_stage_that_batches_well_carries_more_than_one_step_at_a_time() -> None:

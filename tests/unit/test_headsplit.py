@@ -1,5 +1,6 @@
 """A split head: the share the planner gives the first stage, the two picks matched, and a
-shard's pick over rows equal to the whole head's best."""
+shard's pick over rows equal to the whole head's best; and when a wave's head goes whole to
+the first stage, and what that takes off its round."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from meshshard.planner.flow import (
     flow_stages,
     latency_ms,
     tokens_per_s,
+    waved,
 )
-from meshshard.planner.headsplit import head_saving_ms, head_share
+from meshshard.planner.headsplit import head_saving_ms, head_share, wave_head, wave_saving_ms
 from meshshard.planner.instance import Device, Link, Unit
 from meshshard.types import Epoch
 from meshshard.wire import PickFrame, Sampling, StepFrame
@@ -221,3 +223,36 @@ def test_a_pass_verifying_a_draft_saves_by_its_rows_heads() -> None:
     spec = Speculation(positions=4.0, tokens=2.5)
     whole, split = latency_ms(flow, back, spec), latency_ms(lone, back, spec)
     assert whole - split == pytest.approx(saving[3] / spec.tokens)
+
+
+def test_a_wave_goes_to_a_first_stage_faster_at_the_head_and_not_elsewhere() -> None:
+    # Heads timed by rows: 8 rows cost 3 of one. A first device twice as fast at it takes
+    # a wave's head; one as fast, or slower, does not (the rows' trip costs more there).
+    timed = {
+        d: [[0.1, 5, 5, h * k] for k in (1.5, 1.8, 2.0, 3.0, 5.0)]
+        for d, h in (("a", 4.0), ("c", 8.0))
+    }
+    fast = chain(4.0, 8.0, LOOPBACK)
+    saving = wave_saving_ms(fast, STAGES, batch_ms=timed)
+    assert saving[3] == pytest.approx(3 * 8.0 - 3 * 4.0, abs=0.2)  # BATCHES[3]: 8 rows
+    assert wave_head(fast, STAGES, 8, batch_ms=timed)
+    assert not wave_head(fast, STAGES, 1, batch_ms=timed)  # a lone answer splits its own
+    assert not wave_head(chain(8.0, 8.0, LOOPBACK), STAGES, 8)
+    assert not wave_head(chain(16.0, 8.0, LOOPBACK), STAGES, 8)
+    assert not wave_head(fast, STAGES, 8, {"a": Pace(several=2.0)}, timed)  # a's busy hour
+    # 8 rows of hidden states at 1 Mbit/s cost 150 ms where 8 tokens cost a fraction of it.
+    assert not wave_head(chain(4.0, 8.0, Link(1, 3.0)), STAGES, 8, batch_ms=timed)
+    ring = [Stage("a", 0, 2), Stage("b", 2, 3), Stage("a", 3, 4)]
+    assert not any(wave_saving_ms(fast, ring)) and not wave_head(fast, ring, 8)
+
+
+def test_a_waves_round_is_shorter_by_what_its_head_at_the_first_stage_saves() -> None:
+    inst = chain(4.0, 8.0, LOOPBACK)
+    saving = wave_saving_ms(inst, STAGES)
+    flow, back = flow_stages(inst, STAGES, {}, {})
+    waves = waved(flow, saving)
+    assert waves[:-1] == flow[:-1] and waves[-1].one_ms == flow[-1].one_ms  # a lone answer's
+    assert waves[-1].batch_ms[3] == pytest.approx(flow[-1].batch_ms[3] - saving[3])
+    assert tokens_per_s(waves, back, 8) > 1.1 * tokens_per_s(flow, back, 8)
+    assert tokens_per_s(waves, back, 1) == tokens_per_s(flow, back, 1)
+    assert waved(flow, (0.0,) * len(saving)) == flow
