@@ -354,6 +354,7 @@ class Daemon:
                 "holds": stage.schedule.holds,
                 "split_steps": stage.costs.split_steps,
                 "picks_moved": stage.picks_moved,
+                "wave_rows": stage.wave_rows,
                 "weight_bytes": stage.shard.weight_bytes(),
                 "kv_bytes": stage.shard.kv_bytes(),
                 "step_ms": round(stage.costs.step_ms, 3),
@@ -364,7 +365,8 @@ class Daemon:
                 # Decode passes by rows, how many and their (moving) ms: how batches form.
                 "passes": {str(rows): n for rows, n in sorted(stage.costs.passes.items())},
                 "pass_ms": {str(r): round(ms, 2) for r, ms in sorted(stage.costs.pass_ms.items())},
-                # ... and a lone answer's at a last stage whose head is split (split_steps).
+                # ... and at a last stage, a lone answer's whose head is split (split_steps)
+                # and a wave's whose head the first stage scores, by rows.
                 "split_passes": {str(r): n for r, n in sorted(stage.costs.split_passes.items())},
                 "split_ms": {
                     str(r): round(ms, 2) for r, ms in sorted(stage.costs.split_ms.items())
