@@ -234,6 +234,7 @@ def mesh(
             "cuts": [s["start"] for s in stages] + [stages[-1]["end"]],
             "head_share": plan.get("head_share", 0.0),
             "waves": plan.get("waves", 1),
+            "wave_head": plan.get("wave_head", False),
         }
         out["aggregate_4"] = burst(url, 4, tokens)
         # One answer and 8 at once in turns, `repeats` pairs, the order alternating: the
@@ -374,7 +375,8 @@ def main() -> None:
                 print(f"{'3 processes, pipes':<22} {ring:>16.1f} {ring / ring_beside:>6.2f}")
                 print(f"{'pipes, head split':<22} {split:>16.1f} {split / ring_beside:>6.2f}")
             rows = ", ".join(f"{b:.2f}" for b in r["mean_batch_8"])
-            batches.append(f"{name} ({r['waves']} waves): {rows}")
+            head = ", the first stage scoring each wave's head" if r["wave_head"] else ""
+            batches.append(f"{name} ({r['waves']} waves{head}): {rows}")
             pairs.append(f"{name} " + ", ".join(f"{x:.2f}" for x in r["eight_vs_one_pairs"]))
             st = r["stolen"]
             steals.append(
