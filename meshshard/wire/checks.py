@@ -11,7 +11,7 @@ import cbor2
 
 from meshshard.types import Epoch
 
-PROTOCOL = 3  # 3: a split head picks a row for each drafted token too
+PROTOCOL = 4  # 4: a wave's rows go to the first stage for its whole head (`together`)
 MAX_CONTROL_BYTES = 1 << 20  # a control message larger than this is refused unread
 MAX_ITEMS = 4096  # members, profiles, stages, units or links in one message
 # Every number has a range, far inside what the codec carries (2**63), so a peer that takes
