@@ -108,7 +108,7 @@ class StageWorker:
 
     async def put(self, frame: StepFrame) -> None:
         if frame.together:
-            if not self._wave_refused(frame):
+            if not self._head_refused(frame):
                 await self._wave.add(frame)
             return
         if frame.head:
@@ -129,7 +129,7 @@ class StageWorker:
         if frame.together:
             if not model_idle():
                 return False
-            if not self._wave_refused(frame):
+            if not self._head_refused(frame):
                 self._wave.add_now(frame)
             return True
         if frame.head:
@@ -190,23 +190,25 @@ class StageWorker:
         """A split step's rows [0, head) of the vocabulary, scored as it arrives (a few ms,
         while the last stage scores the rest): its tokens once both picks are in. False
         while the model thread is busy (`put` waits for it)."""
-        vocab = self.shard.spec.vocab_size
-        if not self.shard.is_first or self.shard.head_weight is None or frame.head >= vocab:
-            message = f"this stage cannot score rows [0, {frame.head}) of a split head"
-            self.outbox.later(frame, [(frame.origin, refusal(frame, ErrorCode.BAD_FRAME, message))])
+        if self._head_refused(frame):
             return True
         if not model_idle():
             return False
         self._ours(frame, self._pick_first(frame))
         return True
 
-    def _wave_refused(self, frame: StepFrame) -> bool:
-        """Refuse a wave's row this stage cannot score (not a first stage of the tied head,
-        or not the whole head asked of it), as the origin hears of any refused step."""
-        shard = self.shard
-        if shard.is_first and shard.head_weight is not None and frame.head == shard.spec.vocab_size:
+    def _head_refused(self, frame: StepFrame) -> bool:
+        """Refuse hidden states this stage cannot score, as the origin hears of any refused
+        step: here only a first stage holding the tied head scores them, a split step's rows
+        [0, head) of the vocabulary, a wave's row all of it."""
+        shard, vocab = self.shard, self.shard.spec.vocab_size
+        fits = frame.head == vocab if frame.together else frame.head < vocab
+        if shard.is_first and shard.head_weight is not None and fits:
             return False
-        message = "this stage cannot score a wave's whole head"
+        what = f"rows [0, {frame.head}) of a split head"
+        if frame.together:
+            what = "a wave's whole head"
+        message = f"this stage cannot score {what}"
         self.outbox.later(frame, [(frame.origin, refusal(frame, ErrorCode.BAD_FRAME, message))])
         return True
 
