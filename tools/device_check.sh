@@ -3,7 +3,8 @@
 #   tests   the GPU-marked tests (tests/gpu) on tiny random models: float32 logits within
 #           tolerance of the CPU's, bfloat16 top-1 agreement on >= 99% of steps, int8/int4
 #           chains equal to their single process, planned unit sizes equal loaded ones,
-#           a CUDA stage feeding a CPU stage;
+#           a CUDA stage feeding a CPU stage, a CUDA first stage scoring a wave's whole
+#           head (chain/wavehead.py) for a CUDA and a CPU last stage;
 #   model   on the real SmolLM2 weights, per dtype and quantization: one process and a 3-peer
 #           chain on CUDA, the chain's answer against its one process and against the CPU's
 #           float32, and their speeds (tools/bench_quant.py --device cuda), written to

@@ -1,7 +1,8 @@
 """The CUDA path, on a machine with a GPU (tools/device_check.sh runs these where one is lent;
 elsewhere they say why they do not run). Checked against the CPU's float32 reference: float32
 on CUDA gives the same logits within a tolerance; bfloat16 chooses the same next token at
-nearly every step; int8 and int4 shards chain as their single process does."""
+nearly every step; int8 and int4 shards chain as their single process does; a CUDA first
+stage scores a wave's whole head as the last stage would."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.wavechain import Chain
 
 from meshshard.chain.tensors import from_wire, to_wire
 from meshshard.model.costs import unit_costs
@@ -77,3 +79,18 @@ def test_a_cuda_stage_and_a_cpu_stage_chain(tiny_llama: Path) -> None:
     assert frame.dtype == "bfloat16"
     logits = cpu.prefill("s", from_wire(frame))
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("last", ["cuda", "cpu"])
+async def test_a_waves_head_scored_on_cuda_gives_the_last_stages_tokens(
+    tiny_llama: Path, last: str
+) -> None:
+    """The first stage on CUDA scores each wave's whole head in one product, its rows come
+    from a CUDA or a CPU last stage: every answer the one the last stage's own head gives."""
+    prompts, tokens = [PROMPT, PROMPT[3:], [5, 17, 3, 42], [40, 2, 11]], 6
+    waved, plain = (Chain(tiny_llama, on, "cuda", last) for on in (True, False))
+    for chain in (waved, plain):
+        await chain.answer(prompts, tokens)
+    assert not waved.errors and not plain.errors
+    assert waved.tokens == plain.tokens
+    assert waved.first.wave_rows == len(prompts) * (tokens - 2)  # every wave but the last

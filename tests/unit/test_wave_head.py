@@ -12,18 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny
+from support.wavechain import EPOCH, GREEDY, Chain, greedy, prompt_step
 
 from meshshard.chain import wavehead
 from meshshard.chain.stage import StageWorker
 from meshshard.chain.tensors import to_wire
 from meshshard.chain.wavehead import WaveRows
-from meshshard.model.generate import LocalChain, generate
 from meshshard.model.shard import Shard, load_spec
-from meshshard.types import Epoch
-from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, Sampling, StepFrame, TokenFrame
+from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, StepFrame, TokenFrame
 
-EPOCH = Epoch(1, "a")
-GREEDY = Sampling(temperature=0.0, top_p=1.0, seed=0)
 PROMPTS = [[5, 17, 3, 42, 8], [9, 8, 7], [1, 2, 3, 4, 5, 6, 7, 8], [40, 2, 11]]
 TOKENS = 6
 
@@ -31,66 +28,6 @@ TOKENS = 6
 @pytest.fixture(scope="module", params=["llama", "llama-untied"])
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny(request.param, tmp_path_factory.mktemp(request.param))
-
-
-class Chain:
-    """A first and a last stage of `model`, each frame between them handed over in order,
-    the tokens each answer's origin hears, and the errors."""
-
-    def __init__(self, model: Path, wave_head: bool) -> None:
-        cut = load_spec(model).num_units // 2
-        self.tokens: dict[str, list[int]] = {}
-        self.errors: list[ErrorFrame] = []
-        self.first = StageWorker(Shard.load(model, 0, cut), EPOCH, "last", self._to_last)
-        last = Shard.load(model, cut, load_spec(model).num_units)
-        self.last = StageWorker(last, EPOCH, None, self._to_first, wave_head=wave_head)
-
-    async def _to_last(self, addr: str, frame: DataFrame) -> None:
-        if isinstance(frame, StepFrame):
-            await self.last.put(frame)
-        else:
-            self._heard(frame)
-
-    async def _to_first(self, addr: str, frame: DataFrame) -> None:
-        if isinstance(frame, StepFrame):
-            await self.first.put(frame)
-        else:
-            self._heard(frame)
-
-    def _heard(self, frame: DataFrame) -> None:
-        if isinstance(frame, TokenFrame):
-            self.tokens.setdefault(frame.session, []).extend(frame.tokens)
-        else:
-            assert isinstance(frame, ErrorFrame)
-            self.errors.append(frame)
-
-    async def answer(self, prompts: list[list[int]], tokens: int) -> None:
-        """Each prompt's answer, asked together, the chain feeding itself, until each has
-        its tokens."""
-        tasks = [asyncio.create_task(w.run()) for w in (self.first, self.last)]
-        try:
-            for i, prompt in enumerate(prompts):
-                await self.first.put(prompt_step(f"s{i}", prompt, tokens))
-            async with asyncio.timeout(30):
-                while sum(map(len, self.tokens.values())) < len(prompts) * tokens:
-                    await asyncio.sleep(0.01)
-        finally:
-            for w in (self.first, self.last):
-                await w.close("done")
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def prompt_step(session: str, prompt: list[int], tokens: int) -> StepFrame:
-    tensor = to_wire(torch.tensor(prompt))
-    return StepFrame(
-        EPOCH, session, 0, 0, tensor, "origin", True, GREEDY, loop="first", until=tokens - 1
-    )
-
-
-def greedy(model: Path, prompt: list[int], n: int) -> list[int]:
-    return list(generate(LocalChain.load(model, ()), prompt, n))
 
 
 async def test_a_waves_head_scored_at_the_first_stage_gives_one_processs_tokens(
