@@ -349,15 +349,11 @@ class PlanFollower:
             plan.epoch if plan is not None else None,
         )
 
-    def take_pick_now(self, frame: PickFrame) -> None:
-        if self.stage is not None and self.stage.epoch == frame.epoch:
-            self.stage.take_pick_now(frame)
-
-    async def take_pick(self, frame: PickFrame) -> None:
+    def take_pick(self, frame: PickFrame) -> None:
         """The last stage's pick of a split head: for the stage of its epoch (one of an
         older epoch is dropped; the origin replays that step)."""
         if self.stage is not None and self.stage.epoch == frame.epoch:
-            await self.stage.take_pick(frame)
+            self.stage.take_pick(frame)
 
     def _superseded(self, frame: StepFrame) -> bool:
         newest = self._attempts.get(frame.session, frame.attempt)

@@ -135,7 +135,7 @@ class ChainService:
             case StepFrame():
                 await self.follower.serve(frame)
             case PickFrame():
-                await self.follower.take_pick(frame)
+                self.follower.take_pick(frame)
             case DropFrame():
                 if self._links is not None:
                     self._links.forget(frame.session)
@@ -158,7 +158,7 @@ class ChainService:
             case StepFrame():
                 return self.follower.serve_now(frame)
             case PickFrame():
-                self.follower.take_pick_now(frame)
+                self.follower.take_pick(frame)
                 return True
             case TokenFrame() | ErrorFrame():
                 self.origin.deliver(frame)

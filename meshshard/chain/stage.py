@@ -21,24 +21,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 import torch
 
-from meshshard.chain import cores
 from meshshard.chain.drafts import Drafter
+from meshshard.chain.firsthead import FirstHead
 from meshshard.chain.outbox import Outbox, Send, SendNow
-from meshshard.chain.outputs import CacheMiss, Normed, Output, failed, followed, refusal, sampled
+from meshshard.chain.outputs import CacheMiss, Normed, Output, failed, refusal, sampled
 from meshshard.chain.passes import PassCosts, one_token
-from meshshard.chain.picks import Pick, Picks, split_rows
+from meshshard.chain.picks import split_rows
 from meshshard.chain.schedule import Schedule
-from meshshard.chain.speculate import accepted
 from meshshard.chain.tensors import from_wire, to_wire
-from meshshard.chain.wavehead import WaveHead
 from meshshard.chain.worker import model_idle, run_inline, run_model
 from meshshard.model.shard import Shard
 from meshshard.types import Epoch
-from meshshard.wire import ErrorCode, PickFrame, StepFrame, TokenFrame
+from meshshard.wire import ErrorCode, PickFrame, StepFrame
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +73,13 @@ class StageWorker:
         tied = next_addr is None and spec.tied_embeddings and not shard.is_first
         self.head_rows = split_rows(head_share, spec.vocab_size) if tied else 0
         self.wave_head = wave_head and tied  # a whole wave's head to the first stage
-        self._picks = Picks()  # split steps' halves waiting for the other (at a first stage)
-        self._wave = WaveHead(self._score_wave, self._fed)  # at a first stage
         self.epoch = epoch
         self.next_addr = next_addr  # None: this is the last stage, it samples
         self.outbox = Outbox(
             send, send_now or (lambda _addr, _frame: False), next_addr, self.head_rows,
             self._pick_theirs, spec.vocab_size,
         )  # fmt: skip
+        self.head = FirstHead(shard, self.outbox, self._pick, self._accept)  # at a first stage
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
@@ -91,8 +87,6 @@ class StageWorker:
         self.batches = 0
         self.forward_s = 0.0  # wall time of all forward passes
         self.forward_cpu_s = 0.0  # ... and the CPU time of the thread that ran them
-        self.picks_moved = 0  # split picks scored off the last stage's core (cores.py)
-        self.wave_rows = 0  # rows of waves whose head this first stage scored
         self._observe = observe
         self._closing = False
         self._idle = asyncio.Event()
@@ -100,20 +94,15 @@ class StageWorker:
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
-        for frame in self._wave.take():
+        for frame in self.head.held():
             await self.outbox.error(frame, ErrorCode.STALE_EPOCH, message)
         while self.schedule.queue:
             await self.outbox.error(self.schedule.queue.popleft(), ErrorCode.STALE_EPOCH, message)
         self._has_room.set()
 
     async def put(self, frame: StepFrame) -> None:
-        if frame.together:
-            if not self._head_refused(frame):
-                await self._wave.add(frame)
-            return
-        if frame.head:
-            if not self._pick_ours_now(frame):
-                self._ours(frame, await run_inline(self._pick_first, frame))
+        if frame.head:  # hidden states for this first stage's part of the head
+            await self.head.put(frame)
             return
         while len(self.schedule.queue) >= MAX_QUEUE and not self._closing:
             self._has_room.clear()
@@ -126,14 +115,8 @@ class StageWorker:
     def put_now(self, frame: StepFrame) -> bool:
         """`put` without waiting: False (and nothing done) where it would wait, for room in
         the queue or for the model thread."""
-        if frame.together:
-            if not model_idle():
-                return False
-            if not self._head_refused(frame):
-                self._wave.add_now(frame)
-            return True
         if frame.head:
-            return self._pick_ours_now(frame)
+            return self.head.put_now(frame)
         if len(self.schedule.queue) >= MAX_QUEUE or self._closing:
             return False
         self._accept(frame)
@@ -186,75 +169,6 @@ class StageWorker:
             self._count(batch, split, seconds)
         return True
 
-    def _pick_ours_now(self, frame: StepFrame) -> bool:
-        """A split step's rows [0, head) of the vocabulary, scored as it arrives (a few ms,
-        while the last stage scores the rest): its tokens once both picks are in. False
-        while the model thread is busy (`put` waits for it)."""
-        if self._head_refused(frame):
-            return True
-        if not model_idle():
-            return False
-        self._ours(frame, self._pick_first(frame))
-        return True
-
-    def _head_refused(self, frame: StepFrame) -> bool:
-        """Refuse hidden states this stage cannot score, as the origin hears of any refused
-        step: here only a first stage holding the tied head scores them, a split step's rows
-        [0, head) of the vocabulary, a wave's row all of it."""
-        shard, vocab = self.shard, self.shard.spec.vocab_size
-        fits = frame.head == vocab if frame.together else frame.head < vocab
-        if shard.is_first and shard.head_weight is not None and fits:
-            return False
-        what = f"rows [0, {frame.head}) of a split head"
-        if frame.together:
-            what = "a wave's whole head"
-        message = f"this stage cannot score {what}"
-        self.outbox.later(frame, [(frame.origin, refusal(frame, ErrorCode.BAD_FRAME, message))])
-        return True
-
-    def _score_wave(self, rows: list[StepFrame]) -> tuple[int, ...]:
-        """The whole head's token of each row, in one product."""
-        hidden = torch.cat([from_wire(f.tensor) for f in rows])
-        self.wave_rows += len(rows)
-        return self._pick(hidden, 0, self.shard.spec.vocab_size)[1]
-
-    def _fed(self, rows: list[StepFrame], tokens: tuple[int, ...]) -> None:
-        """A wave's tokens into the chain, all queued before any runs."""
-        for frame, token in zip(rows, tokens, strict=True):
-            self._picked(frame, (token,), at_once=False)
-
-    def _pick_first(self, frame: StepFrame) -> Pick:
-        """This first stage's share of a split step, scored off the last stage's core where
-        the two share a host (chain/cores.py)."""
-        with cores.apart(frame.core) as moved:
-            logits, tokens = self._pick(from_wire(frame.tensor), 0, frame.head)
-        self.picks_moved += moved
-        return Pick(logits, tokens)
-
-    def _ours(self, frame: StepFrame, pick: Pick) -> None:
-        if (picked := self._picks.ours(frame, pick)) is not None:
-            self._picked(frame, picked)
-
-    async def take_pick(self, frame: PickFrame) -> None:
-        self.take_pick_now(frame)
-
-    def take_pick_now(self, frame: PickFrame) -> None:
-        """The last stage's pick of a split step."""
-        if (got := self._picks.theirs(frame)) is not None:
-            self._picked(*got)
-
-    def _picked(self, frame: StepFrame, picked: tuple[int, ...], at_once: bool = True) -> None:
-        """A split step's tokens, those of its picks the draft confirms: into the chain as
-        the step they feed (what the chain waits for: its pass may run at once), unless they
-        end the answer, then to its origin, as the last stage sends them unsplit."""
-        tokens = accepted(picked, frame.draft)
-        plain = replace(frame, head=0, core=None, together=0)
-        if (follow := followed(plain, tokens)) is not None:
-            self._accept(follow, at_once)
-        drafted = len(frame.draft)
-        copy = TokenFrame(frame.epoch, frame.session, frame.step, tokens, frame.attempt, drafted)
-        self.outbox.send_or_later(frame, [(frame.origin, copy)])
-
     def _pick(
         self, hidden: torch.Tensor, start: int, end: int
     ) -> tuple[tuple[float, ...], tuple[int, ...]]:
@@ -268,8 +182,11 @@ class StageWorker:
             self.forward_cpu_s += time.thread_time() - cpu
 
     def forget_picks(self, session: str) -> None:
-        self._picks.forget(session)
-        self._wave.rows.forget(session)
+        self.head.forget(session)
+
+    def take_pick(self, frame: PickFrame) -> None:
+        """The last stage's pick of a split step."""
+        self.head.take_pick(frame)
 
     async def run(self) -> None:
         """Forward passes, with their outputs sent beside them: the next batch starts while
