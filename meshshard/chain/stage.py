@@ -79,7 +79,8 @@ class StageWorker:
             send, send_now or (lambda _addr, _frame: False), next_addr, self.head_rows,
             self._pick_theirs, spec.vocab_size,
         )  # fmt: skip
-        self.head = FirstHead(shard, self.outbox, self._pick, self._accept)  # at a first stage
+        # At a first stage, its part of the head: a split step's share, a wave's whole head.
+        self.first_head = FirstHead(shard, self.outbox, self._pick, self._accept)
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
@@ -94,7 +95,7 @@ class StageWorker:
 
     async def refuse_queued(self, message: str) -> None:
         """This stage is being replaced: tell the origin of every waiting step."""
-        for frame in self.head.held():
+        for frame in self.first_head.held():
             await self.outbox.error(frame, ErrorCode.STALE_EPOCH, message)
         while self.schedule.queue:
             await self.outbox.error(self.schedule.queue.popleft(), ErrorCode.STALE_EPOCH, message)
@@ -102,7 +103,7 @@ class StageWorker:
 
     async def put(self, frame: StepFrame) -> None:
         if frame.head:  # hidden states for this first stage's part of the head
-            await self.head.put(frame)
+            await self.first_head.put(frame)
             return
         while len(self.schedule.queue) >= MAX_QUEUE and not self._closing:
             self._has_room.clear()
@@ -116,7 +117,7 @@ class StageWorker:
         """`put` without waiting: False (and nothing done) where it would wait, for room in
         the queue or for the model thread."""
         if frame.head:
-            return self.head.put_now(frame)
+            return self.first_head.put_now(frame)
         if len(self.schedule.queue) >= MAX_QUEUE or self._closing:
             return False
         self._accept(frame)
@@ -182,11 +183,11 @@ class StageWorker:
             self.forward_cpu_s += time.thread_time() - cpu
 
     def forget_picks(self, session: str) -> None:
-        self.head.forget(session)
+        self.first_head.forget(session)
 
     def take_pick(self, frame: PickFrame) -> None:
         """The last stage's pick of a split step."""
-        self.head.take_pick(frame)
+        self.first_head.take_pick(frame)
 
     async def run(self) -> None:
         """Forward passes, with their outputs sent beside them: the next batch starts while

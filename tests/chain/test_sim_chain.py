@@ -464,7 +464,7 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         if cores.here() is not None and len(os.sched_getaffinity(0)) > 1:
             # The peers share this thread: the last stage names the core it scores its
             # share on, and the first, finding itself there, scores its own on another.
-            assert first.service.follower.stage.head.picks_moved > 0  # type: ignore[union-attr]
+            assert first.service.follower.stage.first_head.picks_moved > 0  # type: ignore[union-attr]
         # A pass without its head measures no whole decode pass (holds, slices): apart.
         stage = last.service.follower.stage
         assert stage is not None and list(stage.costs.split_ms) == [1]  # one row each
@@ -488,7 +488,7 @@ async def test_a_lone_answer_splits_the_head_between_the_ends_token_for_token(
         assert two == [reference(p, 12) for p in PROMPTS[:2]]
         assert splits() - before < 12  # the seeded answer none; the two only steps alone
         await until(mesh.idle, 5, "every cache freed")
-        assert not first.service.follower.stage.head._picks  # no half left waiting
+        assert not first.service.follower.stage.first_head._picks  # no half left waiting
 
 
 async def test_answers_in_one_wave_have_their_heads_scored_at_a_faster_first_stage(
@@ -516,9 +516,9 @@ async def test_answers_in_one_wave_have_their_heads_scored_at_a_faster_first_sta
         first = mesh.peers["a"].service.follower.stage
         last = mesh.peers["b"].service.follower.stage
         assert first is not None and last is not None
-        assert first.head.wave_rows > 0 and max(last.costs.split_passes) > 1
+        assert first.first_head.wave_rows > 0 and max(last.costs.split_passes) > 1
         await until(mesh.idle, 5, "every cache freed")
-        assert not first.head._wave.rows
+        assert not first.first_head._wave.rows
 
 
 async def test_a_speculating_lone_answer_splits_the_head_of_its_passes_drafts_and_all(
@@ -543,7 +543,7 @@ async def test_a_speculating_lone_answer_splits_the_head_of_its_passes_drafts_an
         assert decodes - len(PROMPTS) <= stage.costs.split_steps <= decodes
         assert 1 in stage.costs.split_ms and max(stage.costs.split_ms) > 1
         await until(mesh.idle, 5, "every cache freed")
-        assert not first.service.follower.stage.head._picks  # no half left waiting
+        assert not first.service.follower.stage.first_head._picks  # no half left waiting
         # The status prices such passes split too, by their rows' heads.
         spec = Speculation(positions=4.0, tokens=2.0)
         now, got = predicted_now(first.node, plan, spec), plan_flow(first.node, plan)

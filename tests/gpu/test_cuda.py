@@ -93,4 +93,5 @@ async def test_a_waves_head_scored_on_cuda_gives_the_last_stages_tokens(
         await chain.answer(prompts, tokens)
     assert not waved.errors and not plain.errors
     assert waved.tokens == plain.tokens
-    assert waved.first.head.wave_rows == len(prompts) * (tokens - 2)  # every wave but the last
+    # Every wave but the last step's went round with its head at the first stage.
+    assert waved.first.first_head.wave_rows == len(prompts) * (tokens - 2)

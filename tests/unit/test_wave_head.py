@@ -42,13 +42,13 @@ async def test_a_waves_head_scored_at_the_first_stage_gives_one_processs_tokens(
     # Every decode step after the prompts' went round with its head at the first stage (the
     # last step's head stays: nothing follows it), its rows in products of the whole wave.
     waves = TOKENS - 2
-    assert chain.first.head.wave_rows == (waves * len(PROMPTS) if tied else 0)
+    assert chain.first.first_head.wave_rows == (waves * len(PROMPTS) if tied else 0)
     # ... timed apart from whole passes, by rows, as a lone answer's split passes are.
     assert chain.last.costs.split_passes == ({len(PROMPTS): waves} if tied else {})
     whole = {len(PROMPTS): 1 if tied else waves + 1}  # the last step keeps its head
     assert chain.last.costs.passes == whole
     assert chain.first.batches == TOKENS  # the prompts, then one pass a wave
-    assert not chain.first.head._wave.rows  # nothing left held
+    assert not chain.first.first_head._wave.rows  # nothing left held
 
 
 async def test_without_the_plans_word_the_last_stage_scores_its_waves(model: Path) -> None:
@@ -56,7 +56,7 @@ async def test_without_the_plans_word_the_last_stage_scores_its_waves(model: Pat
     await chain.answer(PROMPTS, TOKENS)
     for i, prompt in enumerate(PROMPTS):
         assert chain.tokens[f"s{i}"] == greedy(model, prompt, TOKENS)
-    assert chain.first.head.wave_rows == 0 and chain.last.costs.split_steps == 0
+    assert chain.first.first_head.wave_rows == 0 and chain.last.costs.split_steps == 0
 
 
 async def test_rows_held_for_one_that_never_comes_are_scored_after_a_wait(
@@ -84,7 +84,7 @@ async def test_rows_held_for_one_that_never_comes_are_scored_after_a_wait(
     try:
         for row in rows:
             await first.put(row)
-        assert len(first.head._wave.rows) == 2 and not sent  # held for the third
+        assert len(first.first_head._wave.rows) == 2 and not sent  # held for the third
         async with asyncio.timeout(5):
             while len([f for _, f in sent if isinstance(f, TokenFrame)]) < 2:
                 await asyncio.sleep(0.01)
@@ -94,7 +94,7 @@ async def test_rows_held_for_one_that_never_comes_are_scored_after_a_wait(
         await asyncio.gather(task, return_exceptions=True)
     heard = {f.session: f.tokens for _, f in sent if isinstance(f, TokenFrame)}
     assert heard == {f"s{i}": tuple(greedy(tiny_llama, p, 1)) for i, p in enumerate(PROMPTS[:2])}
-    assert first.head.wave_rows == 2
+    assert first.first_head.wave_rows == 2
 
 
 def wave_row(frame: StepFrame, normed: torch.Tensor, head: int) -> StepFrame:
@@ -131,7 +131,7 @@ async def test_a_waves_row_at_a_stage_that_cannot_score_it_is_refused(tiny_llama
         assert addr == "origin" and isinstance(error, ErrorFrame)
         assert error.code == ErrorCode.BAD_FRAME and "whole head" in error.message
         sent.clear()
-        assert not worker.head._wave.rows
+        assert not worker.first_head._wave.rows
 
 
 def test_wave_rows_go_together_once_the_pass_has_sent_them_all() -> None:
