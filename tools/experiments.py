@@ -221,8 +221,11 @@ def same_plan(tb: Testbed, status: dict[str, Any]) -> None:
 
 def predicted(status: dict[str, Any]) -> dict[str, Any]:
     """The coordinator's prediction for the plan in force under the links as now measured
-    (a plan's own record keeps the numbers it was made on)."""
-    return dict(status.get("predicted_now") or status["plan"])
+    (a plan's own record keeps the numbers it was made on), with each member's paces then:
+    its passes of one row and of several as measured serving over what its profile says,
+    which the prediction prices them by (1.0 before any of that kind ran)."""
+    paces = {m["id"]: [m.get("pace"), m.get("batch_pace")] for m in status.get("members", [])}
+    return dict(status.get("predicted_now") or status["plan"]) | {"paces": paces}
 
 
 def describe(plan: dict[str, Any]) -> str:
