@@ -76,27 +76,32 @@ class PassCosts:
         would hide the decode time)."""
         decode = decoding(batch) and not split
         rows_ = verifying(batch)
-        if split:
+        prompts = [f for f in batch if not one_token(f)]
+        prompt_rows = sum(f.tensor.shape[0] for f in prompts)
+        if split and not prompts:
             rows_ = rows_ or len(batch)
             self.split_ms[rows_] = moved(self.split_ms.get(rows_, 0.0), ms)
             self.split_passes[rows_] += 1
         elif rows_ is not None:
             self.verify_ms[rows_] = moved(self.verify_ms.get(rows_, 0.0), ms)
-        prompts = [f for f in batch if not one_token(f)]
-        prompt_rows = sum(f.tensor.shape[0] for f in prompts)
         if decode:
             self.step_ms = moved(self.step_ms, ms)
             self.pass_ms[len(batch)] = moved(self.pass_ms.get(len(batch), 0.0), ms)
             self.passes[len(batch)] += 1
         elif self.step_ms and prompt_rows >= MIN_BESIDE:
+            # Beside a wave whose head went to the first stage, the rows added to a pass
+            # of its steps without theirs.
+            timed = self.split_ms if split else self.pass_ms
             steps = len(batch) - len(prompts)
-            self.row_ms = row_price(self.row_ms, ms, steps, prompt_rows, self.pass_ms, self.step_ms)
+            self.row_ms = row_price(self.row_ms, ms, steps, prompt_rows, timed, self.step_ms)
         return decode
 
     def took(self, batch: Sequence[StepFrame], split: bool) -> float:
         """What a pass of decode steps like `batch` took: of its size, or without the head
         (`split`), or of its rows verifying drafts; 0 where not measured or not decoding."""
         rows_ = verifying(batch)
+        if rows_ is None and not decoding(batch):
+            return 0.0  # prompt rows in it
         if split:  # a pass without its head: a decode pass's time till measured
             return self.split_ms.get(rows_ or len(batch), 0.0) or (0.0 if rows_ else self.step_ms)
         if rows_ is not None:
@@ -109,7 +114,9 @@ class PassCosts:
         counts its later answers decode at are not timed alone; slices sized by one step's
         pass stayed small as they joined, and the last prompts crawled in (lan-3,
         docs/experiments/burst-16.txt)."""
-        timed = self.pass_ms.get(steps)
+        # Where a wave's head goes to the first stage, its steps pass here without it,
+        # beside a slice too (stage.py `_splits`): timed so.
+        timed = (self.split_ms.get(steps) if steps > 1 else None) or self.pass_ms.get(steps)
         if timed:
             return timed
         return (self.pass_ms.get(1) or self.step_ms) + (steps - 1) * self.row_ms

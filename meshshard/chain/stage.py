@@ -272,8 +272,12 @@ class StageWorker:
             outs = self._forward(batch, head=not split)
             if self.next_addr is not None:
                 return [to_wire(out) for out in outs]
-            if split and len(batch) > 1:
-                return [Normed(out, together=len(batch)) for out in outs]
+            if split and len(batch) > 1:  # a wave's rows, and slices that sample nothing
+                together = sum(f.sample for f in batch)
+                return [
+                    Normed(out, together=together) if f.sample else ()
+                    for f, out in zip(batch, outs, strict=True)
+                ]
             if split:
                 return [Normed(outs[0])]
             return sampled(batch, outs)
@@ -284,10 +288,14 @@ class StageWorker:
         """Whether to leave the head of this batch to the first stage, the other stages
         then waiting: to split it, one greedy decode step (verifying a draft or not) of the
         only session here, whose next step the chain feeds itself; whole, where the plan
-        says, a wave of such steps without drafts, one of every session here."""
+        says, a wave of such steps without drafts, one of every session here, with any
+        prompt slices beside it that sample nothing. (Were a long prompt's slices to bring
+        the wave's head back here, the answers would wait through it for as long as it goes
+        through, on top of the slices: lan-3, 3.2-3.9x their usual gap, testbed.md run 82.)"""
         if len(batch) > 1:
-            whole = self.wave_head and len(batch) == len(self.shard.sessions)
-            return whole and all(_fed_greedy(f) and not f.draft for f in batch)
+            steps = [f for f in batch if f.sample]
+            whole = self.wave_head and len(batch) == len(self.shard.sessions) and len(steps) > 1
+            return whole and all(_fed_greedy(f) and not f.draft for f in steps)
         if not self.head_rows or len(self.shard.sessions) != 1:
             return False
         return _fed_greedy(batch[0])

@@ -184,6 +184,23 @@ def test_pass_costs_take_decode_passes_by_rows_and_price_prompt_rows_beside_them
     assert costs.pass_ms[3] == pytest.approx(moved)
 
 
+def test_a_waves_steps_without_their_head_price_the_slice_beside_them() -> None:
+    """Where a wave's head goes to the first stage, its steps pass a last stage without it,
+    beside a prompt's slice too: the slice's rows are priced against the steps' headless
+    pass, such a pass is not one of the wave's own, nor short, and slices are cut to cost a
+    share of the pass the steps run here."""
+    costs = PassCosts()
+    steps = [frame(f"s{i}", 4, 1) for i in range(2)]
+    costs.record(steps, 60.0, split=False)  # a whole pass of the two, long before
+    costs.record(steps, 40.0, split=True)  # the wave's passes since: without the head
+    beside = [*steps, frame("p", 100, 8, sample=False)]
+    assert not costs.record(beside, 80.0, split=True)
+    assert costs.row_ms == pytest.approx(5.0)  # 40 ms more than the headless steps, 8 rows
+    assert costs.split_ms == {2: 40.0} and costs.split_passes == {2: 1}
+    assert costs.took(beside, split=True) == 0.0  # prompt rows in it: never on the loop
+    assert costs.decode_ms(2) == 40.0  # what the two pass in here now
+
+
 def test_a_slice_costs_what_the_decode_pass_beside_it_costs() -> None:
     """As timed for that count of steps, else one step's pass and a row's price a step more:
     a burst's later answers, whose counts are never timed alone, get slices their size."""

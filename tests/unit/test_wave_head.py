@@ -51,6 +51,45 @@ async def test_a_waves_head_scored_at_the_first_stage_gives_one_processs_tokens(
     assert not chain.first.first_head._wave.rows  # nothing left held
 
 
+def test_a_waves_pass_beside_a_slice_leaves_the_waves_head_to_the_first_stage(
+    tiny_llama: Path,
+) -> None:
+    """A last stage's pass of a wave's two steps and a prompt's slice that samples nothing
+    (a long prompt going through while answers decode): the steps' normed rows go to the
+    first stage, `together` the two, the slice gives nothing, as a whole pass's does; the
+    first stage's whole head picks the tokens the whole pass would."""
+    spec = load_spec(tiny_llama)
+    cut, n = spec.num_units // 2, spec.num_units
+    first = Shard.load(tiny_llama, 0, cut)
+    waved, whole = (
+        StageWorker(Shard.load(tiny_llama, cut, n), EPOCH, None, _unsent, wave_head=on)
+        for on in (True, False)
+    )
+    long = [(7 * i) % 90 + 3 for i in range(40)]
+    batch = []
+    for i, prompt in enumerate([*PROMPTS[:2], long[:16]]):
+        h = first.prefill(f"s{i}", torch.tensor(prompt))
+        for worker in (waved, whole):
+            worker.shard.prefill(f"s{i}", h, logits=0)
+        if i < 2:  # a decode step each: the prompt's last token again, at the next position
+            x, start, sample = torch.tensor(prompt[-1:]), len(prompt), True
+        else:  # the long prompt's next slice
+            x, start, sample = torch.tensor(long[16:32]), 16, False
+        h = first.prefill(f"s{i}", x, torch.arange(start, start + x.shape[0]), logits=0)
+        step = prompt_step(f"s{i}", prompt, TOKENS)
+        batch.append(replace(step, step=1, start=start, tensor=to_wire(h), sample=sample))
+    assert waved._splits(batch) and not whole._splits(batch)
+    rows, tokens = waved._pass(batch, split=True), whole._pass(batch, split=False)
+    assert rows[2] == () and tokens[2] == ()
+    assert [r.together for r in rows[:2]] == [2, 2]  # type: ignore[union-attr]
+    hidden = torch.cat([r.hidden for r in rows[:2]])  # type: ignore[union-attr]
+    assert first.pick(hidden, 0, spec.vocab_size)[1] == (*tokens[0], *tokens[1])
+
+
+async def _unsent(addr: str, frame: DataFrame) -> None:
+    raise AssertionError("a pass called directly sends nothing")
+
+
 async def test_without_the_plans_word_the_last_stage_scores_its_waves(model: Path) -> None:
     chain = Chain(model, wave_head=False)
     await chain.answer(PROMPTS, TOKENS)
