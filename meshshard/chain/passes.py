@@ -106,7 +106,7 @@ class PassCosts:
             return self.split_ms.get(rows_ or len(batch), 0.0) or (0.0 if rows_ else self.step_ms)
         if rows_ is not None:
             return self.verify_ms.get(rows_, 0.0)
-        return self.pass_ms.get(len(batch), 0.0) if decoding(batch) else 0.0
+        return self.pass_ms.get(len(batch), 0.0)
 
     def decode_ms(self, steps: int) -> float:
         """A pass of `steps` decode steps here: as timed, else one step's pass and a prompt

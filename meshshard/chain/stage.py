@@ -294,8 +294,11 @@ class StageWorker:
         through, on top of the slices: lan-3, 3.2-3.9x their usual gap, testbed.md run 82.)"""
         if len(batch) > 1:
             steps = [f for f in batch if f.sample]
+            # Beside the wave only slices of several rows, as PassCosts tells a pass's
+            # prompt rows from its steps (a row's step among the wave's would skew its time).
+            beside = not any(one_token(f) for f in batch if not f.sample)
             whole = self.wave_head and len(batch) == len(self.shard.sessions) and len(steps) > 1
-            return whole and all(_fed_greedy(f) and not f.draft for f in steps)
+            return whole and beside and all(_fed_greedy(f) and not f.draft for f in steps)
         if not self.head_rows or len(self.shard.sessions) != 1:
             return False
         return _fed_greedy(batch[0])

@@ -16,7 +16,7 @@ from support.wavechain import EPOCH, GREEDY, Chain, greedy, prompt_step
 
 from meshshard.chain import wavehead
 from meshshard.chain.stage import StageWorker
-from meshshard.chain.tensors import to_wire
+from meshshard.chain.tensors import rows, to_wire
 from meshshard.chain.wavehead import WaveRows
 from meshshard.model.shard import Shard, load_spec
 from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, StepFrame, TokenFrame
@@ -79,10 +79,13 @@ def test_a_waves_pass_beside_a_slice_leaves_the_waves_head_to_the_first_stage(
         step = prompt_step(f"s{i}", prompt, TOKENS)
         batch.append(replace(step, step=1, start=start, tensor=to_wire(h), sample=sample))
     assert waved._splits(batch) and not whole._splits(batch)
-    rows, tokens = waved._pass(batch, split=True), whole._pass(batch, split=False)
-    assert rows[2] == () and tokens[2] == ()
-    assert [r.together for r in rows[:2]] == [2, 2]  # type: ignore[union-attr]
-    hidden = torch.cat([r.hidden for r in rows[:2]])  # type: ignore[union-attr]
+    # A slice of one row would be timed as one of the wave's steps: that pass runs whole.
+    one_row = replace(batch[2], tensor=rows(batch[2].tensor, 0, 1))
+    assert not waved._splits([*batch[:2], one_row])
+    normed, tokens = waved._pass(batch, split=True), whole._pass(batch, split=False)
+    assert normed[2] == () and tokens[2] == ()
+    assert [r.together for r in normed[:2]] == [2, 2]  # type: ignore[union-attr]
+    hidden = torch.cat([r.hidden for r in normed[:2]])  # type: ignore[union-attr]
     assert first.pick(hidden, 0, spec.vocab_size)[1] == (*tokens[0], *tokens[1])
 
 
