@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from meshshard.chain.tensors import positions, rows
 from meshshard.wire import DataFrame, DropFrame, KVFrame, StepFrame, encode_frame
-from meshshard.wire.checks import loopback
+from meshshard.wire.checks import on_loopback
 
 BULK, STEPS = "bulk", "steps"  # a link's two sockets
 
@@ -42,7 +42,7 @@ def pace_rate(addr: str, mbps: float) -> int:
     a prompt to fill, and what a probe measures is the two ends' CPU, which a busy host pulls
     far below what the socket moves."""
     rate = int(mbps * 1e6 / 8 * PACE_SHARE)
-    return 0 if loopback(addr.rpartition(":")[0]) or rate > MAX_PACE else rate
+    return 0 if on_loopback(addr) or rate > MAX_PACE else rate
 
 
 def lane(frame: DataFrame) -> str:

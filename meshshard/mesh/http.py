@@ -32,7 +32,7 @@ from meshshard.security import (
 )
 from meshshard.types import LinkStat
 from meshshard.wire import MAX_CONTROL_BYTES, ControlMessage, WireError, decode, encode
-from meshshard.wire.checks import loopback
+from meshshard.wire.checks import on_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class HttpTransport:
             raise TransportError(f"{addr}: {e or type(e).__name__}", refused(e)) from None
 
     async def measure(self, addr: str, timeout: float) -> LinkStat:
-        if loopback(addr.rpartition(":")[0]):
+        if on_loopback(addr):
             return LOOPBACK
         try:
             async with asyncio.timeout(timeout):

@@ -112,6 +112,11 @@ def loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def on_loopback(addr: str) -> bool:
+    """Whether the peer at `addr` (host:port) is reached over this machine's loopback."""
+    return loopback(addr.rpartition(":")[0])
+
+
 def boolean(raw: object, what: str) -> bool:
     if not isinstance(raw, bool):
         raise WireError(f"{what} must be a boolean")
