@@ -61,8 +61,9 @@ PLAIN = Speculation()
 @dataclass(frozen=True)
 class Pace:
     """A device's passes as measured serving over what its profile says: of one row, and of
-    several rows (1.0: none of that kind ran). Apart, as a profile kept for days is off
-    by a different share at each size, and the only passes before a burst are one row's."""
+    several rows (a peer publishes its one-row pace for these until a burst has run there,
+    daemon.py `_estimates`; 1.0: nothing ran). Apart, as a profile kept for days can be off
+    by a different share at each size."""
 
     one: float = 1.0
     several: float = 1.0

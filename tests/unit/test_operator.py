@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import replace
 from types import SimpleNamespace
 
 import cbor2
@@ -13,7 +14,7 @@ import pytest
 
 from meshshard.api.operator import _plan_request
 from meshshard.chain.meter import StepCostMeter, TokenMeter, pace
-from meshshard.daemon import _paces
+from meshshard.daemon import _estimates, _paces
 from meshshard.events import KEPT, EventLog
 from meshshard.logs import JsonFormatter
 from meshshard.status import render_status
@@ -262,3 +263,13 @@ def test_status_table_shows_stages_reasons_and_events() -> None:
     for needle in needles:
         assert needle in text, needle
     assert text.count(" now") == 1  # a member without a pace shows none
+
+
+def test_several_rows_go_at_one_rows_pace_until_a_burst_has_run() -> None:
+    me = replace(Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0), True), pace=0.8, batch_pace=0.9)
+    # Before any burst: the host's drift since the profile, as one row's passes show it.
+    assert _estimates(me, 0.7, None, bursts=False) == (0.7, 0.7)
+    assert _estimates(me, None, None, bursts=False) == (0.8, 0.8)
+    # Measured, each kind its own; after a burst, the last one measured stays.
+    assert _estimates(me, 0.7, 0.95, bursts=True) == (0.7, 0.95)
+    assert _estimates(me, 0.7, None, bursts=True) == (0.7, 0.9)
