@@ -63,7 +63,8 @@ def main() -> None:
     for folder in map(Path, args.kept):
         for path in sorted(folder.glob("*.json")):
             units = json.loads(path.read_text())["units"]
-            print(row(folder.name, units))
+            version = path.stem.rsplit("-", 1)[-1]  # the profile's version, as v15
+            print(row(f"{folder.name} {version}", units))
 
 
 if __name__ == "__main__":

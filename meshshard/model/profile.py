@@ -91,7 +91,8 @@ SUSTAIN_SECONDS = 0.6
 # Rounds of one pass of each size. Five left 2 of 24 profiles with sizes 8-13% under the
 # others' (docs/experiments/profile-ratios.txt), one of them lan-3's laptop's, kept for runs
 # whose passes of several rows ran over its price. Fifteen: seven taken in a row spread 3-6% at
-# each size (the decoder layers'), where fourteen of five spread 8-13%.
+# each size (the decoder layers'), where fourteen of five spread 8-13%; one of the next ten
+# (testbed hosts) still had a size off, 4 rows at 1.15-1.22x the others'.
 BATCH_ROUNDS = 15
 # A pass of more rows does one row's work and more, so a size timed under this share of one
 # row's had its single steps slowed by something else: timed again, up to TIMINGS times in all,
