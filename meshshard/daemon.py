@@ -522,7 +522,7 @@ def _estimates(
     The profile timed both sizes in the same rounds (model/profile.py `_batched`), so what
     the host's speed has done since moved both alike: a burst's first passes priced by the
     profile alone were priced at the hour it was taken (held-out testbeds, fifteenth time:
-    4 answers ran 1.16-1.44x the rate so predicted, docs/testbed.md)."""
+    4 answers ran 1.19-1.48x the rate so predicted, docs/testbed.md)."""
     speed = round(one or me.pace, 3)
     bulk = several if several is not None else me.batch_pace if bursts else speed
     return speed, round(bulk, 3)

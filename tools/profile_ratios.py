@@ -16,26 +16,24 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def row(name: str, units: Sequence[dict[str, object]]) -> str:
+def row(name: str, units: Sequence[Mapping[str, Any]]) -> str:
     """One profile's line: the decoder layers' median one-row ms and ratios, the head's."""
-    layers = units[1:-1]
-    one = statistics.median(float(u["decode_ms"]) for u in layers)  # type: ignore[arg-type]
-    sizes = range(len(layers[0]["batch_ms"]))  # type: ignore[arg-type]
+    layers, head = units[1:-1], units[-1]
+    one = statistics.median(u["decode_ms"] for u in layers)
+    sizes = range(len(layers[0]["batch_ms"]))
     body = " ".join(
-        f"{statistics.median(u['batch_ms'][k] for u in layers) / one:.2f}"  # type: ignore[index]
-        for k in sizes
+        f"{statistics.median(u['batch_ms'][k] for u in layers) / one:.2f}" for k in sizes
     )
-    head = units[-1]
-    head_one = float(head["decode_ms"])  # type: ignore[arg-type]
-    ratios = " ".join(f"{ms / head_one:.2f}" for ms in head["batch_ms"])  # type: ignore[attr-defined]
-    return f"{name:<32} one {one:.3f} {body} | head {head_one:.2f} {ratios}"
+    ratios = " ".join(f"{ms / head['decode_ms']:.2f}" for ms in head["batch_ms"])
+    return f"{name:<32} one {one:.3f} {body} | head {head['decode_ms']:.2f} {ratios}"
 
 
 def main() -> None:
