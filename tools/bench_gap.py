@@ -1,0 +1,52 @@
+"""bench_chain's prefill gap alone, several times: a 2-peer loopback mesh (600 MB each,
+`--context 4096`) brought up `--bringups` times, and on each the gap measured `--times` times
+(2 answers decoding while a 2,000-token prompt is prefilled: the longest gap between their
+tokens against their usual gap). Prints the plan and each measurement.
+
+    python tools/bench_gap.py --bringups 3 --times 2
+
+docs/experiments/first-prefill-gap.txt holds runs of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_chain  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bringups", type=int, default=1)
+    parser.add_argument("--times", type=int, default=2, help="Gaps measured per bring-up.")
+    args = parser.parse_args()
+    for bringup in range(1, args.bringups + 1):
+        with (
+            tempfile.TemporaryDirectory() as logs,
+            bench_chain.running(2, "600MB", Path(logs), extra=("--context", "4096")) as procs,
+        ):
+            with urllib.request.urlopen(procs[0].url + "/status") as reply:
+                plan = json.load(reply).get("plan") or {}
+            cuts = [(s.get("start"), s.get("end")) for s in plan.get("stages", [])]
+            print(f"bring-up {bringup}: plan {cuts}, head share {plan.get('head_share')}")
+            for i in range(1, args.times + 1):
+                g = bench_chain.prefill_gap(procs[0].url)
+                print(
+                    f"  {i}: prefill {g['prefill_s']:.1f} s, longest gap "
+                    f"{g['longest_gap_ms']:.0f} ms, usual {g['usual_gap_ms']:.0f} ms, "
+                    f"ratio {g['gap_ratio']:.2f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
