@@ -11,10 +11,8 @@ docs/experiments/first-prefill-gap.txt holds runs of it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +32,7 @@ def main() -> None:
             tempfile.TemporaryDirectory() as logs,
             bench_chain.running(2, "600MB", Path(logs), extra=("--context", "4096")) as procs,
         ):
-            with urllib.request.urlopen(procs[0].url + "/status") as reply:
-                plan = json.load(reply).get("plan") or {}
+            plan = (procs[0].status() or {}).get("plan") or {}
             cuts = [(s.get("start"), s.get("end")) for s in plan.get("stages", [])]
             print(f"bring-up {bringup}: plan {cuts}, head share {plan.get('head_share')}")
             for i in range(1, args.times + 1):

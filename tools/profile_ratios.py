@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,7 @@ def main() -> None:
             start = time.monotonic()
             got = quick_profile(model_dir, placement)
             took = time.monotonic() - start
-            units = [{"decode_ms": u.decode_ms, "batch_ms": u.batch_ms} for u in got.units]
-            print(row(f"q{i + 1} ({took:.0f} s)", units), flush=True)
+            print(row(f"q{i + 1} ({took:.0f} s)", [asdict(u) for u in got.units]), flush=True)
     for folder in map(Path, args.kept):
         for path in sorted(folder.glob("*.json")):
             units = json.loads(path.read_text())["units"]
