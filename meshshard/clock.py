@@ -4,7 +4,9 @@ time at their own pace; and a pulse, so a waiter wakes on change instead of poll
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 
@@ -35,18 +37,38 @@ class LoopClock:
 
 class Pulse:
     """A change counter that waiters can await: `seen = pulse.version`, look at the state,
-    then `await pulse.after(seen)` wakes at the first change since."""
+    then `await pulse.after(seen)` wakes at the first change since; or, to wake on whichever
+    of several things comes first without a task for each, resolve a future of one's own
+    (`waking`)."""
 
     def __init__(self) -> None:
         self.version = 0
-        self._event = asyncio.Event()
+        self._waiting: set[asyncio.Future[None]] = set()
 
     def fire(self) -> None:
         self.version += 1
-        self._event.set()
-        self._event = asyncio.Event()
+        waiting, self._waiting = self._waiting, set()
+        for future in waiting:
+            wake(future)
 
     async def after(self, seen: int) -> int:
         while self.version == seen:
-            await self._event.wait()
+            woken = asyncio.get_running_loop().create_future()
+            with self.waking(woken):
+                await woken
         return self.version
+
+    @contextlib.contextmanager
+    def waking(self, future: asyncio.Future[None]) -> Iterator[None]:
+        """Within: the next change resolves `future`."""
+        self._waiting.add(future)
+        try:
+            yield
+        finally:
+            self._waiting.discard(future)
+
+
+def wake(future: asyncio.Future[None]) -> None:
+    """Resolve `future` unless something already has."""
+    if not future.done():
+        future.set_result(None)

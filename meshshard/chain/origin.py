@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from meshshard.chain.handoff import moves
+from meshshard.chain.inbox import Inbox, next_frame
 from meshshard.chain.meter import TokenMeter
 from meshshard.chain.recovery import Fail, FeedFrom, Leave, after_change, after_error
 from meshshard.chain.seam import ControlPlane
@@ -115,7 +116,7 @@ class Origin:
         self.clock, self.timings = clock, timings
         self.meter = TokenMeter(clock.now)
         self.accepting = True
-        self._sessions: dict[SessionId, asyncio.Queue[DataFrame]] = {}
+        self._sessions: dict[SessionId, Inbox] = {}
         # Answer ids never repeat, across restarts too (a stage remembers ended ones).
         run = secrets.token_hex(3)
         self._ids = (SessionId(f"{control.node}/{run}.{n}") for n in itertools.count())
@@ -130,9 +131,9 @@ class Origin:
 
     def deliver(self, frame: TokenFrame | ErrorFrame | HandoffDone) -> None:
         """A frame for one of our answers (others' late news is dropped)."""
-        queue = self._sessions.get(SessionId(frame.session))
-        if queue is not None:
-            queue.put_nowait(frame)
+        inbox = self._sessions.get(SessionId(frame.session))
+        if inbox is not None:
+            inbox.put(frame)
 
     async def drain(self, deadline: float) -> None:
         """Stop taking answers and wait (until `deadline` seconds) for the running ones."""
@@ -197,8 +198,8 @@ class Origin:
         params = Sampling(temperature, top_p, seed if seed is not None else secrets.randbits(62))
         session = next(self._ids)
         reserve = len(prompt_ids) + max_tokens
-        queue: asyncio.Queue[DataFrame] = asyncio.Queue()
-        self._sessions[session] = queue
+        inbox = Inbox()
+        self._sessions[session] = inbox
         self.stats.sessions_started += 1
         history = list(prompt_ids)
         produced = 0
@@ -219,12 +220,12 @@ class Origin:
                         f"session {session} moves to epoch {plan.epoch} at {len(history)} tokens",
                     )
                     if cached:
-                        await self._move_caches(used[-1], plan, session, attempt, cached, queue)
+                        await self._move_caches(used[-1], plan, session, attempt, cached, inbox)
                 if plan not in used:
                     used.append(plan)
                 try:
                     run = self._attempt(
-                        plan, session, attempt, queue, history, produced, cached, params,
+                        plan, session, attempt, inbox, history, produced, cached, params,
                         reserve, speculator, max_tokens, stop_ids,
                     )  # fmt: skip
                     async with contextlib.aclosing(run) as tokens:
@@ -259,7 +260,7 @@ class Origin:
         plan: PlanRecord,
         session: SessionId,
         attempt: int,
-        queue: asyncio.Queue[DataFrame],
+        inbox: Inbox,
         history: list[int],
         step: int,
         start: int,
@@ -317,7 +318,7 @@ class Origin:
                     except Exception as e:  # the first stage's link failed
                         raise _Left(Leave(str(e), self.timings.same_plan_grace)) from None
                 looping = loops
-            action = await self._next_token(queue, plan, attempt, step, start, early)
+            action = await self._next_token(inbox, plan, attempt, step, start, early)
             if isinstance(action, FeedFrom):
                 early.clear()
                 self.events.add(
@@ -353,7 +354,7 @@ class Origin:
 
     async def _next_token(
         self,
-        queue: asyncio.Queue[DataFrame],
+        inbox: Inbox,
         plan: PlanRecord,
         attempt: int,
         step: int,
@@ -368,12 +369,12 @@ class Origin:
         while True:
             seen = self.pulse.version
             waited = self.clock.now() - started
-            if queue.empty():  # nothing said yet: has the mesh moved under this try?
+            if inbox.empty():  # nothing said yet: has the mesh moved under this try?
                 gone = any(self.control.address_of(s.device) is None for s in plan.stages)
                 action = after_change(step, waited, self._newer_ready(plan), gone, self.timings)
                 if isinstance(action, Leave | Fail):
                     self._act(action)
-            frame = await self._frame_or_change(queue, seen, self.timings.step_timeout - waited)
+            frame = await next_frame(inbox, self.pulse, seen, self.timings.step_timeout - waited)
             match frame:
                 case None:
                     continue  # the mesh changed, or time ran out: look again
@@ -397,27 +398,6 @@ class Origin:
             raise ChainBusy(action.why, self.timings.busy_retry)
         raise ChainError(action.why)
 
-    async def _frame_or_change(
-        self, queue: asyncio.Queue[DataFrame], seen: int, timeout: float
-    ) -> DataFrame | None:
-        """The next frame of this answer, or None once the mesh changed after `seen` or
-        `timeout` seconds passed."""
-        if not queue.empty():
-            return queue.get_nowait()
-        get = asyncio.ensure_future(queue.get())
-        changed = asyncio.ensure_future(self.pulse.after(seen))
-        try:
-            await asyncio.wait(
-                {get, changed}, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for task in (get, changed):
-                task.cancel()
-            await asyncio.gather(get, changed, return_exceptions=True)
-        if get.done() and not get.cancelled():
-            return get.result()
-        return None
-
     async def _move_caches(
         self,
         old: PlanRecord,
@@ -425,7 +405,7 @@ class Origin:
         session: SessionId,
         attempt: int,
         length: int,
-        queue: asyncio.Queue[DataFrame],
+        inbox: Inbox,
     ) -> None:
         """Ask the old owners of units that moved to hand their caches to the new owners, and
         wait until they have (or cannot: then the feed finds the gap and replays)."""
@@ -458,7 +438,7 @@ class Origin:
             if not alive or left <= 0:
                 self.events.add("handoff", f"session {session}: handoff incomplete")
                 return
-            match await self._frame_or_change(queue, seen, left):
+            match await next_frame(inbox, self.pulse, seen, left):
                 case HandoffDone(attempt=a) if a == attempt:
                     waiting -= 1
                     self.stats.handoffs += 1
