@@ -207,6 +207,21 @@ def running(
             p.kill()
 
 
+def gap_mesh(logs: Path) -> contextlib.AbstractContextManager[list[Peer]]:
+    """The prefill gap's mesh. Two peers of 600 MB planned for 4,096 tokens of context: the
+    benchmark's meshes have no KV room for the long prompt beside the running answers (the
+    plan packs units up to a 2,048-token context), and three peers with room would plan two
+    stages."""
+    return running(2, "600MB", logs, extra=("--context", "4096"))
+
+
+def plan_words(peer: Peer) -> str:
+    """The plan `peer` follows: its cuts, waves and head share."""
+    plan = (peer.status() or {}).get("plan") or {}
+    cuts = [(s.get("start"), s.get("end")) for s in plan.get("stages", [])]
+    return f"plan {cuts}, waves {plan.get('waves')}, head share {plan.get('head_share')}"
+
+
 def mesh(
     peers: int, tokens: int, repeats: int, logs: Path, threads: int, single: Single
 ) -> dict[str, Any]:
@@ -406,10 +421,7 @@ def main() -> None:
             "activation bytes per token per hop: 2304 (float32, hidden 576); "
             "token back to the origin: 4 bytes + framing"
         )
-        # Two peers of 600 MB planned for 4,096 tokens of context: the benchmark's meshes
-        # have no KV room for the long prompt beside the running answers (the plan packs
-        # units up to a 2,048-token context), and three peers with room would plan two stages.
-        with running(2, "600MB", Path(logs), extra=("--context", "4096")) as procs:
+        with gap_mesh(Path(logs)) as procs:
             gap = prefill_gap(procs[0].url)
     print(
         f"2-peer mesh (600 MB each, --context 4096), 2 answers decoding while a "

@@ -30,11 +30,9 @@ def main() -> None:
     for bringup in range(1, args.bringups + 1):
         with (
             tempfile.TemporaryDirectory() as logs,
-            bench_chain.running(2, "600MB", Path(logs), extra=("--context", "4096")) as procs,
+            bench_chain.gap_mesh(Path(logs)) as procs,
         ):
-            plan = (procs[0].status() or {}).get("plan") or {}
-            cuts = [(s.get("start"), s.get("end")) for s in plan.get("stages", [])]
-            print(f"bring-up {bringup}: plan {cuts}, head share {plan.get('head_share')}")
+            print(f"bring-up {bringup}: {bench_chain.plan_words(procs[0])}")
             for i in range(1, args.times + 1):
                 g = bench_chain.prefill_gap(procs[0].url)
                 print(

@@ -75,13 +75,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    with (
-        tempfile.TemporaryDirectory() as logs,
-        bench_chain.running(2, "600MB", Path(logs), extra=("--context", "4096")) as procs,
-    ):
-        plan = (procs[0].status() or {}).get("plan") or {}
-        cuts = [(s.get("start"), s.get("end")) for s in plan.get("stages", [])]
-        print(f"plan {cuts}, waves {plan.get('waves')}, head share {plan.get('head_share')}")
+    with tempfile.TemporaryDirectory() as logs, bench_chain.gap_mesh(Path(logs)) as procs:
+        print(bench_chain.plan_words(procs[0]))
         port = int(procs[0].url.rsplit(":", 1)[1])
         for rep in range(1, args.repeats + 1):
             reads: list[list[tuple[float, int]]] = [[] for _ in range(args.answers)]

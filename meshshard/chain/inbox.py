@@ -1,11 +1,11 @@
 """One answer's frames at its origin (its tokens, errors, handoffs done), in the order they came.
 
 An origin waits on an answer's next frame, a change of the mesh and a timeout at once. With a
-task for each (asyncio.wait, then cancelling the others), a token took several turns of the
-loop to reach the answer's stream; where this peer is also a stage that runs short passes on
-the loop (stage.py `_run_now`), a turn holds a pass, so tokens reached clients in bunches of
-three about 200 ms apart while the chain ran steadily (docs/experiments/token-bunching.txt).
-Here the waiter awaits one future of its own, which any of the three resolves: one turn.
+task for each (asyncio.wait, then cancelling the others), a frame took six turns of the loop
+to reach its waiter; where this peer is also a stage that runs short passes on the loop
+(stage.py `_run_now`), a turn holds a pass, so tokens reached clients in bunches of three
+about 200 ms apart while the chain ran steadily (docs/experiments/token-bunching.txt). Here
+the waiter awaits one future of its own, which any of the three resolves: one turn.
 """
 
 from __future__ import annotations
