@@ -500,17 +500,18 @@ def _load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Aw
 
 
 def _paces(me: Profile, stage: StageWorker | None) -> tuple[float | None, float | None]:
-    """Our stage's passes of one row, and of several, over what our profile says they cost
-    (None: none of that kind ran yet). A lone answer's passes at a last stage whose head is
-    split stop before the head (its share is scored apart, chain/stage.py `_split`): they
-    are priced without it, as a lone answer's passes there are all of that kind."""
+    """Our stage's passes of one row, and of several, over what our profile says they cost,
+    each size averaged over its last PACE_PASSES (None: none of that kind ran yet). A lone
+    answer's passes at a last stage whose head is split stop before the head (its share is
+    scored apart, chain/stage.py `_split`): they are priced without it, as a lone answer's
+    passes there are all of that kind."""
     if stage is None or len(me.unit_ms) < stage.shard.end:
         return None, None
     start, end = stage.shard.start, stage.shard.end
     costs = stage.costs
-    kinds: list[Passes] = [(costs.pass_ms, costs.passes, _passes(me, start, end))]
+    kinds: list[Passes] = [(costs.paced_ms, costs.passes, _passes(me, start, end))]
     if costs.split_passes and end - start > 1:
-        kinds.append((costs.split_ms, costs.split_passes, _passes(me, start, end - 1)))
+        kinds.append((costs.paced_split_ms, costs.split_passes, _passes(me, start, end - 1)))
     return _bounded(pace(*kinds, several=False)), _bounded(pace(*kinds, several=True))
 
 

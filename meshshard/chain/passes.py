@@ -13,6 +13,11 @@ from collections.abc import Mapping, Sequence
 from meshshard.wire import StepFrame
 
 STEP_WEIGHT = 0.2  # of the newest pass in an average
+# Passes of a kind behind the pace a peer publishes (daemon.py `_paces`), which the planner
+# prices its passes by: the schedule's averages follow the last few passes, and one pass held
+# up by the host moved them a fifth of its delay (lan-3's desk, one row: its published pace
+# ranged 1.07-1.40 while its passes averaged 31-36 ms an answer, docs/experiments/paces.txt).
+PACE_PASSES = 32
 # The least prompt rows a slice beside decode steps holds (schedule.py), and that price a row:
 # those steps pay the weights' reading. At a long prompt's end on a slow stage a row costs a
 # tenth of a decode pass there, and 16 rows held every answer for two (lan-3's half-core
@@ -40,6 +45,12 @@ def moved(average: float, sample: float) -> float:
     return sample if not average else average + STEP_WEIGHT * (sample - average)
 
 
+def steady(average: float, sample: float, n: int) -> float:
+    """The mean of the first `n` samples, `sample` the nth; past PACE_PASSES, a moving
+    average over about as many: the first pass, often a cold one, does not linger."""
+    return average + (sample - average) / min(n, PACE_PASSES)
+
+
 def row_price(
     row_ms: float, ms: float, steps: int, rows_: int, pass_ms: Mapping[int, float], step_ms: float
 ) -> float:
@@ -65,6 +76,9 @@ class PassCosts:
         # each ran (a lone answer's split pass is one step, a wave's one step a row).
         self.split_ms: dict[int, float] = {}
         self.split_passes: Counter[int] = Counter()
+        # The same two kinds, steadier: what the peer publishes its pace by.
+        self.paced_ms: dict[int, float] = {}
+        self.paced_split_ms: dict[int, float] = {}
 
     @property
     def split_steps(self) -> int:
@@ -82,12 +96,16 @@ class PassCosts:
             rows_ = rows_ or len(batch)
             self.split_ms[rows_] = moved(self.split_ms.get(rows_, 0.0), ms)
             self.split_passes[rows_] += 1
+            n = self.split_passes[rows_]
+            self.paced_split_ms[rows_] = steady(self.paced_split_ms.get(rows_, 0.0), ms, n)
         elif rows_ is not None:
             self.verify_ms[rows_] = moved(self.verify_ms.get(rows_, 0.0), ms)
         if decode:
             self.step_ms = moved(self.step_ms, ms)
             self.pass_ms[len(batch)] = moved(self.pass_ms.get(len(batch), 0.0), ms)
             self.passes[len(batch)] += 1
+            n = self.passes[len(batch)]
+            self.paced_ms[len(batch)] = steady(self.paced_ms.get(len(batch), 0.0), ms, n)
         elif self.step_ms and prompt_rows >= MIN_BESIDE:
             # Beside a wave whose head went to the first stage, the rows added to a pass
             # of its steps without theirs.

@@ -106,7 +106,7 @@ def test_pace_is_the_passes_as_measured_over_the_profile_weighted_by_how_often_t
 
 
 def _stage(**kw: object) -> SimpleNamespace:
-    counts = {"pass_ms": {}, "passes": Counter(), "split_ms": {}, "split_passes": Counter()}
+    counts = {"paced_ms": {}, "passes": Counter(), "paced_split_ms": {}, "split_passes": Counter()}
     return SimpleNamespace(
         shard=SimpleNamespace(start=1, end=4), costs=SimpleNamespace(**(counts | kw))
     )
@@ -114,13 +114,13 @@ def _stage(**kw: object) -> SimpleNamespace:
 
 def test_a_peer_publishes_its_stages_paces_against_its_own_units() -> None:
     me = Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0, 4.0, 8.0), True)
-    stage = _stage(pass_ms={1: 21.0}, passes=Counter({1: 5}))
+    stage = _stage(paced_ms={1: 21.0}, passes=Counter({1: 5}))
     assert _paces(me, stage) == (pytest.approx(21.0 / 14.0), None)  # type: ignore[arg-type]
     assert _paces(me, _stage()) == _paces(me, None) == (None, None)  # type: ignore[arg-type]
-    fast = _stage(pass_ms={1: 1e-6}, passes=Counter({1: 5}))
+    fast = _stage(paced_ms={1: 1e-6}, passes=Counter({1: 5}))
     assert _paces(me, fast)[0] == MIN_PACE  # type: ignore[arg-type]  # what the wire takes
     # Without batched timings a profile prices 2 rows at twice one: 28 ms said for 35.
-    both = _stage(pass_ms={1: 21.0, 2: 35.0}, passes=Counter({1: 5, 2: 3}))
+    both = _stage(paced_ms={1: 21.0, 2: 35.0}, passes=Counter({1: 5, 2: 3}))
     assert _paces(me, both) == (pytest.approx(1.5), pytest.approx(35.0 / 28.0))  # type: ignore[arg-type]
 
 
@@ -128,11 +128,14 @@ def test_a_split_heads_passes_are_priced_without_the_head() -> None:
     # Units 1-3 of a profile whose last unit, the head, costs 8 ms: a lone answer's pass
     # stops before it (its share is scored apart), so the profile says 2 + 4 = 6 ms.
     me = Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0, 4.0, 8.0), True)
-    lone = _stage(split_ms={1: 9.0}, split_passes=Counter({1: 40}))
+    lone = _stage(paced_split_ms={1: 9.0}, split_passes=Counter({1: 40}))
     assert _paces(me, lone)[0] == pytest.approx(9.0 / 6.0)  # type: ignore[arg-type]
     # Beside whole passes (14 ms said) each kind counts as often as it ran.
     both = _stage(
-        pass_ms={1: 21.0}, passes=Counter({1: 10}), split_ms={1: 9.0}, split_passes=Counter({1: 40})
+        paced_ms={1: 21.0},
+        passes=Counter({1: 10}),
+        paced_split_ms={1: 9.0},
+        split_passes=Counter({1: 40}),
     )
     assert _paces(me, both)[0] == pytest.approx((210 + 360) / (140 + 240))  # type: ignore[arg-type]
 
