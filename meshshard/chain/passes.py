@@ -7,7 +7,7 @@ by them which passes may run on the event loop, and the peer's status and profil
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 
 from meshshard.wire import StepFrame
@@ -45,12 +45,6 @@ def moved(average: float, sample: float) -> float:
     return sample if not average else average + STEP_WEIGHT * (sample - average)
 
 
-def steady(average: float, sample: float, n: int) -> float:
-    """The mean of the first `n` samples, `sample` the nth; past PACE_PASSES, a moving
-    average over about as many: the first pass, often a cold one, does not linger."""
-    return average + (sample - average) / min(n, PACE_PASSES)
-
-
 def row_price(
     row_ms: float, ms: float, steps: int, rows_: int, pass_ms: Mapping[int, float], step_ms: float
 ) -> float:
@@ -62,6 +56,21 @@ def row_price(
     docs/experiments/burst-16.txt: 31 rows a pass shrinking to 4)."""
     base = pass_ms.get(steps) if steps else step_ms
     return row_ms if base is None else moved(row_ms, max(ms - base, 0.0) / rows_)
+
+
+class LastPasses(dict[int, float]):
+    """Each size's mean ms over its last PACE_PASSES passes. A mean over a window, not a
+    moving average from the first pass: a fresh stage's first passes run slow (lan-3 run 93:
+    a new mesh's first answer, the warm-up, at 1.07-1.22x its next ones), and are let go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[int, deque[float]] = {}
+
+    def add(self, rows: int, ms: float) -> None:
+        last = self._last.setdefault(rows, deque(maxlen=PACE_PASSES))
+        last.append(ms)
+        self[rows] = sum(last) / len(last)
 
 
 class PassCosts:
@@ -77,8 +86,8 @@ class PassCosts:
         self.split_ms: dict[int, float] = {}
         self.split_passes: Counter[int] = Counter()
         # The same two kinds, steadier: what the peer publishes its pace by.
-        self.paced_ms: dict[int, float] = {}
-        self.paced_split_ms: dict[int, float] = {}
+        self.paced_ms = LastPasses()
+        self.paced_split_ms = LastPasses()
 
     @property
     def split_steps(self) -> int:
@@ -96,16 +105,14 @@ class PassCosts:
             rows_ = rows_ or len(batch)
             self.split_ms[rows_] = moved(self.split_ms.get(rows_, 0.0), ms)
             self.split_passes[rows_] += 1
-            n = self.split_passes[rows_]
-            self.paced_split_ms[rows_] = steady(self.paced_split_ms.get(rows_, 0.0), ms, n)
+            self.paced_split_ms.add(rows_, ms)
         elif rows_ is not None:
             self.verify_ms[rows_] = moved(self.verify_ms.get(rows_, 0.0), ms)
         if decode:
             self.step_ms = moved(self.step_ms, ms)
             self.pass_ms[len(batch)] = moved(self.pass_ms.get(len(batch), 0.0), ms)
             self.passes[len(batch)] += 1
-            n = self.passes[len(batch)]
-            self.paced_ms[len(batch)] = steady(self.paced_ms.get(len(batch), 0.0), ms, n)
+            self.paced_ms.add(len(batch), ms)
         elif self.step_ms and prompt_rows >= MIN_BESIDE:
             # Beside a wave whose head went to the first stage, the rows added to a pass
             # of its steps without theirs.
