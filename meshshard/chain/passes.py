@@ -59,9 +59,10 @@ def row_price(
 
 
 class LastPasses(dict[int, float]):
-    """Each size's mean ms over its last PACE_PASSES passes. A mean over a window, not a
-    moving average from the first pass: a fresh stage's first passes run slow (lan-3 run 93:
-    a new mesh's first answer, the warm-up, at 1.07-1.22x its next ones), and are let go."""
+    """Each size's mean ms over its last PACE_PASSES passes. A window rather than a mean
+    from the first pass: a fresh mesh's passes run slower for its first 20 s or so of serving
+    (docs/experiments/paces.txt; lan-3 run 93's first answer at 1.07-1.22x its next ones), and
+    a window lets them go once as many newer ones have run."""
 
     def __init__(self) -> None:
         super().__init__()
