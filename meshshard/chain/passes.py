@@ -60,9 +60,9 @@ def row_price(
 
 class LastPasses(dict[int, float]):
     """Each size's mean ms over its last PACE_PASSES passes. A window rather than a mean
-    from the first pass: a fresh mesh's passes run slower for its first 20 s or so of serving
-    (docs/experiments/paces.txt; lan-3 run 93's first answer at 1.07-1.22x its next ones), and
-    a window lets them go once as many newer ones have run."""
+    from the first pass: that kept a share of how the passes ran long before (lan-3 run 93,
+    docs/experiments/paces.txt: a fresh mesh's first answer at 1.07-1.22x its next ones); a
+    window lets passes go once as many newer ones have run."""
 
     def __init__(self) -> None:
         super().__init__()
