@@ -44,7 +44,10 @@ def arrivals(port: int, tokens: int) -> list[tuple[float, int]]:
     ).encode()
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        # The server closes after the answer, so the reads end there even where "[DONE]"
+        # comes split across two of them.
+        "Connection: close\r\n\r\n"
     )
     reads: list[tuple[float, int]] = []
     with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
