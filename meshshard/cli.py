@@ -98,7 +98,7 @@ def model_options(f: F) -> F:
         type=click.Choice(DTYPES),
         default=None,
         envvar="MESHSHARD_DTYPE",
-        help="Default: the device's best (bfloat16 on CUDA, float16 on MPS, float32 on CPU).",
+        help="Default: bfloat16 on CUDA, float16 on MPS, float32 on CPU (exact answers).",
     )
     @click.option(
         "--quantize",

@@ -123,7 +123,7 @@ class Config:
     model: str = DEFAULT_MODEL
     # Where the shard runs: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda[:N] or mps.
     device: str = "auto"
-    # Weights and activations; None: the device's best (bfloat16 on CUDA, float16 on MPS,
+    # Weights and activations; None: the device's default (bfloat16 on CUDA, float16 on MPS,
     # float32 on a CPU, which keeps sharded output exactly equal to the whole model's).
     dtype: str | None = None
     # Weight-only quantization of the decoder layers' linear weights: none, int8, int4 (CUDA).

@@ -79,7 +79,7 @@ class Placement:
 
 
 def place(device: str, dtype: str | None, quantize: str, hw: Hardware | None = None) -> Placement:
-    """The device for `--device`, the dtype for `--dtype` (None: the device's best) and the
+    """The device for `--device`, the dtype for `--dtype` (None: the device's default) and the
     quantization for `--quantize`, or a one-line error for what the machine cannot do."""
     hw = hw or hardware()
     chosen = choose(device, hw)
@@ -104,8 +104,9 @@ def place(device: str, dtype: str | None, quantize: str, hw: Hardware | None = N
 
 
 def default_dtype(device: Device, hw: Hardware) -> str:
-    """bfloat16 on CUDA where it runs natively, float16 on MPS, float32 on a CPU (where it is
-    as fast as any, and keeps sharded answers exactly those of one process)."""
+    """bfloat16 on CUDA where it runs natively, float16 on MPS, float32 on a CPU: there it
+    keeps sharded answers exactly those of one process, which a speculating bfloat16 chain
+    did not on a CPU where bfloat16 ran 1.6-1.9x faster (docs/devices.md)."""
     if device.kind == "cuda":
         return "bfloat16" if hw.bf16_cuda else "float16"
     return "float16" if device.kind == "mps" else "float32"
