@@ -7,6 +7,7 @@ mDNS is bound to 127.0.0.1: nothing leaves the machine.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,16 +30,17 @@ READY_TIMEOUT = 180.0
 def run_demo(
     question: str, peers: int, base_port: int, memory: str, max_tokens: int, keep: bool = False
 ) -> None:
-    logs = Path(tempfile.mkdtemp(prefix="meshshard-demo-"))
     procs: list[subprocess.Popen[bytes]] = []
     ports = [base_port + i for i in range(peers)]
     urls = [f"http://127.0.0.1:{p + API_PORT_OFFSET}" for p in ports]
     _check_ports_free([*ports, *(p + API_PORT_OFFSET for p in ports)])
+    logs = Path(tempfile.mkdtemp(prefix="meshshard-demo-"))
     key = logs / "mesh.key"  # a fresh mesh key, shared by the demo's peers only
     write_key_file(key, new_key())
     click.echo(
         f"starting {peers} peers on 127.0.0.1:{base_port}..{base_port + peers - 1} (logs in {logs})"
     )
+    answered = False
     try:
         for i in range(peers):
             name = f"demo-{chr(ord('a') + i)}"
@@ -70,6 +72,7 @@ def run_demo(
             f"(the planner predicted {1000 / plan['latency_ms']:.1f} tokens/s for one answer, "
             f"{plan['latency_ms']:.1f} ms/token)"
         )
+        answered = True
         if keep:
             click.echo(f"the mesh stays up: dashboard at {urls[0]}/ ; Ctrl-C stops it")
             with contextlib.suppress(KeyboardInterrupt):
@@ -85,6 +88,16 @@ def run_demo(
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        _tidy(logs, key, answered and all(p.returncode == 0 for p in procs))
+
+
+def _tidy(logs: Path, key: Path, clean: bool) -> None:
+    """The key dies with its mesh; the logs stay only where something went wrong."""
+    key.unlink(missing_ok=True)
+    if clean:
+        shutil.rmtree(logs, ignore_errors=True)
+    else:
+        click.echo(f"the peers' logs stay in {logs}", err=True)
 
 
 def _check_ports_free(ports: list[int]) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -260,3 +262,6 @@ def test_demo_brings_up_a_mesh_answers_and_shuts_down() -> None:
     assert "Paris" in out.stdout
     assert "chain ready" in out.stdout and "tokens/s" in out.stdout
     assert "Traceback" not in out.stderr
+    # A clean run takes its folder along, the mesh key with it.
+    logs = re.search(r"\(logs in (\S+)\)", out.stdout)
+    assert logs is not None and not Path(logs[1]).exists()
