@@ -31,6 +31,10 @@ class KVBudget:
     def sessions(self) -> int:
         return len(self._held)
 
+    def held(self, session: str) -> int:
+        """The positions `session` reserved (0: none)."""
+        return self._held.get(session, 0)
+
     def admit(self, session: str, positions: int, new: bool) -> bool:
         """Whether `session` may go on with `positions` reserved; a new session is refused
         (and nothing reserved) when the budget cannot hold it."""

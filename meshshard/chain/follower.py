@@ -309,6 +309,9 @@ class PlanFollower:
         if stage is None or stage.epoch != frame.epoch:  # the switch did not come to pass
             await self._refuse(frame, ErrorCode.NOT_READY, "this peer is between plans")
             return
+        if (problem := stage.unfit(frame)) is not None:
+            await self._refuse(frame, ErrorCode.BAD_FRAME, problem)
+            return
         positions, new = _reserves(frame)
         if not self.budget.admit(frame.session, positions, new):
             self.stats.busy += 1
@@ -329,6 +332,8 @@ class PlanFollower:
             return False
         if self._superseded(frame):
             return True
+        if stage.unfit(frame) is not None:
+            return False
         # A session's first step may be refused for room; the others reserve what they add.
         positions, new = _reserves(frame)
         if new:

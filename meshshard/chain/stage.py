@@ -31,7 +31,7 @@ from meshshard.chain.outputs import CacheMiss, Normed, Output, failed, refusal, 
 from meshshard.chain.passes import PassCosts, one_token
 from meshshard.chain.picks import split_rows
 from meshshard.chain.schedule import Schedule
-from meshshard.chain.tensors import from_wire, to_wire
+from meshshard.chain.tensors import from_wire, ids_from_wire, to_wire
 from meshshard.chain.worker import model_idle, run_inline, run_model
 from meshshard.model.shard import Shard
 from meshshard.types import Epoch
@@ -122,6 +122,23 @@ class StageWorker:
             return False
         self._accept(frame)
         return True
+
+    def unfit(self, frame: StepFrame) -> str | None:
+        """Why this stage cannot run `frame`'s step, asked before it is admitted (None: it
+        can). The wire checks a tensor's form and a hidden state's width, not which kind a
+        stage takes nor whether ids are in the vocabulary: a step that fails in its pass
+        fails every session batched with it."""
+        if frame.head:  # hidden states for this first stage's part of the head
+            return None
+        ids = frame.tensor.dtype == "int64"
+        if not self.shard.is_first:
+            return "a stage after the first takes hidden states, not token ids" if ids else None
+        if not ids:
+            return "the first stage takes token ids, not hidden states"
+        got, vocab = ids_from_wire(frame.tensor), self.shard.spec.vocab_size
+        if min(got) < 0 or max(got) >= vocab:
+            return f"token ids must be in the vocabulary, 0 to {vocab - 1}"
+        return None
 
     def _accept(self, frame: StepFrame, at_once: bool = True) -> None:
         """Queue a step, and run it at once where it can (`_run_now`; not `at_once`: a wave's

@@ -135,13 +135,26 @@ async def test_stale_and_unknown_frames_get_error_frames(model: Path, memory: fl
             loop="10.7.0.1:7000", until=9, head=16,
         )  # fmt: skip
         await middle.handle_frame(split)
-        await until(lambda: len(probe.frames) == 3, 5, "three error frames")
+        # Frames the wire passes that no pass can run: ids past the vocabulary at the first
+        # stage, ids at the middle one. Refused before admission: nothing is reserved.
+        past = to_wire(torch.tensor([1, mesh.spec.vocab_size]))
+        await first.handle_frame(
+            StepFrame(plan.epoch, "x/4", 0, 0, past, "10.7.9.9:1", True, sampling)
+        )
+        await middle.handle_frame(
+            StepFrame(plan.epoch, "x/5", 0, 0, ids, "10.7.9.9:1", True, sampling)
+        )
+        await until(lambda: len(probe.frames) == 5, 5, "five error frames")
         codes = {f.session: f.code for f in probe.frames if isinstance(f, ErrorFrame)}
         assert codes == {
             "x/1": ErrorCode.STALE_EPOCH,
             "x/2": ErrorCode.UNKNOWN_SESSION,
             "x/3": ErrorCode.BAD_FRAME,
+            "x/4": ErrorCode.BAD_FRAME,
+            "x/5": ErrorCode.BAD_FRAME,
         }
+        budgets = (first.follower.budget, middle.follower.budget)
+        assert not any(b.held(s) for b in budgets for s in ("x/4", "x/5"))
 
 
 async def test_steps_of_an_attempt_the_origin_gave_up_are_dropped(
