@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from meshshard.config import TEST_TIMINGS  # noqa: E402
 from meshshard.mesh.node import ControlNode, TransportError  # noqa: E402
+from meshshard.model.batching import BATCHES  # noqa: E402
 from meshshard.security import DATA, AuthError, Keyring, Sealer  # noqa: E402
 from meshshard.types import (  # noqa: E402
     Epoch,
@@ -80,30 +81,52 @@ def seeds() -> tuple[list[bytes], list[bytes]]:
     kv = TensorData("float32", (1, 3, 2, 64), bytes(4 * 3 * 2 * 64))
     sampling = Sampling(0.7, 0.9, 42)
     one = TensorData("float32", (1, HIDDEN), bytes(4 * HIDDEN))
+    hidden3 = TensorData("float32", (3, HIDDEN), bytes(12 * HIDDEN))
     split = StepFrame(e, "a/1", 5, 11, one, "127.0.0.1:7000", True, sampling)
     split = replace(split, loop="127.0.0.1:7002", until=64)
     frames = [
         StepFrame(e, "a/1", 4, 10, hidden, "127.0.0.1:7000", True, sampling, 2),
         StepFrame(e, "a/1", 0, 0, ids, "127.0.0.1:7000", False, sampling),
-        TokenFrame(e, "a/1", 4, (100, 101), 1),
+        TokenFrame(e, "a/1", 4, (100,), 1),
         ErrorFrame(e, "a/1", 4, ErrorCode.CACHE_MISS, "short", 1, 7),
         DropFrame(e, "a/1"),
         HandoffRequest(e, "a/1", 1, 3, 9, 40, "127.0.0.1:7001", "127.0.0.1:7000"),
         KVFrame(e, "a/1", 1, 5, kv, kv, "127.0.0.1:7000", True),
         replace(split, head=24576),
         PickFrame(e, "a/1", 5, (30000, 7), (17.5, 2.0), 1),
+        # A chain feeding itself and speculating, a first stage's share of a split head on
+        # the core of its own, a wave's head, a pass's confirmed drafts: every optional field.
+        replace(
+            split, tensor=hidden3, draft=(7, 8), stops=(2, 0), drafts=4, head=24576, core=(3, 1)
+        ),
+        replace(split, head=49152, together=2),
+        TokenFrame(e, "a/1", 4, (100, 101, 102), 1, drafted=2),
     ]
     member = Member(NodeId("peer-b"), "127.0.0.1:7001", 5, State.ALIVE, 1, 2, e)
     stages = (PlanStage(NodeId("peer-b"), 0, 32),)
     plan = PlanRecord(e, "m", "latency", stages, 10.0, 10.0, "x", head_share=0.45)
     profile = Profile(
-        NodeId("peer-b"), 2, "m", 1e9, (1.0,) * 32, True, {NodeId("peer-c"): LinkStat(900, 0.5)}
-    )
+        NodeId("peer-b"), 2, "m", 1e9, (1.0,) * 32, True,
+        batch_ms=tuple((1.5,) * 32 for _ in BATCHES),
+        links={NodeId("peer-c"): LinkStat(900, 0.5)},
+        load=2, step_ms=30.0, overhead_ms=2.5, pace=1.1, batch_pace=0.9,
+        device="cpu float32", frame=1 << 20, raw=7101,
+    )  # fmt: skip
     control: list[ControlMessage] = [
         Ping(member, (member,), plan),
         Sync(member, (member,), (profile,), plan),
     ]
     return [encode_frame(f) for f in frames], [encode(m) for m in control]
+
+
+def check_seeds(frames: list[bytes], control: list[bytes]) -> None:
+    """Every seed decodes: one the wire refuses would leave its kind's fields unfuzzed (until
+    the thirty-third session the Sync seed's profile passed its links where its batch
+    timings go, and every Sync mutated was refused before the fields past it were read)."""
+    for data in frames:
+        decode_frame(data, HIDDEN)
+    for data in control:
+        decode(data)
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
@@ -172,6 +195,7 @@ def main() -> int:
     logging.disable(logging.WARNING)  # a refusal a second is the point, not news
     rng = random.Random(args.seed)
     frames, control = seeds()
+    check_seeds(frames, control)
     keyring = Keyring((bytes(range(32)),))
     insider = Sealer(keyring, "fuzz")
     receiver = Sealer(keyring, "fuzz")

@@ -396,3 +396,18 @@ def test_stop_strings_hold_back_only_what_could_match(
     matcher = StopMatcher(stops)
     out = "".join(matcher.feed(p) for p in pieces) + matcher.flush()
     assert (out, matcher.stopped) == (want, stopped)
+
+
+def test_the_fuzzers_seeds_are_messages_the_wire_takes() -> None:
+    """tools/fuzz_wire.py mutates these; one the wire refused would leave its fields unfuzzed
+    (its Sync seed did, from when profiles grew batch timings until the thirty-third session)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import fuzz_wire
+
+    frames, control = fuzz_wire.seeds()
+    fuzz_wire.check_seeds(frames, control)
+    kinds = {type(decode_frame(f, fuzz_wire.HIDDEN)).__name__ for f in frames}
+    assert kinds >= {"StepFrame", "TokenFrame", "PickFrame", "ErrorFrame", "KVFrame"}
