@@ -161,19 +161,29 @@ def chat(peer: Peer) -> str:
         return f"no answer: {e}"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str) -> argparse.Namespace:
+    """An insider fuzzer's command line (this one's and fuzz_stages.py's)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="Also write the result here.")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def three_peers(base: int, logs: Path) -> list[Peer]:
+    """Three real peers on loopback, 300 MB each: the chain takes all three."""
+    return [
+        Peer(f"peer-{c}", base + i, logs, "--memory", "300MB", "--threads", "1").start()
+        for i, c in enumerate("abc")
+    ]
+
+
+def main() -> int:
+    args = arguments(__doc__ or "")
     rng = random.Random(args.seed)
     reference = greedy_answer(PROMPT, NEW)
     logs = Path(tempfile.mkdtemp(prefix="fuzz-insider-"))
-    peers = [
-        Peer(f"peer-{c}", BASE + i, logs, "--memory", "300MB", "--threads", "1").start()
-        for i, c in enumerate("abc")
-    ]
+    peers = three_peers(BASE, logs)
     try:
         wait_for_chain(peers[0], 3)
         status = wait_for_agreement(peers, 120)

@@ -49,6 +49,7 @@ from meshshard.model.shard import Shard
 from meshshard.model.spec import ModelSpec
 from meshshard.types import PlanRecord
 from meshshard.wire import (
+    MAX_DRAFT,
     DataFrame,
     ErrorCode,
     ErrorFrame,
@@ -309,7 +310,7 @@ class PlanFollower:
         if stage is None or stage.epoch != frame.epoch:  # the switch did not come to pass
             await self._refuse(frame, ErrorCode.NOT_READY, "this peer is between plans")
             return
-        if (problem := stage.unfit(frame)) is not None:
+        if (problem := self._unfit(stage, frame)) is not None:
             await self._refuse(frame, ErrorCode.BAD_FRAME, problem)
             return
         positions, new = _reserves(frame)
@@ -332,7 +333,7 @@ class PlanFollower:
             return False
         if self._superseded(frame):
             return True
-        if stage.unfit(frame) is not None:
+        if self._unfit(stage, frame) is not None:
             return False
         # A session's first step may be refused for room; the others reserve what they add.
         positions, new = _reserves(frame)
@@ -343,6 +344,16 @@ class PlanFollower:
             return False
         self._seen[frame.session] = (frame.origin, self.clock.now())
         return True
+
+    def _unfit(self, stage: StageWorker, frame: StepFrame) -> str | None:
+        """Why `stage` cannot run the step: as the stage says, or a session past the context
+        (its cache is allocated for the positions it may reach at once: a claim of 2**31
+        failed the allocation, and with it every step batched beside it). A draft may
+        verify up to MAX_DRAFT positions past an answer's last."""
+        positions, _ = _reserves(frame)
+        if positions > self.control.context + MAX_DRAFT + 1:
+            return f"{positions} positions are past this mesh's context of {self.control.context}"
+        return stage.unfit(frame)
 
     def _verdict(
         self, frame: StepFrame, pending: _Prepared | None, plan: PlanRecord | None

@@ -25,6 +25,12 @@ class ControlPlane(Protocol):
         """This peer's address as the mesh knows it (host:port): where answers come back."""
         ...
 
+    @property
+    def context(self) -> int:
+        """Tokens of prompt and answer a session may hold (`--context`, the same on every
+        peer: what plans keep KV memory for)."""
+        ...
+
     def plan(self) -> PlanRecord | None:
         """The plan in force."""
         ...

@@ -31,7 +31,7 @@ from meshshard.chain.outputs import CacheMiss, Normed, Output, failed, refusal, 
 from meshshard.chain.passes import PassCosts, one_token
 from meshshard.chain.picks import split_rows
 from meshshard.chain.schedule import Schedule
-from meshshard.chain.tensors import from_wire, ids_from_wire, to_wire
+from meshshard.chain.tensors import finite, from_wire, ids_from_wire, to_wire
 from meshshard.chain.worker import model_idle, run_inline, run_model
 from meshshard.model.shard import Shard
 from meshshard.types import Epoch
@@ -126,11 +126,14 @@ class StageWorker:
     def unfit(self, frame: StepFrame) -> str | None:
         """Why this stage cannot run `frame`'s step, asked before it is admitted (None: it
         can). The wire checks a tensor's form and a hidden state's width, not which kind a
-        stage takes nor whether ids are in the vocabulary: a step that fails in its pass
-        fails every session batched with it."""
+        stage takes, whether ids are in the vocabulary nor hidden states finite: a step that
+        fails in its pass fails every session batched with it, and one for the head here
+        fails where it is scored, outside any pass."""
+        ids = frame.tensor.dtype == "int64"
+        if not ids and not finite(frame.tensor):
+            return "hidden states hold NaN or infinity"
         if frame.head:  # hidden states for this first stage's part of the head
             return None
-        ids = frame.tensor.dtype == "int64"
         if not self.shard.is_first:
             return "a stage after the first takes hidden states, not token ids" if ids else None
         if not ids:

@@ -22,6 +22,10 @@ class NodeSeam:
     def address(self) -> str:
         return self._node.membership.me.addr
 
+    @property
+    def context(self) -> int:
+        return self._node.context_tokens
+
     def plan(self) -> PlanRecord | None:
         return self._node.book.current
 

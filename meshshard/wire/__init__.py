@@ -28,6 +28,7 @@ from meshshard.wire.control import (
     encode,
 )
 from meshshard.wire.data import (
+    MAX_DRAFT,
     MAX_FRAME_BYTES,
     MAX_KV_DIM,
     MAX_SEED,
@@ -51,10 +52,10 @@ from meshshard.wire.data import (
 )
 
 __all__ = [
-    "MAX_CONTROL_BYTES", "MAX_COUNT", "MAX_FRAME_BYTES", "MAX_FRAME_LIMIT", "MAX_INCARNATION",
-    "MAX_ITEMS", "MAX_KV_DIM", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TERM", "MAX_TOKENS_PER_FRAME",
-    "MAX_VERSION", "PROTOCOL", "TENSOR_DTYPES", "Ack", "ControlMessage", "DataFrame",
-    "DropFrame", "ErrorCode", "ErrorFrame", "HandoffDone", "HandoffRequest", "KVFrame", "Nack",
-    "PickFrame", "Ping", "PingReq", "Sampling", "StepFrame", "Sync", "TensorData", "TokenFrame",
-    "WireError", "decode", "decode_frame", "encode", "encode_frame",
+    "MAX_CONTROL_BYTES", "MAX_COUNT", "MAX_DRAFT", "MAX_FRAME_BYTES", "MAX_FRAME_LIMIT",
+    "MAX_INCARNATION", "MAX_ITEMS", "MAX_KV_DIM", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TERM",
+    "MAX_TOKENS_PER_FRAME", "MAX_VERSION", "PROTOCOL", "TENSOR_DTYPES", "Ack", "ControlMessage",
+    "DataFrame", "DropFrame", "ErrorCode", "ErrorFrame", "HandoffDone", "HandoffRequest",
+    "KVFrame", "Nack", "PickFrame", "Ping", "PingReq", "Sampling", "StepFrame", "Sync",
+    "TensorData", "TokenFrame", "WireError", "decode", "decode_frame", "encode", "encode_frame",
 ]  # fmt: skip

@@ -144,7 +144,12 @@ async def test_stale_and_unknown_frames_get_error_frames(model: Path, memory: fl
         await middle.handle_frame(
             StepFrame(plan.epoch, "x/5", 0, 0, ids, "10.7.9.9:1", True, sampling)
         )
-        await until(lambda: len(probe.frames) == 5, 5, "five error frames")
+        # A session met mid-answer (admitted past the budget, as one moved by a plan change)
+        # that claims more positions than the context: its cache would be allocated for all
+        # of them at once.
+        claim = StepFrame(plan.epoch, "x/6", 3, 0, hidden, "10.7.9.9:1", True, sampling)
+        await middle.handle_frame(replace(claim, reserve=2**31 - 1))
+        await until(lambda: len(probe.frames) == 6, 5, "six error frames")
         codes = {f.session: f.code for f in probe.frames if isinstance(f, ErrorFrame)}
         assert codes == {
             "x/1": ErrorCode.STALE_EPOCH,
@@ -152,9 +157,10 @@ async def test_stale_and_unknown_frames_get_error_frames(model: Path, memory: fl
             "x/3": ErrorCode.BAD_FRAME,
             "x/4": ErrorCode.BAD_FRAME,
             "x/5": ErrorCode.BAD_FRAME,
+            "x/6": ErrorCode.BAD_FRAME,
         }
         budgets = (first.follower.budget, middle.follower.budget)
-        assert not any(b.held(s) for b in budgets for s in ("x/4", "x/5"))
+        assert not any(b.held(s) for b in budgets for s in ("x/4", "x/5", "x/6"))
 
 
 async def test_steps_of_an_attempt_the_origin_gave_up_are_dropped(

@@ -1,7 +1,8 @@
 """What a stage refuses before admitting a step: token ids outside the vocabulary, ids where
-hidden states belong and hidden states where ids belong. The wire passes each of these (it
-knows no model's vocabulary nor which stage a frame reaches); run, each failed its pass and
-with it every session batched beside it."""
+hidden states belong, hidden states where ids belong, and hidden states that are not finite.
+The wire passes each of these (it knows no model's vocabulary nor which stage a frame
+reaches, and leaves a tensor's values to where it is used); run, each failed its pass and
+with it every session batched beside it, or, for a split head, the handler that took it."""
 
 from __future__ import annotations
 
@@ -62,3 +63,15 @@ def test_each_stage_takes_its_own_kind_of_tensor(tiny_model: Path) -> None:
     # A split head's hidden states go to the first stage's part of the head, not its layers.
     head = _frame(hidden[:1], loop="127.0.0.1:1", until=9, head=16)
     assert first.unfit(head) is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_hidden_states_must_be_finite(tiny_model: Path, bad: float) -> None:
+    spec = load_spec(tiny_model)
+    hidden = torch.zeros(2, spec.hidden_size)
+    hidden[1, 7] = bad
+    later = _worker(tiny_model, 2, spec.num_units)
+    assert "NaN or infinity" in str(later.unfit(_frame(hidden)))
+    # ... also those of a split head, which the first stage scores outside any pass.
+    head = _frame(hidden[1:], loop="127.0.0.1:1", until=9, head=16)
+    assert "NaN or infinity" in str(_worker(tiny_model, 0, 2).unfit(head))
