@@ -20,15 +20,18 @@ import aiohttp
 import pytest
 import torch
 from support.dataplane import channel_to, origin_at
-from support.procs import Peer, chain_of, mesh_key, wait_for
+from support.procs import Peer, chain_of, mesh_key, wait_for, wait_for_agreement
 from support.reference import greedy_answer
 
 from meshshard.chain.channel import CHANNEL_HEADER, Channel, FrameCodec, open_request, sealed_token
 from meshshard.chain.rawlinks import LENGTH
 from meshshard.chain.tensors import to_wire
+from meshshard.config import default_cache_dir
+from meshshard.model.shard import load_spec
+from meshshard.model.source import ensure_embedded
 from meshshard.security import CONTROL, Keyring, Sealer, new_key, write_key_file
 from meshshard.types import Epoch, Member, NodeId, State
-from meshshard.wire import DataFrame, Ping, Sampling, StepFrame, TokenFrame, encode
+from meshshard.wire import DataFrame, ErrorCode, Ping, Sampling, StepFrame, TokenFrame, encode
 
 pytestmark = pytest.mark.slow
 
@@ -303,6 +306,37 @@ def test_a_prompt_whose_activations_pass_the_frame_limit_crosses_in_pieces(
     )
     prompt = f"Summarise these notes. {notes}"
     assert chat(mesh[0], prompt=prompt, new=8) == greedy_answer(prompt, 8)
+
+
+def test_a_key_holders_hostile_frames_fail_no_step_but_their_own(
+    mesh: list[Peer], reference: str, logs: Path
+) -> None:
+    """tools/fuzz_stages.py for a few seconds against the mesh (the last test on it: the
+    fuzzer's sessions may hold its KV memory for minutes): every kind of data frame the wire
+    takes, with adversarial values, refused or run, none failing inside a stage."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import fuzz_insider
+    import fuzz_stages
+
+    status = wait_for_agreement(mesh, 60)
+    spec = load_spec(ensure_embedded(default_cache_dir()))
+    term, coordinator = status["plan"]["epoch"]
+    info = {
+        "ids": [m["id"] for m in status["members"]],
+        "addrs": [m["addr"] for m in status["members"]],
+        "origin": f"127.0.0.1:{fuzz_stages.ORIGIN_PORT}", "term": term, "coordinator": coordinator,
+        "hidden": spec.hidden_size, "vocab": spec.vocab_size,
+        "kv": (spec.num_kv_heads, spec.head_dim),
+    }  # fmt: skip
+    before = fuzz_stages.failures(logs)
+    codec = FrameCodec(Sealer(Keyring.load(mesh_key(logs)), "meshshard"))
+    sent, back = asyncio.run(fuzz_stages.fuzz(random.Random(11), mesh, codec, info, 8.0))
+    assert sum(n for kind, n in sent.items() if kind != "refused at the wire") > 500
+    assert back[ErrorCode.BAD_FRAME] > 0 and ErrorCode.INTERNAL not in back
+    assert all(p.proc is not None and p.proc.poll() is None for p in mesh)
+    assert fuzz_stages.failures(logs) == before
+    answer = fuzz_insider.chat(mesh[0])
+    assert answer == reference or "HTTP Error 429" in answer
 
 
 def test_the_api_is_loopback_by_default_and_takes_a_token(tmp_path: Path) -> None:
