@@ -76,6 +76,19 @@ NEW = 12
 CONTEXT = 2048  # the peers' --context default
 
 
+def described(status: dict[str, Any]) -> dict[str, Any]:
+    """What the fuzzer needs of the mesh: from a peer's status and the embedded model."""
+    spec = load_spec(ensure_embedded(default_cache_dir()))
+    term, coordinator = status["plan"]["epoch"]
+    return {
+        "ids": [m["id"] for m in status["members"]],
+        "addrs": [m["addr"] for m in status["members"]],
+        "origin": f"127.0.0.1:{ORIGIN_PORT}", "term": term, "coordinator": coordinator,
+        "hidden": spec.hidden_size, "vocab": spec.vocab_size,
+        "kv": (spec.num_kv_heads, spec.head_dim),
+    }  # fmt: skip
+
+
 def templates(
     epoch: Epoch, origin: str, loop: str, hidden: int, vocab: int, kv: tuple[int, int]
 ) -> list[DataFrame]:
@@ -223,21 +236,13 @@ def main() -> int:
     args = arguments(__doc__ or "")
     rng = random.Random(args.seed)
     reference = greedy_answer(PROMPT, NEW)
-    spec = load_spec(ensure_embedded(default_cache_dir()))
     logs = Path(tempfile.mkdtemp(prefix="fuzz-stages-"))
     peers = three_peers(BASE, logs)
     stop, answers = threading.Event(), Counter[str]()
     try:
         wait_for_chain(peers[0], 3)
         status = wait_for_agreement(peers, 120)
-        term, coordinator = status["plan"]["epoch"]
-        mesh = {
-            "ids": [m["id"] for m in status["members"]],
-            "addrs": [m["addr"] for m in status["members"]],
-            "origin": f"127.0.0.1:{ORIGIN_PORT}", "term": term, "coordinator": coordinator,
-            "hidden": spec.hidden_size, "vocab": spec.vocab_size,
-            "kv": (spec.num_kv_heads, spec.head_dim),
-        }  # fmt: skip
+        mesh = described(status)
         codec = FrameCodec(Sealer(Keyring.load(mesh_key(logs)), "meshshard"))
         client = threading.Thread(target=asking, args=(peers[0], reference, stop, answers))
         client.start()

@@ -26,9 +26,6 @@ from support.reference import greedy_answer
 from meshshard.chain.channel import CHANNEL_HEADER, Channel, FrameCodec, open_request, sealed_token
 from meshshard.chain.rawlinks import LENGTH
 from meshshard.chain.tensors import to_wire
-from meshshard.config import default_cache_dir
-from meshshard.model.shard import load_spec
-from meshshard.model.source import ensure_embedded
 from meshshard.security import CONTROL, Keyring, Sealer, new_key, write_key_file
 from meshshard.types import Epoch, Member, NodeId, State
 from meshshard.wire import DataFrame, ErrorCode, Ping, Sampling, StepFrame, TokenFrame, encode
@@ -318,16 +315,7 @@ def test_a_key_holders_hostile_frames_fail_no_step_but_their_own(
     import fuzz_insider
     import fuzz_stages
 
-    status = wait_for_agreement(mesh, 60)
-    spec = load_spec(ensure_embedded(default_cache_dir()))
-    term, coordinator = status["plan"]["epoch"]
-    info = {
-        "ids": [m["id"] for m in status["members"]],
-        "addrs": [m["addr"] for m in status["members"]],
-        "origin": f"127.0.0.1:{fuzz_stages.ORIGIN_PORT}", "term": term, "coordinator": coordinator,
-        "hidden": spec.hidden_size, "vocab": spec.vocab_size,
-        "kv": (spec.num_kv_heads, spec.head_dim),
-    }  # fmt: skip
+    info = fuzz_stages.described(wait_for_agreement(mesh, 60))
     before = fuzz_stages.failures(logs)
     codec = FrameCodec(Sealer(Keyring.load(mesh_key(logs)), "meshshard"))
     sent, back = asyncio.run(fuzz_stages.fuzz(random.Random(11), mesh, codec, info, 8.0))
