@@ -310,10 +310,10 @@ class PlanFollower:
         if stage is None or stage.epoch != frame.epoch:  # the switch did not come to pass
             await self._refuse(frame, ErrorCode.NOT_READY, "this peer is between plans")
             return
-        if (problem := self._unfit(stage, frame)) is not None:
+        positions, new = _reserves(frame)
+        if (problem := self._unfit(stage, frame, positions)) is not None:
             await self._refuse(frame, ErrorCode.BAD_FRAME, problem)
             return
-        positions, new = _reserves(frame)
         if not self.budget.admit(frame.session, positions, new):
             self.stats.busy += 1
             held = f"{self.budget.reserved} of {self.budget.tokens}"
@@ -333,11 +333,10 @@ class PlanFollower:
             return False
         if self._superseded(frame):
             return True
-        if self._unfit(stage, frame) is not None:
-            return False
-        # A session's first step may be refused for room; the others reserve what they add.
+        # A session's first step may be refused for room and a step the stage cannot run is
+        # refused: `serve` does both. The others reserve what they add.
         positions, new = _reserves(frame)
-        if new:
+        if new or self._unfit(stage, frame, positions) is not None:
             return False
         self.budget.admit(frame.session, positions, new=False)
         if not stage.put_now(frame):
@@ -345,12 +344,11 @@ class PlanFollower:
         self._seen[frame.session] = (frame.origin, self.clock.now())
         return True
 
-    def _unfit(self, stage: StageWorker, frame: StepFrame) -> str | None:
-        """Why `stage` cannot run the step: as the stage says, or a session past the context
-        (its cache is allocated for the positions it may reach at once: a claim of 2**31
-        failed the allocation, and with it every step batched beside it). A draft may
-        verify up to MAX_DRAFT positions past an answer's last."""
-        positions, _ = _reserves(frame)
+    def _unfit(self, stage: StageWorker, frame: StepFrame, positions: int) -> str | None:
+        """Why `stage` cannot run the step reaching `positions`: as the stage says, or a
+        session past the context (its cache is allocated for the positions it may reach at
+        once: a claim of 2**31 failed the allocation, and with it every step batched beside
+        it). A draft may verify up to MAX_DRAFT positions past an answer's last."""
         if positions > self.control.context + MAX_DRAFT + 1:
             return f"{positions} positions are past this mesh's context of {self.control.context}"
         return stage.unfit(frame)

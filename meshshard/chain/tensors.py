@@ -47,16 +47,18 @@ def to_wire(t: torch.Tensor) -> TensorData:
 def from_wire(data: TensorData) -> torch.Tensor:
     """The tensor; hidden states must be finite (a NaN would poison every later token)."""
     t = torch.frombuffer(bytearray(data.data), dtype=_TORCH[data.dtype]).reshape(data.shape)
-    if _maybe_not_finite(data) and not bool(torch.isfinite(t).all()):
+    if not finite(data, t):
         raise WireError("tensor holds NaN or infinity")
     return t
 
 
-def finite(data: TensorData) -> bool:
-    """Whether a wire tensor holds no NaN or infinity (one of integers always does)."""
+def finite(data: TensorData, t: torch.Tensor | None = None) -> bool:
+    """Whether a wire tensor holds no NaN or infinity (one of integers always does); `t`:
+    the tensor, where it is already made."""
     if not _maybe_not_finite(data):
         return True
-    t = torch.frombuffer(bytearray(data.data), dtype=_TORCH[data.dtype])
+    if t is None:
+        t = torch.frombuffer(bytearray(data.data), dtype=_TORCH[data.dtype])
     return bool(torch.isfinite(t).all())
 
 

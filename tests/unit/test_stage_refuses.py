@@ -7,6 +7,7 @@ with it every session batched beside it, or, for a split head, the handler that 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,8 +22,8 @@ EPOCH = Epoch(1, "a")
 GREEDY = Sampling(temperature=0.0, top_p=1.0, seed=0)
 
 
-def _frame(tensor: torch.Tensor, **extra: object) -> StepFrame:
-    return StepFrame(EPOCH, "s", 0, 0, to_wire(tensor), "origin", True, GREEDY, **extra)  # type: ignore[arg-type]
+def _frame(tensor: torch.Tensor, **extra: Any) -> StepFrame:
+    return StepFrame(EPOCH, "s", 0, 0, to_wire(tensor), "origin", True, GREEDY, **extra)
 
 
 def _worker(model: Path, start: int, end: int) -> StageWorker:
