@@ -82,10 +82,15 @@ def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
-def put(body: Any, path: tuple[Any, ...], value: Any) -> None:
-    for key in path[:-1]:
+def at(body: Any, path: tuple[Any, ...]) -> Any:
+    """The value at `path` in a nested message."""
+    for key in path:
         body = body[key]
-    body[path[-1]] = value
+    return body
+
+
+def put(body: Any, path: tuple[Any, ...], value: Any) -> None:
+    at(body, path[:-1])[path[-1]] = value
 
 
 def templates(status: dict[str, Any]) -> list[dict[str, Any]]:

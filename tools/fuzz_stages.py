@@ -40,13 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from fuzz_insider import arguments, chat, paths, put, three_peers  # noqa: E402
+from fuzz_insider import arguments, at, chat, paths, put, three_peers  # noqa: E402
 from support.dataplane import channel_to, origin_at  # noqa: E402
 from support.procs import Peer, mesh_key, wait_for_agreement, wait_for_chain  # noqa: E402
 from support.reference import greedy_answer  # noqa: E402
 
 from meshshard.chain.channel import FrameCodec  # noqa: E402
-from meshshard.config import default_cache_dir  # noqa: E402
+from meshshard.chain.tensors import ids_to_wire  # noqa: E402
+from meshshard.config import Config, default_cache_dir  # noqa: E402
 from meshshard.model.shard import load_spec  # noqa: E402
 from meshshard.model.source import ensure_embedded  # noqa: E402
 from meshshard.security import Keyring, Sealer  # noqa: E402
@@ -73,7 +74,6 @@ BASE = 7260
 ORIGIN_PORT = 7299
 PROMPT = "What is the capital of France?"
 NEW = 12
-CONTEXT = 2048  # the peers' --context default
 
 
 def described(status: dict[str, Any]) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def templates(
     def floats(rows: int, width: int = hidden) -> TensorData:
         return TensorData("float32", (rows, width), bytes(4 * rows * width))
 
-    ids = TensorData("int64", (3,), b"".join(i.to_bytes(8, "little") for i in (1, 2, 3)))
+    ids = ids_to_wire((1, 2, 3))
     greedy, seeded = Sampling(0.0, 1.0, 0), Sampling(0.7, 0.9, 42)
     heads, dim = kv
     cache = TensorData("float32", (1, heads, 4, dim), bytes(16 * heads * dim))
@@ -124,16 +124,12 @@ def catalogue(rng: random.Random, mesh: dict[str, Any], old: Any) -> Any:
     """An adversarial value for a field that held `old`: mostly of its type (so that the wire
     takes it and the stage must judge it), now and then of another."""
     vocab, hidden, term = mesh["vocab"], mesh["hidden"], mesh["term"]
+    context = Config.context_tokens  # the peers' --context
     ints = [0, 1, -1, 2, 3, 7, 31, 32, 33, vocab - 1, vocab, vocab // 2, hidden, hidden + 1,
-            CONTEXT - 1, CONTEXT, CONTEXT + 1, term - 1, term + 1, 2**31 - 1, 2**53]  # fmt: skip
+            context - 1, context, context + 1, term - 1, term + 1, 2**31 - 1, 2**53]  # fmt: skip
     floats = [0.0, -0.0, 1.0, 0.5, 1e-30, 1e30, 3.4e38, -1.0, 99.0]
     strings = ["fz/1", "fz/2", "fz/3", "", mesh["origin"], "127.0.0.1:9", *mesh["addrs"],
                *mesh["ids"], "stale-epoch", "float32", "bfloat16", "int64"]  # fmt: skip
-    tensor = {
-        "dtype": rng.choice(["float32", "int64", "float16"]),
-        "shape": [rng.choice([1, 2, 3]), rng.choice([hidden, hidden - 1, 1])],
-        "data": rng.randbytes(8) * (hidden // 2),
-    }
     by_type = {
         bool: lambda: rng.choice([True, False]),
         int: lambda: rng.choice(ints),
@@ -141,7 +137,11 @@ def catalogue(rng: random.Random, mesh: dict[str, Any], old: Any) -> Any:
         str: lambda: rng.choice(strings),
         bytes: lambda: rng.randbytes(rng.choice([0, 8, 24, 4 * hidden])),
         list: lambda: [rng.choice(ints) for _ in range(rng.randint(0, 4))],
-        dict: lambda: tensor,
+        dict: lambda: {  # a tensor
+            "dtype": rng.choice(["float32", "int64", "float16"]),
+            "shape": [rng.choice([1, 2, 3]), rng.choice([hidden, hidden - 1, 1])],
+            "data": rng.randbytes(8) * (hidden // 2),
+        },
     }
     same = by_type.get(type(old))
     if same is not None and rng.random() < 0.9:
@@ -149,18 +149,12 @@ def catalogue(rng: random.Random, mesh: dict[str, Any], old: Any) -> Any:
     return rng.choice(list(by_type.values()))()
 
 
-def _at(body: Any, path: tuple[Any, ...]) -> Any:
-    for key in path:
-        body = body[key]
-    return body
-
-
 def mutated(rng: random.Random, frame: DataFrame, mesh: dict[str, Any]) -> DataFrame | None:
     """The frame with one to three fields replaced, or None where the wire refuses it."""
     body = cbor2.loads(encode_frame(frame))
     for _ in range(rng.randint(1, 3)):
         path = rng.choice(paths(body))
-        put(body, path, catalogue(rng, mesh, _at(body, path)))
+        put(body, path, catalogue(rng, mesh, at(body, path)))
     try:
         return decode_frame(bytes(cbor2.dumps(body)), mesh["hidden"])
     except (WireError, ValueError, TypeError, OverflowError):
