@@ -323,9 +323,10 @@ class PlanFollower:
         self._seen[frame.session] = (frame.origin, self.clock.now())
         await stage.put(frame)
 
-    def serve_now(self, frame: StepFrame) -> bool:
+    def serve_now(self, frame: StepFrame, at_once: bool = True) -> bool:
         """`serve` a step of the epoch this peer serves, with no switch under way, without
-        waiting; False (nothing done) where it would wait or refuse: `serve` it then."""
+        waiting (its pass run here where it is short and `at_once`: no other step came with
+        it); False (nothing done) where it would wait or refuse: `serve` it then."""
         stage = self.stage
         if stage is None or self._switch.locked():
             return False
@@ -339,7 +340,7 @@ class PlanFollower:
         if new or self._unfit(stage, frame, positions) is not None:
             return False
         self.budget.admit(frame.session, positions, new=False)
-        if not stage.put_now(frame):
+        if not stage.put_now(frame, at_once):
             return False
         self._seen[frame.session] = (frame.origin, self.clock.now())
         return True

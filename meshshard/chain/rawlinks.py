@@ -33,7 +33,7 @@ from typing import Any
 from meshshard.chain.channel import Channel, FrameCodec, opened_token
 from meshshard.errors import MeshShardError
 from meshshard.security import AuthError
-from meshshard.wire import DataFrame, WireError
+from meshshard.wire import DataFrame, StepFrame, WireError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ KEEPALIVE = (10, 2, 3)  # idle seconds, seconds between probes, probes: a vanish
 # for bytes written and not acknowledged (TCP_USER_TIMEOUT), which keepalive does not cover
 UNACKED_MS = 16_000
 
-DispatchNow = Callable[[DataFrame], bool]
+# (frame, more): `more` where a step follows it in what one read brought, which it then waits
+# for rather than running alone at once (a wave's frames come back to back).
+DispatchNow = Callable[[DataFrame, bool], bool]
 Dispatch = Callable[[DataFrame], Awaitable[None]]
 
 
@@ -242,21 +244,29 @@ class RawIn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
+        frames: list[DataFrame] = []
         while not self._closed and len(self._buffer) >= LENGTH.size:
             (size,) = LENGTH.unpack_from(self._buffer)
             most = HELLO_BYTES if self._channel is None else self._listener.codec.max_message
             if size > most:
                 self._refuse(WireError(f"record of {size} bytes exceeds {most}"))
-                return
+                break
             end = LENGTH.size + size
             if len(self._buffer) < end:
-                return
+                break
             record = bytes(self._buffer[LENGTH.size : end])
             del self._buffer[:end]
             if self._channel is None:
                 self._hello(record)
-            else:
-                self._record(self._channel, record)
+            elif (frame := self._open(self._channel, record)) is not None:
+                frames.append(frame)
+        # All that came is opened before any of it runs: a wave's steps read together are
+        # queued together, rather than the first run alone on the loop with the others unread
+        # (the stages after then held each for the others, and the wave stayed split).
+        steps = sum(isinstance(f, StepFrame) for f in frames)
+        for frame in frames:
+            steps -= isinstance(frame, StepFrame)
+            self._take(frame, more=steps > 0)
 
     def _hello(self, record: bytes) -> None:
         listener = self._listener
@@ -272,18 +282,18 @@ class RawIn(asyncio.Protocol):
         self._channel = listener.codec.channel(token, outbound=False)
         self._sender = sender
 
-    def _record(self, channel: Channel, record: bytes) -> None:
+    def _open(self, channel: Channel, record: bytes) -> DataFrame | None:
         try:
-            frame = channel.open(record)
+            return channel.open(record)
         except (WireError, AuthError) as e:
             self._refuse(e)
-            return
-        if frame is None:
-            return
+            return None
+
+    def _take(self, frame: DataFrame, more: bool) -> None:
         taken = False
         if not self._backlog:  # frames behind one that waits wait behind it
             try:
-                taken = self._listener.dispatch_now(frame)
+                taken = self._listener.dispatch_now(frame, more)
             except Exception:  # a bug must cost this frame, not the peer
                 logger.exception("a frame from %s failed", self._sender or self._source)
                 taken = True

@@ -148,15 +148,15 @@ class ChainService:
             case TokenFrame() | ErrorFrame() | HandoffDone():
                 self.origin.deliver(frame)
 
-    def handle_now(self, frame: DataFrame) -> bool:
+    def handle_now(self, frame: DataFrame, more: bool = False) -> bool:
         """`handle_frame` without waiting, from the callback that read the frame (a raw
-        link's): a step whose pass is short runs here. False: nothing done, `handle_frame`
-        it."""
+        link's): a step whose pass is short runs here, unless `more` steps came with it.
+        False: nothing done, `handle_frame` it."""
         match frame:
             case StepFrame() if self.follower.ended(frame.session):
                 return True
             case StepFrame():
-                return self.follower.serve_now(frame)
+                return self.follower.serve_now(frame, at_once=not more)
             case PickFrame():
                 self.follower.take_pick(frame)
                 return True

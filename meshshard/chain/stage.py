@@ -113,14 +113,15 @@ class StageWorker:
             return
         self._accept(frame)
 
-    def put_now(self, frame: StepFrame) -> bool:
-        """`put` without waiting: False (and nothing done) where it would wait, for room in
-        the queue or for the model thread."""
+    def put_now(self, frame: StepFrame, at_once: bool = True) -> bool:
+        """`put` without waiting (and its pass run here, where `_run_now` can and `at_once`):
+        False (and nothing done) where it would wait, for room in the queue or for the model
+        thread."""
         if frame.head:
             return self.first_head.put_now(frame)
         if len(self.schedule.queue) >= MAX_QUEUE or self._closing:
             return False
-        self._accept(frame)
+        self._accept(frame, at_once)
         return True
 
     def unfit(self, frame: StepFrame) -> str | None:

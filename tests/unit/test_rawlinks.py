@@ -32,6 +32,7 @@ class Received:
     now: list[DataFrame] = field(default_factory=list)
     later: list[DataFrame] = field(default_factory=list)
     order: list[DataFrame] = field(default_factory=list)  # both, as they were handed over
+    more: list[bool] = field(default_factory=list)  # each offered now: did a step follow it
 
 
 class Watch(Unwatched):
@@ -60,7 +61,8 @@ async def raw_linked(
     refusals = Refusals()
     gate = ConnectionGate(4, 8)
 
-    def now(frame: DataFrame) -> bool:
+    def now(frame: DataFrame, more: bool) -> bool:
+        got.more.append(more)
         if not accept_now(frame):
             return False
         got.now.append(frame)
@@ -240,4 +242,30 @@ async def test_frames_split_across_reads_are_joined() -> None:
         await until(lambda: len(got.now) == 3)
         writer.close()
     assert [f.step for f in got.now if isinstance(f, StepFrame)] == [0, 1, 2]
+    assert refusals.count == 0
+
+
+async def test_frames_read_together_are_all_opened_before_any_is_taken() -> None:
+    """Steps that one read brings (a wave's, written back to back) are offered with word that
+    another step follows, so a stage queues them together instead of running the first alone
+    while the rest are unread; the last step, and frames after it, go without."""
+    codec = codec_of(new_key())
+    token, hello = sealed_token(codec.sealer, ADDR)
+    channel = codec.channel(token, outbound=True)
+    frames = [
+        step("a", 1),
+        TokenFrame(EPOCH, "x", 1, (7,)),
+        step("b", 1),
+        step("c", 1),
+        TokenFrame(EPOCH, "y", 1, (8,)),
+    ]
+    data = record(hello) + b"".join(record(channel.seal(f)[0]) for f in frames)
+    async with raw_linked(codec) as (_, got, refusals, port):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)  # one write, one read on loopback
+        await writer.drain()
+        await until(lambda: len(got.now) == 5)
+        writer.close()
+    assert got.now == frames
+    assert got.more == [True, True, True, False, False]
     assert refusals.count == 0

@@ -612,3 +612,50 @@ async def test_a_lone_step_at_an_idle_stage_runs_and_goes_out_where_it_arrives(
         await asyncio.gather(task, return_exceptions=True)
     assert tokens(later) == [(truth[1],), (truth[3],)]
     assert worker.batches == 3
+
+
+async def test_steps_read_together_wait_for_each_other_rather_than_run_one_at_once(
+    tiny_model: Path,
+) -> None:
+    """A raw link's read brought two sessions' steps (a wave's, back to back): the first is
+    queued, not run alone in `put_now` with the second still unread, and one pass runs both."""
+    shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
+    truths = []
+    for name, prompt in (("s", PROMPTS[0]), ("t", PROMPTS[1])):
+        shard.prefill(name, torch.tensor(prompt))
+        truths.append(greedy(tiny_model, prompt, 3))
+    now: list[DataFrame] = []
+    later: list[DataFrame] = []
+
+    async def send(addr: str, frame: DataFrame) -> None:
+        later.append(frame)
+
+    def send_now(addr: str, frame: DataFrame) -> bool:
+        now.append(frame)
+        return True
+
+    def stepped(i: int, n: int) -> StepFrame:
+        name, prompt = ("s", "t")[i], PROMPTS[i]
+        return replace(step(name, len(prompt) + n, [truths[i][n]], ()), step=n + 1)
+
+    worker = StageWorker(shard, EPOCH, None, send, send_now=send_now)
+    task = asyncio.create_task(worker.run())
+    try:
+        for i in range(2):  # each alone: a lone step's pass is measured short here
+            await worker.put(stepped(i, 0))
+            while len(later) + len(now) < i + 1:
+                await asyncio.sleep(0.01)
+        passes, sent = worker.batches, len(now) + len(later)
+        assert worker.put_now(stepped(0, 1), at_once=False)
+        assert len(now) + len(later) == sent  # queued, not run
+        assert worker.put_now(stepped(1, 1))  # the last of the read: two wait, so not run here
+        assert len(now) + len(later) == sent
+        while len(now) + len(later) < sent + 2:
+            await asyncio.sleep(0.01)
+    finally:
+        await worker.close("done")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert worker.batches == passes + 1
+    got = {(f.session, f.tokens) for f in now + later if isinstance(f, TokenFrame)}
+    assert {("s", (truths[0][2],)), ("t", (truths[1][2],))} <= got
