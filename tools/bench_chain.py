@@ -15,14 +15,15 @@ thread measured in turns with it, answer for answer, in the same minutes), and
 aggregate tokens/s with 4 concurrent sessions, and with 1 and 8 in turns (`--repeats` pairs;
 8 vs 1 is the median of the pairs' ratios, each pair measured within seconds); where one
 answer's time per token goes (each stage's passes, wall and CPU); bytes sent per token per
-hop; and on the 2-peer mesh, the longest gap between the tokens of answers that are decoding
-while a 2,000-token prompt is prefilled, against their usual gap; and the CPU time the
+hop; and on a 2-peer mesh (one wave) and a 3-peer mesh (two waves) with room for it, the
+longest gap between the tokens of answers that are decoding while a 2,000-token prompt is
+prefilled, against their usual gap; and the CPU time the
 hypervisor gave to other guests while each kind of run ran (tools/steal.py). Peers decode
 one token per pass (`--speculate 0`), as the single process does, and keep the mesh's
 default (LAN) timings, as `meshshard up` and the demo do (the tests' shrunk timings probe
 and gossip several times as often). The peers' logs go to a temporary folder, removed at the
 end, or are kept in `--logs` (a peer's log, by name, holds every mesh it was part of, one
-after another: the gap's last).
+after another: the gaps' last).
 """
 
 from __future__ import annotations
@@ -207,12 +208,16 @@ def running(
             p.kill()
 
 
-def gap_mesh(logs: Path) -> contextlib.AbstractContextManager[list[Peer]]:
-    """The prefill gap's mesh. Two peers of 600 MB planned for 4,096 tokens of context: the
-    benchmark's meshes have no KV room for the long prompt beside the running answers (the
-    plan packs units up to a 2,048-token context), and three peers with room would plan two
-    stages."""
-    return running(2, "600MB", logs, extra=("--context", "4096"))
+GAP_MEMORY = {2: "600MB", 3: "360MB"}
+
+
+def gap_mesh(logs: Path, peers: int = 2) -> contextlib.AbstractContextManager[list[Peer]]:
+    """The prefill gap's meshes, planned for 4,096 tokens of context: the benchmark's meshes
+    have no KV room for the long prompt beside the running answers (the plan packs units up
+    to a 2,048-token context). Two peers of 600 MB plan one wave; three of 360 MB plan three
+    stages in two waves, where a prompt going through could merge the waves
+    (docs/experiments/prompt-waves.txt)."""
+    return running(peers, GAP_MEMORY[peers], logs, extra=("--context", "4096"))
 
 
 def plan_words(peer: Peer) -> str:
@@ -421,14 +426,19 @@ def main() -> None:
             "activation bytes per token per hop: 2304 (float32, hidden 576); "
             "token back to the origin: 4 bytes + framing"
         )
-        with gap_mesh(Path(logs)) as procs:
-            gap = prefill_gap(procs[0].url)
-    print(
-        f"2-peer mesh (600 MB each, --context 4096), 2 answers decoding while a "
-        f"{gap['prompt_tokens']}-token prompt is prefilled ({gap['prefill_s']:.1f} s): longest gap "
-        f"{gap['longest_gap_ms']:.0f} ms, usual {gap['usual_gap_ms']:.0f} ms, "
-        f"ratio {gap['gap_ratio']:.2f}"
-    )
+        gaps = {}
+        for peers in (2, 3):
+            with gap_mesh(Path(logs), peers) as procs:
+                waves = (procs[0].status() or {}).get("plan", {}).get("waves")
+                gaps[peers] = (waves, prefill_gap(procs[0].url))
+    for peers, (waves, gap) in gaps.items():
+        print(
+            f"{peers}-peer mesh ({GAP_MEMORY[peers].replace('MB', ' MB')} each, --context 4096, "
+            f"{waves} wave{'s' * (waves != 1)}), 2 answers decoding while a "
+            f"{gap['prompt_tokens']}-token prompt is prefilled ({gap['prefill_s']:.1f} s): "
+            f"longest gap {gap['longest_gap_ms']:.0f} ms, usual {gap['usual_gap_ms']:.0f} ms, "
+            f"ratio {gap['gap_ratio']:.2f}"
+        )
     plots.bars("chain", "SmolLM2-135M on loopback: aggregate tokens/s", "tokens/s", groups)
 
 

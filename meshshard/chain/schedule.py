@@ -83,8 +83,9 @@ class Schedule:
         a pass of it would end."""
         decodes: list[StepFrame] = []
         others: list[StepFrame] = []
+        waiting = {frame.session for frame in self.queue}
+        wave = wave_rows(self._arrivals.decoding(self.shard.sessions, waiting), self.waves)
         seen: set[str] = set()
-        wave = wave_rows(len(self.shard.sessions), self.waves)
         for frame in self.queue:
             if frame.session in seen:
                 continue
@@ -98,14 +99,14 @@ class Schedule:
             # stage's cache ends); in a packed pass it would start afresh at position 0.
             self.queue.remove(stray)
             return [stray]
-        if decodes and len(decodes) < wave and (hold := self._hold(seen, now)):
+        if decodes and len(decodes) < wave and (hold := self._hold(waiting, now)):
             return hold
         self._holding_since = None
         prompts: list[StepFrame] = []
         if others:
             # Beside decode steps, a slice's rows; alone, what ends before decode steps due.
             most = self.busy_rows(others[0], len(decodes)) if decodes else None
-            if not decodes and (room := self._room(seen, now)) is not None:
+            if not decodes and (room := self._room(waiting, now)) is not None:
                 most, pause = room
                 if most < MIN_SLICE:
                     return pause  # decode steps are due: the prompt goes with them
@@ -117,6 +118,9 @@ class Schedule:
                 prompts = [self._slice(others[0], most, MIN_BESIDE if decodes else MIN_SLICE)]
         for frame in decodes:
             self.queue.remove(frame)
+        for frame in prompts:
+            if frame.sample:
+                self._arrivals.through(frame.session)
         self._arrivals.ran([f.session for f in decodes])
         return (fitted(decodes) if len(decodes) > 1 else decodes) + prompts
 

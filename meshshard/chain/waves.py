@@ -69,6 +69,7 @@ class Arrivals(Generic[K]):
     def __init__(self) -> None:
         self._seen: dict[K, _Seen] = {}
         self._wave: dict[K, int] = {}  # the decode pass each session was last in here
+        self._prompting: set[K] = set()  # sessions whose last step here was not a decode step
         self._passes = 0
 
     def ran(self, decoding: Collection[K]) -> None:
@@ -84,10 +85,27 @@ class Arrivals(Generic[K]):
         before = self._seen.get(session)
         if not decode:
             self._seen.pop(session, None)
-        elif before is None:
+            self._prompting.add(session)
+            return
+        self._prompting.discard(session)
+        if before is None:
             self._seen[session] = _Seen(now, None)
         else:
             self._seen[session] = _Seen(now, now - before.at)
+
+    def through(self, session: K) -> None:
+        """The last rows of `session`'s prompt (or feed) went into a pass here: it decodes
+        next."""
+        self._prompting.discard(session)
+
+    def decoding(self, live: Collection[K], waiting: Collection[K]) -> int:
+        """How many of the `live` sessions ride in waves: all but those whose prompt (or a
+        feed after a replay) is going through here. A prompt's session counted in would
+        let one wave take the rows of two while it goes through, and the plan's waves, kept
+        apart by `wave_rows`, would ride as one for as long as the prompt took. A prompt
+        still `waiting` for its first pass here is not live yet and is kept in mind."""
+        self._prompting &= set(live) | set(waiting)
+        return sum(1 for session in live if session not in self._prompting)
 
     def hold(
         self,
