@@ -323,7 +323,7 @@ class PlanFollower:
         self._seen[frame.session] = (frame.origin, self.clock.now())
         await stage.put(frame)
 
-    def serve_now(self, frame: StepFrame, at_once: bool = True) -> bool:
+    def serve_now(self, frame: StepFrame, at_once: bool) -> bool:
         """`serve` a step of the epoch this peer serves, with no switch under way, without
         waiting (its pass run here where it is short and `at_once`: no other step came with
         it); False (nothing done) where it would wait or refuse: `serve` it then."""

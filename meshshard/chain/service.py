@@ -148,7 +148,7 @@ class ChainService:
             case TokenFrame() | ErrorFrame() | HandoffDone():
                 self.origin.deliver(frame)
 
-    def handle_now(self, frame: DataFrame, more: bool = False) -> bool:
+    def handle_now(self, frame: DataFrame, more: bool) -> bool:
         """`handle_frame` without waiting, from the callback that read the frame (a raw
         link's): a step whose pass is short runs here, unless `more` steps came with it.
         False: nothing done, `handle_frame` it."""
