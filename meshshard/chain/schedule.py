@@ -83,30 +83,27 @@ class Schedule:
         a pass of it would end."""
         decodes: list[StepFrame] = []
         others: list[StepFrame] = []
-        waiting = {frame.session for frame in self.queue}
-        wave = wave_rows(self._arrivals.decoding(self.shard.sessions, waiting), self.waves)
         seen: set[str] = set()
         for frame in self.queue:
             if frame.session in seen:
                 continue
             seen.add(frame.session)
-            if not self.decodable(frame):
-                others.append(frame)
-            elif len(decodes) < wave:
-                decodes.append(frame)
+            (decodes if self.decodable(frame) else others).append(frame)
+        wave = wave_rows(self._arrivals.decoding(self.shard.sessions, seen), self.waves)
+        del decodes[wave:]
         if (stray := next((f for f in others if not self.continues(f)), None)) is not None:
             # Alone: its pass meets the miss and says so (unknown session, or where the
             # stage's cache ends); in a packed pass it would start afresh at position 0.
             self.queue.remove(stray)
             return [stray]
-        if decodes and len(decodes) < wave and (hold := self._hold(waiting, now)):
+        if decodes and len(decodes) < wave and (hold := self._hold(seen, now)):
             return hold
         self._holding_since = None
         prompts: list[StepFrame] = []
         if others:
             # Beside decode steps, a slice's rows; alone, what ends before decode steps due.
             most = self.busy_rows(others[0], len(decodes)) if decodes else None
-            if not decodes and (room := self._room(waiting, now)) is not None:
+            if not decodes and (room := self._room(seen, now)) is not None:
                 most, pause = room
                 if most < MIN_SLICE:
                     return pause  # decode steps are due: the prompt goes with them
