@@ -93,16 +93,16 @@ def main() -> None:
     products = all_products(shard)
     new = (P.SWEEP_BYTES, P._seconds, P.RUNS)
 
-    def choose(sweep: int, timer: P.Timer, runs: int) -> tuple[list[P.Choice], float]:
+    def choose(sweep: int, timer: P.Timer, runs: int) -> tuple[list[tuple[str, ...]], float]:
         P._chosen.clear()
         P.SWEEP_BYTES, P.RUNS = sweep, runs
         start = time.perf_counter()
         fused.choose_products(layers, timer)
         P.choose([shard.lm_head.product], P.FORMS, timer)  # as Shard.load's head
-        return [(p.forms, p.pads) for p in products], time.perf_counter() - start
+        return [p.forms for p in products], time.perf_counter() - start
 
     print(f"forms for rows {P.ROWS} (l linear, b blocked, p parts, t turned), layer 0 and head")
-    sets: dict[str, list[P.Choice]] = {}
+    sets: dict[str, list[tuple[str, ...]]] = {}
     for trial in range(args.trials):
         for name, how in (("8 MB wall", (OLD_SWEEP, wall, OLD_RUNS)), ("now", new)):
             forms, took = choose(*how)
@@ -119,8 +119,8 @@ def main() -> None:
         with sessions(shard, rows) as names:
             for _ in range(6):
                 for key, forms in sets.items():
-                    for p, (f, pads) in zip(products, forms, strict=True):
-                        p.forms, p.pads = f, pads
+                    for p, f in zip(products, forms, strict=True):
+                        p.forms = f
                     took[key].append(timed_pass(shard, names))
         print(f"{rows:>4}  " + "  ".join(f"{min(v):>13.1f}" for v in took.values()))
     print("blocked/linear time, each shape's products, over 8 MB of its matrices | all 14 layers':")

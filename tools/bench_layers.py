@@ -268,13 +268,12 @@ def main() -> None:
     # Passes of several rows, with every product through torch's linear too (what the fused
     # layers would do without the forms chosen at load).
     wide: dict[str, dict[int, list[float]]] = {m: {} for m in (*MODES, "fused, linear")}
-    chosen = {id(p): (p.forms, p.pads) for p in all_products(whole["fused"][0])}
-    plain = ((LINEAR,) * len(ROWS), (0,) * len(ROWS))
+    chosen = {id(p): p.forms for p in all_products(whole["fused"][0])}
     for _ in range(args.repeats):
         for name in wide:
             shard = whole["transformers" if name == "transformers" else "fused"][0]
             for p in all_products(whole["fused"][0]):
-                p.forms, p.pads = plain if name == "fused, linear" else chosen[id(p)]
+                p.forms = (LINEAR,) * len(ROWS) if name == "fused, linear" else chosen[id(p)]
             for n in BATCH_ROWS:
                 wide[name].setdefault(n, []).append(batched(shard, n))
     med = {m: {k: statistics.median(v) for k, v in rows[m].items()} for m in MODES}

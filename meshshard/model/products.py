@@ -8,25 +8,19 @@ depends on the host, the matrix and the row count:
 - turned: W @ xᵀ; one machine ran SmolLM2's head 2.07x slower for 2 rows than for one
   through linear and 1.07x through W @ xᵀ; another, later, 1.06x through linear and 3.31x
   through W @ xᵀ (`tools/bench_head.py`, docs/benchmarks/head*.txt). Its input is made
-  contiguous first: its output is xᵀ's layout, and W @ (that)ᵀ ran 5x slower on a later
-  machine (the down matrix after a turned gate/up), which is why W @ xᵀ, timed alone on
-  contiguous rows, once made whole passes no faster;
+  contiguous first: its output has xᵀ's layout, and W @ (that)ᵀ ran 5x slower on a later
+  machine (docs/experiments/one-row.txt);
 - blocked: linear on BLOCK rows of W at a time, joined. On this project's test host linear
   costs for 4 to 15 rows as if it read W again for every few rows (8 rows 2.6-2.9x one, W in
   cache or not), so a block small enough to stay in a core's L2 is read from there the
   second time: SmolLM2's 30 gate/up matrices took 42.7 ms for 8 rows through linear, 27.6
   blocked, and whole passes of 8 rows 82-92 ms against 110-112 (docs/benchmarks/layers.txt);
-- parts: a joined matrix (q/k/v, gate/up) as the matrices it joins;
-- padded: x with zero rows added up to a larger row count, through that count's form, the
-  added rows' outputs dropped. The thirty-sixth session's machine (AMD EPYC, torch's MKL)
-  ran one row's gate/up product in 10.4 ms through linear and two rows' in 5.9 through
-  W @ xᵀ, and 3 rows' products slower than 4 rows' (docs/benchmarks/padded.txt).
+- parts: a joined matrix (q/k/v, gate/up) as the matrices it joins.
 
 So a shard times the forms at load, once per process and shape, over its first SWEEP_BYTES
 of matrices of that shape (a pass reads each once: one matrix timed again and again would be
-found in cache), and passes of a few rows use the fastest, padded to a larger count where
-that count's fastest is faster still (no more timing: the counts' own times). Prompt
-chunks of more rows than timed keep linear, as does every device but a CPU.
+found in cache), and passes of a few rows use the fastest. One row, and prompt chunks of more
+rows than timed, keep linear, as does every device but a CPU.
 """
 
 from __future__ import annotations
@@ -41,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # row counts timed; others use the next count below
+ROWS = (2, 3, 4, 6, 8, 12, 16)  # row counts timed; others use the next count below
 LINEAR, TURNED, BLOCKED, PARTS = "linear", "turned", "blocked", "parts"
 FORMS = (LINEAR, TURNED, BLOCKED)
 BLOCK = 128  # rows of W a blocked product takes at a time (295 KB of float32 at 576 inputs)
@@ -54,10 +48,8 @@ RUNS = 2  # of each form, in turns; the fastest counts (other work on the host o
 # rows ran 1.12-1.24x as long for them (docs/benchmarks/forms.txt).
 SWEEP_BYTES = 64 * 2**20
 
-Choice = tuple[tuple[str, ...], tuple[int, ...]]  # per row count: its form, the rows it pads to
-
 Timer = Callable[[Callable[[], object]], float]
-_chosen: dict[tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]], Choice] = {}
+_chosen: dict[tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]], tuple[str, ...]] = {}
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -72,13 +64,12 @@ def _seconds(fn: Callable[[], object]) -> float:
 class Product:
     """x @ Wᵀ for one weight W [out, in], in the form chosen for x's row count."""
 
-    __slots__ = ("_splits", "forms", "pads", "weight")
+    __slots__ = ("_splits", "forms", "weight")
 
     def __init__(self, weight: torch.Tensor, parts: Sequence[int] = ()) -> None:
         """`parts`: the row counts of the matrices W joins, if any (a form runs them apart)."""
         self.weight = weight
         self.forms: tuple[str, ...] = (LINEAR,) * len(ROWS)
-        self.pads: tuple[int, ...] = (0,) * len(ROWS)  # rows x is padded to; 0: none
         # Views of W's rows, for the forms that run it piece by piece: nothing is held twice.
         self._splits = {BLOCKED: list(weight.split(BLOCK))}
         if parts:
@@ -86,23 +77,19 @@ class Product:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > ROWS[-1]:
+        if rows < ROWS[0] or rows > ROWS[-1]:
             return F.linear(x, self.weight)
-        at = bisect.bisect_right(ROWS, rows) - 1
-        form, pad = self.forms[at], self.pads[at]
-        if form == LINEAR and not pad:
+        form = self.forms[bisect.bisect_right(ROWS, rows) - 1]
+        if form == LINEAR:
             return F.linear(x, self.weight)
         flat = x.reshape(rows, x.shape[-1])
-        if pad:
-            flat = F.pad(flat, (0, 0, 0, pad - rows))
-        out = self.run(form, flat)[:rows]
-        return out.reshape(*x.shape[:-1], self.weight.shape[0])
+        return self.run(form, flat).reshape(*x.shape[:-1], self.weight.shape[0])
 
     def part(self, start: int, end: int) -> Product:
         """The product of W's rows [start, end), in the forms chosen for all of W (cut at
         whole blocks, its blocked form runs the blocks W's does: the same numbers)."""
         part = Product(self.weight[start:end])
-        part.forms, part.pads = self.forms, self.pads
+        part.forms = self.forms
         return part
 
     def run(self, form: str, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +110,11 @@ def choose(
     products: Iterable[Product], forms: Sequence[str] = (LINEAR, BLOCKED), timer: Timer = _seconds
 ) -> None:
     """Give each product the fastest of `forms` per row count for its weight's shape here,
-    timing each shape once per process over `products` of that shape."""
+    timing each shape once per process over `products` of that shape. (W @ xᵀ is left out
+    unless asked for: chosen for decoder layers this way, it made whole passes no faster,
+    though each product alone was, its output's layout slowing the next product; with its
+    input made contiguous, and one row timed too, passes ran faster but moved the mesh's
+    balance of decode steps and prompt slices: docs/data-plane.md, *One row as two*.)"""
     by_shape: dict[tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]], list[Product]]
     by_shape = defaultdict(list)
     for p in products:
@@ -133,14 +124,14 @@ def choose(
         if key not in _chosen:
             _chosen[key] = _fastest_forms(same, forms, timer)
         for p in same:
-            p.forms, p.pads = _chosen[key]
+            p.forms = _chosen[key]
 
 
 @torch.inference_mode()
-def _fastest_forms(same: list[Product], forms: Sequence[str], timer: Timer) -> Choice:
+def _fastest_forms(same: list[Product], forms: Sequence[str], timer: Timer) -> tuple[str, ...]:
     weight = same[0].weight
     timed = same[: max(1, SWEEP_BYTES // (weight.numel() * weight.element_size()))]
-    own: list[tuple[float, str]] = []  # each count's time and form
+    chosen = []
     for n in ROWS:
         x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
         took = dict.fromkeys(forms, float("inf"))
@@ -148,15 +139,8 @@ def _fastest_forms(same: list[Product], forms: Sequence[str], timer: Timer) -> C
             for form in forms:
                 took[form] = min(took[form], timer(partial(_sweep, form, x, timed)))
         best = min(forms, key=took.__getitem__)
-        best = best if took[best] <= FASTER * took[LINEAR] else LINEAR
-        own.append((took[best], best))
-    # Every count of a bucket fits in any larger timed count: it runs as the cheapest one, in
-    # that count's form. No margin, as a form has over linear: counts timed alike cost alike
-    # either way, and products timed apart understate what padding saves in a pass (3 rows
-    # as 4 saved 1.9 ms of these products and 5.5-6.3 ms of a pass, docs/benchmarks/padded.txt).
-    runs = [min(range(i, len(ROWS)), key=lambda k: own[k][0]) for i in range(len(ROWS))]
-    forms_run = tuple(own[j][1] for j in runs)
-    return forms_run, tuple(ROWS[j] if j > i else 0 for i, j in enumerate(runs))
+        chosen.append(best if took[best] <= FASTER * took[LINEAR] else LINEAR)
+    return tuple(chosen)
 
 
 class RowsLinear(nn.Linear):

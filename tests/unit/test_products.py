@@ -30,18 +30,16 @@ Timer = Callable[[Callable[[], object]], float]
 
 
 def fake_timer(wins: dict[int, str], seen: list[tuple[str, int, int]] | None = None) -> Timer:
-    """Times as if the form `wins[rows]` took 0.85 of linear's time and the others twice,
-    linear's time growing with the rows (so none is padded)."""
+    """Times as if the form `wins[rows]` took half of linear's time and the others twice."""
 
     def timer(fn: Callable[[], object]) -> float:
         assert isinstance(fn, partial)
         form, x, timed = fn.args
         if seen is not None:
             seen.append((form, x.shape[0], len(timed)))
-        rows = x.shape[0]
         if form == LINEAR:
-            return 1.0 * rows
-        return (0.85 if wins.get(rows) == form else 2.0) * rows
+            return 1.0
+        return 0.5 if wins.get(x.shape[0]) == form else 2.0
 
     return timer
 
@@ -82,54 +80,6 @@ def test_a_shape_is_timed_over_its_matrices_up_to_the_sweep_size(
     assert many[0].forms[ROWS.index(3)] == BLOCKED
 
 
-def count_timer(took: dict[int, float]) -> Timer:
-    """Times linear at `took[rows]` and every other form at twice that."""
-
-    def timer(fn: Callable[[], object]) -> float:
-        assert isinstance(fn, partial)
-        form, x, _ = fn.args
-        return took[x.shape[0]] * (1 if form == LINEAR else 2)
-
-    return timer
-
-
-def test_a_count_runs_padded_to_a_larger_count_that_is_faster() -> None:
-    """A BLAS may take a slower path for some row counts (one host: one row's gate/up product
-    10.4 ms, two rows' 5.9 through W @ xᵀ; 3 rows' products slower than 4 rows'): one row
-    then runs as 2 and 3 rows as 4, the added rows' outputs dropped."""
-    took = dict(zip(ROWS, (1.0, 0.6, 2.0, 1.0, 1.5, 2.0, 3.0, 4.0), strict=True))
-    p = Product(torch.randn(30, 40))
-    choose([p], (LINEAR, BLOCKED), count_timer(took))
-    assert p.pads == tuple({1: 2, 3: 4}.get(n, 0) for n in ROWS)
-    assert p.forms == (LINEAR,) * len(ROWS)
-
-
-def test_a_count_runs_as_the_cheapest_count_it_fits() -> None:
-    """Padding has no margin: counts timed alike cost alike either way."""
-    took = dict(zip(ROWS, (1.0, 1.0, 1.2, 1.2, 1.5, 2.0, 3.0, 4.0), strict=True))
-    p = Product(torch.randn(30, 40))
-    choose([p], (LINEAR, BLOCKED), count_timer(took))
-    assert p.pads == (0, 0, 0, 0, 0, 0, 0, 0) and p.forms == (LINEAR,) * len(ROWS)
-    took = dict(zip(ROWS, (1.0, 1.0, 0.95, 0.9, 1.5, 2.0, 3.0, 4.0), strict=True))
-    choose([q := Product(torch.randn(31, 40))], (LINEAR, BLOCKED), count_timer(took))
-    assert q.pads == (4, 4, 4, 0, 0, 0, 0, 0)
-
-
-def test_a_padded_count_runs_in_the_larger_counts_form() -> None:
-    took = dict(zip(ROWS, (1.0, 1.5, 3.0, 1.0, 1.5, 2.0, 3.0, 4.0), strict=True))
-    by_count = count_timer(took)
-
-    def timer(fn: Callable[[], object]) -> float:  # blocked wins at 4 rows
-        assert isinstance(fn, partial)
-        form, x, _ = fn.args
-        return 0.5 if (form, x.shape[0]) == (BLOCKED, 4) else by_count(fn)
-
-    p = Product(torch.randn(30, 40))
-    choose([p], (LINEAR, BLOCKED), timer)
-    at = ROWS.index(3)
-    assert (p.forms[at], p.pads[at]) == (BLOCKED, 4)
-
-
 def test_a_single_threaded_form_is_timed_by_its_cpu_not_by_pauses() -> None:
     """A CPU quota pauses a process mid-product; the pause is not the form's."""
     threads = torch.get_num_threads()
@@ -155,10 +105,20 @@ def test_every_form_gives_linears_values(shape: tuple[int, ...]) -> None:
     x = torch.randn(shape)
     want = F.linear(x, weight)
     for form in (*FORMS, PARTS):
-        for pad in (0, ROWS[-1]):
-            p = Product(weight, parts=(100, 150, 50))
-            p.forms, p.pads = (form,) * len(ROWS), (pad,) * len(ROWS)
-            torch.testing.assert_close(p(x), want)
+        p = Product(weight, parts=(100, 150, 50))
+        p.forms = (form,) * len(ROWS)
+        torch.testing.assert_close(p(x), want)
+
+
+def test_every_form_takes_rows_laid_out_as_columns() -> None:
+    """What W @ xᵀ gives out is laid out as xᵀ: the next product's input, as it comes."""
+    weight = torch.randn(300, 40)
+    x = torch.randn(40, 3).T
+    assert not x.is_contiguous()
+    for form in FORMS:
+        p = Product(weight)
+        p.forms = (form,) * len(ROWS)
+        torch.testing.assert_close(p(x), F.linear(x, weight))
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -173,8 +133,7 @@ def test_a_part_cut_at_whole_blocks_gives_the_wholes_numbers_in_its_form(form: s
         want = whole(x)
         for start, end in ((0, 2 * BLOCK), (2 * BLOCK, 5 * BLOCK)):
             part = whole.part(start, end)
-            assert (part.forms, part.pads) == (whole.forms, whole.pads)
-            assert part.weight.data_ptr() == weight[start].data_ptr()
+            assert part.forms == whole.forms and part.weight.data_ptr() == weight[start].data_ptr()
             got = part(x)
             if form == BLOCKED:
                 assert torch.equal(got, want[:, start:end])
@@ -188,7 +147,7 @@ def test_a_shards_fused_layers_share_one_choice_per_shape(tiny_llama_shard: obje
     for kind in ("qkv", "o", "gate_up", "down"):
         mine = [getattr(f, kind) for f in layers]
         key = next(k for k in products._chosen if k[0] == tuple(mine[0].weight.shape))
-        assert all((p.forms, p.pads) == products._chosen[key] for p in mine)
+        assert all(p.forms == products._chosen[key] for p in mine)
     assert (
         PARTS in next(k for k in products._chosen if k[0] == tuple(layers[0].qkv.weight.shape))[3]
     )
@@ -210,16 +169,14 @@ def test_fused_layers_give_the_same_rows_whatever_the_forms(tiny_llama_shard: ob
         torch.randn(n, hidden, generator=torch.Generator().manual_seed(n)) for n in (1, 3, 2, 1)
     ]
     out = {}
-    for form in (LINEAR, PARTS, BLOCKED, TURNED, "padded"):
-        pads = (ROWS[-1] if form == "padded" else 0,) * len(ROWS)
+    for form in (LINEAR, PARTS, BLOCKED):
         for f in layers:
             for p in (f.qkv, f.gate_up):
-                p.forms, p.pads = (LINEAR if form == "padded" else form,) * len(ROWS), pads
+                p.forms = (form,) * len(ROWS)
             for p in (f.o, f.down):
-                p.forms = (form if form in (BLOCKED, TURNED) else LINEAR,) * len(ROWS)
-                p.pads = pads
+                p.forms = (BLOCKED if form == BLOCKED else LINEAR,) * len(ROWS)
         sessions = [f"{form}-{i}" for i in range(len(rows))]
         out[form] = shard.decode_batch(sessions, rows)  # type: ignore[attr-defined]
-    for form in (PARTS, BLOCKED, TURNED, "padded"):
+    for form in (PARTS, BLOCKED):
         for got, want in zip(out[form], out[LINEAR], strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
