@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshshard.model import products, rowcache
-from meshshard.model.products import BLOCKED, LINEAR, PARTS, Product
+from meshshard.model.products import BLOCKED, LINEAR, PARTS, TURNED, Product
 
 
 def fuse(layer: Any, config: Any) -> FusedLayer | None:
@@ -91,8 +91,8 @@ class FusedLayer:
 def choose_products(layers: list[FusedLayer], timer: products.Timer = products._seconds) -> None:
     """Time the forms of the layers' products, all of a shape together (once a process)."""
     joined = [p for f in layers for p in (f.qkv, f.gate_up)]
-    products.choose(joined, (LINEAR, PARTS, BLOCKED), timer)
-    products.choose([p for f in layers for p in (f.o, f.down)], timer=timer)
+    products.choose(joined, (LINEAR, PARTS, BLOCKED, TURNED), timer)
+    products.choose([p for f in layers for p in (f.o, f.down)], (LINEAR, BLOCKED, TURNED), timer)
 
 
 def _join(module: nn.Module, names: tuple[str, ...]) -> Product:

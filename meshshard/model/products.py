@@ -7,9 +7,9 @@ depends on the host, the matrix and the row count:
 - linear: torch's x @ Wᵀ;
 - turned: W @ xᵀ; one machine ran SmolLM2's head 2.07x slower for 2 rows than for one
   through linear and 1.07x through W @ xᵀ; another, later, 1.06x through linear and 3.31x
-  through W @ xᵀ (`tools/bench_head.py`, docs/benchmarks/head*.txt). Its input is made
-  contiguous first: its output has xᵀ's layout, and W @ (that)ᵀ ran 5x slower on a later
-  machine (docs/experiments/one-row.txt);
+  through W @ xᵀ (`tools/bench_head.py`, docs/benchmarks/head*.txt). Its input and its
+  output are made contiguous: the output of W @ xᵀ has xᵀ's layout, and W @ (that)ᵀ ran 5x
+  slower on a later machine (docs/experiments/one-row.txt), a 3-row pass 1.2x;
 - blocked: linear on BLOCK rows of W at a time, joined. On this project's test host linear
   costs for 4 to 15 rows as if it read W again for every few rows (8 rows 2.6-2.9x one, W in
   cache or not), so a block small enough to stay in a core's L2 is read from there the
@@ -19,8 +19,10 @@ depends on the host, the matrix and the row count:
 
 So a shard times the forms at load, once per process and shape, over its first SWEEP_BYTES
 of matrices of that shape (a pass reads each once: one matrix timed again and again would be
-found in cache), and passes of a few rows use the fastest. One row, and prompt chunks of more
-rows than timed, keep linear, as does every device but a CPU.
+found in cache), and passes of a few rows use the fastest. Prompt chunks of more rows than
+timed keep linear, as does every device but a CPU. So does one row: run as two rows through
+W @ xᵀ it was faster still on one machine, but that moved the mesh's balance of decode steps
+and prompt slices (docs/data-plane.md, *One row as two, three as four*).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class Product:
     def run(self, form: str, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] through `form`."""
         if form == TURNED:
-            return (self.weight @ x.contiguous().T).T
+            return (self.weight @ x.contiguous().T).T.contiguous()
         if form in self._splits:
             return torch.cat([F.linear(x, w) for w in self._splits[form]], dim=-1)
         return F.linear(x, self.weight)
@@ -110,11 +112,7 @@ def choose(
     products: Iterable[Product], forms: Sequence[str] = (LINEAR, BLOCKED), timer: Timer = _seconds
 ) -> None:
     """Give each product the fastest of `forms` per row count for its weight's shape here,
-    timing each shape once per process over `products` of that shape. (W @ xᵀ is left out
-    unless asked for: chosen for decoder layers this way, it made whole passes no faster,
-    though each product alone was, its output's layout slowing the next product; with its
-    input made contiguous, and one row timed too, passes ran faster but moved the mesh's
-    balance of decode steps and prompt slices: docs/data-plane.md, *One row as two*.)"""
+    timing each shape once per process over `products` of that shape."""
     by_shape: dict[tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]], list[Product]]
     by_shape = defaultdict(list)
     for p in products:

@@ -81,12 +81,14 @@ class DeviceProfile:
 # rather than 16 positions: 10; batched passes by CPU time on a CPU: 11; products' forms
 # timed over 64 MB by CPU time, which chooses them differently for 4-7 rows: 12; batches
 # timed in rounds beside one session's step: 13; timed again where implausible, by the model
-# thread's own CPU time with one torch thread: 14; fifteen rounds rather than five: 15),
+# thread's own CPU time with one torch thread: 14; fifteen rounds rather than five: 15;
+# W @ xᵀ timed for the decoder layers too, its output made contiguous: 17 (16 was a change
+# not kept, whose profiles may still be on disk),
 # so profiles kept from before are measured again. (lan-3's profiles of version 6, kept from
 # before those changes, priced 4-row passes on its desk at 61 ms where they then took 41; its
 # version 7, from before the fused layers, 3.8-row passes on its laptop at 111 where they
 # took 129, lan-3 run 15.)
-VERSION = 15
+VERSION = 17
 SUSTAIN_SECONDS = 0.6
 # Rounds of one pass of each size. Five left 2 of 24 profiles with sizes 8-13% under the
 # others' (docs/experiments/profile-ratios.txt), one of them lan-3's laptop's, kept for runs
