@@ -132,14 +132,22 @@ class PlanRecord:
     # For each stage's member, what this plan gives way to without it (precomputed).
     fallbacks: tuple[Fallback, ...] = ()
     # Waves the chain's decoding sessions spread over (chain/waves.py), the flow model's
-    # fastest for the plan's stages (planner/flow.py best_waves).
+    # fastest for the plan's stages (planner/flow.py best_waves): for the answers in flight
+    # its throughput is for; and by how many are decoding, 1, 2, ... (the last count for any
+    # more; none: `waves` for any count).
     waves: int = 1
+    waves_by: tuple[int, ...] = ()
     # The share of a tied head's vocabulary the first stage scores for a lone answer's step
     # (planner/headsplit.py); 0: the last stage scores it all.
     head_share: float = 0.0
     # Whether a one-wave chain's last stage sends a whole wave's normed hidden states for the
     # first stage to score all of the tied head in one product (planner/headsplit.py).
     wave_head: bool = False
+
+    @property
+    def wave_counts(self) -> tuple[int, ...]:
+        """The waves by answers decoding, 1, 2, ... (the last for any more)."""
+        return self.waves_by or (self.waves,)
 
     def stage_of(self, node: NodeId) -> PlanStage | None:
         return next((s for s in self.stages if s.device == node), None)

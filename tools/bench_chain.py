@@ -224,7 +224,14 @@ def plan_words(peer: Peer) -> str:
     """The plan `peer` follows: its cuts, waves and head share."""
     plan = (peer.status() or {}).get("plan") or {}
     cuts = [(s.get("start"), s.get("end")) for s in plan.get("stages", [])]
-    return f"plan {cuts}, waves {plan.get('waves')}, head share {plan.get('head_share')}"
+    return f"plan {cuts}, {waves_words(plan)}, head share {plan.get('head_share')}"
+
+
+def waves_words(plan: dict[str, Any]) -> str:
+    """The plan's waves: its count, and its counts by answers decoding where they differ."""
+    waves, by = plan.get("waves", 1), plan.get("waves_by") or []
+    counts = f" (by answers decoding, 1, 2, ...: {', '.join(map(str, by))})" if by else ""
+    return f"{waves} wave{'s' * (waves != 1)}{counts}"
 
 
 def mesh(
@@ -253,7 +260,7 @@ def mesh(
             "one_passes": [per_pass(b, a) for b, a in zip(before, after, strict=True)],
             "cuts": [s["start"] for s in stages] + [stages[-1]["end"]],
             "head_share": plan.get("head_share", 0.0),
-            "waves": plan.get("waves", 1),
+            "waves": waves_words(plan),
             "wave_head": plan.get("wave_head", False),
         }
         out["aggregate_4"] = burst(url, 4, tokens)
@@ -396,7 +403,7 @@ def main() -> None:
                 print(f"{'pipes, head split':<22} {split:>16.1f} {split / ring_beside:>6.2f}")
             rows = ", ".join(f"{b:.2f}" for b in r["mean_batch_8"])
             head = ", the first stage scoring each wave's head" if r["wave_head"] else ""
-            batches.append(f"{name} ({r['waves']} waves{head}): {rows}")
+            batches.append(f"{name} ({r['waves']}{head}): {rows}")
             pairs.append(f"{name} " + ", ".join(f"{x:.2f}" for x in r["eight_vs_one_pairs"]))
             st = r["stolen"]
             steals.append(
@@ -429,12 +436,12 @@ def main() -> None:
         gaps = {}
         for peers in (2, 3):
             with gap_mesh(Path(logs), peers) as procs:
-                waves = (procs[0].status() or {}).get("plan", {}).get("waves")
+                waves = waves_words((procs[0].status() or {}).get("plan") or {})
                 gaps[peers] = (waves, prefill_gap(procs[0].url))
     for peers, (waves, gap) in gaps.items():
         print(
             f"{peers}-peer mesh ({GAP_MEMORY[peers].replace('MB', ' MB')} each, --context 4096, "
-            f"{waves} wave{'s' * (waves != 1)}), 2 answers decoding while a "
+            f"{waves}), 2 answers decoding while a "
             f"{gap['prompt_tokens']}-token prompt is prefilled ({gap['prefill_s']:.1f} s): "
             f"longest gap {gap['longest_gap_ms']:.0f} ms, usual {gap['usual_gap_ms']:.0f} ms, "
             f"ratio {gap['gap_ratio']:.2f}"

@@ -251,7 +251,7 @@ class PlanFollower:
                 assert self._tg is not None
                 self.stage = StageWorker(
                     pending.shard, plan.epoch, pending.next_addr, self._send, self.observe,
-                    plan.waves, plan.head_share, self.drafter, self._send_now, plan.wave_head,
+                    plan.wave_counts, plan.head_share, self.drafter, self._send_now, plan.wave_head,
                 )  # fmt: skip
                 self._stage_task = self._tg.create_task(self.stage.run())
             shard = pending.shard

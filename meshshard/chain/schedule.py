@@ -19,7 +19,7 @@ from typing import Protocol
 
 from meshshard.chain.passes import MIN_BESIDE, PassCosts, one_token
 from meshshard.chain.tensors import joined, rows
-from meshshard.chain.waves import Arrivals, wave_rows
+from meshshard.chain.waves import Arrivals, Waves, wave_rows
 from meshshard.model.batching import MAX_BATCH
 from meshshard.wire import StepFrame
 
@@ -60,10 +60,10 @@ def fitted(batch: list[StepFrame]) -> list[StepFrame]:
 
 
 class Schedule:
-    def __init__(self, shard: Cached, costs: PassCosts, waves: int = 1) -> None:
+    def __init__(self, shard: Cached, costs: PassCosts, waves: Waves = (1,)) -> None:
         self.shard = shard
         self.costs = costs
-        self.waves = waves  # the chain's decoding sessions spread over (the plan's)
+        self.waves = waves  # the chain's decoding sessions spread over, by their count (the plan's)
         self.queue: deque[StepFrame] = deque()
         self._arrivals = Arrivals[str]()
         self._holding_since: float | None = None

@@ -32,6 +32,7 @@ from meshshard.chain.passes import PassCosts, one_token
 from meshshard.chain.picks import split_rows
 from meshshard.chain.schedule import Schedule
 from meshshard.chain.tensors import finite, from_wire, ids_from_wire, to_wire
+from meshshard.chain.waves import Waves
 from meshshard.chain.worker import model_idle, run_inline, run_model
 from meshshard.model.shard import Shard
 from meshshard.types import Epoch
@@ -55,7 +56,7 @@ class StageWorker:
         next_addr: str | None,
         send: Send,
         observe: Observe | None = None,
-        waves: int = 1,
+        waves: Waves = (1,),
         head_share: float = 0.0,
         drafter: Drafter | None = None,
         send_now: SendNow | None = None,

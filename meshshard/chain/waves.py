@@ -18,8 +18,11 @@ One wave of every session leaves all stages but one idle: the wave is at one sta
 Several waves, at most one a stage (`wave_rows`), keep more stages busy at once, the pipeline
 of micro-batches the paper's throughput counts on, but each pass then has fewer rows, which
 cost more a row. How many pays depends on every stage's costs: the coordinator plays the
-choice out on its flow model when it makes a plan (planner/flow.py `best_waves`), the plan
-carries it, and a stage takes a wave's rows at most, each wave held together up to its size.
+choice out on its flow model when it makes a plan (planner/flow.py `best_waves`), for each
+count of answers decoding up to the plan's (a host whose passes of 2 rows cost less than one
+row's runs 2 answers fastest as one wave, and 8 as two), the plan carries the counts, and a
+stage takes a wave's rows at most for the answers decoding there, each wave held together up
+to its size.
 
 Holding pays only where a pass of more rows costs less than passes of its rows apart (a CPU
 or GPU reading its weights once for every row). On a device whose passes cost in proportion
@@ -45,9 +48,19 @@ PAYS = 0.9
 Cost = Callable[[int], float | None]  # ms of a decode pass of n rows; None: not known
 
 
-def wave_rows(live: int, waves: int) -> int:
-    """Decode steps a stage takes into one pass, with `live` sessions spread over `waves`."""
-    return max(1, min(MAX_BATCH, -(-live // max(1, waves))))
+Waves = tuple[int, ...]  # by answers decoding (1, 2, ...), the last for any more (a plan's)
+
+
+def waves_at(live: int, waves: Waves) -> int:
+    """How many waves `live` decoding sessions spread over, by the plan's `waves`."""
+    return waves[min(max(live, 1), len(waves)) - 1] if waves else 1
+
+
+def wave_rows(live: int, waves: int | Waves) -> int:
+    """Decode steps a stage takes into one pass, with `live` sessions spread over `waves` (a
+    count, or counts by answers decoding)."""
+    count = waves if isinstance(waves, int) else waves_at(live, waves)
+    return max(1, min(MAX_BATCH, -(-live // max(1, count))))
 
 
 def pays(cost: Cost, rows: int, more: int) -> bool:

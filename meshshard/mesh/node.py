@@ -576,10 +576,8 @@ class ControlNode:
 
     def _shaped(self, plan: PlanRecord, epoch: Epoch, reason: str) -> PlanRecord:
         """A new plan, with what the data plane runs it by under today's profiles and links."""
-        (waves, wave_head), share = plan_waves(self, plan), plan_head_share(self, plan)
-        return replace(
-            plan, epoch=epoch, reason=reason, waves=waves, head_share=share, wave_head=wave_head
-        )
+        waved = plan_waves(self, plan)
+        return replace(waved, epoch=epoch, reason=reason, head_share=plan_head_share(self, plan))
 
     async def _link_round(self) -> None:
         """Measure the link to every member, soon after start and then every link_interval

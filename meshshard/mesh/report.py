@@ -17,11 +17,11 @@ from meshshard.planner.flow import (
     Pace,
     Speculation,
     alone,
-    best_waves,
     flow_stages,
     latency_ms,
     tokens_per_s,
     waved,
+    waves_by,
 )
 from meshshard.planner.headsplit import head_saving_ms, head_share, wave_head, wave_saving_ms
 from meshshard.planner.instance import Instance
@@ -170,22 +170,24 @@ def _paces(node: ControlNode) -> dict[str, Pace]:
     return {n: Pace(p.pace, p.batch_pace) for n, p in node.profiles.items()}
 
 
-def plan_waves(node: ControlNode, plan: PlanRecord) -> tuple[int, bool]:
-    """The waves a new plan's stages spread their sessions over, under today's profiles: the
-    fastest for the answers in flight its throughput is for (tens of ms of the flow model);
-    and whether its first stage scores a wave's head, in one wave only (else the first stage
-    has waves of its own to run), where that saves the round enough (planner/headsplit.py).
-    One count a plan, not one a load: waves once apart stay apart (a stage holds a batch for
-    a pass's time at most), so a count that changed with the sessions present would leave
-    the waves where the first answers of a burst put them."""
+def plan_waves(node: ControlNode, plan: PlanRecord) -> PlanRecord:
+    """The plan with the waves its stages spread their sessions over, under today's profiles:
+    the fastest for each count of answers decoding up to the plan's (tens of ms of the flow
+    model each); and whether its first stage scores a wave's head, in one wave only (else
+    the first stage has waves of its own to run), where that saves the round enough
+    (planner/headsplit.py). Counts by answers decoding, not by answers asked: a stage holds a
+    batch for steps due within a pass, so waves apart join when the count falls to one wave
+    (and a wave of more rows than a count allows leaves the rest for a pass of their own)."""
     got = plan_flow(node, replace(plan, wave_head=False))
     if got is None or (inst := _instance(node, plan)) is None:
-        return 1, False
+        return replace(plan, waves=1, waves_by=(), wave_head=False)
     stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
     head = wave_head(inst, stages, got.cost.sessions, _paces(node), _batch_ms(node))
     one = plan_flow(node, replace(plan, wave_head=True)) if head else None
-    waves = best_waves(got.flow, got.back, got.cost.sessions, one_wave=one.flow if one else None)
-    return waves, head and waves == 1
+    by = waves_by(got.flow, got.back, got.cost.sessions, one_wave=one.flow if one else None)
+    return replace(
+        plan, waves=by[-1], waves_by=by if len(by) > 1 else (), wave_head=head and by == (1,)
+    )
 
 
 def predicted_now(
@@ -197,7 +199,7 @@ def predicted_now(
     if plan is None or (got := plan_flow(node, plan)) is None:
         return None
     cost, flow, back, lone = got  # lone: one answer alone
-    waves = plan.waves  # what the stages run
+    waves = plan.wave_counts  # what the stages run
     return {
         "latency_ms": round(latency_ms(lone, back), 3),
         "bottleneck_ms": round(cost.bottleneck_ms, 3),
@@ -214,7 +216,8 @@ def predicted_now(
             str(n): round(tokens_per_s(lone if n == 1 else flow, back, n, waves=waves), 2)
             for n in FLOW_SESSIONS
         },
-        "waves": waves,
+        "waves": plan.waves,
+        "waves_by": list(plan.waves_by),
         "wave_head": plan.wave_head,
         "speculating": None
         if spec == PLAIN
@@ -241,6 +244,7 @@ def plan_json(plan: PlanRecord) -> dict[str, Any]:
         "left_out": dict(plan.left_out),
         "fallbacks": {f.lost: _stages_json(f.stages) for f in plan.fallbacks},
         "waves": plan.waves,
+        "waves_by": list(plan.waves_by),
         "head_share": plan.head_share,
         "wave_head": plan.wave_head,
     }

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from meshshard.chain.waves import Arrivals, wave_rows
+from meshshard.chain.waves import Arrivals, Waves, wave_rows
 from meshshard.model.batching import BATCHES, MAX_BATCH
 from meshshard.planner.cost import Stage
 from meshshard.planner.instance import Instance
@@ -185,11 +185,12 @@ def tokens_per_s(
     tokens: int = TOKENS,
     spec: Speculation = PLAIN,
     together: bool = True,
-    waves: int = 1,
+    waves: int | Waves = 1,
 ) -> float:
     """Aggregate decode rate of `sessions` answers of `tokens` each, asked at once (or, not
     `together`, started evenly spread over one round of the chain), over the span when every
-    one of them is decoding, spread over `waves` (waves.wave_rows)."""
+    one of them is decoding, spread over `waves` (a count, or counts by answers decoding:
+    waves.wave_rows)."""
     if sessions < 1 or not stages:
         raise ValueError("a flow needs at least one session and one stage")
     per_token = latency_ms(stages, return_ms, spec)
@@ -227,6 +228,27 @@ def best_waves(
     return best
 
 
+def waves_by(
+    stages: tuple[FlowStage, ...],
+    return_ms: float,
+    sessions: int,
+    spec: Speculation = PLAIN,
+    one_wave: tuple[FlowStage, ...] | None = None,
+) -> Waves:
+    """`best_waves` for 1, 2, ... up to `sessions` answers decoding (the last for any more),
+    trailing repeats left out. On a host whose passes of 2 rows cost less than one row's, 2
+    answers go round fastest as one wave, and 8 as two (docs/data-plane.md, *W @ xᵀ for the
+    layers*). `one_wave` as for `best_waves`: where it wins, every count rides as one wave
+    (the first stage scores a wave's head, which it does for one wave only)."""
+    last = best_waves(stages, return_ms, sessions, spec, one_wave)
+    if last == 1 and one_wave is not None:
+        return (1,)
+    counts = [best_waves(stages, return_ms, n, spec) for n in range(1, sessions)] + [last]
+    while len(counts) > 1 and counts[-2] == counts[-1]:
+        counts.pop()
+    return tuple(counts)
+
+
 class _Chain:
     def __init__(
         self,
@@ -235,7 +257,7 @@ class _Chain:
         sessions: int,
         passes: int,
         spec: Speculation,
-        waves: int,
+        waves: int | Waves,
     ) -> None:
         self.stages, self.return_ms, self.passes, self.spec = stages, return_ms, passes, spec
         self.waves = waves

@@ -262,6 +262,7 @@ def _plan_out(p: PlanRecord | None) -> dict[str, Any] | None:
         "left_out": [[node, why] for node, why in p.left_out],
         "fallbacks": [[f.lost, _stages_out(f.stages)] for f in p.fallbacks],
         "waves": p.waves,
+        "waves_by": list(p.waves_by),
         "head": p.head_share,
         "wave_head": p.wave_head,
     }
@@ -293,6 +294,10 @@ def _plan_in(raw: object) -> PlanRecord | None:
         ),
         fallbacks=tuple(_fallback(x, i) for i, x in enumerate(fallbacks)),
         waves=checks.integer(m.get("waves", 1), "plan.waves", 1, len(stages) + 1),
+        waves_by=tuple(
+            checks.integer(x, "plan.waves_by", 1, len(stages) + 1)
+            for x in checks.a_list(m.get("waves_by", []), "plan.waves_by")
+        ),
         head_share=checks.number(m.get("head", 0.0), "plan.head", 1.0),
         wave_head=checks.boolean(m.get("wave_head", False), "plan.wave_head"),
     )

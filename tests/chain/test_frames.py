@@ -237,6 +237,10 @@ def test_a_plan_travels_with_its_fallbacks_waves_and_head_share() -> None:
     assert decode(encode(split)) == split
     with pytest.raises(WireError, match=r"plan\.wave_head"):
         decode(raw_sync(plan=PLAN | {"wave_head": 1}))
+    assert decode(raw_sync(plan=PLAN)).plan.wave_counts == (1,)  # type: ignore[union-attr]
+    by = decode(raw_sync(plan=PLAN | {"waves_by": [1, 1]}))
+    assert isinstance(by, Sync) and by.plan is not None and by.plan.wave_counts == (1, 1)
+    assert decode(encode(by)) == by
     sync = decode(raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK]], "waves": 1}))
     assert isinstance(sync, Sync) and sync.plan is not None
     assert sync.plan.fallbacks == (Fallback(NodeId("x"), (PlanStage(NodeId("y"), 0, 1),)),)
@@ -285,6 +289,8 @@ def test_a_profile_travels_with_its_paces() -> None:
         (raw_sync(plan=PLAN | {"fallbacks": [["x", FALLBACK], ["y", FALLBACK]]}), "one per stage"),
         (raw_sync(plan=PLAN | {"waves": 2}), "plan.waves"),  # more waves than stages
         (raw_sync(plan=PLAN | {"waves": 0}), "plan.waves"),
+        (raw_sync(plan=PLAN | {"waves_by": [1, 2]}), "plan.waves_by"),
+        (raw_sync(plan=PLAN | {"waves_by": 1}), "plan.waves_by"),
         (raw_sync(plan=PLAN | {"head": 1.5}), "plan.head"),  # a share of the vocabulary
         (raw_sync(plan=PLAN | {"head": -0.1}), "plan.head"),
     ],

@@ -15,6 +15,7 @@ from meshshard.planner.flow import (
     latency_ms,
     tokens_per_s,
     waved,
+    waves_by,
 )
 from meshshard.planner.instance import parse_instance
 
@@ -89,6 +90,23 @@ def test_a_waves_head_at_the_first_stage_is_priced_in_one_wave_only() -> None:
     assert best_waves(waves, 1.55, 8) == 2  # were the saving every wave's
     assert best_waves(plain, 1.55, 8, one_wave=waves) == 1
     assert tokens_per_s(waves, 1.55, 8) > 1.15 * tokens_per_s(plain, 1.55, 8)
+
+
+def test_waves_by_answers_decoding_where_two_rows_cost_less_than_one() -> None:
+    """A host whose BLAS runs one row's products slower than two rows' (the thirty-seventh
+    session's: 2 rows 0.75 of one): 2 answers go round fastest as one wave, a pass of both
+    at each stage in turn; 4 and 8 as two waves, each stage busy with one or the other."""
+    stage = FlowStage(30.0, (22.0, 33.0, 32.0, 50.0, 90.0), 0.5, 0.0)
+    by = waves_by((stage, stage), 0.5, 8)
+    assert by == (1, 1, 2)
+    for n, waves in ((2, 1), (4, 2), (8, 2)):
+        fastest = max(tokens_per_s((stage, stage), 0.5, n, waves=w) for w in (1, 2))
+        assert tokens_per_s((stage, stage), 0.5, n, waves=by) == fastest
+        assert tokens_per_s((stage, stage), 0.5, n, waves=waves) == fastest
+    desk = FlowStage(35.2, (35.4, 39.3, 44.4, 58.7, 81.0), 0.0, 0.0)
+    laptop = FlowStage(75.5, (74.1, 79.7, 95.2, 124.5, 182.1), 1.56, 0.0)
+    one = waved((desk, laptop), (15.0, 18.0, 21.0, 30.0, 54.0))
+    assert waves_by((desk, laptop), 1.55, 8, one_wave=one) == (1,)  # a wave's head: one only
 
 
 def test_a_stage_that_batches_well_carries_more_than_one_step_at_a_time() -> None:

@@ -159,7 +159,7 @@ def test_a_prompt_going_through_does_not_merge_the_plans_waves() -> None:
     session's prompt goes through here too (it is not decoding); once its last rows have
     run here it decodes, and a wave takes two of the three."""
     s = schedule({"a": 5, "b": 5}, step_ms=4.0, row_ms=0.25)
-    s.waves = 2
+    s.waves = (2,)
     s.add(frame("long", 0, 40), 0.0)
     assert take(s, 0.0) == [("long", 0, 16)]  # alone: no decode step is due yet
     s.add(frame("a", 5, 1), 0.01)
@@ -175,13 +175,28 @@ def test_answers_whose_prompts_ran_here_count_in_the_waves_before_their_first_st
     """Four prompts asked together ran here in one pass; the first wave's two steps come
     back before the others': they go together, a wave of four answers over two waves."""
     s = schedule({}, step_ms=4.0, row_ms=0.25)
-    s.waves = 2
+    s.waves = (2,)
     for i in range(4):
         s.add(frame(f"s{i}", 0, 3), 0.0)
     assert take(s, 0.0) == [(f"s{i}", 0, 3) for i in range(4)]
     s.add(frame("s0", 3, 1), 0.05)
     s.add(frame("s1", 3, 1), 0.05)
     assert take(s, 0.05) == [("s0", 3, 1), ("s1", 3, 1)]
+
+
+def test_the_plans_waves_follow_how_many_answers_decode_here() -> None:
+    """Waves by answers decoding (a host where 2 rows cost less than one): two answers ride
+    as one wave, four as two of two."""
+    s = schedule({"a": 5, "b": 5}, step_ms=4.0, row_ms=0.25)
+    s.waves = (1, 1, 2)
+    s.add(frame("a", 5, 1), 0.0)
+    s.add(frame("b", 5, 1), 0.0)
+    assert take(s, 0.0) == [("a", 5, 1), ("b", 5, 1)]
+    s.shard.held.update(c=5, d=5)
+    for session, start in (("a", 6), ("b", 6), ("c", 5), ("d", 5)):
+        s.add(frame(session, start, 1), 0.01)
+    assert take(s, 0.01) == [("a", 6, 1), ("b", 6, 1)]
+    assert take(s, 0.02) == [("c", 5, 1), ("d", 5, 1)]
 
 
 def test_a_batch_of_drafts_runs_no_more_positions_than_a_full_batch_of_steps() -> None:

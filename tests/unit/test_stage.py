@@ -370,7 +370,7 @@ async def test_a_stage_spreads_its_sessions_over_the_waves_it_is_told(tiny_model
         got[frame.session] = got.get(frame.session, ()) + frame.tokens
 
     def worker() -> StageWorker:
-        return StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n), 3)
+        return StageWorker(shard, EPOCH, None, send, lambda n, _s, _d: sizes.append(n), (3,))
 
     first = worker()
     await run(first, [step(f"p{i}", 0, p, ()) for i, p in enumerate(prompts)], got)
