@@ -238,12 +238,9 @@ def waves_by(
     """`best_waves` for 1, 2, ... up to `sessions` answers decoding (the last for any more),
     trailing repeats left out. On a host whose passes of 2 rows cost less than one row's, 2
     answers go round fastest as one wave, and 8 as two (docs/data-plane.md, *W @ xᵀ for the
-    layers*). `one_wave` as for `best_waves`: where it wins, every count rides as one wave
-    (the first stage scores a wave's head, which it does for one wave only)."""
-    last = best_waves(stages, return_ms, sessions, spec, one_wave)
-    if last == 1 and one_wave is not None:
-        return (1,)
-    counts = [best_waves(stages, return_ms, n, spec) for n in range(1, sessions)] + [last]
+    layers*). `one_wave` as for `best_waves`, for every count: a stage leaves a wave's head
+    to the first stage only where the wave is every session there."""
+    counts = [best_waves(stages, return_ms, n, spec, one_wave) for n in range(1, sessions + 1)]
     while len(counts) > 1 and counts[-2] == counts[-1]:
         counts.pop()
     return tuple(counts)
