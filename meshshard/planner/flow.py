@@ -236,11 +236,20 @@ def waves_by(
     one_wave: tuple[FlowStage, ...] | None = None,
 ) -> Waves:
     """`best_waves` for 1, 2, ... up to `sessions` answers decoding (the last for any more),
-    trailing repeats left out. On a host whose passes of 2 rows cost less than one row's, 2
-    answers go round fastest as one wave, and 8 as two (docs/data-plane.md, *W @ xᵀ for the
-    layers*). `one_wave` as for `best_waves`, for every count: a stage leaves a wave's head
-    to the first stage only where the wave is every session there."""
-    counts = [best_waves(stages, return_ms, n, spec, one_wave) for n in range(1, sessions + 1)]
+    never fewer for more answers, trailing repeats left out. On a host whose passes of 2 rows
+    cost less than one row's, 2 answers go round fastest as one wave, and 8 as two
+    (docs/data-plane.md, *W @ xᵀ for the layers*). Never fewer: as a burst's answers join,
+    a stage's cap on a wave's rows splits waves, but waves apart join only where they come
+    within a pass of each other (waves.py), so a count of fewer waves after one of more
+    left a burst of 16 in the two waves it passed through at 8 (lan-3 run 110). `one_wave` as
+    for `best_waves`, for every count: a stage leaves a wave's head to the first stage only
+    where the wave is every session there."""
+    counts = list(
+        itertools.accumulate(
+            (best_waves(stages, return_ms, n, spec, one_wave) for n in range(1, sessions + 1)),
+            max,
+        )
+    )
     while len(counts) > 1 and counts[-2] == counts[-1]:
         counts.pop()
     return tuple(counts)

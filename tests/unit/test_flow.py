@@ -109,6 +109,19 @@ def test_waves_by_answers_decoding_where_two_rows_cost_less_than_one() -> None:
     assert waves_by((desk, laptop), 1.55, 8, one_wave=one) == (1,)  # a wave's head: one only
 
 
+def test_more_answers_never_ride_in_fewer_waves() -> None:
+    """A burst's answers join a few at a time, and waves apart do not join: where the model
+    finds 7 answers fastest in 3 waves and 8 in 2, 8 keep 3."""
+    stages = (
+        FlowStage(5.0, (4.0, 6.0, 5.5, 9.0, 16.0), 0.0, 0.0, overhead_ms=0.3),
+        FlowStage(25.0, (19.0, 28.0, 27.0, 44.0, 77.0), 0.6, 0.0, overhead_ms=0.3),
+        FlowStage(20.0, (15.0, 22.0, 21.0, 36.0, 62.0), 0.6, 0.0, overhead_ms=0.3),
+    )
+    alone = [best_waves(stages, 0.6, n) for n in range(1, 9)]
+    assert alone[6:] == [3, 2]
+    assert waves_by(stages, 0.6, 8) == (1, 1, 2, 2, 2, 2, 3)
+
+
 def test_a_stage_that_batches_well_carries_more_than_one_step_at_a_time() -> None:
     cheap = FlowStage(30.0, (33.0, 35.0, 36.0, 42.0, 54.0), 5.0, 0.0)  # 4 sessions: 1.2 steps
     stages = (linear(5.0), cheap)
