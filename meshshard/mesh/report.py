@@ -19,6 +19,7 @@ from meshshard.planner.flow import (
     Pace,
     Speculation,
     alone,
+    best_waves,
     flow_stages,
     latency_ms,
     tokens_per_s,
@@ -176,24 +177,31 @@ def plan_waves(node: ControlNode, plan: PlanRecord) -> PlanRecord:
     """The plan with the waves its stages spread their sessions over, under today's profiles:
     the fastest for each count of answers decoding up to a full batch (tens of ms of the flow
     model each; `waves` the count for the answers in flight its throughput is for); and
-    whether its first stage scores a wave's head where that saves the round enough
-    (planner/headsplit.py), for the counts that ride as one wave (a last stage leaves the
-    head to the first only for a wave of every session there: else the first stage has waves
-    of its own to run). Counts by answers decoding, not by answers asked: a stage holds a
-    batch for steps due within a pass, so waves apart join when the count falls to one wave
-    (and a wave of more rows than a count allows leaves the rest for a pass of their own)."""
+    whether its first stage scores a wave's head, where that saves the round enough
+    (planner/headsplit.py) and every count rides as one wave (else the first stage has waves
+    of its own to run): as before the counts, for the answers in flight the plan's
+    throughput is for. (Priced for the counts that ride as one wave only, on a plan of more
+    waves for 8, lan-3 run 111 ran 4 answers at 0.65 of the price: docs/testbed.md.) Counts
+    by answers decoding, not by
+    answers asked: a wave of more rows than a count allows leaves the rest for a pass of
+    their own, and a stage holds a batch for steps due within a pass."""
     got = plan_flow(node, replace(plan, wave_head=False))
     if got is None or (inst := _instance(node, plan)) is None:
         return replace(plan, waves=1, waves_by=(), wave_head=False)
     stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
     head = wave_head(inst, stages, got.cost.sessions, _paces(node), _batch_ms(node))
     one = plan_flow(node, replace(plan, wave_head=True)) if head else None
-    by = waves_by(got.flow, got.back, MAX_BATCH, one_wave=one.flow if one else None)
+    if (
+        one is not None
+        and best_waves(got.flow, got.back, got.cost.sessions, one_wave=one.flow) == 1
+    ):
+        return replace(plan, waves=1, waves_by=(), wave_head=True)
+    by = waves_by(got.flow, got.back, MAX_BATCH)
     return replace(
         plan,
         waves=waves_at(got.cost.sessions, by),
         waves_by=by if len(by) > 1 else (),
-        wave_head=head and any(waves_at(n, by) == 1 for n in range(2, MAX_BATCH + 1)),
+        wave_head=False,
     )
 
 
@@ -207,12 +215,6 @@ def predicted_now(
         return None
     cost, flow, back, lone = got  # lone: one answer alone
     waves = plan.wave_counts  # what the stages run
-    # A wave's head goes to the first stage only where one wave is every session.
-    apart = plan_flow(node, replace(plan, wave_head=False)) if plan.wave_head else got
-    assert apart is not None  # as `got`, less the wave's head
-
-    def flow_of(n: int) -> tuple[FlowStage, ...]:
-        return lone if n == 1 else flow if waves_at(n, waves) == 1 else apart.flow
 
     return {
         "latency_ms": round(latency_ms(lone, back), 3),
@@ -227,7 +229,8 @@ def predicted_now(
         # What that many answers at once would reach, batched and spread over waves as our
         # stages run them.
         "tokens_per_s_at": {
-            str(n): round(tokens_per_s(flow_of(n), back, n, waves=waves), 2) for n in FLOW_SESSIONS
+            str(n): round(tokens_per_s(lone if n == 1 else flow, back, n, waves=waves), 2)
+            for n in FLOW_SESSIONS
         },
         "waves": plan.waves,
         "waves_by": list(plan.waves_by),

@@ -233,7 +233,6 @@ def waves_by(
     return_ms: float,
     sessions: int,
     spec: Speculation = PLAIN,
-    one_wave: tuple[FlowStage, ...] | None = None,
 ) -> Waves:
     """`best_waves` for 1, 2, ... up to `sessions` answers decoding (the last for any more),
     never fewer for more answers, trailing repeats left out. On a host whose passes of 2 rows
@@ -241,13 +240,10 @@ def waves_by(
     (docs/data-plane.md, *W @ xᵀ for the layers*). Never fewer: as a burst's answers join,
     a stage's cap on a wave's rows splits waves, but waves apart join only where they come
     within a pass of each other (waves.py), so a count of fewer waves after one of more
-    left a burst of 16 in the two waves it passed through at 8 (lan-3 run 110). `one_wave` as
-    for `best_waves`, for every count: a stage leaves a wave's head to the first stage only
-    where the wave is every session there."""
+    left a burst of 16 in the two waves it passed through at 8 (lan-3 run 110)."""
     counts = list(
         itertools.accumulate(
-            (best_waves(stages, return_ms, n, spec, one_wave) for n in range(1, sessions + 1)),
-            max,
+            (best_waves(stages, return_ms, n, spec) for n in range(1, sessions + 1)), max
         )
     )
     while len(counts) > 1 and counts[-2] == counts[-1]:

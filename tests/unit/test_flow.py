@@ -103,10 +103,6 @@ def test_waves_by_answers_decoding_where_two_rows_cost_less_than_one() -> None:
         fastest = max(tokens_per_s((stage, stage), 0.5, n, waves=w) for w in (1, 2))
         assert tokens_per_s((stage, stage), 0.5, n, waves=by) == fastest
         assert tokens_per_s((stage, stage), 0.5, n, waves=waves) == fastest
-    desk = FlowStage(35.2, (35.4, 39.3, 44.4, 58.7, 81.0), 0.0, 0.0)
-    laptop = FlowStage(75.5, (74.1, 79.7, 95.2, 124.5, 182.1), 1.56, 0.0)
-    one = waved((desk, laptop), (15.0, 18.0, 21.0, 30.0, 54.0))
-    assert waves_by((desk, laptop), 1.55, 8, one_wave=one) == (1,)  # a wave's head: one only
 
 
 def test_more_answers_never_ride_in_fewer_waves() -> None:
