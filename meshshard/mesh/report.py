@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from meshshard.chain.waves import waves_at
 from meshshard.mesh.coordinator import mesh_instance
-from meshshard.model.batching import MAX_BATCH
 from meshshard.planner import InstanceError, Stage, evaluate
 from meshshard.planner.cost import SESSIONS, Cost, per_token_ms
 from meshshard.planner.flow import (
@@ -175,8 +174,8 @@ def _paces(node: ControlNode) -> dict[str, Pace]:
 
 def plan_waves(node: ControlNode, plan: PlanRecord) -> PlanRecord:
     """The plan with the waves its stages spread their sessions over, under today's profiles:
-    the fastest for each count of answers decoding up to a full batch (tens of ms of the flow
-    model each; `waves` the count for the answers in flight its throughput is for); and
+    the fastest for the answers in flight its throughput is for (`waves`), and for fewer
+    answers decoding where fewer waves are faster (`flow.waves_by`, tens of ms each); and
     whether its first stage scores a wave's head, where that saves the round enough
     (planner/headsplit.py) and every count rides as one wave (else the first stage has waves
     of its own to run): as before the counts, for the answers in flight the plan's
@@ -196,7 +195,7 @@ def plan_waves(node: ControlNode, plan: PlanRecord) -> PlanRecord:
         and best_waves(got.flow, got.back, got.cost.sessions, one_wave=one.flow) == 1
     ):
         return replace(plan, waves=1, waves_by=(), wave_head=True)
-    by = waves_by(got.flow, got.back, MAX_BATCH)
+    by = waves_by(got.flow, got.back, got.cost.sessions)
     return replace(
         plan,
         waves=waves_at(got.cost.sessions, by),

@@ -234,18 +234,19 @@ def waves_by(
     sessions: int,
     spec: Speculation = PLAIN,
 ) -> Waves:
-    """`best_waves` for 1, 2, ... up to `sessions` answers decoding (the last for any more),
-    never fewer for more answers, trailing repeats left out. On a host whose passes of 2 rows
+    """The waves for 1, 2, ... up to `sessions` answers decoding, the last for any more:
+    `best_waves` for `sessions`, and for fewer answers their own where it is fewer waves,
+    never fewer for more answers; trailing repeats left out. On a host whose passes of 2 rows
     cost less than one row's, 2 answers go round fastest as one wave, and 8 as two
     (docs/data-plane.md, *W @ xᵀ for the layers*). Never fewer: as a burst's answers join,
     a stage's cap on a wave's rows splits waves, but waves apart join only where they come
-    within a pass of each other (waves.py), so a count of fewer waves after one of more
-    left a burst of 16 in the two waves it passed through at 8 (lan-3 run 110)."""
-    counts = list(
-        itertools.accumulate(
-            (best_waves(stages, return_ms, n, spec) for n in range(1, sessions + 1)), max
-        )
-    )
+    within a pass of each other (waves.py), so a count of fewer waves after one of more left
+    a burst of 16 in the two waves it passed through at 8 (lan-3 run 110). No more than for
+    `sessions`: a count of more waves for fewer answers then holds for all above it (office,
+    held out: 3 waves from 5 answers on, where 2 had carried 8 and 16 a third faster)."""
+    last = best_waves(stages, return_ms, sessions, spec)
+    fewer = (min(best_waves(stages, return_ms, n, spec), last) for n in range(1, sessions))
+    counts = [*itertools.accumulate(fewer, max), last]
     while len(counts) > 1 and counts[-2] == counts[-1]:
         counts.pop()
     return tuple(counts)
