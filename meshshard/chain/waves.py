@@ -18,8 +18,8 @@ One wave of every session leaves all stages but one idle: the wave is at one sta
 Several waves, at most one a stage (`wave_rows`), keep more stages busy at once, the pipeline
 of micro-batches the paper's throughput counts on, but each pass then has fewer rows, which
 cost more a row. How many pays depends on every stage's costs: the coordinator plays the
-choice out on its flow model when it makes a plan (planner/flow.py `waves_by`), for each
-count of answers decoding up to a full batch, never fewer waves for more answers (a host
+choice out on its flow model when it makes a plan (planner/flow.py `waves_by`), for the
+answers in flight its throughput is for and, where fewer waves are faster, for fewer (a host
 whose passes of 2 rows cost less than one row's runs 2 answers fastest as one wave, and 8 as
 two), the plan carries the counts, and a stage takes a wave's rows at most for the answers
 decoding there, each wave held together up to its size.
