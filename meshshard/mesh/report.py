@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from meshshard.chain.waves import waves_at
 from meshshard.mesh.coordinator import mesh_instance
 from meshshard.planner import InstanceError, Stage, evaluate
 from meshshard.planner.cost import SESSIONS, Cost, per_token_ms
@@ -175,15 +174,14 @@ def _paces(node: ControlNode) -> dict[str, Pace]:
 def plan_waves(node: ControlNode, plan: PlanRecord) -> PlanRecord:
     """The plan with the waves its stages spread their sessions over, under today's profiles:
     the fastest for the answers in flight its throughput is for (`waves`), and for fewer
-    answers decoding where fewer waves are faster (`flow.waves_by`, tens of ms each); and
-    whether its first stage scores a wave's head, where that saves the round enough
-    (planner/headsplit.py) and every count rides as one wave (else the first stage has waves
-    of its own to run): as before the counts, for the answers in flight the plan's
-    throughput is for. (Priced for the counts that ride as one wave only, on a plan of more
-    waves for 8, lan-3 run 111 ran 4 answers at 0.65 of the price: docs/testbed.md.) Counts
-    by answers decoding, not by
-    answers asked: a wave of more rows than a count allows leaves the rest for a pass of
-    their own, and a stage holds a batch for steps due within a pass."""
+    answers decoding where fewer waves are faster (`flow.waves_by`, tens of ms each). Its
+    first stage scores a wave's head where that saves the round enough (planner/headsplit.py)
+    and one wave with it is fastest for those answers in flight; every count then rides as
+    one wave, since with more the first stage has waves of its own to run. (The head priced
+    only for the counts of one wave, on a plan of more for 8, ran lan-3's 4 answers at 0.65
+    of the price: docs/testbed.md, run 111.) Counts by answers decoding, not by answers
+    asked: a wave of more rows than a count allows leaves the rest for a pass of their own,
+    and a stage holds a batch for steps due within a pass."""
     got = plan_flow(node, replace(plan, wave_head=False))
     if got is None or (inst := _instance(node, plan)) is None:
         return replace(plan, waves=1, waves_by=(), wave_head=False)
@@ -196,12 +194,7 @@ def plan_waves(node: ControlNode, plan: PlanRecord) -> PlanRecord:
     ):
         return replace(plan, waves=1, waves_by=(), wave_head=True)
     by = waves_by(got.flow, got.back, got.cost.sessions)
-    return replace(
-        plan,
-        waves=waves_at(got.cost.sessions, by),
-        waves_by=by if len(by) > 1 else (),
-        wave_head=False,
-    )
+    return replace(plan, waves=by[-1], waves_by=by if len(by) > 1 else (), wave_head=False)
 
 
 def predicted_now(
@@ -214,7 +207,6 @@ def predicted_now(
         return None
     cost, flow, back, lone = got  # lone: one answer alone
     waves = plan.wave_counts  # what the stages run
-
     return {
         "latency_ms": round(latency_ms(lone, back), 3),
         "bottleneck_ms": round(cost.bottleneck_ms, 3),
