@@ -312,6 +312,7 @@ class Origin:
                         plan.epoch, session, step, start + offset, to_wire(chunk),
                         self.control.address, last, params, attempt, reserve,
                         draft if last else (), *(loop if last else ("", 0, ())), drafts,
+                        ends=start + len(fed) if len(fed) > 1 else 0,
                     )  # fmt: skip
                     try:
                         await self._send(first, frame)

@@ -147,7 +147,7 @@ def followed(frame: StepFrame, tokens: tuple[int, ...]) -> StepFrame | None:
         return None
     start = frame.start + frame.tensor.shape[0] - len(frame.draft) + len(tokens) - 1
     tensor = ids_to_wire(tokens[-1:])
-    return replace(frame, step=step, start=start, tensor=tensor, sample=True, draft=())
+    return replace(frame, step=step, start=start, tensor=tensor, sample=True, draft=(), ends=0)
 
 
 def _looked_up(tokens: list[int], step: int) -> Callable[[torch.Tensor, int], int]:

@@ -21,8 +21,11 @@ PACE_PASSES = 32
 # The least prompt rows a slice beside decode steps holds (schedule.py), and that price a row:
 # those steps pay the weights' reading. At a long prompt's end on a slow stage a row costs a
 # tenth of a decode pass there, and 16 rows held every answer for two (lan-3's half-core
-# laptop, testbed.md); fewer would spread a prompt over too many passes.
-MIN_BESIDE = 4
+# laptop, testbed.md). Not 4: on this project's 2-core host 2 steps passed alone in 31 ms,
+# with 2 prompt rows in 48 and with 4 in 62 (passes of 5-8 rows cost twice those of 2-4),
+# about the same price a row, so 4 rows held the answers longer for no more rows a
+# millisecond (docs/experiments/gap-trace.txt).
+MIN_BESIDE = 2
 
 
 def one_token(frame: StepFrame) -> bool:
@@ -78,6 +81,12 @@ class PassCosts:
     def __init__(self) -> None:
         self.step_ms = 0.0  # one decode pass, whatever its rows
         self.row_ms = 0.0  # what one more prompt row adds to a pass
+        # ... to a pass of decode steps, read from those alone. A pass of prompts alone
+        # shares the weights' reading among many rows; on a host whose passes of 5-8 rows
+        # cost twice those of 2-4, a row came to 2.3 ms there against 4-8 beside 2 steps
+        # (docs/experiments/gap-passes.txt), and slices beside steps priced so ran 2-4x
+        # the steps' pass.
+        self.beside_ms = 0.0
         self.pass_ms: dict[int, float] = {}  # decode passes by rows: whether holding pays
         self.passes: Counter[int] = Counter()  # ... how many of each ran
         self.verify_ms: dict[int, float] = {}  # passes of decode steps with drafts, by rows
@@ -120,6 +129,9 @@ class PassCosts:
             timed = self.split_ms if split else self.pass_ms
             steps = len(batch) - len(prompts)
             self.row_ms = row_price(self.row_ms, ms, steps, prompt_rows, timed, self.step_ms)
+            if steps:
+                price = row_price(self.beside_ms, ms, steps, prompt_rows, timed, self.step_ms)
+                self.beside_ms = price
         return decode
 
     def took(self, batch: Sequence[StepFrame], split: bool) -> float:

@@ -5,8 +5,10 @@ prompt inside it (chunked prefill mixed with decoding, as in Sarathi-Serve: the 
 every session's positions without padding, so the slice costs its own rows and the weights
 are read once for both). A slice is cut to cost about one more decode batch (half of one
 deep in a long prompt), so an answer that is decoding waits for at most that much more per
-stage while a long prompt goes through. Batches are sized by the passes' measured costs
-(passes.py) and the rhythm decode steps arrive in (waves.py).
+stage while a long prompt goes through; where the steps are away long enough for a pass of
+the long prompt alone, it goes then instead, and their pass stays a decode pass. Batches are
+sized by the passes' measured costs (passes.py) and the rhythm decode steps arrive in
+(waves.py).
 
 No I/O and no clock of its own: the stage hands it frames and the time.
 """
@@ -27,11 +29,18 @@ MIN_SLICE = 16  # prompt rows a pass of prompts alone holds at least: fewer wast
 # Past this many positions a prompt is a long one (a document, not a chat turn): its slices
 # beside decode steps cost LONG_SHARE of a decode pass, so answers it holds up for seconds keep
 # within 3x their usual gap though a pass runs long (lan-3: 8 and then 9 prompt rows beside
-# two steps in 126 and 223 ms, testbed.md). Shorter prompts, and a long one's first
-# positions, take a whole pass's worth, so answers asked together start together: at half,
-# 16 asked at once on lan-3 were never all decoding at the same time (run 22).
+# two steps in 126 and 223 ms, testbed.md). Shorter prompts take a whole pass's worth, so
+# answers asked together start together: at half, 16 asked at once on lan-3 were never all
+# decoding at the same time (run 22). A long one is long from its first slice: whole passes'
+# worth of its first positions held a 2-peer mesh's answers 3-4x their gap (data-plane.md).
 LONG_PROMPT = 256
 LONG_SHARE = 0.5
+
+
+def _deep(prompt: StepFrame) -> bool:
+    """Whether the prompt reaches past LONG_PROMPT (from its first slice, where its frames
+    say where it ends)."""
+    return max(prompt.start + prompt.tensor.shape[0], prompt.ends) > LONG_PROMPT
 
 
 class Cached(Protocol):
@@ -100,7 +109,7 @@ class Schedule:
             return hold
         self._holding_since = None
         prompts: list[StepFrame] = []
-        if others:
+        if others and not (decodes and self._apart(decodes, others[0], seen, now)):
             # Beside decode steps, a slice's rows; alone, what ends before decode steps due.
             most = self.busy_rows(others[0], len(decodes)) if decodes else None
             if not decodes and (room := self._room(seen, now)) is not None:
@@ -121,26 +130,58 @@ class Schedule:
         self._arrivals.ran([f.session for f in decodes])
         return (fitted(decodes) if len(decodes) > 1 else decodes) + prompts
 
+    def passed(self, batch: list[StepFrame], now: float) -> None:
+        """A pass of `batch` (from `take`) ended: its decode steps go on from here."""
+        self._arrivals.left([f.session for f in batch if one_token(f)], now)
+
     def continues(self, frame: StepFrame) -> bool:
         """Whether this stage's cache of the frame's session reaches where it starts."""
         if frame.session not in self.shard.sessions:
             return frame.start == 0
         return not self.shard.layer_ids or self.shard.cache_length(frame.session) >= frame.start
 
-    def slice_rows(self, share: float = 1.0, steps: int | None = None) -> int | None:
+    def slice_rows(
+        self, share: float = 1.0, steps: int | None = None, beside: bool = False
+    ) -> int | None:
         """Prompt rows that cost `share` of a pass of `steps` decode steps here, or of the
-        decode passes' average where the count is not known (None: not measured)."""
+        decode passes' average where the count is not known, at a row's price in any pass
+        or (`beside`) beside decode steps (None: not measured)."""
         costs = self.costs
-        if not costs.row_ms:
+        price = costs.beside_ms if beside else costs.row_ms
+        if not price:
             return None
         ms = costs.step_ms if steps is None else costs.decode_ms(steps)
-        return max(MIN_BESIDE, round(share * ms / costs.row_ms))
+        return max(MIN_BESIDE, round(share * ms / price))
 
     def busy_rows(self, prompt: StepFrame | None = None, steps: int | None = None) -> int:
-        """Prompt rows to run beside `steps` decode steps: a slice (less, deep in a long
-        `prompt`), the least one before it is measured."""
-        deep = prompt is not None and prompt.start + prompt.tensor.shape[0] > LONG_PROMPT
+        """Prompt rows to run beside `steps` decode steps: a slice, the least one before it
+        is measured. Deep in a long `prompt` (from its start, where its frames say where it
+        ends), less, at a row's price beside decode steps, and the least slice beside them
+        until that is measured."""
+        deep = prompt is not None and _deep(prompt)
+        if deep and steps is not None:
+            return self.slice_rows(LONG_SHARE, steps, beside=True) or MIN_BESIDE
         return self.slice_rows(LONG_SHARE if deep else 1.0, steps) or MIN_SLICE
+
+    def _apart(
+        self, decodes: list[StepFrame], prompt: StepFrame, waiting: set[str], now: float
+    ) -> bool:
+        """Whether to leave a long prompt out of a pass of decode steps: where the steps'
+        time away from here (and the steps of others due) leaves room after their pass for
+        a pass of the prompt alone, it goes there, and the steps' pass stays a decode pass.
+        A 2-peer mesh's first stage, the faster, ran slices beside the steps that doubled
+        their pass there, with time to spare while they were away (docs/data-plane.md)."""
+        costs = self.costs
+        if not _deep(prompt) or not costs.row_ms or not costs.step_ms:
+            return False
+        away = self._arrivals.away([f.session for f in decodes])
+        if away is None:
+            return False
+        end = now + costs.decode_ms(len(decodes)) / 1000
+        back = end + away
+        if (due := self._arrivals.next_due(waiting, set(self.shard.sessions), now)) is not None:
+            back = min(back, due)
+        return (back - end) * 1000 >= costs.step_ms + MIN_SLICE * costs.row_ms
 
     def _joined(self, frame: StepFrame) -> bool:
         """Join a prompt's chunk to the one before it if that still waits here: a prompt

@@ -264,6 +264,7 @@ class StageWorker:
         await self.outbox.room()
 
     def _count(self, batch: list[StepFrame], split: bool, seconds: float) -> None:
+        self.schedule.passed(batch, time.perf_counter())
         self.forward_s += seconds
         self.steps += len(batch)
         self.batches += 1

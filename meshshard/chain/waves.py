@@ -34,7 +34,7 @@ holds unless what it has measured of its passes says they cost in proportion.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from meshshard.model.batching import MAX_BATCH
@@ -76,6 +76,10 @@ def pays(cost: Cost, rows: int, more: int) -> bool:
 class _Seen:
     at: float  # when its last decode step arrived
     interval: float | None  # since the decode step before it; None after a prompt
+    # From the end of the pass that ran its step before here to this step's arrival: its
+    # time at the other stages (None: not known). And when the pass of this step ended.
+    away: float | None = None
+    left: float | None = None
 
 
 class Arrivals(Generic[K]):
@@ -104,7 +108,20 @@ class Arrivals(Generic[K]):
         if before is None:
             self._seen[session] = _Seen(now, None)
         else:
-            self._seen[session] = _Seen(now, now - before.at)
+            away = None if before.left is None else now - before.left
+            self._seen[session] = _Seen(now, now - before.at, away)
+
+    def away(self, sessions: Collection[K]) -> float | None:
+        """The least time away from here of these sessions' last steps (None: one's is not
+        known)."""
+        aways = [seen.away if (seen := self._seen.get(s)) else None for s in sessions]
+        return None if not aways or None in aways else min(a for a in aways if a is not None)
+
+    def left(self, sessions: Collection[K], now: float) -> None:
+        """A pass with these sessions' decode steps ended: their outputs go on."""
+        for session in sessions:
+            if (seen := self._seen.get(session)) is not None:
+                self._seen[session] = replace(seen, left=now)
 
     def through(self, session: K) -> None:
         """The last rows of `session`'s prompt (or feed) went into a pass here: it decodes
@@ -154,11 +171,17 @@ class Arrivals(Generic[K]):
         """When the next decode step of a `live` session not `waiting` is due: the earliest,
         counting one overdue by less than its own interval (it is late, not gone: a pass
         that slowed down, with a prompt's slice in it say, slows its rhythm); None if none
-        is."""
-        return min(
-            (at for at, every in self._dues(waiting, live).values() if at + every >= now),
-            default=None,
-        )
+        is. Where its last step's time away from here is known, it is due that long after
+        that step's pass here ended: a prompt's slices lengthen this stage's passes, and a
+        rhythm read from the round before then put the step's return a pass too early, its
+        lateness taken for an answer gone and a pass of the prompt alone started just
+        before the step came back (a 2-peer mesh's last stage, docs/data-plane.md)."""
+        dues = self._dues(waiting, live)
+        for session, (_, every) in dues.items():
+            seen = self._seen[session]
+            if seen.left is not None and seen.away is not None:
+                dues[session] = (seen.left + seen.away, every)
+        return min((at for at, every in dues.values() if at + every >= now), default=None)
 
     def _dues(self, waiting: Collection[K], live: Collection[K]) -> dict[K, tuple[float, float]]:
         """When each `live` session not `waiting` whose rhythm is known is due, and its

@@ -98,6 +98,10 @@ class StepFrame:
     # `together` rows of the last stage's pass, whose whole head (`head` the vocabulary) the
     # first stage scores in one product once all have come; no PickFrame follows. 0: not.
     together: int = 0
+    # Where the prompt (or the feed after a replay) these rows belong to ends: a stage that
+    # has only its first chunks still knows how deep its slices are (chain/schedule.py). 0:
+    # not said (a decode step).
+    ends: int = 0
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,8 @@ def encode_frame(frame: DataFrame) -> bytes:
                 body |= {"core": list(frame.core)}
             if frame.together:
                 body |= {"together": frame.together}
+            if frame.ends:
+                body |= {"ends": frame.ends}
         case TokenFrame():
             body |= {
                 "k": "token",
@@ -330,6 +336,7 @@ def decode_frame(
                 head=head,
                 core=core,
                 together=together,
+                ends=checks.integer(m.get("ends", 0), "ends"),
             )
         case "token":
             step = checks.integer(m.get("step"), "step")

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny
-from support.simchain import SIM_TIMINGS, SimMesh
+from support.simchain import SIM_TIMINGS, MemoryLinks, SimMesh
 
 from meshshard.chain import cores
 from meshshard.chain.origin import PREFILL_CHUNK, MeshTooSmall
+from meshshard.chain.passes import one_token
 from meshshard.chain.stats import ChainStats
 from meshshard.chain.tensors import to_wire
 from meshshard.mesh.report import plan_flow, predicted_now
@@ -577,10 +578,21 @@ async def test_a_prompt_of_many_chunks_goes_on_round_the_chain(
     memory: float,
     reference: Callable[[Sequence[int], int], list[int]],
     speculate: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A prompt sent in several frames (PREFILL_CHUNK tokens each) may wait at the first
     stage as one (its chunks joined): the chain still feeds itself after it, so the answer
-    goes on without a replay or a wait for the step timeout."""
+    goes on without a replay or a wait for the step timeout. Every stage's frames of it say
+    where it ends (how deep a slice is, chain/schedule.py); its decode steps do not."""
+    sent: list[StepFrame] = []
+    send = MemoryLinks.send
+
+    async def noted(links: MemoryLinks, addr: str, frame: DataFrame) -> None:
+        if isinstance(frame, StepFrame):
+            sent.append(frame)
+        await send(links, addr, frame)
+
+    monkeypatch.setattr(MemoryLinks, "send", noted)
     async with SimMesh(model, memory, speculate=speculate) as mesh:
         plan = await three_stages(mesh, "abc")
         origin = plan.stages[0].device
@@ -588,6 +600,9 @@ async def test_a_prompt_of_many_chunks_goes_on_round_the_chain(
         got: list[int] = []
         await asyncio.wait_for(answer(mesh, origin, prompt, 12, got), 20)
         assert got == reference(prompt, 12)
+        chunks = [f for f in sent if not one_token(f)]
+        assert chunks and {f.ends for f in chunks} == {len(prompt)}
+        assert {f.ends for f in sent if one_token(f)} == {0}
         stats = mesh.peers[origin].service.stats
         assert stats.replays == 0
         await until(mesh.idle, 5, "every cache freed")

@@ -3,7 +3,7 @@ of token ids at a first stage whose caches are said, times given by the test."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -74,15 +74,31 @@ def test_decode_steps_go_first_with_a_slice_of_a_prompt_priced_beside_them() -> 
     assert not s.queue
 
 
-def test_a_slice_deep_in_a_long_prompt_costs_half_a_decode_pass(
+def test_a_slice_deep_in_a_long_prompt_costs_half_a_decode_pass_beside_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """At a row's price beside decode steps (a prompt alone's is lower: 0.1 ms here), and
+    the least slice until a slice beside them has measured it."""
     monkeypatch.setattr("meshshard.chain.schedule.LONG_PROMPT", 30)
-    s = schedule({"s0": 5, "s1": 3, "s2": 8}, step_ms=4.0, row_ms=0.25)
-    s.add(frame("long", 0, 40), 0.0)
-    for name, n in (("s0", 5), ("s1", 3), ("s2", 8)):
-        s.add(frame(name, n, 1), 0.0)
-    assert take(s)[-1] == ("long", 0, 9)
+    for beside_ms, rows in ((0.0, passes.MIN_BESIDE), (0.25, 9)):
+        s = schedule({"s0": 5, "s1": 3, "s2": 8}, step_ms=4.0, row_ms=0.1)
+        s.costs.beside_ms, s.costs.pass_ms[3] = beside_ms, 4.5  # the 3 steps' pass, timed
+        s.add(frame("long", 0, 40), 0.0)
+        for name, n in (("s0", 5), ("s1", 3), ("s2", 8)):
+            s.add(frame(name, n, 1), 0.0)
+        assert take(s)[-1] == ("long", 0, rows)
+
+
+def test_a_long_prompt_is_long_from_its_first_chunk() -> None:
+    """A stage that holds only a long prompt's first rows knows from its frames where the
+    prompt ends; a short prompt's slice beside the steps costs a whole decode pass."""
+    for ends, rows in ((2000, 9), (0, 18)):
+        s = schedule({"s0": 5, "s1": 3, "s2": 8}, step_ms=4.0, row_ms=0.25)
+        s.costs.beside_ms = 0.25
+        s.add(replace(frame("p", 0, 40, sample=False), ends=ends), 0.0)
+        for name, n in (("s0", 5), ("s1", 3), ("s2", 8)):
+            s.add(frame(name, n, 1), 0.0)
+        assert take(s)[-1] == ("p", 0, rows)
 
 
 def test_a_sessions_frames_keep_their_order_and_the_chunks_of_a_prompt_join() -> None:
@@ -152,6 +168,36 @@ def test_a_prompt_waits_for_a_decode_step_due_before_its_pass_would_end() -> Non
     s.add(frame("p", 0, 70), 0.16)
     # 120 ms of room, but a slice at most: what a decode pass costs, 20 rows.
     assert take(s, 0.16) == [("p", 0, 20)]
+
+
+def test_a_long_prompt_goes_alone_while_the_steps_are_away_where_a_pass_of_it_fits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """s0's steps spend 150 ms away from here, a pass of its step costs 20 ms and one of 16
+    prompt rows alone 36: a long prompt's rows go in that time, not beside the step, which
+    passes alone. Where the steps are away 30 ms, a slice goes beside them."""
+    monkeypatch.setattr("meshshard.chain.schedule.LONG_PROMPT", 30)
+    for away, beside in ((0.15, False), (0.03, True)):
+        s = schedule({"s0": 4}, step_ms=20.0, row_ms=1.0)
+        s.costs.beside_ms = 1.0
+        t = 0.0
+        for i in range(2):
+            s.add(frame("s0", 4 + i, 1, step=i), t)
+            batch = s.take(t)
+            assert isinstance(batch, list)
+            s.shard.held["s0"] = 5 + i
+            s.passed(batch, t + 0.02)
+            t += 0.02 + away
+        s.add(frame("long", 0, 40), t - 0.01)
+        s.add(frame("s0", 6, 1, step=2), t)
+        if beside:
+            assert take(s, t) == [("s0", 6, 1), ("long", 0, 10)]  # half a pass's worth
+            continue
+        batch = s.take(t)
+        assert isinstance(batch, list) and [f.session for f in batch] == ["s0"]
+        s.shard.held["s0"] = 7
+        s.passed(batch, t + 0.02)
+        assert take(s, t + 0.02) == [("long", 0, 20)]  # a pass's worth, alone
 
 
 def test_a_prompt_going_through_does_not_merge_the_plans_waves() -> None:
@@ -281,6 +327,17 @@ def test_a_slice_costs_what_the_decode_pass_beside_it_costs() -> None:
     s.costs.pass_ms[3] = 8.0
     assert s.slice_rows(1.0, 3) == 32
     assert s.slice_rows(0.5, 3) == 16
+
+
+def test_a_rows_price_beside_decode_steps_is_read_only_beside_them() -> None:
+    costs = PassCosts()
+    steps = [frame(f"s{i}", 4, 1) for i in range(2)]
+    costs.record(steps, 32.0, split=False)
+    costs.record([frame("p", 0, 40, sample=False)], 124.0, split=False)  # alone: 2.3 ms a row
+    assert costs.row_ms == pytest.approx(2.3) and costs.beside_ms == 0.0
+    costs.record([*steps, frame("p", 40, 4, sample=False)], 64.0, split=False)
+    assert costs.beside_ms == pytest.approx(8.0)  # 32 ms more than the two steps, 4 rows
+    assert costs.row_ms == pytest.approx(passes.moved(2.3, 8.0))
 
 
 def test_a_prompt_rows_price_is_read_only_against_decode_steps_timed_alone() -> None:

@@ -154,7 +154,7 @@ async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long
     long prompt), the slice beside the three decode steps holds 18 rows, what their pass costs
     (4 ms, and a row's 0.25 for each step more), not a pass of prompts' least (the steps pay
     for the weights, the rows are all the slice adds); half that once the prompt reaches past
-    LONG_PROMPT positions."""
+    LONG_PROMPT positions (at a row's price beside decode steps, here the same)."""
     monkeypatch.setattr(schedule_module, "LONG_PROMPT", long_prompt)
     shard = Shard.load(tiny_model, 0, load_spec(tiny_model).num_units)
     for i, prompt in enumerate(PROMPTS):
@@ -172,6 +172,7 @@ async def test_a_slice_beside_decode_steps_costs_a_decode_pass_or_half_in_a_long
 
     worker = StageWorker(shard, EPOCH, None, send, observe)
     worker.costs.step_ms, worker.costs.row_ms = 4.0, 0.25
+    worker.costs.beside_ms = 0.25
     long = [(7 * i) % 50 + 1 for i in range(40)]
     frames = [step("long", 0, long, ())]
     frames += [step(f"s{i}", len(p), [p[0]], ()) for i, p in enumerate(PROMPTS)]

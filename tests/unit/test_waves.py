@@ -91,3 +91,16 @@ def test_holds_for_the_rest_of_a_wave_whatever_its_rhythm_said() -> None:
     behind.ran({"a", "b"})
     behind.ran({"a"})
     assert behind.hold({"a"}, {"a", "b"}, 1.0, 1.0, PASS) == 0
+
+
+def test_a_step_is_due_its_time_away_after_its_pass_here_ended() -> None:
+    """A pass that ran long here (a prompt's slice in it) delays the step's return by as
+    much: read from the round before, the step would seem late, then gone."""
+    arrivals = Arrivals()
+    arrivals.arrived("a", 0.0, decode=True)
+    arrivals.left(["a"], 0.05)
+    arrivals.arrived("a", 0.3, decode=True)  # 0.25 s away
+    arrivals.left(["a"], 0.45)  # a pass of 0.15 s
+    assert arrivals.next_due(set(), {"a"}, 0.5) == pytest.approx(0.7)
+    assert arrivals.next_due(set(), {"a"}, 0.95) == pytest.approx(0.7)  # late, not gone
+    assert arrivals.next_due(set(), {"a"}, 1.05) is None  # its interval late: gone
