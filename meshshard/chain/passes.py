@@ -84,8 +84,8 @@ class PassCosts:
         # ... to a pass of decode steps, read from those alone. A pass of prompts alone
         # shares the weights' reading among many rows; on a host whose passes of 5-8 rows
         # cost twice those of 2-4, a row came to 2.3 ms there against 4-8 beside 2 steps
-        # (docs/experiments/gap-passes.txt), and slices beside steps priced so ran 2-4x
-        # the steps' pass.
+        # (docs/experiments/gap-passes.txt, gap-trace.txt), and slices beside steps priced
+        # so ran 2-4x the steps' pass.
         self.beside_ms = 0.0
         self.pass_ms: dict[int, float] = {}  # decode passes by rows: whether holding pays
         self.passes: Counter[int] = Counter()  # ... how many of each ran
