@@ -181,7 +181,7 @@ class Schedule:
         back = end + away
         if (due := self._arrivals.next_due(waiting, set(self.shard.sessions), now)) is not None:
             back = min(back, due)
-        return (back - end) * 1000 >= costs.step_ms + MIN_SLICE * costs.row_ms
+        return self._alone_rows(back - end) >= MIN_SLICE
 
     def _joined(self, frame: StepFrame) -> bool:
         """Join a prompt's chunk to the one before it if that still waits here: a prompt
@@ -235,11 +235,16 @@ class Schedule:
         due = self._arrivals.next_due(waiting, set(self.shard.sessions), now)
         if due is None:
             return None
-        room = int(((due - now) * 1000 - costs.step_ms) / costs.row_ms)
+        room = self._alone_rows(due - now)
         # No more than a slice even so: a row costs more as the prompt's context grows, and
         # the rhythm the steps are due by is a guess. Waited for until a pass after it is due.
         most = min(room, max(self.busy_rows(), MIN_SLICE))
         return max(0, most), max(due - now, 0.0) + costs.step_ms / 1000
+
+    def _alone_rows(self, seconds: float) -> int:
+        """Prompt rows a pass of them alone runs in `seconds` here: about a decode step's
+        pass and their price (costs measured)."""
+        return int((seconds * 1000 - self.costs.step_ms) / self.costs.row_ms)
 
     def _hold(self, waiting: set[str], now: float) -> float:
         """Seconds to hold a decode batch: at most one decode pass's time in all, what the
