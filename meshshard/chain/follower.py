@@ -306,6 +306,8 @@ class PlanFollower:
             current = plan.epoch if plan is not None else None
             await self._refuse(frame, code, f"this peer serves epoch {current}")
             return
+        if self.ended(frame.session):
+            return  # its origin's drop came (by another link) while this step waited
         stage = self.stage
         if stage is None or stage.epoch != frame.epoch:  # the switch did not come to pass
             await self._refuse(frame, ErrorCode.NOT_READY, "this peer is between plans")

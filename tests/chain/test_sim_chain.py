@@ -27,7 +27,15 @@ from meshshard.model.device import Device, Placement
 from meshshard.model.generate import LocalChain, generate
 from meshshard.planner.flow import Speculation, latency_ms, tokens_per_s
 from meshshard.types import Epoch, NodeId, PlanRecord
-from meshshard.wire import DataFrame, ErrorCode, ErrorFrame, Sampling, StepFrame
+from meshshard.wire import (
+    DataFrame,
+    DropFrame,
+    ErrorCode,
+    ErrorFrame,
+    KVFrame,
+    Sampling,
+    StepFrame,
+)
 
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42], [7] * 12, [88, 3, 61, 20, 19, 4, 77]]
 
@@ -183,6 +191,39 @@ async def test_steps_of_an_attempt_the_origin_gave_up_are_dropped(
             await asyncio.sleep(0.3)
             ran.append(stage.follower.steps - before)
         assert ran == [1, 1, 0, 1]
+
+
+async def test_an_answer_ended_while_its_first_step_waited_on_a_switch_reserves_nothing(
+    model: Path, memory: float
+) -> None:
+    """A step (or a handoff's cache) waits out a plan switch under way; its origin's drop
+    comes meanwhile on another link. Neither may reserve the session's KV budget or keep its
+    cache afterwards: nothing would free them until the session went quiet."""
+    async with SimMesh(model, memory) as mesh:
+        plan = await three_stages(mesh, "abcd")
+        spare = next(p for p in "abcd" if plan.stage_of(NodeId(p)) is None)
+        stage = mesh.peers[plan.stages[0].device].service
+        ids, sampling = to_wire(torch.tensor([1, 2, 3])), Sampling(0.0, 1.0, 1)
+        origin = mesh.peers[spare].addr
+        frame = StepFrame(plan.epoch, "x/1", 0, 0, ids, origin, True, sampling)
+        # A handoff's cache for another session, ended so while it waited.
+        shard = stage.follower.stage.shard
+        kv = to_wire(torch.zeros(1, mesh.spec.num_kv_heads, 3, mesh.spec.head_dim))
+        piece = KVFrame(plan.epoch, "x/2", 0, shard.layer_ids[0], kv, kv, origin, True)
+        before = stage.follower.steps
+        async with stage.follower._switch:
+            waiting = [stage.handle_frame(frame), stage.handle_frame(piece)]
+            tasks = [asyncio.create_task(w) for w in waiting]
+            await asyncio.sleep(0.05)  # both wait on the switch
+            for session in ("x/1", "x/2"):
+                drop = stage.handle_frame(DropFrame(plan.epoch, session))
+                tasks.append(asyncio.create_task(drop))
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0.3)
+        assert stage.follower.budget.held("x/1") == 0
+        assert stage.follower.steps == before
+        assert not {"x/1", "x/2"} & {str(s) for s in shard.sessions}
 
 
 @pytest.mark.parametrize("speculate", [8, 0], ids=["speculating", "chain feeding itself"])
