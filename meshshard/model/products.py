@@ -19,7 +19,11 @@ depends on the host, the matrix and the row count:
 
 So a shard times the forms at load, once per process and shape, over its first SWEEP_BYTES
 of matrices of that shape (a pass reads each once: one matrix timed again and again would be
-found in cache), and passes of a few rows use the fastest. Prompt chunks of more rows than
+found in cache), and passes of a few rows use the fastest. The choices are kept with the
+profile measured on them and taken from there by a later process (`chosen`, `adopt`): timed
+again at each load, the forms of 2-row down, 6-8-row gate/up and 6-row head products came out
+differently in four loads of one hour (docs/experiments/forms-kept.txt), so a kept profile
+priced passes of other forms than a peer ran. Prompt chunks of more rows than
 timed keep linear, as does every device but a CPU. So does one row: run as two rows through
 W @ xᵀ it was faster still on one machine, but that moved the mesh's balance of decode steps
 and prompt slices (docs/data-plane.md, *One row as two, three as four*).
@@ -32,6 +36,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +56,8 @@ RUNS = 2  # of each form, in turns; the fastest counts (other work on the host o
 SWEEP_BYTES = 64 * 2**20
 
 Timer = Callable[[Callable[[], object]], float]
-_chosen: dict[tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]], tuple[str, ...]] = {}
+Key = tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]]  # shape, dtype, threads, forms
+_chosen: dict[Key, tuple[str, ...]] = {}
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -113,8 +119,7 @@ def choose(
 ) -> None:
     """Give each product the fastest of `forms` per row count for its weight's shape here,
     timing each shape once per process over `products` of that shape."""
-    by_shape: dict[tuple[tuple[int, ...], torch.dtype, int, tuple[str, ...]], list[Product]]
-    by_shape = defaultdict(list)
+    by_shape: dict[Key, list[Product]] = defaultdict(list)
     for p in products:
         w = p.weight
         by_shape[(tuple(w.shape), w.dtype, torch.get_num_threads(), tuple(forms))].append(p)
@@ -123,6 +128,44 @@ def choose(
             _chosen[key] = _fastest_forms(same, forms, timer)
         for p in same:
             p.forms = _chosen[key]
+
+
+def chosen() -> list[dict[str, object]]:
+    """The forms this process chose, as JSON: kept beside the profile measured with them
+    (model/profile.py), so that a peer reading that profile later runs what it priced."""
+    return [
+        {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "threads": threads,
+         "forms": list(forms), "rows": list(ROWS), "chosen": list(picked)}
+        for (shape, dtype, threads, forms), picked in _chosen.items()
+    ]  # fmt: skip
+
+
+def adopt(entries: Any) -> bool:
+    """Take forms `chosen` wrote (in another process) as this process's choices, all or
+    none: False where any entry is malformed or of other row counts or forms than these."""
+    try:
+        taken = dict(_entry(e) for e in entries)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+    _chosen.update(taken)
+    return True
+
+
+def _entry(e: Any) -> tuple[Key, tuple[str, ...]]:
+    forms: tuple[str, ...] = tuple(e["forms"])
+    picked: tuple[str, ...] = tuple(e["chosen"])
+    dtype = getattr(torch, str(e["dtype"]), None)
+    if (
+        e["rows"] != list(ROWS)
+        or len(picked) != len(ROWS)
+        or not set(forms) <= {*FORMS, PARTS}
+        or not set(picked) <= set(forms)
+        or not isinstance(dtype, torch.dtype)
+        or type(e["threads"]) is not int
+    ):
+        raise ValueError(f"forms of another kind: {e}")
+    shape = tuple(int(n) for n in e["shape"])
+    return (shape, dtype, e["threads"], forms), picked
 
 
 @torch.inference_mode()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from meshshard.model import products
 from meshshard.model.batching import BATCHES
 from meshshard.model.device import Placement
 from meshshard.model.kvcache import KVCache
@@ -88,7 +89,7 @@ class DeviceProfile:
 # before those changes, priced 4-row passes on its desk at 61 ms where they then took 41; its
 # version 7, from before the fused layers, 3.8-row passes on its laptop at 111 where they
 # took 129, lan-3 run 15.)
-VERSION = 17
+VERSION = 18  # 18: kept with the products' forms it was measured with
 SUSTAIN_SECONDS = 0.6
 # Rounds of one pass of each size. Five left 2 of 24 profiles with sizes 8-13% under the
 # others' (docs/experiments/profile-ratios.txt), one of them lan-3's laptop's, kept for runs
@@ -181,15 +182,20 @@ def cached_quick_profile(model_dir: Path, placement: Placement, folder: Path) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     # Peers sharing a machine profile one at a time (whatever their folders): concurrent runs
     # would measure each other.
+    forms = path.with_suffix(".forms")
     with locked(model_dir.parent / "profiling.lock"):
         try:
-            return DeviceProfile.from_json(json.loads(path.read_text()))
+            kept = DeviceProfile.from_json(json.loads(path.read_text()))
+            # The products' forms it was measured with, or it prices passes not run here.
+            if products.adopt(json.loads(forms.read_text())):
+                return kept
         except (OSError, ValueError, KeyError, TypeError):
             pass
         result = quick_profile(model_dir, placement)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.to_json()))
-        tmp.replace(path)
+        for where, data in ((forms, products.chosen()), (path, result.to_json())):
+            tmp = where.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(where)
     logger.info("profiled this device: %.1f ms per token for the whole model", result.decode_ms)
     return result
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshshard.model import products
+from meshshard.model import products, profile
+from meshshard.model.device import Device, Placement
 from meshshard.model.products import (
     BLOCK,
     BLOCKED,
@@ -180,3 +183,59 @@ def test_fused_layers_give_the_same_rows_whatever_the_forms(tiny_llama_shard: ob
     for form in (PARTS, BLOCKED):
         for got, want in zip(out[form], out[LINEAR], strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_forms_chosen_in_one_process_are_taken_by_another_and_not_timed_again() -> None:
+    p = Product(torch.randn(30, 40))
+    choose([p], FORMS, fake_timer({2: TURNED, 6: BLOCKED}))
+    kept = json.loads(json.dumps(products.chosen()))  # as the profile's folder keeps them
+    products._chosen.clear()  # another process
+    assert products.adopt(kept)
+    again = Product(torch.randn(30, 40))
+    choose([again], FORMS, fake_timer({}))  # it would keep linear everywhere: not asked
+    assert again.forms == p.forms and TURNED in again.forms and BLOCKED in again.forms
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"rows": [2, 4]},  # timed for other row counts
+        {"chosen": ["nonsense"] * len(ROWS)},
+        {"chosen": [TURNED] * len(ROWS), "forms": [LINEAR, BLOCKED]},  # not among those timed
+        {"dtype": "no_such_dtype"},
+        {"threads": "1"},
+        {"shape": "30x40"},
+    ],
+)
+def test_forms_of_another_kind_are_refused_all_or_none(change: dict[str, object]) -> None:
+    choose([Product(torch.randn(30, 40)), Product(torch.randn(8, 40))], FORMS, fake_timer({}))
+    kept = products.chosen()
+    products._chosen.clear()
+    assert not products.adopt([kept[0], kept[1] | change])
+    assert products._chosen == {}
+    assert not products.adopt({"not": "a list"}) and not products.adopt([["x"]])
+
+
+def test_a_kept_profile_comes_with_the_forms_it_was_measured_with(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured: list[object] = []
+    quick = profile.quick_profile
+    monkeypatch.setattr(profile, "quick_profile", lambda *a: measured.append(a) or quick(*a))
+    cpu = Placement(Device("cpu"), "float32")
+    first = profile.cached_quick_profile(tiny_llama, cpu, tmp_path)
+    chosen = dict(products._chosen)
+    assert chosen and len(measured) == 1  # the profile's passes chose the forms
+    products._chosen.clear()  # a later process reads the profile: its forms with it
+    assert profile.cached_quick_profile(tiny_llama, cpu, tmp_path) == first
+    assert products._chosen == chosen and len(measured) == 1
+    # A profile kept without them (or with forms of another kind) is measured again.
+    (forms,) = tmp_path.glob("*.forms")
+    for text in (None, "[{}]"):
+        forms.unlink()
+        if text is not None:
+            forms.write_text(text)
+        products._chosen.clear()
+        profile.cached_quick_profile(tiny_llama, cpu, tmp_path)
+        assert forms.exists() and products._chosen
+    assert len(measured) == 3
