@@ -21,9 +21,9 @@ So a shard times the forms at load, once per process and shape, over its first S
 of matrices of that shape (a pass reads each once: one matrix timed again and again would be
 found in cache), and passes of a few rows use the fastest. The choices are kept with the
 profile measured on them and taken from there by a later process (`chosen`, `adopt`): timed
-again at each load, the forms of 2-row down, 6-8-row gate/up and 6-row head products came out
-differently in four loads of one hour (docs/experiments/forms-kept.txt), so a kept profile
-priced passes of other forms than a peer ran. Prompt chunks of more rows than
+again at each load, the forms of 2-3-row down, 6-8-row gate/up and 6-12-row head products came
+out differently in eight loads within an hour (docs/experiments/forms-kept.txt), so a kept
+profile priced passes of other forms than a peer ran. Prompt chunks of more rows than
 timed keep linear, as does every device but a CPU. So does one row: run as two rows through
 W @ xᵀ it was faster still on one machine, but that moved the mesh's balance of decode steps
 and prompt slices (docs/data-plane.md, *One row as two, three as four*).
