@@ -2,7 +2,7 @@
 
 The stage's schedule cuts batches and prompt slices by them (schedule.py), the stage decides
 by them which passes may run on the event loop, and the peer's status and profile show them
-(the coordinator prices this stage's passes by the pace they imply, daemon.py).
+(the coordinator prices this stage's passes by the pace they imply, publish.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from meshshard.wire import StepFrame
 
 STEP_WEIGHT = 0.2  # of the newest pass in an average
-# Passes of a kind behind the pace a peer publishes (daemon.py `_paces`), which the planner
+# Passes of a kind behind the pace a peer publishes (publish.py `paces`), which the planner
 # prices its passes by: the schedule's averages follow the last few passes, and one pass held
 # up by the host moved them a fifth of its delay (lan-3's desk, one row: its published pace
 # ranged 1.07-1.40 while its passes averaged 31-36 ms an answer, docs/experiments/paces.txt).

@@ -62,7 +62,7 @@ PLAIN = Speculation()
 class Pace:
     """A device's passes as measured serving over what its profile says: of one row, and of
     several rows (a peer publishes its one-row pace for these until a burst has run there,
-    daemon.py `_estimates`; 1.0: nothing ran). Apart, as a profile kept for days can be off
+    publish.py `estimates`; 1.0: nothing ran). Apart, as a profile kept for days can be off
     by a different share at each size."""
 
     one: float = 1.0

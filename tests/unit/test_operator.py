@@ -14,9 +14,9 @@ import pytest
 
 from meshshard.api.operator import _plan_request
 from meshshard.chain.meter import StepCostMeter, TokenMeter, pace
-from meshshard.daemon import _estimates, _paces
 from meshshard.events import KEPT, EventLog
 from meshshard.logs import JsonFormatter
+from meshshard.publish import estimates, paces
 from meshshard.status import render_status
 from meshshard.types import Epoch, Member, NodeId, PlanRecord, PlanStage, Profile, State
 from meshshard.wire import Sync, WireError, decode, encode
@@ -115,13 +115,13 @@ def _stage(**kw: object) -> SimpleNamespace:
 def test_a_peer_publishes_its_stages_paces_against_its_own_units() -> None:
     me = Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0, 4.0, 8.0), True)
     stage = _stage(paced_ms={1: 21.0}, passes=Counter({1: 5}))
-    assert _paces(me, stage) == (pytest.approx(21.0 / 14.0), None)  # type: ignore[arg-type]
-    assert _paces(me, _stage()) == _paces(me, None) == (None, None)  # type: ignore[arg-type]
+    assert paces(me, stage) == (pytest.approx(21.0 / 14.0), None)  # type: ignore[arg-type]
+    assert paces(me, _stage()) == paces(me, None) == (None, None)  # type: ignore[arg-type]
     fast = _stage(paced_ms={1: 1e-6}, passes=Counter({1: 5}))
-    assert _paces(me, fast)[0] == MIN_PACE  # type: ignore[arg-type]  # what the wire takes
+    assert paces(me, fast)[0] == MIN_PACE  # type: ignore[arg-type]  # what the wire takes
     # Without batched timings a profile prices 2 rows at twice one: 28 ms said for 35.
     both = _stage(paced_ms={1: 21.0, 2: 35.0}, passes=Counter({1: 5, 2: 3}))
-    assert _paces(me, both) == (pytest.approx(1.5), pytest.approx(35.0 / 28.0))  # type: ignore[arg-type]
+    assert paces(me, both) == (pytest.approx(1.5), pytest.approx(35.0 / 28.0))  # type: ignore[arg-type]
 
 
 def test_a_split_heads_passes_are_priced_without_the_head() -> None:
@@ -129,7 +129,7 @@ def test_a_split_heads_passes_are_priced_without_the_head() -> None:
     # stops before it (its share is scored apart), so the profile says 2 + 4 = 6 ms.
     me = Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0, 4.0, 8.0), True)
     lone = _stage(paced_split_ms={1: 9.0}, split_passes=Counter({1: 40}))
-    assert _paces(me, lone)[0] == pytest.approx(9.0 / 6.0)  # type: ignore[arg-type]
+    assert paces(me, lone)[0] == pytest.approx(9.0 / 6.0)  # type: ignore[arg-type]
     # Beside whole passes (14 ms said) each kind counts as often as it ran.
     both = _stage(
         paced_ms={1: 21.0},
@@ -137,7 +137,7 @@ def test_a_split_heads_passes_are_priced_without_the_head() -> None:
         paced_split_ms={1: 9.0},
         split_passes=Counter({1: 40}),
     )
-    assert _paces(me, both)[0] == pytest.approx((210 + 360) / (140 + 240))  # type: ignore[arg-type]
+    assert paces(me, both)[0] == pytest.approx((210 + 360) / (140 + 240))  # type: ignore[arg-type]
 
 
 def test_json_log_lines_carry_node_and_epoch() -> None:
@@ -271,8 +271,8 @@ def test_status_table_shows_stages_reasons_and_events() -> None:
 def test_several_rows_go_at_one_rows_pace_until_a_burst_has_run() -> None:
     me = replace(Profile(NodeId("a"), 1, "m", 1e9, (1.0, 2.0), True), pace=0.8, batch_pace=0.9)
     # Before any burst: the host's drift since the profile, as one row's passes show it.
-    assert _estimates(me, 0.7, None, bursts=False) == (0.7, 0.7)
-    assert _estimates(me, None, None, bursts=False) == (0.8, 0.8)
+    assert estimates(me, 0.7, None, bursts=False) == (0.7, 0.7)
+    assert estimates(me, None, None, bursts=False) == (0.8, 0.8)
     # Measured, each kind its own; after a burst, the last one measured stays.
-    assert _estimates(me, 0.7, 0.95, bursts=True) == (0.7, 0.95)
-    assert _estimates(me, 0.7, None, bursts=True) == (0.7, 0.9)
+    assert estimates(me, 0.7, 0.95, bursts=True) == (0.7, 0.95)
+    assert estimates(me, 0.7, None, bursts=True) == (0.7, 0.9)
