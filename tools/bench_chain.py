@@ -7,7 +7,8 @@ one thread and with torch's default (every core); three bare processes holding t
 plan's shards in a ring of pipes (tools/bench_layers.py: the floor under any chain of three
 processes on this machine, with nothing of a mesh), and that ring with the head split at the
 plan's share as the mesh splits a lone answer's (what the mesh's hops cost shows against
-it); for meshes of 2 and 3 real `meshshard up`
+it), measured apart and again right after each of the 3-peer mesh's lone answers, in the
+same minute as it; for meshes of 2 and 3 real `meshshard up`
 peers of one thread each (as the demo runs them), and 3 peers of torch's default threads
 (each offering too little memory to hold the model, so the chain has 2 or 3 stages): one
 session's tokens/s and time to first token (its ratio against the single process of one
@@ -235,14 +236,28 @@ def waves_words(plan: dict[str, Any]) -> str:
 
 
 def mesh(
-    peers: int, tokens: int, repeats: int, logs: Path, threads: int, single: Single
+    peers: int,
+    tokens: int,
+    repeats: int,
+    logs: Path,
+    threads: int,
+    single: Single,
+    ring_turns: bool = False,
 ) -> dict[str, Any]:
+    """`ring_turns`: after each of the mesh's lone answers, the plan's shards as a ring of
+    pipes with the head split at the plan's share (`floor`'s second ring), the peers idle
+    meanwhile: the mesh against that floor in the same minute, where `floor` measures it
+    minutes apart (runs 66-121 compared the two so, and the host's speed moved between)."""
     with running(peers, {2: "450MB", 3: "300MB"}[peers], logs, threads) as procs:
         url = procs[0].url
         plan = procs[0].status()["plan"]
         stages = plan["stages"]
+        cuts = [s["start"] for s in stages] + [stages[-1]["end"]]
+        head = head_rows(plan.get("head_share", 0.0)) if ring_turns else 0
+        if head:
+            from bench_layers import pipe_chain
         before = stage_counts(procs)
-        one, beside = [], []
+        one, beside, ring = [], [], []
         # What the hypervisor took while each kind of run ran (tools/steal.py).
         stolen = {k: Stolen() for k in ("beside", "one", "burst 1", "burst 8")}
         for _ in range(repeats):  # in turns (the peers idle while the single process runs)
@@ -250,6 +265,8 @@ def mesh(
                 beside.append(single.answer(tokens)[0])
             with stolen["one"].watch():
                 one.append(ask(url, tokens)["meshshard"])
+            if head:
+                ring.append(1000 / pipe_chain("fused", tokens, cuts, head)[1])
         after = stage_counts(procs)
         out = {
             "single_beside": statistics.median(beside),
@@ -258,7 +275,9 @@ def mesh(
             # Where a lone answer's time goes: each stage's passes (wall, and the CPU
             # of the thread that ran them), per pass, prompts included.
             "one_passes": [per_pass(b, a) for b, a in zip(before, after, strict=True)],
-            "cuts": [s["start"] for s in stages] + [stages[-1]["end"]],
+            # The mesh's lone answers and the split ring's, round by round (tokens/s).
+            "ring_turns": [(r["tokens_per_s"], x) for r, x in zip(one, ring, strict=False)],
+            "cuts": cuts,
             "head_share": plan.get("head_share", 0.0),
             "waves": waves_words(plan),
             "wave_head": plan.get("wave_head", False),
@@ -381,10 +400,12 @@ def main() -> None:
     steals: list[str] = []
     passes: list[str] = []
     besides: list[str] = []
+    turns: list[tuple[float, float]] = []
     kept = contextlib.nullcontext(str(args.logs)) if args.logs else None
     with kept or tempfile.TemporaryDirectory() as logs:
         for peers, threads in [(2, 1), (3, 1), (3, cores)] if cores > 1 else [(2, 1), (3, 1)]:
-            r = mesh(peers, args.tokens, args.repeats, Path(logs), threads, single)
+            alone = (peers, threads) == (3, 1)
+            r = mesh(peers, args.tokens, args.repeats, Path(logs), threads, single, alone)
             name = f"{peers} peers, {threads} thread{'s' * (threads > 1)}"
             besides.append(f"{name} {r['single_beside']:.1f}")
             print(
@@ -395,7 +416,8 @@ def main() -> None:
                 flush=True,
             )
             groups[name] = {f"{n} at once": r[f"aggregate_{n}"] for n in (1, 4, 8)}
-            if (peers, threads) == (3, 1):
+            if alone:
+                turns = r["ring_turns"]
                 cuts, share = r["cuts"], r["head_share"]
                 ring, split, ring_beside = floor(cuts, share, args.tokens, args.repeats, single)
                 besides.append(f"the rings {ring_beside:.1f}")
@@ -418,6 +440,14 @@ def main() -> None:
                 + f" = {sum(p['cpu_ms'] for p in r['one_passes']):.1f})"
             )
         print("the single process in turns with each (tokens/s):", ", ".join(besides))
+        if turns:
+            print(
+                "one answer through 3 peers, 1 thread, and the split ring after it, in turns "
+                "(tokens/s, mesh/ring): "
+                + ", ".join(f"{m:.1f}/{x:.1f}" for m, x in turns)
+                + f"; the mesh {statistics.median(m / x for m, x in turns):.2f} of the ring "
+                "(median of the rounds)"
+            )
         print("rows per forward pass with 8 answers at once, stage by stage:", "; ".join(batches))
         print("8 vs 1, each pair (in turns, seconds apart):", "; ".join(pairs))
         print(
