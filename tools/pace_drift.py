@@ -29,6 +29,12 @@ def reading(tb: Testbed) -> tuple[float, dict[str, Any]]:
     return now["latency_ms"], now["paces"]
 
 
+def next_ratios(predictions: list[float], measured: list[float]) -> list[float]:
+    """Each answer's ms a token over the one predicted after the answer before it.
+    predictions: read once settled (no pace yet, left out), then after each answer."""
+    return [got / p for p, got in zip(predictions[1:], measured[1:], strict=False)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", default="lan-3")
@@ -61,8 +67,7 @@ def main() -> None:
                       f"{single(tb, 0):.1f} tokens/s")  # fmt: skip
     finally:
         down(tb)
-    # The prediction read after answer k against answer k + 1 (the first: settled, no pace).
-    ratios = [got / p for p, got in zip(predictions[1:], measured[1:], strict=False)]
+    ratios = next_ratios(predictions, measured)
     near = sum(abs(r - 1) <= WITHIN for r in ratios)
     print("each answer's ms a token over the one predicted after the answer before it: "
           + ", ".join(f"{r:.2f}" for r in ratios)

@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from experiments import forget_profiles
+from pace_drift import next_ratios
 
 
 def test_fresh_profiles_drop_only_the_testbeds_run(tmp_path: Path) -> None:
@@ -24,3 +25,10 @@ def test_fresh_profiles_drop_only_the_testbeds_run(tmp_path: Path) -> None:
     assert not kept["office"].exists() and not kept["campus"].exists()
     assert (kept["lan-3"] / "profile.json").exists()
     assert (tmp_path / "office" / "desk.log").exists()
+
+
+def test_each_answer_is_set_against_the_prediction_read_after_the_one_before() -> None:
+    # settled (no pace), then after answers 0, 1, 2
+    predictions, measured = [90.0, 80.0, 100.0, 50.0], [70.0, 88.0, 75.0]
+    assert next_ratios(predictions, measured) == [88.0 / 80.0, 75.0 / 100.0]
+    assert next_ratios([90.0, 80.0], [70.0]) == []
