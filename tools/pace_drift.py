@@ -21,6 +21,8 @@ from typing import Any
 from experiments import ROOT, measure, predicted, settled, single
 from testbed import Testbed, down, up, wait_ready
 
+from meshshard.mesh.report import FLOW_SESSIONS
+
 WITHIN = 0.15  # issue 19's bound on the flow prediction
 
 
@@ -41,7 +43,7 @@ def next_ratios(predictions: list[float], measured: list[float]) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", default="lan-3")
-    parser.add_argument("--sessions", type=int, default=1, choices=(1, 2, 4, 6, 8, 16))
+    parser.add_argument("--sessions", type=int, default=1, choices=FLOW_SESSIONS)
     parser.add_argument("--answers", type=int, default=7, help="rounds")
     parser.add_argument("--speculate", type=int, default=0)
     args = parser.parse_args()
