@@ -308,19 +308,20 @@ class StageWorker:
             self.forward_cpu_s += time.thread_time() - cpu
 
     def _splits(self, batch: list[StepFrame]) -> bool:
-        """Whether to leave the head of this batch to the first stage, the other stages
-        then waiting: to split it, one greedy decode step (verifying a draft or not) of the
-        only session here, whose next step the chain feeds itself; whole, where the plan
-        says, a wave of such steps without drafts, one of every session here, with any
-        prompt slices beside it that sample nothing. (Were a long prompt's slices to bring
-        the wave's head back here, the answers would wait through it for as long as it goes
-        through, on top of the slices: lan-3, 3.2-3.9x their usual gap, testbed.md run 82.)"""
+        """Whether to leave the head of this batch to the first stage: to split it, one
+        greedy decode step (verifying a draft or not) of the only session here, whose next
+        step the chain feeds itself; whole, where the plan says, a wave of two or more such
+        steps without drafts (the one wave of every session here, or one of several), with
+        any prompt slices beside it that sample nothing. (Were a long prompt's slices to
+        bring the wave's head back here, the answers would wait through it for as long as it
+        goes through, on top of the slices: lan-3, 3.2-3.9x their usual gap, testbed.md run
+        82.)"""
         if len(batch) > 1:
             steps = [f for f in batch if f.sample]
             # Beside the wave only slices of several rows, as PassCosts tells a pass's
             # prompt rows from its steps (a row's step among the wave's would skew its time).
             beside = not any(one_token(f) for f in batch if not f.sample)
-            whole = self.wave_head and len(batch) == len(self.shard.sessions) and len(steps) > 1
+            whole = self.wave_head and len(steps) > 1
             return whole and beside and all(_fed_greedy(f) and not f.draft for f in steps)
         if not self.head_rows or len(self.shard.sessions) != 1:
             return False

@@ -17,14 +17,13 @@ from meshshard.planner.flow import (
     Pace,
     Speculation,
     alone,
-    best_waves,
     flow_stages,
     latency_ms,
     tokens_per_s,
     waved,
     waves_by,
 )
-from meshshard.planner.headsplit import head_saving_ms, head_share, wave_head, wave_saving_ms
+from meshshard.planner.headsplit import head_saving_ms, head_share, wave_head, wave_head_ms
 from meshshard.planner.instance import Instance
 from meshshard.types import PlanRecord, PlanStage, Profile, State
 
@@ -150,7 +149,7 @@ def plan_flow(node: ControlNode, plan: PlanRecord) -> PlanFlow | None:
     saving = head_saving_ms(inst, stages, pace, batch_ms, share) if share else ()
     lone = alone(flow, saving) if saving else flow
     if plan.wave_head:
-        flow = waved(flow, wave_saving_ms(inst, stages, pace, batch_ms))
+        flow = waved(flow, *wave_head_ms(inst, stages, pace, batch_ms))
     return PlanFlow(cost, flow, back, lone)
 
 
@@ -175,26 +174,29 @@ def plan_waves(node: ControlNode, plan: PlanRecord) -> PlanRecord:
     """The plan with the waves its stages spread their sessions over, under today's profiles:
     the fastest for the answers in flight its throughput is for (`waves`), and for fewer
     answers decoding where fewer waves are faster (`flow.waves_by`, tens of ms each). Its
-    first stage scores a wave's head where that saves the round enough (planner/headsplit.py)
-    and one wave with it is fastest for those answers in flight; every count then rides as
-    one wave, since with more the first stage has waves of its own to run. (The head priced
-    only for the counts of one wave, on a plan of more for 8, ran lan-3's 4 answers at 0.65
-    of the price: docs/testbed.md, run 111.) Counts by answers decoding, not by answers
-    asked: a wave of more rows than a count allows leaves the rest for a pass of their own,
-    and a stage holds a batch for steps due within a pass."""
+    first stage scores every wave's head where that saves the last stage enough
+    (planner/headsplit.py) and the waves so priced go round faster than the waves without
+    it; in several waves the first stage then scores each wave's head between its passes.
+    Counts by answers decoding, not by answers asked: a wave of more rows than a count
+    allows leaves the rest for a pass of their own, and a stage holds a batch for steps due
+    within a pass."""
     got = plan_flow(node, replace(plan, wave_head=False))
     if got is None or (inst := _instance(node, plan)) is None:
         return replace(plan, waves=1, waves_by=(), wave_head=False)
     stages = [Stage(s.device, s.start, s.end) for s in plan.stages]
-    head = wave_head(inst, stages, got.cost.sessions, _paces(node), _batch_ms(node))
-    one = plan_flow(node, replace(plan, wave_head=True)) if head else None
-    if (
-        one is not None
-        and best_waves(got.flow, got.back, got.cost.sessions, one_wave=one.flow) == 1
-    ):
-        return replace(plan, waves=1, waves_by=(), wave_head=True)
-    by = waves_by(got.flow, got.back, got.cost.sessions)
-    return replace(plan, waves=by[-1], waves_by=by if len(by) > 1 else (), wave_head=False)
+    sessions = got.cost.sessions
+    by = waves_by(got.flow, got.back, sessions)
+    head = wave_head(inst, stages, sessions, _paces(node), _batch_ms(node))
+    if head and (moved := plan_flow(node, replace(plan, wave_head=True))) is not None:
+        by_moved = waves_by(moved.flow, moved.back, sessions)
+        rate = tokens_per_s(got.flow, got.back, sessions, waves=by)
+        if tokens_per_s(moved.flow, moved.back, sessions, waves=by_moved) >= rate:
+            return _with_waves(plan, by_moved, wave_head=True)
+    return _with_waves(plan, by, wave_head=False)
+
+
+def _with_waves(plan: PlanRecord, by: tuple[int, ...], wave_head: bool) -> PlanRecord:
+    return replace(plan, waves=by[-1], waves_by=by if len(by) > 1 else (), wave_head=wave_head)
 
 
 def predicted_now(

@@ -105,13 +105,19 @@ def alone(stages: tuple[FlowStage, ...], saving_ms: Sequence[float]) -> tuple[Fl
     return _last_shorter(stages, saving_ms[0], saving_ms[1:])
 
 
-def waved(stages: tuple[FlowStage, ...], saving_ms: Sequence[float]) -> tuple[FlowStage, ...]:
-    """The stages as one wave runs them where the first stage scores the wave's head: the
-    last stage's passes of each of BATCHES rows shorter by what that saves a round
-    (planner/headsplit.py wave_saving_ms; a lone answer's pass keeps its own)."""
-    if not any(saving_ms) or not stages:
+def waved(
+    stages: tuple[FlowStage, ...], cut_ms: Sequence[float], added_ms: Sequence[float]
+) -> tuple[FlowStage, ...]:
+    """The stages as waves run them where the first stage scores each wave's head: the last
+    stage's passes of each of BATCHES rows shorter by what that sheds, the first stage's
+    longer by what it takes on (planner/headsplit.py wave_head_ms; a lone answer's passes
+    keep their own). In one wave the round is shorter by the difference; in several the first
+    stage's share of each round grows as the last's shrinks."""
+    if not (any(cut_ms) or any(added_ms)) or len(stages) < 2:
         return stages
-    return _last_shorter(stages, 0.0, saving_ms)
+    longer = (ms + a for ms, a in zip(stages[0].batch_ms, added_ms, strict=True))
+    first = replace(stages[0], batch_ms=tuple(longer))
+    return _last_shorter((first, *stages[1:]), 0.0, cut_ms)
 
 
 def _last_shorter(
@@ -212,15 +218,13 @@ def best_waves(
     return_ms: float,
     sessions: int,
     spec: Speculation = PLAIN,
-    one_wave: tuple[FlowStage, ...] | None = None,
 ) -> int:
     """How many waves (at most one a stage) `sessions` answers at once go round fastest in:
     more waves keep more stages busy at once, each with a pass of fewer rows, which costs
     more a row (docs/benchmarks/layers.txt: on a CPU, a pass of 4 rows of SmolLM2 cost 0.8
     of one of 8). Fewer waves where it is as fast (within MARGIN): they hold the steps of
-    more answers together. `one_wave`: the stages as one wave runs them, if not as more do
-    (its head at the first stage, `waved`)."""
-    best, rate = 1, tokens_per_s(one_wave or stages, return_ms, sessions, spec=spec)
+    more answers together."""
+    best, rate = 1, tokens_per_s(stages, return_ms, sessions, spec=spec)
     for waves in range(2, min(len(stages), sessions) + 1):
         got = tokens_per_s(stages, return_ms, sessions, spec=spec, waves=waves)
         if got > rate * MARGIN:

@@ -9,11 +9,12 @@ rest of the vocabulary while the first stage scores its share, and the better of
 picks is the token (chain/picks.py). That pays where the share's time saved outweighs the
 hidden state's trip (a few KB, where a token is 8 bytes) and one more message.
 
-Answers that go round in one wave keep the first stage idle too while the last one runs.
-There the whole head of a wave's rows, scored in one product at the first stage, takes the
-head off a slower last stage (lan-3's laptop, half a core, scores it in twice the desk's
-time), for the rows' trip there in place of their tokens'. No share: each side's product of
-a wave's rows costs a good part of the whole one's, and the last stage would send a pick a row.
+Answers that go round in one wave keep the first stage idle too while the last one runs;
+in several, a first stage faster than the last has time to spare each round. There the whole
+head of a wave's rows, scored in one product at the first stage, takes the head off a slower
+last stage (lan-3's laptop, half a core, scores it in twice the desk's time), for the rows'
+trip there in place of their tokens'. No share: each side's product of a wave's rows costs a
+good part of the whole one's, and the last stage would send a pick a row.
 
 Pure: the shares both stages finish at the same time by, from profiled head times and the
 link between the two.
@@ -68,6 +69,30 @@ def head_saving_ms(
     return tuple(out)
 
 
+def wave_head_ms(
+    inst: Instance,
+    stages: Sequence[Stage],
+    pace: Mapping[str, Pace] | None = None,
+    batch_ms: Mapping[str, Sequence[Sequence[float]]] | None = None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Where the first stage scores a wave's whole head, for a wave of each of BATCHES rows:
+    what the last stage's pass sheds (its head of those rows and their tokens' hop, less the
+    rows' normed hidden states' hop), and what the first stage's pass takes on (its head of
+    them), in ms. Zeros where the head cannot move."""
+    none = (0.0,) * len(BATCHES)
+    if not _ends_apart(inst, stages):
+        return none, none
+    first, last = stages[0], stages[-1]
+    link = inst.link(last.device, first.device)
+    heads_last, heads_first = (_heads(inst, d, pace, batch_ms) for d in (last.device, first.device))
+    cut = []
+    for k, rows in enumerate(BATCHES, start=1):
+        send = link.hop_ms(rows * inst.units[-2].out_bytes)
+        back = link.hop_ms(rows * inst.return_bytes)
+        cut.append(heads_last[k] + back - send)
+    return tuple(cut), tuple(heads_first[1:])
+
+
 def wave_saving_ms(
     inst: Instance,
     stages: Sequence[Stage],
@@ -75,20 +100,10 @@ def wave_saving_ms(
     batch_ms: Mapping[str, Sequence[Sequence[float]]] | None = None,
 ) -> tuple[float, ...]:
     """What a one-wave round saves where the first stage scores the wave's whole head, for a
-    wave of each of BATCHES rows, in ms: the last stage's head of those rows and their
-    tokens' hop, less the normed hidden states' hop and the first stage's head of them.
-    Negative where the first stage is the slower at it; zeros where the head cannot move."""
-    if not _ends_apart(inst, stages):
-        return (0.0,) * len(BATCHES)
-    first, last = stages[0], stages[-1]
-    link = inst.link(last.device, first.device)
-    heads_last, heads_first = (_heads(inst, d, pace, batch_ms) for d in (last.device, first.device))
-    out = []
-    for k, rows in enumerate(BATCHES, start=1):
-        send = link.hop_ms(rows * inst.units[-2].out_bytes)
-        back = link.hop_ms(rows * inst.return_bytes)
-        out.append(heads_last[k] + back - send - heads_first[k])
-    return tuple(out)
+    wave of each of BATCHES rows, in ms (`wave_head_ms`: what the last stage sheds less what
+    the first takes on). Negative where the first stage is the slower at it."""
+    cut, added = wave_head_ms(inst, stages, pace, batch_ms)
+    return tuple(c - a for c, a in zip(cut, added, strict=True))
 
 
 def wave_head(

@@ -23,15 +23,24 @@ class Chain:
     """A first and a last stage of `model` (on devices `first` and `last`), the tokens each
     answer's origin hears, and the errors."""
 
-    def __init__(self, model: Path, wave_head: bool, first: str = "cpu", last: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: Path,
+        wave_head: bool,
+        first: str = "cpu",
+        last: str = "cpu",
+        waves: tuple[int, ...] = (1,),
+    ) -> None:
         n = load_spec(model).num_units
         cut = n // 2
         self.tokens: dict[str, list[int]] = {}
         self.errors: list[ErrorFrame] = []
         head = Shard.load(model, 0, cut, device=first)
-        self.first = StageWorker(head, EPOCH, "last", self._to_last)
+        self.first = StageWorker(head, EPOCH, "last", self._to_last, waves=waves)
         tail = Shard.load(model, cut, n, device=last)
-        self.last = StageWorker(tail, EPOCH, None, self._to_first, wave_head=wave_head)
+        self.last = StageWorker(
+            tail, EPOCH, None, self._to_first, waves=waves, wave_head=wave_head
+        )
 
     async def _to_last(self, addr: str, frame: DataFrame) -> None:
         if isinstance(frame, StepFrame):

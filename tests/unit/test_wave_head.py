@@ -51,6 +51,23 @@ async def test_a_waves_head_scored_at_the_first_stage_gives_one_processs_tokens(
     assert not chain.first.first_head._wave.rows  # nothing left held
 
 
+async def test_each_of_two_waves_has_its_head_scored_at_the_first_stage(model: Path) -> None:
+    """Four answers in two waves of two: the last stage sends each wave's rows as it passes
+    them, the first scores each wave's head between its own passes; token for token one
+    process's."""
+    chain = Chain(model, wave_head=True, waves=(2,))
+    await chain.answer(PROMPTS, TOKENS)
+    for i, prompt in enumerate(PROMPTS):
+        assert chain.tokens[f"s{i}"] == greedy(model, prompt, TOKENS)
+    assert not chain.errors
+    if not load_spec(model).tied_embeddings:
+        assert chain.first.first_head.wave_rows == 0
+        return
+    waves = TOKENS - 2
+    assert chain.first.first_head.wave_rows == waves * len(PROMPTS)
+    assert chain.last.costs.split_passes == {2: 2 * waves}  # each wave's pass without its head
+
+
 def test_a_waves_pass_beside_a_slice_leaves_the_waves_head_to_the_first_stage(
     tiny_llama: Path,
 ) -> None:
