@@ -38,9 +38,7 @@ class Chain:
         head = Shard.load(model, 0, cut, device=first)
         self.first = StageWorker(head, EPOCH, "last", self._to_last, waves=waves)
         tail = Shard.load(model, cut, n, device=last)
-        self.last = StageWorker(
-            tail, EPOCH, None, self._to_first, waves=waves, wave_head=wave_head
-        )
+        self.last = StageWorker(tail, EPOCH, None, self._to_first, waves=waves, wave_head=wave_head)
 
     async def _to_last(self, addr: str, frame: DataFrame) -> None:
         if isinstance(frame, StepFrame):
