@@ -582,6 +582,40 @@ async def test_answers_in_one_wave_have_their_heads_scored_at_a_faster_first_sta
         assert not first.first_head._wave.rows
 
 
+async def test_answers_in_two_waves_have_each_waves_head_scored_at_the_first_stage(
+    model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
+) -> None:
+    """Two peers, the first twice as fast by its profile, passes of several rows costing a
+    quarter of one's a row more: the head moved to the first stage leaves the two stages'
+    passes near even, so two waves go round fastest with it, and the plan says so. Answers
+    asked together are one process's token for token, each wave's head scored at the first
+    stage."""
+    async with SimMesh(model, 1.5 * memory, speculate=0) as mesh:
+        mesh.add("a", priority=1, unit_ms=2.0, batches=True, row_share=0.25)
+        mesh.add("b", unit_ms=4.0, batches=True, row_share=0.25)
+        await until(lambda: mesh.agreed(2), 20, "a 2-stage chain")
+        plan = mesh.peers["a"].node.book.current
+        assert plan is not None and [s.device for s in plan.stages] == ["a", "b"]
+        assert plan.waves == 2 and plan.wave_head
+        node = mesh.peers["a"].node
+        moved, plain = (plan_flow(node, replace(plan, wave_head=on)) for on in (True, False))
+        assert moved is not None and plain is not None
+        assert tokens_per_s(moved.flow, moved.back, 8, waves=2) > max(
+            tokens_per_s(plain.flow, plain.back, 8, waves=w) for w in (1, 2)
+        )
+        answers: list[list[int]] = [[] for _ in PROMPTS]
+        await asyncio.gather(
+            *(answer(mesh, "a", p, 12, g) for p, g in zip(PROMPTS, answers, strict=True))
+        )
+        assert answers == [reference(p, 12) for p in PROMPTS]
+        first = mesh.peers["a"].service.follower.stage
+        last = mesh.peers["b"].service.follower.stage
+        assert first is not None and last is not None
+        assert first.first_head.wave_rows > 0
+        await until(mesh.idle, 5, "every cache freed")
+        assert not first.first_head._wave.rows
+
+
 async def test_a_speculating_lone_answer_splits_the_head_of_its_passes_drafts_and_all(
     model: Path, memory: float, reference: Callable[[Sequence[int], int], list[int]]
 ) -> None:

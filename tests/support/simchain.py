@@ -194,17 +194,20 @@ class SimMesh:
         frame: int = 0,
         unit_ms: float = 0.1,
         batches: bool = False,
+        row_share: float = 1 / 64,
     ) -> SimPeer:
         """Start a peer and introduce it to the first one; `frame`: the largest data-plane
         frame it takes (0: any), as its profile says; each unit's step `unit_ms` in its
-        profile, and passes of several rows (`batches`) timed at little more than one's."""
+        profile, and passes of several rows (`batches`) timed at one's and `row_share` of it
+        a row more (by default little more than one's)."""
         self._added += 1
         addr = f"10.7.0.{self._added}:7000"  # never reused, as a restarted peer's port may be
         node_id = NodeId(name)
         mem = self.memory if memory is None else memory
         me = Member(node_id, addr, 1, State.ALIVE, priority)
         ms = tuple(unit_ms for _ in self.units)
-        batch_ms = tuple(tuple(x * (1 + n / 64) for x in ms) for n in BATCHES) if batches else ()
+        grown = (tuple(x * (1 + n * row_share) for x in ms) for n in BATCHES)
+        batch_ms = tuple(grown) if batches else ()
         profile = Profile(
             node_id, 1, self.spec.name, mem, ms, measured=True, frame=frame, batch_ms=batch_ms
         )
