@@ -19,6 +19,7 @@ from support.simchain import SIM_TIMINGS, MemoryLinks, SimMesh
 from meshshard.chain import cores
 from meshshard.chain.origin import PREFILL_CHUNK, MeshTooSmall
 from meshshard.chain.passes import one_token
+from meshshard.chain.stage import StageWorker
 from meshshard.chain.stats import ChainStats
 from meshshard.chain.tensors import to_wire
 from meshshard.mesh.report import plan_flow, predicted_now
@@ -569,17 +570,8 @@ async def test_answers_in_one_wave_have_their_heads_scored_at_a_faster_first_sta
         got = plan_flow(mesh.peers["a"].node, replace(plan, wave_head=False))
         assert now is not None and got is not None and now["wave_head"]
         assert now["tokens_per_s_at"]["8"] > round(tokens_per_s(got.flow, got.back, 8), 2)
-        answers: list[list[int]] = [[] for _ in PROMPTS]
-        await asyncio.gather(
-            *(answer(mesh, "a", p, 12, g) for p, g in zip(PROMPTS, answers, strict=True))
-        )
-        assert answers == [reference(p, 12) for p in PROMPTS]
-        first = mesh.peers["a"].service.follower.stage
-        last = mesh.peers["b"].service.follower.stage
-        assert first is not None and last is not None
-        assert first.first_head.wave_rows > 0 and max(last.costs.split_passes) > 1
-        await until(mesh.idle, 5, "every cache freed")
-        assert not first.first_head._wave.rows
+        last = await _answered_with_wave_heads(mesh, reference)
+        assert max(last.costs.split_passes) > 1
 
 
 async def test_answers_in_two_waves_have_each_waves_head_scored_at_the_first_stage(
@@ -603,17 +595,26 @@ async def test_answers_in_two_waves_have_each_waves_head_scored_at_the_first_sta
         assert tokens_per_s(moved.flow, moved.back, 8, waves=2) > max(
             tokens_per_s(plain.flow, plain.back, 8, waves=w) for w in (1, 2)
         )
-        answers: list[list[int]] = [[] for _ in PROMPTS]
-        await asyncio.gather(
-            *(answer(mesh, "a", p, 12, g) for p, g in zip(PROMPTS, answers, strict=True))
-        )
-        assert answers == [reference(p, 12) for p in PROMPTS]
-        first = mesh.peers["a"].service.follower.stage
-        last = mesh.peers["b"].service.follower.stage
-        assert first is not None and last is not None
-        assert first.first_head.wave_rows > 0
-        await until(mesh.idle, 5, "every cache freed")
-        assert not first.first_head._wave.rows
+        await _answered_with_wave_heads(mesh, reference)
+
+
+async def _answered_with_wave_heads(
+    mesh: SimMesh, reference: Callable[[Sequence[int], int], list[int]]
+) -> StageWorker:
+    """PROMPTS asked together at peer a, of a chain a-b: one process's token for token, waves'
+    heads scored at a, nothing left held there once the mesh is idle. b's stage returned."""
+    answers: list[list[int]] = [[] for _ in PROMPTS]
+    await asyncio.gather(
+        *(answer(mesh, "a", p, 12, g) for p, g in zip(PROMPTS, answers, strict=True))
+    )
+    assert answers == [reference(p, 12) for p in PROMPTS]
+    first = mesh.peers["a"].service.follower.stage
+    last = mesh.peers["b"].service.follower.stage
+    assert first is not None and last is not None
+    assert first.first_head.wave_rows > 0
+    await until(mesh.idle, 5, "every cache freed")
+    assert not first.first_head._wave.rows
+    return last
 
 
 async def test_a_speculating_lone_answer_splits_the_head_of_its_passes_drafts_and_all(
