@@ -42,8 +42,9 @@ def load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Awa
                 stage.forward_cpu_s,
                 stage.forward_s,
                 stage.steps,
+                stage.batches,
             )
-        overhead = round(costs.overhead_ms, 3)
+        per_pass, overhead = (round(x, 3) for x in costs.parts())
         one, several = paces(me, stage)
         bursts = bursts or several is not None
         speed, bulk = estimates(me, one, several, bursts)
@@ -52,6 +53,7 @@ def load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Awa
             or abs(step - me.step_ms) > 0.2 * max(me.step_ms, 1.0)
             or abs(used - me.used) > 0.1 * max(me.used, 1e6)
             or abs(overhead - me.overhead_ms) > 0.2 * max(me.overhead_ms, 0.1)
+            or abs(per_pass - me.pass_overhead_ms) > 0.2 * max(me.pass_overhead_ms, 0.1)
             or abs(speed - me.pace) > 0.05 * me.pace
             or abs(bulk - me.batch_pace) > 0.05 * me.batch_pace
         ):
@@ -62,6 +64,7 @@ def load_publisher(node: ControlNode, service: ChainService) -> Callable[[], Awa
                     step_ms=step,
                     used=used,
                     overhead_ms=overhead,
+                    pass_overhead_ms=per_pass,
                     pace=speed,
                     batch_pace=bulk,
                 )

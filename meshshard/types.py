@@ -86,7 +86,10 @@ class Profile:
     load: float = 0.0  # sessions its stage holds
     step_ms: float = 0.0  # recent mean time of its stage's forward steps
     used: float = 0.0  # bytes of weights and KV caches held
-    overhead_ms: float = 0.0  # a step's cost beyond the forward pass, as measured serving
+    # A step's cost beyond the forward pass, as measured serving, and a pass's own part of
+    # it, shared by the pass's rows (chain/meter.py StepCostMeter).
+    overhead_ms: float = 0.0
+    pass_overhead_ms: float = 0.0
     # Its stage's decode passes of one row as measured serving over what unit_ms says for
     # them, and of several rows over what batch_ms says (1.0: none of that kind ran yet): a
     # profile is kept for days, the host's speed moves within an hour, and not evenly over a

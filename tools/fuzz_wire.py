@@ -109,7 +109,7 @@ def seeds() -> tuple[list[bytes], list[bytes]]:
         NodeId("peer-b"), 2, "m", 1e9, (1.0,) * 32, True,
         batch_ms=tuple((1.5,) * 32 for _ in BATCHES),
         links={NodeId("peer-c"): LinkStat(900, 0.5)},
-        load=2, step_ms=30.0, overhead_ms=2.5, pace=1.1, batch_pace=0.9,
+        load=2, step_ms=30.0, overhead_ms=2.5, pass_overhead_ms=1.5, pace=1.1, batch_pace=0.9,
         device="cpu float32", frame=1 << 20, raw=7101,
     )  # fmt: skip
     control: list[ControlMessage] = [

@@ -47,23 +47,58 @@ class StepCostMeter:
     sealing, sampling, an origin's streaming), from CPU time while it serves: the process's
     CPU less the model thread's and less what the peer spends anyway (gossip: the least rate
     of its last idle windows, as one that caught a link probe's bulk transfer says more about
-    probes than about gossip), per step, in wall ms at the speed this peer's forward passes
-    run (a quarter-core peer spends four times the CPU time in wall time)."""
+    probes than about gossip), in wall ms at the speed this peer's forward passes run (a
+    quarter-core peer spends four times the CPU time in wall time).
+
+    Part of it is a pass's, whatever its rows (waking to it, taking its batch, handing it to
+    the model thread), and part each step's: on lan-3 a step cost the laptop 1.9-10 ms after
+    lone answers and 0.5-2.6 ms after bursts of 3.5-7 rows a pass (runs 100-124, testbed.md,
+    *What a step costs beside its pass*). So windows of one row a pass and of several are
+    averaged apart, and the two parts solved from them: `pass_ms` + `step_ms` a lone step,
+    `pass_ms` / rows + `step_ms` each of a burst's. Until a burst has run, all of it is a
+    step's."""
 
     MIN_STEPS = 20  # in a window, so what the background does within it averages out
     WEIGHT = 0.3  # of the newest window in the average
     IDLE_WINDOWS = 5
+    SEVERAL = 1.5  # rows a pass, on average over a window, that make it a burst's
 
     def __init__(self) -> None:
-        self.overhead_ms = 0.0
+        self._lone: float | None = None  # ms a step in windows of lone passes
+        self._burst: float | None = None  # ... in windows of bursts
+        self._rows = 1.0  # rows a pass in those
         self._idle: deque[float] = deque(maxlen=self.IDLE_WINDOWS)  # CPU s/s, no steps run
         self._stage: object = None
-        self._last = (0.0, 0.0, 0.0, 0.0, 0)
+        self._last = (0.0, 0.0, 0.0, 0.0, 0, 0)
 
     @property
     def background(self) -> float:
         """CPU seconds a second the peer spends while no steps run."""
         return min(self._idle, default=0.0)
+
+    @property
+    def step_ms(self) -> float:
+        """A step's own part."""
+        return self.parts()[1]
+
+    @property
+    def pass_ms(self) -> float:
+        """A pass's own part, shared by its rows."""
+        return self.parts()[0]
+
+    def parts(self) -> tuple[float, float]:
+        """(per pass, per step) from the two kinds of window: the line through them, a
+        pass's part at least 0 and at most a lone step's whole cost. Bursts dearer a step
+        than lone passes say their rows are what costs: all of it per step, at theirs."""
+        lone, burst, rows = self._lone, self._burst, self._rows
+        if burst is None:
+            return 0.0, lone or 0.0
+        if lone is None:
+            return 0.0, burst
+        per_pass = min((lone - burst) / (1 - 1 / rows), lone)
+        if per_pass <= 0:
+            return 0.0, burst
+        return per_pass, lone - per_pass
 
     def observe(
         self,
@@ -73,14 +108,15 @@ class StepCostMeter:
         forward_cpu_s: float,
         forward_s: float,
         steps: int,
+        passes: int,
     ) -> None:
         """`now` and the process's CPU time, and the stage's counters, at a look."""
-        current = (now, process_s, forward_cpu_s, forward_s, steps)
+        current = (now, process_s, forward_cpu_s, forward_s, steps, passes)
         if stage is not self._stage:  # a new stage counts from zero
             self._stage, self._last = stage, current
             return
         deltas = (a - b for a, b in zip(current, self._last, strict=True))
-        elapsed, process, forward_cpu, forward, n = deltas
+        elapsed, process, forward_cpu, forward, n, p = deltas
         if n == 0 and elapsed > 0:
             self._last = current
             self._idle.append(process / elapsed)
@@ -90,11 +126,18 @@ class StepCostMeter:
         self._last = current
         slowdown = max(1.0, forward / forward_cpu)
         spent = max(0.0, process - forward_cpu - self.background * elapsed)
-        self.overhead_ms = _average(self.overhead_ms, spent / n * slowdown * 1000, self.WEIGHT)
+        ms = spent / n * slowdown * 1000
+        rows = n / max(p, 1)
+        if rows < self.SEVERAL:
+            self._lone = _average(self._lone, ms, self.WEIGHT)
+        else:
+            first = self._burst is None
+            self._burst = _average(self._burst, ms, self.WEIGHT)
+            self._rows = _average(None if first else self._rows, rows, self.WEIGHT)
 
 
-def _average(old: float, new: float, weight: float) -> float:
-    return old + (new - old) * weight if old else new
+def _average(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else old + (new - old) * weight
 
 
 Passes = tuple[Mapping[int, float], Mapping[int, int], Callable[[float], float]]

@@ -14,6 +14,7 @@ from meshshard.planner.cost import SESSIONS, Cost, per_token_ms
 from meshshard.planner.flow import (
     PLAIN,
     FlowStage,
+    Overhead,
     Pace,
     Speculation,
     alone,
@@ -142,9 +143,10 @@ def plan_flow(node: ControlNode, plan: PlanRecord) -> PlanFlow | None:
     except InstanceError:
         return None
     pace, batch_ms = _paces(node), _batch_ms(node)
-    flow, back = flow_stages(
-        inst, stages, batch_ms, {n: p.overhead_ms for n, p in node.profiles.items()}, pace
-    )
+    beyond: dict[str, Overhead] = {
+        n: Overhead(p.overhead_ms, p.pass_overhead_ms) for n, p in node.profiles.items()
+    }
+    flow, back = flow_stages(inst, stages, batch_ms, beyond, pace)
     share = plan.head_share
     saving = head_saving_ms(inst, stages, pace, batch_ms, share) if share else ()
     lone = alone(flow, saving) if saving else flow
@@ -216,6 +218,7 @@ def predicted_now(
         "sessions": cost.sessions,
         "compute_ms": [round(x, 3) for x in cost.compute_ms],
         "overhead_ms": [round(s.overhead_ms, 3) for s in flow],
+        "pass_overhead_ms": [round(s.pass_overhead_ms, 3) for s in flow],
         "batch_ms": [[round(x, 3) for x in s.batch_ms] for s in flow],
         "hop_ms": [round(x, 3) for x in cost.hop_ms],
         "return_ms": round(cost.return_ms, 3),
@@ -270,6 +273,7 @@ def _load(profile: Profile | None) -> dict[str, Any]:
             "step_ms": None,
             "used": None,
             "overhead_ms": None,
+            "pass_overhead_ms": None,
             "pace": None,
             "batch_pace": None,
         }
@@ -278,6 +282,7 @@ def _load(profile: Profile | None) -> dict[str, Any]:
         "step_ms": round(profile.step_ms, 3),
         "used": profile.used,
         "overhead_ms": round(profile.overhead_ms, 3),
+        "pass_overhead_ms": round(profile.pass_overhead_ms, 3),
         "pace": round(profile.pace, 3),
         "batch_pace": round(profile.batch_pace, 3),
     }

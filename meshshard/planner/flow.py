@@ -70,12 +70,22 @@ class Pace:
 
 
 @dataclass(frozen=True)
+class Overhead:
+    """A device's work beyond its forward passes, as measured serving (chain/meter.py
+    StepCostMeter): a step's own, and a pass's own, which its rows share."""
+
+    step_ms: float = 0.0
+    pass_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class FlowStage:
     one_ms: float  # forward pass of one session's step
     batch_ms: tuple[float, ...]  # ... of BATCHES[k] sessions' steps at once
     hop_ms: float  # link delay into this stage (none into the first)
     frame_ms: float  # one frame's time on that link (bytes / rate)
     overhead_ms: float = 0.0  # per session in a batch, beyond the forward pass
+    pass_overhead_ms: float = 0.0  # ... per pass, whatever its rows
 
     def pass_ms(self, sessions: int, spec: Speculation = PLAIN) -> float:
         """A batch's forward pass, over its sessions' positions."""
@@ -144,12 +154,12 @@ def flow_stages(
     inst: Instance,
     stages: Sequence[Stage],
     batch_ms: Mapping[str, Sequence[Sequence[float]]],
-    overhead_ms: Mapping[str, float],
+    overhead: Mapping[str, Overhead],
     pace: Mapping[str, Pace] | None = None,
 ) -> tuple[tuple[FlowStage, ...], float]:
     """The plan's stages as the model needs them, and the return hop of a token. batch_ms:
-    per device, per size in BATCHES, per unit. overhead_ms: per device, a step's cost beyond
-    its forward pass. pace: per device, its passes as measured serving over what its profile
+    per device, per size in BATCHES, per unit. overhead: per device, its work beyond its
+    forward passes. pace: per device, its passes as measured serving over what its profile
     says (a profile is kept for days; the host's speed moves within an hour)."""
     out = []
     for i, s in enumerate(stages):
@@ -157,6 +167,7 @@ def flow_stages(
             inst.device(s.device).ms, batch_ms.get(s.device) or (), s.start, s.end
         )
         scale = (pace or {}).get(s.device, Pace())
+        beyond = overhead.get(s.device, Overhead())
         hop = frame = 0.0
         if i and s.device != stages[i - 1].device:
             link = inst.link(stages[i - 1].device, s.device)
@@ -167,7 +178,8 @@ def flow_stages(
                 tuple(x * scale.several for x in several),
                 hop,
                 frame,
-                overhead_ms.get(s.device, 0.0),
+                beyond.step_ms,
+                beyond.pass_ms,
             )
         )
     return tuple(out), inst.hop_ms(stages[-1].device, inst.source, inst.return_bytes)
@@ -179,7 +191,10 @@ def latency_ms(stages: Sequence[FlowStage], return_ms: float, spec: Speculation 
     while the others compute (see _Chain); only what does not fit there lengthens the round."""
     one_pass = sum(s.pass_ms(1, spec) + s.hop_ms + s.frame_ms * spec.positions for s in stages)
     round_ms = one_pass + return_ms
-    late = sum(max(0.0, s.overhead_ms - (round_ms - s.pass_ms(1, spec))) for s in stages)
+    late = sum(
+        max(0.0, s.overhead_ms + s.pass_overhead_ms - (round_ms - s.pass_ms(1, spec)))
+        for s in stages
+    )
     return (round_ms + late) / spec.tokens
 
 
@@ -343,7 +358,8 @@ class _Chain:
 
     def _done(self, now: float, i: int, batch: tuple[int, ...]) -> None:
         self.busy[i] = False
-        self.work[i] += len(batch) * self.stages[i].overhead_ms
+        stage = self.stages[i]
+        self.work[i] += stage.pass_overhead_ms + len(batch) * stage.overhead_ms
         self.free_since[i] = now
         if i + 1 < len(self.stages):
             nxt = self.stages[i + 1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -10,6 +11,7 @@ from meshshard.planner import Stage
 from meshshard.planner.flow import (
     BATCHES,
     FlowStage,
+    Overhead,
     Pace,
     Speculation,
     best_waves,
@@ -171,10 +173,12 @@ def test_flow_stages_read_the_plan_its_links_and_the_batched_profile() -> None:
     )
     per_size = [[1.0, 1.0, 7.0 + n, 9.0] for n in BATCHES]
     stages, back = flow_stages(
-        inst, [Stage("a", 0, 2), Stage("b", 2, 4)], {"b": per_size}, {"a": 0.5}
+        inst, [Stage("a", 0, 2), Stage("b", 2, 4)], {"b": per_size}, {"a": Overhead(0.5, 2.0)}
     )
     # No batched timings: no gain from batching.
-    assert stages[0] == FlowStage(3.0, linear(3.0).batch_ms, 0.0, 0.0, overhead_ms=0.5)
+    assert stages[0] == FlowStage(
+        3.0, linear(3.0).batch_ms, 0.0, 0.0, overhead_ms=0.5, pass_overhead_ms=2.0
+    )
     # 1000 bytes at 8 Mbit/s: 1 ms on the wire.
     assert stages[1] == FlowStage(14.0, tuple(16.0 + n for n in BATCHES), 3.0, 1.0)
     assert back == pytest.approx(3.004)
@@ -205,6 +209,25 @@ def test_per_session_work_runs_while_a_stage_waits_and_lengthens_only_a_busy_sta
     assert latency_ms(late, 1.0) == pytest.approx(42 + 3)
     # 8 answers keep the second stage busy (no gain from batching): its work is on the way.
     assert tokens_per_s(fits, 1.0, 8, together=False) == pytest.approx(1000 / 33, rel=0.02)
+
+
+def test_a_pass_s_own_work_is_shared_by_its_rows() -> None:
+    """Work that comes once a pass, whatever its rows, costs a lone step what it costs;
+    8 answers in two waves keep both stages busy, and there each row pays an eighth of it.
+    Priced per step instead, as the meter did before it told the two apart, the same lone
+    cost makes 8 answers slower."""
+    compute = (linear(20.0), linear(20.0, hop=1.0))
+    per_pass = tuple(replace(s, pass_overhead_ms=4.0) for s in compute)
+    per_step = tuple(replace(s, overhead_ms=4.0) for s in compute)
+    assert latency_ms(per_pass, 1.0) == latency_ms(per_step, 1.0)
+    bare = tokens_per_s(compute, 1.0, 8, waves=2)
+    shared = tokens_per_s(per_pass, 1.0, 8, waves=2)
+    each = tokens_per_s(per_step, 1.0, 8, waves=2)
+    assert each < shared < bare
+    # Both stages always busy: a round of two waves of 4 rows is two passes a stage.
+    four = per_pass[0].pass_ms(4)
+    assert shared == pytest.approx(8000 / (2 * (four + 4.0)), rel=0.03)
+    assert each == pytest.approx(8000 / (2 * (four + 4 * 4.0)), rel=0.03)
 
 
 def test_a_flow_needs_sessions() -> None:

@@ -66,19 +66,49 @@ def test_token_meter_measures_gaps_within_sessions() -> None:
 
 def test_step_cost_meter_counts_cpu_beyond_forward_passes_at_the_peers_speed() -> None:
     meter, stage = StepCostMeter(), object()
-    meter.observe(stage, 0.0, 9.5, 4.0, 16.0, 100)  # the first look is a baseline
-    meter.observe(stage, 1.0, 9.9, 4.0, 16.0, 100)  # idle, but a link probe's transfer ran
-    meter.observe(stage, 2.0, 10.0, 4.0, 16.0, 100)  # idle: gossip, 0.1 s of CPU a second
-    meter.observe(stage, 3.0, 10.1, 4.0, 16.0, 100)  # ... and 0.1
-    assert meter.background == pytest.approx(0.1) and meter.overhead_ms == 0.0
-    meter.observe(stage, 4.0, 10.5, 4.2, 16.8, 110)  # too few steps to say
-    assert meter.overhead_ms == 0.0
+    meter.observe(stage, 0.0, 9.5, 4.0, 16.0, 100, 100)  # the first look is a baseline
+    meter.observe(stage, 1.0, 9.9, 4.0, 16.0, 100, 100)  # idle, but a link probe's transfer ran
+    meter.observe(stage, 2.0, 10.0, 4.0, 16.0, 100, 100)  # idle: gossip, 0.1 s of CPU a second
+    meter.observe(stage, 3.0, 10.1, 4.0, 16.0, 100, 100)  # ... and 0.1
+    assert meter.background == pytest.approx(0.1) and meter.parts() == (0.0, 0.0)
+    meter.observe(stage, 4.0, 10.5, 4.2, 16.8, 110, 110)  # too few steps to say
+    assert meter.parts() == (0.0, 0.0)
     # 40 steps in 2 s: 1.4 s of CPU, 1.0 s of it in forward passes that took 4 s of wall time
     # (a quarter core) and 0.2 s the background's: 5 ms of CPU a step, 20 ms at that speed.
-    meter.observe(stage, 5.0, 11.5, 5.0, 20.0, 140)
-    assert meter.overhead_ms == pytest.approx(20.0)
-    meter.observe(object(), 6.0, 50.0, 0.0, 0.0, 0)  # a new stage: a new baseline
-    assert meter.overhead_ms == pytest.approx(20.0)
+    # Lone steps only: all of it counts per step.
+    meter.observe(stage, 5.0, 11.5, 5.0, 20.0, 140, 140)
+    assert meter.parts() == pytest.approx((0.0, 20.0))
+    meter.observe(object(), 6.0, 50.0, 0.0, 0.0, 0, 0)  # a new stage: a new baseline
+    assert meter.parts() == pytest.approx((0.0, 20.0))
+
+
+def metered(*windows: tuple[int, int, float]) -> StepCostMeter:
+    """A meter that looked at a stage after each window of 2 s: its steps, its passes and
+    the CPU seconds beyond them (1 s of passes each, at full speed; no background)."""
+    meter, stage = StepCostMeter(), object()
+    meter.observe(stage, 0.0, 0.0, 0.0, 0.0, 0, 0)
+    now = process = forward = 0.0
+    steps = passes = 0
+    for n, p, beyond in windows:
+        now, forward, steps, passes = now + 2, forward + 1.0, steps + n, passes + p
+        process += 1.0 + beyond
+        meter.observe(stage, now, process, forward, forward, steps, passes)
+    return meter
+
+
+def test_step_cost_meter_tells_a_pass_s_part_from_a_step_s() -> None:
+    """Lone passes at 20 ms a step, then bursts of 4 rows a pass at 8 ms a step: 16 ms a
+    pass and 4 a step fit both (16 + 4, 16 / 4 + 4)."""
+    meter = metered((40, 40, 0.8), (80, 20, 0.64))
+    assert meter.parts() == pytest.approx((16.0, 4.0))
+    assert (meter.pass_ms, meter.step_ms) == pytest.approx((16.0, 4.0))
+    # Before any burst all of it is a step's; bursts alone say nothing of a lone pass.
+    assert metered((40, 40, 0.8)).parts() == pytest.approx((0.0, 20.0))
+    assert metered((80, 20, 0.64)).parts() == pytest.approx((0.0, 8.0))
+    # Bursts dearer a step than lone passes: their rows are what costs, at the bursts' price.
+    assert metered((40, 40, 0.8), (80, 20, 2.0)).parts() == pytest.approx((0.0, 25.0))
+    # Bursts nearly free: a pass's part is at most a lone step's whole cost.
+    assert metered((40, 40, 0.8), (80, 20, 0.0)).parts() == pytest.approx((20.0, 0.0))
 
 
 def test_pace_is_the_passes_as_measured_over_the_profile_weighted_by_how_often_they_ran() -> None:
