@@ -52,11 +52,11 @@ class StepCostMeter:
 
     Part of it is a pass's, whatever its rows (waking to it, taking its batch, handing it to
     the model thread), and part each step's: on lan-3 a step cost the laptop 1.9-10 ms after
-    lone answers and 0.5-2.6 ms after bursts of 3.5-7 rows a pass (runs 100-124, testbed.md,
-    *What a step costs beside its pass*). So windows of one row a pass and of several are
-    averaged apart, and the two parts solved from them: `pass_ms` + `step_ms` a lone step,
-    `pass_ms` / rows + `step_ms` each of a burst's. Until a burst has run, all of it is a
-    step's."""
+    a lone answer and 0.5-2.6 ms after bursts of 3.5-7.3 rows a pass (runs 100-125,
+    testbed.md, *What a step costs beside its pass*). So windows of one row a pass and of
+    several are averaged apart, and the two parts solved from them: `pass_ms` + `step_ms` a
+    lone step, `pass_ms` / rows + `step_ms` each of a burst's. Until a burst has run, all of
+    it is a step's."""
 
     MIN_STEPS = 20  # in a window, so what the background does within it averages out
     WEIGHT = 0.3  # of the newest window in the average
