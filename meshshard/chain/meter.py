@@ -54,9 +54,9 @@ class StepCostMeter:
     the model thread), and part each step's: on lan-3 a step cost the laptop 1.9-10 ms after
     a lone answer and 0.5-2.6 ms after bursts of 3.5-7.3 rows a pass (runs 100-125,
     testbed.md, *What a step costs beside its pass*). So windows of one row a pass and of
-    several are averaged apart, and the two parts solved from them: `pass_ms` + `step_ms` a
-    lone step, `pass_ms` / rows + `step_ms` each of a burst's. Until a burst has run, all of
-    it is a step's."""
+    several are averaged apart, and the two parts solved from them (`parts`): a lone step
+    costs both, each of a burst's rows the pass's part over its rows and its own. Until a
+    burst has run, all of it is a step's."""
 
     MIN_STEPS = 20  # in a window, so what the background does within it averages out
     WEIGHT = 0.3  # of the newest window in the average
@@ -75,16 +75,6 @@ class StepCostMeter:
     def background(self) -> float:
         """CPU seconds a second the peer spends while no steps run."""
         return min(self._idle, default=0.0)
-
-    @property
-    def step_ms(self) -> float:
-        """A step's own part."""
-        return self.parts()[1]
-
-    @property
-    def pass_ms(self) -> float:
-        """A pass's own part, shared by its rows."""
-        return self.parts()[0]
 
     def parts(self) -> tuple[float, float]:
         """(per pass, per step) from the two kinds of window: the line through them, a
