@@ -66,7 +66,7 @@ class StepCostMeter:
     def __init__(self) -> None:
         self._lone: float | None = None  # ms a step in windows of lone passes
         self._burst: float | None = None  # ... in windows of bursts
-        self._rows = 1.0  # rows a pass in those
+        self._rows: float | None = None  # rows a pass in those
         self._idle: deque[float] = deque(maxlen=self.IDLE_WINDOWS)  # CPU s/s, no steps run
         self._stage: object = None
         self._last = (0.0, 0.0, 0.0, 0.0, 0, 0)
@@ -81,7 +81,7 @@ class StepCostMeter:
         pass's part at least 0 and at most a lone step's whole cost. Bursts dearer a step
         than lone passes say their rows are what costs: all of it per step, at theirs."""
         lone, burst, rows = self._lone, self._burst, self._rows
-        if burst is None:
+        if burst is None or rows is None:
             return 0.0, lone or 0.0
         if lone is None:
             return 0.0, burst
@@ -121,9 +121,8 @@ class StepCostMeter:
         if rows < self.SEVERAL:
             self._lone = _average(self._lone, ms, self.WEIGHT)
         else:
-            first = self._burst is None
             self._burst = _average(self._burst, ms, self.WEIGHT)
-            self._rows = _average(None if first else self._rows, rows, self.WEIGHT)
+            self._rows = _average(self._rows, rows, self.WEIGHT)
 
 
 def _average(old: float | None, new: float, weight: float) -> float:
